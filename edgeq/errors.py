@@ -1,0 +1,25 @@
+"""The exception family of edgeq. The CLI turns each into a one-line message and exit code 1."""
+
+
+class EdgeqError(Exception):
+    """A known failure with a message that names the problem and the fix."""
+
+
+class DataError(EdgeqError):
+    """The data set cannot be read, found or downloaded."""
+
+
+class ConfigError(EdgeqError, ValueError):
+    """An option or configuration value is invalid."""
+
+
+class ExportError(EdgeqError):
+    """An artifact could not be built or written."""
+
+
+class ManifestError(EdgeqError):
+    """A manifest is missing, not JSON, or does not match its schema."""
+
+
+class IntegrityError(EdgeqError):
+    """A file on disk is not the file the manifest describes."""

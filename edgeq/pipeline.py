@@ -1,0 +1,298 @@
+"""The only place that knows the order of the stages: data -> train -> prune -> quantize -> export
+-> manifest, written into a temporary directory beside the output and published atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeq import data as data_mod
+from edgeq import runtime
+from edgeq.environment import environment
+from edgeq.errors import ConfigError, EdgeqError, ExportError
+from edgeq.export import QDQConfig, export_onnx, export_torchscript, quantize_onnx, save_checkpoint
+from edgeq.manifest import Artifact, Manifest, sha256_file
+from edgeq.models import ARCHS, ModelConfig, build_model, count_macs, count_params, default_config
+from edgeq.prune import PruneConfig, prune_model
+from edgeq.quantize import MODES, QuantConfig, dequantized_float, quantize
+from edgeq.train import TrainConfig, accuracy, default_train_config, finetune_config, train
+
+PRUNINGS = ("unstructured", "structured")
+VARIANTS = PRUNINGS + MODES
+FORMATS = ("checkpoint", "torchscript", "onnx")
+EXT = {"checkpoint": "ckpt.pt", "torchscript": "ts.pt", "onnx": "onnx"}
+SHORT = {"checkpoint": "ckpt", "torchscript": "ts", "onnx": "onnx"}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    out: Path = Path("artifacts")
+    models: tuple[str, ...] = ("mlp", "cnn")
+    variants: tuple[str, ...] = VARIANTS
+    data_dir: str | None = None
+    download: bool = False
+    seed: int = 0
+    unstructured_amount: float = 0.8
+    unstructured_method: str = "l1_unstructured"
+    structured_amount: float = 0.5
+    epochs: int | None = None  # None: the per-model default
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for m in self.models:
+            if m not in ARCHS:
+                raise ConfigError(f"unknown model {m!r}: choose from {', '.join(ARCHS)}")
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ConfigError(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
+        if not self.models:
+            raise ConfigError("no model selected: pass --model mlp and/or --model cnn")
+        # validated early, before minutes of training
+        PruneConfig(self.unstructured_method, self.unstructured_amount)
+        PruneConfig("l2_structured", self.structured_amount)
+
+
+@dataclass
+class _Float:
+    """A float model variant ready for export."""
+
+    key: str  # fp32 | unstructured | structured
+    model: torch.nn.Module
+    cfg: ModelConfig
+    pruning: dict | None
+
+
+@dataclass
+class _Build:
+    cfg: ExportConfig
+    dir: Path
+    dataset: data_mod.Dataset
+    pre: data_mod.Preprocessing
+    test_x: np.ndarray
+    calibration: list[np.ndarray]
+    log: Callable[[str], None]
+    artifacts: list[Artifact] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def add(self, arch: str, variant: str, fmt: str, path: Path, *, precision: str, cfg: ModelConfig,
+            parent: str | None, quantization: dict | None, pruning: dict | None,
+            params: tuple[int, int], runtime_info: dict, notes: str = "") -> Artifact:
+        runner = runtime.load(path, fmt, threads=1, options=runtime_info.get("session_options"))
+        acc = accuracy(runner.predict(self.test_x), self.dataset.test.labels)
+        art = Artifact(
+            name=name_of(arch, variant, fmt), file=path.name, format=fmt, precision=precision, model=arch,
+            architecture=cfg.to_dict(), parent=parent, quantization=quantization, pruning=pruning,
+            params=params[0], nonzero_params=params[1], bytes=path.stat().st_size, sha256=sha256_file(path),
+            accuracy=acc, runtime=runtime_info, macs=count_macs(cfg), notes=notes,
+        )
+        self.artifacts.append(art)
+        return art
+
+
+def name_of(arch: str, variant: str, fmt: str) -> str:
+    return f"{arch}-{variant}-{SHORT[fmt]}"
+
+
+def _runtime_info(fmt: str) -> dict:
+    if fmt == "onnx":
+        return {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"], "session_options": {}}
+    return {"engine": "torch", "devices": ["cpu", "cuda"] if fmt != "torchscript" else ["cpu"]}
+
+
+def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
+    """Build every requested artifact into a temporary directory, then replace cfg.out with it."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    parent_dir = out.resolve().parent
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory; choose another --out")
+    if not parent_dir.is_dir():
+        raise ExportError(f"--out {out}: parent directory {parent_dir} does not exist; create it or choose another --out")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent_dir))
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot write in {parent_dir} ({exc.strerror}); choose a writable --out") from None
+    try:
+        dataset = data_mod.load_data(cfg.data_dir, cfg.download)
+        log(dataset.notice())
+        pre = data_mod.Preprocessing()
+        build = _Build(cfg, tmp, dataset, pre, pre.apply(dataset.test.images),
+                       data_mod.calibration_batches(dataset, pre, seed=cfg.seed), log)
+        models = {}
+        for arch in cfg.models:
+            models[arch] = _export_model(build, arch)
+        build.timings["total_s"] = round(time.perf_counter() - t0, 2)
+        manifest = Manifest(
+            models=models,
+            input={"name": runtime.INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32", "layout": "NCHW"},
+            output={"name": runtime.OUTPUT_NAME, "shape": ["batch", 10], "dtype": "float32", "meaning": "logits"},
+            preprocessing={**pre.to_dict(), "formula": "(pixel_uint8 * scale - mean) / std"},
+            dataset=dataset.to_dict(),
+            environment=environment(),
+            artifacts=build.artifacts,
+            skipped=build.skipped,
+            timings=build.timings,
+        )
+        manifest.write(tmp)  # last: a directory without a manifest is never published
+        _publish(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp`: the old directory is moved aside, restored if the swap fails."""
+    if (out / ".gitkeep").exists():
+        (tmp / ".gitkeep").touch()
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+    os.rmdir(old)
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        os.rename(old, out)
+        raise ExportError(f"--out {out}: could not replace it ({exc.strerror}); the previous artifacts are unchanged") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _timed(build: _Build, key: str):
+    class _T:
+        def __enter__(self):
+            self.t = time.perf_counter()
+
+        def __exit__(self, *exc):
+            build.timings[key] = round(build.timings.get(key, 0.0) + time.perf_counter() - self.t, 2)
+
+    return _T()
+
+
+def _export_model(b: _Build, arch: str) -> dict:
+    cfg = b.cfg
+    mcfg = default_config(arch)
+    tcfg = default_train_config(arch, cfg.seed)
+    if cfg.epochs is not None:
+        tcfg = TrainConfig(cfg.epochs, tcfg.lr, tcfg.batch_size, tcfg.weight_decay, tcfg.max_shift, tcfg.seed)
+    ft = finetune_config(tcfg)
+    split = b.dataset.train
+
+    def finetune(model, desc):
+        return train(model, split, b.pre, ft, desc=desc, progress=cfg.progress, copy_model=False)
+
+    torch.manual_seed(cfg.seed)
+    with _timed(b, f"{arch}.train_s"):
+        base = train(build_model(mcfg), split, b.pre, tcfg, desc=f"{arch}: train", progress=cfg.progress)
+    floats = [_Float("fp32", base, mcfg, None)]
+    with _timed(b, f"{arch}.prune_s"):
+        if "unstructured" in cfg.variants:
+            pc = PruneConfig(cfg.unstructured_method, cfg.unstructured_amount, cfg.seed)
+            r = prune_model(base, mcfg, pc, lambda m: finetune(m, f"{arch}: fine-tune unstructured"))
+            floats.append(_Float("unstructured", r.model, r.config, {
+                "method": pc.method, "amount": pc.amount, "sparsity": round(r.sparsity, 4),
+                "scope": "global over all weight layers", "finetune_epochs": ft.epochs}))
+        if "structured" in cfg.variants:
+            pc = PruneConfig("l2_structured", cfg.structured_amount, cfg.seed)
+            r = prune_model(base, mcfg, pc, lambda m: finetune(m, f"{arch}: fine-tune structured"))
+            floats.append(_Float("structured", r.model, r.config, {
+                "method": pc.method, "amount": pc.amount, "sparsity": round(r.sparsity, 4),
+                "removed_channels": r.removed, "physically_removed": True, "finetune_epochs": ft.epochs}))
+
+    qat_cfg = TrainConfig(2, tcfg.lr * 0.05, tcfg.batch_size, 0.0, tcfg.max_shift, tcfg.seed + 2)
+    for f in floats:
+        _export_float(b, arch, f)
+        if f.key == "unstructured":
+            continue  # int8 is built from the dense and the channel-pruned parents
+        prefix = "" if f.key == "fp32" else f"{f.key}-"
+        for mode in (m for m in MODES if m in cfg.variants):
+            qc = QuantConfig(mode)
+
+            def qat_ft(model, on_epoch, _desc=f"{arch}: QAT {f.key}"):
+                return train(model, split, b.pre, qat_cfg, desc=_desc, progress=cfg.progress,
+                             on_epoch=on_epoch, copy_model=False)
+
+            with _timed(b, f"{arch}.quantize_s"):
+                q = quantize(f.model, qc, b.calibration, qat_ft)
+            _export_int8(b, arch, f, prefix + mode, mode, q, qc)
+    return {"architecture": mcfg.to_dict(), "classes": [str(i) for i in range(10)],
+            "train": {**tcfg.__dict__, "optimizer": "AdamW", "schedule": "OneCycleLR"}}
+
+
+def _export_float(b: _Build, arch: str, f: _Float) -> None:
+    params = count_params(f.model)
+    with _timed(b, f"{arch}.export_s"):
+        for fmt in FORMATS:
+            path = b.dir / f"{arch}-{f.key}.{EXT[fmt]}"
+            match fmt:
+                case "checkpoint":
+                    save_checkpoint(f.model, f.cfg, path)
+                case "torchscript":
+                    export_torchscript(f.model, path)
+                case "onnx":
+                    export_onnx(f.model, path)
+            b.add(arch, f.key, fmt, path, precision="fp32", cfg=f.cfg,
+                  parent=None if f.key == "fp32" else name_of(arch, "fp32", fmt),
+                  quantization=None, pruning=f.pruning, params=params, runtime_info=_runtime_info(fmt))
+
+
+def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc: QuantConfig) -> None:
+    params = count_params(f.model)
+    notes = ""
+    if mode == "dynamic" and arch == "cnn":
+        notes = "torch dynamic quantization covers Linear layers only; convolutions stay fp32"
+    with _timed(b, f"{arch}.export_s"):
+        path = b.dir / f"{arch}-{variant}.{EXT['torchscript']}"
+        export_torchscript(q, path)
+        b.add(arch, variant, "torchscript", path, precision="int8", cfg=f.cfg,
+              parent=name_of(arch, f.key, "torchscript"), quantization=qc.describe(), pruning=f.pruning,
+              params=params, runtime_info=_runtime_info("torchscript"), notes=notes)
+        onnx_parent = b.dir / f"{arch}-{f.key}.onnx"
+        path = b.dir / f"{arch}-{variant}.onnx"
+        match mode:
+            case "dynamic":
+                b.skipped.append({"name": name_of(arch, variant, "onnx"), "reason": (
+                    "onnxruntime dynamic int8 turns convolutions into ConvInteger, ~6x slower than fp32 on AVX2 "
+                    "and missing on some runtimes; static QDQ is the int8 ONNX variant" if arch == "cnn" else
+                    "static QDQ (calibrated uint8 activations) is the int8 ONNX variant; dynamic int8 would "
+                    "re-quantize activations on every call")})
+                return
+            case "static":
+                qdq = QDQConfig()
+                quantize_onnx(onnx_parent, path, b.calibration, qdq)
+                quant = {**qdq.describe(), "calibration": f"{qdq.calibrate_method} on {sum(map(len, b.calibration))} training digits"}
+            case "qat":
+                fmodel, fcfg = dequantized_float(q, f.cfg)
+                with tempfile.TemporaryDirectory(dir=b.dir) as tmp:
+                    float_path = export_onnx(fmodel, Path(tmp) / "qat-float.onnx")
+                    qdq = QDQConfig()
+                    quantize_onnx(float_path, path, b.calibration, qdq)
+                quant = {**qdq.describe(), "method": "qat",
+                         "weights_from": "quantization-aware fine-tuning (int8 weights of the torch QAT model, BN folded)",
+                         "calibration": f"activations: {qdq.calibrate_method} on {sum(map(len, b.calibration))} training digits"}
+        b.add(arch, variant, "onnx", path, precision="int8", cfg=f.cfg,
+              parent=name_of(arch, f.key, "onnx"), quantization=quant, pruning=f.pruning,
+              params=params, runtime_info=_runtime_info("onnx"))
+
+
+def summary(manifest: Manifest) -> str:
+    rows = [f"{'artifact':<32} {'acc %':>6} {'KiB':>8} {'x parent':>8}"]
+    by_name = {a.name: a for a in manifest.artifacts}
+    for a in manifest.artifacts:
+        ratio = f"{a.bytes / by_name[a.parent].bytes:.2f}" if a.parent in by_name else "-"
+        rows.append(f"{a.name:<32} {100 * a.accuracy:>6.2f} {a.bytes / 1024:>8.1f} {ratio:>8}")
+    return "\n".join(rows)
+
+
+__all__ = ["ExportConfig", "run_export", "summary", "EdgeqError"]

@@ -1,0 +1,128 @@
+"""Run an artifact from its file, in its own runtime. Shared by the exporter and the verifier.
+
+Nothing here unpickles arbitrary objects: checkpoints load with `weights_only=True`, TorchScript
+with `torch.jit.load`, ONNX with onnxruntime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import IntegrityError
+
+FORMATS = ("checkpoint", "torchscript", "onnx")
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+@dataclass
+class Runner:
+    """A loaded artifact: `run(x)` maps a preprocessed float32 batch to logits (numpy in, numpy out)."""
+
+    name: str
+    runtime: str  # "onnxruntime-cpu", "torch-cpu", "torch-cuda"
+    run: Callable[[np.ndarray], np.ndarray]
+    info: dict = field(default_factory=dict)
+
+    def predict(self, x: np.ndarray, batch: int = 500) -> np.ndarray:
+        return np.concatenate([self.run(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def ort_session_options(threads: int = 1, options: dict | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    for key, value in (options or {}).get("config_entries", {}).items():
+        so.add_session_config_entry(key, str(value))
+    level = (options or {}).get("graph_optimization_level")
+    if level:
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    return so
+
+
+def load_onnx(path: Path, threads: int = 1, options: dict | None = None) -> Runner:
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), ort_session_options(threads, options), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        raise IntegrityError(f"{path.name}: not a loadable ONNX model ({_first_line(exc)}); re-run `edgeq export`") from None
+    input_name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return sess.run(None, {input_name: x})[0]
+
+    return Runner(path.name, "onnxruntime-cpu", run, {"providers": sess.get_providers()})
+
+
+def load_torchscript(path: Path, device: str = "cpu", threads: int = 1) -> Runner:
+    import torch
+
+    from edgeq.quantize import quiet
+
+    torch.set_num_threads(threads)
+    try:
+        with quiet():
+            module = torch.jit.load(str(path), map_location=device).eval()
+    except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors for non-TorchScript files
+        raise IntegrityError(f"{path.name}: not a TorchScript module ({_first_line(exc)}); re-run `edgeq export`") from None
+    return Runner(path.name, f"torch-{device}", _torch_run(module, device))
+
+
+def load_checkpoint_model(path: Path):
+    """(model, ModelConfig) from an edgeq checkpoint: {'config': {...}, 'state_dict': {...}}."""
+    import torch
+
+    from edgeq.models import ModelConfig, build_model
+
+    try:
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        cfg = ModelConfig.from_dict(blob["config"])
+        model = build_model(cfg)
+        model.load_state_dict(blob["state_dict"])
+    except Exception as exc:
+        raise IntegrityError(f"{path.name}: not an edgeq checkpoint ({_first_line(exc)}); re-run `edgeq export`") from None
+    return model.eval(), cfg
+
+
+def load_checkpoint(path: Path, device: str = "cpu", threads: int = 1) -> Runner:
+    import torch
+
+    torch.set_num_threads(threads)
+    model, _ = load_checkpoint_model(path)
+    return Runner(path.name, f"torch-{device}", _torch_run(model.to(device), device))
+
+
+def _torch_run(module, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(x).to(device))
+            return out.float().cpu().numpy()
+
+    return run
+
+
+def load(path: Path, fmt: str, device: str = "cpu", threads: int = 1, options: dict | None = None) -> Runner:
+    match fmt:
+        case "onnx":
+            return load_onnx(path, threads, options)
+        case "torchscript":
+            return load_torchscript(path, device, threads)
+        case "checkpoint":
+            return load_checkpoint(path, device, threads)
+    raise IntegrityError(f"{path.name}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
