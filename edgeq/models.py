@@ -86,20 +86,31 @@ class MLP(nn.Module):
         return [["fc1", "fc_act"]]
 
 
+class ConvBlock(nn.Module):
+    """conv3x3 -> bn -> maxpool2 -> relu."""
+
+    def __init__(self, cin: int, cout: int, batchnorm: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=not batchnorm)
+        self.bn = nn.BatchNorm2d(cout) if batchnorm else nn.Identity()
+        self.pool = nn.MaxPool2d(2)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.pool(self.bn(self.conv(x))))
+
+
 class CNN(nn.Module):
-    """(conv3x3 -> bn -> maxpool2 -> relu) per entry of channels, then hidden -> classes."""
+    """One ConvBlock per entry of channels, then flatten -> hidden -> classes."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.quant = torch.ao.quantization.QuantStub()
-        self.blocks = len(cfg.channels)
-        cin, side = IMAGE[0], IMAGE[1]
-        for i, cout in enumerate(cfg.channels, start=1):
-            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1, bias=not cfg.batchnorm))
-            setattr(self, f"bn{i}", nn.BatchNorm2d(cout) if cfg.batchnorm else nn.Identity())
-            setattr(self, f"pool{i}", nn.MaxPool2d(2))
-            setattr(self, f"act{i}", nn.ReLU())
+        cin, side, blocks = IMAGE[0], IMAGE[1], []
+        for cout in cfg.channels:
+            blocks.append(ConvBlock(cin, cout, cfg.batchnorm))
             cin, side = cout, side // 2
+        self.features = nn.Sequential(*blocks)
         self.batchnorm = cfg.batchnorm
         self.flatten = nn.Flatten(1)
         self.fc1 = nn.Linear(cin * side * side, cfg.hidden)
@@ -108,20 +119,13 @@ class CNN(nn.Module):
         self.dequant = torch.ao.quantization.DeQuantStub()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.quant(x)
-        for i in range(1, self.blocks + 1):
-            x = getattr(self, f"conv{i}")(x)
-            x = getattr(self, f"bn{i}")(x)
-            x = getattr(self, f"pool{i}")(x)
-            x = getattr(self, f"act{i}")(x)
+        x = self.features(self.quant(x))
         x = self.fc_act(self.fc1(self.flatten(x)))
         return self.dequant(self.fc2(x))
 
     def fuse_groups(self) -> list[list[str]]:
-        convs = [
-            [f"conv{i}", f"bn{i}", f"act{i}"] if self.batchnorm else [f"conv{i}", f"act{i}"]
-            for i in range(1, self.blocks + 1)
-        ]
+        parts = ("conv", "bn", "act") if self.batchnorm else ("conv", "act")
+        convs = [[f"features.{i}.{p}" for p in parts] for i in range(len(self.features))]
         return convs + [["fc1", "fc_act"]]
 
 
@@ -136,7 +140,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 def widths(model: nn.Module) -> tuple[int, tuple[int, ...]]:
     """(hidden, channels) read off a float model, e.g. after physical pruning."""
-    channels = tuple(getattr(model, f"conv{i}").out_channels for i in range(1, getattr(model, "blocks", 0) + 1))
+    channels = tuple(block.conv.out_channels for block in getattr(model, "features", ()))
     return model.fc1.out_features, channels
 
 

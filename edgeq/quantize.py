@@ -118,10 +118,11 @@ def dequantized_float(qmodel: nn.Module, cfg: ModelConfig) -> tuple[nn.Module, M
     """
     fcfg = ModelConfig(cfg.arch, cfg.hidden, cfg.channels, batchnorm=False, num_classes=cfg.num_classes)
     fmodel = build_model(fcfg).eval()
-    names = [f"conv{i}" for i in range(1, len(cfg.channels) + 1)] + ["fc1", "fc2"]
+    names = [f"features.{i}.conv" for i in range(len(cfg.channels))] + ["fc1", "fc2"]
+    qmods, fmods = dict(qmodel.named_modules()), dict(fmodel.named_modules())
     with torch.no_grad(), quiet():
         for name in names:
-            q, f = getattr(qmodel, name), getattr(fmodel, name)
+            q, f = qmods[name], fmods[name]
             f.weight.copy_(q.weight().dequantize())
             if q.bias() is not None:
                 f.bias.copy_(q.bias().detach())
