@@ -43,7 +43,7 @@ def default_train_config(arch: str, seed: int = 0) -> TrainConfig:
             return TrainConfig(epochs=15, lr=2e-3, seed=seed)
 
 
-def finetune_config(base: TrainConfig, epochs: int = 3, lr_scale: float = 0.25) -> TrainConfig:
+def finetune_config(base: TrainConfig, epochs: int, lr_scale: float) -> TrainConfig:
     return TrainConfig(epochs, base.lr * lr_scale, base.batch_size, base.weight_decay, base.max_shift, base.seed + 1)
 
 

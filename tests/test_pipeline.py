@@ -1,0 +1,174 @@
+"""End to end on the embedded data: every format, the manifest, atomic publication, the CLI."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeq import pipeline
+from edgeq.cli import main
+from edgeq.data import Preprocessing, load_data
+from edgeq.errors import ConfigError, ExportError
+from edgeq.manifest import Manifest, read, sha256_file
+from edgeq.pipeline import ExportConfig, run_export
+from edgeq.runtime import load
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "art"
+    manifest = run_export(ExportConfig(out=out, models=("mlp",), epochs=3, progress=False), log=lambda s: None)
+    return out, manifest
+
+
+def test_every_variant_is_exported(exported):
+    out, manifest = exported
+    names = {a.name for a in manifest.artifacts}
+    for v in ("fp32", "unstructured", "structured"):
+        assert {f"mlp-{v}-ckpt", f"mlp-{v}-ts", f"mlp-{v}-onnx"} <= names
+    for q in ("dynamic", "static", "qat", "structured-dynamic", "structured-static", "structured-qat"):
+        assert f"mlp-{q}-ts" in names
+    for q in ("static", "qat", "structured-static", "structured-qat"):
+        assert f"mlp-{q}-onnx" in names
+    assert {s["name"] for s in manifest.skipped} == {"mlp-dynamic-onnx", "mlp-structured-dynamic-onnx"}
+
+
+def test_manifest_matches_the_files(exported):
+    out, manifest = exported
+    assert sorted(os.listdir(out)) == sorted([a.file for a in manifest.artifacts] + ["manifest.json"])
+    for a in manifest.artifacts:
+        path = out / a.file
+        assert path.stat().st_size == a.bytes
+        assert sha256_file(path) == a.sha256
+
+
+def test_manifest_round_trip(exported):
+    out, manifest = exported
+    again = read(out)
+    assert again.to_dict() == json.loads(manifest.to_json())
+    assert Manifest.from_dict(again.to_dict()).to_json() == manifest.to_json()
+    assert again.dataset["test_sha256"] == load_data().test.sha256()
+
+
+def test_int8_is_small_and_accurate(exported):
+    _, m = exported
+    by = {a.name: a for a in m.artifacts}
+    for a in m.artifacts:
+        if a.precision == "int8":
+            parent = by[a.parent]
+            assert a.bytes <= 0.30 * parent.bytes, a.name
+            assert a.accuracy >= parent.accuracy - 0.01, a.name  # at most one point lost (QAT may gain)
+    assert by["mlp-structured-static-onnx"].bytes < by["mlp-static-onnx"].bytes
+    assert by["mlp-unstructured-onnx"].pruning["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert by["mlp-unstructured-onnx"].nonzero_params < 0.25 * by["mlp-fp32-onnx"].params
+
+
+def test_onnx_files_are_self_contained_checked_and_batch_dynamic(exported):
+    out, m = exported
+    x = Preprocessing().apply(load_data().test.images[:7])
+    for a in (a for a in m.artifacts if a.format == "onnx"):
+        model = onnx.load(str(out / a.file))
+        onnx.checker.check_model(model, full_check=True)
+        sess = ort.InferenceSession(str(out / a.file), providers=["CPUExecutionProvider"])
+        assert sess.run(None, {"input": x[:1]})[0].shape == (1, 10)
+        assert sess.run(None, {"input": x})[0].shape == (7, 10)
+    assert not list(out.glob("*.data"))
+
+
+def test_qdq_graphs_hold_int8_weights_per_channel(exported):
+    out, _ = exported
+    model = onnx.load(str(out / "mlp-static.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 2 and ops.count("DequantizeLinear") >= 4
+    inits = {i.name: i for i in model.graph.initializer}
+    scales = [inits[n.input[1]] for n in model.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    assert scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in scales), "weights are not per-channel"
+
+
+def test_checkpoint_loads_without_pickle_and_matches_onnx(exported):
+    out, _ = exported
+    blob = torch.load(str(out / "mlp-fp32.ckpt.pt"), weights_only=True)
+    assert blob["config"]["arch"] == "mlp"
+    x = Preprocessing().apply(load_data().test.images[:16])
+    ref = load(out / "mlp-fp32.ckpt.pt", "checkpoint").run(x)
+    np.testing.assert_allclose(load(out / "mlp-fp32.onnx", "onnx").run(x), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(load(out / "mlp-fp32.ts.pt", "torchscript").run(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_failed_export_leaves_previous_artifacts_untouched(exported, tmp_path, monkeypatch):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "manifest.json").write_text("previous")
+    (out / "old.onnx").write_bytes(b"old")
+
+    def boom(*args, **kwargs):
+        raise ExportError("disk full")
+
+    monkeypatch.setattr(pipeline, "quantize_onnx", boom)
+    with pytest.raises(ExportError):
+        run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=1, progress=False),
+                   log=lambda s: None)
+    assert sorted(os.listdir(out)) == ["manifest.json", "old.onnx"]
+    assert (out / "manifest.json").read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["art"], "temporary directory left behind"
+
+
+def test_successful_export_replaces_the_directory(tmp_path):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "stale.onnx").write_bytes(b"stale")
+    (out / ".gitkeep").touch()
+    run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=1, progress=False),
+               log=lambda s: None)
+    names = set(os.listdir(out))
+    assert "stale.onnx" not in names and {"manifest.json", "mlp-static.onnx", ".gitkeep"} <= names
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_bad_export_configs():
+    with pytest.raises(ConfigError, match="unknown model"):
+        ExportConfig(models=("resnet",))
+    with pytest.raises(ConfigError, match="pruning amount"):
+        ExportConfig(structured_amount=1.0)
+
+
+@pytest.mark.parametrize("cmd", [["--help"], ["export", "--help"]])
+def test_help_has_examples(cmd):
+    result = CliRunner().invoke(main, cmd)
+    assert result.exit_code == 0 and "Example:" in result.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "resnet"], "resnet"),
+    (["--variants", "static,int4"], "int4"),
+    (["--prune-amount", "1.5"], "1.5"),
+])
+def test_cli_rejects_unknown_values(args, needle, tmp_path):
+    result = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "a"), *args])
+    assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_bad_data_dir_and_unwritable_out(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["export", "--out", str(tmp_path / "a"), "--data-dir", str(tmp_path / "missing")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "--data-dir" in r.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = runner.invoke(main, ["export", "--out", str(blocker / "art"), "--quiet"])
+    assert r.exit_code == 1 and r.output.startswith("edgeq: error: --out") and r.output.count("\n") == 1
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_python_m_edgeq_runs():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edgeq", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "export" in r.stdout
