@@ -21,7 +21,9 @@ from edgeq.environment import environment
 from edgeq.errors import ConfigError, EdgeqError, ExportError
 from edgeq.export import QDQConfig, export_onnx, export_torchscript, quantize_onnx, save_checkpoint
 from edgeq.manifest import Artifact, Manifest, sha256_file
+from edgeq.runtime import load_onnx
 from edgeq.models import ARCHS, ModelConfig, build_model, count_macs, count_params, default_config
+from edgeq.precision import SearchConfig, measure_ratios, optimized_ops, search_fp32_nodes
 from edgeq.prune import PruneConfig, prune_model
 from edgeq.quantize import MODES, QuantConfig, dequantized_float, quantize
 from edgeq.train import TrainConfig, accuracy, default_train_config, finetune_config, train
@@ -84,6 +86,7 @@ class _Build:
     artifacts: list[Artifact] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    fp32_nodes: dict = field(default_factory=dict)  # (arch, parent key) -> (nodes kept fp32, decisions)
 
     def add(self, arch: str, variant: str, fmt: str, path: Path, *, precision: str, cfg: ModelConfig,
             parent: str | None, quantization: dict | None, pruning: dict | None,
@@ -235,6 +238,7 @@ def _export_model(b: _Build, arch: str) -> dict:
             with _timed(b, f"{arch}.quantize_s"):
                 q = quantize(f.model, qc, b.calibration, qat_ft)
             _export_int8(b, arch, f, prefix + mode, mode, q, qc)
+    _recommend(b.artifacts, arch)
     return {"architecture": mcfg.to_dict(), "classes": [str(i) for i in range(10)],
             "train": {**tcfg.__dict__, "optimizer": "AdamW", "schedule": "OneCycleLR"}}
 
@@ -277,22 +281,53 @@ def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc
                     "static QDQ (calibrated uint8 activations) is the int8 ONNX variant; dynamic int8 would "
                     "re-quantize activations on every call")})
                 return
-            case "static":
-                qdq = QDQConfig()
-                quantize_onnx(onnx_parent, path, b.calibration, qdq)
-                quant = {**qdq.describe(), "calibration": f"{qdq.calibrate_method} on {sum(map(len, b.calibration))} training digits"}
-            case "qat":
-                fmodel, fcfg = dequantized_float(q, f.cfg)
-                with tempfile.TemporaryDirectory(dir=b.dir) as tmp:
-                    float_path = export_onnx(fmodel, Path(tmp) / "qat-float.onnx")
-                    qdq = QDQConfig()
-                    quantize_onnx(float_path, path, b.calibration, qdq)
-                quant = {**qdq.describe(), "method": "qat",
-                         "weights_from": "quantization-aware fine-tuning (int8 weights of the torch QAT model, BN folded)",
-                         "calibration": f"activations: {qdq.calibrate_method} on {sum(map(len, b.calibration))} training digits"}
-        b.add(arch, variant, "onnx", path, precision="int8", cfg=f.cfg,
-              parent=name_of(arch, f.key, "onnx"), quantization=quant, pruning=f.pruning,
-              params=params, runtime_info=_runtime_info("onnx"))
+            case "static" | "qat":
+                exclude, decisions = _mixed_precision(b, arch, f.key, onnx_parent)
+                qdq = QDQConfig(exclude_nodes=exclude)
+                samples = sum(map(len, b.calibration))
+                if mode == "static":
+                    quantize_onnx(onnx_parent, path, b.calibration, qdq)
+                    quant = {**qdq.describe(), "calibration": f"{qdq.calibrate_method} on {samples} training digits"}
+                else:
+                    fmodel, _ = dequantized_float(q, f.cfg)
+                    with tempfile.TemporaryDirectory(dir=b.dir) as tmp:
+                        quantize_onnx(export_onnx(fmodel, Path(tmp) / "qat-float.onnx"), path, b.calibration, qdq)
+                    quant = {**qdq.describe(), "method": "qat",
+                             "weights_from": "quantization-aware fine-tuning (the torch QAT model's int8 weights, BN folded)",
+                             "calibration": f"activations: {qdq.calibrate_method} on {samples} training digits"}
+                quant["optimized_ops"] = optimized_ops(path)
+                speed = measure_ratios(load_onnx(onnx_parent), load_onnx(path), _timing_inputs(b), SearchConfig())
+                quant["latency_vs_parent"] = {str(k): round(v, 3) for k, v in speed.items()}
+        art = b.add(arch, variant, "onnx", path, precision="int8", cfg=f.cfg,
+                    parent=name_of(arch, f.key, "onnx"), quantization=quant, pruning=f.pruning,
+                    params=params, runtime_info=_runtime_info("onnx"))
+        art.decisions = decisions
+
+
+def _timing_inputs(b: _Build) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {n: b.test_x[rng.integers(0, len(b.test_x), size=n)] for n in SearchConfig().batches}
+
+
+def _mixed_precision(b: _Build, arch: str, parent_key: str, onnx_parent: Path) -> tuple[tuple[str, ...], list[dict]]:
+    """Measured once per fp32 parent; the QAT twin has the same layers and reuses the decision."""
+    key = (arch, parent_key)
+    if key not in b.fp32_nodes:
+        b.log(f"{arch}: measuring which {parent_key} layers run faster in int8 on this CPU")
+        with _timed(b, f"{arch}.precision_search_s"):
+            b.fp32_nodes[key] = search_fp32_nodes(onnx_parent, b.calibration, log=b.log)
+    return b.fp32_nodes[key]
+
+
+def _recommend(artifacts: list[Artifact], arch: str, max_drop: float = 0.005) -> None:
+    """Mark the smallest ONNX int8 artifact that keeps accuracy and is not slower than its parent."""
+    by = {a.name: a for a in artifacts}
+    base = by[name_of(arch, "fp32", "onnx")]
+    ok = [a for a in artifacts if a.model == arch and a.format == "onnx" and a.precision == "int8"
+          and a.accuracy >= base.accuracy - max_drop
+          and all(r <= 1.0 for r in a.quantization.get("latency_vs_parent", {"-": 9}).values())]
+    if ok:
+        min(ok, key=lambda a: (a.bytes, -a.accuracy)).recommended = True
 
 
 def summary(manifest: Manifest) -> str:
