@@ -49,6 +49,7 @@ class ExportConfig:
     structured_amount: float = 0.5
     epochs: int | None = None  # None: the per-model default
     progress: bool = True
+    search: SearchConfig = SearchConfig()  # how int8-vs-fp32 layer timings are measured
 
     def __post_init__(self) -> None:
         for m in self.models:
@@ -296,7 +297,7 @@ def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc
                              "weights_from": "quantization-aware fine-tuning (the torch QAT model's int8 weights, BN folded)",
                              "calibration": f"activations: {qdq.calibrate_method} on {samples} training digits"}
                 quant["optimized_ops"] = optimized_ops(path)
-                speed = measure_ratios(load_onnx(onnx_parent), load_onnx(path), _timing_inputs(b), SearchConfig())
+                speed = measure_ratios(load_onnx(onnx_parent), load_onnx(path), _timing_inputs(b), b.cfg.search)
                 quant["latency_vs_parent"] = {str(k): round(v, 3) for k, v in speed.items()}
         art = b.add(arch, variant, "onnx", path, precision="int8", cfg=f.cfg,
                     parent=name_of(arch, f.key, "onnx"), quantization=quant, pruning=f.pruning,
@@ -306,7 +307,7 @@ def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc
 
 def _timing_inputs(b: _Build) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {n: b.test_x[rng.integers(0, len(b.test_x), size=n)] for n in SearchConfig().batches}
+    return {n: b.test_x[rng.integers(0, len(b.test_x), size=n)] for n in b.cfg.search.batches}
 
 
 def _mixed_precision(b: _Build, arch: str, parent_key: str, onnx_parent: Path) -> tuple[tuple[str, ...], list[dict]]:
@@ -315,7 +316,7 @@ def _mixed_precision(b: _Build, arch: str, parent_key: str, onnx_parent: Path) -
     if key not in b.fp32_nodes:
         b.log(f"{arch}: measuring which {parent_key} layers run faster in int8 on this CPU")
         with _timed(b, f"{arch}.precision_search_s"):
-            b.fp32_nodes[key] = search_fp32_nodes(onnx_parent, b.calibration, log=b.log)
+            b.fp32_nodes[key] = search_fp32_nodes(onnx_parent, b.calibration, b.cfg.search, log=b.log)
     return b.fp32_nodes[key]
 
 

@@ -16,13 +16,16 @@ from edgeq.data import Preprocessing, load_data
 from edgeq.errors import ConfigError, ExportError
 from edgeq.manifest import Manifest, read, sha256_file
 from edgeq.pipeline import ExportConfig, run_export
+from edgeq.precision import SearchConfig
+
+FAST = SearchConfig(batches=(1, 64), rounds=3, window_s=0.01)
 from edgeq.runtime import load
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "art"
-    manifest = run_export(ExportConfig(out=out, models=("mlp",), epochs=3, progress=False), log=lambda s: None)
+    manifest = run_export(ExportConfig(out=out, models=("mlp",), epochs=3, progress=False, search=FAST), log=lambda s: None)
     return out, manifest
 
 
@@ -112,7 +115,7 @@ def test_failed_export_leaves_previous_artifacts_untouched(exported, tmp_path, m
 
     monkeypatch.setattr(pipeline, "quantize_onnx", boom)
     with pytest.raises(ExportError):
-        run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=1, progress=False),
+        run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=1, progress=False, search=FAST),
                    log=lambda s: None)
     assert sorted(os.listdir(out)) == ["manifest.json", "old.onnx"]
     assert (out / "manifest.json").read_text() == "previous"
@@ -124,7 +127,7 @@ def test_successful_export_replaces_the_directory(tmp_path):
     out.mkdir()
     (out / "stale.onnx").write_bytes(b"stale")
     (out / ".gitkeep").touch()
-    run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=1, progress=False),
+    run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=1, progress=False, search=FAST),
                log=lambda s: None)
     names = set(os.listdir(out))
     assert "stale.onnx" not in names and {"manifest.json", "mlp-static.onnx", ".gitkeep"} <= names
@@ -172,3 +175,21 @@ def test_python_m_edgeq_runs():
 
     r = subprocess.run([sys.executable, "-m", "edgeq", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "export" in r.stdout
+
+
+def test_mixed_precision_decisions_are_measured_and_recorded(exported):
+    out, m = exported
+    for a in (a for a in m.artifacts if a.format == "onnx" and a.precision == "int8"):
+        assert [d["node"] for d in a.decisions] == ["/fc1/Gemm", "/fc2/Gemm"]
+        for d in a.decisions:
+            assert d["precision"] in ("fp32", "int8") and d["reason"]
+            assert all(r > 0 for r in d["with_node_fp32"].values())
+        fp32_nodes = [d["node"] for d in a.decisions if d["precision"] == "fp32"]
+        assert a.quantization["fp32_nodes"] == fp32_nodes
+        assert set(a.quantization["latency_vs_parent"]) == {"1", "64"}
+        ops = a.quantization["optimized_ops"]
+        assert ops.get("QGemm", 0) == 2 - len(fp32_nodes), "an int8 layer did not become a fused QGemm"
+    recommended = [a for a in m.artifacts if a.recommended]
+    assert len(recommended) <= 1
+    for a in recommended:
+        assert a.precision == "int8" and all(r <= 1.0 for r in a.quantization["latency_vs_parent"].values())
