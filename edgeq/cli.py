@@ -87,5 +87,13 @@ def export(out, models, variants, data_dir, download, prune_amount, prune_method
                f"in {manifest.timings['total_s']:.1f} s")
 
 
+def _register_verify() -> None:
+    from edgeq.verify.command import verify
+
+    main.add_command(verify)
+
+
+_register_verify()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
