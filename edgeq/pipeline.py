@@ -196,10 +196,12 @@ def _export_model(b: _Build, arch: str) -> dict:
     tcfg = default_train_config(arch, cfg.seed)
     if cfg.epochs is not None:
         tcfg = TrainConfig(cfg.epochs, tcfg.lr, tcfg.batch_size, tcfg.weight_decay, tcfg.max_shift, tcfg.seed)
-    # Unstructured pruning keeps every channel: a short, gentle fine-tune recovers it. Removing half
-    # the channels of a CNN costs ~1.6 points after that; a full-length schedule brings it back.
+    # A short, gentle fine-tune recovers unstructured pruning, and channel pruning of the MLP, while
+    # staying close to the original (top-1 agreement >= 0.98). Removing half the filters of the CNN
+    # costs ~1.6 points after that; a full-length schedule brings it back to within 0.1 point.
     ft_unstructured = finetune_config(tcfg, epochs=3, lr_scale=0.25)
-    ft_structured = finetune_config(tcfg, epochs=tcfg.epochs, lr_scale=1.0)
+    ft_structured = (finetune_config(tcfg, epochs=tcfg.epochs, lr_scale=1.0) if arch == "cnn"
+                     else ft_unstructured)
     split = b.dataset.train
 
     def finetune(model, ft, desc):
@@ -223,7 +225,8 @@ def _export_model(b: _Build, arch: str) -> dict:
                 "method": pc.method, "amount": pc.amount, "sparsity": round(r.sparsity, 4),
                 "removed_channels": r.removed, "physically_removed": True, "finetune_epochs": ft_structured.epochs}))
 
-    qat_cfg = TrainConfig(2, tcfg.lr * 0.05, tcfg.batch_size, 0.0, tcfg.max_shift, tcfg.seed + 2)
+    # QAT adapts the weights to int8 rounding; a low rate keeps it close to its fp32 parent.
+    qat_cfg = TrainConfig(2, tcfg.lr * 0.01, tcfg.batch_size, 0.0, tcfg.max_shift, tcfg.seed + 2)
     for f in floats:
         _export_float(b, arch, f)
         if f.key == "unstructured":
@@ -320,15 +323,25 @@ def _mixed_precision(b: _Build, arch: str, parent_key: str, onnx_parent: Path) -
     return b.fp32_nodes[key]
 
 
-def _recommend(artifacts: list[Artifact], arch: str, max_drop: float = 0.005) -> None:
-    """Mark the smallest ONNX int8 artifact that keeps accuracy and is not slower than its parent."""
-    by = {a.name: a for a in artifacts}
-    base = by[name_of(arch, "fp32", "onnx")]
-    ok = [a for a in artifacts if a.model == arch and a.format == "onnx" and a.precision == "int8"
-          and a.accuracy >= base.accuracy - max_drop
-          and all(r <= 1.0 for r in a.quantization.get("latency_vs_parent", {"-": 9}).values())]
-    if ok:
-        min(ok, key=lambda a: (a.bytes, -a.accuracy)).recommended = True
+RECOMMEND_MAX_DROP = 0.005  # accuracy, as a fraction
+RECOMMEND_MAX_RATIO = 0.95  # int8 must beat its fp32 parent by 5%: a margin over timing noise
+
+
+def _recommend(artifacts: list[Artifact], arch: str) -> None:
+    """Mark the smallest ONNX artifact that keeps accuracy; an int8 one only if clearly faster than its parent.
+
+    When int8 gains nothing on this CPU, the recommendation is an fp32 file, never a slower int8 one.
+    """
+    base = next(a for a in artifacts if a.name == name_of(arch, "fp32", "onnx"))
+
+    def eligible(a: Artifact) -> bool:
+        if a.model != arch or a.format != "onnx" or a.accuracy < base.accuracy - RECOMMEND_MAX_DROP:
+            return False
+        ratios = (a.quantization or {}).get("latency_vs_parent", {})
+        return a.precision == "fp32" or bool(ratios) and max(ratios.values()) <= RECOMMEND_MAX_RATIO
+
+    ok = [a for a in artifacts if eligible(a)]
+    min(ok, key=lambda a: (a.bytes, -a.accuracy)).recommended = True  # the fp32 base itself is always eligible
 
 
 def summary(manifest: Manifest) -> str:

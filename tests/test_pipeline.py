@@ -190,6 +190,7 @@ def test_mixed_precision_decisions_are_measured_and_recorded(exported):
         ops = a.quantization["optimized_ops"]
         assert ops.get("QGemm", 0) == 2 - len(fp32_nodes), "an int8 layer did not become a fused QGemm"
     recommended = [a for a in m.artifacts if a.recommended]
-    assert len(recommended) <= 1
+    assert len(recommended) == 1 and recommended[0].format == "onnx"
     for a in recommended:
-        assert a.precision == "int8" and all(r <= 1.0 for r in a.quantization["latency_vs_parent"].values())
+        if a.precision == "int8":
+            assert all(r <= 0.95 for r in a.quantization["latency_vs_parent"].values())
