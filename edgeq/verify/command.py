@@ -1,0 +1,91 @@
+"""The `verify` click command: options -> VerifyConfig -> verify() -> table, reports, exit code.
+
+Registered in edgeq/cli.py with `main.add_command(verify)`; also runnable as
+`python -m edgeq.verify.command DIR`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from edgeq.errors import EdgeqError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for torch and onnxruntime (intra-op) while timing.")
+@click.option("--batch", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Batch size for the throughput measurement.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="POINTS",
+              help="Fail an artifact whose accuracy is more than POINTS below its family's fp32 baseline.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True,
+              help="Fail an artifact whose top-1 agreement with the fp32 baseline is lower.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the JSON report here.")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write a Markdown comparison report here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write a PNG: accuracy vs size and vs latency, with the Pareto front.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Full MNIST (torchvision layout), for artifacts exported with --data-dir.")
+@click.option("--fail-on-slower", is_flag=True,
+              help="Fail (not just warn) when an int8 artifact is slower than its fp32 parent.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, min_agreement: float,
+           json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, data_dir: Path | None,
+           fail_on_slower: bool, quiet: bool) -> None:
+    """Check every artifact in DIR: integrity, accuracy, fidelity, size and speed.
+
+    Files are checked against manifest.json (size, sha256) before anything is loaded. Each
+    artifact then runs in its own runtime on the manifest's test split and is compared with the
+    fp32 PyTorch baseline of its model family. Exit code 0 when every artifact passes, 1 otherwise.
+
+    \b
+    Example:
+      edgeq verify artifacts
+      edgeq verify artifacts --threads 2 --json reports/verify.json --plot reports/verify.png
+    """
+    from edgeq.verify import core, report
+
+    try:
+        cfg = core.VerifyConfig(threads=threads, batch=batch, max_accuracy_drop=max_accuracy_drop,
+                                min_agreement=min_agreement, data_dir=str(data_dir) if data_dir else None,
+                                fail_on_slower=fail_on_slower, progress=not quiet)
+        result = core.verify(directory, cfg)
+        for path, write in ((json_path, report.write_json), (markdown_path, report.write_markdown),
+                            (plot_path, _write_plot)):
+            if path is not None:
+                write(result, path)
+    except EdgeqError as exc:
+        _fail(str(exc))
+    except OSError as exc:  # a report path that cannot be written
+        _fail(f"{exc.filename}: cannot write ({exc.strerror})")
+    except KeyboardInterrupt:
+        click.echo("edgeq: interrupted", err=True)
+        sys.exit(130)
+    click.echo(report.table(result))
+    for row in result.rows:
+        for warning in row.warnings:
+            click.echo(f"warning: {row.label}: {warning}", err=True)
+    for line in result.failures:
+        click.echo(f"FAIL {line}", err=True)
+    sys.exit(0 if result.passed else 1)
+
+
+def _write_plot(result, path: Path) -> None:
+    from edgeq.verify.plot import write_plot
+
+    write_plot(result, path)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"edgeq: error: {message}", err=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    verify()

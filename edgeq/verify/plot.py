@@ -1,0 +1,73 @@
+"""The trade-off plot: accuracy vs size and accuracy vs batch-1 latency, with the Pareto front."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgeq.verify.rows import Row, VerifyResult
+
+MARKERS = {"fp32": "o", "int8": "^"}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (cost, accuracy) points, cheapest first: lower cost, higher accuracy."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def write_plot(result: VerifyResult, path: Path) -> None:
+    """A PNG with two panels, one point per CPU artifact, colored by family and marked by precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    rows = [r for r in result.rows if r.runtime != "torch-cuda" and r.accuracy is not None
+            and r.bytes is not None and r.p50_ms_b1 is not None]
+    families = list(dict.fromkeys(r.model for r in rows))
+    colors = {m: f"C{i}" for i, m in enumerate(families)}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), constrained_layout=True)
+    panels = [("file size (KiB, log scale)", lambda r: r.bytes / 1024),
+              (f"p50 latency at batch 1, {result.config.threads} thread(s) (ms, log scale)", lambda r: r.p50_ms_b1)]
+    for ax, (xlabel, cost) in zip(axes, panels, strict=True):
+        _panel(ax, rows, cost, colors)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+    handles = [Line2D([], [], color=c, marker="s", linestyle="", label=m) for m, c in colors.items()]
+    handles += [Line2D([], [], color="gray", marker=mk, linestyle="", label=p) for p, mk in MARKERS.items()]
+    handles += [Line2D([], [], color="k", linestyle="--", label="Pareto front"),
+                Line2D([], [], color="red", marker="x", linestyle="", label="fails a gate")]
+    axes[1].legend(handles=handles, loc="lower right", fontsize=9)
+    axes[0].set_title("accuracy vs size")
+    axes[1].set_title("accuracy vs latency")
+    fig.suptitle(f"edgeq verify: {result.directory} ({'PASSED' if result.passed else 'FAILED'})")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _panel(ax, rows: list[Row], cost, colors: dict[str, str]) -> None:
+    """Scatter the rows, cross out failing ones, and draw and label the Pareto front."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    points = [(cost(r), 100 * r.accuracy) for r in rows]
+    for r, (x, y) in zip(rows, points, strict=True):
+        ax.scatter(x, y, color=colors[r.model], marker=MARKERS.get(r.precision, "o"), s=46, alpha=0.85)
+        if r.status == "FAIL":
+            ax.scatter(x, y, color="red", marker="x", s=60)
+    front = pareto_front(points)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", linewidth=1, zorder=0)
+    for i in front:
+        ax.annotate(rows[i].name, points[i], textcoords="offset points", xytext=(5, -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.05, not 5x10^-2
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)

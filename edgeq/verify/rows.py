@@ -1,0 +1,144 @@
+"""What `verify` works on and produces: its config, one Row per artifact and runtime, the result.
+
+Plain data, shared by the measuring modules (core, latency) and the renderers (report, plot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeq import runtime
+from edgeq.errors import ConfigError
+from edgeq.manifest import Artifact
+
+CPU_RUNTIME = {"onnx": "onnxruntime-cpu", "torchscript": "torch-cpu", "checkpoint": "torch-cpu"}
+CUDA_RUNTIME = "torch-cuda"
+NO_CUDA = "skipped: no CUDA device"
+# reference kinds every artifact is timed against (paired), in the order they are reported
+REFERENCES = ("parent", "torch_fp32", "ort_fp32")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Gates, measurement settings and the data location for one `verify` run."""
+
+    threads: int = 1
+    batch: int = 256  # the large batch for throughput
+    max_accuracy_drop: float = 1.0  # points, vs the fp32 baseline of the same model family
+    min_agreement: float = 0.98  # top-1 agreement with the fp32 baseline
+    data_dir: str | None = None  # full MNIST, for manifests whose dataset source is "mnist"
+    fail_on_slower: bool = False  # an int8 artifact slower than its fp32 parent fails the gate
+    slower_margin: float = 0.05  # paired ratios up to 1 + margin are within timer noise, not "slower"
+    rounds: int = 5  # alternating timing rounds per batch size
+    window_s: float = 0.015  # seconds per timing window (at least one call)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+            (self.batch >= 1, f"batch must be >= 1, got {self.batch}"),
+            (0.0 <= self.min_agreement <= 1.0, f"min_agreement must be in [0, 1], got {self.min_agreement}"),
+            (self.max_accuracy_drop >= 0.0, f"max_accuracy_drop must be >= 0 points, got {self.max_accuracy_drop}"),
+            (self.slower_margin >= 0.0, f"slower_margin must be >= 0, got {self.slower_margin}"),
+            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (self.window_s > 0.0, f"window_s must be > 0, got {self.window_s}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class Row:
+    """One artifact (or baseline) in one runtime: what was measured and why it failed, if it did."""
+
+    name: str
+    model: str
+    format: str
+    precision: str
+    runtime: str  # onnxruntime-cpu | torch-cpu | torch-cuda
+    role: str  # baseline | artifact
+    stage: str  # original | pruned | quantized | pruned + quantized
+    parent: str | None = None
+    file: str | None = None
+    recommended: bool = False
+    status: str = "ok"  # ok | FAIL | skipped
+    reasons: list[str] = field(default_factory=list)  # why it failed, or why it was skipped
+    warnings: list[str] = field(default_factory=list)
+    n: int | None = None
+    correct: int | None = None
+    accuracy: float | None = None
+    manifest_accuracy: float | None = None
+    delta_pts: float | None = None
+    agreement: float | None = None
+    sqnr_db: float | None = None
+    bytes: int | None = None
+    gzip_bytes: int | None = None
+    size_vs_fp32: float | None = None
+    size_vs_parent: float | None = None
+    params: int | None = None
+    nonzero_params: int | None = None
+    threads: int | None = None
+    batch: int | None = None
+    p50_ms_b1: float | None = None
+    p90_ms_b1: float | None = None
+    p50_ms_batch: float | None = None
+    samples_per_s: float | None = None
+    paired: dict[str, dict] = field(default_factory=dict)  # reference kind -> paired ratios
+    speedup_vs_torch_fp32_b1: float | None = None
+    speedup_vs_torch_fp32_batch: float | None = None
+    speedup_vs_ort_fp32_b1: float | None = None
+    speedup_vs_ort_fp32_batch: float | None = None
+    slower_than_parent: bool | None = None  # None: not an int8 artifact, or no parent to time against
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.name, self.runtime
+
+    @property
+    def label(self) -> str:
+        """The row's name, with the runtime when it is not the artifact's own (a CUDA run)."""
+        return self.name if self.runtime == CPU_RUNTIME.get(self.format) else f"{self.name} ({self.runtime})"
+
+    def fail(self, reason: str) -> None:
+        self.status = "FAIL"
+        self.reasons.append(reason)
+
+
+@dataclass
+class VerifyResult:
+    """Every row (baselines and artifacts, in report order) and where they were measured."""
+
+    directory: str
+    config: VerifyConfig
+    rows: list[Row]
+    environment: dict
+    dataset: dict
+    not_built: list[dict]  # what the exporter skipped, with its reasons (manifest "skipped")
+    wall_s: float
+
+    @property
+    def passed(self) -> bool:
+        """True when no row failed (skipped rows, such as CUDA without a device, do not fail)."""
+        return all(r.status != "FAIL" for r in self.rows)
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per failing row: `<label>: <reasons>`."""
+        return [f"{r.label}: {'; '.join(r.reasons)}" for r in self.rows if r.status == "FAIL"]
+
+
+@dataclass
+class Subject:
+    """A row together with what measuring it needs and produces (internal to core and latency)."""
+
+    row: Row
+    art: Artifact
+    device: str
+    path: Path | None = None  # set once integrity passed
+    runner: runtime.Runner | None = None  # threads=1: the accuracy pass
+    timer: runtime.Runner | None = None  # cfg.threads: the latency pass
+    logits: np.ndarray | None = None

@@ -1,0 +1,18 @@
+"""Shared fixtures: one small real export, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def mlp_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real MLP export (fp32 + static int8, 2 epochs) in a temp dir. Read-only: copy it before damaging files."""
+    from edgeq.pipeline import ExportConfig, run_export
+
+    out = tmp_path_factory.mktemp("export") / "art"
+    run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=2, progress=False),
+               log=lambda _: None)
+    return out

