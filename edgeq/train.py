@@ -62,7 +62,7 @@ def train(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     x_all = torch.from_numpy(pre.apply(split.images))
-    y_all = torch.from_numpy(split.labels)
+    y_all = torch.tensor(split.labels)  # a copy: the cached split is read-only
     steps_per_epoch = (len(split) + cfg.batch_size - 1) // cfg.batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)

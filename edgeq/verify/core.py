@@ -9,7 +9,6 @@ against its references. A failing artifact becomes a FAIL row; the others are st
 
 from __future__ import annotations
 
-import functools
 import gzip
 import sys
 import time
@@ -77,12 +76,9 @@ def load_test_split(manifest: Manifest, data_dir: str | Path | None) -> tuple[np
     return Preprocessing(**{k: pre[k] for k in known if k in pre}).apply(images), labels
 
 
-@functools.lru_cache(maxsize=2)
 def _test_split(source: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """(images, labels, sha256) of a source's test split; cached, as rebuilding it takes seconds."""
+    """(images, labels, sha256) of a source's test split."""
     test = load_data(data_dir).test
-    for array in (test.images, test.labels):
-        array.setflags(write=False)
     return test.images, test.labels, test.sha256()
 
 
@@ -173,7 +169,7 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
         row.fail(str(exc))
         return
     except Exception as exc:  # a runtime's own error while running a loadable file
-        row.fail(f"{s.art.file}: fails on the test split ({runtime._first_line(exc)}); re-run `edgeq export`")
+        row.fail(f"{s.art.file}: fails on the test split ({runtime.first_line(exc)}); re-run `edgeq export`")
         return
     classes = len(manifest.models.get(s.art.model, {}).get("classes", [])) or logits.shape[-1]
     if logits.shape != (len(x), classes):

@@ -58,7 +58,7 @@ def _warm(s: Subject, batches: dict[str, np.ndarray], cfg: VerifyConfig) -> bool
         for xb in batches.values():
             measure.warm_up([runner.run], xb, WARMUP_CALLS)
     except Exception as exc:  # a runtime's own error: the accuracy pass worked, timing does not
-        s.row.fail(f"{s.art.file}: fails while timing ({runtime._first_line(exc)})")
+        s.row.fail(f"{s.art.file}: fails while timing ({runtime.first_line(exc)})")
         return False
     return True
 
