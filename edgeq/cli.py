@@ -72,7 +72,7 @@ def export(out, models, variants, data_dir, download, prune_amount, prune_method
     Example:
       edgeq export --out artifacts --model mlp --prune-amount 0.9
     """
-    from edgeq.pipeline import ExportConfig, run_export, summary
+    from edgeq.pipeline import ExportConfig, run_export, stage_profile, summary
 
     try:
         cfg = ExportConfig(
@@ -88,6 +88,7 @@ def export(out, models, variants, data_dir, download, prune_amount, prune_method
         click.echo(f"edgeq: interrupted; {out} is unchanged", err=True)
         sys.exit(130)
     click.echo(summary(manifest))
+    click.echo(stage_profile(manifest))
     click.echo(f"wrote {len(manifest.artifacts)} artifacts and manifest.json to {out} "
                f"in {manifest.timings['total_s']:.1f} s")
 

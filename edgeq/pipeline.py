@@ -18,7 +18,7 @@ import torch
 from edgeq import data as data_mod
 from edgeq import runtime
 from edgeq.environment import environment
-from edgeq.errors import ConfigError, EdgeqError, ExportError
+from edgeq.errors import ConfigError, ExportError
 from edgeq.export import QDQConfig, export_onnx, export_torchscript, quantize_onnx, save_checkpoint
 from edgeq.manifest import Artifact, Manifest, sha256_file
 from edgeq.runtime import load_onnx
@@ -269,13 +269,15 @@ def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc
     notes = ""
     if mode == "dynamic" and arch == "cnn":
         notes = "torch dynamic quantization covers Linear layers only; convolutions stay fp32"
+    onnx_parent = b.dir / f"{arch}-{f.key}.onnx"
+    if mode != "dynamic":  # timed on its own, before the export clock starts
+        exclude, decisions = _mixed_precision(b, arch, f.key, onnx_parent)
     with _timed(b, f"{arch}.export_s"):
         path = b.dir / f"{arch}-{variant}.{EXT['torchscript']}"
         export_torchscript(q, path)
         b.add(arch, variant, "torchscript", path, precision="int8", cfg=f.cfg,
               parent=name_of(arch, f.key, "torchscript"), quantization=qc.describe(), pruning=f.pruning,
               params=params, runtime_info=_runtime_info("torchscript"), notes=notes)
-        onnx_parent = b.dir / f"{arch}-{f.key}.onnx"
         path = b.dir / f"{arch}-{variant}.onnx"
         match mode:
             case "dynamic":
@@ -286,7 +288,6 @@ def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc
                     "re-quantize activations on every call")})
                 return
             case "static" | "qat":
-                exclude, decisions = _mixed_precision(b, arch, f.key, onnx_parent)
                 qdq = QDQConfig(exclude_nodes=exclude)
                 samples = sum(map(len, b.calibration))
                 if mode == "static":
@@ -344,6 +345,14 @@ def _recommend(artifacts: list[Artifact], arch: str) -> None:
     min(ok, key=lambda a: (a.bytes, -a.accuracy)).recommended = True  # the fp32 base itself is always eligible
 
 
+def stage_profile(manifest: Manifest) -> str:
+    """Where the export's wall time went, largest first (the manifest's `timings`)."""
+    stages = {k: v for k, v in manifest.timings.items() if k != "total_s"}
+    parts = [f"{k.removesuffix('_s')} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])]
+    rest = manifest.timings["total_s"] - sum(stages.values())
+    return "time (s): " + ", ".join(parts + [f"data+manifest {rest:.1f}"])
+
+
 def summary(manifest: Manifest) -> str:
     rows = [f"{'artifact':<32} {'acc %':>6} {'KiB':>8} {'x parent':>8}"]
     by_name = {a.name: a for a in manifest.artifacts}
@@ -353,4 +362,3 @@ def summary(manifest: Manifest) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["ExportConfig", "run_export", "summary", "EdgeqError"]
