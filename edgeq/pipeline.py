@@ -112,10 +112,11 @@ def name_of(arch: str, variant: str, fmt: str) -> str:
     return f"{arch}-{variant}-{SHORT[fmt]}"
 
 
-def _runtime_info(fmt: str) -> dict:
+def _runtime_info(fmt: str, precision: str = "fp32") -> dict:
     if fmt == "onnx":
         return {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"], "session_options": {}}
-    return {"engine": "torch", "devices": ["cpu", "cuda"] if fmt != "torchscript" else ["cpu"]}
+    # torch.ao int8 kernels (fbgemm/x86) exist only on CPU
+    return {"engine": "torch", "devices": ["cpu", "cuda"] if precision == "fp32" else ["cpu"]}
 
 
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
@@ -277,7 +278,7 @@ def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc
         export_torchscript(q, path)
         b.add(arch, variant, "torchscript", path, precision="int8", cfg=f.cfg,
               parent=name_of(arch, f.key, "torchscript"), quantization=qc.describe(), pruning=f.pruning,
-              params=params, runtime_info=_runtime_info("torchscript"), notes=notes)
+              params=params, runtime_info=_runtime_info("torchscript", "int8"), notes=notes)
         path = b.dir / f"{arch}-{variant}.onnx"
         match mode:
             case "dynamic":
@@ -305,7 +306,7 @@ def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc
                 quant["latency_vs_parent"] = {str(k): round(v, 3) for k, v in speed.items()}
         art = b.add(arch, variant, "onnx", path, precision="int8", cfg=f.cfg,
                     parent=name_of(arch, f.key, "onnx"), quantization=quant, pruning=f.pruning,
-                    params=params, runtime_info=_runtime_info("onnx"))
+                    params=params, runtime_info=_runtime_info("onnx", "int8"))
         art.decisions = decisions
 
 
