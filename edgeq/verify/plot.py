@@ -42,7 +42,7 @@ def write_plot(result: VerifyResult, path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
     handles = [Line2D([], [], color=c, marker="s", linestyle="", label=m) for m, c in colors.items()]
     handles += [Line2D([], [], color="gray", marker=mk, linestyle="", label=p) for p, mk in MARKERS.items()]
-    handles += [Line2D([], [], color="k", linestyle="--", label="Pareto front"),
+    handles += [Line2D([], [], color="gray", linestyle="--", label="Pareto front (per model)"),
                 Line2D([], [], color="red", marker="x", linestyle="", label="fails a gate")]
     axes[1].legend(handles=handles, loc="lower right", fontsize=9)
     axes[0].set_title("accuracy vs size")
@@ -62,10 +62,12 @@ def _panel(ax, rows: list[Row], cost, colors: dict[str, str]) -> None:
         ax.scatter(x, y, color=colors[r.model], marker=MARKERS.get(r.precision, "o"), s=46, alpha=0.85)
         if r.status == "FAIL":
             ax.scatter(x, y, color="red", marker="x", s=60)
-    front = pareto_front(points)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", linewidth=1, zorder=0)
-    for i in front:
-        ax.annotate(rows[i].name, points[i], textcoords="offset points", xytext=(5, -10), fontsize=7)
+    for model, color in colors.items():  # one front per family: the models solve the task differently well
+        members = [i for i, r in enumerate(rows) if r.model == model]
+        front = [members[j] for j in pareto_front([points[i] for i in members])]
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color=color, linewidth=1, zorder=0)
+        for i in front:
+            ax.annotate(rows[i].name, points[i], textcoords="offset points", xytext=(5, -10), fontsize=7)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.05, not 5x10^-2
