@@ -93,10 +93,21 @@ class _Reader:
 
 def quantize_onnx(fp32_path: Path, path: Path, calibration: list[np.ndarray], cfg: QDQConfig = QDQConfig()) -> Path:
     """fp32 ONNX -> QDQ int8 ONNX with onnxruntime.quantization (pre-processed, then static)."""
+    root = logging.getLogger()  # onnxruntime.quantization logs advice on the root logger: mute it here only
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        _quantize_qdq(fp32_path, path, calibration, cfg)
+    finally:
+        root.setLevel(level)
+    check_onnx(path)
+    return path
+
+
+def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cfg: QDQConfig) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on the root logger
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, quiet():
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
@@ -107,5 +118,3 @@ def quantize_onnx(fp32_path: Path, path: Path, calibration: list[np.ndarray], cf
             calibrate_method=getattr(CalibrationMethod, cfg.calibrate_method),
             nodes_to_exclude=list(cfg.exclude_nodes),
         )
-    check_onnx(path)
-    return path

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,15 +181,14 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _timed(build: _Build, key: str):
-    class _T:
-        def __enter__(self):
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            build.timings[key] = round(build.timings.get(key, 0.0) + time.perf_counter() - self.t, 2)
-
-    return _T()
+@contextlib.contextmanager
+def _timed(build: _Build, key: str) -> Iterator[None]:
+    """Add the wall time of the block to build.timings[key] (stages may be entered several times)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        build.timings[key] = round(build.timings.get(key, 0.0) + time.perf_counter() - t0, 2)
 
 
 def _export_model(b: _Build, arch: str) -> dict:
