@@ -70,6 +70,9 @@ class QDQConfig:
     reduce_range: bool = True  # 7-bit weights: avoids u8*s8 pair-sum saturation on AVX2 without VNNI
     calibrate_method: str = "MinMax"
     exclude_nodes: tuple[str, ...] = ()  # kept in fp32 (mixed precision)
+    # Exact rewrites that let onnxruntime fuse more of the int8 graph:
+    relu_before_pool: bool = True  # int8 Conv->MaxPool->Relu becomes Conv->Relu->MaxPool (max and relu commute)
+    float_outputs: bool = True  # logits leave the last int8 layer as float, not re-quantized to uint8
 
     def describe(self) -> dict:
         return {
@@ -77,6 +80,7 @@ class QDQConfig:
             "weights": "int8", "activations": "uint8",
             "calibration": f"{self.calibrate_method}", "per_channel": self.per_channel,
             "reduce_range": self.reduce_range, "fp32_nodes": list(self.exclude_nodes),
+            "relu_before_pool": self.relu_before_pool, "float_outputs": self.float_outputs,
         }
 
 
@@ -109,6 +113,13 @@ def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cf
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, quiet():
+        if cfg.relu_before_pool:
+            import onnx
+
+            model = onnx.load(str(fp32_path))
+            if relu_before_maxpool(model, skip=set(cfg.exclude_nodes)):
+                fp32_path = Path(tmp) / "reordered.onnx"
+                onnx.save(model, str(fp32_path))
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
         quantize_static(
@@ -118,3 +129,77 @@ def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cf
             calibrate_method=getattr(CalibrationMethod, cfg.calibrate_method),
             nodes_to_exclude=list(cfg.exclude_nodes),
         )
+    if cfg.float_outputs:
+        import onnx
+
+        model = onnx.load(str(path))
+        if float_outputs(model):
+            onnx.save(model, str(path))
+
+
+def _consumers(graph) -> dict[str, list]:
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def relu_before_maxpool(model, skip: set[str] = frozenset()) -> int:
+    """Rewrite Conv -> MaxPool -> Relu as Conv -> Relu -> MaxPool in place; returns how many.
+
+    Exact: relu is monotone, so max(relu(x)) == relu(max(x)). In int8, onnxruntime then fuses the
+    Relu into the QLinearConv and pools the uint8 output in NHWC, instead of de-quantizing to pool
+    in fp32. Convs named in `skip` (kept in fp32) are left alone: there the pool must stay in fp32
+    before the QuantizeLinear, or onnxruntime pools in a slow generic uint8 kernel.
+    """
+    graph = model.graph
+    users, outputs = _consumers(graph), {o.name for o in graph.output}
+    nodes, done = list(graph.node), 0
+    for conv in [n for n in nodes if n.op_type == "Conv" and n.name not in skip]:
+        pool = users.get(conv.output[0], [])
+        if len(pool) != 1 or pool[0].op_type != "MaxPool" or len(pool[0].output) != 1:
+            continue
+        pool = pool[0]
+        relu = users.get(pool.output[0], [])
+        if len(relu) != 1 or relu[0].op_type != "Relu" or {conv.output[0], pool.output[0]} & outputs:
+            continue
+        relu = relu[0]
+        pooled, out = pool.output[0], relu.output[0]
+        relu.input[0], relu.output[0] = conv.output[0], f"{relu.name or out}_before_pool"
+        pool.input[0], pool.output[0] = relu.output[0], out
+        i, j = nodes.index(pool), nodes.index(relu)
+        nodes[i], nodes[j] = relu, pool
+        kept = [v for v in graph.value_info if v.name != pooled]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        done += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return done
+
+
+def float_outputs(model) -> int:
+    """Drop QuantizeLinear -> DequantizeLinear pairs that feed graph outputs; returns how many.
+
+    The last int8 layer then writes float logits itself (onnxruntime's QGemm/QLinearConv with
+    float output): one node less per call and no rounding of the logits to 256 levels.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    users, done = _consumers(graph), 0
+    for out in graph.output:
+        dq = producer.get(out.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(users.get(q.output[0], [])) != 1:
+            continue
+        source = producer.get(q.input[0])
+        if source is None or len(users.get(q.input[0], [])) != 1:
+            continue
+        source.output[list(source.output).index(q.input[0])] = out.name
+        graph.node.remove(q)
+        graph.node.remove(dq)
+        done += 1
+    return done

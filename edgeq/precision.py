@@ -4,15 +4,16 @@ int8 is not always faster on a given CPU: onnxruntime's fast AVX2 int8 convoluti
 input and output channels, and each fp32<->int8 boundary costs layout changes and (de)quantize
 steps. So no list of layer names is kept here. Starting from the all-int8 graph, each compute
 layer in turn is tried in fp32 and kept there only if the whole model gets measurably faster
-than the current best at every batch size, timed against the fp32 parent in paired windows at batch 1 and at a large
-batch. The result and every measured reason go into the manifest.
+than the current best at every batch size, timed against the fp32 parent in paired windows at
+batch 1 and at a large batch. Then one scale per weight tensor is tried against one per output
+channel. The result and every measured reason go into the manifest.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ class SearchConfig:
     min_gain: float = 0.03  # a layer goes back to fp32 only if the model is >3% faster at every batch size
     calibration_samples: int = 128  # trial models only need realistic ranges, not the best ones
     threads: int = 1
+    max_agreement_loss: float = 0.002  # per-tensor scales may change at most 0.2% of top-1 predictions
 
 
 def compute_nodes(onnx_path: Path) -> list[tuple[str, str]]:
@@ -73,37 +75,117 @@ def _score(ratios: dict[int, float]) -> float:
     return math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
 
 
-def search_fp32_nodes(fp32_path: Path, calibration: list[np.ndarray], cfg: SearchConfig = SearchConfig(),
-                      log=lambda s: None) -> tuple[tuple[str, ...], list[dict]]:
-    """(nodes to keep in fp32, per-layer decisions with the ratios that decided them)."""
+@dataclass(frozen=True)
+class Plan:
+    """What the search chose: the QDQ settings, and why, layer by layer and for the weight scales."""
+
+    qdq: QDQConfig
+    layers: list[dict]
+    weights: dict
+
+
+def _agreement(ref, cand, images: np.ndarray) -> float:
+    return float(np.mean(ref.predict(images).argmax(1) == cand.predict(images).argmax(1)))
+
+
+def _three_way(parent, best, cand, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict[str, dict[int, float]]:
+    """Parent, current best and candidate timed in the same alternating rounds: median paired ratios."""
+    from edgeq.verify.measure import round_ratios, timed_rounds
+
+    out: dict[str, dict[int, float]] = {"best": {}, "cand": {}, "cand_vs_best": {}}
+    for b, x in inputs.items():
+        p, bst, c = timed_rounds([parent.run, best.run, cand.run], x, cfg.rounds, cfg.window_s)
+        out["best"][b] = float(np.median(round_ratios(bst, p)))
+        out["cand"][b] = float(np.median(round_ratios(c, p)))
+        out["cand_vs_best"][b] = float(np.median(round_ratios(c, bst)))
+    return out
+
+
+def _r(ratios: dict[int, float]) -> dict[str, float]:
+    return {str(b): round(r, 3) for b, r in ratios.items()}
+
+
+def _better(t: dict[str, dict[int, float]], g: float) -> str | None:
+    """Why the candidate beats the current best, or None. Faster at every batch size; or, when the
+    best is slower than the fp32 parent at some batch size, clearly faster there and no slower
+    elsewhere. A gain at one size against a loss at another is what timing noise looks like."""
+    vs = t["cand_vs_best"]
+    if all(r < 1 - g for r in vs.values()):
+        return f"{(1 - _score(vs)) * 100:.0f}% faster at every batch size"
+    slow = [b for b, r in t["best"].items() if r > 1 and vs[b] < 1 - g]
+    if slow and all(r <= 1 + g for r in vs.values()):
+        return f"int8 was slower than fp32 at batch {slow[0]}; {(1 - vs[slow[0]]) * 100:.0f}% faster there"
+    return None
+
+
+def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.ndarray,
+                     cfg: SearchConfig = SearchConfig(), log=lambda s: None) -> Plan:
+    """Measure which layers stay fp32, then whether per-tensor weight scales pay off.
+
+    Every candidate is timed in the same alternating rounds as the current best and the fp32
+    parent. `check` holds training images (never the test split) on which a per-tensor candidate
+    must agree with the fp32 parent about as often as the per-channel one before it is chosen.
+    """
     rng = np.random.default_rng(0)
     pool = np.concatenate(calibration)
     inputs = {b: pool[rng.integers(0, len(pool), size=b)] for b in cfg.batches}
     calib = [pool[: cfg.calibration_samples]]
-    ref = load_onnx(fp32_path, cfg.threads)
-    decisions: list[dict] = []
+    parent = load_onnx(fp32_path, cfg.threads)
+    layers: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
 
-        def trial(exclude: tuple[str, ...], tag: str) -> dict[int, float]:
+        def build(qdq: QDQConfig, tag: str):
             path = Path(tmp) / f"trial-{tag}.onnx"
-            quantize_onnx(fp32_path, path, calib, QDQConfig(exclude_nodes=exclude))
-            return measure_ratios(ref, load_onnx(path, cfg.threads), inputs, cfg)
+            quantize_onnx(fp32_path, path, calib, qdq)
+            return load_onnx(path, cfg.threads)
 
-        excluded: tuple[str, ...] = ()
-        best = trial(excluded, "int8")
+        best_cfg = QDQConfig()
+        best = build(best_cfg, "int8")
         for i, (node, op) in enumerate(compute_nodes(fp32_path)):
-            candidate = trial(excluded + (node,), str(i))
-            # Faster at every batch size, not on average: a gain at one size and a loss at the other
-            # is what timing noise on a shared machine looks like.
-            keep_fp32 = all(candidate[b] < best[b] * (1 - cfg.min_gain) for b in best)
-            decisions.append({
-                "node": node, "op": op, "precision": "fp32" if keep_fp32 else "int8",
-                "int8_over_fp32_parent": {str(b): round(r, 3) for b, r in best.items()},
-                "with_node_fp32": {str(b): round(r, 3) for b, r in candidate.items()},
-                "reason": (f"model {(1 - _score(candidate) / _score(best)) * 100:.0f}% faster with this layer in fp32"
-                           if keep_fp32 else "no measurable gain from keeping this layer in fp32"),
+            cand_cfg = replace(best_cfg, exclude_nodes=best_cfg.exclude_nodes + (node,))
+            cand = build(cand_cfg, str(i))
+            t = _three_way(parent, best, cand, inputs, cfg)
+            why = _better(t, cfg.min_gain)
+            layers.append({
+                "node": node, "op": op, "precision": "fp32" if why else "int8",
+                "int8_over_fp32_parent": _r(t["best"]), "with_node_fp32": _r(t["cand"]),
+                "with_node_fp32_over_int8": _r(t["cand_vs_best"]),
+                "reason": f"model {why} with this layer in fp32" if why else
+                          "no measurable gain from keeping this layer in fp32",
             })
-            log(f"  {node}: {decisions[-1]['precision']} ({decisions[-1]['reason']})")
-            if keep_fp32:
-                excluded, best = excluded + (node,), candidate
-    return excluded, decisions
+            log(f"  {node}: {layers[-1]['precision']} ({layers[-1]['reason']})")
+            if why:
+                best_cfg, best = cand_cfg, cand
+
+        weights: dict = {}
+        if len(best_cfg.exclude_nodes) < len(compute_nodes(fp32_path)):
+            # One scale per tensor saves a rescale per output channel; it may cost fidelity, so it must
+            # be clearly faster, and agree with fp32 about as often as per-channel scales do.
+            cand_cfg = replace(best_cfg, per_channel=False)
+            cand = build(cand_cfg, "per-tensor")
+            t = _three_way(parent, best, cand, inputs, replace(cfg, rounds=2 * cfg.rounds))
+            agree = {"per_channel": _agreement(parent, best, check), "per_tensor": _agreement(parent, cand, check)}
+            vs = t["cand_vs_best"]
+            # Per-channel rescaling costs per output value: its price shows at batch 1, not in a
+            # large batch's GEMM. So: clearly faster at some batch size and no slower at any.
+            gain = [b for b, r in vs.items() if r < 1 - cfg.min_gain]
+            why = (f"{(1 - vs[gain[0]]) * 100:.0f}% faster at batch {gain[0]}"
+                   if gain and all(r <= 1 + cfg.min_gain for r in vs.values()) else None)
+            faithful = agree["per_tensor"] >= agree["per_channel"] - cfg.max_agreement_loss
+            weights = {
+                "per_channel_over_fp32_parent": _r(t["best"]), "per_tensor_over_fp32_parent": _r(t["cand"]),
+                "per_tensor_over_per_channel": _r(t["cand_vs_best"]),
+                "agreement_with_fp32": {k: round(v, 4) for k, v in agree.items()},
+                "agreement_images": f"{len(check)} training images",
+            }
+            if why and faithful:
+                best_cfg = cand_cfg
+                weights["reason"] = f"per-tensor: {why} than per-channel, agreement with fp32 kept"
+            else:
+                weights["reason"] = "per-channel: " + ("per-tensor would lose agreement with fp32" if why
+                                                       else "no measurable gain from per-tensor scales")
+        else:
+            weights["reason"] = "per-channel: no int8 layer left"
+        weights["chosen"] = "per-channel" if best_cfg.per_channel else "per-tensor"
+        log(f"  weight scales: {weights['reason']}")
+    return Plan(best_cfg, layers, weights)

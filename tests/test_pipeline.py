@@ -32,13 +32,38 @@ def exported(tmp_path_factory):
 def test_every_variant_is_exported(exported):
     out, manifest = exported
     names = {a.name for a in manifest.artifacts}
+    # an int8 file slower than its parent on the machine running the export is listed, not shipped
+    slower = {s["name"] for s in manifest.skipped if "slower than its fp32 parent" in s["reason"]}
     for v in ("fp32", "unstructured", "structured"):
         assert {f"mlp-{v}-ckpt", f"mlp-{v}-ts", f"mlp-{v}-onnx"} <= names
     for q in ("dynamic", "static", "qat", "structured-dynamic", "structured-static", "structured-qat"):
-        assert f"mlp-{q}-ts" in names
+        assert f"mlp-{q}-ts" in names ^ slower
     for q in ("static", "qat", "structured-static", "structured-qat"):
-        assert f"mlp-{q}-onnx" in names
-    assert {s["name"] for s in manifest.skipped} == {"mlp-dynamic-onnx", "mlp-structured-dynamic-onnx"}
+        assert f"mlp-{q}-onnx" in names ^ slower
+    assert {s["name"] for s in manifest.skipped} - slower == {"mlp-dynamic-onnx", "mlp-structured-dynamic-onnx"}
+
+
+def test_no_shipped_int8_is_slower_than_its_parent(exported):
+    out, manifest = exported
+    for a in (a for a in manifest.artifacts if a.precision == "int8"):
+        speed = a.quantization["latency_vs_parent"]
+        assert set(speed) == {"1", "64"} and all(0 < r <= 1.0 for r in speed.values()), (a.name, speed)
+    for s in (s for s in manifest.skipped if "latency_vs_parent" in s):
+        assert max(s["latency_vs_parent"].values()) > 1.0
+        assert not list(out.glob(s["name"].rsplit("-", 1)[0] + ".*"))
+
+
+def test_a_slower_int8_file_is_deleted_and_listed(tmp_path):
+    build = pipeline._Build(ExportConfig(out=tmp_path), tmp_path, None, None, None, [], log=lambda s: None)
+    fast, slow = tmp_path / "fast.onnx", tmp_path / "slow.onnx"
+    fast.write_bytes(b"x")
+    slow.write_bytes(b"x")
+    assert pipeline._ships(build, "m-fast-onnx", "m-fp32-onnx", fast, {1: 0.8, 256: 1.0})
+    assert not pipeline._ships(build, "m-slow-onnx", "m-fp32-onnx", slow, {1: 0.9, 256: 1.12})
+    assert fast.exists() and not slow.exists()
+    [entry] = build.skipped
+    assert entry["name"] == "m-slow-onnx" and entry["latency_vs_parent"] == {"1": 0.9, "256": 1.12}
+    assert "1.12x at batch 256" in entry["reason"] and "m-fp32-onnx" in entry["reason"]
 
 
 def test_manifest_matches_the_files(exported):
@@ -83,15 +108,24 @@ def test_onnx_files_are_self_contained_checked_and_batch_dynamic(exported):
     assert not list(out.glob("*.data"))
 
 
-def test_qdq_graphs_hold_int8_weights_per_channel(exported):
-    out, _ = exported
-    model = onnx.load(str(out / "mlp-static.onnx"))
+def test_qdq_graphs_hold_int8_weights_at_the_measured_granularity(exported):
+    out, m = exported
+    art = next(a for a in m.artifacts if a.name == "mlp-static-onnx")
+    model = onnx.load(str(out / art.file))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") >= 2 and ops.count("DequantizeLinear") >= 4
     inits = {i.name: i for i in model.graph.initializer}
     scales = [inits[n.input[1]] for n in model.graph.node
               if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
-    assert scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in scales), "weights are not per-channel"
+    chosen = art.quantization["weight_scales"]["chosen"]
+    assert art.quantization["per_channel"] == (chosen == "per-channel")
+    if chosen == "per-channel":
+        assert scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in scales), "weights are not per-channel"
+    else:
+        assert scales and all(len(s.dims) == 0 for s in scales), "weights are not per-tensor"
+    # float_outputs: the logits come straight out of the last Gemm, not through a uint8 Q/DQ pair
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert producer[model.graph.output[0].name].op_type == "Gemm"
 
 
 def test_checkpoint_loads_without_pickle_and_matches_onnx(exported):
