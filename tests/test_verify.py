@@ -104,6 +104,10 @@ def test_json_report_matches_its_schema(clean) -> None:
     assert report["passed"] is True and report["environment"]["threads"] == 1
     assert "CPUExecutionProvider" in report["environment"]["providers"]
     assert all("slower_than_parent" in r for r in report["rows"])
+    # the time profile: every phase timed, together no more than the whole run
+    assert set(report["phases"]) == {"integrity", "test_split", "load_and_accuracy", "latency"}
+    assert sum(report["phases"].values()) <= report["wall_s"] + 0.05
+    assert report["phases"]["latency"] > 0
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**report, "rows": [{**report["rows"][0], "status": "maybe"}]}, REPORT_SCHEMA)
 

@@ -9,6 +9,7 @@ against its references. A failing artifact becomes a FAIL row; the others are st
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import sys
 import time
@@ -37,15 +38,18 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig()) -> VerifyR
     import torch
 
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
     directory = Path(directory)
-    manifest = read(directory)
-    problems = integrity.check_all(directory, manifest)
-    x, labels = load_test_split(manifest, cfg.data_dir)
+    with _phase(phases, "integrity"):
+        manifest = read(directory)
+        problems = integrity.check_all(directory, manifest)
+    with _phase(phases, "test_split"):
+        x, labels = load_test_split(manifest, cfg.data_dir)
     cuda = torch.cuda.is_available()
     subjects = _plan(manifest, cuda)
     saved_threads = torch.get_num_threads()
     try:
-        _measure(directory, manifest, subjects, problems, x, labels, cfg)
+        _measure(directory, manifest, subjects, problems, x, labels, cfg, phases)
     finally:
         torch.set_num_threads(saved_threads)
     rows = [s.row for s in subjects]
@@ -53,7 +57,17 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig()) -> VerifyR
         gate(row, cfg)
     dataset = {k: manifest.dataset[k] for k in ("source", "test_size", "test_sha256")}
     return VerifyResult(str(directory), cfg, rows, _environment(cfg, cuda), dataset,
-                        list(manifest.skipped), round(time.perf_counter() - t0, 2))
+                        list(manifest.skipped), round(time.perf_counter() - t0, 2), phases)
+
+
+@contextlib.contextmanager
+def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall time of the block under phases[name] (the report's time profile)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t0, 2)
 
 
 def load_test_split(manifest: Manifest, data_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +134,7 @@ def _row(art: Artifact, runtime_name: str, role: str) -> Row:
 
 
 def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], problems: dict[str, list[str]],
-             x: np.ndarray, labels: np.ndarray, cfg: VerifyConfig) -> None:
+             x: np.ndarray, labels: np.ndarray, cfg: VerifyConfig, phases: dict[str, float]) -> None:
     """Accuracy and fidelity of every subject first (references before dependants), then latency."""
     from tqdm import tqdm
 
@@ -129,11 +143,13 @@ def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], probl
     refs = _references(manifest, by_key)
     with tqdm(total=len(active), desc="verify: accuracy", unit="run", file=sys.stderr,
               disable=not cfg.progress, leave=False) as bar:
-        for s in active:
-            bar.set_postfix_str(s.row.label, refresh=False)
-            _accuracy(directory, manifest, s, problems[s.art.name], refs[s.row.key].get("torch_fp32"), x, labels)
-            bar.update()
-        measure_latency(active, refs, x, cfg, bar)
+        with _phase(phases, "load_and_accuracy"):
+            for s in active:
+                bar.set_postfix_str(s.row.label, refresh=False)
+                _accuracy(directory, manifest, s, problems[s.art.name], refs[s.row.key].get("torch_fp32"), x, labels)
+                bar.update()
+        with _phase(phases, "latency"):
+            measure_latency(active, refs, x, cfg, bar)
 
 
 def _references(manifest: Manifest, by_key: dict[tuple[str, str], Subject]) -> dict[tuple[str, str], dict]:

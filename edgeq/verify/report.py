@@ -64,7 +64,7 @@ REPORT_SCHEMA: dict = {
     "title": "edgeq verify report",
     "type": "object",
     "required": ["report_version", "directory", "passed", "failures", "gates", "measurement", "dataset",
-                 "environment", "rows", "not_built", "wall_s"],
+                 "environment", "rows", "not_built", "wall_s", "phases"],
     "additionalProperties": False,
     "properties": {
         "report_version": {"const": REPORT_VERSION},
@@ -94,6 +94,7 @@ REPORT_SCHEMA: dict = {
         },
         "not_built": {"type": "array", "items": {"type": "object", "required": ["name", "reason"]}},
         "wall_s": {"type": "number", "minimum": 0},
+        "phases": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
     },
 }
 
@@ -119,6 +120,7 @@ def to_json(result: VerifyResult) -> dict:
         "rows": [{k: _finite(v) for k, v in asdict(r).items()} for r in result.rows],
         "not_built": result.not_built,
         "wall_s": result.wall_s,
+        "phases": result.phases,
     }
 
 
@@ -189,7 +191,13 @@ def table(result: VerifyResult) -> str:
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "FAIL", "skipped")}
     verdict = (f"{'PASSED' if result.passed else 'FAILED'}: {counts['ok']} ok, {counts['FAIL']} FAIL, "
                f"{counts['skipped']} skipped; verified in {result.wall_s:.1f} s")
-    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), verdict])
+    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), verdict, *_profile(result.phases)])
+
+
+def _profile(phases: dict) -> list[str]:
+    """Where verify's time went, largest first, as wrapped lines (none when nothing was timed)."""
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1]))
+    return textwrap.wrap(f"time (s): {parts}", WIDTH) if parts else []
 
 
 def markdown(result: VerifyResult) -> str:

@@ -119,6 +119,7 @@ class VerifyResult:
     dataset: dict
     not_built: list[dict]  # what the exporter skipped, with its reasons (manifest "skipped")
     wall_s: float
+    phases: dict = field(default_factory=dict)  # seconds per phase: integrity, test_split, load_and_accuracy, latency
 
     @property
     def passed(self) -> bool:
