@@ -23,7 +23,7 @@ from edgeq.errors import ConfigError, ExportError
 from edgeq.export import export_onnx, export_torchscript, quantize_onnx, save_checkpoint
 from edgeq.manifest import Artifact, Manifest, sha256_file
 from edgeq.models import ARCHS, ModelConfig, build_model, count_macs, count_params, default_config
-from edgeq.precision import Plan, SearchConfig, measure_ratios, optimized_ops, search_precision
+from edgeq.precision import Plan, SearchConfig, inspect_runtime_graph, measure_ratios, search_precision
 from edgeq.prune import PruneConfig, prune_model
 from edgeq.quantize import MODES, QuantConfig, dequantized_float, quantize
 from edgeq.train import TrainConfig, accuracy, default_train_config, finetune_config, train
@@ -305,7 +305,11 @@ def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc
                              "weights_from": "quantization-aware fine-tuning (the torch QAT model's int8 weights, BN folded)",
                              "calibration": f"activations: {qdq.calibrate_method} on {samples} training digits"}
                 quant["weight_scales"] = plan.weights
-                quant["optimized_ops"] = optimized_ops(path)
+                graph = inspect_runtime_graph(path)
+                quant["optimized_ops"] = graph.pop("ops")
+                quant["runtime_graph"] = graph
+                if not graph["clean"]:
+                    b.log(f"  {name_of(arch, variant, 'onnx')}: onnxruntime runs it with {graph}")
                 speed = _speed_vs_parent(b, "onnx", onnx_parent, path)
                 quant["latency_vs_parent"] = _rounded(speed)
         if _ships(b, name_of(arch, variant, "onnx"), name_of(arch, f.key, "onnx"), path, speed):

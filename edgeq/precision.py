@@ -44,6 +44,22 @@ def compute_nodes(onnx_path: Path) -> list[tuple[str, str]]:
 
 def optimized_ops(onnx_path: Path, threads: int = 1) -> dict[str, int]:
     """Op histogram of the graph onnxruntime actually runs after its optimizations."""
+    return inspect_runtime_graph(onnx_path, threads)["ops"]
+
+
+RUNTIME_COMPUTE = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+SLOW_INTEGER_OPS = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")  # dynamic int8: ~6x slower convs on AVX2
+
+
+def inspect_runtime_graph(onnx_path: Path, threads: int = 1) -> dict:
+    """What onnxruntime really runs for a QDQ file, and what in it wastes int8's advantage.
+
+    - stray_qdq: a QuantizeLinear feeding a DequantizeLinear that no fusion consumed;
+    - dequantized_layers: a compute op fed de-quantized weights (int8 on disk, fp32 at run time);
+    - uint8_pools_nchw: a MaxPool on uint8 data outside the NHWC kernels (a slow generic path);
+    - slow_integer_ops: ConvInteger / MatMulInteger / DynamicQuantizeLinear.
+    `clean` is True when all four are empty.
+    """
     import onnx
     import onnxruntime as ort
 
@@ -53,11 +69,33 @@ def optimized_ops(onnx_path: Path, threads: int = 1) -> dict[str, int]:
         so.log_severity_level = 3
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        nodes = onnx.load(so.optimized_model_filepath).graph.node
+        graph = onnx.load(so.optimized_model_filepath).graph
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def made_by(name: str) -> str:
+        node = producer.get(name)
+        return node.op_type if node is not None else ""
+
+    def uint8(name: str) -> bool:  # through layout-only ops back to what produced the data
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            node = producer.get(node.input[0])
+        return node is not None and (node.op_type == "QuantizeLinear" or node.op_type.startswith("QLinear"))
+
+    found = {
+        "stray_qdq": [n.name for n in graph.node if n.op_type == "DequantizeLinear" and made_by(n.input[0]) == "QuantizeLinear"],
+        "dequantized_layers": [n.name for n in graph.node if n.op_type in RUNTIME_COMPUTE and len(n.input) > 1
+                               and made_by(n.input[1]) == "DequantizeLinear"],
+        "uint8_pools_nchw": [n.name for n in graph.node if n.op_type == "MaxPool" and uint8(n.input[0])],
+        "slow_integer_ops": [n.name for n in graph.node if n.op_type in SLOW_INTEGER_OPS],
+    }
+    # not a fault, a cost: each marks where activations go back to fp32 inside the model
+    boundaries = [n.name for n in graph.node if n.op_type == "DequantizeLinear"]
     hist: dict[str, int] = {}
-    for n in nodes:
+    for n in graph.node:
         hist[n.op_type] = hist.get(n.op_type, 0) + 1
-    return dict(sorted(hist.items()))
+    return {"ops": dict(sorted(hist.items())), **found, "clean": not any(found.values()),
+            "dequantize_nodes": boundaries}
 
 
 def measure_ratios(ref, cand, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict[int, float]:

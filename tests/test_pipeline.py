@@ -221,6 +221,7 @@ def test_mixed_precision_decisions_are_measured_and_recorded(exported):
         fp32_nodes = [d["node"] for d in a.decisions if d["precision"] == "fp32"]
         assert a.quantization["fp32_nodes"] == fp32_nodes
         assert set(a.quantization["latency_vs_parent"]) == {"1", "64"}
+        assert a.quantization["runtime_graph"]["clean"], a.quantization["runtime_graph"]
         ops = a.quantization["optimized_ops"]
         assert ops.get("QGemm", 0) == 2 - len(fp32_nodes), "an int8 layer did not become a fused QGemm"
     recommended = [a for a in m.artifacts if a.recommended]

@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from edgeq.data import Preprocessing, calibration_batches, load_data
-from edgeq.export import (
-    QDQConfig,
-    export_onnx,
-    float_outputs,
-    quantize_onnx,
-    relu_before_maxpool,
-)
+from edgeq.export import QDQConfig, export_onnx, float_outputs, quantize_onnx, relu_before_maxpool
 from edgeq.models import build_model, default_config
-from edgeq.precision import SearchConfig, compute_nodes, optimized_ops, search_precision
+from edgeq.precision import SearchConfig, compute_nodes, inspect_runtime_graph, optimized_ops, search_precision
 from edgeq.runtime import load_onnx
 from edgeq.train import TrainConfig, train
 from edgeq.verify.measure import sqnr_db
@@ -76,6 +70,25 @@ def test_int8_conv_block_runs_fused_in_uint8_without_stray_qdq(cnn_onnx, calib, 
                                         QDQConfig(exclude_nodes=(first_conv,), relu_before_pool=False,
                                                   float_outputs=False)))
     assert plain.get("DequantizeLinear", 0) >= 2 and "NhwcMaxPool" not in plain
+
+
+def test_runtime_graph_inspection_catches_a_uint8_pool_outside_nhwc(cnn_onnx, calib, tmp_path):
+    first_conv = compute_nodes(cnn_onnx)[0][0]
+    good = inspect_runtime_graph(quantize_onnx(cnn_onnx, tmp_path / "g.onnx", calib,
+                                               QDQConfig(exclude_nodes=(first_conv,))))
+    assert good["clean"] and good["dequantize_nodes"] == []
+    # relu moved before the pool of the fp32 conv too: onnxruntime then hoists the QuantizeLinear
+    # above that pool and pools uint8 in NCHW, the slow generic kernel
+    model = onnx.load(str(cnn_onnx))
+    relu_before_maxpool(model)
+    onnx.save(model, str(tmp_path / "all.onnx"))
+    bad = inspect_runtime_graph(quantize_onnx(tmp_path / "all.onnx", tmp_path / "b.onnx", calib,
+                                              QDQConfig(exclude_nodes=(first_conv,), relu_before_pool=False)))
+    assert not bad["clean"] and len(bad["uint8_pools_nchw"]) == 1
+    plain = inspect_runtime_graph(quantize_onnx(cnn_onnx, tmp_path / "p.onnx", calib,
+                                                QDQConfig(exclude_nodes=(first_conv,), relu_before_pool=False,
+                                                          float_outputs=False)))
+    assert len(plain["dequantize_nodes"]) >= 2  # back to fp32 to pool, and again for the logits
 
 
 def test_float_outputs_keep_logits_closer_to_fp32(cnn_onnx, calib, test_x, tmp_path):
