@@ -114,7 +114,12 @@ def name_of(arch: str, variant: str, fmt: str) -> str:
 
 def _runtime_info(fmt: str, precision: str = "fp32") -> dict:
     if fmt == "onnx":
-        return {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"], "session_options": {}}
+        info = {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"], "session_options": {}}
+        if precision == "int8":
+            info["graph"] = ("portable QDQ; onnxruntime's default optimizations (ORT_ENABLE_ALL) fuse it into the "
+                             "int8 kernels listed in quantization.optimized_ops when the session loads. The optimized "
+                             "form holds CPU-specific layout ops (NCHWc, NHWC) and is not shipped.")
+        return info
     # torch.ao int8 kernels (fbgemm/x86) exist only on CPU
     return {"engine": "torch", "devices": ["cpu", "cuda"] if precision == "fp32" else ["cpu"]}
 
