@@ -331,30 +331,36 @@ def _rounded(ratios: dict[int, float]) -> dict[str, float]:
 def _speed_vs_parent(b: _Build, fmt: str, parent: Path, path: Path) -> dict[int, float]:
     """int8 / fp32-parent latency, paired, one thread, at each of the search's batch sizes.
 
-    A ratio near 1 decides whether the file ships, so it is measured twice more and the median of
-    the three measurements is kept: one burst on a shared machine must not decide it.
+    A ratio near the shipping limit decides whether the file ships, so at that batch size it is
+    measured twice more and the median of the three is kept: one burst must not decide it.
     """
     threads = torch.get_num_threads()
     try:
         ref, cand = runtime.load(parent, fmt, threads=1), runtime.load(path, fmt, threads=1)
-        inputs, cfg = _timing_inputs(b), replace(b.cfg.search, rounds=GATE_ROUNDS)
-        runs = [measure_ratios(ref, cand, inputs, cfg)]
-        if any(abs(r - 1.0) < GATE_CLOSE for r in runs[0].values()):
-            runs += [measure_ratios(ref, cand, inputs, cfg) for _ in range(2)]
-        return {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+        cfg = replace(b.cfg.search, rounds=GATE_ROUNDS)
+        out = {}
+        for batch, x in _timing_inputs(b).items():
+            runs = [measure_ratios(ref, cand, {batch: x}, cfg)[batch]]
+            if abs(runs[0] - SHIP_LIMIT) < GATE_CLOSE:
+                runs += [measure_ratios(ref, cand, {batch: x}, cfg)[batch] for _ in range(2)]
+            out[batch] = float(np.median(runs))
+        return out
     finally:
         torch.set_num_threads(threads)
 
 
 GATE_ROUNDS = 7  # paired rounds behind each ship / do-not-ship decision
-GATE_CLOSE = 0.05  # a ratio this close to 1 is measured three times
+# An int8 file more than 5% slower than its parent at any batch size is not shipped. 5% is the noise
+# of a paired ratio on a shared machine (and verify's `slow` flag): a file at parity, whose int8
+# layers are a small share of its time, ships for its size without flipping in and out between runs.
+SHIP_LIMIT = 1.05
+GATE_CLOSE = 0.05  # a ratio this close to the limit is measured three times
 
 
 def _ships(b: _Build, name: str, parent: str, path: Path, speed: dict[int, float]) -> bool:
-    """An int8 file slower than its fp32 parent at any measured batch size is not shipped: it is
-    deleted and listed under `skipped` with the measured ratios."""
-    slow = {k: v for k, v in speed.items() if v > 1.0}
-    if not slow:
+    """An int8 file measurably slower than its fp32 parent at any measured batch size is not shipped:
+    it is deleted and listed under `skipped` with the measured ratios."""
+    if all(v <= SHIP_LIMIT for v in speed.values()):
         return True
     path.unlink()
     ratios = ", ".join(f"{v:.2f}x at batch {k}" for k, v in speed.items())

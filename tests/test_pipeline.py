@@ -43,13 +43,13 @@ def test_every_variant_is_exported(exported):
     assert {s["name"] for s in manifest.skipped} - slower == {"mlp-dynamic-onnx", "mlp-structured-dynamic-onnx"}
 
 
-def test_no_shipped_int8_is_slower_than_its_parent(exported):
+def test_no_shipped_int8_is_measurably_slower_than_its_parent(exported):
     out, manifest = exported
     for a in (a for a in manifest.artifacts if a.precision == "int8"):
         speed = a.quantization["latency_vs_parent"]
-        assert set(speed) == {"1", "64"} and all(0 < r <= 1.0 for r in speed.values()), (a.name, speed)
+        assert set(speed) == {"1", "64"} and all(0 < r <= pipeline.SHIP_LIMIT for r in speed.values()), (a.name, speed)
     for s in (s for s in manifest.skipped if "latency_vs_parent" in s):
-        assert max(s["latency_vs_parent"].values()) > 1.0
+        assert max(s["latency_vs_parent"].values()) > pipeline.SHIP_LIMIT
         assert not list(out.glob(s["name"].rsplit("-", 1)[0] + ".*"))
 
 
@@ -58,7 +58,7 @@ def test_a_slower_int8_file_is_deleted_and_listed(tmp_path):
     fast, slow = tmp_path / "fast.onnx", tmp_path / "slow.onnx"
     fast.write_bytes(b"x")
     slow.write_bytes(b"x")
-    assert pipeline._ships(build, "m-fast-onnx", "m-fp32-onnx", fast, {1: 0.8, 256: 1.0})
+    assert pipeline._ships(build, "m-fast-onnx", "m-fp32-onnx", fast, {1: 0.8, 256: 1.04})  # parity ships
     assert not pipeline._ships(build, "m-slow-onnx", "m-fp32-onnx", slow, {1: 0.9, 256: 1.12})
     assert fast.exists() and not slow.exists()
     [entry] = build.skipped
