@@ -123,6 +123,14 @@ def test_table_fits_100_columns(clean) -> None:
     lines = table(clean).splitlines()
     assert max(map(len, lines)) <= 100
     assert sum(line.startswith("mlp-") for line in lines) == len(clean.rows)
+    # what the export did not build, or built and did not ship, is named, never silently absent
+    skipped = [{"name": "mlp-dynamic-onnx", "reason": "static QDQ is the int8 ONNX variant"},
+               {"name": "mlp-structured-static-ts", "reason": "int8 is slower than its fp32 parent",
+                "latency_vs_parent": {"1": 1.2, "256": 0.9}}]
+    lines = table(replace(clean, not_built=skipped)).splitlines()
+    assert max(map(len, lines)) <= 100
+    assert any(line.startswith("not built: mlp-dynamic-onnx") for line in lines)
+    assert any(line.startswith("not shipped, slower than") and "mlp-structured-static-ts" in line for line in lines)
 
 
 def test_cli_writes_reports_and_exits_0(mlp_artifacts: Path, tmp_path: Path) -> None:

@@ -191,7 +191,17 @@ def table(result: VerifyResult) -> str:
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "FAIL", "skipped")}
     verdict = (f"{'PASSED' if result.passed else 'FAILED'}: {counts['ok']} ok, {counts['FAIL']} FAIL, "
                f"{counts['skipped']} skipped; verified in {result.wall_s:.1f} s")
-    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), verdict, *_profile(result.phases)])
+    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), *_not_built(result.not_built), verdict,
+                      *_profile(result.phases)])
+
+
+def _not_built(skipped: list[dict]) -> list[str]:
+    """The export's `skipped` list in two groups, names only (the reasons are in the manifest)."""
+    slower = [s["name"] for s in skipped if "latency_vs_parent" in s]
+    other = [s["name"] for s in skipped if "latency_vs_parent" not in s]
+    text = ([f"not shipped, slower than their fp32 parent when exported: {', '.join(slower)}."] * bool(slower)
+            + [f"not built: {', '.join(other)} (reasons in manifest.json `skipped`)."] * bool(other))
+    return [line for t in text for line in textwrap.wrap(t, WIDTH, break_on_hyphens=False)]
 
 
 def _profile(phases: dict) -> list[str]:
