@@ -91,6 +91,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def session_options(options: dict | None, threads: int) -> dict:
+    """An artifact's onnxruntime settings; with more than one thread, worker threads do not spin.
+
+    A spinning pool keeps a core busy for a while after each call. With several sessions timed in
+    turn on a 2-core machine, the previous session's spinning workers then slow the next session
+    down, and the ratios measure who ran after whom (2 threads, CNN batch 256: int8/fp32 read 1.3-1.45
+    in turn, 0.88-0.99 timed alone). Every onnxruntime subject gets the same setting.
+    """
+    options = dict(options or {})
+    if threads > 1:
+        options["config_entries"] = {**options.get("config_entries", {}), "session.intra_op.allow_spinning": "0"}
+    return options
+
+
 def build_floor(directory: Path) -> Path:
     """An ONNX graph with the artifacts' input/output that does almost no work: Flatten, Slice 10 columns."""
     import onnx
@@ -164,12 +178,12 @@ def load_subjects(directory: Path, man: manifest.Manifest, model: str, threads: 
     for label, name in names.items():
         art = artifact(man, name)
         runner = runtime.load(directory / art.file, art.format, threads=threads,
-                              options=art.runtime.get("session_options"))
+                              options=session_options(art.runtime.get("session_options"), threads))
         subjects.append(Subject(label, name, runner.run, accuracy(runner.run, x_test, labels), art.quantization))
     peer_path = quantize_peer(directory / artifact(man, names[REF]).file, calibration, work)
-    peer = runtime.load(peer_path, "onnx", threads=threads)
+    peer = runtime.load(peer_path, "onnx", threads=threads, options=session_options({}, threads))
     subjects.append(Subject(PEER, "ort quantize_static defaults", peer.run, accuracy(peer.run, x_test, labels)))
-    floor = runtime.load(work / "floor.onnx", "onnx", threads=threads)
+    floor = runtime.load(work / "floor.onnx", "onnx", threads=threads, options=session_options({}, threads))
     subjects.append(Subject(FLOOR, "Flatten+Slice ONNX", floor.run))
     return subjects
 
@@ -246,7 +260,8 @@ def int8_vs_parents(directory: Path, man: manifest.Manifest, models: list[str], 
     for art in (a for a in man.artifacts if a.precision == "int8" and a.model in models):
         parent = artifact(man, art.parent)
         fns = [runtime.load(directory / a.file, a.format, threads=args.threads,
-                            options=a.runtime.get("session_options")).run for a in (parent, art)]
+                            options=session_options(a.runtime.get("session_options"), args.threads)).run
+               for a in (parent, art)]
         out[art.name] = {"parent": parent.name, "batches": {}}
         for batch, x in inputs.items():
             per_repeat = []
