@@ -46,6 +46,7 @@ REF = "ort-fp32"
 PEER = "peer-int8"
 FLOOR = "floor"
 REC_PARENT = "rec-fp32"
+OPTIONAL = ("ts-int8", "edgeq-int8")  # int8 subjects the export may have declined to ship
 SPREAD = "p10-p90 of per-round median call times, pooled over repeats"
 
 Samples = list[list[list[float]]]  # [repeat][round][call], seconds
@@ -164,8 +165,12 @@ def artifact(man: manifest.Manifest, name: str) -> manifest.Artifact:
 
 
 def load_subjects(directory: Path, man: manifest.Manifest, model: str, threads: int, work: Path,
-                  calibration: list[np.ndarray], x_test: np.ndarray, labels: np.ndarray) -> list[Subject]:
-    """Every subject of one model family, loaded with `threads`, with its accuracy on the test split."""
+                  calibration: list[np.ndarray], x_test: np.ndarray, labels: np.ndarray,
+                  not_shipped: dict[str, str]) -> list[Subject]:
+    """Every subject of one model family, loaded with `threads`, with its accuracy on the test split.
+
+    An int8 subject the export did not ship (slower than its parent there) is left out and noted in
+    `not_shipped`; its targets are reported as missed."""
     names = {"torch-fp32": f"{model}-fp32-ckpt", "ts-fp32": f"{model}-fp32-ts", "ts-int8": f"{model}-static-ts",
              REF: f"{model}-fp32-onnx", "edgeq-int8": f"{model}-static-onnx"}
     recommended = [a.name for a in man.artifacts if a.model == model and a.recommended]
@@ -176,6 +181,11 @@ def load_subjects(directory: Path, man: manifest.Manifest, model: str, threads: 
             names[REC_PARENT] = parent  # a pruned fp32 model: its own parent, in the same runtime
     subjects = []
     for label, name in names.items():
+        reason = next((s["reason"] for s in man.skipped if s["name"] == name), None)
+        if reason is not None and label in OPTIONAL:
+            not_shipped[label] = f"{name} not shipped: {reason}"
+            print(f"{model}: {not_shipped[label]}")
+            continue
         art = artifact(man, name)
         runner = runtime.load(directory / art.file, art.format, threads=threads,
                               options=session_options(art.runtime.get("session_options"), threads))
@@ -207,7 +217,7 @@ def summarize(subjects: list[Subject], samples: dict[str, Samples], batch: int) 
     rows = {s.label: {**latency_stats(samples[s.label], batch), "vs_ort_fp32": vars(paired(samples, s.label, REF))}
             for s in subjects}
     edgeq = [e for e in ("edgeq-int8", "edgeq-rec") if e in samples]
-    pairs = [("ts-int8", "ts-fp32")] + [(e, PEER) for e in edgeq]
+    pairs = [("ts-int8", "ts-fp32")] * ("ts-int8" in samples) + [(e, PEER) for e in edgeq]
     if REC_PARENT in samples:
         pairs.append(("edgeq-rec", REC_PARENT))
     if batch == 1:  # at batch 256 the floor is a thousandth of any model: no information
@@ -220,7 +230,11 @@ def evaluate_targets(results: dict, int8_worst: dict) -> list[dict]:
     """The performance targets: measured ratio (median across repeats), limit and PASS/MISS."""
     out: list[dict] = []
 
-    def add(name: str, ratio: dict, limit: float, extra_ok: bool = True, note: str = "") -> None:
+    def add(name: str, ratio: dict | None, limit: float, extra_ok: bool = True, note: str = "") -> None:
+        if ratio is None:  # the artifact was not shipped: it lost to its parent at export, so it misses
+            out.append({"target": name, "value": None, "low": None, "high": None, "limit": limit,
+                        "pass": False, "note": note})
+            return
         out.append({"target": name, "value": ratio["median"], "low": ratio["low"], "high": ratio["high"],
                     "limit": limit, "pass": bool(ratio["median"] <= limit and extra_ok), "note": note})
 
@@ -229,7 +243,8 @@ def evaluate_targets(results: dict, int8_worst: dict) -> list[dict]:
         edgeq = [k for k in ("edgeq-int8", "edgeq-rec") if k in acc]
         for batch, b in res["batches"].items():
             rows, ratios = b["subjects"], b["ratios"]
-            add(f"{model} b{batch} ts-int8 / ts-fp32", ratios["ts-int8/ts-fp32"], 1.0)
+            add(f"{model} b{batch} ts-int8 / ts-fp32", ratios.get("ts-int8/ts-fp32"), 1.0,
+                note=res["not_shipped"].get("ts-int8", ""))
             for label in edgeq:
                 add(f"{model} b{batch} {label} / ort-fp32", rows[label]["vs_ort_fp32"], 1.0)
             if REC_PARENT in rows:
@@ -238,9 +253,16 @@ def evaluate_targets(results: dict, int8_worst: dict) -> list[dict]:
         for label in edgeq:
             add(f"{model} b256 {label} / ort-fp32", res["batches"]["256"]["subjects"][label]["vs_ort_fp32"],
                 0.75 if model == "cnn" else 0.6)
+        if "edgeq-int8" not in acc:
+            add(f"{model} b256 edgeq-int8 / ort-fp32", None, 0.75 if model == "cnn" else 0.6,
+                note=res["not_shipped"].get("edgeq-int8", ""))
         for batch, b in res["batches"].items():
             # the peer quantizes the dense fp32 model: the fair match is edgeq's int8 of the same model
             # (edgeq-rec, a pruned model, is printed as a ratio above, not held to this target)
+            if "edgeq-int8" not in acc:
+                add(f"{model} b{batch} edgeq-int8 / peer", None, 0.8 if model == "cnn" else 1.0,
+                    note=res["not_shipped"].get("edgeq-int8", ""))
+                continue
             add(f"{model} b{batch} edgeq-int8 / peer", b["ratios"][f"edgeq-int8/{PEER}"],
                 0.8 if model == "cnn" else 1.0, acc["edgeq-int8"] >= acc[PEER],
                 f"acc {acc['edgeq-int8']:.3f} vs peer {acc[PEER]:.3f}")
@@ -323,7 +345,7 @@ def print_table(model: str, batch: str, res: dict, subjects: list[Subject]) -> N
 def print_targets(targets: list[dict]) -> None:
     print("\nTARGETS (paired ratio, median [min-max] across repeats)")
     for t in targets:
-        value = f"{t['value']:.2f} [{t['low']:.2f}-{t['high']:.2f}]"
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f} [{t['low']:.2f}-{t['high']:.2f}]"
         verdict = "PASS" if t["pass"] else "MISS"
         print(f"  {t['target']:<32} {value:>17}  <= {t['limit']:<4g} {verdict}  {t['note']}")
     print(f"  {sum(t['pass'] for t in targets)}/{len(targets)} targets met")
@@ -342,7 +364,9 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as tmp:
         work = Path(tmp)
         build_floor(work)
-        subjects = {m: load_subjects(args.artifacts, man, m, args.threads, work, calibration, x_test, labels)
+        not_shipped: dict[str, dict[str, str]] = {m: {} for m in args.models}
+        subjects = {m: load_subjects(args.artifacts, man, m, args.threads, work, calibration, x_test, labels,
+                                     not_shipped[m])
                     for m in args.models}
         samples = measure(subjects, inputs, args)
         int8_table = int8_vs_parents(args.artifacts, man, args.models, inputs, args)
@@ -352,7 +376,7 @@ def run(args: argparse.Namespace) -> dict:
         results[model] = {"sources": {s.label: s.source for s in subs},
                           "accuracy": {s.label: s.accuracy for s in subs if s.accuracy is not None},
                           "quantization": {s.label: s.quantization for s in subs if s.quantization},
-                          "batches": batches}
+                          "batches": batches, "not_shipped": not_shipped[model]}
         for batch in batches:
             print_table(model, batch, batches[batch], subs)
         accs = ", ".join(f"{k} {v:.3f}" for k, v in results[model]["accuracy"].items())

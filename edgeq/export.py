@@ -166,7 +166,11 @@ def relu_before_maxpool(model, skip: set[str] = frozenset()) -> int:
             continue
         relu = relu[0]
         pooled, out = pool.output[0], relu.output[0]
-        relu.input[0], relu.output[0] = conv.output[0], f"{relu.name or out}_before_pool"
+        taken = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.input}
+        inner = f"{relu.name or out}_before_pool"
+        while inner in taken:
+            inner += "_"
+        relu.input[0], relu.output[0] = conv.output[0], inner
         pool.input[0], pool.output[0] = relu.output[0], out
         i, j = nodes.index(pool), nodes.index(relu)
         nodes[i], nodes[j] = relu, pool
@@ -183,23 +187,29 @@ def float_outputs(model) -> int:
     """Drop QuantizeLinear -> DequantizeLinear pairs that feed graph outputs; returns how many.
 
     The last int8 layer then writes float logits itself (onnxruntime's QGemm/QLinearConv with
-    float output): one node less per call and no rounding of the logits to 256 levels.
+    float output): one node less per call and no rounding of the logits to 256 levels. A pair is
+    left alone when anything else reads the logits or the tensor before the pair.
     """
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
-    users, done = _consumers(graph), 0
+    users, outputs, done = _consumers(graph), {o.name for o in graph.output}, 0
     for out in graph.output:
         dq = producer.get(out.name)
-        if dq is None or dq.op_type != "DequantizeLinear":
+        if dq is None or dq.op_type != "DequantizeLinear" or users.get(out.name):
             continue
         q = producer.get(dq.input[0])
         if q is None or q.op_type != "QuantizeLinear" or len(users.get(q.output[0], [])) != 1:
             continue
         source = producer.get(q.input[0])
-        if source is None or len(users.get(q.input[0], [])) != 1:
+        if source is None or len(users.get(q.input[0], [])) != 1 or q.input[0] in outputs:
             continue
         source.output[list(source.output).index(q.input[0])] = out.name
         graph.node.remove(q)
         graph.node.remove(dq)
         done += 1
+    if done:  # their scales and zero points are now read by nothing
+        read = {name for n in graph.node for name in n.input}
+        kept = [init for init in graph.initializer if init.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
     return done

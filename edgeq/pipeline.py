@@ -270,58 +270,68 @@ def _export_float(b: _Build, arch: str, f: _Float) -> None:
 
 
 def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc: QuantConfig) -> None:
-    params = count_params(f.model)
-    notes = ""
-    if mode == "dynamic" and arch == "cnn":
-        notes = "torch dynamic quantization covers Linear layers only; convolutions stay fp32"
     onnx_parent = b.dir / f"{arch}-{f.key}.onnx"
-    if mode != "dynamic":  # timed on its own, before the export clock starts
-        plan = _mixed_precision(b, arch, f.key, onnx_parent)
+    plan = None if mode == "dynamic" else _mixed_precision(b, arch, f.key, onnx_parent)  # timed on its own
     with _timed(b, f"{arch}.export_s"):
-        path = b.dir / f"{arch}-{variant}.{EXT['torchscript']}"
-        export_torchscript(q, path)
-        ts_parent = b.dir / f"{arch}-{f.key}.{EXT['torchscript']}"
-        speed = _speed_vs_parent(b, "torchscript", ts_parent, path)
-        if _ships(b, name_of(arch, variant, "torchscript"), name_of(arch, f.key, "torchscript"), path, speed):
-            b.add(arch, variant, "torchscript", path, precision="int8", cfg=f.cfg,
-                  parent=name_of(arch, f.key, "torchscript"),
-                  quantization={**qc.describe(), "latency_vs_parent": _rounded(speed)}, pruning=f.pruning,
-                  params=params, runtime_info=_runtime_info("torchscript", "int8"), notes=notes)
-        path = b.dir / f"{arch}-{variant}.onnx"
-        match mode:
-            case "dynamic":
-                b.skipped.append({"name": name_of(arch, variant, "onnx"), "reason": (
-                    "onnxruntime dynamic int8 turns convolutions into ConvInteger, ~6x slower than fp32 on AVX2 "
-                    "and missing on some runtimes; static QDQ is the int8 ONNX variant" if arch == "cnn" else
-                    "static QDQ (calibrated uint8 activations) is the int8 ONNX variant; dynamic int8 would "
-                    "re-quantize activations on every call")})
-                return
-            case "static" | "qat":
-                qdq = plan.qdq
-                samples = sum(map(len, b.calibration))
-                if mode == "static":
-                    quantize_onnx(onnx_parent, path, b.calibration, qdq)
-                    quant = {**qdq.describe(), "calibration": f"{qdq.calibrate_method} on {samples} training digits"}
-                else:
-                    fmodel, _ = dequantized_float(q, f.cfg)
-                    with tempfile.TemporaryDirectory(dir=b.dir) as tmp:
-                        quantize_onnx(export_onnx(fmodel, Path(tmp) / "qat-float.onnx"), path, b.calibration, qdq)
-                    quant = {**qdq.describe(), "method": "qat",
-                             "weights_from": "quantization-aware fine-tuning (the torch QAT model's int8 weights, BN folded)",
-                             "calibration": f"activations: {qdq.calibrate_method} on {samples} training digits"}
-                quant["weight_scales"] = plan.weights
-                graph = inspect_runtime_graph(path)
-                quant["optimized_ops"] = graph.pop("ops")
-                quant["runtime_graph"] = graph
-                if not graph["clean"]:
-                    b.log(f"  {name_of(arch, variant, 'onnx')}: onnxruntime runs it with {graph}")
-                speed = _speed_vs_parent(b, "onnx", onnx_parent, path)
-                quant["latency_vs_parent"] = _rounded(speed)
-        if _ships(b, name_of(arch, variant, "onnx"), name_of(arch, f.key, "onnx"), path, speed):
-            art = b.add(arch, variant, "onnx", path, precision="int8", cfg=f.cfg,
-                        parent=name_of(arch, f.key, "onnx"), quantization=quant, pruning=f.pruning,
-                        params=params, runtime_info=_runtime_info("onnx", "int8"))
-            art.decisions = plan.layers
+        _export_int8_torchscript(b, arch, f, variant, mode, q, qc)
+        if plan is None:
+            b.skipped.append({"name": name_of(arch, variant, "onnx"), "reason": (
+                "onnxruntime dynamic int8 turns convolutions into ConvInteger, ~6x slower than fp32 on AVX2 "
+                "and missing on some runtimes; static QDQ is the int8 ONNX variant" if arch == "cnn" else
+                "static QDQ (calibrated uint8 activations) is the int8 ONNX variant; dynamic int8 would "
+                "re-quantize activations on every call")})
+        else:
+            _export_int8_onnx(b, arch, f, variant, mode, q, plan, onnx_parent)
+
+
+def _export_int8_torchscript(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc: QuantConfig) -> None:
+    notes = ("torch dynamic quantization covers Linear layers only; convolutions stay fp32"
+             if mode == "dynamic" and arch == "cnn" else "")
+    path = b.dir / f"{arch}-{variant}.{EXT['torchscript']}"
+    export_torchscript(q, path)
+    parent = name_of(arch, f.key, "torchscript")
+    speed = _speed_vs_parent(b, "torchscript", b.dir / f"{arch}-{f.key}.{EXT['torchscript']}", path)
+    if _ships(b, name_of(arch, variant, "torchscript"), parent, path, speed):
+        b.add(arch, variant, "torchscript", path, precision="int8", cfg=f.cfg, parent=parent,
+              quantization={**qc.describe(), "latency_vs_parent": _rounded(speed)}, pruning=f.pruning,
+              params=count_params(f.model), runtime_info=_runtime_info("torchscript", "int8"), notes=notes)
+
+
+def _export_int8_onnx(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, plan: Plan,
+                      onnx_parent: Path) -> None:
+    path = b.dir / f"{arch}-{variant}.onnx"
+    samples = sum(map(len, b.calibration))
+    if mode == "static":
+        qdq = plan.qdq
+        quantize_onnx(onnx_parent, path, b.calibration, qdq)
+        quant = {**qdq.describe(), "calibration": f"{qdq.calibrate_method} on {samples} training digits",
+                 "weight_scales": plan.weights}
+    else:
+        # the QAT weights were learned on torch's per-channel grid: kept per channel whatever the
+        # search chose for the static twin, so the coarser per-tensor grid never overrides them
+        qdq = replace(plan.qdq, per_channel=True)
+        fmodel, _ = dequantized_float(q, f.cfg)
+        with tempfile.TemporaryDirectory(dir=b.dir) as tmp:
+            quantize_onnx(export_onnx(fmodel, Path(tmp) / "qat-float.onnx"), path, b.calibration, qdq)
+        quant = {**qdq.describe(), "method": "qat",
+                 "weights_from": ("quantization-aware fine-tuning: the torch QAT model's weights (BN folded, "
+                                  "learned on an 8-bit per-channel grid), re-quantized per channel to "
+                                  "onnxruntime's grid" + (" (7-bit, reduce_range)" if qdq.reduce_range else "")),
+                 "calibration": f"activations: {qdq.calibrate_method} on {samples} training digits",
+                 "weight_scales": {**plan.weights, "chosen": "per-channel",
+                                   "reason": "per-channel: the granularity the QAT weights were learned on"}}
+    graph = inspect_runtime_graph(path)
+    quant["optimized_ops"] = graph.pop("ops")
+    quant["runtime_graph"] = graph
+    if not graph["clean"]:
+        b.log(f"  {name_of(arch, variant, 'onnx')}: onnxruntime runs it with {graph}")
+    speed = _speed_vs_parent(b, "onnx", onnx_parent, path)
+    quant["latency_vs_parent"] = _rounded(speed)
+    if _ships(b, name_of(arch, variant, "onnx"), name_of(arch, f.key, "onnx"), path, speed):
+        art = b.add(arch, variant, "onnx", path, precision="int8", cfg=f.cfg, parent=name_of(arch, f.key, "onnx"),
+                    quantization=quant, pruning=f.pruning, params=count_params(f.model),
+                    runtime_info=_runtime_info("onnx", "int8"))
+        art.decisions = plan.layers
 
 
 def _rounded(ratios: dict[int, float]) -> dict[str, float]:

@@ -8,7 +8,7 @@ import torch
 from edgeq.data import Preprocessing, calibration_batches, load_data
 from edgeq.export import QDQConfig, export_onnx, float_outputs, quantize_onnx, relu_before_maxpool
 from edgeq.models import build_model, default_config
-from edgeq.precision import SearchConfig, compute_nodes, inspect_runtime_graph, optimized_ops, search_precision
+from edgeq.precision import SearchConfig, _better, compute_nodes, inspect_runtime_graph, optimized_ops, search_precision
 from edgeq.runtime import load_onnx
 from edgeq.train import TrainConfig, train
 from edgeq.verify.measure import sqnr_db
@@ -105,6 +105,45 @@ def test_float_outputs_keep_logits_closer_to_fp32(cnn_onnx, calib, test_x, tmp_p
 
 def test_float_outputs_on_an_fp32_graph_changes_nothing(cnn_onnx):
     assert float_outputs(onnx.load(str(cnn_onnx))) == 0
+
+
+def _qdq_tail(outputs: list[str]) -> onnx.ModelProto:
+    """x -> Relu -> a -> QuantizeLinear -> DequantizeLinear -> y, with the given graph outputs."""
+    h, tp = onnx.helper, onnx.TensorProto
+    nodes = [h.make_node("Relu", ["x"], ["a"]), h.make_node("QuantizeLinear", ["a", "s", "z"], ["q"]),
+             h.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             onnx.numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    graph = h.make_graph(nodes, "tail", [h.make_tensor_value_info("x", tp.FLOAT, [1, 4])],
+                         [h.make_tensor_value_info(o, tp.FLOAT, [1, 4]) for o in outputs], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_float_outputs_removes_the_pair_and_its_constants_and_nothing_that_is_read_elsewhere():
+    model = _qdq_tail(["y"])
+    assert float_outputs(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Relu"] and not model.graph.initializer
+    both = _qdq_tail(["y", "a"])  # the tensor before the pair is itself an output: removing would orphan it
+    assert float_outputs(both) == 0 and len(both.graph.node) == 3
+
+
+def test_fp32_layer_decision_rule():
+    g = 0.03
+    # faster at every batch size
+    assert _better({"best": {1: 0.8, 256: 0.9}, "cand": {1: 0.7, 256: 0.8}, "cand_vs_best": {1: 0.88, 256: 0.9}}, g)
+    # faster at one size, slower at the other, while int8 already beats fp32: noise, rejected
+    assert not _better({"best": {1: 0.8, 256: 0.9}, "cand": {1: 0.7, 256: 0.95},
+                        "cand_vs_best": {1: 0.88, 256: 1.02}}, g)
+    # int8 slower than fp32 at batch 1; the candidate fixes it and costs <=3% at 256, still below fp32
+    assert _better({"best": {1: 1.10, 256: 0.9}, "cand": {1: 0.95, 256: 0.92},
+                    "cand_vs_best": {1: 0.86, 256: 1.02}}, g)
+    # the same fix, but it would make batch 256 slower than fp32: rejected
+    assert not _better({"best": {1: 1.10, 256: 0.99}, "cand": {1: 0.95, 256: 1.01},
+                        "cand_vs_best": {1: 0.86, 256: 1.02}}, g)
+    # the same fix at a clear cost (>3%) elsewhere: rejected
+    assert not _better({"best": {1: 1.10, 256: 0.8}, "cand": {1: 0.95, 256: 0.85},
+                        "cand_vs_best": {1: 0.86, 256: 1.06}}, g)
 
 
 def test_search_decides_every_layer_and_the_weight_scales_by_measurement(cnn_onnx, calib, ds):

@@ -64,7 +64,7 @@ REPORT_SCHEMA: dict = {
     "title": "edgeq verify report",
     "type": "object",
     "required": ["report_version", "directory", "passed", "failures", "gates", "measurement", "dataset",
-                 "environment", "rows", "not_built", "wall_s", "phases"],
+                 "environment", "rows", "not_built", "wall_s"],
     "additionalProperties": False,
     "properties": {
         "report_version": {"const": REPORT_VERSION},
@@ -94,7 +94,7 @@ REPORT_SCHEMA: dict = {
         },
         "not_built": {"type": "array", "items": {"type": "object", "required": ["name", "reason"]}},
         "wall_s": {"type": "number", "minimum": 0},
-        "phases": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+        "phases": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},  # optional in v1
     },
 }
 
@@ -199,8 +199,11 @@ def _not_built(skipped: list[dict]) -> list[str]:
     """The export's `skipped` list in two groups, names only (the reasons are in the manifest)."""
     slower = [s["name"] for s in skipped if "latency_vs_parent" in s]
     other = [s["name"] for s in skipped if "latency_vs_parent" not in s]
-    text = ([f"not shipped, slower than their fp32 parent when exported: {', '.join(slower)}."] * bool(slower)
-            + [f"not built: {', '.join(other)} (reasons in manifest.json `skipped`)."] * bool(other))
+    text = []
+    if slower:
+        text.append(f"not shipped, slower than their fp32 parent when exported: {', '.join(slower)}.")
+    if other:
+        text.append(f"not built: {', '.join(other)} (reasons in manifest.json `skipped`).")
     return [line for t in text for line in textwrap.wrap(t, WIDTH, break_on_hyphens=False)]
 
 
