@@ -64,8 +64,11 @@ def main() -> None:
               show_default=True, help="Fraction of hidden channels (filters, units) removed by structured pruning.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default per model).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for training, pruning and calibration.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads the deployment runs with: int8-vs-fp32 decisions and the ship rule are timed at it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def export(out, models, variants, data_dir, download, prune_amount, prune_method, channel_amount, epochs, seed, quiet):
+def export(out, models, variants, data_dir, download, prune_amount, prune_method, channel_amount, epochs, seed,
+           threads, quiet):
     """Train, prune, quantize and export every variant, then write manifest.json.
 
     \b
@@ -73,6 +76,7 @@ def export(out, models, variants, data_dir, download, prune_amount, prune_method
       edgeq export --out artifacts --model mlp --prune-amount 0.9
     """
     from edgeq.pipeline import ExportConfig, run_export, stage_profile, summary
+    from edgeq.precision import SearchConfig
 
     try:
         cfg = ExportConfig(
@@ -80,6 +84,7 @@ def export(out, models, variants, data_dir, download, prune_amount, prune_method
             data_dir=str(data_dir) if data_dir else None, download=download, seed=seed,
             unstructured_amount=prune_amount, unstructured_method=f"{prune_method}_unstructured",
             structured_amount=channel_amount, epochs=epochs, progress=not quiet,
+            search=SearchConfig(threads=threads),
         )
         manifest = run_export(cfg)
     except EdgeqError as exc:

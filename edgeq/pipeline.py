@@ -23,7 +23,7 @@ from edgeq.errors import ConfigError, ExportError
 from edgeq.export import export_onnx, export_torchscript, quantize_onnx, save_checkpoint
 from edgeq.manifest import Artifact, Manifest, sha256_file
 from edgeq.models import ARCHS, ModelConfig, build_model, count_macs, count_params, default_config
-from edgeq.precision import Plan, SearchConfig, inspect_runtime_graph, measure_ratios, search_precision
+from edgeq.precision import Plan, SearchConfig, inspect_runtime_graph, measure_ratios, search_precision, timing_options
 from edgeq.prune import PruneConfig, prune_model
 from edgeq.quantize import MODES, QuantConfig, dequantized_float, quantize
 from edgeq.train import TrainConfig, accuracy, default_train_config, finetune_config, train
@@ -293,7 +293,8 @@ def _export_int8_torchscript(b: _Build, arch: str, f: _Float, variant: str, mode
     speed = _speed_vs_parent(b, "torchscript", b.dir / f"{arch}-{f.key}.{EXT['torchscript']}", path)
     if _ships(b, name_of(arch, variant, "torchscript"), parent, path, speed):
         b.add(arch, variant, "torchscript", path, precision="int8", cfg=f.cfg, parent=parent,
-              quantization={**qc.describe(), "latency_vs_parent": _rounded(speed)}, pruning=f.pruning,
+              quantization={**qc.describe(), "latency_vs_parent": _rounded(speed), "timed_at": _timed_at(b)},
+              pruning=f.pruning,
               params=count_params(f.model), runtime_info=_runtime_info("torchscript", "int8"), notes=notes)
 
 
@@ -327,6 +328,7 @@ def _export_int8_onnx(b: _Build, arch: str, f: _Float, variant: str, mode: str, 
         b.log(f"  {name_of(arch, variant, 'onnx')}: onnxruntime runs it with {graph}")
     speed = _speed_vs_parent(b, "onnx", onnx_parent, path)
     quant["latency_vs_parent"] = _rounded(speed)
+    quant["timed_at"] = _timed_at(b)
     if _ships(b, name_of(arch, variant, "onnx"), name_of(arch, f.key, "onnx"), path, speed):
         art = b.add(arch, variant, "onnx", path, precision="int8", cfg=f.cfg, parent=name_of(arch, f.key, "onnx"),
                     quantization=quant, pruning=f.pruning, params=count_params(f.model),
@@ -334,19 +336,27 @@ def _export_int8_onnx(b: _Build, arch: str, f: _Float, variant: str, mode: str, 
         art.decisions = plan.layers
 
 
+def _timed_at(b: _Build) -> dict:
+    """The setting every int8 decision and ratio of this export was measured in (on the CPU that
+    the manifest's `environment` names)."""
+    return {"threads": b.cfg.search.threads, "batches": list(b.cfg.search.batches)}
+
+
 def _rounded(ratios: dict[int, float]) -> dict[str, float]:
     return {str(k): round(v, 3) for k, v in ratios.items()}
 
 
 def _speed_vs_parent(b: _Build, fmt: str, parent: Path, path: Path) -> dict[int, float]:
-    """int8 / fp32-parent latency, paired, one thread, at each of the search's batch sizes.
+    """int8 / fp32-parent latency, paired, at the search's thread count and batch sizes.
 
     A ratio near the shipping limit decides whether the file ships, so at that batch size it is
     measured twice more and the median of the three is kept: one burst must not decide it.
     """
     threads = torch.get_num_threads()
     try:
-        ref, cand = runtime.load(parent, fmt, threads=1), runtime.load(path, fmt, threads=1)
+        t = b.cfg.search.threads
+        options = timing_options(t) if fmt == "onnx" else None
+        ref, cand = (runtime.load(p, fmt, threads=t, options=options) for p in (parent, path))
         cfg = replace(b.cfg.search, rounds=GATE_ROUNDS)
         out = {}
         for batch, x in _timing_inputs(b).items():

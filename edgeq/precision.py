@@ -99,6 +99,12 @@ def inspect_runtime_graph(onnx_path: Path, threads: int = 1) -> dict:
             "dequantize_nodes": boundaries}
 
 
+def timing_options(threads: int) -> dict | None:
+    """onnxruntime settings for timing sessions against each other: with more than one thread, worker
+    threads do not spin, or one session's idle workers slow the next one timed."""
+    return {"config_entries": {"session.intra_op.allow_spinning": "0"}} if threads > 1 else None
+
+
 def measure_ratios(ref, cand, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict[int, float]:
     from edgeq.verify.measure import paired_latency
 
@@ -174,14 +180,14 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
     pool = np.concatenate(calibration)
     inputs = {b: pool[rng.integers(0, len(pool), size=b)] for b in cfg.batches}
     calib = [pool[: cfg.calibration_samples]]
-    parent = load_onnx(fp32_path, cfg.threads)
+    parent = load_onnx(fp32_path, cfg.threads, timing_options(cfg.threads))
     layers: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
 
         def build(qdq: QDQConfig, tag: str):
             path = Path(tmp) / f"trial-{tag}.onnx"
             quantize_onnx(fp32_path, path, calib, qdq)
-            return load_onnx(path, cfg.threads)
+            return load_onnx(path, cfg.threads, timing_options(cfg.threads))
 
         best_cfg = QDQConfig()
         best = build(best_cfg, "int8")

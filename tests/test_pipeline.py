@@ -196,6 +196,7 @@ def test_help_has_examples(cmd):
     (["--model", "resnet"], "resnet"),
     (["--variants", "static,int4"], "int4"),
     (["--prune-amount", "1.5"], "1.5"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_cli_rejects_unknown_values(args, needle, tmp_path):
     result = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "a"), *args])
@@ -224,6 +225,8 @@ def test_python_m_edgeq_runs():
 
 def test_mixed_precision_decisions_are_measured_and_recorded(exported):
     out, m = exported
+    for a in (a for a in m.artifacts if a.precision == "int8"):
+        assert a.quantization["timed_at"] == {"threads": 1, "batches": [1, 64]}
     for a in (a for a in m.artifacts if a.format == "onnx" and a.precision == "int8"):
         assert [d["node"] for d in a.decisions] == ["/fc1/Gemm", "/fc2/Gemm"]
         for d in a.decisions:

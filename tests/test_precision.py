@@ -1,5 +1,7 @@
 """The int8 ONNX graph edgeq ships: exact rewrites, what onnxruntime runs, and the measured search."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -146,9 +148,10 @@ def test_fp32_layer_decision_rule():
                         "cand_vs_best": {1: 0.86, 256: 1.06}}, g)
 
 
-def test_search_decides_every_layer_and_the_weight_scales_by_measurement(cnn_onnx, calib, ds):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_search_decides_every_layer_and_the_weight_scales_by_measurement(cnn_onnx, calib, ds, threads):
     check = PRE.apply(ds.train.images[:512])
-    plan = search_precision(cnn_onnx, calib, check, FAST)
+    plan = search_precision(cnn_onnx, calib, check, replace(FAST, threads=threads))
     assert [d["node"] for d in plan.layers] == [n for n, _ in compute_nodes(cnn_onnx)]
     for d in plan.layers:
         assert d["precision"] in ("fp32", "int8") and d["reason"]
