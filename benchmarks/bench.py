@@ -301,7 +301,7 @@ def print_int8_vs_parents(table: dict, man: manifest.Manifest) -> None:
         cells = "  ".join(f"b{b} {Ratio(**r).text()}" for b, r in row["batches"].items())
         print(f"  {name:<28} / {row['parent']:<22} {cells}")
     for s in man.skipped:
-        if "latency_vs_parent" in s:
+        if s.get("kind") == "slower_than_parent":
             print(f"  {s['name']:<28} not shipped: {s['reason']}")
 
 

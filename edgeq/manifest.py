@@ -13,6 +13,10 @@ from pathlib import Path
 
 from edgeq.errors import ManifestError
 
+# why a variant is missing: never built for this model/format, or built, timed slower than its
+# fp32 parent and deleted (such an entry also holds `latency_vs_parent`)
+SKIP_KINDS = ("not_built", "slower_than_parent")
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -86,7 +90,8 @@ SCHEMA: dict = {
         },
         "skipped": {
             "type": "array",
-            "items": {"type": "object", "required": ["name", "reason"]},
+            "items": {"type": "object", "required": ["name", "reason"],
+                      "properties": {"kind": {"enum": list(SKIP_KINDS)}}},
         },
     },
 }

@@ -275,7 +275,7 @@ def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc
     with _timed(b, f"{arch}.export_s"):
         _export_int8_torchscript(b, arch, f, variant, mode, q, qc)
         if plan is None:
-            b.skipped.append({"name": name_of(arch, variant, "onnx"), "reason": (
+            b.skipped.append({"name": name_of(arch, variant, "onnx"), "kind": "not_built", "reason": (
                 "onnxruntime dynamic int8 turns convolutions into ConvInteger, ~6x slower than fp32 on AVX2 "
                 "and missing on some runtimes; static QDQ is the int8 ONNX variant" if arch == "cnn" else
                 "static QDQ (calibrated uint8 activations) is the int8 ONNX variant; dynamic int8 would "
@@ -384,7 +384,8 @@ def _ships(b: _Build, name: str, parent: str, path: Path, speed: dict[int, float
         return True
     path.unlink()
     ratios = ", ".join(f"{v:.2f}x at batch {k}" for k, v in speed.items())
-    b.skipped.append({"name": name, "reason": f"int8 is slower than its fp32 parent {parent} on this CPU "
+    b.skipped.append({"name": name, "kind": "slower_than_parent",
+                      "reason": f"int8 is slower than its fp32 parent {parent} on this CPU "
                                               f"({ratios}, paired); not shipped",
                       "latency_vs_parent": _rounded(speed)})
     b.log(f"  {name}: not shipped, slower than {parent} ({ratios})")

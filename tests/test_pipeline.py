@@ -33,7 +33,7 @@ def test_every_variant_is_exported(exported):
     out, manifest = exported
     names = {a.name for a in manifest.artifacts}
     # an int8 file slower than its parent on the machine running the export is listed, not shipped
-    slower = {s["name"] for s in manifest.skipped if "slower than its fp32 parent" in s["reason"]}
+    slower = {s["name"] for s in manifest.skipped if s["kind"] == "slower_than_parent"}
     for v in ("fp32", "unstructured", "structured"):
         assert {f"mlp-{v}-ckpt", f"mlp-{v}-ts", f"mlp-{v}-onnx"} <= names
     assert not names & slower
@@ -49,11 +49,23 @@ def test_no_shipped_int8_is_measurably_slower_than_its_parent(exported):
     for a in (a for a in manifest.artifacts if a.precision == "int8"):
         speed = a.quantization["latency_vs_parent"]
         assert set(speed) == {"1", "64"} and all(0 < r <= pipeline.SHIP_LIMIT for r in speed.values()), (a.name, speed)
-    for s in (s for s in manifest.skipped if "latency_vs_parent" in s):
+    assert all(s["kind"] in ("not_built", "slower_than_parent") for s in manifest.skipped)
+    for s in (s for s in manifest.skipped if s["kind"] == "slower_than_parent"):
         assert max(s["latency_vs_parent"].values()) > pipeline.SHIP_LIMIT
         stem, short = s["name"].rsplit("-", 1)
         fmt = {v: k for k, v in pipeline.SHORT.items()}[short]
         assert not (out / f"{stem}.{pipeline.EXT[fmt]}").exists()  # deleted, not left behind
+
+
+def test_manifest_schema_knows_why_a_variant_is_missing(exported):
+    from edgeq.errors import ManifestError
+    from edgeq.manifest import validate
+
+    _, manifest = exported
+    d = json.loads(manifest.to_json())
+    d["skipped"][0]["kind"] = "forgotten"
+    with pytest.raises(ManifestError, match="skipped/0/kind"):
+        validate(d)
 
 
 def test_a_slower_int8_file_is_deleted_and_listed(tmp_path):
@@ -65,7 +77,8 @@ def test_a_slower_int8_file_is_deleted_and_listed(tmp_path):
     assert not pipeline._ships(build, "m-slow-onnx", "m-fp32-onnx", slow, {1: 0.9, 256: 1.12})
     assert fast.exists() and not slow.exists()
     [entry] = build.skipped
-    assert entry["name"] == "m-slow-onnx" and entry["latency_vs_parent"] == {"1": 0.9, "256": 1.12}
+    assert entry["name"] == "m-slow-onnx" and entry["kind"] == "slower_than_parent"
+    assert entry["latency_vs_parent"] == {"1": 0.9, "256": 1.12}
     assert "1.12x at batch 256" in entry["reason"] and "m-fp32-onnx" in entry["reason"]
 
 

@@ -197,8 +197,8 @@ def table(result: VerifyResult) -> str:
 
 def _not_built(skipped: list[dict]) -> list[str]:
     """The export's `skipped` list in two groups, names only (the reasons are in the manifest)."""
-    slower = [s["name"] for s in skipped if "latency_vs_parent" in s]
-    other = [s["name"] for s in skipped if "latency_vs_parent" not in s]
+    slower = [s["name"] for s in skipped if s.get("kind") == "slower_than_parent"]
+    other = [s["name"] for s in skipped if s.get("kind") != "slower_than_parent"]
     text = []
     if slower:
         text.append(f"not shipped, slower than their fp32 parent when exported: {', '.join(slower)}.")
