@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from edgeq import data as data_mod
 from edgeq import runtime
+from edgeq.clock import profile, timed
 from edgeq.environment import environment
 from edgeq.errors import ConfigError, ExportError
 from edgeq.export import export_onnx, export_torchscript, quantize_onnx, save_checkpoint
@@ -185,16 +185,6 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _timed(build: _Build, key: str) -> Iterator[None]:
-    """Add the wall time of the block to build.timings[key] (stages may be entered several times)."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        build.timings[key] = round(build.timings.get(key, 0.0) + time.perf_counter() - t0, 2)
-
-
 def _export_model(b: _Build, arch: str) -> dict:
     cfg = b.cfg
     mcfg = default_config(arch)
@@ -213,10 +203,10 @@ def _export_model(b: _Build, arch: str) -> dict:
         return train(model, split, b.pre, ft, desc=desc, progress=cfg.progress, copy_model=False)
 
     torch.manual_seed(cfg.seed)
-    with _timed(b, f"{arch}.train_s"):
+    with timed(b.timings, f"{arch}.train_s"):
         base = train(build_model(mcfg), split, b.pre, tcfg, desc=f"{arch}: train", progress=cfg.progress)
     floats = [_Float("fp32", base, mcfg, None)]
-    with _timed(b, f"{arch}.prune_s"):
+    with timed(b.timings, f"{arch}.prune_s"):
         if "unstructured" in cfg.variants:
             pc = PruneConfig(cfg.unstructured_method, cfg.unstructured_amount, cfg.seed)
             r = prune_model(base, mcfg, pc, lambda m: finetune(m, ft_unstructured, f"{arch}: fine-tune unstructured"))
@@ -244,7 +234,7 @@ def _export_model(b: _Build, arch: str) -> dict:
                 return train(model, split, b.pre, qat_cfg, desc=_desc, progress=cfg.progress,
                              on_epoch=on_epoch, copy_model=False)
 
-            with _timed(b, f"{arch}.quantize_s"):
+            with timed(b.timings, f"{arch}.quantize_s"):
                 q = quantize(f.model, qc, b.calibration, qat_ft)
             _export_int8(b, arch, f, prefix + mode, mode, q, qc)
     _recommend(b.artifacts, arch)
@@ -254,7 +244,7 @@ def _export_model(b: _Build, arch: str) -> dict:
 
 def _export_float(b: _Build, arch: str, f: _Float) -> None:
     params = count_params(f.model)
-    with _timed(b, f"{arch}.export_s"):
+    with timed(b.timings, f"{arch}.export_s"):
         for fmt in FORMATS:
             path = b.dir / f"{arch}-{f.key}.{EXT[fmt]}"
             match fmt:
@@ -272,7 +262,7 @@ def _export_float(b: _Build, arch: str, f: _Float) -> None:
 def _export_int8(b: _Build, arch: str, f: _Float, variant: str, mode: str, q, qc: QuantConfig) -> None:
     onnx_parent = b.dir / f"{arch}-{f.key}.onnx"
     plan = None if mode == "dynamic" else _mixed_precision(b, arch, f.key, onnx_parent)  # timed on its own
-    with _timed(b, f"{arch}.export_s"):
+    with timed(b.timings, f"{arch}.export_s"):
         _export_int8_torchscript(b, arch, f, variant, mode, q, qc)
         if plan is None:
             b.skipped.append({"name": name_of(arch, variant, "onnx"), "kind": "not_built", "reason": (
@@ -402,7 +392,7 @@ def _mixed_precision(b: _Build, arch: str, parent_key: str, onnx_parent: Path) -
     key = (arch, parent_key)
     if key not in b.plans:
         b.log(f"{arch}: measuring which {parent_key} layers run faster in int8 on this CPU")
-        with _timed(b, f"{arch}.precision_search_s"):
+        with timed(b.timings, f"{arch}.precision_search_s"):
             b.plans[key] = search_precision(onnx_parent, b.calibration, _agreement_images(b), b.cfg.search, log=b.log)
     return b.plans[key]
 
@@ -437,10 +427,8 @@ def _recommend(artifacts: list[Artifact], arch: str) -> None:
 
 def stage_profile(manifest: Manifest) -> str:
     """Where the export's wall time went, largest first (the manifest's `timings`)."""
-    stages = {k: v for k, v in manifest.timings.items() if k != "total_s"}
-    parts = [f"{k.removesuffix('_s')} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])]
-    rest = manifest.timings["total_s"] - sum(stages.values())
-    return "time (s): " + ", ".join(parts + [f"data+manifest {rest:.1f}"])
+    stages = {k.removesuffix("_s"): v for k, v in manifest.timings.items() if k != "total_s"}
+    return profile({**stages, "data+manifest": manifest.timings["total_s"] - sum(stages.values())})
 
 
 def summary(manifest: Manifest) -> str:

@@ -57,6 +57,15 @@ def test_no_shipped_int8_is_measurably_slower_than_its_parent(exported):
         assert not (out / f"{stem}.{pipeline.EXT[fmt]}").exists()  # deleted, not left behind
 
 
+def test_export_profile_accounts_for_the_whole_run(exported):
+    _, manifest = exported
+    line = pipeline.stage_profile(manifest)
+    parts = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in line.removeprefix("time (s): ").split(", "))}
+    assert {"mlp.train", "mlp.prune", "mlp.quantize", "mlp.precision_search", "mlp.export", "data+manifest"} <= set(parts)
+    assert list(parts.values()) == sorted(parts.values(), reverse=True)  # largest first
+    assert abs(sum(parts.values()) - manifest.timings["total_s"]) < 0.05 * len(parts)
+
+
 def test_manifest_schema_knows_why_a_variant_is_missing(exported):
     from edgeq.errors import ManifestError
     from edgeq.manifest import validate

@@ -9,7 +9,6 @@ against its references. A failing artifact becomes a FAIL row; the others are st
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq import runtime
+from edgeq.clock import timed
 from edgeq.data import MNIST, Preprocessing, load_data
 from edgeq.errors import ConfigError, DataError, EdgeqError
 from edgeq.manifest import Artifact, Manifest, read
@@ -40,10 +40,10 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig()) -> VerifyR
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     directory = Path(directory)
-    with _phase(phases, "integrity"):
+    with timed(phases, "integrity"):
         manifest = read(directory)
         problems = integrity.check_all(directory, manifest)
-    with _phase(phases, "test_split"):
+    with timed(phases, "test_split"):
         x, labels = load_test_split(manifest, cfg.data_dir)
     cuda = torch.cuda.is_available()
     subjects = _plan(manifest, cuda)
@@ -58,16 +58,6 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig()) -> VerifyR
     dataset = {k: manifest.dataset[k] for k in ("source", "test_size", "test_sha256")}
     return VerifyResult(str(directory), cfg, rows, _environment(cfg, cuda), dataset,
                         list(manifest.skipped), round(time.perf_counter() - t0, 2), phases)
-
-
-@contextlib.contextmanager
-def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
-    """Record the wall time of the block under phases[name] (the report's time profile)."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t0, 2)
 
 
 def load_test_split(manifest: Manifest, data_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -143,12 +133,12 @@ def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], probl
     refs = _references(manifest, by_key)
     with tqdm(total=len(active), desc="verify: accuracy", unit="run", file=sys.stderr,
               disable=not cfg.progress, leave=False) as bar:
-        with _phase(phases, "load_and_accuracy"):
+        with timed(phases, "load_and_accuracy"):
             for s in active:
                 bar.set_postfix_str(s.row.label, refresh=False)
                 _accuracy(directory, manifest, s, problems[s.art.name], refs[s.row.key].get("torch_fp32"), x, labels)
                 bar.update()
-        with _phase(phases, "latency"):
+        with timed(phases, "latency"):
             measure_latency(active, refs, x, cfg, bar)
 
 

@@ -12,6 +12,7 @@ import textwrap
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from edgeq.clock import profile
 from edgeq.verify.rows import REFERENCES, Row, VerifyResult
 
 REPORT_VERSION = 1
@@ -209,8 +210,7 @@ def _not_built(skipped: list[dict]) -> list[str]:
 
 def _profile(phases: dict) -> list[str]:
     """Where verify's time went, largest first, as wrapped lines (none when nothing was timed)."""
-    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1]))
-    return textwrap.wrap(f"time (s): {parts}", WIDTH) if parts else []
+    return textwrap.wrap(profile({k.replace("_", " "): v for k, v in phases.items()}), WIDTH) if phases else []
 
 
 def markdown(result: VerifyResult) -> str:
