@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 import textwrap
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,8 @@ import numpy as np
 from edgeq import manifest, runtime
 from edgeq.data import Preprocessing, calibration_batches, load_data
 from edgeq.environment import environment
+from edgeq.export import CalibrationReader, quiet_quantization
+from edgeq.precision import timing_options
 from edgeq.errors import EdgeqError, ManifestError
 from edgeq.verify.measure import round_ratios, timed_rounds
 
@@ -100,9 +100,9 @@ def session_options(options: dict | None, threads: int) -> dict:
     down, and the ratios measure who ran after whom (2 threads, CNN batch 256: int8/fp32 read 1.3-1.45
     in turn, 0.88-0.99 timed alone). Every onnxruntime subject gets the same setting.
     """
+    extra = (timing_options(threads) or {}).get("config_entries", {})
     options = dict(options or {})
-    if threads > 1:
-        options["config_entries"] = {**options.get("config_entries", {}), "session.intra_op.allow_spinning": "0"}
+    options["config_entries"] = {**options.get("config_entries", {}), **extra}
     return options
 
 
@@ -129,26 +129,11 @@ def build_floor(directory: Path) -> Path:
 
 def quantize_peer(fp32_onnx: Path, calibration: list[np.ndarray], directory: Path) -> Path:
     """onnxruntime's quantize_static with its default settings: what a user would do instead of edgeq."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(calibration)
-
-        def get_next(self) -> dict | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {runtime.INPUT_NAME: batch}
+    from onnxruntime.quantization import quantize_static
 
     out = directory / f"peer-{fp32_onnx.stem}-int8.onnx"
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_static(model_input=fp32_onnx, model_output=out, calibration_data_reader=Reader())
-    finally:
-        root.setLevel(level)
+    with quiet_quantization():
+        quantize_static(model_input=fp32_onnx, model_output=out, calibration_data_reader=CalibrationReader(calibration))
     return out
 
 

@@ -7,8 +7,10 @@ legacy exporter print deprecation warnings in torch 2.14; they are contained her
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +86,7 @@ class QDQConfig:
         }
 
 
-class _Reader:
+class CalibrationReader:
     """onnxruntime's calibration contract: get_next() returns a feed dict, then None."""
 
     def __init__(self, batches: list[np.ndarray]):
@@ -95,15 +97,23 @@ class _Reader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def quantize_onnx(fp32_path: Path, path: Path, calibration: list[np.ndarray], cfg: QDQConfig = QDQConfig()) -> Path:
-    """fp32 ONNX -> QDQ int8 ONNX with onnxruntime.quantization (pre-processed, then static)."""
-    root = logging.getLogger()  # onnxruntime.quantization logs advice on the root logger: mute it here only
+@contextlib.contextmanager
+def quiet_quantization() -> Iterator[None]:
+    """onnxruntime.quantization logs advice on the root logger and torch/onnx warn: mute both, here only."""
+    root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        _quantize_qdq(fp32_path, path, calibration, cfg)
+        with quiet():
+            yield
     finally:
         root.setLevel(level)
+
+
+def quantize_onnx(fp32_path: Path, path: Path, calibration: list[np.ndarray], cfg: QDQConfig = QDQConfig()) -> Path:
+    """fp32 ONNX -> QDQ int8 ONNX with onnxruntime.quantization (pre-processed, then static)."""
+    with quiet_quantization():
+        _quantize_qdq(fp32_path, path, calibration, cfg)
     check_onnx(path)
     return path
 
@@ -112,7 +122,7 @@ def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cf
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, quiet():
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         if cfg.relu_before_pool:
             import onnx
 
@@ -123,7 +133,7 @@ def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cf
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
         quantize_static(
-            str(pre), str(path), _Reader(calibration),
+            str(pre), str(path), CalibrationReader(calibration),
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
             calibrate_method=getattr(CalibrationMethod, cfg.calibrate_method),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.export import QDQConfig, quantize_onnx
-from edgeq.runtime import load_onnx
+from edgeq.runtime import load_onnx, ort_session_options
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -65,9 +65,7 @@ def inspect_runtime_graph(onnx_path: Path, threads: int = 1) -> dict:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
+        so = ort_session_options(threads)
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         graph = onnx.load(so.optimized_model_filepath).graph
