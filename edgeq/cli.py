@@ -24,6 +24,8 @@ def _csv(choices: tuple[str, ...]):
     def convert(ctx, param, value):
         if value is None:
             return choices
+        if value.strip().lower() == "none":
+            return ()
         items = tuple(v.strip() for v in value.split(",") if v.strip())
         bad = [v for v in items if v not in choices]
         if bad or not items:
@@ -47,12 +49,16 @@ def main() -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
-              help="Output directory; replaced atomically when the export succeeds.")
+              help="Output directory: new, empty or a previous edgeq export; replaced atomically when the "
+                   "export succeeds.")
+@click.option("--force", is_flag=True,
+              help="Replace --out even when it holds files that are not a previous edgeq export (they are deleted).")
 @click.option("--model", "models", type=click.Choice(["mlp", "cnn"]), multiple=True,
               help="Model family to build (repeatable). Default: mlp and cnn.")
 @click.option("--variants", default=None, metavar="LIST",
               callback=_csv(("unstructured", "structured", "dynamic", "static", "qat")),
-              help="Comma list of variants besides fp32: unstructured, structured, dynamic, static, qat. Default: all.")
+              help="Comma list of variants besides fp32: unstructured, structured, dynamic, static, qat, or none "
+                   "(fp32 only). Default: all.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Full MNIST in torchvision layout (DIR/MNIST/raw). Default: the embedded 5,000 digits.")
 @click.option("--download", is_flag=True, help="Download full MNIST into --data-dir (or ~/.cache/edgeq/mnist).")
@@ -67,7 +73,7 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads the deployment runs with: int8-vs-fp32 decisions and the ship rule are timed at it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def export(out, models, variants, data_dir, download, prune_amount, prune_method, channel_amount, epochs, seed,
+def export(out, force, models, variants, data_dir, download, prune_amount, prune_method, channel_amount, epochs, seed,
            threads, quiet):
     """Train, prune, quantize and export every variant, then write manifest.json.
 
@@ -83,7 +89,7 @@ def export(out, models, variants, data_dir, download, prune_amount, prune_method
             out=out, models=tuple(models) or ("mlp", "cnn"), variants=variants,
             data_dir=str(data_dir) if data_dir else None, download=download, seed=seed,
             unstructured_amount=prune_amount, unstructured_method=f"{prune_method}_unstructured",
-            structured_amount=channel_amount, epochs=epochs, progress=not quiet,
+            structured_amount=channel_amount, epochs=epochs, progress=not quiet, force=force,
             search=SearchConfig(threads=threads),
         )
         manifest = run_export(cfg)

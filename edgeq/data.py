@@ -118,32 +118,63 @@ def load_embedded() -> Dataset:
     )
 
 
+CLASSES = 10
+OFFICIAL_SIZES = (60_000, 10_000)
+
+
+def check_split(split: Split, name: str, where: str, classes: int = CLASSES) -> None:
+    """Data sanity before any training: shapes, matching counts, labels in [0, classes)."""
+    images, labels = split.images, split.labels
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{where}: {name} images have shape {list(images.shape)}, expected [N, 28, 28]; "
+                        "replace the MNIST files with intact copies")
+    if len(images) != len(labels):
+        raise DataError(f"{where}: {len(images)} {name} images but {len(labels)} labels; "
+                        "the image and label files do not belong together: replace them with intact copies")
+    if len(labels) == 0:
+        raise DataError(f"{where}: the {name} split is empty; replace the MNIST files with intact copies")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise DataError(f"{where}: {name} labels range over [{low}, {high}], expected 0..{classes - 1}; "
+                        "replace the label file with an intact copy")
+
+
 def load_mnist(data_dir: str | Path, download: bool = False) -> Dataset:
-    """Full MNIST (60,000 / 10,000) in torchvision layout under data_dir, optionally downloaded."""
+    """Full MNIST in torchvision layout under data_dir, optionally downloaded; checked before use."""
     root = Path(data_dir)
+    where = f"--data-dir {root}"
     if not download and not root.is_dir():
-        raise DataError(
-            f"--data-dir {root}: no such directory; point it at a folder holding MNIST/raw "
-            "(torchvision layout) or add --download"
-        )
+        what = "is a file, not a directory" if root.exists() else "no such directory"
+        raise DataError(f"{where}: {what}; point it at a folder holding MNIST/raw (torchvision layout) "
+                        "or add --download")
     try:
         from torchvision.datasets import MNIST as TVMNIST
 
         parts = [TVMNIST(str(root), train=t, download=download) for t in (True, False)]
-    except RuntimeError as exc:
-        raise DataError(
-            f"--data-dir {root}: MNIST not found or unreadable ({exc}); "
-            "put the MNIST/raw files there or add --download"
-        ) from None
     except OSError as exc:
+        if not download:
+            raise DataError(f"{where}: MNIST files unreadable ({exc.strerror or exc}); "
+                            "put intact MNIST/raw files there or add --download") from None
         raise DataError(
             f"MNIST download into {root} failed ({type(exc).__name__}: {exc}); "
             "check the network or copy MNIST/raw there by hand"
         ) from None
+    except RecursionError:
+        raise DataError(f"{where}: MNIST files unreadable; put intact MNIST/raw files there") from None
+    except Exception as exc:  # torchvision asserts on malformed files and raises RuntimeError when missing
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{where}: MNIST not found or malformed ({detail}); put intact MNIST/raw files "
+            "(torchvision layout) there or add --download"
+        ) from None
     splits = [Split(p.data.numpy().astype(np.uint8), p.targets.numpy().astype(np.int64)) for p in parts]
+    for split, name in zip(splits, ("train", "test")):
+        check_split(split, name, where)
+    sizes = (len(splits[0]), len(splits[1]))
+    kind = "official split" if sizes == OFFICIAL_SIZES else "not the official 60,000 / 10,000 split"
     return Dataset(
         source=MNIST,
-        description="torchvision MNIST: official 60,000 train / 10,000 test split",
+        description=f"torchvision MNIST layout: {sizes[0]:,} train / {sizes[1]:,} test ({kind})",
         train=splits[0],
         test=splits[1],
         data_dir=str(root),

@@ -8,6 +8,7 @@ legacy exporter print deprecation warnings in torch 2.14; they are contained her
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from edgeq.errors import ExportError
+from edgeq.publish import disk_full_as_enospc
 from edgeq.models import IMAGE, ModelConfig
 from edgeq.quantize import quiet
 from edgeq.runtime import INPUT_NAME, OUTPUT_NAME
@@ -29,7 +31,16 @@ OPSET = 17
 def save_checkpoint(model: nn.Module, cfg: ModelConfig, path: Path) -> Path:
     """State dict plus architecture config; loads with torch.load(weights_only=True)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.save({"config": cfg.to_dict(), "state_dict": state}, str(path))
+    buffer = io.BytesIO()
+    torch.save({"config": cfg.to_dict(), "state_dict": state}, buffer)
+    return write_file(path, buffer.getvalue())
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    """Write serialized bytes with Python's file I/O: a full disk raises OSError(ENOSPC), which the
+    caller turns into one line. torch's own C++ file writer aborts the process instead."""
+    with open(path, "wb") as f:
+        f.write(data)
     return path
 
 
@@ -38,8 +49,9 @@ def export_torchscript(model: nn.Module, path: Path) -> Path:
     which makes int8 files ~25% smaller (the per-module code dominates small models)."""
     with quiet():
         frozen = torch.jit.freeze(torch.jit.script(model.eval()))
-        frozen.save(str(path))
-    return path
+        buffer = io.BytesIO()
+        torch.jit.save(frozen, buffer)
+    return write_file(path, buffer.getvalue())
 
 
 def check_onnx(path: Path) -> None:
@@ -122,7 +134,7 @@ def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cf
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, disk_full_as_enospc(path.parent):
         if cfg.relu_before_pool:
             import onnx
 

@@ -181,15 +181,40 @@ def validate(d: object) -> None:
         raise ManifestError("manifest.json lists an artifact name twice: re-run `edgeq export`")
 
 
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is tens of KiB; anything near this is not one of ours
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def read(directory: Path) -> Manifest:
+    """The manifest of an artifacts directory, parsed strictly (no NaN/Infinity, bounded size and depth)
+    and validated; every problem is one ManifestError line naming the file and the fix."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ManifestError(f"{directory}: no such directory; run `edgeq export --out {directory}` first")
+        what = "is a file, not a directory; pass the artifacts directory" if directory.exists() else "no such directory"
+        raise ManifestError(f"{directory}: {what}; run `edgeq export --out {directory}` first"
+                            if not directory.exists() else f"{directory}: {what} (the one holding {MANIFEST_NAME})")
     path = directory / MANIFEST_NAME
-    if not path.is_file():
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ManifestError(f"{path}: not a regular file; re-run `edgeq export`")
+    if not path.exists():
         raise ManifestError(f"{path}: no manifest; run `edgeq export --out {directory}` to create one")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not an edgeq manifest; re-run `edgeq export`")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise ManifestError(f"{path}: nested too deeply to be an edgeq manifest; re-run `edgeq export`") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ManifestError(f"{path}: not valid JSON ({exc}); re-run `edgeq export`") from None
-    return Manifest.from_dict(data)
+    try:
+        return Manifest.from_dict(data)
+    except RecursionError:
+        raise ManifestError(f"{path}: nested too deeply to be an edgeq manifest; re-run `edgeq export`") from None

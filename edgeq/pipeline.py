@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -16,7 +14,7 @@ import numpy as np
 import torch
 
 from edgeq import data as data_mod
-from edgeq import runtime
+from edgeq import publish, runtime
 from edgeq.clock import profile, timed
 from edgeq.environment import environment
 from edgeq.errors import ConfigError, ExportError
@@ -49,6 +47,7 @@ class ExportConfig:
     structured_amount: float = 0.5
     epochs: int | None = None  # None: the per-model default
     progress: bool = True
+    force: bool = False  # replace --out even when it is not empty and not an edgeq export
     search: SearchConfig = SearchConfig()  # how int8-vs-fp32 layer timings are measured
 
     def __post_init__(self) -> None:
@@ -125,64 +124,60 @@ def _runtime_info(fmt: str, precision: str = "fp32") -> dict:
 
 
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Manifest:
-    """Build every requested artifact into a temporary directory, then replace cfg.out with it."""
+    """Build every requested artifact into a temporary directory, then replace cfg.out with it.
+
+    --out is checked, locked and sized before any training (edgeq.publish.staging).
+    """
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    parent_dir = out.resolve().parent
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out}: exists and is not a directory; choose another --out")
-    if not parent_dir.is_dir():
-        raise ExportError(f"--out {out}: parent directory {parent_dir} does not exist; create it or choose another --out")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent_dir))
-    except OSError as exc:
-        raise ExportError(f"--out {out}: cannot write in {parent_dir} ({exc.strerror}); choose a writable --out") from None
-    torch.set_num_threads(TRAIN_THREADS)  # float sums depend on the thread count: fix it to reproduce
-    try:
-        dataset = data_mod.load_data(cfg.data_dir, cfg.download)
-        log(dataset.notice())
-        pre = data_mod.Preprocessing()
-        build = _Build(cfg, tmp, dataset, pre, pre.apply(dataset.test.images),
-                       data_mod.calibration_batches(dataset, pre, seed=cfg.seed), log)
-        models = {}
-        for arch in cfg.models:
-            models[arch] = _export_model(build, arch)
-        build.timings["total_s"] = round(time.perf_counter() - t0, 2)
-        manifest = Manifest(
-            models=models,
-            input={"name": runtime.INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32", "layout": "NCHW"},
-            output={"name": runtime.OUTPUT_NAME, "shape": ["batch", 10], "dtype": "float32", "meaning": "logits"},
-            preprocessing={**pre.to_dict(), "formula": "(pixel_uint8 * scale - mean) / std"},
-            dataset=dataset.to_dict(),
-            environment=environment(),
-            artifacts=build.artifacts,
-            skipped=build.skipped,
-            timings=build.timings,
-        )
-        manifest.write(tmp)  # last: a directory without a manifest is never published
-        _publish(tmp, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    publish.check_out(out, cfg.force)  # before the data is even read
+    dataset = data_mod.load_data(cfg.data_dir, cfg.download)
+    threads = torch.get_num_threads()
+    with publish.staging(out, force=cfg.force, expected_bytes=expected_bytes(cfg)) as tmp:
+        torch.set_num_threads(TRAIN_THREADS)  # float sums depend on the thread count: fix it to reproduce
+        try:
+            manifest = _build(cfg, dataset, tmp, log, t0)
+        finally:
+            torch.set_num_threads(threads)
+    return manifest
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp`: the old directory is moved aside, restored if the swap fails."""
-    if (out / ".gitkeep").exists():
-        (tmp / ".gitkeep").touch()
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
-    os.rmdir(old)
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError as exc:
-        os.rename(old, out)
-        raise ExportError(f"--out {out}: could not replace it ({exc.strerror}); the previous artifacts are unchanged") from None
-    shutil.rmtree(old, ignore_errors=True)
+def expected_bytes(cfg: ExportConfig) -> int:
+    """An upper estimate of the export's size on disk, from each model's parameter count: every fp32
+    variant in three formats of ~4 bytes a parameter, every int8 file ~1.5 bytes a parameter (weights,
+    scales and TorchScript code), and the QAT float ONNX written on the way."""
+    floats = 1 + sum(v in cfg.variants for v in PRUNINGS)
+    int8_files = (1 + ("structured" in cfg.variants)) * sum(m in cfg.variants for m in MODES) * 2
+    total = 0
+    for arch in cfg.models:
+        params, _ = count_params(build_model(default_config(arch)))
+        total += int(params * (4 * len(FORMATS) * floats + 1.5 * int8_files + 4))
+    return total
+
+
+def _build(cfg: ExportConfig, dataset: data_mod.Dataset, tmp: Path, log: Callable[[str], None],
+           t0: float) -> Manifest:
+    log(dataset.notice())
+    pre = data_mod.Preprocessing()
+    build = _Build(cfg, tmp, dataset, pre, pre.apply(dataset.test.images),
+                   data_mod.calibration_batches(dataset, pre, seed=cfg.seed), log)
+    models = {}
+    for arch in cfg.models:
+        models[arch] = _export_model(build, arch)
+    build.timings["total_s"] = round(time.perf_counter() - t0, 2)
+    manifest = Manifest(
+        models=models,
+        input={"name": runtime.INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32", "layout": "NCHW"},
+        output={"name": runtime.OUTPUT_NAME, "shape": ["batch", 10], "dtype": "float32", "meaning": "logits"},
+        preprocessing={**pre.to_dict(), "formula": "(pixel_uint8 * scale - mean) / std"},
+        dataset=dataset.to_dict(),
+        environment=environment(),
+        artifacts=build.artifacts,
+        skipped=build.skipped,
+        timings=build.timings,
+    )
+    manifest.write(tmp)  # last: a directory without a manifest is never published
+    return manifest
 
 
 def _export_model(b: _Build, arch: str) -> dict:

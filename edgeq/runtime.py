@@ -6,6 +6,7 @@ with `torch.jit.load`, ONNX with onnxruntime.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,13 @@ def load_checkpoint_model(path: Path):
 
     try:
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise IntegrityError(f"{path.name}: refused, it holds Python objects beyond tensors and plain data "
+                             f"({_blocked(exc)}); loading it could run code, so it is never loaded; "
+                             "re-run `edgeq export`") from None
+    except Exception as exc:
+        raise IntegrityError(f"{path.name}: not an edgeq checkpoint ({first_line(exc)}); re-run `edgeq export`") from None
+    try:
         cfg = ModelConfig.from_dict(blob["config"])
         model = build_model(cfg)
         model.load_state_dict(blob["state_dict"])
@@ -121,6 +129,14 @@ def load(path: Path, fmt: str, device: str = "cpu", threads: int = 1, options: d
         case "checkpoint":
             return load_checkpoint(path, device, threads)
     raise IntegrityError(f"{path.name}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _blocked(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load the file unsafely."""
+    for line in str(exc).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip().rstrip(".")[:160]
+    return "not a weights-only file"
 
 
 def first_line(exc: BaseException) -> str:

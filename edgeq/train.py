@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from edgeq.data import Preprocessing, Split
 from edgeq.errors import ConfigError
+from edgeq.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False, unit="step")
+    bar = progress_bar(cfg.epochs * steps_per_epoch, desc, progress)
     for epoch in range(cfg.epochs):
         model.train()
         if on_epoch is not None:

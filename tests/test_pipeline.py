@@ -171,34 +171,38 @@ def test_checkpoint_loads_without_pickle_and_matches_onnx(exported):
     np.testing.assert_allclose(load(out / "mlp-fp32.ts.pt", "torchscript").run(x), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_failed_export_leaves_previous_artifacts_untouched(exported, tmp_path, monkeypatch):
+def _previous_export(out) -> set[str]:
+    """A real, small previous export in `out` (fp32 only); returns its file names."""
+    run_export(ExportConfig(out=out, models=("mlp",), variants=(), epochs=1, progress=False), log=lambda s: None)
+    return set(os.listdir(out))
+
+
+def test_failed_export_leaves_previous_artifacts_untouched(tmp_path, monkeypatch):
     out = tmp_path / "art"
-    out.mkdir()
-    (out / "manifest.json").write_text("previous")
-    (out / "old.onnx").write_bytes(b"old")
+    before = _previous_export(out)
+    digests = {name: sha256_file(out / name) for name in before}
 
     def boom(*args, **kwargs):
-        raise ExportError("disk full")
+        raise ExportError("quantization failed")
 
     monkeypatch.setattr(pipeline, "quantize_onnx", boom)
-    with pytest.raises(ExportError):
+    with pytest.raises(ExportError, match="quantization failed"):
         run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=1, progress=False, search=FAST),
                    log=lambda s: None)
-    assert sorted(os.listdir(out)) == ["manifest.json", "old.onnx"]
-    assert (out / "manifest.json").read_text() == "previous"
-    assert [p.name for p in tmp_path.iterdir()] == ["art"], "temporary directory left behind"
+    assert {name: sha256_file(out / name) for name in os.listdir(out)} == digests
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["art"], \
+        "temporary directory left behind"
 
 
-def test_successful_export_replaces_the_directory(tmp_path):
+def test_successful_export_replaces_a_previous_export(tmp_path):
     out = tmp_path / "art"
-    out.mkdir()
-    (out / "stale.onnx").write_bytes(b"stale")
+    _previous_export(out)
     (out / ".gitkeep").touch()
     run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=1, progress=False, search=FAST),
                log=lambda s: None)
     names = set(os.listdir(out))
-    assert "stale.onnx" not in names and {"manifest.json", "mlp-static.onnx", ".gitkeep"} <= names
-    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+    assert {"manifest.json", "mlp-static.onnx", ".gitkeep"} <= names
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["art"]
 
 
 def test_bad_export_configs():
