@@ -109,6 +109,7 @@ def test_json_report_matches_its_schema(clean) -> None:
     assert set(report["phases"]) == {"integrity", "test_split", "load_and_accuracy", "latency"}
     assert sum(report["phases"].values()) <= report["wall_s"] + 0.05
     assert report["phases"]["latency"] > 0
+    assert report["signature"] == {"status": "unsigned", "file": None, "public_key": None}
     assert report["unlisted"] == [] and report["directory_problems"] == [] and report["gates"]["strict"] is False
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**report, "rows": [{**report["rows"][0], "status": "maybe"}]}, REPORT_SCHEMA)
@@ -119,13 +120,14 @@ def test_plot_and_markdown(clean, tmp_path: Path) -> None:
     assert (tmp_path / "plots" / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = markdown(clean)
     assert "## mlp" in md and "mlp-static-onnx" in md and "quantized" in md and "PASSED" in md
-    assert "Files outside the manifest" not in md
+    assert "Signature: unsigned." in md and "Files outside the manifest" not in md
 
 
 def test_table_fits_100_columns(clean) -> None:
     lines = table(clean).splitlines()
     assert max(map(len, lines)) <= 100
     assert sum(line.startswith("mlp-") for line in lines) == len(clean.rows)
+    assert "signature: unsigned." in lines
     # what the export did not build, or built and did not ship, is named, never silently absent
     skipped = [{"name": "mlp-dynamic-onnx", "kind": "not_built", "reason": "static QDQ is the int8 ONNX variant"},
                {"name": "mlp-structured-static-ts", "kind": "slower_than_parent",
@@ -149,7 +151,7 @@ def test_cli_writes_reports_and_exits_0(mlp_artifacts: Path, tmp_path: Path) -> 
 def test_help_has_an_example() -> None:
     result = cli("--help")
     assert result.exit_code == 0 and "Example:" in result.output and "edgeq verify artifacts --threads 2" in result.output
-    assert "--strict" in result.output
+    assert "--public-key PUB" in result.output and "--strict" in result.output
 
 
 # gates ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from edgeq.clock import profile
+from edgeq.signing import STATUSES, describe
 from edgeq.verify.rows import REFERENCES, UNLISTED, Row, VerifyResult
 
 REPORT_VERSION = 1
@@ -96,7 +97,18 @@ REPORT_SCHEMA: dict = {
         "not_built": {"type": "array", "items": {"type": "object", "required": ["name", "reason"]}},
         "wall_s": {"type": "number", "minimum": 0},
         "phases": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},  # optional in v1
-        # optional in v1, always written: what the directory holds beyond the manifest
+        # optional in v1, always written: the signature, and what the directory holds beyond the manifest
+        "signature": {
+            "type": "object",
+            "required": ["status", "file", "public_key"],
+            "properties": {
+                "status": {"enum": list(STATUSES)},
+                "file": _STR,
+                "public_key": _STR,
+                "files": {"description": "the files the verified signature covers",
+                          "type": "array", "items": {"type": "string"}},
+            },
+        },
         "unlisted": {"description": f"names {UNLISTED}; they fail the run under --strict",
                      "type": "array", "items": {"type": "string"}},
         "directory_problems": {"description": "symlinks and special files in the directory; each fails the run",
@@ -127,6 +139,7 @@ def to_json(result: VerifyResult) -> dict:
         "not_built": result.not_built,
         "wall_s": result.wall_s,
         "phases": result.phases,
+        "signature": result.signature,
         "unlisted": result.unlisted,
         "directory_problems": result.directory_problems,
     }
@@ -206,8 +219,8 @@ def table(result: VerifyResult) -> str:
 
 
 def _directory(result: VerifyResult) -> list[str]:
-    """The unlisted names and the directory's failures, wrapped to WIDTH."""
-    text = []
+    """The signature status, the unlisted names and the directory's failures, wrapped to WIDTH."""
+    text = [f"signature: {describe(result.signature)}."]
     if result.unlisted:
         verdict = "FAIL (--strict)" if result.config.strict else "warning"
         text.append(f"unlisted, {verdict}: {', '.join(result.unlisted)} (not in manifest.json, not verified).")
@@ -242,6 +255,8 @@ def markdown(result: VerifyResult) -> str:
         f"top-1 agreement ≥ {cfg.min_agreement:g} vs the fp32 baseline"
         f"{', int8 not slower than its fp32 parent' if cfg.fail_on_slower else ''}"
         f"{', no file outside the manifest' if cfg.strict else ''}.",
+        "",
+        f"Signature: {describe(result.signature)}.",
         "",
         f"Measured on {env['cpu']['model']} ({env['cpu']['cores']} cores; "
         f"{', '.join(k for k, v in env['cpu']['isa'].items() if v) or 'no listed ISA extensions'}), "

@@ -13,6 +13,7 @@ import numpy as np
 from edgeq import runtime
 from edgeq.errors import ConfigError
 from edgeq.manifest import Artifact
+from edgeq.signing import UNSIGNED
 
 CPU_RUNTIME = {"onnx": "onnxruntime-cpu", "torchscript": "torch-cpu", "checkpoint": "torch-cpu"}
 CUDA_RUNTIME = "torch-cuda"
@@ -33,6 +34,7 @@ class VerifyConfig:
     data_dir: str | None = None  # full MNIST, for manifests whose dataset source is "mnist"
     fail_on_slower: bool = False  # an int8 artifact slower than its fp32 parent fails the gate
     strict: bool = False  # a file in the directory that the manifest does not list fails the run
+    public_key: str | None = None  # check the directory's signature with this EC public key, first
     slower_margin: float = 0.05  # paired ratios up to 1 + margin are within timer noise, not "slower"
     rounds: int = 5  # alternating timing rounds per batch size
     window_s: float = 0.015  # seconds per timing window (at least one call)
@@ -124,6 +126,7 @@ class VerifyResult:
     phases: dict = field(default_factory=dict)  # seconds per phase: integrity, test_split, load_and_accuracy, latency
     unlisted: list[str] = field(default_factory=list)  # names in the directory the manifest does not list
     directory_problems: list[str] = field(default_factory=list)  # symlinks, special files: each fails the run
+    signature: dict = field(default_factory=lambda: {"status": UNSIGNED, "file": None, "public_key": None})
 
     @property
     def passed(self) -> bool:
