@@ -23,3 +23,7 @@ class ManifestError(EdgeqError):
 
 class IntegrityError(EdgeqError):
     """A file on disk is not the file the manifest describes."""
+
+
+class SignatureError(IntegrityError):
+    """A signed artifacts directory does not match its signature, or the signature cannot be checked."""

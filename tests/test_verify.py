@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -108,6 +109,8 @@ def test_json_report_matches_its_schema(clean) -> None:
     assert set(report["phases"]) == {"integrity", "test_split", "load_and_accuracy", "latency"}
     assert sum(report["phases"].values()) <= report["wall_s"] + 0.05
     assert report["phases"]["latency"] > 0
+    assert report["signature"] == {"status": "unsigned", "file": None, "public_key": None}
+    assert report["unlisted"] == [] and report["directory_problems"] == [] and report["gates"]["strict"] is False
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**report, "rows": [{**report["rows"][0], "status": "maybe"}]}, REPORT_SCHEMA)
 
@@ -117,12 +120,14 @@ def test_plot_and_markdown(clean, tmp_path: Path) -> None:
     assert (tmp_path / "plots" / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = markdown(clean)
     assert "## mlp" in md and "mlp-static-onnx" in md and "quantized" in md and "PASSED" in md
+    assert "Signature: unsigned." in md and "Files outside the manifest" not in md
 
 
 def test_table_fits_100_columns(clean) -> None:
     lines = table(clean).splitlines()
     assert max(map(len, lines)) <= 100
     assert sum(line.startswith("mlp-") for line in lines) == len(clean.rows)
+    assert "signature: unsigned." in lines
     # what the export did not build, or built and did not ship, is named, never silently absent
     skipped = [{"name": "mlp-dynamic-onnx", "kind": "not_built", "reason": "static QDQ is the int8 ONNX variant"},
                {"name": "mlp-structured-static-ts", "kind": "slower_than_parent",
@@ -146,6 +151,7 @@ def test_cli_writes_reports_and_exits_0(mlp_artifacts: Path, tmp_path: Path) -> 
 def test_help_has_an_example() -> None:
     result = cli("--help")
     assert result.exit_code == 0 and "Example:" in result.output and "edgeq verify artifacts --threads 2" in result.output
+    assert "--public-key PUB" in result.output and "--strict" in result.output
 
 
 # gates ----------------------------------------------------------------------------------------------
@@ -312,6 +318,53 @@ def test_path_outside_the_directory_is_rejected(mlp_artifacts: Path, tmp_path: P
     edit_manifest(art, "mlp-static-onnx", file=target)
     result = verify(art, FAST)
     _assert_only_failure(result, "mlp-static-onnx", "absolute path" if outside == "ABSOLUTE" else "leaves")
+
+
+def test_onnx_with_external_data_fails_its_row_naming_the_sidecar(mlp_artifacts: Path, tmp_path: Path) -> None:
+    import onnx
+
+    art = copy(mlp_artifacts, tmp_path)
+    model = onnx.load(str(art / "mlp-fp32.onnx"))
+    onnx.save_model(model, str(art / "mlp-fp32.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="mlp-fp32.onnx.data", size_threshold=0)
+    rehash(art, "mlp-fp32-onnx")  # the .onnx now matches the manifest; its weights are in an unhashed sidecar
+    result = verify(art, FAST)
+    _assert_only_failure(result, "mlp-fp32-onnx", "external data file mlp-fp32.onnx.data")
+    assert result.unlisted == ["mlp-fp32.onnx.data"]
+
+
+def test_symlinks_fail_listed_or_not(mlp_artifacts: Path, tmp_path: Path) -> None:
+    art = copy(mlp_artifacts, tmp_path)
+    os.symlink("/etc/passwd", art / "passwd.onnx")
+    (art / "real").mkdir()
+    shutil.move(art / "mlp-static.ts.pt", art / "real" / "static.ts.pt")
+    os.symlink("real/static.ts.pt", art / "mlp-static.ts.pt")  # a listed file, same bytes, behind a link
+    result = verify(art, FAST)
+    assert result.directory_problems == ["passwd.onnx: a symlink (to /etc/passwd); an artifacts directory holds "
+                                         "regular files only: remove it"]
+    assert result.unlisted == ["real/", "real/static.ts.pt"]
+    _assert_only_failure(result, "mlp-static-ts", "mlp-static.ts.pt is a symlink (to real/static.ts.pt)")
+    assert result.failures[0].startswith("passwd.onnx: a symlink") and "FAIL passwd.onnx" in table(result)
+
+
+def test_unlisted_file_warns_and_fails_under_strict(mlp_artifacts: Path, tmp_path: Path) -> None:
+    art = copy(mlp_artifacts, tmp_path)
+    shutil.copy(art / "mlp-static.onnx", art / "extra.onnx")
+    (art / ".gitkeep").touch()  # ours: the exporter keeps a git-tracked artifacts/.gitkeep
+    report = tmp_path / "v.json"
+    lenient = cli(str(art), "--quiet", "--batch", "32", "--json", str(report))
+    assert lenient.exit_code == 0, lenient.output
+    assert lenient.stderr.splitlines() == ["warning: extra.onnx: in the artifacts directory but not in manifest.json, "
+                                           "so not verified; remove it, or pass --strict to fail on it"]
+    data = json.loads(report.read_text())
+    jsonschema.validate(data, REPORT_SCHEMA)
+    assert data["unlisted"] == ["extra.onnx"] and data["passed"] is True
+
+    strict = cli(str(art), "--quiet", "--batch", "32", "--strict")
+    assert strict.exit_code == 1 and "Traceback" not in strict.output
+    assert strict.stderr.splitlines() == ["FAIL extra.onnx: in the artifacts directory but not in manifest.json, "
+                                          "so not verified (--strict); remove it, or re-run `edgeq export`"]
+    assert "unlisted, FAIL (--strict): extra.onnx" in strict.stdout and "1 directory FAIL" in strict.stdout
 
 
 def _assert_only_failure(result, name: str, expected: str) -> None:

@@ -34,27 +34,36 @@ from edgeq.errors import EdgeqError
               help="Full MNIST (torchvision layout), for artifacts exported with --data-dir.")
 @click.option("--fail-on-slower", is_flag=True,
               help="Fail (not just warn) when an int8 artifact is slower than its fp32 parent.")
+@click.option("--public-key", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="PUB",
+              help="Check DIR's signature (edgeq.sig, from `edgeq export --sign-key`) with this PEM "
+                   "elliptic-curve public key before anything else; any changed, added or removed file fails.")
+@click.option("--strict", is_flag=True,
+              help="Fail (not just warn) on a file or directory in DIR that manifest.json does not list.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, min_agreement: float,
            json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, data_dir: Path | None,
-           fail_on_slower: bool, quiet: bool) -> None:
-    """Check every artifact in DIR: integrity, accuracy, fidelity, size and speed.
+           fail_on_slower: bool, public_key: Path | None, strict: bool, quiet: bool) -> None:
+    """Check every artifact in DIR: signature, integrity, accuracy, fidelity, size and speed.
 
-    Files are checked against manifest.json (size, sha256) before anything is loaded. Each
-    artifact then runs in its own runtime on the manifest's test split and is compared with the
-    fp32 PyTorch baseline of its model family. Exit code 0 when every artifact passes, 1 otherwise.
+    With --public-key, the signature over every file in DIR is checked first. Files are then
+    checked against manifest.json (size, sha256) before anything is loaded; any other file in DIR
+    is a warning (a failure with --strict), and a symlink anywhere in DIR fails. Each artifact then
+    runs in its own runtime on the manifest's test split and is compared with the fp32 PyTorch
+    baseline of its model family. Exit code 0 when every artifact passes, 1 otherwise.
 
     \b
     Example:
       edgeq verify artifacts
       edgeq verify artifacts --threads 2 --json reports/verify.json --plot reports/verify.png
+      edgeq verify artifacts --public-key pub.pem --strict
     """
     from edgeq.verify import core, report
 
     try:
         cfg = core.VerifyConfig(threads=threads, batch=batch, max_accuracy_drop=max_accuracy_drop,
                                 min_agreement=min_agreement, data_dir=str(data_dir) if data_dir else None,
-                                fail_on_slower=fail_on_slower, progress=not quiet)
+                                fail_on_slower=fail_on_slower, strict=strict,
+                                public_key=str(public_key) if public_key else None, progress=not quiet)
         result = core.verify(directory, cfg)
         for path, write in ((json_path, report.write_json), (markdown_path, report.write_markdown),
                             (plot_path, _write_plot)):
@@ -68,6 +77,8 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, 
         click.echo("edgeq: interrupted", err=True)
         sys.exit(130)
     click.echo(report.table(result))
+    for warning in result.directory_warnings:
+        click.echo(f"warning: {warning}", err=True)
     for row in result.rows:
         for warning in row.warnings:
             click.echo(f"warning: {row.label}: {warning}", err=True)

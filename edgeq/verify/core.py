@@ -1,8 +1,9 @@
 """`verify(directory, cfg)`: check every artifact of an export against its fp32 baseline.
 
-Order matters: the manifest is validated, then every file's path, size and sha256, all before any
-file is loaded; then the test split is rebuilt and matched against the manifest's hash. Each
-artifact then runs in its own runtime: one pass for accuracy and fidelity (threads=1, the batch
+Order matters: with a public key, the signature over the whole directory is checked first, before
+the manifest is even parsed; then the manifest is validated, then every file's path, size and
+sha256, and every other name in the directory, all before any file is loaded; then the test split
+is rebuilt and matched against the manifest's hash. Each artifact then runs in its own runtime: one pass for accuracy and fidelity (threads=1, the batch
 the exporter used, so the count of correct answers must equal the manifest's), then paired latency
 against its references. A failing artifact becomes a FAIL row; the others are still measured.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import runtime
+from edgeq import runtime, signing
 from edgeq.clock import timed
 from edgeq.data import MNIST, Preprocessing, load_data
 from edgeq.errors import ConfigError, DataError, EdgeqError
@@ -32,8 +33,8 @@ __all__ = ["VerifyConfig", "VerifyResult", "Row", "verify", "gate", "load_test_s
 def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig()) -> VerifyResult:
     """Integrity, accuracy, fidelity, size and paired latency of every artifact, then the gates.
 
-    Raises ManifestError/DataError for problems that make the whole directory unverifiable;
-    everything about a single artifact ends up in its row instead.
+    Raises SignatureError/ManifestError/DataError for problems that make the whole directory
+    unverifiable; everything about a single artifact ends up in its row instead.
     """
     import torch
 
@@ -41,8 +42,10 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig()) -> VerifyR
     phases: dict[str, float] = {}
     directory = Path(directory)
     with timed(phases, "integrity"):
+        signature = signing.signature_status(directory, cfg.public_key)  # first: trust nothing unsigned
         manifest = read(directory)
         problems = integrity.check_all(directory, manifest)
+        unlisted, directory_problems = integrity.check_directory(directory, manifest)
     with timed(phases, "test_split"):
         x, labels = load_test_split(manifest, cfg.data_dir)
     cuda = torch.cuda.is_available()
@@ -57,7 +60,8 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig()) -> VerifyR
         gate(row, cfg)
     dataset = {k: manifest.dataset[k] for k in ("source", "test_size", "test_sha256")}
     return VerifyResult(str(directory), cfg, rows, _environment(cfg, cuda), dataset,
-                        list(manifest.skipped), round(time.perf_counter() - t0, 2), phases)
+                        list(manifest.skipped), round(time.perf_counter() - t0, 2), phases,
+                        unlisted, directory_problems, signature)
 
 
 def load_test_split(manifest: Manifest, data_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:

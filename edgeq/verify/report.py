@@ -13,7 +13,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from edgeq.clock import profile
-from edgeq.verify.rows import REFERENCES, Row, VerifyResult
+from edgeq.signing import STATUSES, describe
+from edgeq.verify.rows import REFERENCES, UNLISTED, Row, VerifyResult
 
 REPORT_VERSION = 1
 WIDTH = 100
@@ -96,6 +97,22 @@ REPORT_SCHEMA: dict = {
         "not_built": {"type": "array", "items": {"type": "object", "required": ["name", "reason"]}},
         "wall_s": {"type": "number", "minimum": 0},
         "phases": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},  # optional in v1
+        # optional in v1, always written: the signature, and what the directory holds beyond the manifest
+        "signature": {
+            "type": "object",
+            "required": ["status", "file", "public_key"],
+            "properties": {
+                "status": {"enum": list(STATUSES)},
+                "file": _STR,
+                "public_key": _STR,
+                "files": {"description": "the files the verified signature covers",
+                          "type": "array", "items": {"type": "string"}},
+            },
+        },
+        "unlisted": {"description": f"names {UNLISTED}; they fail the run under --strict",
+                     "type": "array", "items": {"type": "string"}},
+        "directory_problems": {"description": "symlinks and special files in the directory; each fails the run",
+                               "type": "array", "items": {"type": "string"}},
     },
 }
 
@@ -109,7 +126,7 @@ def to_json(result: VerifyResult) -> dict:
         "passed": result.passed,
         "failures": result.failures,
         "gates": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_agreement": cfg.min_agreement,
-                  "fail_on_slower": cfg.fail_on_slower, "slower_margin": cfg.slower_margin},
+                  "fail_on_slower": cfg.fail_on_slower, "slower_margin": cfg.slower_margin, "strict": cfg.strict},
         "measurement": {
             "threads": cfg.threads, "batch": cfg.batch, "rounds": cfg.rounds, "window_s": cfg.window_s,
             "method": "each artifact timed in alternating windows with its references (parent, torch fp32 CPU, "
@@ -122,6 +139,9 @@ def to_json(result: VerifyResult) -> dict:
         "not_built": result.not_built,
         "wall_s": result.wall_s,
         "phases": result.phases,
+        "signature": result.signature,
+        "unlisted": result.unlisted,
+        "directory_problems": result.directory_problems,
     }
 
 
@@ -190,10 +210,22 @@ def table(result: VerifyResult) -> str:
         f"fp32 parent (paired, batch 1 or {cfg.batch}). Threads: {cfg.threads}."
     )
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "FAIL", "skipped")}
+    directory = len(result.directory_failures)
     verdict = (f"{'PASSED' if result.passed else 'FAILED'}: {counts['ok']} ok, {counts['FAIL']} FAIL, "
-               f"{counts['skipped']} skipped; verified in {result.wall_s:.1f} s")
-    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), *_not_built(result.not_built), verdict,
-                      *_profile(result.phases)])
+               f"{counts['skipped']} skipped{f', {directory} directory FAIL' * bool(directory)}; "
+               f"verified in {result.wall_s:.1f} s")
+    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), *_not_built(result.not_built),
+                      *_directory(result), verdict, *_profile(result.phases)])
+
+
+def _directory(result: VerifyResult) -> list[str]:
+    """The signature status, the unlisted names and the directory's failures, wrapped to WIDTH."""
+    text = [f"signature: {describe(result.signature)}."]
+    if result.unlisted:
+        verdict = "FAIL (--strict)" if result.config.strict else "warning"
+        text.append(f"unlisted, {verdict}: {', '.join(result.unlisted)} (not in manifest.json, not verified).")
+    text += [f"FAIL {line}" for line in result.directory_problems]
+    return [line for t in text for line in textwrap.wrap(t, WIDTH, break_on_hyphens=False, subsequent_indent="  ")]
 
 
 def _not_built(skipped: list[dict]) -> list[str]:
@@ -221,7 +253,10 @@ def markdown(result: VerifyResult) -> str:
         "",
         f"**{'PASSED' if result.passed else 'FAILED'}** — gates: accuracy drop ≤ {cfg.max_accuracy_drop:g} pts, "
         f"top-1 agreement ≥ {cfg.min_agreement:g} vs the fp32 baseline"
-        f"{', int8 not slower than its fp32 parent' if cfg.fail_on_slower else ''}.",
+        f"{', int8 not slower than its fp32 parent' if cfg.fail_on_slower else ''}"
+        f"{', no file outside the manifest' if cfg.strict else ''}.",
+        "",
+        f"Signature: {describe(result.signature)}.",
         "",
         f"Measured on {env['cpu']['model']} ({env['cpu']['cores']} cores; "
         f"{', '.join(k for k, v in env['cpu']['isa'].items() if v) or 'no listed ISA extensions'}), "
@@ -254,6 +289,11 @@ def markdown(result: VerifyResult) -> str:
     if result.not_built:
         out += ["", "## Not built by the exporter", ""]
         out += [f"- `{s['name']}`: {s['reason']}" for s in result.not_built]
+    if result.unlisted or result.directory_problems:
+        out += ["", "## Files outside the manifest", ""]
+        kind = "FAIL (--strict)" if result.config.strict else "warning"
+        out += [f"- `{name}`: {kind}, {UNLISTED}" for name in result.unlisted]
+        out += [f"- FAIL: {line}" for line in result.directory_problems]
     return "\n".join(out) + "\n"
 
 

@@ -13,10 +13,12 @@ import numpy as np
 from edgeq import runtime
 from edgeq.errors import ConfigError
 from edgeq.manifest import Artifact
+from edgeq.signing import UNSIGNED
 
 CPU_RUNTIME = {"onnx": "onnxruntime-cpu", "torchscript": "torch-cpu", "checkpoint": "torch-cpu"}
 CUDA_RUNTIME = "torch-cuda"
 NO_CUDA = "skipped: no CUDA device"
+UNLISTED = "in the artifacts directory but not in manifest.json, so not verified"
 # reference kinds every artifact is timed against (paired), in the order they are reported
 REFERENCES = ("parent", "torch_fp32", "ort_fp32")
 
@@ -31,6 +33,8 @@ class VerifyConfig:
     min_agreement: float = 0.98  # top-1 agreement with the fp32 baseline
     data_dir: str | None = None  # full MNIST, for manifests whose dataset source is "mnist"
     fail_on_slower: bool = False  # an int8 artifact slower than its fp32 parent fails the gate
+    strict: bool = False  # a file in the directory that the manifest does not list fails the run
+    public_key: str | None = None  # check the directory's signature with this EC public key, first
     slower_margin: float = 0.05  # paired ratios up to 1 + margin are within timer noise, not "slower"
     rounds: int = 5  # alternating timing rounds per batch size
     window_s: float = 0.015  # seconds per timing window (at least one call)
@@ -120,16 +124,34 @@ class VerifyResult:
     not_built: list[dict]  # what the exporter skipped, with its reasons (manifest "skipped")
     wall_s: float
     phases: dict = field(default_factory=dict)  # seconds per phase: integrity, test_split, load_and_accuracy, latency
+    unlisted: list[str] = field(default_factory=list)  # names in the directory the manifest does not list
+    directory_problems: list[str] = field(default_factory=list)  # symlinks, special files: each fails the run
+    signature: dict = field(default_factory=lambda: {"status": UNSIGNED, "file": None, "public_key": None})
 
     @property
     def passed(self) -> bool:
-        """True when no row failed (skipped rows, such as CUDA without a device, do not fail)."""
-        return all(r.status != "FAIL" for r in self.rows)
+        """True when no row failed (skipped rows, such as CUDA without a device, do not fail) and the
+        directory holds nothing it must not: no symlink or special file, no unlisted file under --strict."""
+        return all(r.status != "FAIL" for r in self.rows) and not self.directory_failures
+
+    @property
+    def directory_failures(self) -> list[str]:
+        """One line per problem with the directory itself; unlisted names count under --strict only."""
+        strict = [f"{name}: {UNLISTED} (--strict); remove it, or re-run `edgeq export`" for name in self.unlisted]
+        return self.directory_problems + (strict if self.config.strict else [])
+
+    @property
+    def directory_warnings(self) -> list[str]:
+        """One line per unlisted name, when --strict does not make it a failure."""
+        if self.config.strict:
+            return []
+        return [f"{name}: {UNLISTED}; remove it, or pass --strict to fail on it" for name in self.unlisted]
 
     @property
     def failures(self) -> list[str]:
-        """One line per failing row: `<label>: <reasons>`."""
-        return [f"{r.label}: {'; '.join(r.reasons)}" for r in self.rows if r.status == "FAIL"]
+        """The directory's failures, then one line per failing row: `<label>: <reasons>`."""
+        rows = [f"{r.label}: {'; '.join(r.reasons)}" for r in self.rows if r.status == "FAIL"]
+        return self.directory_failures + rows
 
 
 @dataclass
