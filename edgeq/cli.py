@@ -72,9 +72,12 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for training, pruning and calibration.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads the deployment runs with: int8-vs-fp32 decisions and the ship rule are timed at it.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="KEY",
+              help="EC private key (PEM) to sign the whole output directory with (OpenSSF model-signing); "
+                   "check it with `edgeq verify DIR --public-key PUB`.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage lines.")
 def export(out, force, models, variants, data_dir, download, prune_amount, prune_method, channel_amount, epochs, seed,
-           threads, quiet):
+           threads, sign_key, quiet):
     """Train, prune, quantize and export every variant, then write manifest.json.
 
     \b
@@ -89,7 +92,7 @@ def export(out, force, models, variants, data_dir, download, prune_amount, prune
             out=out, models=tuple(models) or ("mlp", "cnn"), variants=variants,
             data_dir=str(data_dir) if data_dir else None, download=download, seed=seed,
             unstructured_amount=prune_amount, unstructured_method=f"{prune_method}_unstructured",
-            structured_amount=channel_amount, epochs=epochs, progress=not quiet, force=force,
+            structured_amount=channel_amount, epochs=epochs, progress=not quiet, force=force, sign_key=sign_key,
             search=SearchConfig(threads=threads),
         )
         manifest = run_export(cfg)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from edgeq import data as data_mod
-from edgeq import publish, runtime
+from edgeq import publish, runtime, signing
 from edgeq.clock import profile, timed
 from edgeq.environment import environment
 from edgeq.errors import ConfigError, ExportError
@@ -48,6 +48,7 @@ class ExportConfig:
     epochs: int | None = None  # None: the per-model default
     progress: bool = True
     force: bool = False  # replace --out even when it is not empty and not an edgeq export
+    sign_key: Path | None = None  # EC private key (PEM): sign the whole directory (edgeq.signing)
     search: SearchConfig = SearchConfig()  # how int8-vs-fp32 layer timings are measured
 
     def __post_init__(self) -> None:
@@ -131,6 +132,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda s: print(s
     t0 = time.perf_counter()
     out = Path(cfg.out)
     publish.check_out(out, cfg.force)  # before the data is even read
+    if cfg.sign_key is not None:
+        signing.check_private_key(cfg.sign_key)
     dataset = data_mod.load_data(cfg.data_dir, cfg.download)
     threads = torch.get_num_threads()
     with publish.staging(out, force=cfg.force, expected_bytes=expected_bytes(cfg)) as tmp:
@@ -177,6 +180,8 @@ def _build(cfg: ExportConfig, dataset: data_mod.Dataset, tmp: Path, log: Callabl
         timings=build.timings,
     )
     manifest.write(tmp)  # last: a directory without a manifest is never published
+    if cfg.sign_key is not None:  # after the manifest: the signature covers every file, manifest.json included
+        signing.sign_directory(tmp, cfg.sign_key)
     return manifest
 
 

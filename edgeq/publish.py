@@ -29,11 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgeq.errors import ExportError
+from edgeq.signing import SIGNATURE_NAME
 
 MANIFEST_NAME = "manifest.json"
 GITKEEP = ".gitkeep"
 # files an export writes besides its artifacts; a directory holding anything else is not replaced
-OWN_FILES = frozenset({MANIFEST_NAME, GITKEEP, "edgeq.sig"})
+OWN_FILES = frozenset({MANIFEST_NAME, GITKEEP, SIGNATURE_NAME})
 FREE_SPACE_MARGIN = 1.25  # the expected size is an estimate: ask for a quarter more
 FREE_SPACE_SLACK = 4 << 20  # bytes: temporary files of quantization, the manifest, file-system blocks
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

@@ -267,3 +267,40 @@ def test_importing_edgeq_loads_no_signing_library() -> None:
             "print(sorted(m for m in ('model_signing', 'cryptography') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_export_sign_key_signs_the_published_directory(keys: dict[str, Path], tmp_path: Path) -> None:
+    """`edgeq export --sign-key` end to end: the published directory verifies with the public key, and
+    a re-hashed tampered file in it fails on the signature, named."""
+    from edgeq.cli import main
+
+    out = tmp_path / "art"
+    r = CliRunner().invoke(main, ["export", "--out", str(out), "--model", "mlp", "--variants", "none",
+                                  "--epochs", "1", "--quiet", "--sign-key", str(keys["key"])])
+    assert r.exit_code == 0, r.output
+    assert (out / SIGNATURE_NAME).is_file()
+    assert cli(out, "--public-key", keys["pub"], "--quiet").exit_code == 0
+    onnx_file = out / "mlp-fp32.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[-100] ^= 0xFF  # inside the last initializer's raw data
+    onnx_file.write_bytes(bytes(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = next(a for a in manifest["artifacts"] if a["file"] == onnx_file.name)
+    entry.update(sha256=sha256_file(onnx_file))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    line = one_error_line(cli(out, "--public-key", keys["pub"], "--quiet"))
+    assert "mlp-fp32.onnx" in line
+
+
+def test_export_refuses_a_bad_sign_key_before_any_work(tmp_path: Path) -> None:
+    from edgeq.cli import main
+
+    bad = tmp_path / "key.pem"
+    bad.write_text("not a key")
+    r = CliRunner().invoke(main, ["export", "--out", str(tmp_path / "art"), "--model", "mlp", "--quiet",
+                                  "--sign-key", str(bad)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"edgeq: error: {bad}: not a PEM private key; ")
+    assert "openssl ecparam" in lines[0]
+    assert not (tmp_path / "art").exists()
