@@ -415,3 +415,24 @@ def test_export_log_off_a_terminal_has_no_progress_frames(tmp_path: Path) -> Non
     assert r.exit_code == 0, r.output
     assert "\r" not in r.output
     assert sum(line.startswith("mlp: train: ") for line in r.output.splitlines()) == 1
+
+
+def test_an_unreadable_artifact_fails_its_row_only(tmp_path: Path, mlp_artifacts: Path, monkeypatch) -> None:
+    art = _copy(mlp_artifacts, tmp_path)
+    target = art / "mlp-static.onnx"
+    if os.geteuid() != 0:
+        target.chmod(0)
+    else:  # root reads any file: make this one refuse as a permission error would
+        real_open = open
+
+        def guarded(file, *args, **kwargs):
+            if Path(str(file)) == target:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", guarded)
+    result = verify(art, FAST_VERIFY)
+    bad = [r for r in result.rows if r.status == "FAIL"]
+    assert [r.name for r in bad] == ["mlp-static-onnx"]
+    assert bad[0].reasons == ["mlp-static.onnx: cannot read (Permission denied); check its permissions"]
+    assert all(r.status in ("ok", "skipped") for r in result.rows if r.name != "mlp-static-onnx")

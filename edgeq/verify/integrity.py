@@ -47,7 +47,10 @@ def check_artifact(directory: Path, art: Artifact) -> list[str]:
     size = path.stat().st_size
     if size != art.bytes:
         return [f"{art.file}: {size} bytes on disk, manifest says {art.bytes} (truncated or replaced); {REEXPORT}"]
-    digest = sha256_file(path)
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        return [f"{art.file}: cannot read ({exc.strerror}); check its permissions"]
     if digest != art.sha256:
         return [f"{art.file}: sha256 {digest[:12]}... does not match the manifest's {art.sha256[:12]}... "
                 f"(corrupted or modified); {REEXPORT}"]
