@@ -1,0 +1,160 @@
+"""The recipe: every decision a user may set about how a model is compressed, in one frozen,
+validated dataclass, loadable from TOML (`Recipe.from_file`, `edgeq export --recipe FILE`) and
+recorded in the manifest.
+
+Example TOML (every key optional; unknown keys are refused):
+
+    variants = ["structured", "static", "qat"]
+    seed = 0
+    [structured]
+    amount = 0.5
+    round_to = 8
+    [finetune_structured]
+    epochs = 3
+    lr = 5e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from edgeq.errors import ConfigError
+
+PRUNINGS = ("unstructured", "structured")
+MODES = ("dynamic", "static", "qat")
+VARIANTS = PRUNINGS + MODES
+UNSTRUCTURED_METHODS = ("l1", "random")
+DEFAULT_EVAL_SAMPLES = 10_000  # the test split shipped in eval.npz: all of it up to this many samples
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """edgeq's own fine-tuning loop (AdamW, one-cycle schedule), used when no `finetune` callable is given."""
+
+    epochs: int = 3
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    shift: int = 0  # random translation of up to `shift` pixels, for image inputs [N, C, H, W]; 0: none
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, f"fine-tune epochs must be >= 0, got {self.epochs}")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"fine-tune lr must be a positive number, got {self.lr}")
+        _check(self.weight_decay >= 0, f"fine-tune weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.batch_size >= 1, f"fine-tune batch_size must be >= 1, got {self.batch_size}")
+        _check(self.shift >= 0, f"fine-tune shift must be >= 0 pixels, got {self.shift}")
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    amount: float = 0.8  # fraction of Conv/Linear weights zeroed, globally
+    method: str = "l1"  # l1 (global magnitude) | random
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.amount < 1.0, f"unstructured amount {self.amount} is out of range: use a fraction in (0, 1)")
+        _check(self.method in UNSTRUCTURED_METHODS,
+               f"unknown unstructured method {self.method!r}: choose {', '.join(UNSTRUCTURED_METHODS)}")
+
+
+@dataclass(frozen=True)
+class Structured:
+    amount: float = 0.5  # fraction of channels removed (Torch-Pruning's pruning_ratio)
+    round_to: int = 8  # channel counts kept at multiples of this, for the int8 kernels
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.amount < 1.0, f"structured amount {self.amount} is out of range: use a fraction in (0, 1)")
+        _check(self.round_to >= 1, f"structured round_to must be >= 1, got {self.round_to}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to compress: variants, pruning, fine-tunes, calibration, timing and the ship rule."""
+
+    variants: tuple[str, ...] = VARIANTS
+    unstructured: Unstructured = Unstructured()
+    structured: Structured = Structured()
+    finetune_unstructured: Finetune = Finetune(epochs=3, lr=5e-4)
+    finetune_structured: Finetune = Finetune(epochs=3, lr=5e-4)
+    qat: Finetune = Finetune(epochs=2, lr=2e-5, weight_decay=0.0)
+    calibration_samples: int = 512  # training samples run through the observers (static int8)
+    threads: int = 1  # the deployment's thread count: int8 decisions are timed at it
+    batches: tuple[int, ...] = (1, 256)  # batch sizes every int8 decision and the ship rule are timed at
+    ship_limit: float = 1.05  # an int8 file slower than its fp32 parent by more than this ratio is not shipped
+    search_budget_s: float = 120.0  # wall-time budget of the mixed-precision search per fp32 parent
+    eval_samples: int = DEFAULT_EVAL_SAMPLES  # test samples shipped in eval.npz and measured
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "variants", tuple(self.variants))
+        object.__setattr__(self, "batches", tuple(int(b) for b in self.batches))
+        for v in self.variants:
+            _check(v in VARIANTS, f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
+        _check(len(set(self.variants)) == len(self.variants), f"variants list one twice: {list(self.variants)}")
+        _check(self.calibration_samples >= 1, f"calibration_samples must be >= 1, got {self.calibration_samples}")
+        _check(self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _check(bool(self.batches) and all(b >= 1 for b in self.batches),
+               f"batches must be positive batch sizes, got {list(self.batches)}")
+        _check(self.ship_limit >= 1.0, f"ship_limit must be >= 1.0 (a ratio to the fp32 parent), got {self.ship_limit}")
+        _check(self.search_budget_s > 0, f"search_budget_s must be > 0, got {self.search_budget_s}")
+        _check(self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["variants"], d["batches"] = list(self.variants), list(self.batches)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "recipe") -> "Recipe":
+        """A recipe from plain data (TOML or the manifest); unknown keys are refused by name."""
+        return _build(cls, d, where)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        import tomllib
+
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"--recipe {path}: no such file; pass a TOML recipe file") from None
+        except OSError as exc:
+            raise ConfigError(f"--recipe {path}: cannot read ({exc.strerror})") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--recipe {path}: not valid TOML ({exc}); fix the file") from None
+        return cls.from_dict(data, where=f"--recipe {path}")
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in d.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where} [{name}]")
+        elif isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: {name} must be a list, got {value!r}")
+            kwargs[name] = tuple(value)
+        else:
+            if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, (type(default), int)):
+                raise ConfigError(f"{where}: {name} must be of type {type(default).__name__}, got {value!r}")
+            kwargs[name] = type(default)(value)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
