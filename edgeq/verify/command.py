@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from edgeq.errors import EdgeqError
+from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,27 +35,37 @@ from edgeq.errors import EdgeqError
               help="Full MNIST (torchvision layout), for artifacts exported with --data-dir.")
 @click.option("--fail-on-slower", is_flag=True,
               help="Fail (not just warn) when an int8 artifact is slower than its fp32 parent.")
+@click.option("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, show_default=True, metavar="SECONDS",
+              help="Fail an artifact whose load and accuracy pass, warm-up, or timing takes longer than SECONDS "
+                   "(each step); the other artifacts are still verified.")
+@click.option("--memory-limit", type=float, default=None, metavar="GIB",
+              help="Address space (GiB) that artifacts may add to the verify worker process, together; an "
+                   "artifact that needs more fails. Default: half this machine's memory. Not applied with CUDA.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, min_agreement: float,
            json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, data_dir: Path | None,
-           fail_on_slower: bool, quiet: bool) -> None:
+           fail_on_slower: bool, time_limit: float, memory_limit: float | None, quiet: bool) -> None:
     """Check every artifact in DIR: integrity, accuracy, fidelity, size and speed.
 
     Files are checked against manifest.json (size, sha256) before anything is loaded. Each
     artifact then runs in its own runtime on the manifest's test split and is compared with the
-    fp32 PyTorch baseline of its model family. Exit code 0 when every artifact passes, 1 otherwise.
+    fp32 PyTorch baseline of its model family. Artifacts run in a separate worker process: one that
+    hangs past --time-limit or runs out of memory becomes a FAIL row naming its file. Exit code 0
+    when every artifact passes, 1 otherwise.
 
     \b
     Example:
       edgeq verify artifacts
       edgeq verify artifacts --threads 2 --json reports/verify.json --plot reports/verify.png
+      edgeq verify untrusted-artifacts --time-limit 30 --memory-limit 2
     """
     from edgeq.verify import core, report
 
     try:
         cfg = core.VerifyConfig(threads=threads, batch=batch, max_accuracy_drop=max_accuracy_drop,
                                 min_agreement=min_agreement, data_dir=str(data_dir) if data_dir else None,
-                                fail_on_slower=fail_on_slower, progress=not quiet)
+                                fail_on_slower=fail_on_slower, time_limit_s=time_limit,
+                                memory_limit_gb=memory_limit, progress=not quiet)
         result = core.verify(directory, cfg)
         for path, write in ((json_path, report.write_json), (markdown_path, report.write_markdown),
                             (plot_path, _write_plot)):

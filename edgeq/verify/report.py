@@ -76,7 +76,15 @@ REPORT_SCHEMA: dict = {
             "type": "object",
             "required": ["max_accuracy_drop", "min_agreement", "fail_on_slower", "slower_margin"],
         },
-        "measurement": {"type": "object", "required": ["threads", "batch", "rounds", "window_s", "method"]},
+        "measurement": {
+            "type": "object",
+            "required": ["threads", "batch", "rounds", "window_s", "method"],
+            "properties": {  # optional in v1
+                "time_limit_s": {"type": "number", "exclusiveMinimum": 0},
+                "memory_limit_gb": {"description": "GiB of address space the worker could add; null: not capped",
+                                    "type": ["number", "null"]},
+            },
+        },
         "dataset": {"type": "object", "required": ["source", "test_size", "test_sha256"]},
         "environment": {
             "type": "object",
@@ -112,6 +120,7 @@ def to_json(result: VerifyResult) -> dict:
                   "fail_on_slower": cfg.fail_on_slower, "slower_margin": cfg.slower_margin},
         "measurement": {
             "threads": cfg.threads, "batch": cfg.batch, "rounds": cfg.rounds, "window_s": cfg.window_s,
+            "time_limit_s": cfg.time_limit_s, "memory_limit_gb": result.memory_cap_gb,
             "method": "each artifact timed in alternating windows with its references (parent, torch fp32 CPU, "
                       "onnxruntime fp32), order reversed every round; ratios are medians of per-round "
                       "median-time ratios; accuracy pass with threads=1 at the exporter's batch",
@@ -187,7 +196,8 @@ def table(result: VerifyResult) -> str:
         f"SQNR: top-1 agreement and logit SQNR (dB) vs the same; xfp32: file size vs the fp32 file of the same "
         f"format; p50ms: median latency at batch 1; smp/s: samples/s at batch {cfg.batch}; xpt32: speed-up vs "
         f"torch fp32 CPU at batch 1 (paired); slow: int8 more than {100 * cfg.slower_margin:g}% slower than its "
-        f"fp32 parent (paired, batch 1 or {cfg.batch}). Threads: {cfg.threads}."
+        f"fp32 parent (paired, batch 1 or {cfg.batch}). Threads: {cfg.threads}; time limit {cfg.time_limit_s:g} s "
+        "per step."
     )
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "FAIL", "skipped")}
     verdict = (f"{'PASSED' if result.passed else 'FAILED'}: {counts['ok']} ok, {counts['FAIL']} FAIL, "

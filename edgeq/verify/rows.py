@@ -5,12 +5,12 @@ Plain data, shared by the measuring modules (core, latency) and the renderers (r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgeq import runtime
 from edgeq.errors import ConfigError
 from edgeq.manifest import Artifact
 
@@ -19,6 +19,11 @@ CUDA_RUNTIME = "torch-cuda"
 NO_CUDA = "skipped: no CUDA device"
 # reference kinds every artifact is timed against (paired), in the order they are reported
 REFERENCES = ("parent", "torch_fp32", "ort_fp32")
+# Seconds each step that runs an artifact's code may take: its load and accuracy pass, its warm-up, its
+# windows in each paired timing. On a shared 2-core VM the slowest step of the 36 real MLP/CNN artifacts
+# takes 0.27 s (load and accuracy on 1,000 samples), 2.8 s on full MNIST's 10,000; 120 s is 40x that,
+# room for slower machines, and still turns a hang into a FAIL within two minutes.
+DEFAULT_TIME_LIMIT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class VerifyConfig:
     slower_margin: float = 0.05  # paired ratios up to 1 + margin are within timer noise, not "slower"
     rounds: int = 5  # alternating timing rounds per batch size
     window_s: float = 0.015  # seconds per timing window (at least one call)
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per step that runs an artifact (load + accuracy, warm-up, timing)
+    memory_limit_gb: float | None = None  # GiB the worker may add for all artifacts; None: half the machine's memory
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -45,6 +52,10 @@ class VerifyConfig:
             (self.slower_margin >= 0.0, f"slower_margin must be >= 0, got {self.slower_margin}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.window_s > 0.0, f"window_s must be > 0, got {self.window_s}"),
+            (math.isfinite(self.time_limit_s) and self.time_limit_s > 0,
+             f"time limit must be a number of seconds > 0 (--time-limit), got {self.time_limit_s:g}"),
+            (self.memory_limit_gb is None or (math.isfinite(self.memory_limit_gb) and self.memory_limit_gb > 0),
+             f"memory limit must be a number of GiB > 0 (--memory-limit), got {self.memory_limit_gb}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -119,7 +130,9 @@ class VerifyResult:
     dataset: dict
     not_built: list[dict]  # what the exporter skipped, with its reasons (manifest "skipped")
     wall_s: float
-    phases: dict = field(default_factory=dict)  # seconds per phase: integrity, test_split, load_and_accuracy, latency
+    # seconds per phase: integrity, test_split, start_worker, load_and_accuracy, latency
+    phases: dict = field(default_factory=dict)
+    memory_cap_gb: float | None = None  # GiB of address space the worker could add; None: not capped (CUDA)
 
     @property
     def passed(self) -> bool:
@@ -140,6 +153,6 @@ class Subject:
     art: Artifact
     device: str
     path: Path | None = None  # set once integrity passed
-    runner: runtime.Runner | None = None  # threads=1: the accuracy pass
-    timer: runtime.Runner | None = None  # cfg.threads: the latency pass
-    logits: np.ndarray | None = None
+    runner: int | None = None  # the worker's handle, threads=1: the accuracy pass
+    timer: int | None = None  # the worker's handle, cfg.threads: the latency pass
+    logits: np.ndarray | None = None  # set when the accuracy pass gave a well-shaped result
