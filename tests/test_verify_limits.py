@@ -1,4 +1,4 @@
-"""`edgeq verify` against hostile files: time limits and the memory cap. Real files, no mocks.
+"""`edgeq verify` against hostile files: time limits, the memory cap, the fp32 speed gate. Real files, no mocks.
 
 Each hostile file replaces one artifact of a copy of the `mlp_artifacts` export and is re-hashed into the
 manifest, so that integrity passes and what is tested is what running it does.
@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -24,6 +25,10 @@ from test_verify import FAST, copy, rehash, row
 from edgeq.runtime import INPUT_NAME, OUTPUT_NAME
 from edgeq.verify import verify
 from edgeq.verify.command import verify as verify_command
+from edgeq.verify.core import gate
+from edgeq.verify.latency import speed_flags
+from edgeq.verify.report import REPORT_SCHEMA, table, to_json
+from edgeq.verify.rows import FP32_SLOWDOWN_LIMIT, Row
 from edgeq.verify.worker import Worker
 
 LIMIT_S = 3.0  # the limit the hanging files run under; every honest step here takes well under 0.3 s
@@ -95,6 +100,21 @@ def huge_tensor_onnx(path: Path, copies: int) -> None:
                     helper.make_node("ReduceMean", ["big"], ["mean"], axes=[1], keepdims=0),
                     helper.make_node("Flatten", ["mean"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], [OUTPUT_NAME])],
                    [_const([1, copies, 1, 1], "shape", np.int64), _const(np.zeros((784, 10)), "w", np.float32)])
+    onnx.save(model, str(path))
+
+
+def slowed_onnx(path: Path, trips: int) -> None:
+    """The same model, bit for bit the same logits, plus a Loop of `trips` iterations on 0 * sum(input)."""
+    model = onnx.load(str(path))
+    g = model.graph
+    for node in g.node:
+        node.output[:] = ["original_logits" if o == OUTPUT_NAME else o for o in node.output]
+    loop, consts = _loop("trips", "v0", "v")
+    g.node.extend([helper.make_node("ReduceSum", [INPUT_NAME], ["total"], keepdims=0),
+                   helper.make_node("Mul", ["total", "zero0"], ["v0"]), loop,
+                   helper.make_node("Add", ["original_logits", "v"], [OUTPUT_NAME])])
+    g.initializer.extend([*consts, _const(trips, "trips", np.int64), _const(0.0, "zero0", np.float32)])
+    onnx.checker.check_model(model)
     onnx.save(model, str(path))
 
 
@@ -183,3 +203,54 @@ def test_an_allocation_above_the_cap_fails_its_row(mlp_artifacts: Path, tmp_path
     assert result.memory_cap_gb == 1.0
     _only_failure(result, "mlp-static-onnx", file, "ran out of memory (load and accuracy on 1000 samples",
                   "the cap is 1 GiB of address space; raise --memory-limit")
+
+
+# the fp32 speed gate --------------------------------------------------------------------------------
+
+
+def _row(precision: str = "fp32", runtime: str = "onnxruntime-cpu", **ratios: tuple[float, float]) -> Row:
+    return Row(name="m-x", model="m", format="onnx", precision=precision, runtime=runtime, role="artifact",
+               stage="original", accuracy=0.9, delta_pts=0.0, agreement=1.0, batch=256,
+               paired={kind: {"reference": f"m-{kind}", "runtime": "torch-cpu", "ratio_b1": b1, "ratio_batch": bt}
+                       for kind, (b1, bt) in ratios.items()})
+
+
+@pytest.mark.parametrize(("r", "expected"), [
+    (_row(torch_fp32=(1.9, 1.0)), False),  # within the limit at both batch sizes
+    (_row(torch_fp32=(2.1, 0.5)), True),  # slower at batch 1
+    (_row(torch_fp32=(0.5, 2.1)), True),  # slower at the large batch
+    (_row(ort_fp32=(5.0, 5.0)), None),  # torch vs onnxruntime: legitimately 3-5x, no rule
+    (_row(runtime="torch-cuda", torch_fp32=(9.0, 9.0)), None),  # CUDA vs the CPU baseline: no rule
+    (_row(precision="int8", torch_fp32=(9.0, 9.0)), None),  # int8 has its own rule (vs its parent)
+])
+def test_fp32_slowdown_rule(r: Row, expected: bool | None) -> None:
+    speed_flags(r, FAST)
+    assert r.slower_than_fp32_baseline is expected
+
+
+def test_fp32_slowdown_warns_or_fails() -> None:
+    r = replace(_row(torch_fp32=(3.0, 1.5)), slower_than_fp32_baseline=True)
+    warned, failed = replace(r, reasons=[], warnings=[]), replace(r, reasons=[], warnings=[])
+    gate(warned, FAST)
+    gate(failed, replace(FAST, fail_on_slower=True))
+    assert warned.status == "ok" and warned.warnings[0].startswith(f"fp32 is more than {FP32_SLOWDOWN_LIMIT:g}x slower")
+    assert failed.status == "FAIL" and "3.00x at batch 1, 1.50x at batch 256" in failed.reasons[0]
+
+
+def test_a_slowed_fp32_onnx_is_flagged(mlp_artifacts: Path, tmp_path: Path, verify_worker: Worker) -> None:
+    # 20,000 loop iterations: milliseconds per call, far beyond FP32_SLOWDOWN_LIMIT x the eager MLP's ~0.1 ms
+    art, _ = _replace(mlp_artifacts, tmp_path, "mlp-fp32-onnx", lambda p: slowed_onnx(p, 20_000))
+    result = verify(art, FAST, verify_worker)
+    slowed = row(result, "mlp-fp32-onnx")
+    assert slowed.status == "ok" and slowed.slower_than_fp32_baseline is True  # same logits, only slower
+    assert slowed.paired["torch_fp32"]["ratio_b1"] > 2 * FP32_SLOWDOWN_LIMIT
+    assert any("fp32 is more than" in w for w in slowed.warnings)
+    assert "slowbase" in next(line for line in table(result).splitlines() if line.startswith("mlp-fp32-onnx "))
+    report = json.loads(json.dumps(to_json(result)))
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert next(r for r in report["rows"] if r["name"] == "mlp-fp32-onnx")["slower_than_fp32_baseline"] is True
+    assert report["gates"]["fp32_slowdown_limit"] == FP32_SLOWDOWN_LIMIT
+    assert report["measurement"]["time_limit_s"] == FAST.time_limit_s
+    failed = replace(slowed, warnings=[])
+    gate(failed, replace(FAST, fail_on_slower=True))
+    assert failed.status == "FAIL"

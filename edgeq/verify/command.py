@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from edgeq.errors import EdgeqError
-from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S
+from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,7 +34,8 @@ from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Full MNIST (torchvision layout), for artifacts exported with --data-dir.")
 @click.option("--fail-on-slower", is_flag=True,
-              help="Fail (not just warn) when an int8 artifact is slower than its fp32 parent.")
+              help=f"Fail (not just warn) when an int8 artifact is slower than its fp32 parent, or an fp32 artifact "
+                   f"is more than {FP32_SLOWDOWN_LIMIT:g}x slower than its family's fp32 checkpoint baseline.")
 @click.option("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, show_default=True, metavar="SECONDS",
               help="Fail an artifact whose load and accuracy pass, warm-up, or timing takes longer than SECONDS "
                    "(each step); the other artifacts are still verified.")

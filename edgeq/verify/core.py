@@ -24,7 +24,8 @@ from edgeq.errors import ConfigError, DataError
 from edgeq.manifest import Artifact, Manifest, read
 from edgeq.verify import integrity, measure
 from edgeq.verify.latency import measure_latency
-from edgeq.verify.rows import CPU_RUNTIME, CUDA_RUNTIME, NO_CUDA, Row, Subject, VerifyConfig, VerifyResult
+from edgeq.verify.rows import (CPU_RUNTIME, CUDA_RUNTIME, FP32_SLOWDOWN_LIMIT, NO_CUDA, Row, Subject, VerifyConfig,
+                               VerifyResult)
 from edgeq.verify.worker import Budget, Failed, Worker, default_memory_limit_gb
 
 __all__ = ["VerifyConfig", "VerifyResult", "Row", "verify", "gate", "load_test_split"]
@@ -226,10 +227,21 @@ def gate(row: Row, cfg: VerifyConfig) -> None:
         p = row.paired["parent"]
         message = (f"int8 is slower than its fp32 parent {p['reference']} in {row.runtime} "
                    f"(paired ratio {p['ratio_b1']:.2f}x at batch 1, {p['ratio_batch']:.2f}x at batch {row.batch})")
-        if cfg.fail_on_slower:
-            row.fail(message)
-        else:
-            row.warnings.append(message)
+        _slower(row, message, cfg)
+    if row.slower_than_fp32_baseline:
+        p = row.paired["torch_fp32"]
+        _slower(row, f"fp32 is more than {FP32_SLOWDOWN_LIMIT:g}x slower than the fp32 checkpoint baseline "
+                     f"{p['reference']} in {p['runtime']} (paired ratio {p['ratio_b1']:.2f}x at batch 1, "
+                     f"{p['ratio_batch']:.2f}x at batch {row.batch}): the file does work its weights do not need; "
+                     "re-run `edgeq export`", cfg)
+
+
+def _slower(row: Row, message: str, cfg: VerifyConfig) -> None:
+    """A speed finding: a FAIL with --fail-on-slower, a warning otherwise."""
+    if cfg.fail_on_slower:
+        row.fail(message)
+    else:
+        row.warnings.append(message)
 
 
 def _environment(cfg: VerifyConfig, worker_info: dict) -> dict:

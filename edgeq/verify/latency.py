@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeq.verify import measure
-from edgeq.verify.rows import Subject, VerifyConfig
+from edgeq.verify.rows import CUDA_RUNTIME, FP32_SLOWDOWN_LIMIT, Row, Subject, VerifyConfig
 from edgeq.verify.worker import Budget, Failed, Worker
 
 WARMUP_CALLS = 3  # per runner and batch size: TorchScript re-optimizes on the first calls of a shape
@@ -101,7 +101,7 @@ def _session(s: Subject, refs: dict[str, Subject], ready: list[Subject], cfg: Ve
 
 
 def _latency_figures(t: _Session, refs: dict[str, Subject], cfg: VerifyConfig, dead: set[int]) -> None:
-    """p50/p90 from all candidate samples; speed-ups and the slower flag from per-round paired ratios.
+    """p50/p90 from all candidate samples; speed-ups and the slower flags from per-round paired ratios.
 
     A reference that failed while timing is left out: its kinds get no ratio.
     """
@@ -123,6 +123,20 @@ def _latency_figures(t: _Session, refs: dict[str, Subject], cfg: VerifyConfig, d
         for b in samples:
             ratio = 1.0 if refs.get(kind) is t.subject else row.paired.get(kind, {}).get(f"ratio_{b}")
             setattr(row, f"speedup_vs_{kind}_{b}", None if ratio is None else 1.0 / ratio)
+    speed_flags(row, cfg)
+
+
+def speed_flags(row: Row, cfg: VerifyConfig) -> None:
+    """The slower flags from the row's paired ratios (batch 1 or the large batch, whichever is worse).
+
+    int8: slower than its fp32 parent by more than cfg.slower_margin. fp32 on CPU: more than
+    FP32_SLOWDOWN_LIMIT x slower than the family's fp32 checkpoint run eagerly on CPU. No rule
+    compares torch with onnxruntime (legitimately up to 5.2x apart) or CUDA with the CPU baseline.
+    """
+    def worst(kind: str) -> float:
+        return max(row.paired[kind]["ratio_b1"], row.paired[kind]["ratio_batch"])
+
     if row.precision == "int8" and "parent" in row.paired:
-        worst = max(row.paired["parent"]["ratio_b1"], row.paired["parent"]["ratio_batch"])
-        row.slower_than_parent = worst > 1.0 + cfg.slower_margin
+        row.slower_than_parent = worst("parent") > 1.0 + cfg.slower_margin
+    if row.precision == "fp32" and row.runtime != CUDA_RUNTIME and "torch_fp32" in row.paired:
+        row.slower_than_fp32_baseline = worst("torch_fp32") > FP32_SLOWDOWN_LIMIT

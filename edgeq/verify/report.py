@@ -13,7 +13,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from edgeq.clock import profile
-from edgeq.verify.rows import REFERENCES, Row, VerifyResult
+from edgeq.verify.rows import FP32_SLOWDOWN_LIMIT, REFERENCES, Row, VerifyResult
 
 REPORT_VERSION = 1
 WIDTH = 100
@@ -57,6 +57,10 @@ _ROW_PROPERTIES: dict = {
     "speedup_vs_torch_fp32_b1": _NUM, "speedup_vs_torch_fp32_batch": _NUM,
     "speedup_vs_ort_fp32_b1": _NUM, "speedup_vs_ort_fp32_batch": _NUM,
     "slower_than_parent": {"type": ["boolean", "null"]},
+    "slower_than_fp32_baseline": {
+        "description": "an fp32 CPU artifact more than gates.fp32_slowdown_limit times slower than the fp32 "
+                       "checkpoint baseline (paired, batch 1 or the large batch); null when not applicable",
+        "type": ["boolean", "null"]},
 }
 assert set(_ROW_PROPERTIES) == {f.name for f in fields(Row)}, "REPORT_SCHEMA is out of step with Row"
 
@@ -75,6 +79,7 @@ REPORT_SCHEMA: dict = {
         "gates": {
             "type": "object",
             "required": ["max_accuracy_drop", "min_agreement", "fail_on_slower", "slower_margin"],
+            "properties": {"fp32_slowdown_limit": {"type": "number", "exclusiveMinimum": 1}},  # optional in v1
         },
         "measurement": {
             "type": "object",
@@ -117,7 +122,8 @@ def to_json(result: VerifyResult) -> dict:
         "passed": result.passed,
         "failures": result.failures,
         "gates": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_agreement": cfg.min_agreement,
-                  "fail_on_slower": cfg.fail_on_slower, "slower_margin": cfg.slower_margin},
+                  "fail_on_slower": cfg.fail_on_slower, "slower_margin": cfg.slower_margin,
+                  "fp32_slowdown_limit": FP32_SLOWDOWN_LIMIT},
         "measurement": {
             "threads": cfg.threads, "batch": cfg.batch, "rounds": cfg.rounds, "window_s": cfg.window_s,
             "time_limit_s": cfg.time_limit_s, "memory_limit_gb": result.memory_cap_gb,
@@ -167,7 +173,8 @@ def _rate(value: float | None) -> str:
 
 def _flags(row: Row) -> str:
     flags = ["base"] * (row.role == "baseline") + ["rec"] * row.recommended
-    flags += ["slow"] * bool(row.slower_than_parent) + ["FAIL"] * (row.status == "FAIL")
+    flags += ["slow"] * bool(row.slower_than_parent) + ["slowbase"] * bool(row.slower_than_fp32_baseline)
+    flags += ["FAIL"] * (row.status == "FAIL")
     return ",".join(flags)
 
 
@@ -196,8 +203,8 @@ def table(result: VerifyResult) -> str:
         f"SQNR: top-1 agreement and logit SQNR (dB) vs the same; xfp32: file size vs the fp32 file of the same "
         f"format; p50ms: median latency at batch 1; smp/s: samples/s at batch {cfg.batch}; xpt32: speed-up vs "
         f"torch fp32 CPU at batch 1 (paired); slow: int8 more than {100 * cfg.slower_margin:g}% slower than its "
-        f"fp32 parent (paired, batch 1 or {cfg.batch}). Threads: {cfg.threads}; time limit {cfg.time_limit_s:g} s "
-        "per step."
+        f"fp32 parent (paired, batch 1 or {cfg.batch}); slowbase: fp32 more than {FP32_SLOWDOWN_LIMIT:g}x slower "
+        f"than base (same). Threads: {cfg.threads}; time limit {cfg.time_limit_s:g} s per step."
     )
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "FAIL", "skipped")}
     verdict = (f"{'PASSED' if result.passed else 'FAILED'}: {counts['ok']} ok, {counts['FAIL']} FAIL, "
@@ -231,7 +238,8 @@ def markdown(result: VerifyResult) -> str:
         "",
         f"**{'PASSED' if result.passed else 'FAILED'}** — gates: accuracy drop ≤ {cfg.max_accuracy_drop:g} pts, "
         f"top-1 agreement ≥ {cfg.min_agreement:g} vs the fp32 baseline"
-        f"{', int8 not slower than its fp32 parent' if cfg.fail_on_slower else ''}.",
+        f"{', int8 not slower than its fp32 parent' if cfg.fail_on_slower else ''}"
+        f"{f', fp32 within {FP32_SLOWDOWN_LIMIT:g}x of the fp32 baseline' if cfg.fail_on_slower else ''}.",
         "",
         f"Measured on {env['cpu']['model']} ({env['cpu']['cores']} cores; "
         f"{', '.join(k for k, v in env['cpu']['isa'].items() if v) or 'no listed ISA extensions'}), "
