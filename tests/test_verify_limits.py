@@ -73,7 +73,8 @@ def _endless(path: Path, trip_nodes: list, trip_consts: list) -> None:
     """Logits of a zero linear layer, plus a scalar from a Loop whose trip count `trip_nodes` compute."""
     loop, consts = _loop("trips", "v0", "v")
     model = _model([*trip_nodes, loop, helper.make_node("Flatten", [INPUT_NAME], ["flat"]),
-                    helper.make_node("MatMul", ["flat", "w"], ["mm"]), helper.make_node("Add", ["mm", "v"], [OUTPUT_NAME])],
+                    helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+                    helper.make_node("Add", ["mm", "v"], [OUTPUT_NAME])],
                    [*trip_consts, *consts, _const(0.0, "v0", np.float32), _const(np.zeros((784, 10)), "w", np.float32)])
     onnx.save(model, str(path))
 
@@ -98,7 +99,8 @@ def huge_tensor_onnx(path: Path, copies: int) -> None:
     """The input expanded to [batch, copies, 28, 28] (batch * copies * 3 KiB), then averaged back."""
     model = _model([helper.make_node("Expand", [INPUT_NAME, "shape"], ["big"]),
                     helper.make_node("ReduceMean", ["big"], ["mean"], axes=[1], keepdims=0),
-                    helper.make_node("Flatten", ["mean"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], [OUTPUT_NAME])],
+                    helper.make_node("Flatten", ["mean"], ["flat"]),
+                    helper.make_node("MatMul", ["flat", "w"], [OUTPUT_NAME])],
                    [_const([1, copies, 1, 1], "shape", np.int64), _const(np.zeros((784, 10)), "w", np.float32)])
     onnx.save(model, str(path))
 

@@ -71,7 +71,7 @@ class Failed(Exception):
             case "timeout":
                 return f"{file}: did not finish within {self.limit_s:g} s ({step}); raise --time-limit or {REEXPORT}"
             case "memory":
-                cap = f"the cap is {self.cap_gb:g} GiB of address space; raise --memory-limit or " if self.cap_gb else ""
+                cap = f"the cap is {self.cap_gb:g} GiB of address space; raise --memory-limit or " * bool(self.cap_gb)
                 return f"{file}: ran out of memory ({step}: {self.detail}); {cap}{REEXPORT}"
             case "crash":
                 return f"{file}: crashed its runtime ({step}: {self.detail}); {REEXPORT}"
