@@ -16,3 +16,12 @@ def mlp_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=2, progress=False),
                log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def verify_worker():
+    """One verify worker process for the session's `verify()` calls: it imports torch once, not per call."""
+    from edgeq.verify.worker import Worker, default_memory_limit_gb
+
+    with Worker(default_memory_limit_gb()) as worker:
+        yield worker

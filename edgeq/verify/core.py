@@ -10,6 +10,7 @@ against its references. A failing artifact becomes a FAIL row; the others are st
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import sys
 import time
@@ -18,50 +19,57 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import runtime, signing
+from edgeq import signing
 from edgeq.clock import timed
 from edgeq.data import MNIST, Preprocessing, load_data
-from edgeq.errors import ConfigError, DataError, EdgeqError
+from edgeq.errors import ConfigError, DataError
 from edgeq.manifest import Artifact, Manifest, read
 from edgeq.verify import integrity, measure
 from edgeq.verify.latency import measure_latency
-from edgeq.verify.rows import CPU_RUNTIME, CUDA_RUNTIME, NO_CUDA, Row, Subject, VerifyConfig, VerifyResult
+from edgeq.verify.rows import (CPU_RUNTIME, CUDA_RUNTIME, FP32_SLOWDOWN_LIMIT, NO_CUDA, Row, Subject, VerifyConfig,
+                               VerifyResult)
+from edgeq.verify.worker import Budget, Failed, Worker, default_memory_limit_gb
 
 __all__ = ["VerifyConfig", "VerifyResult", "Row", "verify", "gate", "load_test_split"]
 
 
-def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig()) -> VerifyResult:
+def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig(), worker: Worker | None = None) -> VerifyResult:
     """Integrity, accuracy, fidelity, size and paired latency of every artifact, then the gates.
 
     Raises SignatureError/ManifestError/DataError for problems that make the whole directory
-    unverifiable; everything about a single artifact ends up in its row instead.
+    unverifiable; everything about a single artifact ends up in its row instead. Artifacts run in
+    a worker process (edgeq/verify/worker.py) under cfg.time_limit_s per step and a memory cap.
+    Pass `worker` to reuse one process over several runs (its own memory limit applies); by default
+    each run starts one (importing torch: 1-4 s, overlapped with the integrity check and test split).
     """
-    import torch
-
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     directory = Path(directory)
-    with timed(phases, "integrity"):
-        signature = signing.signature_status(directory, cfg.public_key)  # first: trust nothing unsigned
-        manifest = read(directory)
-        problems = integrity.check_all(directory, manifest)
-        unlisted, directory_problems = integrity.check_directory(directory, manifest)
-    with timed(phases, "test_split"):
-        x, labels = load_test_split(manifest, cfg.data_dir)
-    cuda = torch.cuda.is_available()
-    subjects = _plan(manifest, cuda)
-    saved_threads = torch.get_num_threads()
-    try:
-        _measure(directory, manifest, subjects, problems, x, labels, cfg, phases)
-    finally:
-        torch.set_num_threads(saved_threads)
+    with contextlib.ExitStack() as stack:
+        with timed(phases, "integrity"):
+            signature = signing.signature_status(directory, cfg.public_key)  # first: trust nothing unsigned
+            manifest = read(directory)
+            if worker is None:
+                worker = stack.enter_context(Worker(cfg.memory_limit_gb or default_memory_limit_gb()))
+            else:
+                worker.reset()
+            problems = integrity.check_all(directory, manifest)
+            unlisted, directory_problems = integrity.check_directory(directory, manifest)
+        with timed(phases, "test_split"):
+            x, labels = load_test_split(manifest, cfg.data_dir)
+        with timed(phases, "start_worker"):
+            info = worker.info
+            worker.configure(x=x, threads=1)
+        subjects = _plan(manifest, info["cuda"])
+        _measure(directory, manifest, subjects, problems, x, labels, cfg, phases, worker)
     rows = [s.row for s in subjects]
     for row in rows:
         gate(row, cfg)
     dataset = {k: manifest.dataset[k] for k in ("source", "test_size", "test_sha256")}
-    return VerifyResult(str(directory), cfg, rows, _environment(cfg, cuda), dataset,
+    return VerifyResult(str(directory), cfg, rows, _environment(cfg, info), dataset,
                         list(manifest.skipped), round(time.perf_counter() - t0, 2), phases,
-                        unlisted, directory_problems, signature)
+                        memory_cap_gb=info["cap_gb"], unlisted=unlisted, directory_problems=directory_problems,
+                        signature=signature)
 
 
 def load_test_split(manifest: Manifest, data_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +136,7 @@ def _row(art: Artifact, runtime_name: str, role: str) -> Row:
 
 
 def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], problems: dict[str, list[str]],
-             x: np.ndarray, labels: np.ndarray, cfg: VerifyConfig, phases: dict[str, float]) -> None:
+             x: np.ndarray, labels: np.ndarray, cfg: VerifyConfig, phases: dict[str, float], worker: Worker) -> None:
     """Accuracy and fidelity of every subject first (references before dependants), then latency."""
     from tqdm import tqdm
 
@@ -140,10 +148,11 @@ def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], probl
         with timed(phases, "load_and_accuracy"):
             for s in active:
                 bar.set_postfix_str(s.row.label, refresh=False)
-                _accuracy(directory, manifest, s, problems[s.art.name], refs[s.row.key].get("torch_fp32"), x, labels)
+                _accuracy(directory, manifest, s, problems[s.art.name], refs[s.row.key].get("torch_fp32"), x, labels,
+                          cfg, worker)
                 bar.update()
         with timed(phases, "latency"):
-            measure_latency(active, refs, x, cfg, bar)
+            measure_latency(active, refs, x, cfg, bar, worker)
 
 
 def _references(manifest: Manifest, by_key: dict[tuple[str, str], Subject]) -> dict[tuple[str, str], dict]:
@@ -162,8 +171,9 @@ def _references(manifest: Manifest, by_key: dict[tuple[str, str], Subject]) -> d
 
 
 def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[str], base: Subject | None,
-              x: np.ndarray, labels: np.ndarray) -> None:
-    """Load the file and run the test split once: size, accuracy, the manifest's claim, fidelity."""
+              x: np.ndarray, labels: np.ndarray, cfg: VerifyConfig, worker: Worker) -> None:
+    """Load the file and run the test split once (in the worker, within cfg.time_limit_s): size,
+    accuracy, the manifest's claim, fidelity."""
     row = s.row
     if problems:
         for p in problems:
@@ -172,20 +182,17 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
     s.path, _ = integrity.resolve(directory, s.art.file)  # inside the directory: integrity passed
     assert s.path is not None
     _sizes(manifest, s.art, s.path, row)
+    s.runner = worker.define(s.path, s.art.format, s.device, 1, s.art.runtime.get("session_options"))
     try:
-        runner = runtime.load(s.path, s.art.format, s.device, threads=1, options=s.art.runtime.get("session_options"))
-        logits = runner.predict(x)  # the exporter's batch, so results match it bit for bit
-    except EdgeqError as exc:
-        row.fail(str(exc))
-        return
-    except Exception as exc:  # a runtime's own error while running a loadable file
-        row.fail(f"{s.art.file}: fails on the test split ({runtime.first_line(exc)}); re-run `edgeq export`")
+        logits = np.asarray(worker.predict(s.runner, Budget(cfg.time_limit_s)))  # the exporter's batch: bit for bit
+    except Failed as exc:
+        row.fail(exc.reason(s.art.file, f"load and accuracy on {len(x)} samples"))
         return
     classes = len(manifest.models.get(s.art.model, {}).get("classes", [])) or logits.shape[-1]
     if logits.shape != (len(x), classes):
         row.fail(f"{s.art.file}: output shape {list(logits.shape)}, expected [{len(x)}, {classes}]")
         return
-    s.runner, s.logits = runner, logits
+    s.logits = logits
     row.n, row.correct = len(labels), measure.correct_count(logits, labels)
     row.accuracy = row.correct / row.n
     claimed = round(s.art.accuracy * row.n)
@@ -226,22 +233,31 @@ def gate(row: Row, cfg: VerifyConfig) -> None:
         p = row.paired["parent"]
         message = (f"int8 is slower than its fp32 parent {p['reference']} in {row.runtime} "
                    f"(paired ratio {p['ratio_b1']:.2f}x at batch 1, {p['ratio_batch']:.2f}x at batch {row.batch})")
-        if cfg.fail_on_slower:
-            row.fail(message)
-        else:
-            row.warnings.append(message)
+        _slower(row, message, cfg)
+    if row.slower_than_fp32_baseline:
+        p = row.paired["torch_fp32"]
+        _slower(row, f"fp32 is more than {FP32_SLOWDOWN_LIMIT:g}x slower than the fp32 checkpoint baseline "
+                     f"{p['reference']} in {p['runtime']} (paired ratio {p['ratio_b1']:.2f}x at batch 1, "
+                     f"{p['ratio_batch']:.2f}x at batch {row.batch}): the file does work its weights do not need; "
+                     "re-run `edgeq export`", cfg)
 
 
-def _environment(cfg: VerifyConfig, cuda: bool) -> dict:
-    """Where the numbers come from: CPU, ISA flags, versions, threads and onnxruntime providers."""
-    import onnxruntime as ort
-    import torch
+def _slower(row: Row, message: str, cfg: VerifyConfig) -> None:
+    """A speed finding: a FAIL with --fail-on-slower, a warning otherwise."""
+    if cfg.fail_on_slower:
+        row.fail(message)
+    else:
+        row.warnings.append(message)
 
+
+def _environment(cfg: VerifyConfig, worker_info: dict) -> dict:
+    """Where the numbers come from: CPU, ISA flags, versions, threads and onnxruntime providers (as the
+    worker that ran the artifacts saw them)."""
     from edgeq.environment import environment
 
     return {
         **environment(),
         "threads": cfg.threads,
-        "providers": ort.get_available_providers(),
-        "cuda": torch.cuda.get_device_name(0) if cuda else None,
+        "providers": worker_info["providers"],
+        "cuda": worker_info["cuda_name"],
     }

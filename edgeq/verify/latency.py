@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeq import runtime
 from edgeq.verify import measure
-from edgeq.verify.rows import Subject, VerifyConfig
+from edgeq.verify.rows import CUDA_RUNTIME, FP32_SLOWDOWN_LIMIT, Row, Subject, VerifyConfig
+from edgeq.verify.worker import Budget, Failed, Worker
 
 WARMUP_CALLS = 3  # per runner and batch size: TorchScript re-optimizes on the first calls of a shape
 
@@ -25,45 +25,70 @@ class _Session:
     subject: Subject
     slots: list[Subject]  # [candidate, *distinct references], the order of the timed functions
     kinds: dict[str, int]  # reference kind -> slot
+    budgets: list[Budget]  # per slot: the time its windows in this session may take, warm-ups after a restart too
     rounds: dict[str, list[list[list[float]]]] = field(default_factory=dict)  # batch -> round -> slot -> s
 
 
 def measure_latency(active: list[Subject], refs: dict[tuple[str, str], dict[str, Subject]], x: np.ndarray,
-                    cfg: VerifyConfig, bar) -> None:
+                    cfg: VerifyConfig, bar, worker: Worker) -> None:
     """Paired latency of every loaded row at batch 1 and at cfg.batch against its references, by kind
-    (refs[row key]); fills the rows' latency fields. `bar` is the caller's tqdm progress bar."""
-    import torch
+    (refs[row key]); fills the rows' latency fields. `bar` is the caller's tqdm progress bar.
 
-    torch.set_num_threads(cfg.threads)  # process-wide; onnxruntime's threads are per session
-    batches = {"b1": np.ascontiguousarray(x[:1]), "batch": x[np.arange(cfg.batch) % len(x)]}
-    ready = [s for s in active if s.runner is not None and _warm(s, batches, cfg)]
-    sessions = [_session(s, refs[s.row.key], ready) for s in ready]
+    A runner that outlives its budget (cfg.time_limit_s for its warm-up, and per session for its
+    windows) or crashes fails its row; the sessions that time it go on without it.
+    """
+    worker.configure(batches={"b1": np.ascontiguousarray(x[:1]), "batch": x[np.arange(cfg.batch) % len(x)]},
+                     threads=cfg.threads)  # torch threads are process-wide in the worker; onnxruntime's per session
+    ready = [s for s in active if s.logits is not None and _warm(s, cfg, worker)]
+    sessions = [_session(s, refs[s.row.key], ready, cfg) for s in ready]
+    dead: set[int] = set()  # timer handles whose row failed while timing
     bar.set_description("verify: latency", refresh=False)
     bar.reset(total=cfg.rounds * len(sessions))
     for r in range(cfg.rounds):
         for t in sessions if r % 2 == 0 else reversed(sessions):
             bar.set_postfix_str(t.subject.row.label, refresh=False)
-            fns = [_timing_runner(slot, cfg).run for slot in t.slots]
-            for b, xb in batches.items():
-                t.rounds.setdefault(b, []).append(measure.timed_round(fns, xb, cfg.window_s, reverse=r % 2 == 1))
+            if t.subject.timer not in dead:
+                for b in ("b1", "batch"):
+                    t.rounds.setdefault(b, []).append(_round(t, b, r % 2 == 1, cfg, worker, dead))
             bar.update()
     for t in sessions:
-        _latency_figures(t, refs[t.subject.row.key], cfg)
+        if t.subject.timer not in dead:
+            _latency_figures(t, refs[t.subject.row.key], cfg, dead)
 
 
-def _warm(s: Subject, batches: dict[str, np.ndarray], cfg: VerifyConfig) -> bool:
-    """Build the timing runner and warm it up at every batch size; False (row failed) if it cannot run."""
+def _warm(s: Subject, cfg: VerifyConfig, worker: Worker) -> bool:
+    """Load the timing runner and warm it up at every batch size; False (row failed) if it cannot run."""
+    if s.timer is None:
+        s.timer = s.runner
+        if s.art.format == "onnx" and cfg.threads != 1 and s.path is not None:  # onnxruntime: threads per session
+            s.timer = worker.define(s.path, "onnx", "cpu", cfg.threads, s.art.runtime.get("session_options"))
+    assert s.timer is not None
     try:
-        runner = _timing_runner(s, cfg)
-        for xb in batches.values():
-            measure.warm_up([runner.run], xb, WARMUP_CALLS)
-    except Exception as exc:  # a runtime's own error: the accuracy pass worked, timing does not
-        s.row.fail(f"{s.art.file}: fails while timing ({runtime.first_line(exc)})")
+        worker.warm(s.timer, WARMUP_CALLS, Budget(cfg.time_limit_s))
+    except Failed as exc:
+        s.row.fail(exc.reason(s.art.file, f"load and warm-up at batch 1 and {cfg.batch}"))
         return False
     return True
 
 
-def _session(s: Subject, refs: dict[str, Subject], ready: list[Subject]) -> _Session:
+def _round(t: _Session, batch: str, reverse: bool, cfg: VerifyConfig, worker: Worker,
+           dead: set[int]) -> list[list[float]]:
+    """One round: a window per live slot, back to back (reversed on odd rounds) -> per-call seconds by slot."""
+    samples: list[list[float]] = [[] for _ in t.slots]
+    for i in reversed(range(len(t.slots))) if reverse else range(len(t.slots)):
+        slot = t.slots[i]
+        if slot.timer in dead:
+            continue
+        assert slot.timer is not None
+        try:
+            samples[i] = worker.window(slot.timer, batch, cfg.window_s, WARMUP_CALLS, t.budgets[i])
+        except Failed as exc:
+            slot.row.fail(exc.reason(slot.art.file, f"timing at batch 1 and {cfg.batch}"))
+            dead.add(slot.timer)
+    return samples
+
+
+def _session(s: Subject, refs: dict[str, Subject], ready: list[Subject], cfg: VerifyConfig) -> _Session:
     """Slot the candidate and its distinct, runnable references (a reference can serve two kinds)."""
     slots, kinds = [s], {}
     for kind, ref in refs.items():
@@ -72,11 +97,14 @@ def _session(s: Subject, refs: dict[str, Subject], ready: list[Subject]) -> _Ses
         if not any(ref is slot for slot in slots):
             slots.append(ref)
         kinds[kind] = next(i for i, slot in enumerate(slots) if slot is ref)
-    return _Session(s, slots, kinds)
+    return _Session(s, slots, kinds, [Budget(cfg.time_limit_s) for _ in slots])
 
 
-def _latency_figures(t: _Session, refs: dict[str, Subject], cfg: VerifyConfig) -> None:
-    """p50/p90 from all candidate samples; speed-ups and the slower flag from per-round paired ratios."""
+def _latency_figures(t: _Session, refs: dict[str, Subject], cfg: VerifyConfig, dead: set[int]) -> None:
+    """p50/p90 from all candidate samples; speed-ups and the slower flags from per-round paired ratios.
+
+    A reference that failed while timing is left out: its kinds get no ratio.
+    """
     row = t.subject.row
     row.threads, row.batch = cfg.threads, cfg.batch
     samples = {b: measure.by_function(rounds) for b, rounds in t.rounds.items()}
@@ -85,6 +113,8 @@ def _latency_figures(t: _Session, refs: dict[str, Subject], cfg: VerifyConfig) -
     row.p50_ms_batch = 1e3 * float(np.median(measure.flatten(samples["batch"][0])))
     row.samples_per_s = cfg.batch / (row.p50_ms_batch / 1e3)
     for kind, slot in t.kinds.items():
+        if t.slots[slot].timer in dead:
+            continue
         ratios = {b: measure.round_ratios(per_slot[0], per_slot[slot]) for b, per_slot in samples.items()}
         row.paired[kind] = {"reference": t.slots[slot].row.name, "runtime": t.slots[slot].row.runtime,
                             **{f"ratio_{b}": float(np.median(r)) for b, r in ratios.items()},
@@ -93,19 +123,20 @@ def _latency_figures(t: _Session, refs: dict[str, Subject], cfg: VerifyConfig) -
         for b in samples:
             ratio = 1.0 if refs.get(kind) is t.subject else row.paired.get(kind, {}).get(f"ratio_{b}")
             setattr(row, f"speedup_vs_{kind}_{b}", None if ratio is None else 1.0 / ratio)
-    if row.precision == "int8" and "parent" in row.paired:
-        worst = max(row.paired["parent"]["ratio_b1"], row.paired["parent"]["ratio_batch"])
-        row.slower_than_parent = worst > 1.0 + cfg.slower_margin
+    speed_flags(row, cfg)
 
 
-def _timing_runner(s: Subject, cfg: VerifyConfig) -> runtime.Runner:
-    """The accuracy runner, except ONNX with threads != 1: a session with cfg.threads, built once.
+def speed_flags(row: Row, cfg: VerifyConfig) -> None:
+    """The slower flags from the row's paired ratios (batch 1 or the large batch, whichever is worse).
 
-    torch threads are process-wide (set before timing); onnxruntime's are fixed per session.
+    int8: slower than its fp32 parent by more than cfg.slower_margin. fp32 on CPU: more than
+    FP32_SLOWDOWN_LIMIT x slower than the family's fp32 checkpoint run eagerly on CPU. No rule
+    compares torch with onnxruntime (legitimately up to 5.2x apart) or CUDA with the CPU baseline.
     """
-    if s.timer is None:
-        s.timer = s.runner
-        if s.art.format == "onnx" and cfg.threads != 1 and s.path is not None:
-            s.timer = runtime.load(s.path, "onnx", threads=cfg.threads, options=s.art.runtime.get("session_options"))
-    assert s.timer is not None
-    return s.timer
+    def worst(kind: str) -> float:
+        return max(row.paired[kind]["ratio_b1"], row.paired[kind]["ratio_batch"])
+
+    if row.precision == "int8" and "parent" in row.paired:
+        row.slower_than_parent = worst("parent") > 1.0 + cfg.slower_margin
+    if row.precision == "fp32" and row.runtime != CUDA_RUNTIME and "torch_fp32" in row.paired:
+        row.slower_than_fp32_baseline = worst("torch_fp32") > FP32_SLOWDOWN_LIMIT

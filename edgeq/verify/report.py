@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgeq.clock import profile
 from edgeq.signing import STATUSES, describe
-from edgeq.verify.rows import REFERENCES, UNLISTED, Row, VerifyResult
+from edgeq.verify.rows import FP32_SLOWDOWN_LIMIT, REFERENCES, UNLISTED, Row, VerifyResult
 
 REPORT_VERSION = 1
 WIDTH = 100
@@ -58,6 +58,10 @@ _ROW_PROPERTIES: dict = {
     "speedup_vs_torch_fp32_b1": _NUM, "speedup_vs_torch_fp32_batch": _NUM,
     "speedup_vs_ort_fp32_b1": _NUM, "speedup_vs_ort_fp32_batch": _NUM,
     "slower_than_parent": {"type": ["boolean", "null"]},
+    "slower_than_fp32_baseline": {
+        "description": "an fp32 CPU artifact more than gates.fp32_slowdown_limit times slower than the fp32 "
+                       "checkpoint baseline (paired, batch 1 or the large batch); null when not applicable",
+        "type": ["boolean", "null"]},
 }
 assert set(_ROW_PROPERTIES) == {f.name for f in fields(Row)}, "REPORT_SCHEMA is out of step with Row"
 
@@ -76,8 +80,17 @@ REPORT_SCHEMA: dict = {
         "gates": {
             "type": "object",
             "required": ["max_accuracy_drop", "min_agreement", "fail_on_slower", "slower_margin"],
+            "properties": {"fp32_slowdown_limit": {"type": "number", "exclusiveMinimum": 1}},  # optional in v1
         },
-        "measurement": {"type": "object", "required": ["threads", "batch", "rounds", "window_s", "method"]},
+        "measurement": {
+            "type": "object",
+            "required": ["threads", "batch", "rounds", "window_s", "method"],
+            "properties": {  # optional in v1
+                "time_limit_s": {"type": "number", "exclusiveMinimum": 0},
+                "memory_limit_gb": {"description": "GiB of address space the worker could add; null: not capped",
+                                    "type": ["number", "null"]},
+            },
+        },
         "dataset": {"type": "object", "required": ["source", "test_size", "test_sha256"]},
         "environment": {
             "type": "object",
@@ -126,9 +139,11 @@ def to_json(result: VerifyResult) -> dict:
         "passed": result.passed,
         "failures": result.failures,
         "gates": {"max_accuracy_drop": cfg.max_accuracy_drop, "min_agreement": cfg.min_agreement,
-                  "fail_on_slower": cfg.fail_on_slower, "slower_margin": cfg.slower_margin, "strict": cfg.strict},
+                  "fail_on_slower": cfg.fail_on_slower, "slower_margin": cfg.slower_margin, "strict": cfg.strict,
+                  "fp32_slowdown_limit": FP32_SLOWDOWN_LIMIT},
         "measurement": {
             "threads": cfg.threads, "batch": cfg.batch, "rounds": cfg.rounds, "window_s": cfg.window_s,
+            "time_limit_s": cfg.time_limit_s, "memory_limit_gb": result.memory_cap_gb,
             "method": "each artifact timed in alternating windows with its references (parent, torch fp32 CPU, "
                       "onnxruntime fp32), order reversed every round; ratios are medians of per-round "
                       "median-time ratios; accuracy pass with threads=1 at the exporter's batch",
@@ -178,7 +193,8 @@ def _rate(value: float | None) -> str:
 
 def _flags(row: Row) -> str:
     flags = ["base"] * (row.role == "baseline") + ["rec"] * row.recommended
-    flags += ["slow"] * bool(row.slower_than_parent) + ["FAIL"] * (row.status == "FAIL")
+    flags += ["slow"] * bool(row.slower_than_parent) + ["slowbase"] * bool(row.slower_than_fp32_baseline)
+    flags += ["FAIL"] * (row.status == "FAIL")
     return ",".join(flags)
 
 
@@ -207,7 +223,8 @@ def table(result: VerifyResult) -> str:
         f"SQNR: top-1 agreement and logit SQNR (dB) vs the same; xfp32: file size vs the fp32 file of the same "
         f"format; p50ms: median latency at batch 1; smp/s: samples/s at batch {cfg.batch}; xpt32: speed-up vs "
         f"torch fp32 CPU at batch 1 (paired); slow: int8 more than {100 * cfg.slower_margin:g}% slower than its "
-        f"fp32 parent (paired, batch 1 or {cfg.batch}). Threads: {cfg.threads}."
+        f"fp32 parent (paired, batch 1 or {cfg.batch}); slowbase: fp32 more than {FP32_SLOWDOWN_LIMIT:g}x slower "
+        f"than base (same). Threads: {cfg.threads}; time limit {cfg.time_limit_s:g} s per step."
     )
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "FAIL", "skipped")}
     directory = len(result.directory_failures)
@@ -254,6 +271,7 @@ def markdown(result: VerifyResult) -> str:
         f"**{'PASSED' if result.passed else 'FAILED'}** — gates: accuracy drop ≤ {cfg.max_accuracy_drop:g} pts, "
         f"top-1 agreement ≥ {cfg.min_agreement:g} vs the fp32 baseline"
         f"{', int8 not slower than its fp32 parent' if cfg.fail_on_slower else ''}"
+        f"{f', fp32 within {FP32_SLOWDOWN_LIMIT:g}x of the fp32 baseline' if cfg.fail_on_slower else ''}"
         f"{', no file outside the manifest' if cfg.strict else ''}.",
         "",
         f"Signature: {describe(result.signature)}.",

@@ -5,12 +5,12 @@ Plain data, shared by the measuring modules (core, latency) and the renderers (r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgeq import runtime
 from edgeq.errors import ConfigError
 from edgeq.manifest import Artifact
 from edgeq.signing import UNSIGNED
@@ -21,6 +21,17 @@ NO_CUDA = "skipped: no CUDA device"
 UNLISTED = "in the artifacts directory but not in manifest.json, so not verified"
 # reference kinds every artifact is timed against (paired), in the order they are reported
 REFERENCES = ("parent", "torch_fp32", "ort_fp32")
+# Seconds each step that runs an artifact's code may take: its load and accuracy pass, its warm-up, its
+# windows in each paired timing. On a shared 2-core VM the slowest step of the 36 real MLP/CNN artifacts
+# takes 0.27 s (load and accuracy on 1,000 samples), 2.8 s on full MNIST's 10,000; 120 s is 40x that,
+# room for slower machines, and still turns a hang into a FAIL within two minutes.
+DEFAULT_TIME_LIMIT_S = 120.0
+# An fp32 artifact more than this many times slower than its family's fp32 checkpoint run eagerly on
+# CPU (paired ratio, batch 1 or the large batch) does work its weights do not need. On the real export
+# the legitimate ratios are at most 1.03x (TorchScript <= 1.00x, ONNX <= 0.84x, pruned checkpoints
+# <= 1.03x) and paired noise is about 5%: 2x is far outside both. Torch vs onnxruntime is no such
+# rule: the eager and TorchScript CNNs are legitimately up to 5.2x slower than onnxruntime's fp32.
+FP32_SLOWDOWN_LIMIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -32,12 +43,14 @@ class VerifyConfig:
     max_accuracy_drop: float = 1.0  # points, vs the fp32 baseline of the same model family
     min_agreement: float = 0.98  # top-1 agreement with the fp32 baseline
     data_dir: str | None = None  # full MNIST, for manifests whose dataset source is "mnist"
-    fail_on_slower: bool = False  # an int8 artifact slower than its fp32 parent fails the gate
+    fail_on_slower: bool = False  # the slower flags (int8 vs fp32 parent, fp32 vs baseline) fail instead of warn
     strict: bool = False  # a file in the directory that the manifest does not list fails the run
     public_key: str | None = None  # check the directory's signature with this EC public key, first
     slower_margin: float = 0.05  # paired ratios up to 1 + margin are within timer noise, not "slower"
     rounds: int = 5  # alternating timing rounds per batch size
     window_s: float = 0.015  # seconds per timing window (at least one call)
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per step that runs an artifact (load + accuracy, warm-up, timing)
+    memory_limit_gb: float | None = None  # GiB the worker may add for all artifacts; None: half the machine's memory
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -49,6 +62,10 @@ class VerifyConfig:
             (self.slower_margin >= 0.0, f"slower_margin must be >= 0, got {self.slower_margin}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.window_s > 0.0, f"window_s must be > 0, got {self.window_s}"),
+            (math.isfinite(self.time_limit_s) and self.time_limit_s > 0,
+             f"time limit must be a number of seconds > 0 (--time-limit), got {self.time_limit_s:g}"),
+            (self.memory_limit_gb is None or (math.isfinite(self.memory_limit_gb) and self.memory_limit_gb > 0),
+             f"memory limit must be a number of GiB > 0 (--memory-limit), got {self.memory_limit_gb}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,6 +114,8 @@ class Row:
     speedup_vs_ort_fp32_b1: float | None = None
     speedup_vs_ort_fp32_batch: float | None = None
     slower_than_parent: bool | None = None  # None: not an int8 artifact, or no parent to time against
+    # None: not an fp32 CPU artifact (the baseline itself, int8, CUDA), or the baseline could not be timed
+    slower_than_fp32_baseline: bool | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -123,7 +142,9 @@ class VerifyResult:
     dataset: dict
     not_built: list[dict]  # what the exporter skipped, with its reasons (manifest "skipped")
     wall_s: float
-    phases: dict = field(default_factory=dict)  # seconds per phase: integrity, test_split, load_and_accuracy, latency
+    # seconds per phase: integrity, test_split, start_worker, load_and_accuracy, latency
+    phases: dict = field(default_factory=dict)
+    memory_cap_gb: float | None = None  # GiB of address space the worker could add; None: not capped (CUDA)
     unlisted: list[str] = field(default_factory=list)  # names in the directory the manifest does not list
     directory_problems: list[str] = field(default_factory=list)  # symlinks, special files: each fails the run
     signature: dict = field(default_factory=lambda: {"status": UNSIGNED, "file": None, "public_key": None})
@@ -162,6 +183,6 @@ class Subject:
     art: Artifact
     device: str
     path: Path | None = None  # set once integrity passed
-    runner: runtime.Runner | None = None  # threads=1: the accuracy pass
-    timer: runtime.Runner | None = None  # cfg.threads: the latency pass
-    logits: np.ndarray | None = None
+    runner: int | None = None  # the worker's handle, threads=1: the accuracy pass
+    timer: int | None = None  # the worker's handle, cfg.threads: the latency pass
+    logits: np.ndarray | None = None  # set when the accuracy pass gave a well-shaped result

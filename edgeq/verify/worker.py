@@ -1,0 +1,398 @@
+"""Artifacts run in a child process that verify can kill: every step has a time limit and a memory cap.
+
+A file can be hostile: an ONNX `Loop` of 10^15 iterations, a TorchScript `while` that never ends, a
+graph whose optimisation or output needs more memory than the machine has. onnxruntime can cancel a
+running `sess.run` (RunOptions.terminate) but not a session being created, and nothing interrupts a
+TorchScript module or `torch.jit.load` in-process; a child process can always be killed. One
+long-lived child loads and runs every artifact, for the accuracy pass and for latency, so paired
+timing still compares runners in one process, and importing torch happens once (1-4 s), overlapped
+with the parent's integrity check and test split. A call that outlives its budget kills the child;
+the next call starts a fresh one, which reloads only the runners it is asked for.
+
+The child caps its own address space (RLIMIT_AS) once torch and onnxruntime are imported, except when
+CUDA is available: the CUDA driver reserves far more virtual address space than it uses.
+
+POSIX only (select on pipes, resource limits). The parent starts the child as
+`python -c "...; main()" GIB|none PARENT_PID`, with edgeq's own directory first on sys.path.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STARTUP_LIMIT_S = 120.0  # importing torch and onnxruntime: 1-4 s on a 2-core VM; no artifact code runs yet
+# The default memory cap, as a share of physical memory: the address space the worker may add after its
+# imports, for all artifacts together (they stay loaded for paired timing). Verifying the 36 real MLP/CNN
+# artifacts adds 1.1 GiB; half the machine leaves it room and keeps the other half for everything else.
+DEFAULT_MEMORY_SHARE = 0.5
+_HEADER = struct.Struct(">Q")
+_ALLOCATION = re.compile(r"fail\w* to allocate|can't allocate|cannot allocate|bad_alloc|out of memory", re.I)
+REEXPORT = "re-run `edgeq export`"
+
+
+@dataclass
+class Budget:
+    """Seconds one step (load and accuracy, warm-up, a row's timing) may spend in the worker, over its calls."""
+
+    seconds: float
+    spent: float = 0.0
+
+    @property
+    def left(self) -> float:
+        return self.seconds - self.spent
+
+
+class Failed(Exception):
+    """A worker call that did not return a result.
+
+    kind: "timeout" (budget spent; the worker was killed), "memory" (an allocation failed), "crash"
+    (the worker died), "edgeq" (an EdgeqError; detail is its message) or "error" (a runtime's own error).
+    """
+
+    def __init__(self, kind: str, detail: str, limit_s: float | None = None, cap_gb: float | None = None) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail, self.limit_s, self.cap_gb = kind, detail, limit_s, cap_gb
+
+    def reason(self, file: str, step: str) -> str:
+        """One line for the artifact's row, naming the file, the step and the fix."""
+        match self.kind:
+            case "timeout":
+                return f"{file}: did not finish within {self.limit_s:g} s ({step}); raise --time-limit or {REEXPORT}"
+            case "memory":
+                cap = f"the cap is {self.cap_gb:g} GiB of address space; raise --memory-limit or " * bool(self.cap_gb)
+                return f"{file}: ran out of memory ({step}: {self.detail}); {cap}{REEXPORT}"
+            case "crash":
+                return f"{file}: crashed its runtime ({step}: {self.detail}); {REEXPORT}"
+            case "edgeq":
+                return self.detail
+        return f"{file}: fails during {step} ({self.detail}); {REEXPORT}"
+
+
+def default_memory_limit_gb() -> float:
+    """DEFAULT_MEMORY_SHARE of this machine's physical memory, in GiB."""
+    return round(DEFAULT_MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+
+
+class Worker:
+    """The parent's handle on the child: runners by handle, reloaded after a restart; a context manager.
+
+    `define` registers how to load a runner (nothing runs yet); `predict`, `warm` and `window` load it
+    in the current child if needed, charging the load to the caller's budget.
+    """
+
+    def __init__(self, memory_limit_gb: float | None) -> None:
+        self._memory_limit_gb = memory_limit_gb
+        self._proc: subprocess.Popen | None = None
+        self._stderr: Any = None
+        self._hello: dict | None = None
+        self._specs: dict[int, tuple] = {}
+        self._loaded: set[int] = set()
+        self._warm: set[int] = set()
+        self._state: dict[str, Any] = {}
+        self.restarts = 0
+        self._start()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def info(self) -> dict:
+        """What the child found: cuda (bool), cuda_name, providers, cap_gb (None: address space not capped)."""
+        self._ready()
+        assert self._hello is not None
+        return self._hello
+
+    def configure(self, **state: Any) -> None:
+        """Set the child's inputs (x: the test split, batches: name -> array) or torch threads (threads)."""
+        self._state.update(state)
+        if self._hello is None:
+            self._ready()  # a new child: the whole state is replayed
+        else:
+            self._call(("configure", state), None)
+
+    def define(self, path: Path, fmt: str, device: str, threads: int, options: dict | None) -> int:
+        handle = len(self._specs)
+        self._specs[handle] = (str(path), fmt, device, threads, options)
+        return handle
+
+    def predict(self, handle: int, budget: Budget) -> Any:
+        """Logits of the runner on the configured test split (loading it first if needed)."""
+        self._load(handle, budget)
+        return self._call(("predict", handle), budget)
+
+    def warm(self, handle: int, calls: int, budget: Budget) -> None:
+        """Load the runner if needed and call it `calls` times at every configured batch, untimed."""
+        self._load(handle, budget)
+        if handle not in self._warm:
+            self._call(("warm", handle, calls), budget)
+            self._warm.add(handle)
+
+    def window(self, handle: int, batch: str, window_s: float, warm_calls: int, budget: Budget) -> list[float]:
+        """Per-call seconds of one timing window of the runner on the named batch (warmed first if needed)."""
+        self.warm(handle, warm_calls, budget)
+        return self._call(("window", handle, batch, window_s), budget)
+
+    def reset(self) -> None:
+        """Forget every runner (for the next verify run on this worker); the child keeps its imports."""
+        if self._hello is not None:
+            self._call(("reset",), None)
+        self._specs.clear()
+        self._loaded.clear()
+        self._warm.clear()
+
+    def close(self) -> None:
+        """Stop the child. Killed at once: it holds nothing worth a clean exit, and may be mid-import."""
+        self._kill()
+
+    # -- the child's life ------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        import edgeq
+
+        root = str(Path(edgeq.__file__).resolve().parents[1])  # the child imports the parent's edgeq
+        code = f"import sys; sys.path.insert(0, {root!r}); from edgeq.verify.worker import main; main()"
+        cap = "none" if self._memory_limit_gb is None else repr(float(self._memory_limit_gb))
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen([sys.executable, "-c", code, cap, str(os.getpid())], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr)
+        self._hello = None
+
+    def _ready(self) -> None:
+        """Start the child if there is none, wait for its hello, replay the configured state."""
+        if self._proc is None:
+            self._start()
+            self.restarts += 1
+        if self._hello is None:
+            try:
+                kind, value = self._recv(STARTUP_LIMIT_S)
+            except (TimeoutError, EOFError) as exc:
+                detail = self._died() if isinstance(exc, EOFError) else f"no answer in {STARTUP_LIMIT_S:g} s"
+                self._kill()
+                from edgeq.errors import EdgeqError
+
+                raise EdgeqError(f"the verify worker process did not start ({detail}); check that "
+                                 f"`{sys.executable} -c 'import torch, onnxruntime'` works") from None
+            self._hello = value
+            if self._state:
+                self._call(("configure", self._state), None)
+
+    def _load(self, handle: int, budget: Budget) -> None:
+        if handle not in self._loaded:
+            self._call(("load", handle, *self._specs[handle]), budget)
+            self._loaded.add(handle)
+
+    def _call(self, request: tuple, budget: Budget | None) -> Any:
+        """Send one request and wait for its reply for at most the budget left; Failed if there is none."""
+        self._ready()
+        limit = None if budget is None else budget.seconds
+        cap = (self._hello or {}).get("cap_gb")
+        if budget is not None and budget.left <= 0:
+            raise Failed("timeout", "no time left", limit, cap)
+        t0 = time.monotonic()
+        try:
+            self._send(request)
+            kind, value = self._recv(None if budget is None else budget.left)
+        except TimeoutError:
+            self._kill()
+            raise Failed("timeout", "killed", limit, cap) from None
+        except (EOFError, BrokenPipeError):
+            detail = self._died()
+            self._forget()
+            raise Failed("crash", detail, limit, cap) from None
+        finally:
+            if budget is not None:
+                budget.spent += time.monotonic() - t0
+        if kind == "ok":
+            return value
+        raise Failed(kind, value, limit, cap)
+
+    def _send(self, message: object) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._proc.stdin.write(_HEADER.pack(len(data)) + data)
+        self._proc.stdin.flush()
+
+    def _recv(self, timeout: float | None) -> tuple[str, Any]:
+        """One framed reply; TimeoutError when none is complete in time, EOFError when the child is gone."""
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        buf, need = bytearray(), _HEADER.size
+        while len(buf) < need:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError
+            if not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, need - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+            if need == _HEADER.size and len(buf) >= need:
+                need += _HEADER.unpack_from(buf)[0]
+        return pickle.loads(bytes(buf[_HEADER.size:need]))
+
+    def _died(self) -> str:
+        """How the child ended: its signal or exit code, and the last line it wrote to stderr."""
+        assert self._proc is not None
+        try:
+            code = self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            code = self._proc.wait()
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        self._stderr.seek(0)
+        lines = [line.strip() for line in self._stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        return f"{how}: {lines[-1][:200]}" if lines else how
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        """No child: every runner must be loaded (and warmed) again by the next one."""
+        if self._proc is not None:
+            for stream in (self._proc.stdin, self._proc.stdout):
+                try:
+                    if stream is not None:
+                        stream.close()
+                except OSError:
+                    pass
+        if self._stderr is not None:
+            self._stderr.close()
+        self._proc, self._stderr, self._hello = None, None, None
+        self._loaded.clear()
+        self._warm.clear()
+
+
+# -- the child ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """The child: replies on a private copy of stdout; whatever a runtime prints goes to stderr."""
+    reply_fd = os.dup(1)
+    os.dup2(2, 1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
+    _die_with_parent(int(sys.argv[2]))
+    import onnxruntime as ort
+    import torch
+
+    from edgeq import runtime
+    from edgeq.errors import EdgeqError
+    from edgeq.verify import measure
+
+    cuda = torch.cuda.is_available()
+    cap_gb = None if cuda or sys.argv[1] == "none" else _cap_address_space(float(sys.argv[1]))
+    send = _sender(reply_fd)
+    send(("ok", {"cuda": cuda, "cuda_name": torch.cuda.get_device_name(0) if cuda else None,
+                 "providers": ort.get_available_providers(), "cap_gb": cap_gb}))
+    runners: dict[int, runtime.Runner] = {}
+    state: dict[str, Any] = {"threads": 1, "batches": {}}
+
+    def configure(new: dict) -> None:
+        state.update(new)
+        torch.set_num_threads(state["threads"])  # this process is verify's own: nothing to restore
+
+    def load(handle: int, path: str, fmt: str, device: str, threads: int, options: dict | None) -> None:
+        runners[handle] = runtime.load(Path(path), fmt, device, threads=threads, options=options)
+        torch.set_num_threads(state["threads"])  # loading a torch runner sets its own
+
+    def warm(handle: int, calls: int) -> None:
+        for xb in state["batches"].values():
+            measure.warm_up([runners[handle].run], xb, calls)
+
+    def window(handle: int, batch: str, window_s: float) -> list[float]:
+        return measure.timed_round([runners[handle].run], state["batches"][batch], window_s)[0]
+
+    ops = {"configure": configure, "load": load, "predict": lambda h: runners[h].predict(state["x"]),
+           "warm": warm, "window": window, "reset": runners.clear}
+    while (request := _receive(0)) is not None:
+        try:
+            reply: tuple[str, Any] = ("ok", ops[request[0]](*request[1:]))
+        except MemoryError:
+            reply = ("memory", "MemoryError")
+        except Exception as exc:  # EdgeqError: its message; a runtime's own: the parent names the file and step
+            found = _ALLOCATION.search(str(exc))
+            if found:  # the runtimes say so deep inside long messages
+                reply = ("memory", str(exc)[found.start():].splitlines()[0][:160])
+            else:
+                reply = ("edgeq" if isinstance(exc, EdgeqError) else "error",
+                         str(exc) if isinstance(exc, EdgeqError) else runtime.first_line(exc))
+        send(reply)
+
+
+def _sender(fd: int):
+    def send(message: object) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(_HEADER.pack(len(data)) + data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    return send
+
+
+def _receive(fd: int) -> Any:
+    """The next request, or None at end of input (the parent closed the pipe or died)."""
+    header = _read_exactly(fd, _HEADER.size)
+    if header is None:
+        return None
+    body = _read_exactly(fd, _HEADER.unpack(header)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _cap_address_space(extra_gb: float) -> float | None:
+    """Limit this process's address space to what it uses now plus `extra_gb` GiB; None if unsupported."""
+    import resource
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            now = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = now + int(extra_gb * 2**30)
+    if soft != resource.RLIM_INFINITY and soft <= limit:
+        return round((soft - now) / 2**30, 1)  # the limit we inherited is already tighter
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    return extra_gb
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when the parent dies, so that a killed verify leaves no runaway child."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
