@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from edgeq import signing
 from edgeq.clock import timed
+from edgeq.progress import progress_bar
 from edgeq.data import MNIST, Preprocessing, load_data
 from edgeq.errors import ConfigError, DataError
 from edgeq.manifest import Artifact, Manifest, read
@@ -138,13 +138,10 @@ def _row(art: Artifact, runtime_name: str, role: str) -> Row:
 def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], problems: dict[str, list[str]],
              x: np.ndarray, labels: np.ndarray, cfg: VerifyConfig, phases: dict[str, float], worker: Worker) -> None:
     """Accuracy and fidelity of every subject first (references before dependants), then latency."""
-    from tqdm import tqdm
-
     active = [s for s in subjects if s.row.status != "skipped"]
     by_key = {s.row.key: s for s in active}
     refs = _references(manifest, by_key)
-    with tqdm(total=len(active), desc="verify: accuracy", unit="run", file=sys.stderr,
-              disable=not cfg.progress, leave=False) as bar:
+    with progress_bar(len(active), "verify: accuracy", cfg.progress, unit="run") as bar:
         with timed(phases, "load_and_accuracy"):
             for s in active:
                 bar.set_postfix_str(s.row.label, refresh=False)
