@@ -87,6 +87,15 @@ def test_clean_export_passes_with_baseline_first(clean, mlp_artifacts: Path) -> 
     assert row(clean, "mlp-fp32-ckpt").sqnr_db == float("inf")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rows_run_the_fp32_torch_files_on_the_gpu(clean) -> None:
+    cuda = [r for r in clean.rows if r.runtime == "torch-cuda"]
+    assert {r.name for r in cuda} == {"mlp-fp32-ckpt", "mlp-fp32-ts"}
+    for r in cuda:
+        assert r.status == "ok", r.reasons
+        assert r.n == 1000 and r.agreement >= 0.99 and r.p50_ms_b1 > 0 and r.samples_per_s > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the skip row only appears without CUDA")
 def test_no_cuda_gives_a_skip_row_not_an_omission(clean) -> None:
     r = row(clean, "mlp-fp32-ckpt", "torch-cuda")
