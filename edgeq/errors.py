@@ -17,6 +17,10 @@ class ExportError(EdgeqError):
     """An artifact could not be built or written."""
 
 
+class PruneError(ExportError):
+    """A model cannot be pruned: it cannot be traced, or it has no single output layer."""
+
+
 class ManifestError(EdgeqError):
     """A manifest is missing, not JSON, or does not match its schema."""
 

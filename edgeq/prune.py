@@ -1,44 +1,56 @@
-"""Pruning: unstructured (global L1 or random) and structured channel pruning with physical removal.
+"""Pruning of any PyTorch classifier: unstructured (global L1 or random) and structured channel pruning.
 
-Unstructured pruning zeroes weights through torch.nn.utils.prune, fine-tunes with the masks in
-place, then makes the zeros permanent (`prune.remove`), so later stages see plain modules: a
-module still carrying `weight_orig`/`weight_mask` breaks quantization and TorchScript.
+Nothing here knows a model by name, layer name or input size. Layers are found by type
+(`weight_layers`) or by the traced graph: the output layer is the Conv/Linear whose output reaches
+the model output through parameter-free ops only, and structured pruning removes channels together
+with everything coupled to them (batch norms, residual adds, concatenations, depthwise convs, the
+next layer's inputs), as Torch-Pruning's dependency graph decides.
 
-Structured pruning picks the hidden channels (conv filters, hidden units) with the smallest L2
-norm per layer, `ln_structured(n=2, dim=0)` semantics, and removes them for real: the layer, its
-batch norm and every consumer of that channel (the next conv, the flatten into the classifier,
-the next linear) shrink. The dependency graph comes from torch-pruning, which traces the model
-instead of relying on layer names, so removal stays correct when the architecture changes.
-The output layer is never pruned.
+Unstructured pruning zeroes the smallest (or random) weights of all Conv/Linear layers but the
+output layer, ranked globally, through torch.nn.utils.prune; it fine-tunes with the masks in place,
+then makes the zeros permanent (`prune.remove`), so later stages see plain modules: a module still
+carrying `weight_orig`/`weight_mask` breaks quantization and TorchScript.
+
+Structured pruning scores each group of coupled channels by its L2 norm over the whole group
+(Torch-Pruning's GroupMagnitudeImportance), removes the weakest `amount` of every group, except the
+output layer's outputs, and keeps channel counts at multiples of `round_to` for int8 kernels.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from edgeq.errors import ConfigError
-from edgeq.models import IMAGE, ModelConfig, widths
+from edgeq.errors import ConfigError, PruneError
 
 METHODS = ("l1_unstructured", "random_unstructured", "l2_structured")
+WEIGHT_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     method: str = "l1_unstructured"
-    amount: float = 0.8
-    seed: int = 0
+    amount: float = 0.8  # fraction of weights (unstructured) or of channels per group (structured) removed
+    seed: int = 0  # random_unstructured only
+    round_to: int = 8  # structured: kept channel counts are multiples of this; 1 = no rounding
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown pruning method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if not 0.0 < self.amount < 1.0:
-            raise ConfigError(f"pruning amount {self.amount} is out of range: use a fraction between 0 and 1, e.g. 0.8")
+        if isinstance(self.amount, bool) or not isinstance(self.amount, Real) or not 0.0 < self.amount < 1.0:
+            raise ConfigError(f"pruning amount {self.amount!r} is out of range: use a fraction between 0 and 1, e.g. 0.8")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"pruning seed {self.seed!r} is not an integer")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"pruning round_to {self.round_to!r} must be a positive integer, e.g. 8 (1 = no rounding)")
 
     @property
     def structured(self) -> bool:
@@ -48,90 +60,276 @@ class PruneConfig:
 @dataclass
 class PruneResult:
     model: nn.Module
-    config: ModelConfig  # architecture after pruning (narrower for structured pruning)
-    sparsity: float  # measured fraction of zero weights in the prunable layers
-    removed: dict[str, int]  # structured: channels removed per layer
+    sparsity: float  # measured fraction of zero weights over weight_layers(model), output layer included
+    removed: dict[str, int]  # structured: output channels removed per Conv/Linear name (layers that lost any)
+    params: tuple[int, int] | None = None  # structured: parameter count (before, after)
+    macs: tuple[int, int] | None = None  # structured: multiply-accumulates per example (before, after)
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """Every Conv1d/2d/3d and Linear of model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES)]
 
 
 def weight_sparsity(model: nn.Module) -> float:
     layers = weight_layers(model)
     total = sum(m.weight.numel() for _, m in layers)
     zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
-    return zeros / total
+    return zeros / total if total else 0.0
+
+
+def output_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Module]:
+    """(name, module) of the classifier head of `model`, found in the traced graph.
+
+    The head is the Conv/Linear whose output reaches the model output through parameter-free ops
+    only (activations, pooling, flatten, dropout, ...), wherever it is declared. `model` is not
+    changed: the trace runs on a copy.
+    """
+    _check_example(example)
+    traced, graph = _trace(model, example)
+    heads = _output_layers(traced, graph)
+    if len(heads) > 1:
+        raise PruneError(f"{len(heads)} layers produce the model output ({', '.join(heads)}): "
+                         "expected a single Conv/Linear output layer")
+    return heads[0], model.get_submodule(heads[0])
 
 
 def prune_model(
     model: nn.Module,
-    model_cfg: ModelConfig,
+    example: torch.Tensor,
     cfg: PruneConfig,
     finetune: Callable[[nn.Module], nn.Module] | None = None,
 ) -> PruneResult:
-    """Prune a copy of `model`, fine-tune it with `finetune` (if given), and make the result permanent."""
+    """Prune a copy of `model`, fine-tune it with `finetune` (if given), and make the result permanent.
+
+    `example` is a float batch of the model's input shape, used to trace the graph: to find the
+    output layer (never pruned) and, for structured pruning, the channels coupled to each other.
+    The returned model is in eval mode; `model` itself is never changed.
+    """
+    _check_example(example)
     if cfg.structured:
-        return _structured(model, model_cfg, cfg, finetune)
-    return _unstructured(model, model_cfg, cfg, finetune)
+        return _structured(model, example, cfg, finetune)
+    return _unstructured(model, example, cfg, finetune)
 
 
-def _unstructured(model, model_cfg, cfg, finetune) -> PruneResult:
-    model = copy.deepcopy(model)
-    params = [(m, "weight") for _, m in weight_layers(model)]
-    torch.manual_seed(cfg.seed)
+def _unstructured(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, finetune) -> PruneResult:
+    """Global magnitude (or random) pruning over all Conv/Linear weights except the output layer's.
+
+    Sparing the output layer (~1% of the weights of the MNIST MLP/CNN) measured as good or better:
+    at amount 0.8 the same accuracy after a fine-tune; at 0.9-0.95 up to 6 points better (MLP).
+    """
+    model, graph = _trace(model, example)
+    heads = set(_output_layers(model, graph))
+    params = [(m, "weight") for n, m in weight_layers(model) if n not in heads]
+    if not params:
+        raise PruneError(f"{type(model).__name__} has no Conv or Linear layer to prune besides its output layer")
     method = tprune.L1Unstructured if cfg.method == "l1_unstructured" else tprune.RandomUnstructured
-    tprune.global_unstructured(params, pruning_method=method, amount=cfg.amount)
+    cuda = sorted({m.weight.device.index or 0 for m, _ in params if m.weight.is_cuda})
+    with torch.random.fork_rng(devices=cuda):  # the caller's random state is left as it was
+        torch.manual_seed(cfg.seed)
+        tprune.global_unstructured(params, pruning_method=method, amount=cfg.amount)
     if finetune is not None:
         model = finetune(model)  # masks stay applied: pruned weights remain exactly zero
-    for m, name in params_of(model):
-        tprune.remove(m, name)
-    return PruneResult(model.eval(), model_cfg, weight_sparsity(model), {})
+    for _, m in weight_layers(model):
+        if tprune.is_pruned(m):
+            tprune.remove(m, "weight")
+    return PruneResult(model.eval(), weight_sparsity(model), {})
 
 
-def params_of(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for _, m in weight_layers(model) if tprune.is_pruned(m)]
-
-
-def channels_to_remove(weight: torch.Tensor, amount: float) -> list[int]:
-    """Output channels that ln_structured(n=2, dim=0) would zero at this amount."""
-    mask = tprune.LnStructured(amount, n=2, dim=0).compute_mask(weight.detach(), torch.ones_like(weight))
-    rows = mask.flatten(1).sum(dim=1)
-    return [int(i) for i in torch.nonzero(rows == 0).flatten()]
-
-
-def remove_channels(model: nn.Module, plan: dict[str, list[int]]) -> nn.Module:
-    """Physically remove output channels `plan[layer]` from a copy of model, with all dependents."""
-    import torch_pruning as tp
-
-    model = copy.deepcopy(model).eval()
-    example = torch.zeros(1, *IMAGE)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    modules = dict(model.named_modules())
-    for name, idxs in plan.items():
-        if not idxs:
-            continue
-        layer = modules[name]
-        fn = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
-        group = graph.get_pruning_group(layer, fn, idxs=idxs)
-        group.prune()
-    return model
-
-
-def _structured(model, model_cfg, cfg, finetune) -> PruneResult:
-    layers = weight_layers(model)
-    prunable = layers[:-1]  # never the output layer
-    plan = {name: channels_to_remove(m.weight, cfg.amount) for name, m in prunable}
-    for name, idxs in plan.items():
-        if len(idxs) >= dict(prunable)[name].weight.shape[0]:
-            raise ConfigError(f"pruning amount {cfg.amount} would remove every channel of {name}: use a smaller amount")
-    pruned = remove_channels(model, plan)
+def _structured(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, finetune) -> PruneResult:
+    pruned, graph = _trace(model, example)
+    heads = [pruned.get_submodule(n) for n in _output_layers(pruned, graph)]
+    before = _out_widths(pruned)
+    with torch.no_grad():
+        reference = _shapes(pruned(example))
+    macs0, params0 = _count(pruned, example)
+    try:
+        with _autograd_on(pruned):
+            pruner = _RoundingPruner(
+                pruned, _as_input(example), importance=tp.importance.GroupMagnitudeImportance(p=2),
+                pruning_ratio=cfg.amount, ignored_layers=heads, round_to=cfg.round_to,
+                forward_fn=_call)
+            pruner.step()
+    except Exception as exc:  # Torch-Pruning raises plain exceptions for ops it cannot follow
+        raise PruneError(f"torch-pruning could not prune {type(model).__name__}{_culprit(exc, pruned)}: "
+                         f"{_first_line(exc)}") from exc
+    _check_still_runs(pruned, example, reference)
+    removed = {n: before[n] - w for n, w in _out_widths(pruned).items() if w < before[n]}
+    macs1, params1 = _count(pruned, example)
     if finetune is not None:
         pruned = finetune(pruned)
-    hidden, channels = widths(pruned)
-    return PruneResult(
-        pruned.eval(),
-        model_cfg.with_widths(hidden, channels),
-        weight_sparsity(pruned),
-        {name: len(idxs) for name, idxs in plan.items()},
-    )
+    return PruneResult(pruned.eval(), weight_sparsity(pruned), removed, (params0, params1), (macs0, macs1))
+
+
+class _RoundingPruner(tp.pruner.MetaPruner):
+    """MetaPruner whose rounding never empties a layer.
+
+    Torch-Pruning rounds the kept channel count down to a multiple of round_to; when that reaches 0
+    it skips the layer altogether, so at amount 0.8 and round_to 8 every layer under 40 channels
+    stayed unpruned. Here a layer keeps round_to channels instead, and a layer no wider than
+    round_to is left as it is.
+    """
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        keep = current_channels - n_pruned
+        keep -= keep % round_to
+        keep = max(keep, min(current_channels, round_to))
+        return current_channels - keep
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, "tp.DependencyGraph"]:
+    """A copy of model in eval mode and its dependency graph; PruneError naming what cannot be traced.
+
+    A Conv/Linear that runs in forward but is missing from the graph means the autograd history is
+    cut between it and the output, and pruning it would leave its consumers unchanged.
+    """
+    traced = copy.deepcopy(model).eval()
+    called: dict[nn.Module, None] = {}
+    hooks = [m.register_forward_hook(lambda mod, _i, _o: called.setdefault(mod)) for _, m in weight_layers(traced)]
+    try:
+        with _autograd_on(traced):
+            graph = tp.DependencyGraph().build_dependency(traced, _as_input(example), forward_fn=_call, verbose=False)
+    except Exception as exc:
+        raise PruneError(f"cannot trace {type(model).__name__} on an input of shape {tuple(example.shape)}"
+                         f"{_culprit(exc, traced)}: {_first_line(exc)}") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    names = {m: n for n, m in traced.named_modules()}
+    lost = [m for m in called if m not in graph.module2node]
+    if lost:
+        raise PruneError(
+            f"cannot trace {names[lost[0]]} ({type(lost[0]).__name__}) of {type(model).__name__}: its output does "
+            "not reach the model output through autograd (a .detach(), .numpy(), .item() or torch.no_grad() "
+            "in forward?); pruning follows the autograd graph")
+    return traced, graph
+
+
+@contextmanager
+def _autograd_on(model: nn.Module) -> Iterator[None]:
+    """Torch-Pruning traces through autograd: every parameter requires grad inside, as before after.
+
+    Parameters are matched by name, because pruning replaces them with narrower ones.
+    """
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    model.requires_grad_(True)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n not in frozen)
+
+
+def _output_layers(model: nn.Module, graph: "tp.DependencyGraph") -> list[str]:
+    """Names of the Conv/Linear layers whose outputs reach a model output through parameter-free ops."""
+    names = {m: n for n, m in model.named_modules()}
+    stack = [node for node in graph.module2node.values() if not node.outputs]  # the model outputs
+    heads, blockers, seen = set(), [], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node.module, WEIGHT_LAYER_TYPES):
+            heads.add(names[node.module])
+        elif isinstance(node.module, nn.Parameter) or any(True for _ in node.module.parameters()):
+            blockers.append(node)
+        else:
+            stack.extend(node.inputs)
+    if heads:
+        return sorted(heads)
+    if blockers:
+        b = blockers[0].module
+        what = (f"{names[b]} ({type(b).__name__})" if isinstance(b, nn.Module)
+                else f"a bare parameter of shape {tuple(b.shape)}")
+        raise PruneError(f"no output layer in {type(model).__name__}: the output comes from {what}, "
+                         "not from a Conv/Linear through parameter-free ops")
+    raise PruneError(f"no output layer in {type(model).__name__}: no Conv/Linear layer produces its output")
+
+
+def _check_example(example: object) -> None:
+    if not isinstance(example, torch.Tensor) or not example.is_floating_point() or example.dim() < 1 or not len(example):
+        what = (f"a {example.dtype} tensor of shape {tuple(example.shape)}" if isinstance(example, torch.Tensor)
+                else f"a {type(example).__name__}")
+        raise PruneError(f"the pruning example must be a float batch of the model's input, e.g. [8, 1, 28, 28]; "
+                         f"got {what}")
+
+
+def _check_still_runs(model: nn.Module, example: torch.Tensor, reference: object) -> None:
+    """The pruned model must run on the example and give outputs of the original shapes."""
+    try:
+        with torch.no_grad():
+            shapes = _shapes(model(example))
+    except Exception as exc:
+        raise PruneError(f"the pruned {type(model).__name__} no longer runs{_culprit(exc, model)} "
+                         f"({_first_line(exc)}): torch-pruning did not follow one of its ops") from exc
+    if shapes != reference:
+        raise PruneError(f"the pruned {type(model).__name__} returns {shapes} instead of {reference}")
+
+
+def _shapes(out: object) -> object:
+    """The shapes of a model output (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return tuple(_shapes(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _shapes(v) for k, v in out.items()}
+    return type(out).__name__
+
+
+def _out_widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.weight.shape[0] for n, m in weight_layers(model)}
+
+
+def _count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs, parameters) for one example, as Torch-Pruning counts them."""
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, _as_input(example[:1]))
+    return int(macs), int(params)
+
+
+def _as_input(example: torch.Tensor) -> tuple[torch.Tensor]:
+    """The example as the single positional argument of forward, usable by autograd."""
+    return (example.detach().clone(),)
+
+
+def _call(model: nn.Module, inputs: tuple[torch.Tensor]) -> torch.Tensor:
+    return model(*inputs)
+
+
+def _culprit(exc: BaseException, model: nn.Module) -> str:
+    """' at <op or module>' for the innermost graph node or submodule in the traceback, else ''.
+
+    Torch-Pruning fails deep in its own code (e.g. a channel-shuffle reshape it cannot map); the
+    node it was handling, and the nearest named layer feeding it, say where the model is at fault.
+    """
+    names = {m: n for n, m in model.named_modules() if n}
+    node = module = None
+    tb = exc.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        node = next((v for v in local.values() if isinstance(v, tp.dependency.Node)), node)
+        if isinstance(local.get("self"), nn.Module) and local["self"] in names:
+            module = local["self"]
+        tb = tb.tb_next
+    if node is not None:
+        op = node.grad_fn.name() if hasattr(node.grad_fn, "name") else type(node.module).__name__
+        stack, seen = list(node.inputs), set()
+        while stack:
+            n = stack.pop(0)
+            if n.module in names:
+                return f" at {op} after {names[n.module]} ({type(n.module).__name__})"
+            if n not in seen:
+                seen.add(n)
+                stack.extend(n.inputs)
+        return f" at {op}"
+    if module is not None:
+        return f" in {names[module]} ({type(module).__name__})"
+    return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
