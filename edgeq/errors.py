@@ -31,3 +31,7 @@ class IntegrityError(EdgeqError):
 
 class SignatureError(IntegrityError):
     """A signed artifacts directory does not match its signature, or the signature cannot be checked."""
+
+
+class QuantizeError(ExportError):
+    """A model torch.ao FX cannot quantize: the message names the op, layer or module and the fix."""

@@ -1,18 +1,15 @@
-"""Pruning and quantization on small models trained on the embedded digits.
-
-Pruning of arbitrary architectures (ResNet, MobileNet) without training is in test_prune.py.
-"""
+"""Pruning on small models trained on the embedded digits, and int8 after pruning (FX quantization
+itself: test_quantize.py; pruning of arbitrary architectures without training: test_prune.py)."""
 
 import copy
 
 import pytest
 import torch
-from torch import nn
 
-from edgeq.data import Preprocessing, calibration_batches, load_data
+from edgeq.data import Preprocessing, load_data
 from edgeq.models import build_model, count_macs, count_params, default_config
 from edgeq.prune import PruneConfig, prune_model, weight_layers, weight_sparsity
-from edgeq.quantize import QuantConfig, dequantized_float, quantize
+from edgeq.quantize import QuantConfig, quantize
 from edgeq.train import TrainConfig, accuracy, predict_logits, train
 
 PRE = Preprocessing()
@@ -71,7 +68,7 @@ def test_pruned_then_quantized_regression(trained, test_x, ds, example):
     """The seed notebook crashed here: 'Linear' object has no attribute 'weight_mask'."""
     cfg, model = trained
     pruned = prune_model(model, example, PruneConfig("l1_unstructured", 0.5)).model
-    q = quantize(pruned, QuantConfig("dynamic"))
+    q = quantize(pruned, QuantConfig("dynamic"), example)
     assert abs(acc(q, test_x, ds) - acc(pruned, test_x, ds)) <= 0.01
 
 
@@ -103,24 +100,6 @@ def test_structured_pruning_with_finetune_keeps_accuracy(trained, test_x, ds, ex
 
     r = prune_model(model, example, PruneConfig("l2_structured", 0.5), finetune)
     assert acc(r.model, test_x, ds) >= acc(model, test_x, ds) - 0.03
-
-
-@pytest.mark.parametrize("mode", ["dynamic", "static", "qat"])
-def test_quantization_keeps_accuracy(trained, mode, ds, test_x):
-    cfg, model = trained
-    calib = calibration_batches(ds, PRE, count=256)
-
-    def finetune(m, on_epoch):
-        return train(m, ds.train, PRE, TrainConfig(epochs=1, lr=1e-4), progress=False, on_epoch=on_epoch,
-                     copy_model=False)
-
-    q = quantize(model, QuantConfig(mode), calib, finetune)
-    assert abs(acc(q, test_x, ds) - acc(model, test_x, ds)) <= 0.01
-    if mode != "dynamic":
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules()), "conv-bn-relu was not fused"
-        fmodel, fcfg = dequantized_float(q, cfg)
-        assert not fcfg.batchnorm
-        assert abs(acc(fmodel, test_x, ds) - acc(q, test_x, ds)) <= 0.01
 
 
 def test_bad_configs():
