@@ -23,7 +23,7 @@ def _fail(exc: EdgeqError) -> None:
 def _csv(choices: tuple[str, ...]):
     def convert(ctx, param, value):
         if value is None:
-            return choices
+            return None
         if value.strip().lower() == "none":
             return ()
         items = tuple(v.strip() for v in value.split(",") if v.strip())
@@ -53,49 +53,52 @@ def main() -> None:
                    "export succeeds.")
 @click.option("--force", is_flag=True,
               help="Replace --out even when it holds files that are not a previous edgeq export (they are deleted).")
-@click.option("--model", "models", type=click.Choice(["mlp", "cnn"]), multiple=True,
-              help="Model family to build (repeatable). Default: mlp and cnn.")
+@click.option("--model", "models", multiple=True, metavar="mlp|cnn|FILE.py:FUNC",
+              help="A built-in example (mlp, cnn; repeatable; default both), or your own: FILE.py:FUNC whose "
+                   "FUNC() returns the trained torch.nn.Module (needs --data).")
+@click.option("--data", "data_spec", default=None, metavar="FILE.py:FUNC",
+              help="Your data: FUNC() returns (train, test), each (inputs, labels) or a Dataset of (input, label), "
+                   "inputs preprocessed as the model takes them.")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TOML recipe (edgeq.Recipe); the options below override it.")
 @click.option("--variants", default=None, metavar="LIST",
               callback=_csv(("unstructured", "structured", "dynamic", "static", "qat")),
               help="Comma list of variants besides fp32: unstructured, structured, dynamic, static, qat, or none "
                    "(fp32 only). Default: all.")
+@click.option("--prune-amount", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Fraction of weights zeroed by unstructured pruning [recipe: 0.8].")
+@click.option("--prune-method", type=click.Choice(["l1", "random"]), default=None,
+              help="Unstructured pruning criterion: global L1 magnitude, or random [recipe: l1].")
+@click.option("--channel-amount", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Fraction of channels removed by structured pruning [recipe: 0.5].")
+@click.option("--seed", type=int, default=None, help="Seed for pruning, fine-tunes and calibration [recipe: 0].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads the deployment runs with: int8-vs-fp32 decisions and the ship rule are timed at it "
+                   "[recipe: 1].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Built-in examples only: training epochs (default per model).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Full MNIST in torchvision layout (DIR/MNIST/raw). Default: the embedded 5,000 digits.")
-@click.option("--download", is_flag=True, help="Download full MNIST into --data-dir (or ~/.cache/edgeq/mnist).")
-@click.option("--prune-amount", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.8,
-              show_default=True, help="Fraction of weights zeroed by unstructured pruning.")
-@click.option("--prune-method", type=click.Choice(["l1", "random"]), default="l1", show_default=True,
-              help="Unstructured pruning criterion: global L1 magnitude, or random.")
-@click.option("--channel-amount", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
-              show_default=True, help="Fraction of hidden channels (filters, units) removed by structured pruning.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default per model).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for training, pruning and calibration.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Threads the deployment runs with: int8-vs-fp32 decisions and the ship rule are timed at it.")
+              help="Built-in examples only: full MNIST in torchvision layout (DIR/MNIST/raw). Default: the "
+                   "embedded 5,000 digits.")
+@click.option("--download", is_flag=True, help="Built-in examples only: download full MNIST into --data-dir.")
 @click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="KEY",
               help="EC private key (PEM) to sign the whole output directory with (OpenSSF model-signing); "
                    "check it with `edgeq verify DIR --public-key PUB`.")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage lines.")
-def export(out, force, models, variants, data_dir, download, prune_amount, prune_method, channel_amount, epochs, seed,
-           threads, sign_key, quiet):
-    """Train, prune, quantize and export every variant, then write manifest.json.
+def export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
+           threads, epochs, data_dir, download, sign_key, quiet):
+    """Prune, quantize and export a model (yours, or a built-in example), then write manifest.json.
 
     \b
     Example:
       edgeq export --out artifacts --model mlp --prune-amount 0.9
+      edgeq export --model my_model.py:build --data my_model.py:load --out artifacts/mine
     """
-    from edgeq.pipeline import ExportConfig, run_export, stage_profile, summary
-    from edgeq.precision import SearchConfig
+    from edgeq.build import stage_profile, summary
 
     try:
-        cfg = ExportConfig(
-            out=out, models=tuple(models) or ("mlp", "cnn"), variants=variants,
-            data_dir=str(data_dir) if data_dir else None, download=download, seed=seed,
-            unstructured_amount=prune_amount, unstructured_method=f"{prune_method}_unstructured",
-            structured_amount=channel_amount, epochs=epochs, progress=not quiet, force=force, sign_key=sign_key,
-            search=SearchConfig(threads=threads),
-        )
-        manifest = run_export(cfg)
+        manifest = _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method,
+                           channel_amount, seed, threads, epochs, data_dir, download, sign_key, quiet)
     except EdgeqError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -105,6 +108,65 @@ def export(out, force, models, variants, data_dir, download, prune_amount, prune
     click.echo(stage_profile(manifest))
     click.echo(f"wrote {len(manifest.artifacts)} artifacts and manifest.json to {out} "
                f"in {manifest.timings['total_s']:.1f} s")
+
+
+def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
+            threads, epochs, data_dir, download, sign_key, quiet):
+    """Options -> Recipe -> one library call: edgeq.compress, or the MNIST example that calls it."""
+    from dataclasses import replace
+
+    from edgeq import entrypoint
+    from edgeq.errors import ConfigError
+    from edgeq.recipe import Recipe
+
+    recipe = Recipe.from_file(recipe_file) if recipe_file else None
+    overrides = _overrides(recipe or Recipe(), variants, prune_amount, prune_method, channel_amount, seed, threads)
+    user = [m for m in models if entrypoint.is_spec(m)]
+    if user:
+        if len(models) > 1:
+            raise ConfigError("--model FILE.py:FUNC takes one model; run one export per model")
+        if data_spec is None:
+            raise ConfigError(f"--model {user[0]} needs --data FILE.py:FUNC returning (train, test)")
+        if epochs is not None or data_dir is not None or download:
+            raise ConfigError("--epochs, --data-dir and --download are for the built-in examples; "
+                              "train and load your model and data in your own functions")
+        import edgeq
+
+        model = entrypoint.call(user[0], "--model")
+        data = entrypoint.call(data_spec, "--data")
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise ConfigError(f"--data {data_spec}: returned {type(data).__name__}; return (train, test)")
+        name = Path(user[0].rpartition(":")[0]).stem or "model"
+        return edgeq.compress({name: model}, train=data[0], test=data[1], out=out,
+                              recipe=replace(recipe or Recipe(), **overrides), force=force, sign_key=sign_key,
+                              progress=not quiet)
+    from edgeq.examples import mnist
+
+    if data_spec is not None:
+        raise ConfigError("--data is for your own model (--model FILE.py:FUNC); the built-in examples use MNIST")
+    return mnist.export(out, tuple(models) or mnist.ARCHS, data_dir=str(data_dir) if data_dir else None,
+                        download=download, epochs=epochs, recipe_overrides=overrides, recipe=recipe,
+                        force=force, sign_key=sign_key, progress=not quiet)
+
+
+def _overrides(base, variants, prune_amount, prune_method, channel_amount, seed, threads) -> dict:
+    """The recipe fields the command line sets explicitly."""
+    from dataclasses import replace
+
+    out: dict = {}
+    if variants is not None:
+        out["variants"] = variants
+    if prune_amount is not None or prune_method is not None:
+        out["unstructured"] = replace(base.unstructured, **{k: v for k, v in
+                                                            (("amount", prune_amount), ("method", prune_method))
+                                                            if v is not None})
+    if channel_amount is not None:
+        out["structured"] = replace(base.structured, amount=channel_amount)
+    if seed is not None:
+        out["seed"] = seed
+    if threads is not None:
+        out["threads"] = threads
+    return out
 
 
 def _register_verify() -> None:

@@ -8,6 +8,7 @@ legacy exporter print deprecation warnings in torch 2.14; they are contained her
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import tempfile
@@ -21,18 +22,19 @@ from torch import nn
 
 from edgeq.errors import ExportError
 from edgeq.publish import disk_full_as_enospc
-from edgeq.models import IMAGE, ModelConfig
 from edgeq.quantize import quiet
 from edgeq.runtime import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17
 
 
-def save_checkpoint(model: nn.Module, cfg: ModelConfig, path: Path) -> Path:
-    """State dict plus architecture config; loads with torch.load(weights_only=True)."""
+def save_checkpoint(model: nn.Module, path: Path) -> Path:
+    """The state dict alone (tensors only): loads with torch.load(weights_only=True) into the model's
+    own class. It needs the model's code to run; verify proves it holds the same weights as the
+    TorchScript file of the same variant."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     buffer = io.BytesIO()
-    torch.save({"config": cfg.to_dict(), "state_dict": state}, buffer)
+    torch.save({"state_dict": state}, buffer)
     return write_file(path, buffer.getvalue())
 
 
@@ -44,13 +46,11 @@ def write_file(path: Path, data: bytes) -> Path:
     return path
 
 
-def export_torchscript(model: nn.Module, path: Path) -> Path:
-    """Scripted and frozen for inference: weights become constants and submodule code is inlined,
-    which makes int8 files ~25% smaller (the per-module code dominates small models)."""
+def write_torchscript(module: torch.jit.ScriptModule, path: Path) -> Path:
+    """Save a TorchScript module through Python's file I/O (see write_file)."""
+    buffer = io.BytesIO()
     with quiet():
-        frozen = torch.jit.freeze(torch.jit.script(model.eval()))
-        buffer = io.BytesIO()
-        torch.jit.save(frozen, buffer)
+        torch.jit.save(module, buffer)
     return write_file(path, buffer.getvalue())
 
 
@@ -63,17 +63,25 @@ def check_onnx(path: Path) -> None:
         raise ExportError(f"{path.name} fails onnx.checker: {exc}") from None
 
 
-def export_onnx(model: nn.Module, path: Path) -> Path:
-    """fp32 ONNX with a dynamic batch axis, one self-contained file."""
-    example = torch.zeros(1, *IMAGE)
-    with quiet():
-        torch.onnx.export(
-            model.eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
+def export_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
+    """fp32 ONNX with a dynamic batch axis, one self-contained file; the sample shape is the example's."""
+    try:
+        with quiet():
+            torch.onnx.export(
+                copy.deepcopy(model).eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+    except Exception as exc:  # the exporter's own errors name the unsupported operator
+        raise ExportError(f"{path.name}: the ONNX exporter (opset {OPSET}) cannot export this model "
+                          f"({_first_line(exc)})") from None
     check_onnx(path)
     return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:240]
 
 
 @dataclass(frozen=True)

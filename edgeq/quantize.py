@@ -175,10 +175,11 @@ def qat_float(qmodel: nn.Module) -> nn.Module:
     return copy.deepcopy(twin)
 
 
-def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """Trace (works for any model that runs, int8 or fp32) and freeze for inference.
+def to_torchscript(model: nn.Module, example: torch.Tensor, freeze: bool = True) -> torch.jit.ScriptModule:
+    """Trace (works for any model that runs, int8 or fp32) and, by default, freeze for inference.
 
-    Freezing makes weights constants and inlines submodule code: smaller files. The frozen module
+    Freezing makes weights constants and inlines submodule code: smaller files. Unfrozen, the
+    parameters keep their names (a checkpoint's state dict loads into it). The frozen module
     is checked against the model on the example batch plus one more row, where a batch size or a
     branch baked into the trace would show. `model`'s train/eval flag is restored.
     """
@@ -189,7 +190,8 @@ def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptM
     try:
         with quiet(), torch.no_grad():
             try:
-                frozen = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
+                traced = torch.jit.trace(model, example, check_trace=False)
+                frozen = torch.jit.freeze(traced) if freeze else traced
             except Exception as exc:
                 raise ExportError(f"torch.jit.trace cannot export {name}: {_first_line(exc)}") from None
             want = model(batch)

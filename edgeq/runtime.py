@@ -78,11 +78,13 @@ def load_torchscript(path: Path, device: str = "cpu", threads: int = 1) -> Runne
     return Runner(path.name, f"torch-{device}", _torch_run(module, device))
 
 
-def load_checkpoint_model(path: Path):
-    """(model, ModelConfig) from an edgeq checkpoint: {'config': {...}, 'state_dict': {...}}."""
-    import torch
+def load_state_dict(path: Path) -> dict:
+    """The tensors of an edgeq checkpoint ({'state_dict': {name: tensor}}), loaded weights-only.
 
-    from edgeq.models import ModelConfig, build_model
+    A checkpoint needs the model's own class to run; what can be proved from the file alone is that
+    it holds exactly the weights of the TorchScript file of the same variant (verify does).
+    """
+    import torch
 
     try:
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -92,21 +94,54 @@ def load_checkpoint_model(path: Path):
                              "re-run `edgeq export`") from None
     except Exception as exc:
         raise IntegrityError(f"{path.name}: not an edgeq checkpoint ({first_line(exc)}); re-run `edgeq export`") from None
-    try:
-        cfg = ModelConfig.from_dict(blob["config"])
-        model = build_model(cfg)
-        model.load_state_dict(blob["state_dict"])
-    except Exception as exc:
-        raise IntegrityError(f"{path.name}: not an edgeq checkpoint ({first_line(exc)}); re-run `edgeq export`") from None
-    return model.eval(), cfg
+    state = blob.get("state_dict") if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise IntegrityError(f"{path.name}: not an edgeq checkpoint (no state_dict of tensors); re-run `edgeq export`")
+    return state
 
 
-def load_checkpoint(path: Path, device: str = "cpu", threads: int = 1) -> Runner:
+def load_checkpoint(path: Path, device: str = "cpu", threads: int = 1, options: dict | None = None) -> Runner:
+    """Run a checkpoint from files alone: its tensors loaded (weights-only) into the TorchScript graph
+    the manifest names (`options["graph"]`, a file beside it, traced from the same model unfrozen).
+
+    The graph brings no weights of its own that survive: every parameter and buffer must be replaced
+    by the checkpoint's, name for name and shape for shape, so the accuracy measured is the checkpoint's.
+    """
     import torch
 
+    graph = (options or {}).get("graph")
+    if not isinstance(graph, str) or "/" in graph or graph.startswith("."):
+        raise IntegrityError(f"{path.name}: the manifest names no TorchScript graph beside it to run the "
+                             "checkpoint's weights in; re-run `edgeq export`")
+    twin = path.parent / graph
+    if twin.is_symlink() or not twin.is_file():
+        raise IntegrityError(f"{path.name}: its graph {graph} is missing; re-run `edgeq export`")
+    state = load_state_dict(path)
     torch.set_num_threads(threads)
-    model, _ = load_checkpoint_model(path)
-    return Runner(path.name, f"torch-{device}", _torch_run(model.to(device), device))
+    from edgeq.quantize import quiet
+
+    try:
+        with quiet():
+            module = torch.jit.load(str(twin), map_location=device).eval()
+    except Exception as exc:
+        raise IntegrityError(f"{graph}: not a TorchScript module ({first_line(exc)}); re-run `edgeq export`") from None
+    want = module.state_dict()
+    if set(want) != set(state) or any(want[k].shape != state[k].shape for k in want):
+        raise IntegrityError(f"{path.name}: its tensors do not match the graph {graph} (names or shapes differ); "
+                             "re-run `edgeq export`")
+    module.load_state_dict(state, strict=True)
+    return Runner(path.name, f"torch-{device}", _torch_run(module, device))
+
+
+def load_options(fmt: str, runtime_info: dict) -> dict | None:
+    """What `load` needs from an artifact's manifest `runtime` entry: ONNX session options, or the
+    graph a checkpoint runs in."""
+    match fmt:
+        case "onnx":
+            return runtime_info.get("session_options")
+        case "checkpoint":
+            return {"graph": runtime_info.get("graph")}
+    return None
 
 
 def _torch_run(module, device: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -127,7 +162,7 @@ def load(path: Path, fmt: str, device: str = "cpu", threads: int = 1, options: d
         case "torchscript":
             return load_torchscript(path, device, threads)
         case "checkpoint":
-            return load_checkpoint(path, device, threads)
+            return load_checkpoint(path, device, threads, options)
     raise IntegrityError(f"{path.name}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 

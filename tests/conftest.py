@@ -10,11 +10,11 @@ import pytest
 @pytest.fixture(scope="session")
 def mlp_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real MLP export (fp32 + static int8, 2 epochs) in a temp dir. Read-only: copy it before damaging files."""
-    from edgeq.pipeline import ExportConfig, run_export
+    from edgeq.examples import mnist
 
     out = tmp_path_factory.mktemp("export") / "art"
-    run_export(ExportConfig(out=out, models=("mlp",), variants=("static",), epochs=2, progress=False),
-               log=lambda _: None)
+    mnist.export(out, models=("mlp",), epochs=2, recipe_overrides={"variants": ("static",)}, progress=False,
+                 log=lambda _: None)
     return out
 
 

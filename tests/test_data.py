@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
 
-from edgeq.data import Preprocessing, calibration_batches, load_data
+import torch
+
+from edgeq.data import Arrays, as_arrays, batches, sample
 from edgeq.errors import DataError
+from edgeq.examples.mnist import Preprocessing, load_data
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +36,33 @@ def test_preprocessing_matches_torchvision_normalize(ds):
     assert x.max() == pytest.approx((1 - 0.1307) / 0.3081, abs=1e-6)
 
 
-def test_calibration_batches_come_from_training_data(ds):
-    batches = calibration_batches(ds, Preprocessing(), count=100, batch=32)
-    assert [len(b) for b in batches] == [32, 32, 32, 4]
+def test_calibration_batches_are_a_seeded_sample(ds):
+    train = Arrays(Preprocessing().apply(ds.train.images), ds.train.labels)
+    picked = sample(train, 100, seed=0)
+    assert [len(b) for b in batches(picked, 32)] == [32, 32, 32, 4]
+    assert np.array_equal(picked, sample(train, 100, seed=0)) and not np.array_equal(picked, sample(train, 100, seed=1))
+
+
+def test_pairs_tensors_and_datasets_read_the_same(ds):
+    x, y = Preprocessing().apply(ds.test.images[:50]), ds.test.labels[:50].copy()
+    from_numpy = as_arrays((x, y), "test")
+    from_torch = as_arrays((torch.from_numpy(x), torch.from_numpy(y)), "test")
+    from_dataset = as_arrays(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), "test")
+    for a in (from_torch, from_dataset):
+        assert np.array_equal(a.x, from_numpy.x) and np.array_equal(a.y, from_numpy.y)
+    assert from_numpy.x.dtype == np.float32 and from_numpy.y.dtype == np.int64 and not from_numpy.x.flags.writeable
+
+
+@pytest.mark.parametrize("data, needle", [
+    (42, "expected a pair"),
+    ((np.zeros((3, 2), np.float32), np.zeros(2, np.int64)), "3 inputs but labels of shape [2]"),
+    ((np.zeros((3, 2), np.uint8), np.zeros(3, np.int64)), "pass float inputs"),
+    ((np.zeros((3, 2), np.float32), np.array([0.5, 1, 2])), "non-integer"),
+])
+def test_bad_user_data_is_one_line(data, needle):
+    with pytest.raises(DataError, match=needle.replace("[", r"\[").replace("]", r"\]")) as info:
+        as_arrays(data, "train")
+    assert "\n" not in str(info.value)
 
 
 def test_missing_data_dir_is_a_one_line_error(tmp_path):

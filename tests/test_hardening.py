@@ -31,7 +31,7 @@ from edgeq import publish
 from edgeq.cli import main
 from edgeq.errors import DataError, ExportError, ManifestError
 from edgeq.manifest import read, sha256_file
-from edgeq.pipeline import ExportConfig, run_export
+from edgeq.examples import mnist
 from edgeq.progress import StageLine, progress_bar
 from edgeq.verify import VerifyConfig, verify
 from edgeq.verify.command import verify as verify_command
@@ -56,9 +56,9 @@ def one_line_error(result, *needles: str) -> None:
         assert needle in errors[0], (needle, errors[0])
 
 
-def quick_export(out: Path, **changes) -> None:
-    run_export(ExportConfig(out=out, models=("mlp",), variants=(), epochs=1, progress=False, **changes),
-               log=lambda s: None)
+def quick_export(out: Path, force: bool = False) -> None:
+    mnist.export(out, models=("mlp",), epochs=1, recipe_overrides={"variants": ()}, force=force, progress=False,
+                 log=lambda s: None)
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
@@ -302,22 +302,20 @@ def test_inconsistent_mnist_is_refused_before_training(tmp_path: Path, train, te
     assert not (tmp_path / "art").exists() and leftovers(tmp_path, "art") == []
 
 
-def test_garbage_mnist_files_are_one_line_in_export_and_verify(tmp_path: Path, mlp_artifacts: Path) -> None:
+def test_garbage_data_files_are_one_line_in_export_and_verify(tmp_path: Path, mlp_artifacts: Path) -> None:
     data = write_mnist(tmp_path / "mnist", (100, 100), (100, 100))
     for f in (data / "MNIST" / "raw").iterdir():
         f.write_bytes(os.urandom(300))
     one_line_error(cli("export", "--out", str(tmp_path / "art"), "--data-dir", str(data), *QUICK),
                    "MNIST not found or malformed")
-    art = Path(shutil.copytree(mlp_artifacts, tmp_path / "copy"))
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest["dataset"]["source"] = "mnist"
-    (art / "manifest.json").write_text(json.dumps(manifest))
-    r = CliRunner().invoke(verify_command, [str(art), "--data-dir", str(data), "--quiet"])
-    one_line_error(r, "MNIST not found or malformed")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(os.urandom(300))
+    r = CliRunner().invoke(verify_command, [str(mlp_artifacts), "--data", str(garbage), "--quiet"])
+    one_line_error(r, "garbage.npz", "not a readable .npz")
 
 
 def test_dataset_description_matches_the_data(tmp_path: Path) -> None:
-    from edgeq.data import load_data
+    from edgeq.examples.mnist import load_data
 
     ds = load_data(write_mnist(tmp_path / "mnist", (300, 300), (100, 100)))
     assert "300 train / 100 test" in ds.description and "not the official" in ds.description

@@ -7,12 +7,13 @@ import onnx
 import pytest
 import torch
 
-from edgeq.data import Preprocessing, calibration_batches, load_data
+from edgeq.data import Arrays, batches, sample
 from edgeq.export import QDQConfig, export_onnx, float_outputs, quantize_onnx, relu_before_maxpool
-from edgeq.models import build_model, default_config
+from edgeq.examples.mnist import CNN, Preprocessing, load_data
 from edgeq.precision import SearchConfig, _better, compute_nodes, inspect_runtime_graph, optimized_ops, search_precision
 from edgeq.runtime import load_onnx
-from edgeq.train import TrainConfig, train
+from edgeq.recipe import Finetune
+from edgeq.train import fit
 from edgeq.verify.measure import sqnr_db
 
 PRE = Preprocessing()
@@ -26,7 +27,7 @@ def ds():
 
 @pytest.fixture(scope="module")
 def calib(ds):
-    return calibration_batches(ds, PRE, count=256)
+    return batches(sample(Arrays(PRE.apply(ds.train.images), ds.train.labels), 256, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,9 @@ def test_x(ds):
 def cnn_onnx(ds, tmp_path_factory):
     """A CNN of another width than the default, trained briefly: the code must not depend on names or sizes."""
     torch.manual_seed(0)
-    cfg = default_config("cnn").with_widths(hidden=64, channels=(12, 24))
-    model = train(build_model(cfg), ds.train, PRE, TrainConfig(epochs=1, lr=3e-3), progress=False)
-    return export_onnx(model, tmp_path_factory.mktemp("cnn") / "cnn.onnx")
+    train = Arrays(PRE.apply(ds.train.images), ds.train.labels)
+    model = fit(CNN(channels=(12, 24), hidden=64), train, Finetune(epochs=1, lr=3e-3, shift=2), progress=False)
+    return export_onnx(model, tmp_path_factory.mktemp("cnn") / "cnn.onnx", torch.zeros(1, 1, 28, 28))
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:

@@ -15,9 +15,8 @@ import torch_pruning as tp
 import torchvision.models as tvm
 from torch import nn
 
-from edgeq.data import Preprocessing, load_data
+from edgeq.examples.mnist import Preprocessing, build_model, load_data
 from edgeq.errors import ConfigError, PruneError
-from edgeq.models import build_model, default_config
 from edgeq.prune import PruneConfig, output_layer, prune_model, weight_layers, weight_sparsity
 
 CLASSES = 10
@@ -47,8 +46,8 @@ def mobilenet_v3_small() -> nn.Module:
 
 
 MODELS = {
-    "mlp": lambda: build_model(default_config("mlp")),
-    "cnn": lambda: build_model(default_config("cnn")),
+    "mlp": lambda: build_model("mlp"),
+    "cnn": lambda: build_model("cnn"),
     "resnet18": resnet18,
     "mobilenet_v2": mobilenet_v2,
     "mobilenet_v3_small": mobilenet_v3_small,
@@ -204,7 +203,7 @@ def test_op_torch_pruning_cannot_map_is_one_line_error_naming_it(digits):
 
 @pytest.mark.parametrize("example", [None, torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(0, 1, 28, 28)])
 def test_example_must_be_a_float_batch(example):
-    m = build_model(default_config("mlp"))
+    m = build_model("mlp")
     for call in (lambda: output_layer(m, example), lambda: prune_model(m, example, PruneConfig())):
         with pytest.raises(PruneError) as exc:
             call()
@@ -315,7 +314,7 @@ def test_round_to_never_empties_or_grows_a_layer(round_to, expected, digits):
 
 def test_high_amount_still_prunes_small_layers(digits):
     """At 0.8 Torch-Pruning alone leaves every layer under 40 channels untouched; edgeq keeps 8."""
-    r = prune_model(build_model(default_config("cnn")).eval(), digits, PruneConfig("l2_structured", 0.8))
+    r = prune_model(build_model("cnn").eval(), digits, PruneConfig("l2_structured", 0.8))
     assert r.removed == {"features.0.conv": 8, "features.1.conv": 24, "fc1": 104}
 
 
@@ -326,12 +325,12 @@ def test_structured_finetune_gets_the_pruned_model(digits):
         seen.append(m(digits).shape)
         return m
 
-    r = prune_model(build_model(default_config("cnn")).eval(), digits, PruneConfig("l2_structured", 0.5), finetune)
+    r = prune_model(build_model("cnn").eval(), digits, PruneConfig("l2_structured", 0.5), finetune)
     assert seen == [(len(digits), CLASSES)] and r.model.fc1.out_features == 64
 
 
 def test_structured_keeps_frozen_parameters_frozen(digits):
-    m = build_model(default_config("cnn")).eval()
+    m = build_model("cnn").eval()
     m.features.requires_grad_(False)
     r = prune_model(m, digits, PruneConfig("l2_structured", 0.5))
     assert {n for n, p in r.model.named_parameters() if not p.requires_grad} == {
@@ -361,7 +360,7 @@ def test_unstructured_is_permanent_and_global(model, method, digits):
 def test_unstructured_finetune_keeps_zeros_and_random_is_seeded(digits):
     ds = load_data()
     x, y = digits, torch.tensor(ds.test.labels[: len(digits)])
-    m = build_model(default_config("cnn")).eval()
+    m = build_model("cnn").eval()
 
     def finetune(model: nn.Module) -> nn.Module:
         model.train()
@@ -381,7 +380,7 @@ def test_unstructured_finetune_keeps_zeros_and_random_is_seeded(digits):
 
 
 def test_unstructured_leaves_the_global_random_state_alone(digits):
-    m = build_model(default_config("mlp"))
+    m = build_model("mlp")
     state = torch.random.get_rng_state()
     prune_model(m, digits, PruneConfig("random_unstructured", 0.5, seed=1))
     assert torch.equal(torch.random.get_rng_state(), state)

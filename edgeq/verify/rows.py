@@ -42,7 +42,7 @@ class VerifyConfig:
     batch: int = 256  # the large batch for throughput
     max_accuracy_drop: float = 1.0  # points, vs the fp32 baseline of the same model family
     min_agreement: float = 0.98  # top-1 agreement with the fp32 baseline
-    data_dir: str | None = None  # full MNIST, for manifests whose dataset source is "mnist"
+    data: str | None = None  # an .npz (inputs, labels) to measure on instead of the export's eval.npz
     fail_on_slower: bool = False  # the slower flags (int8 vs fp32 parent, fp32 vs baseline) fail instead of warn
     strict: bool = False  # a file in the directory that the manifest does not list fails the run
     public_key: str | None = None  # check the directory's signature with this EC public key, first

@@ -1,0 +1,587 @@
+"""`compress`: the one place that knows the order of the stages, for any PyTorch classifier.
+
+user model + data -> checks -> fp32 exports -> prune (unstructured, structured) -> int8 (torch FX
+and onnxruntime QDQ, layers kept fp32 only where measured faster) -> eval.npz -> manifest ->
+signature, all written into a temporary directory beside `out` and published atomically
+(edgeq.publish). Nothing here knows a model by name, layer name or input size: layers are found by
+type or by the dependency graph, shapes come from the data.
+
+A variant a model cannot take (an op FX cannot trace, a graph torch-pruning cannot follow, a model
+the ONNX exporter refuses) goes into the manifest's `skipped` with the reason and the operator;
+the other variants are still built.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeq import publish, runtime, signing
+from edgeq.clock import profile, timed
+from edgeq.environment import environment
+from edgeq.errors import ConfigError, DataError, EdgeqError, ExportError
+from edgeq.export import export_onnx, quantize_onnx, save_checkpoint, write_file, write_torchscript
+from edgeq.manifest import EVAL_NAME, Artifact, Manifest, sha256_file
+from edgeq.precision import Plan, SearchConfig, inspect_runtime_graph, measure_ratios, search_precision, timing_options
+from edgeq.prune import PruneConfig, prune_model
+from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
+from edgeq.recipe import MODES, PRUNINGS, Recipe
+from edgeq.train import accuracy, fit, predict_logits
+from edgeq.data import Arrays, as_arrays, batches, check_pair, sample
+
+FORMATS = ("torchscript", "checkpoint", "onnx")  # in export order: a checkpoint runs in its TorchScript graph
+EXT = {"checkpoint": "ckpt.pt", "torchscript": "ts.pt", "onnx": "onnx"}
+SHORT = {"checkpoint": "ckpt", "torchscript": "ts", "onnx": "onnx"}
+TRAIN_THREADS = 2  # float sums depend on the thread count: fine-tunes run at a fixed one to reproduce
+GATE_ROUNDS = 7  # paired rounds behind each ship / do-not-ship decision
+GATE_CLOSE = 0.05  # a ratio this close to the ship limit is measured three times
+RECOMMEND_MAX_DROP = 0.005  # accuracy, as a fraction
+RECOMMEND_MAX_RATIO = 0.95  # int8 must beat its fp32 parent by 5%: a margin over timing noise
+AS_GIVEN = {"description": "as given: inputs were preprocessed by the caller and are stored in eval.npz exactly as fed"}
+
+FinetuneFn = Callable[[nn.Module, tuple[np.ndarray, np.ndarray], int], nn.Module]
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a build is written: where, replacing what, signed or not, how loud."""
+
+    out: Path = Path("artifacts")
+    force: bool = False  # replace `out` even when it is not empty and not an edgeq export
+    sign_key: Path | None = None  # EC private key (PEM): sign the whole directory (edgeq.signing)
+    progress: bool = True
+
+
+def compress(
+    model: nn.Module | Mapping[str, nn.Module],
+    train: object,
+    test: object,
+    out: str | Path = "artifacts",
+    *,
+    recipe: Recipe | Mapping[str, Recipe] | None = None,
+    classes: list[str] | None = None,
+    finetune: FinetuneFn | None = None,
+    preprocessing: dict | None = None,
+    dataset: dict | None = None,
+    force: bool = False,
+    sign_key: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Compress a trained fp32 classifier (logits [batch, classes]) into verified edge artifacts.
+
+    `model` may be one module or a mapping {name: module} of families sharing the data (one
+    manifest). `train` / `test` are `(inputs, labels)` arrays or tensors, or a Dataset of
+    `(input, label)`, inputs already preprocessed. `train` feeds calibration, pruning fine-tunes
+    and QAT; every accuracy figure is measured on `test`. `finetune(model, (x, y), epochs)` replaces
+    edgeq's own fine-tuning loop. Returns the Manifest written to `out`.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr))
+    t0 = time.perf_counter()
+    models = dict(model) if isinstance(model, Mapping) else {"model": model}
+    if not models:
+        raise ConfigError("no model given: pass a torch.nn.Module or a {name: module} mapping")
+    recipes = _recipes(recipe, models)
+    options = Options(Path(out), force, Path(sign_key) if sign_key is not None else None, progress)
+    publish.check_out(options.out, options.force)
+    if options.sign_key is not None:
+        signing.check_private_key(options.sign_key)
+    train_a, test_a = as_arrays(train, "train"), as_arrays(test, "test")
+    specs = {name: _check_model(name, m, train_a, test_a, classes) for name, m in models.items()}
+    expected = sum(_expected_bytes(m, recipes[name]) for name, m in models.items())
+    expected += test_a.x[: max(r.eval_samples for r in recipes.values())].nbytes
+    threads = torch.get_num_threads()
+    with publish.staging(options.out, force=options.force, expected_bytes=expected) as tmp:
+        torch.set_num_threads(TRAIN_THREADS)
+        try:
+            b = _Build(options, tmp, train_a, test_a, log, finetune)
+            families = {name: _compress_one(b, name, m, recipes[name], specs[name]) for name, m in models.items()}
+            eval_entry = _write_eval(b, min(r.eval_samples for r in recipes.values()))
+            b.timings["total_s"] = round(time.perf_counter() - t0, 2)
+            manifest = Manifest(
+                models=families,
+                input={"name": runtime.INPUT_NAME, "shape": ["batch", *train_a.sample_shape], "dtype": "float32"},
+                output={"name": runtime.OUTPUT_NAME, "shape": ["batch", "classes"], "dtype": "float32",
+                        "meaning": "logits"},
+                preprocessing=dict(preprocessing or AS_GIVEN),
+                dataset={"source": "user", "description": "given to edgeq.compress", **(dataset or {}),
+                         "train_size": len(train_a), "test_size": len(test_a), "eval": eval_entry},
+                environment=environment(),
+                artifacts=b.artifacts,
+                skipped=b.skipped,
+                timings=b.timings,
+            )
+            manifest.write(tmp)  # last: a directory without a manifest is never published
+            if options.sign_key is not None:  # after the manifest: the signature covers every file
+                signing.sign_directory(tmp, options.sign_key)
+        finally:
+            torch.set_num_threads(threads)
+    return manifest
+
+
+def _recipes(recipe: Recipe | Mapping[str, Recipe] | None, models: dict[str, nn.Module]) -> dict[str, Recipe]:
+    if recipe is None or isinstance(recipe, Recipe):
+        return {name: recipe or Recipe() for name in models}
+    missing = sorted(set(models) - set(recipe))
+    if missing:
+        raise ConfigError(f"no recipe for model {missing[0]!r}: give one Recipe, or one per model name")
+    return {name: recipe[name] for name in models}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What the data and a forward pass say about a model."""
+
+    classes: list[str]
+    example: torch.Tensor  # one test input, [1, ...]
+
+
+def _check_model(name: str, model: object, train: Arrays, test: Arrays, classes: list[str] | None) -> _Spec:
+    """Refuse, before any training or writing, a model that is not a classifier of this data."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r}: expected a torch.nn.Module, got {type(model).__name__}; "
+                          "pass the trained model object")
+    if train.sample_shape != test.sample_shape:
+        check_pair(train, test, 1 << 30)
+    probe = torch.from_numpy(np.array(test.x[:2]))
+    try:
+        with torch.inference_mode():
+            out = copy.deepcopy(model).eval()(probe)
+    except Exception as exc:
+        raise DataError(f"model {name!r} fails on test inputs of shape {list(probe.shape)} "
+                        f"({runtime.first_line(exc)}); pass data in the shape the model takes") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(probe):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model {name!r}: output {shape} for a batch of {len(probe)}; edgeq compresses "
+                          "classifiers whose output is logits [batch, classes]")
+    n = int(out.shape[1])
+    if classes is not None and len(classes) != n:
+        raise ConfigError(f"model {name!r} has {n} outputs but {len(classes)} class names were given")
+    if n < 2:
+        raise ConfigError(f"model {name!r} has {n} output; a classifier needs at least 2 classes")
+    check_pair(train, test, n)
+    logits = predict_logits(copy.deepcopy(model), test.x[: min(len(test), 256)])
+    if not np.isfinite(logits).all():
+        raise DataError(f"model {name!r} gives NaN or Inf logits on the test inputs; fix the model or its weights")
+    return _Spec([str(c) for c in classes] if classes is not None else [str(i) for i in range(n)],
+                 torch.from_numpy(np.array(test.x[:1])))
+
+
+def _expected_bytes(model: nn.Module, recipe: Recipe) -> int:
+    """An upper estimate of a family's files: every fp32 variant in three formats of ~4 bytes a
+    parameter, every int8 file ~1.5 bytes a parameter, and the QAT float ONNX on the way."""
+    params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    floats = 1 + sum(v in recipe.variants for v in PRUNINGS)
+    int8_files = (1 + ("structured" in recipe.variants)) * sum(m in recipe.variants for m in MODES) * 2
+    return int(params * (4 * len(FORMATS) * floats + 1.5 * int8_files + 4))
+
+
+@dataclass
+class _Float:
+    """A float model variant ready for export."""
+
+    key: str  # fp32 | unstructured | structured
+    model: nn.Module
+    pruning: dict | None
+
+
+@dataclass
+class _Build:
+    options: Options
+    dir: Path
+    train: Arrays
+    test: Arrays
+    log: Callable[[str], None]
+    user_finetune: FinetuneFn | None
+    artifacts: list[Artifact] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)  # (model, parent key) -> measured mixed-precision Plan
+
+    def add(self, model: str, variant: str, fmt: str, path: Path, *, precision: str, float_model: nn.Module,
+            example: torch.Tensor, parent: str | None, quantization: dict | None, pruning: dict | None,
+            runtime_info: dict, notes: str = "") -> Artifact:
+        """Record a written file, with its accuracy measured from the file in its own runtime."""
+        threads = torch.get_num_threads()
+        try:  # one thread, as `edgeq verify` measures it: the same sums, the same predictions
+            runner = runtime.load(path, fmt, threads=1, options=runtime.load_options(fmt, runtime_info))
+            logits = runner.predict(self.test.x)
+        finally:
+            torch.set_num_threads(threads)
+        art = Artifact(
+            name=name_of(model, variant, fmt), file=path.name, format=fmt, precision=precision, model=model,
+            architecture=describe(float_model), parent=parent, quantization=quantization, pruning=pruning,
+            params=count_params(float_model)[0], nonzero_params=count_params(float_model)[1],
+            bytes=path.stat().st_size, sha256=sha256_file(path), accuracy=accuracy(logits, self.test.y),
+            runtime=runtime_info, macs=count_macs(float_model, example), notes=notes,
+        )
+        self.artifacts.append(art)
+        return art
+
+    def skip(self, name: str, reason: str, kind: str = "not_built", **extra: object) -> None:
+        self.skipped.append({"name": name, "kind": kind, "reason": reason, **extra})
+        self.log(f"  {name}: not built ({reason})")
+
+
+def name_of(model: str, variant: str, fmt: str) -> str:
+    return f"{model}-{variant}-{SHORT[fmt]}"
+
+
+def describe(model: nn.Module) -> dict:
+    """The manifest's `architecture` of a model, found by type: class, layer counts, output widths."""
+    kinds: dict[str, int] = {}
+    widths = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+            widths.append(int(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features))
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "layers": kinds, "widths": widths}
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of a float model."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on one sample (Torch-Pruning's counter); 0 if it cannot count."""
+    import torch_pruning as tp
+
+    try:
+        macs, _ = tp.utils.count_ops_and_params(copy.deepcopy(model).eval(), example)
+        return int(macs)
+    except Exception:  # a counter's limitation must not stop an export
+        return 0
+
+
+def _runtime_info(fmt: str, precision: str = "fp32", graph: str | None = None) -> dict:
+    if fmt == "onnx":
+        info = {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"], "session_options": {}}
+        if precision == "int8":
+            info["graph"] = ("portable QDQ; onnxruntime's default optimizations (ORT_ENABLE_ALL) fuse it into the "
+                             "int8 kernels listed in quantization.optimized_ops when the session loads. The optimized "
+                             "form holds CPU-specific layout ops (NCHWc, NHWC) and is not shipped.")
+        return info
+    if fmt == "checkpoint":
+        return {"engine": "torch", "devices": ["cpu", "cuda"], "graph": graph,
+                "load": ("torch.load(weights_only=True)['state_dict']: into the model's own class, or into the "
+                         "TorchScript `graph` beside it (how edgeq verify runs it without the model's code)")}
+    # torch.ao int8 kernels (fbgemm/x86) exist only on CPU
+    return {"engine": "torch", "devices": ["cpu", "cuda"] if precision == "fp32" else ["cpu"]}
+
+
+def _finetuner(b: _Build, spec, seed: int, desc: str) -> Callable[..., nn.Module]:
+    """A fine-tune step `run(model, on_epoch=None)`: the user's `finetune` when given, else edgeq's own
+    loop with `spec` (`on_epoch(model, epoch)` is called before each epoch of edgeq's loop only)."""
+
+    def run(model: nn.Module, on_epoch: Callable[[nn.Module, int], None] | None = None) -> nn.Module:
+        if b.user_finetune is not None:
+            out = b.user_finetune(model, (np.array(b.train.x), np.array(b.train.y)), spec.epochs)
+            if not isinstance(out, nn.Module):
+                raise FinetuneError(f"finetune returned {type(out).__name__}; it must return the fine-tuned nn.Module")
+            return out.eval()
+        return fit(model, b.train, spec, seed=seed, desc=desc, progress=b.options.progress, on_epoch=on_epoch,
+                   copy_model=False)
+
+    return run
+
+
+class FinetuneError(ConfigError):
+    """The caller's finetune callable broke its contract: stops the whole export."""
+
+
+def _compress_one(b: _Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) -> dict:
+    base = copy.deepcopy(model).eval()
+    example = spec.example
+    floats = [_Float("fp32", base, None)]
+    with timed(b.timings, f"{name}.prune_s"):
+        if "unstructured" in recipe.variants:
+            u = recipe.unstructured
+            pc = PruneConfig(f"{u.method}_unstructured", u.amount, recipe.seed)
+            ft = _finetuner(b, recipe.finetune_unstructured, recipe.seed + 1, f"{name}: fine-tune unstructured")
+            r = _attempt(b, name_of(name, "unstructured", "checkpoint"), lambda: prune_model(base, example, pc, ft))
+            if r is not None:
+                floats.append(_Float("unstructured", r.model, {
+                    "method": pc.method, "amount": pc.amount, "sparsity": round(r.sparsity, 4),
+                    "scope": "global over all Conv/Linear weights except the output layer",
+                    "finetune_epochs": recipe.finetune_unstructured.epochs}))
+        if "structured" in recipe.variants:
+            s = recipe.structured
+            pc = PruneConfig("l2_structured", s.amount, recipe.seed, s.round_to)
+            ft = _finetuner(b, recipe.finetune_structured, recipe.seed + 1, f"{name}: fine-tune structured")
+            r = _attempt(b, name_of(name, "structured", "checkpoint"), lambda: prune_model(base, example, pc, ft))
+            if r is not None:
+                floats.append(_Float("structured", r.model, {
+                    "method": "torch-pruning MetaPruner, group L2 magnitude", "amount": pc.amount,
+                    "round_to": pc.round_to, "sparsity": round(r.sparsity, 4), "removed_channels": r.removed,
+                    "physically_removed": True, "finetune_epochs": recipe.finetune_structured.epochs}))
+    calibration = batches(sample(b.train, recipe.calibration_samples, recipe.seed))
+    for f in floats:
+        onnx_ok = _export_float(b, name, f, example)
+        if f.key == "unstructured":
+            continue  # int8 is built from the dense and the channel-pruned parents
+        prefix = "" if f.key == "fp32" else f"{f.key}-"
+        for mode in (m for m in MODES if m in recipe.variants):
+            qc = QuantConfig(mode, calibration_samples=sum(map(len, calibration)))
+            qat_ft = _finetuner(b, recipe.qat, recipe.seed + 2, f"{name}: QAT {f.key}")
+            variant = prefix + mode
+            with timed(b.timings, f"{name}.quantize_s"):
+                q = _attempt(b, name_of(name, variant, "torchscript"),
+                             lambda: quantize(f.model, qc, example, calibration, qat_ft))
+            if q is None:
+                b.skip(name_of(name, variant, "onnx"), "its torch int8 model could not be built (see "
+                       f"{name_of(name, variant, 'torchscript')} under skipped)")
+                continue
+            _export_int8(b, name, f, variant, mode, q, qc, recipe, calibration, example, onnx_ok)
+    _recommend(b.artifacts, name)
+    return {"classes": spec.classes, "architecture": describe(model), "recipe": recipe.to_dict(),
+            "finetune": "the caller's finetune()" if b.user_finetune else "edgeq.train.fit (AdamW, one-cycle)"}
+
+
+def _attempt(b: _Build, name: str, build: Callable[[], object]) -> object | None:
+    """Run one variant's build; a known failure (EdgeqError) becomes a `skipped` entry, not a crash."""
+    try:
+        return build()
+    except FinetuneError:
+        raise
+    except EdgeqError as exc:
+        b.skip(name, str(exc))
+        return None
+
+
+def _export_float(b: _Build, name: str, f: _Float, example: torch.Tensor) -> bool:
+    """TorchScript, checkpoint and ONNX of a float variant; False when ONNX could not be exported.
+
+    The fp32 TorchScript file is traced and not frozen, so its parameters keep their names: the
+    checkpoint runs in it (see runtime.load_checkpoint), which is how verify proves from the files
+    alone what the checkpoint's weights do.
+    """
+    ok = {}
+    with timed(b.timings, f"{name}.export_s"):
+        for fmt in FORMATS:
+            path = b.dir / f"{name}-{f.key}.{EXT[fmt]}"
+            graph = f"{name}-{f.key}.{EXT['torchscript']}"
+            if fmt == "checkpoint" and not ok.get("torchscript"):
+                b.skip(name_of(name, f.key, fmt), f"needs its TorchScript graph {graph} to run from files alone, "
+                       "and that was not exported (see skipped)")
+                continue
+            try:
+                match fmt:
+                    case "checkpoint":
+                        save_checkpoint(f.model, path)
+                    case "torchscript":
+                        write_torchscript(to_torchscript(f.model, example, freeze=False), path)
+                    case "onnx":
+                        export_onnx(f.model, path, example)
+            except EdgeqError as exc:
+                b.skip(name_of(name, f.key, fmt), str(exc))
+                continue
+            ok[fmt] = True
+            b.add(name, f.key, fmt, path, precision="fp32", float_model=f.model, example=example,
+                  parent=None if f.key == "fp32" else name_of(name, "fp32", fmt),
+                  quantization=None, pruning=f.pruning, runtime_info=_runtime_info(fmt, graph=graph))
+    return bool(ok.get("onnx"))
+
+
+def _export_int8(b: _Build, name: str, f: _Float, variant: str, mode: str, q: nn.Module, qc: QuantConfig,
+                 recipe: Recipe, calibration: list[np.ndarray], example: torch.Tensor, onnx_ok: bool) -> None:
+    onnx_parent = b.dir / f"{name}-{f.key}.onnx"
+    plan = None
+    if mode != "dynamic" and onnx_ok:
+        plan = _attempt(b, name_of(name, variant, "onnx"),
+                        lambda: _mixed_precision(b, name, f.key, onnx_parent, calibration, recipe))
+    with timed(b.timings, f"{name}.export_s"):
+        _export_int8_torchscript(b, name, f, variant, mode, q, qc, recipe, example)
+        if mode == "dynamic":
+            b.skip(name_of(name, variant, "onnx"), (
+                "onnxruntime dynamic int8 re-quantizes activations on every call and turns convolutions into "
+                "ConvInteger (~6x slower than fp32 on AVX2); static QDQ is the int8 ONNX variant"))
+        elif not onnx_ok:
+            b.skip(name_of(name, variant, "onnx"), f"its fp32 parent {name_of(name, f.key, 'onnx')} was not exported")
+        elif plan is not None:
+            _attempt(b, name_of(name, variant, "onnx"),
+                     lambda: _export_int8_onnx(b, name, f, variant, mode, q, plan, onnx_parent, recipe, calibration,
+                                               example))
+
+
+def _export_int8_torchscript(b: _Build, name: str, f: _Float, variant: str, mode: str, q: nn.Module,
+                             qc: QuantConfig, recipe: Recipe, example: torch.Tensor) -> None:
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in f.model.modules())
+    notes = ("torch dynamic quantization covers Linear layers only; convolutions stay fp32"
+             if mode == "dynamic" and has_conv else "")
+    path = b.dir / f"{name}-{variant}.{EXT['torchscript']}"
+    try:
+        write_torchscript(to_torchscript(q, example), path)
+    except EdgeqError as exc:
+        b.skip(name_of(name, variant, "torchscript"), str(exc))
+        return
+    parent = name_of(name, f.key, "torchscript")
+    speed = _speed_vs_parent(b, recipe, "torchscript", b.dir / f"{name}-{f.key}.{EXT['torchscript']}", path)
+    if _ships(b, recipe, name_of(name, variant, "torchscript"), parent, path, speed):
+        b.add(name, variant, "torchscript", path, precision="int8", float_model=f.model, example=example,
+              parent=parent, quantization={**qc.describe(), "latency_vs_parent": _rounded(speed),
+                                           "timed_at": _timed_at(recipe)},
+              pruning=f.pruning, runtime_info=_runtime_info("torchscript", "int8"), notes=notes)
+
+
+def _export_int8_onnx(b: _Build, name: str, f: _Float, variant: str, mode: str, q: nn.Module, plan: Plan,
+                      onnx_parent: Path, recipe: Recipe, calibration: list[np.ndarray], example: torch.Tensor) -> None:
+    path = b.dir / f"{name}-{variant}.onnx"
+    samples = sum(map(len, calibration))
+    if mode == "static":
+        qdq = plan.qdq
+        quantize_onnx(onnx_parent, path, calibration, qdq)
+        quant = {**qdq.describe(), "calibration": f"{qdq.calibrate_method} on {samples} training samples",
+                 "weight_scales": plan.weights}
+    else:
+        # the QAT weights were learned on torch's per-channel grid: kept per channel whatever the
+        # search chose for the static twin, so the coarser per-tensor grid never overrides them
+        qdq = replace(plan.qdq, per_channel=True)
+        fmodel = qat_float(q)
+        with tempfile.TemporaryDirectory(dir=b.dir) as tmp:
+            quantize_onnx(export_onnx(fmodel, Path(tmp) / "qat-float.onnx", example), path, calibration, qdq)
+        quant = {**qdq.describe(), "method": "qat",
+                 "weights_from": ("quantization-aware fine-tuning: the torch QAT model's weights (BN folded, "
+                                  "learned on an 8-bit per-channel grid), re-quantized per channel to "
+                                  "onnxruntime's grid" + (" (7-bit, reduce_range)" if qdq.reduce_range else "")),
+                 "calibration": f"activations: {qdq.calibrate_method} on {samples} training samples",
+                 "weight_scales": {**plan.weights, "chosen": "per-channel",
+                                   "reason": "per-channel: the granularity the QAT weights were learned on"}}
+    graph = inspect_runtime_graph(path)
+    quant["optimized_ops"] = graph.pop("ops")
+    quant["runtime_graph"] = graph
+    quant["search"] = plan.cost
+    if not graph["clean"]:
+        b.log(f"  {name_of(name, variant, 'onnx')}: onnxruntime runs it with {graph}")
+    speed = _speed_vs_parent(b, recipe, "onnx", onnx_parent, path)
+    quant["latency_vs_parent"] = _rounded(speed)
+    quant["timed_at"] = _timed_at(recipe)
+    if _ships(b, recipe, name_of(name, variant, "onnx"), name_of(name, f.key, "onnx"), path, speed):
+        art = b.add(name, variant, "onnx", path, precision="int8", float_model=f.model, example=example,
+                    parent=name_of(name, f.key, "onnx"), quantization=quant, pruning=f.pruning,
+                    runtime_info=_runtime_info("onnx", "int8"))
+        art.decisions = plan.layers
+
+
+def _search_config(recipe: Recipe) -> SearchConfig:
+    return SearchConfig(batches=recipe.batches, threads=recipe.threads, budget_s=recipe.search_budget_s)
+
+
+def _timed_at(recipe: Recipe) -> dict:
+    """The setting every int8 decision and ratio was measured in (on the CPU the manifest's `environment` names)."""
+    return {"threads": recipe.threads, "batches": list(recipe.batches)}
+
+
+def _rounded(ratios: dict[int, float]) -> dict[str, float]:
+    return {str(k): round(v, 3) for k, v in ratios.items()}
+
+
+def _speed_vs_parent(b: _Build, recipe: Recipe, fmt: str, parent: Path, path: Path) -> dict[int, float]:
+    """int8 / fp32-parent latency, paired, at the recipe's thread count and batch sizes.
+
+    A ratio near the shipping limit decides whether the file ships, so at that batch size it is
+    measured twice more and the median of the three is kept: one burst must not decide it.
+    """
+    threads = torch.get_num_threads()
+    try:
+        cfg = replace(_search_config(recipe), rounds=GATE_ROUNDS)
+        options = timing_options(cfg.threads) if fmt == "onnx" else None
+        ref, cand = (runtime.load(p, fmt, threads=cfg.threads, options=options) for p in (parent, path))
+        out = {}
+        for batch, x in _timing_inputs(b, recipe).items():
+            runs = [measure_ratios(ref, cand, {batch: x}, cfg)[batch]]
+            if abs(runs[0] - recipe.ship_limit) < GATE_CLOSE:
+                runs += [measure_ratios(ref, cand, {batch: x}, cfg)[batch] for _ in range(2)]
+            out[batch] = float(np.median(runs))
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _ships(b: _Build, recipe: Recipe, name: str, parent: str, path: Path, speed: dict[int, float]) -> bool:
+    """An int8 file measurably slower than its fp32 parent at any measured batch size is not shipped:
+    it is deleted and listed under `skipped` with the measured ratios."""
+    if all(v <= recipe.ship_limit for v in speed.values()):
+        return True
+    path.unlink()
+    ratios = ", ".join(f"{v:.2f}x at batch {k}" for k, v in speed.items())
+    b.skipped.append({"name": name, "kind": "slower_than_parent",
+                      "reason": f"int8 is slower than its fp32 parent {parent} on this CPU ({ratios}, paired); "
+                                "not shipped", "latency_vs_parent": _rounded(speed)})
+    b.log(f"  {name}: not shipped, slower than {parent} ({ratios})")
+    return False
+
+
+def _timing_inputs(b: _Build, recipe: Recipe) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {n: b.test.x[rng.integers(0, len(b.test), size=n)] for n in recipe.batches}
+
+
+def _mixed_precision(b: _Build, name: str, parent_key: str, onnx_parent: Path, calibration: list[np.ndarray],
+                     recipe: Recipe) -> Plan:
+    """Measured once per fp32 parent; the QAT twin has the same layers and reuses the decision."""
+    key = (name, parent_key)
+    if key not in b.plans:
+        b.log(f"{name}: measuring which {parent_key} layers run faster in int8 on this CPU")
+        check = sample(b.train, 2048, recipe.seed + 1)  # training inputs, never test inputs
+        with timed(b.timings, f"{name}.precision_search_s"):
+            b.plans[key] = search_precision(onnx_parent, calibration, check, _search_config(recipe), log=b.log)
+    return b.plans[key]
+
+
+def _recommend(artifacts: list[Artifact], model: str) -> None:
+    """Mark the smallest ONNX artifact that keeps accuracy; an int8 one only if clearly faster than its parent.
+
+    When int8 gains nothing on this CPU, the recommendation is an fp32 file, never a slower int8 one.
+    """
+    base = next((a for a in artifacts if a.name == name_of(model, "fp32", "onnx")), None)
+    if base is None:
+        return
+
+    def eligible(a: Artifact) -> bool:
+        if a.model != model or a.format != "onnx" or a.accuracy < base.accuracy - RECOMMEND_MAX_DROP:
+            return False
+        ratios = (a.quantization or {}).get("latency_vs_parent", {})
+        return a.precision == "fp32" or bool(ratios) and max(ratios.values()) <= RECOMMEND_MAX_RATIO
+
+    ok = [a for a in artifacts if eligible(a)]
+    min(ok, key=lambda a: (a.bytes, -a.accuracy)).recommended = True  # the fp32 base itself is always eligible
+
+
+def _write_eval(b: _Build, limit: int) -> dict:
+    """The evaluation set, inputs exactly as fed and labels, so that verify needs nothing else."""
+    import io
+
+    n = min(limit, len(b.test))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, inputs=b.test.x[:n], labels=b.test.y[:n])
+    path = write_file(b.dir / EVAL_NAME, buffer.getvalue())
+    if n < len(b.test):
+        b.log(f"eval.npz holds the first {n} of {len(b.test)} test samples (recipe.eval_samples)")
+    return {"file": EVAL_NAME, "samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+            "inputs": "float32, exactly as fed to every artifact", "labels": "int64 class indices"}
+
+
+def stage_profile(manifest: Manifest) -> str:
+    """Where the export's wall time went, largest first (the manifest's `timings`)."""
+    stages = {k.removesuffix("_s"): v for k, v in manifest.timings.items() if k != "total_s"}
+    return profile({**stages, "data+manifest": manifest.timings["total_s"] - sum(stages.values())})
+
+
+def summary(manifest: Manifest) -> str:
+    rows = [f"{'artifact':<32} {'acc %':>6} {'KiB':>8} {'x parent':>8}"]
+    by_name = {a.name: a for a in manifest.artifacts}
+    for a in manifest.artifacts:
+        ratio = f"{a.bytes / by_name[a.parent].bytes:.2f}" if a.parent in by_name else "-"
+        rows.append(f"{a.name:<32} {100 * a.accuracy:>6.2f} {a.bytes / 1024:>8.1f} {ratio:>8}")
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""Worked examples of the public API (`edgeq.compress`); `mnist` is the one `make export` builds."""

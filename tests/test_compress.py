@@ -1,0 +1,263 @@
+"""Bring your own model: `edgeq.compress` and `edgeq.verify` on architectures edgeq does not define.
+
+Two families beyond the MNIST examples, trained briefly on the embedded digits: a residual network
+(BN, residual adds, a strided 1x1 shortcut) and torchvision's mobilenet_v3_small (depthwise convs,
+squeeze-excite, hardswish). Both must come out pruned, as int8 TorchScript and int8 ONNX QDQ, and
+verify from the files alone. Timed decisions are pinned (no search, every int8 file shipped) so the
+tests never depend on a timing outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import edgeq
+from edgeq.cli import main
+from edgeq.errors import ConfigError, DataError
+from edgeq.examples.mnist import Preprocessing, load_data
+from edgeq.recipe import Finetune, Recipe, Structured
+from edgeq.train import fit
+from edgeq.data import Arrays
+
+PINNED = dict(search_budget_s=1e-6, ship_limit=1e9, batches=(1, 8))  # no timed decision changes a file
+QUICK = Finetune(epochs=1, lr=1e-3)
+
+
+class Block(nn.Module):
+    """A basic residual block; a strided 1x1 conv shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                      if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(y + self.short(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layers = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+def mobilenet() -> nn.Module:
+    from torchvision.models import mobilenet_v3_small
+
+    m = mobilenet_v3_small(num_classes=10)
+    first = m.features[0][0]
+    m.features[0][0] = nn.Conv2d(1, first.out_channels, 3, 1, 1, bias=False)  # 1-channel digits, keep 28x28 longer
+    return m
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds, pre = load_data(), Preprocessing()
+    train = (pre.apply(ds.train.images), ds.train.labels)
+    test = (pre.apply(ds.test.images[:300]), ds.test.labels[:300])
+    return train, test
+
+
+def trained(model: nn.Module, train, epochs: int) -> nn.Module:
+    torch.manual_seed(0)
+    return fit(model, Arrays(*train), Finetune(epochs=epochs, lr=3e-3), desc="train", progress=False)
+
+
+FAMILIES = {"resnet": (SmallResNet, 2), "mobilenet": (mobilenet, 3)}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def built(request, digits, tmp_path_factory):
+    make, epochs = FAMILIES[request.param]
+    train, test = digits
+    model = trained(make(), train, epochs)
+    out = tmp_path_factory.mktemp(request.param) / "art"
+    recipe = Recipe(variants=("structured", "static"), finetune_structured=QUICK, **PINNED)
+    manifest = edgeq.compress({request.param: model}, train=train, test=test, out=out, recipe=recipe,
+                              progress=False, log=lambda s: None)
+    return request.param, model, out, manifest
+
+
+def test_any_family_gives_pruned_int8_torchscript_and_onnx_that_verify(built) -> None:
+    name, model, out, manifest = built
+    names = {a.name for a in manifest.artifacts}
+    for expected in (f"{name}-fp32-ts", f"{name}-fp32-onnx", f"{name}-structured-ts", f"{name}-structured-onnx",
+                     f"{name}-static-ts", f"{name}-static-onnx", f"{name}-structured-static-ts",
+                     f"{name}-structured-static-onnx"):
+        assert expected in names, (expected, manifest.skipped)
+    pruned = manifest.artifact(f"{name}-structured-onnx")
+    assert pruned.params < 0.6 * manifest.artifact(f"{name}-fp32-onnx").params
+    assert all(w % 8 == 0 or w == 10 for w in pruned.architecture["widths"]), pruned.architecture
+    result = edgeq.verify(out, batch=16, rounds=2, window_s=0.003, progress=False)
+    assert result.passed, result.failures
+
+
+def test_manifest_describes_the_model_from_the_model_and_data(built) -> None:
+    name, model, out, manifest = built
+    assert manifest.input["shape"] == ["batch", 1, 28, 28]
+    assert manifest.models[name]["recipe"]["variants"] == ["structured", "static"]
+    assert manifest.preprocessing["description"].startswith("as given")
+    with np.load(out / "eval.npz", allow_pickle=False) as z:
+        assert z["inputs"].shape == (300, 1, 28, 28) and z["inputs"].dtype == np.float32
+        assert z["labels"].dtype == np.int64
+    data = json.loads((out / "manifest.json").read_text())
+    assert data["dataset"]["eval"]["samples"] == 300
+
+
+def test_the_input_model_is_not_changed(digits, tmp_path: Path) -> None:
+    train, test = digits
+    model = SmallResNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    edgeq.compress(model, train=train, test=test, out=tmp_path / "art", progress=False, log=lambda s: None,
+                   recipe=Recipe(variants=("unstructured",), finetune_unstructured=QUICK, **PINNED))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# bad input: one line, before any training or writing ---------------------------------------------------
+
+
+class Regressor(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).sum(1)
+
+
+class NaNModel(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :10] * float("nan")
+
+
+@pytest.mark.parametrize("case, error, needle", [
+    ("not a module", ConfigError, "expected a torch.nn.Module"),
+    ("not logits", ConfigError, "logits [batch, classes]"),
+    ("labels out of range", DataError, "labels range over [0, 42]"),
+    ("shapes differ", DataError, "per sample but test inputs are"),
+    ("nan inputs", DataError, "NaN or Inf"),
+    ("nan outputs", DataError, "NaN or Inf logits"),
+    ("empty", DataError, "empty"),
+])
+def test_bad_input_is_one_line_before_any_work(digits, tmp_path: Path, case: str, error, needle: str) -> None:
+    (x, y), test = digits
+    x, y = x[:64], y[:64]
+    model: object = SmallResNet().eval()
+    train = (x, y)
+    match case:
+        case "not a module":
+            model = lambda t: t  # noqa: E731
+        case "not logits":
+            model = Regressor()
+        case "labels out of range":
+            train = (x, np.where(np.arange(len(y)) == 3, 42, y))
+        case "shapes differ":
+            train = (x[:, :, :20, :20], y)
+        case "nan inputs":
+            bad = x.copy()
+            bad[5, 0, 3, 3] = np.nan
+            train = (bad, y)
+        case "nan outputs":
+            model = NaNModel()
+        case "empty":
+            train = (x[:0], y[:0])
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(error, match=needle.replace("[", r"\[").replace("]", r"\]")) as info:
+        edgeq.compress(model, train=train, test=test, out=out, force=True, progress=False, log=lambda s: None)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+class NoOnnx(nn.Module):
+    """Traces in torch.fx and TorchScript, but the ONNX exporter has no symbolic for the op."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x.flatten(1))
+        return y + torch.cummax(y, dim=1).values * 0.0
+
+
+def test_a_model_the_onnx_exporter_refuses_names_the_operator_and_keeps_the_rest(digits, tmp_path: Path) -> None:
+    train, test = digits
+    manifest = edgeq.compress({"odd": NoOnnx()}, train=train, test=test, out=tmp_path / "art", progress=False,
+                              log=lambda s: None, recipe=Recipe(variants=("static",), **PINNED))
+    names = {a.name for a in manifest.artifacts}
+    assert {"odd-fp32-ts", "odd-fp32-ckpt", "odd-static-ts"} <= names
+    skipped = {s["name"]: s["reason"] for s in manifest.skipped}
+    assert "cummax" in skipped["odd-fp32-onnx"]
+    assert "odd-static-onnx" in skipped
+
+
+# the CLI with FILE.py:FUNC ------------------------------------------------------------------------------
+
+
+def write_user_files(tmp_path: Path) -> Path:
+    src = tmp_path / "my_model.py"
+    src.write_text(
+        "import torch\nfrom torch import nn\nfrom edgeq.examples.mnist import Preprocessing, load_data\n"
+        "def build():\n    torch.manual_seed(0)\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+        "def load():\n    ds, pre = load_data(), Preprocessing()\n"
+        "    return (pre.apply(ds.train.images[:256]), ds.train.labels[:256]), (pre.apply(ds.test.images[:100]), ds.test.labels[:100])\n"
+        "def broken():\n    raise RuntimeError('checkpoint not found')\n")
+    (tmp_path / "recipe.toml").write_text('variants = ["structured"]\nsearch_budget_s = 0.001\n'
+                                          '[finetune_structured]\nepochs = 1\n')
+    return src
+
+
+def test_cli_takes_a_model_and_data_from_files(tmp_path: Path) -> None:
+    src = write_user_files(tmp_path)
+    out = tmp_path / "art"
+    r = CliRunner().invoke(main, ["export", "--model", f"{src}:build", "--data", f"{src}:load", "--out", str(out),
+                                  "--recipe", str(tmp_path / "recipe.toml"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {a["name"] for a in manifest["artifacts"]} >= {"my_model-fp32-onnx", "my_model-structured-onnx"}
+    assert manifest["models"]["my_model"]["recipe"]["variants"] == ["structured"]
+
+
+@pytest.mark.parametrize("model, data, needle", [
+    ("missing.py:build", "{src}:load", "missing.py does not exist"),
+    ("{src}:nope", "{src}:load", "has no function 'nope'"),
+    ("{src}:broken", "{src}:load", "broken() raised RuntimeError: checkpoint not found"),
+    ("{src}:build", None, "needs --data"),
+])
+def test_cli_model_spec_errors_are_one_line(tmp_path: Path, model: str, data: str | None, needle: str) -> None:
+    src = write_user_files(tmp_path)
+    args = ["export", "--model", model.format(src=src), "--out", str(tmp_path / "art"), "--quiet"]
+    if data:
+        args += ["--data", data.format(src=src)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().count("\n") == 0 and needle in r.output, r.output
+    assert not (tmp_path / "art").exists()
+
+
+def test_recipe_round_trips_and_refuses_unknown_keys(tmp_path: Path) -> None:
+    r = Recipe(variants=("structured", "qat"), structured=Structured(amount=0.25, round_to=16), seed=3)
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    bad = tmp_path / "r.toml"
+    bad.write_text("[structured]\nratio = 0.5\n")
+    with pytest.raises(ConfigError, match="unknown setting 'ratio'"):
+        Recipe.from_file(bad)
