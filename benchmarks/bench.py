@@ -33,7 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from edgeq import manifest, runtime
-from edgeq.data import Preprocessing, calibration_batches, load_data
+from edgeq.data import Arrays, sample
+from edgeq.data import batches as split_batches
+from edgeq.examples.mnist import Preprocessing, load_data
+from edgeq.verify.core import load_test_split
 from edgeq.environment import environment
 from edgeq.export import CalibrationReader, quiet_quantization
 from edgeq.precision import timing_options
@@ -341,11 +344,12 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     man = manifest.read(args.artifacts)
-    data, pre = load_data(), Preprocessing()
-    x_test, labels = pre.apply(data.test.images), data.test.labels
+    x_test, labels = load_test_split(args.artifacts, man)  # the export's eval.npz, hash checked
     rng = np.random.default_rng(0)
     inputs = {b: np.ascontiguousarray(x_test[rng.choice(len(x_test), size=b, replace=False)]) for b in BATCHES}
-    calibration = calibration_batches(data, pre)
+    # the peer calibrates on the same training sample as edgeq (the MNIST example's data, recipe seed 0)
+    data, pre = load_data(), Preprocessing()
+    calibration = split_batches(sample(Arrays(pre.apply(data.train.images), data.train.labels), 512, seed=0))
     with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as tmp:
         work = Path(tmp)
         build_floor(work)

@@ -214,7 +214,7 @@ class _Build:
         threads = torch.get_num_threads()
         try:  # one thread, as `edgeq verify` measures it: the same sums, the same predictions
             runner = runtime.load(path, fmt, threads=1, options=runtime.load_options(fmt, runtime_info))
-            logits = runner.predict(self.test.x)
+            logits = runner.predict(np.array(self.test.x))  # a writable copy: torch.from_numpy warns on read-only
         finally:
             torch.set_num_threads(threads)
         art = Artifact(

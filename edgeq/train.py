@@ -74,7 +74,7 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch: int = 500) -> np.ndar
     """Logits of an in-memory model on preprocessed input, in inference mode."""
     model.eval()
     with torch.inference_mode():
-        return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch]))).float().numpy()
+        return np.concatenate([model(torch.from_numpy(np.array(x[i : i + batch]))).float().numpy()
                                for i in range(0, len(x), batch)])
 
 

@@ -21,11 +21,12 @@ import torch
 import torchvision
 from torch import nn
 
-from edgeq.data import Preprocessing, Split, load_data
+from edgeq.data import Arrays
+from edgeq.examples.mnist import Preprocessing, build_model, load_data
 from edgeq.errors import QuantizeError
-from edgeq.models import build_model, default_config
 from edgeq.quantize import MODES, QuantConfig, qat_float, quantize, to_torchscript
-from edgeq.train import TrainConfig, train
+from edgeq.recipe import Finetune
+from edgeq.train import fit
 
 PRE = Preprocessing()
 MODELS = ("mlp", "cnn", "resnet18", "mobilenet_v3_small")
@@ -86,11 +87,11 @@ def trained_models(digits):
         if name not in cache:
             torch.manual_seed(0)
             if name in TRAINED:
-                m, n, cfg = build_model(default_config(name)), 2000, TrainConfig(epochs=1, lr=3e-3)
+                m, n, cfg = build_model(name), 2000, Finetune(epochs=1, lr=3e-3, shift=2)
             else:
                 m = _resnet18() if name == "resnet18" else _mobilenet_v3_small()
-                n, cfg = 64, TrainConfig(epochs=1, lr=3e-3, batch_size=32)
-            cache[name] = train(m, Split(split.images[:n], split.labels[:n]), PRE, cfg, progress=False)
+                n, cfg = 64, Finetune(epochs=1, lr=3e-3, batch_size=32, shift=2)
+            cache[name] = fit(m, Arrays(PRE.apply(split.images[:n]), split.labels[:n]), cfg, progress=False)
             if name not in TRAINED:
                 _settle_batchnorm(cache[name], digits[1][:128])
         return cache[name]
@@ -116,11 +117,11 @@ def quantized(request, trained_models, digits):
     # QAT: a gentle fine-tune (the pipeline's lr/100); the MLP and CNN run 2 epochs, so that the
     # schedule's batch-norm freeze runs too; the big models one step, to stay cheap
     n, epochs = (16, 1) if big else (256, 2)
-    part = Split(split.images[:n], split.labels[:n])
-    qat_cfg = TrainConfig(epochs=epochs, lr=3e-5, batch_size=16 if big else 64, weight_decay=0.0, max_shift=0, seed=1)
+    part = Arrays(PRE.apply(split.images[:n]), split.labels[:n])
+    qat_cfg = Finetune(epochs=epochs, lr=3e-5, batch_size=16 if big else 64, weight_decay=0.0)
 
     def finetune(prepared, on_epoch):
-        return train(prepared, part, PRE, qat_cfg, progress=False, on_epoch=on_epoch, copy_model=False)
+        return fit(prepared, part, qat_cfg, seed=1, progress=False, on_epoch=on_epoch, copy_model=False)
 
     before = copy.deepcopy(fmodel.state_dict())
     start = time.perf_counter()
@@ -219,7 +220,7 @@ def test_qat_float_twin(quantized, digits, tmp_path):
 
     from edgeq.export import QDQConfig, export_onnx, quantize_onnx
 
-    fp32 = export_onnx(twin, tmp_path / "twin.onnx")  # torch.onnx.export(dynamo=False, opset 17)
+    fp32 = export_onnx(twin, tmp_path / "twin.onnx", torch.from_numpy(test_x[:1]))  # torch.onnx.export(dynamo=False, opset 17)
     qdq = quantize_onnx(fp32, tmp_path / "twin-qdq.onnx", [train_x[:32]], QDQConfig())
     ops = collections.Counter(n.op_type for n in onnx.load(str(qdq)).graph.node)
     assert ops["DequantizeLinear"] > ops["Conv"] + ops["Gemm"] > 0, ops
@@ -306,7 +307,7 @@ def test_quantized_engine_is_restored():
     torch.backends.quantized.engine = "qnnpack"
     try:
         x = torch.randn(4, 1, 28, 28)
-        quantize(build_model(default_config("mlp")), QuantConfig("static"), x, [x.numpy()])
+        quantize(build_model("mlp"), QuantConfig("static"), x, [x.numpy()])
         assert torch.backends.quantized.engine == "qnnpack"
     finally:
         torch.backends.quantized.engine = previous

@@ -301,7 +301,6 @@ def _state_dict(p: Path) -> None:
     ("mlp-static-onnx", _truncate, "not a loadable ONNX model"),
     ("mlp-fp32-onnx", lambda p: p.write_bytes(b""), "not a loadable ONNX model"),
     ("mlp-static-ts", _garbage, "not a TorchScript module"),
-    ("mlp-fp32-ts", _state_dict, "not a TorchScript module"),
 ])
 def test_unloadable_file_with_a_matching_manifest_fails_its_row_only(
         mlp_artifacts: Path, tmp_path: Path, name: str, damage, expected: str, verify_worker: Worker) -> None:
@@ -381,6 +380,21 @@ def test_unlisted_file_warns_and_fails_under_strict(mlp_artifacts: Path, tmp_pat
     assert strict.stderr.splitlines() == ["FAIL extra.onnx: in the artifacts directory but not in manifest.json, "
                                           "so not verified (--strict); remove it, or re-run `edgeq export`"]
     assert "unlisted, FAIL (--strict): extra.onnx" in strict.stdout and "1 directory FAIL" in strict.stdout
+
+
+def test_a_broken_fp32_graph_fails_the_checkpoint_that_runs_in_it(mlp_artifacts: Path, tmp_path: Path,
+                                                                   verify_worker: Worker) -> None:
+    """The checkpoint runs in the fp32 TorchScript graph: if that file is broken (and re-hashed), both
+    rows fail naming it, and with no PyTorch fp32 baseline left nothing else passes silently."""
+    art = copy(mlp_artifacts, tmp_path)
+    _state_dict(art / "mlp-fp32.ts.pt")
+    rehash(art, "mlp-fp32-ts")
+    result = verify(art, FAST, verify_worker)
+    for name in ("mlp-fp32-ts", "mlp-fp32-ckpt"):
+        bad = row(result, name)
+        assert bad.status == "FAIL" and "mlp-fp32.ts.pt: not a TorchScript module" in bad.reasons[0]
+    others = [r for r in result.rows if r.name not in ("mlp-fp32-ts", "mlp-fp32-ckpt") and r.status != "skipped"]
+    assert others and all(r.status == "FAIL" and "no fp32 baseline" in " ".join(r.reasons) for r in others)
 
 
 def _assert_only_failure(result, name: str, expected: str) -> None:

@@ -317,7 +317,7 @@ def export(out: str | Path = "artifacts", models: tuple[str, ...] = ARCHS, data_
     `recipe_overrides` (the command line's explicit options) applied on top.
     """
     import edgeq
-    from edgeq import publish
+    from edgeq import publish, signing
 
     log = log or (lambda s: print(s, file=sys.stderr))
     for m in models:
@@ -326,6 +326,8 @@ def export(out: str | Path = "artifacts", models: tuple[str, ...] = ARCHS, data_
     overrides = recipe_overrides or {}
     recipes = {arch: replace(recipe, **overrides) if recipe else recipe_for(arch, **overrides) for arch in models}
     publish.check_out(Path(out), force)  # before minutes of training
+    if sign_key is not None:
+        signing.check_private_key(sign_key)
     dataset = load_data(data_dir, download)
     log(dataset.notice())
     trained = {arch: train_model(arch, dataset, epochs, recipes[arch].seed, progress) for arch in models}
