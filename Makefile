@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --json reports/bench.json
+	$(BIN)/python benchmarks/byom.py --out artifacts-byom --json reports/byom.json
 
 clean:
-	rm -rf $(VENV) reports .pytest_cache
+	rm -rf $(VENV) reports .pytest_cache artifacts-byom

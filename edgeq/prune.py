@@ -252,7 +252,7 @@ def _check_example(example: object) -> None:
     if not isinstance(example, torch.Tensor) or not example.is_floating_point() or example.dim() < 1 or not len(example):
         what = (f"a {example.dtype} tensor of shape {tuple(example.shape)}" if isinstance(example, torch.Tensor)
                 else f"a {type(example).__name__}")
-        raise PruneError(f"the pruning example must be a float batch of the model's input, e.g. [8, 1, 28, 28]; "
+        raise PruneError(f"the pruning example must be a float batch of the model's input, [batch, ...]; "
                          f"got {what}")
 
 
