@@ -446,10 +446,12 @@ def _export_int8_onnx(b: _Build, name: str, f: _Float, variant: str, mode: str, 
     else:
         # the QAT weights were learned on torch's per-channel grid: kept per channel whatever the
         # search chose for the static twin, so the coarser per-tensor grid never overrides them
-        qdq = replace(plan.qdq, per_channel=True)
         fmodel = qat_float(q)
         with tempfile.TemporaryDirectory(dir=b.dir) as tmp:
-            quantize_onnx(export_onnx(fmodel, Path(tmp) / "qat-float.onnx", example), path, calibration, qdq)
+            twin = export_onnx(fmodel, Path(tmp) / "qat-float.onnx", example)
+            qdq = replace(plan.qdq, per_channel=True,
+                          exclude_nodes=_same_nodes(onnx_parent, twin, plan.qdq.exclude_nodes))
+            quantize_onnx(twin, path, calibration, qdq)
         quant = {**qdq.describe(), "method": "qat",
                  "weights_from": ("quantization-aware fine-tuning: the torch QAT model's weights (BN folded, "
                                   "learned on an 8-bit per-channel grid), re-quantized per channel to "
@@ -471,6 +473,19 @@ def _export_int8_onnx(b: _Build, name: str, f: _Float, variant: str, mode: str, 
                     parent=name_of(name, f.key, "onnx"), quantization=quant, pruning=f.pruning,
                     runtime_info=_runtime_info("onnx", "int8"))
         art.decisions = plan.layers
+
+
+def _same_nodes(parent: Path, twin: Path, nodes: tuple[str, ...]) -> tuple[str, ...]:
+    """The QAT float twin's names for the parent's fp32 layers: the twin is the same network traced
+    again (its node names differ), so its Conv/Gemm/MatMul nodes are matched by position."""
+    from edgeq.precision import compute_nodes
+
+    ours, theirs = compute_nodes(parent), compute_nodes(twin)
+    if [op for _, op in ours] != [op for _, op in theirs]:
+        raise ExportError(f"{twin.name}: the QAT model's compute layers ({len(theirs)}) do not line up with its fp32 "
+                          f"parent's ({len(ours)}), so the measured fp32 layers cannot be carried over")
+    names = {a: b for (a, _), (b, _) in zip(ours, theirs)}
+    return tuple(names[n] for n in nodes)
 
 
 def _search_config(recipe: Recipe) -> SearchConfig:
