@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-s", type=float, default=0.1)
     ap.add_argument("--compare-only", action="store_true", help="time the peers on an existing --out")
     args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     train, test = digits_rgb32()
     report = {}
     for name in [m for m in args.models.split(",") if m]:
