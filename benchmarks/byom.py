@@ -30,7 +30,7 @@ import edgeq
 from edgeq.build import stage_profile, summary
 from edgeq.data import Arrays
 from edgeq.examples.mnist import Preprocessing, load_data
-from edgeq.recipe import Finetune, Recipe
+from edgeq.recipe import Finetune, Recipe, Structured
 from edgeq.train import fit
 
 MODELS = ("resnet18", "mobilenet_v2")
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--variants", default="structured,static,qat")
+    ap.add_argument("--channel-amount", type=float, default=0.5, help="structured pruning amount")
+    ap.add_argument("--finetune-epochs", type=int, default=3, help="fine-tune after structured pruning")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--window-s", type=float, default=0.1)
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.perf_counter() - t0
         torch.set_num_threads(threads)
         recipe = Recipe(variants=tuple(args.variants.split(",")), batches=(1, 64),
-                        finetune_structured=Finetune(epochs=3, lr=1e-3, shift=2),
+                        structured=Structured(amount=args.channel_amount),
+                        finetune_structured=Finetune(epochs=args.finetune_epochs, lr=1e-3, shift=2),
                         qat=Finetune(epochs=1, lr=2e-5, weight_decay=0.0, shift=2))
         t0 = time.perf_counter()
         manifest = edgeq.compress({name: model}, train=(train.x, train.y), test=(test.x, test.y),

@@ -349,20 +349,25 @@ def test_a_file_given_as_dir_says_so(mlp_artifacts: Path) -> None:
     one_line_error(r, "is a file, not a directory")
 
 
+def make_unreadable(path: Path, monkeypatch) -> None:
+    """chmod 0; as root, who reads any file, `open` of this path refuses as a permission error would."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return
+    real_open = open
+
+    def guarded(file, *args, **kwargs):
+        if Path(str(file)) == path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", guarded)
+
+
 def test_an_unreadable_manifest_is_reported_as_unreadable(tmp_path: Path, mlp_artifacts: Path, monkeypatch) -> None:
     art = _copy(mlp_artifacts, tmp_path)
     manifest = art / "manifest.json"
-    if os.geteuid() != 0:
-        manifest.chmod(0)
-    else:  # root reads any file: make this one refuse as a permission error would
-        real_open = open
-
-        def guarded(file, *args, **kwargs):
-            if Path(str(file)) == manifest:
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
-            return real_open(file, *args, **kwargs)
-
-        monkeypatch.setattr("builtins.open", guarded)
+    make_unreadable(manifest, monkeypatch)
     with pytest.raises(ManifestError, match="cannot read .*Permission denied.*check its permissions"):
         read(art)
 
@@ -418,17 +423,7 @@ def test_export_log_off_a_terminal_has_no_progress_frames(tmp_path: Path) -> Non
 def test_an_unreadable_artifact_fails_its_row_only(tmp_path: Path, mlp_artifacts: Path, monkeypatch) -> None:
     art = _copy(mlp_artifacts, tmp_path)
     target = art / "mlp-static.onnx"
-    if os.geteuid() != 0:
-        target.chmod(0)
-    else:  # root reads any file: make this one refuse as a permission error would
-        real_open = open
-
-        def guarded(file, *args, **kwargs):
-            if Path(str(file)) == target:
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
-            return real_open(file, *args, **kwargs)
-
-        monkeypatch.setattr("builtins.open", guarded)
+    make_unreadable(target, monkeypatch)
     result = verify(art, FAST_VERIFY)
     bad = [r for r in result.rows if r.status == "FAIL"]
     assert [r.name for r in bad] == ["mlp-static-onnx"]
