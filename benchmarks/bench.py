@@ -109,6 +109,14 @@ def session_options(options: dict | None, threads: int) -> dict:
     return options
 
 
+def subject_options(art: manifest.Artifact, threads: int) -> dict | None:
+    """What runtime.load needs for an artifact: its ONNX session options (no spinning), or the graph a
+    checkpoint runs in."""
+    if art.format == "onnx":
+        return session_options(art.runtime.get("session_options"), threads)
+    return runtime.load_options(art.format, art.runtime)
+
+
 def build_floor(directory: Path) -> Path:
     """An ONNX graph with the artifacts' input/output that does almost no work: Flatten, Slice 10 columns."""
     import onnx
@@ -176,7 +184,7 @@ def load_subjects(directory: Path, man: manifest.Manifest, model: str, threads: 
             continue
         art = artifact(man, name)
         runner = runtime.load(directory / art.file, art.format, threads=threads,
-                              options=session_options(art.runtime.get("session_options"), threads))
+                              options=subject_options(art, threads))
         subjects.append(Subject(label, name, runner.run, accuracy(runner.run, x_test, labels), art.quantization))
     peer_path = quantize_peer(directory / artifact(man, names[REF]).file, calibration, work)
     peer = runtime.load(peer_path, "onnx", threads=threads, options=session_options({}, threads))
@@ -270,7 +278,7 @@ def int8_vs_parents(directory: Path, man: manifest.Manifest, models: list[str], 
     for art in (a for a in man.artifacts if a.precision == "int8" and a.model in models):
         parent = artifact(man, art.parent)
         fns = [runtime.load(directory / a.file, a.format, threads=args.threads,
-                            options=session_options(a.runtime.get("session_options"), args.threads)).run
+                            options=subject_options(a, args.threads)).run
                for a in (parent, art)]
         out[art.name] = {"parent": parent.name, "batches": {}}
         for batch, x in inputs.items():
