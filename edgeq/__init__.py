@@ -1,7 +1,7 @@
 """edgeq: turn a trained PyTorch classifier into verified, deployable edge artifacts.
 
-    manifest = edgeq.compress(model, train=(x_train, y_train), test=(x_test, y_test), out="artifacts/mine")
-    result = edgeq.verify("artifacts/mine")  # result.passed, result.rows
+    manifest = edgeq.compress(model, train=(x_train, y_train), test=(x_test, y_test), out="artifacts-mine")
+    result = edgeq.verify("artifacts-mine")  # result.passed, result.rows
 
 The public API is `compress`, `verify`, `Recipe` and `Manifest`. They are imported on first use, so
 `import edgeq` stays light (no torch, no onnxruntime).

@@ -36,7 +36,7 @@ from edgeq.prune import PruneConfig, prune_model
 from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
 from edgeq.recipe import MODES, PRUNINGS, Recipe
 from edgeq.train import accuracy, fit, predict_logits
-from edgeq.data import Arrays, as_arrays, batches, check_pair, sample
+from edgeq.data import Arrays, as_arrays, batches, check_labels, check_shapes, sample
 
 FORMATS = ("torchscript", "checkpoint", "onnx")  # in export order: a checkpoint runs in its TorchScript graph
 EXT = {"checkpoint": "ckpt.pt", "torchscript": "ts.pt", "onnx": "onnx"}
@@ -150,8 +150,7 @@ def _check_model(name: str, model: object, train: Arrays, test: Arrays, classes:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {name!r}: expected a torch.nn.Module, got {type(model).__name__}; "
                           "pass the trained model object")
-    if train.sample_shape != test.sample_shape:
-        check_pair(train, test, 1 << 30)
+    check_shapes(train, test)
     probe = torch.from_numpy(np.array(test.x[:2]))
     try:
         with torch.inference_mode():
@@ -168,7 +167,7 @@ def _check_model(name: str, model: object, train: Arrays, test: Arrays, classes:
         raise ConfigError(f"model {name!r} has {n} outputs but {len(classes)} class names were given")
     if n < 2:
         raise ConfigError(f"model {name!r} has {n} output; a classifier needs at least 2 classes")
-    check_pair(train, test, n)
+    check_labels(train, test, n)
     logits = predict_logits(copy.deepcopy(model), test.x[: min(len(test), 256)])
     if not np.isfinite(logits).all():
         raise DataError(f"model {name!r} gives NaN or Inf logits on the test inputs; fix the model or its weights")
@@ -206,6 +205,7 @@ class _Build:
     skipped: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     plans: dict = field(default_factory=dict)  # (model, parent key) -> measured mixed-precision Plan
+    shapes: dict = field(default_factory=dict)  # id(float model) -> its counts (the model is kept: ids stay unique)
 
     def add(self, model: str, variant: str, fmt: str, path: Path, *, precision: str, float_model: nn.Module,
             example: torch.Tensor, parent: str | None, quantization: dict | None, pruning: dict | None,
@@ -217,15 +217,25 @@ class _Build:
             logits = runner.predict(np.array(self.test.x))  # a writable copy: torch.from_numpy warns on read-only
         finally:
             torch.set_num_threads(threads)
+        shape = self._shape(float_model, example)
         art = Artifact(
             name=name_of(model, variant, fmt), file=path.name, format=fmt, precision=precision, model=model,
-            architecture=describe(float_model), parent=parent, quantization=quantization, pruning=pruning,
-            params=count_params(float_model)[0], nonzero_params=count_params(float_model)[1],
+            architecture=shape["architecture"], parent=parent, quantization=quantization, pruning=pruning,
+            params=shape["params"][0], nonzero_params=shape["params"][1],
             bytes=path.stat().st_size, sha256=sha256_file(path), accuracy=accuracy(logits, self.test.y),
-            runtime=runtime_info, macs=count_macs(float_model, example), notes=notes,
+            runtime=runtime_info, macs=shape["macs"], notes=notes,
         )
         self.artifacts.append(art)
         return art
+
+    def _shape(self, float_model: nn.Module, example: torch.Tensor) -> dict:
+        """Architecture, parameter and MAC counts of a float variant, counted once for all its files
+        (the MAC count traces the model)."""
+        key = id(float_model)
+        if key not in self.shapes:
+            self.shapes[key] = {"model": float_model, "architecture": describe(float_model),
+                                "params": count_params(float_model), "macs": count_macs(float_model, example)}
+        return self.shapes[key]
 
     def skip(self, name: str, reason: str, kind: str = "not_built", **extra: object) -> None:
         self.skipped.append({"name": name, "kind": kind, "reason": reason, **extra})

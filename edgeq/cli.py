@@ -92,7 +92,7 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
     \b
     Example:
       edgeq export --out artifacts --model mlp --prune-amount 0.9
-      edgeq export --model my_model.py:build --data my_model.py:load --out artifacts/mine
+      edgeq export --model my_model.py:build --data my_model.py:load --out artifacts-mine
     """
     from edgeq.build import stage_profile, summary
 

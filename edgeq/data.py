@@ -95,11 +95,15 @@ def _from_dataset(ds: object, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.asarray(ys)
 
 
-def check_pair(train: Arrays, test: Arrays, classes: int) -> None:
-    """Train and test agree with each other and with the number of classes."""
+def check_shapes(train: Arrays, test: Arrays) -> None:
+    """Train and test inputs have one sample shape."""
     if train.sample_shape != test.sample_shape:
         raise DataError(f"train inputs are {list(train.sample_shape)} per sample but test inputs are "
                         f"{list(test.sample_shape)}; pass both splits in the shape the model takes")
+
+
+def check_labels(train: Arrays, test: Arrays, classes: int) -> None:
+    """Every label of both splits is a class of the model: in [0, classes)."""
     for arrays, name in ((train, "train"), (test, "test")):
         low, high = int(arrays.y.min()), int(arrays.y.max())
         if low < 0 or high >= classes:

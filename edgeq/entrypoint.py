@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from edgeq.errors import ConfigError
+from edgeq.errors import ConfigError, first_line
 
 
 def is_spec(value: str) -> bool:
@@ -32,12 +32,12 @@ def load_callable(spec: str, option: str) -> Callable:
             module_spec.loader.exec_module(module)  # type: ignore[union-attr]
         except Exception as exc:
             del sys.modules[name]
-            raise ConfigError(f"{option} {spec}: importing {path} raised {type(exc).__name__}: {_line(exc)}") from None
+            raise ConfigError(f"{option} {spec}: importing {path} raised {type(exc).__name__}: {first_line(exc)}") from None
     else:
         try:
             module = importlib.import_module(where)
         except Exception as exc:
-            raise ConfigError(f"{option} {spec}: cannot import {where} ({type(exc).__name__}: {_line(exc)})") from None
+            raise ConfigError(f"{option} {spec}: cannot import {where} ({type(exc).__name__}: {first_line(exc)})") from None
     fn = getattr(module, func, None)
     if not callable(fn):
         raise ConfigError(f"{option} {spec}: {where} has no function {func!r}; check the name after the colon")
@@ -50,9 +50,4 @@ def call(spec: str, option: str) -> object:
     try:
         return fn()
     except Exception as exc:
-        raise ConfigError(f"{option} {spec}: {fn.__name__}() raised {type(exc).__name__}: {_line(exc)}") from None
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else "")[:200]
+        raise ConfigError(f"{option} {spec}: {fn.__name__}() raised {type(exc).__name__}: {first_line(exc)}") from None

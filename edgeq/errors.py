@@ -1,6 +1,14 @@
 """The exception family of edgeq. The CLI turns each into a one-line message and exit code 1."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, whitespace folded, cut at `limit` characters (its type
+    name when it has no message): what one-line errors quote of a library's own error."""
+    text = str(exc).strip().splitlines()
+    line = " ".join(text[0].split()) if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class EdgeqError(Exception):
     """A known failure with a message that names the problem and the fix."""
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeq.errors import ExportError
+from edgeq.errors import ExportError, first_line
 from edgeq.publish import disk_full_as_enospc
 from edgeq.quantize import quiet
 from edgeq.runtime import INPUT_NAME, OUTPUT_NAME
@@ -74,14 +74,9 @@ def export_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
             )
     except Exception as exc:  # the exporter's own errors name the unsupported operator
         raise ExportError(f"{path.name}: the ONNX exporter (opset {OPSET}) cannot export this model "
-                          f"({_first_line(exc)})") from None
+                          f"({first_line(exc, 240)})") from None
     check_onnx(path)
     return path
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:240]
 
 
 @dataclass(frozen=True)

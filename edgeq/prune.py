@@ -29,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from edgeq.errors import ConfigError, PruneError
+from edgeq.errors import ConfigError, PruneError, first_line
 
 METHODS = ("l1_unstructured", "random_unstructured", "l2_structured")
 WEIGHT_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -331,5 +331,4 @@ def _culprit(exc: BaseException, model: nn.Module) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}"

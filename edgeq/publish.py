@@ -29,10 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgeq.errors import ExportError
-from edgeq.signing import SIGNATURE_NAME
+from edgeq.manifest import MANIFEST_NAME
+from edgeq.signing import GITKEEP, SIGNATURE_NAME
 
-MANIFEST_NAME = "manifest.json"
-GITKEEP = ".gitkeep"
 # files an export writes besides its artifacts; a directory holding anything else is not replaced
 OWN_FILES = frozenset({MANIFEST_NAME, GITKEEP, SIGNATURE_NAME})
 FREE_SPACE_MARGIN = 1.25  # the expected size is an estimate: ask for a quarter more

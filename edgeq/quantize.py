@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import re
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from edgeq.errors import ConfigError, ExportError, QuantizeError
+from edgeq.errors import ConfigError, ExportError, QuantizeError, first_line
 
 MODES = ("dynamic", "static", "qat")
 ENGINES = ("x86", "fbgemm", "qnnpack")
@@ -151,7 +150,7 @@ def quantize(
         try:
             qmodel = quantize_fx.convert_fx(prepared.eval())
         except Exception as exc:
-            raise QuantizeError(f"torch.ao FX cannot convert this model to int8: {_first_line(exc)}") from None
+            raise QuantizeError(f"torch.ao FX cannot convert this model to int8: {first_line(exc)}") from None
         with torch.no_grad():
             _run(qmodel, example, "the int8 model",
                  "that op cannot take int8 input: quantize this model in dynamic mode, or keep that op in fp32")
@@ -193,7 +192,7 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, freeze: bool = True)
                 traced = torch.jit.trace(model, example, check_trace=False)
                 frozen = torch.jit.freeze(traced) if freeze else traced
             except Exception as exc:
-                raise ExportError(f"torch.jit.trace cannot export {name}: {_first_line(exc)}") from None
+                raise ExportError(f"torch.jit.trace cannot export {name}: {first_line(exc)}") from None
             want = model(batch)
             try:
                 got = frozen(batch)
@@ -285,7 +284,7 @@ def _run(gm: fx.GraphModule, x: torch.Tensor, what: str, fix: str) -> torch.Tens
     except Exception as exc:
         node = interpreter.failed
         where = f"node {node.name} ({_describe_target(gm, node)})" if node is not None else "its forward"
-        raise QuantizeError(f"{what} fails at {where}: {_first_line(exc)}; {fix}") from None
+        raise QuantizeError(f"{what} fails at {where}: {first_line(exc)}; {fix}") from None
 
 
 class _Locating(fx.Interpreter):
@@ -323,13 +322,7 @@ def _trace_failure(exc: Exception, model: nn.Module) -> str:
             layer = f"layer {names[id(this)]!r} ({kind})" if names[id(this)] else f"{kind}.forward"
             where = f"{layer}, {os.path.basename(path)}:{lineno} `{line}`"
     if where is None:
-        return (f"torch.ao FX cannot prepare {type(model).__name__} for int8: {_first_line(exc)}; "
+        return (f"torch.ao FX cannot prepare {type(model).__name__} for int8: {first_line(exc)}; "
                 "quantize it in dynamic mode, or change the part of the model this names")
-    return (f"torch.fx cannot trace {type(model).__name__} at {where}: {_first_line(exc)}; rewrite that code "
+    return (f"torch.fx cannot trace {type(model).__name__} at {where}: {first_line(exc)}; rewrite that code "
             "without Python control flow or conversions on tensor values (e.g. torch.where)")
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    line = re.sub(r"\s+", " ", text[0]) if text else type(exc).__name__
-    return line if len(line) <= 200 else line[:197] + "..."

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import IntegrityError
+from edgeq.errors import IntegrityError, first_line
 
 FORMATS = ("checkpoint", "torchscript", "onnx")
 INPUT_NAME = "input"
@@ -173,7 +173,3 @@ def _blocked(exc: BaseException) -> str:
             return line.strip().rstrip(".")[:160]
     return "not a weights-only file"
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]

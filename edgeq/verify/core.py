@@ -22,7 +22,7 @@ from edgeq import runtime, signing
 from edgeq.clock import timed
 from edgeq.progress import progress_bar
 from edgeq.errors import DataError, IntegrityError
-from edgeq.manifest import Artifact, Manifest, read, sha256_file
+from edgeq.manifest import Artifact, Manifest, read
 from edgeq.verify import integrity, measure
 from edgeq.verify.latency import measure_latency
 from edgeq.verify.rows import (CPU_RUNTIME, CUDA_RUNTIME, FP32_SLOWDOWN_LIMIT, NO_CUDA, Row, Subject, VerifyConfig,
@@ -83,13 +83,9 @@ def load_test_split(directory: Path, manifest: Manifest, data: str | Path | None
     else:
         entry = manifest.dataset["eval"]
         path, where = Path(directory) / entry["file"], entry["file"]
-        resolved, problem = integrity.resolve(Path(directory), entry["file"])
-        if resolved is None or path.is_symlink() or not path.is_file():
-            raise IntegrityError(problem or f"{where}: missing or not a regular file; re-run `edgeq export`")
-        size = path.stat().st_size
-        if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise IntegrityError(f"{where}: does not match the manifest's size and sha256 (corrupted or modified); "
-                                 "re-run `edgeq export`")
+        problems = integrity.check_file(Path(directory), entry["file"], entry["bytes"], entry["sha256"])
+        if problems:
+            raise IntegrityError(problems[0])
     try:
         with np.load(path, allow_pickle=False) as z:
             x, labels = np.asarray(z["inputs"]), np.asarray(z["labels"])

@@ -33,29 +33,36 @@ def resolve(directory: Path, file: str) -> tuple[Path | None, str | None]:
 
 def check_artifact(directory: Path, art: Artifact) -> list[str]:
     """Problems with one artifact's file: empty when it is present, inside, and byte-identical."""
-    link = None if Path(art.file).is_absolute() else _symlink_on_path(directory, art.file)
+    problems = check_file(directory, art.file, art.bytes, art.sha256)
+    if not problems and art.format == "onnx":
+        return external_data(directory / art.file, art.file)
+    return problems
+
+
+def check_file(directory: Path, file: str, size: int, sha256: str) -> list[str]:
+    """Problems with a file the manifest vouches for: empty when it is a regular file inside the
+    directory (no symlink on its path) with the manifest's byte count and sha256."""
+    link = None if Path(file).is_absolute() else _symlink_on_path(directory, file)
     if link is not None:
-        return [f"{art.file}: {link} is a symlink (to {os.readlink(directory / link)}); artifacts must be "
+        return [f"{file}: {link} is a symlink (to {os.readlink(directory / link)}); artifacts must be "
                 f"regular files inside the directory: {REEXPORT}"]
-    path, problem = resolve(directory, art.file)
+    path, problem = resolve(directory, file)
     if path is None:
-        return [problem or art.file]
+        return [problem or file]
     if not path.exists():
-        return [f"{art.file}: missing; {REEXPORT}"]
+        return [f"{file}: missing; {REEXPORT}"]
     if not path.is_file():
-        return [f"{art.file}: not a regular file; {REEXPORT}"]
-    size = path.stat().st_size
-    if size != art.bytes:
-        return [f"{art.file}: {size} bytes on disk, manifest says {art.bytes} (truncated or replaced); {REEXPORT}"]
+        return [f"{file}: not a regular file; {REEXPORT}"]
+    on_disk = path.stat().st_size
+    if on_disk != size:
+        return [f"{file}: {on_disk} bytes on disk, manifest says {size} (truncated or replaced); {REEXPORT}"]
     try:
         digest = sha256_file(path)
     except OSError as exc:
-        return [f"{art.file}: cannot read ({exc.strerror}); check its permissions"]
-    if digest != art.sha256:
-        return [f"{art.file}: sha256 {digest[:12]}... does not match the manifest's {art.sha256[:12]}... "
+        return [f"{file}: cannot read ({exc.strerror}); check its permissions"]
+    if digest != sha256:
+        return [f"{file}: sha256 {digest[:12]}... does not match the manifest's {sha256[:12]}... "
                 f"(corrupted or modified); {REEXPORT}"]
-    if art.format == "onnx":
-        return external_data(path, art.file)
     return []
 
 
