@@ -152,9 +152,10 @@ def _check_model(name: str, model: object, train: Arrays, test: Arrays, classes:
                           "pass the trained model object")
     check_shapes(train, test)
     probe = torch.from_numpy(np.array(test.x[:2]))
+    probe_model = copy.deepcopy(model).eval()  # the user's model is never run in train mode or changed
     try:
         with torch.inference_mode():
-            out = copy.deepcopy(model).eval()(probe)
+            out = probe_model(probe)
     except Exception as exc:
         raise DataError(f"model {name!r} fails on test inputs of shape {list(probe.shape)} "
                         f"({runtime.first_line(exc)}); pass data in the shape the model takes") from None
@@ -168,7 +169,7 @@ def _check_model(name: str, model: object, train: Arrays, test: Arrays, classes:
     if n < 2:
         raise ConfigError(f"model {name!r} has {n} output; a classifier needs at least 2 classes")
     check_labels(train, test, n)
-    logits = predict_logits(copy.deepcopy(model), test.x[: min(len(test), 256)])
+    logits = predict_logits(probe_model, test.x[: min(len(test), 256)])
     if not np.isfinite(logits).all():
         raise DataError(f"model {name!r} gives NaN or Inf logits on the test inputs; fix the model or its weights")
     return _Spec([str(c) for c in classes] if classes is not None else [str(i) for i in range(n)],
