@@ -14,11 +14,12 @@ the other variants are still built.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ from edgeq.environment import environment
 from edgeq.errors import ConfigError, DataError, EdgeqError, ExportError
 from edgeq.export import export_onnx, quantize_onnx, save_checkpoint, write_file, write_torchscript
 from edgeq.manifest import EVAL_NAME, Artifact, Manifest, sha256_file
-from edgeq.precision import Plan, SearchConfig, inspect_runtime_graph, measure_ratios, search_precision, timing_options
+from edgeq.evidence import RULE, Evidence, decide
+from edgeq.plan import PLAN_NAME, BuildPlan, FamilyPlan, PlanError, check_layers, data_sha256, model_sha256
+from edgeq.precision import Plan, SearchConfig, inspect_runtime_graph, search_precision, timing_options
 from edgeq.prune import PruneConfig, prune_model
 from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
 from edgeq.recipe import MODES, PRUNINGS, Recipe
@@ -42,8 +45,6 @@ FORMATS = ("torchscript", "checkpoint", "onnx")  # in export order: a checkpoint
 EXT = {"checkpoint": "ckpt.pt", "torchscript": "ts.pt", "onnx": "onnx"}
 SHORT = {"checkpoint": "ckpt", "torchscript": "ts", "onnx": "onnx"}
 TRAIN_THREADS = 2  # float sums depend on the thread count: fine-tunes run at a fixed one to reproduce
-GATE_ROUNDS = 7  # paired rounds behind each ship / do-not-ship decision
-GATE_CLOSE = 0.05  # a ratio this close to the ship limit is measured three times
 RECOMMEND_MAX_DROP = 0.005  # accuracy, as a fraction
 RECOMMEND_MAX_RATIO = 0.95  # int8 must beat its fp32 parent by 5%: a margin over timing noise
 AS_GIVEN = {"description": "as given: inputs were preprocessed by the caller and are stored in eval.npz exactly as fed"}
@@ -74,6 +75,7 @@ def compress(
     dataset: dict | None = None,
     force: bool = False,
     sign_key: str | Path | None = None,
+    plan: BuildPlan | str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Manifest:
@@ -83,7 +85,9 @@ def compress(
     manifest). `train` / `test` are `(inputs, labels)` arrays or tensors, or a Dataset of
     `(input, label)`, inputs already preprocessed. `train` feeds calibration, pruning fine-tunes
     and QAT; every accuracy figure is measured on `test`. `finetune(model, (x, y), epochs)` replaces
-    edgeq's own fine-tuning loop. Returns the Manifest written to `out`.
+    edgeq's own fine-tuning loop. `plan` (a BuildPlan or the path of an export's plan.json)
+    replays that export's timed decisions instead of measuring: with the same models, data and
+    recipe the files come out byte-identical (edgeq.plan). Returns the Manifest written to `out`.
     """
     log = log or (lambda s: print(s, file=sys.stderr))
     t0 = time.perf_counter()
@@ -95,17 +99,24 @@ def compress(
     publish.check_out(options.out, options.force)
     if options.sign_key is not None:
         signing.check_private_key(options.sign_key)
+    replay = BuildPlan.read(plan) if isinstance(plan, (str, Path)) else plan
     train_a, test_a = as_arrays(train, "train"), as_arrays(test, "test")
     specs = {name: _check_model(name, m, train_a, test_a, classes) for name, m in models.items()}
+    record = _new_plan(models, recipes, train_a, test_a)
+    if replay is not None:
+        replay.check_inputs(record.data_sha256, {n: f.model_sha256 for n, f in record.models.items()},
+                            {n: f.recipe for n, f in record.models.items()})
+        _review(replay, log)
     expected = sum(_expected_bytes(m, recipes[name]) for name, m in models.items())
     expected += test_a.x[: max(r.eval_samples for r in recipes.values())].nbytes
     threads = torch.get_num_threads()
     with publish.staging(options.out, force=options.force, expected_bytes=expected) as tmp:
         torch.set_num_threads(TRAIN_THREADS)
         try:
-            b = _Build(options, tmp, train_a, test_a, log, finetune)
+            b = _Build(options, tmp, train_a, test_a, log, finetune, replay or record, replay is not None)
             families = {name: _compress_one(b, name, m, recipes[name], specs[name]) for name, m in models.items()}
             eval_entry = _write_eval(b, min(r.eval_samples for r in recipes.values()))
+            plan_path = b.plan.write(tmp)
             b.timings["total_s"] = round(time.perf_counter() - t0, 2)
             manifest = Manifest(
                 models=families,
@@ -119,6 +130,8 @@ def compress(
                 artifacts=b.artifacts,
                 skipped=b.skipped,
                 timings=b.timings,
+                plan={"file": PLAN_NAME, "bytes": plan_path.stat().st_size, "sha256": sha256_file(plan_path),
+                      "replayed": b.replaying},
             )
             manifest.write(tmp)  # last: a directory without a manifest is never published
             if options.sign_key is not None:  # after the manifest: the signature covers every file
@@ -126,6 +139,27 @@ def compress(
         finally:
             torch.set_num_threads(threads)
     return manifest
+
+
+def _new_plan(models: dict[str, nn.Module], recipes: dict[str, Recipe], train: Arrays, test: Arrays) -> BuildPlan:
+    """An empty plan bound to these models, recipes and data, filled in as the build measures."""
+    import edgeq
+
+    return BuildPlan(
+        edgeq=edgeq.__version__, measured_on=environment(),
+        rule={**RULE.describe(), "min_gain": SearchConfig().min_gain},
+        data_sha256=data_sha256(train.x, train.y, test.x, test.y),
+        models={name: FamilyPlan(model_sha256(m), recipes[name].to_dict()) for name, m in models.items()},
+    )
+
+
+def _review(plan: BuildPlan, log: Callable[[str], None]) -> None:
+    """Say what a replayed plan was measured on when that is not this machine."""
+    here, there = environment()["cpu"], plan.measured_on.get("cpu", {})
+    if (here.get("model"), here.get("isa")) != (there.get("model"), there.get("isa")):
+        log(f"note: replaying decisions measured on {there.get('model', 'an unnamed CPU')} "
+            f"({there.get('cores', '?')} cores); this is {here.get('model')}: re-measure without --plan to "
+            "decide for this CPU")
 
 
 def _recipes(recipe: Recipe | Mapping[str, Recipe] | None, models: dict[str, nn.Module]) -> dict[str, Recipe]:
@@ -202,10 +236,12 @@ class _Build:
     test: Arrays
     log: Callable[[str], None]
     user_finetune: FinetuneFn | None
+    plan: BuildPlan  # the decisions: replayed, or recorded as they are measured
+    replaying: bool = False
     artifacts: list[Artifact] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
-    plans: dict = field(default_factory=dict)  # (model, parent key) -> measured mixed-precision Plan
+    plans: dict = field(default_factory=dict)  # (model, parent key) -> mixed-precision Plan
     shapes: dict = field(default_factory=dict)  # id(float model) -> its counts (the model is kept: ids stay unique)
 
     def add(self, model: str, variant: str, fmt: str, path: Path, *, precision: str, float_model: nn.Module,
@@ -354,7 +390,7 @@ def _compress_one(b: _Build, name: str, model: nn.Module, recipe: Recipe, spec: 
                        f"{name_of(name, variant, 'torchscript')} under skipped)")
                 continue
             _export_int8(b, name, f, variant, mode, q, qc, recipe, calibration, example, onnx_ok)
-    _recommend(b.artifacts, name)
+    _recommend(b, name)
     return {"classes": spec.classes, "architecture": describe(model), "recipe": recipe.to_dict(),
             "finetune": "the caller's finetune()" if b.user_finetune else "edgeq.train.fit (AdamW, one-cycle)"}
 
@@ -363,7 +399,7 @@ def _attempt(b: _Build, name: str, build: Callable[[], object]) -> object | None
     """Run one variant's build; a known failure (EdgeqError) becomes a `skipped` entry, not a crash."""
     try:
         return build()
-    except FinetuneError:
+    except (FinetuneError, PlanError):
         raise
     except EdgeqError as exc:
         b.skip(name, str(exc))
@@ -437,10 +473,11 @@ def _export_int8_torchscript(b: _Build, name: str, f: _Float, variant: str, mode
         b.skip(name_of(name, variant, "torchscript"), str(exc))
         return
     parent = name_of(name, f.key, "torchscript")
-    speed = _speed_vs_parent(b, recipe, "torchscript", b.dir / f"{name}-{f.key}.{EXT['torchscript']}", path)
-    if _ships(b, recipe, name_of(name, variant, "torchscript"), parent, path, speed):
+    gate = _gate(b, recipe, name, name_of(name, variant, "torchscript"), "torchscript",
+                 b.dir / f"{name}-{f.key}.{EXT['torchscript']}", path)
+    if _ships(b, name_of(name, variant, "torchscript"), parent, path, gate):
         b.add(name, variant, "torchscript", path, precision="int8", float_model=f.model, example=example,
-              parent=parent, quantization={**qc.describe(), "latency_vs_parent": _rounded(speed),
+              parent=parent, quantization={**qc.describe(), "latency_vs_parent": gate["latency_vs_parent"],
                                            "timed_at": _timed_at(recipe)},
               pruning=f.pruning, runtime_info=_runtime_info("torchscript", "int8"), notes=notes)
 
@@ -476,10 +513,10 @@ def _export_int8_onnx(b: _Build, name: str, f: _Float, variant: str, mode: str, 
     quant["search"] = plan.cost
     if not graph["clean"]:
         b.log(f"  {name_of(name, variant, 'onnx')}: onnxruntime runs it with {graph}")
-    speed = _speed_vs_parent(b, recipe, "onnx", onnx_parent, path)
-    quant["latency_vs_parent"] = _rounded(speed)
+    gate = _gate(b, recipe, name, name_of(name, variant, "onnx"), "onnx", onnx_parent, path)
+    quant["latency_vs_parent"] = gate["latency_vs_parent"]
     quant["timed_at"] = _timed_at(recipe)
-    if _ships(b, recipe, name_of(name, variant, "onnx"), name_of(name, f.key, "onnx"), path, speed):
+    if _ships(b, name_of(name, variant, "onnx"), name_of(name, f.key, "onnx"), path, gate):
         art = b.add(name, variant, "onnx", path, precision="int8", float_model=f.model, example=example,
                     parent=name_of(name, f.key, "onnx"), quantization=quant, pruning=f.pruning,
                     runtime_info=_runtime_info("onnx", "int8"))
@@ -508,42 +545,56 @@ def _timed_at(recipe: Recipe) -> dict:
     return {"threads": recipe.threads, "batches": list(recipe.batches)}
 
 
-def _rounded(ratios: dict[int, float]) -> dict[str, float]:
-    return {str(k): round(v, 3) for k, v in ratios.items()}
+def _gate(b: _Build, recipe: Recipe, model: str, name: str, fmt: str, parent: Path, path: Path) -> dict:
+    """Whether an int8 file ships, and its latency over its fp32 parent: replayed from the plan, or
+    measured (paired, at the recipe's thread count and batch sizes) under edgeq.evidence's rule.
 
-
-def _speed_vs_parent(b: _Build, recipe: Recipe, fmt: str, parent: Path, path: Path) -> dict[int, float]:
-    """int8 / fp32-parent latency, paired, at the recipe's thread count and batch sizes.
-
-    A ratio near the shipping limit decides whether the file ships, so at that batch size it is
-    measured twice more and the median of the three is kept: one burst must not decide it.
+    Shipping is the default. The file is dropped only when its parent is faster beyond
+    `recipe.ship_limit` at some batch size with confidence, confirmed by a second block of rounds.
     """
+    fam = b.plan.models[model]
+    if b.replaying:
+        if name not in fam.ships:
+            raise PlanError(f"{b.plan.where}: has no ship decision for {name}; it was made by another edgeq or for "
+                            "other variants: re-measure (edgeq export without --plan)")
+        return fam.ships[name]
+    from edgeq.verify.measure import paired_latency
+
     threads = torch.get_num_threads()
     try:
-        cfg = replace(_search_config(recipe), rounds=GATE_ROUNDS)
+        cfg = _search_config(recipe)
         options = timing_options(cfg.threads) if fmt == "onnx" else None
         ref, cand = (runtime.load(p, fmt, threads=cfg.threads, options=options) for p in (parent, path))
-        out = {}
-        for batch, x in _timing_inputs(b, recipe).items():
-            runs = [measure_ratios(ref, cand, {batch: x}, cfg)[batch]]
-            if abs(runs[0] - recipe.ship_limit) < GATE_CLOSE:
-                runs += [measure_ratios(ref, cand, {batch: x}, cfg)[batch] for _ in range(2)]
-            out[batch] = float(np.median(runs))
-        return out
+        inputs = _timing_inputs(b, recipe)
+
+        def block(rounds: int) -> dict:
+            return {n: paired_latency(ref.run, cand.run, x, rounds, cfg.window_s)["ratios"] for n, x in inputs.items()}
+
+        def slower(e: Evidence) -> bool | None:
+            if any(e.lo(n) > recipe.ship_limit for n in inputs):
+                return True
+            return False if all(e.hi(n) <= recipe.ship_limit for n in inputs) else None
+
+        d = decide(block, slower, cfg.rule)
     finally:
         torch.set_num_threads(threads)
+    fam.ships[name] = {"ship": not d.depart,
+                       "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
+                       "evidence": d.summary()}
+    return fam.ships[name]
 
 
-def _ships(b: _Build, recipe: Recipe, name: str, parent: str, path: Path, speed: dict[int, float]) -> bool:
-    """An int8 file measurably slower than its fp32 parent at any measured batch size is not shipped:
-    it is deleted and listed under `skipped` with the measured ratios."""
-    if all(v <= recipe.ship_limit for v in speed.values()):
+def _ships(b: _Build, name: str, parent: str, path: Path, gate: dict) -> bool:
+    """An int8 file shown slower than its fp32 parent is not shipped: it is deleted and listed under
+    `skipped` with the measured ratios."""
+    if gate["ship"]:
         return True
     path.unlink()
-    ratios = ", ".join(f"{v:.2f}x at batch {k}" for k, v in speed.items())
+    ratios = ", ".join(f"{v:.2f}x at batch {k}" for k, v in gate["latency_vs_parent"].items())
     b.skipped.append({"name": name, "kind": "slower_than_parent",
-                      "reason": f"int8 is slower than its fp32 parent {parent} on this CPU ({ratios}, paired); "
-                                "not shipped", "latency_vs_parent": _rounded(speed)})
+                      "reason": f"int8 is slower than its fp32 parent {parent} on this CPU ({ratios}, paired, "
+                                "confirmed by a second block of rounds); not shipped",
+                      "latency_vs_parent": gate["latency_vs_parent"]})
     b.log(f"  {name}: not shipped, slower than {parent} ({ratios})")
     return False
 
@@ -555,33 +606,69 @@ def _timing_inputs(b: _Build, recipe: Recipe) -> dict[int, np.ndarray]:
 
 def _mixed_precision(b: _Build, name: str, parent_key: str, onnx_parent: Path, calibration: list[np.ndarray],
                      recipe: Recipe) -> Plan:
-    """Measured once per fp32 parent; the QAT twin has the same layers and reuses the decision."""
+    """Measured (or replayed) once per fp32 parent; the QAT twin has the same layers and reuses the decision."""
+    from edgeq.export import QDQConfig
+    from edgeq.precision import compute_nodes
+
     key = (name, parent_key)
-    if key not in b.plans:
-        b.log(f"{name}: measuring which {parent_key} layers run faster in int8 on this CPU")
-        check = sample(b.train, 2048, recipe.seed + 1)  # training inputs, never test inputs
-        with timed(b.timings, f"{name}.precision_search_s"):
-            b.plans[key] = search_precision(onnx_parent, calibration, check, _search_config(recipe), log=b.log)
+    fam = b.plan.models[name]
+    if key in b.plans:
+        return b.plans[key]
+    if b.replaying:
+        rec = fam.precision.get(parent_key)
+        if rec is None:
+            raise PlanError(f"{b.plan.where}: has no layer decisions for {name}'s {parent_key} parent; it was made "
+                            "for other variants: re-measure (edgeq export without --plan)")
+        check_layers(b.plan.where, name, parent_key, [d["node"] for d in rec["layers"]],
+                     [n for n, _ in compute_nodes(onnx_parent)])
+        qdq = QDQConfig(**{**rec["qdq"], "exclude_nodes": tuple(rec["qdq"]["exclude_nodes"])})
+        b.plans[key] = Plan(qdq, rec["layers"], rec["weights"], rec["cost"])
+        return b.plans[key]
+    b.log(f"{name}: measuring which {parent_key} layers run faster in int8 on this CPU")
+    check = sample(b.train, 2048, recipe.seed + 1)  # training inputs, never test inputs
+    with timed(b.timings, f"{name}.precision_search_s"):
+        plan = search_precision(onnx_parent, calibration, check, _search_config(recipe), log=b.log)
+    # stored as JSON holds it, so that a measured build and its replay write the same manifest
+    rec = json.loads(json.dumps({"qdq": asdict(plan.qdq), "layers": plan.layers, "weights": plan.weights,
+                                 "cost": plan.cost}))
+    fam.precision[parent_key] = rec
+    b.plans[key] = Plan(plan.qdq, rec["layers"], rec["weights"], rec["cost"])
     return b.plans[key]
 
 
-def _recommend(artifacts: list[Artifact], model: str) -> None:
+def _recommend(b: _Build, model: str) -> None:
     """Mark the smallest ONNX artifact that keeps accuracy; an int8 one only if clearly faster than its parent.
 
     When int8 gains nothing on this CPU, the recommendation is an fp32 file, never a slower int8 one.
+    The pick is a decision of the plan: a replay takes it from there.
     """
+    fam = b.plan.models[model]
+    ours = {a.name: a for a in b.artifacts if a.model == model}
+    if b.replaying:
+        pick = fam.recommended
+        if pick is not None and pick not in ours:
+            raise PlanError(f"{b.plan.where}: recommends {pick}, which this build did not produce; re-measure "
+                            "(edgeq export without --plan)")
+    else:
+        pick = _pick_recommended(list(ours.values()), model)
+        fam.recommended = pick
+    if pick is not None:
+        ours[pick].recommended = True
+
+
+def _pick_recommended(artifacts: list[Artifact], model: str) -> str | None:
     base = next((a for a in artifacts if a.name == name_of(model, "fp32", "onnx")), None)
     if base is None:
-        return
+        return None
 
     def eligible(a: Artifact) -> bool:
-        if a.model != model or a.format != "onnx" or a.accuracy < base.accuracy - RECOMMEND_MAX_DROP:
+        if a.format != "onnx" or a.accuracy < base.accuracy - RECOMMEND_MAX_DROP:
             return False
         ratios = (a.quantization or {}).get("latency_vs_parent", {})
         return a.precision == "fp32" or bool(ratios) and max(ratios.values()) <= RECOMMEND_MAX_RATIO
 
     ok = [a for a in artifacts if eligible(a)]
-    min(ok, key=lambda a: (a.bytes, -a.accuracy)).recommended = True  # the fp32 base itself is always eligible
+    return min(ok, key=lambda a: (a.bytes, -a.accuracy)).name  # the fp32 base itself is always eligible
 
 
 def _write_eval(b: _Build, limit: int) -> dict:

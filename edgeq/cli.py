@@ -84,21 +84,26 @@ def main() -> None:
 @click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="KEY",
               help="EC private key (PEM) to sign the whole output directory with (OpenSSF model-signing); "
                    "check it with `edgeq verify DIR --public-key PUB`.")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="PLAN",
+              help="Rebuild with the decisions of a previous export (its plan.json) instead of timing anything: "
+                   "same model, data and recipe give byte-identical files. Without it every decision is measured "
+                   "afresh on this machine.")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage lines.")
 def export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
-           threads, epochs, data_dir, download, sign_key, quiet):
+           threads, epochs, data_dir, download, sign_key, plan_file, quiet):
     """Prune, quantize and export a model (yours, or a built-in example), then write manifest.json.
 
     \b
     Example:
       edgeq export --out artifacts --model mlp --prune-amount 0.9
       edgeq export --model my_model.py:build --data my_model.py:load --out artifacts-mine
+      edgeq export --plan artifacts/plan.json --out rebuilt
     """
     from edgeq.build import stage_profile, summary
 
     try:
         manifest = _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method,
-                           channel_amount, seed, threads, epochs, data_dir, download, sign_key, quiet)
+                           channel_amount, seed, threads, epochs, data_dir, download, sign_key, plan_file, quiet)
     except EdgeqError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -111,15 +116,17 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
 
 
 def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
-            threads, epochs, data_dir, download, sign_key, quiet):
+            threads, epochs, data_dir, download, sign_key, plan_file, quiet):
     """Options -> Recipe -> one library call: edgeq.compress, or the MNIST example that calls it."""
     from dataclasses import replace
 
     from edgeq import entrypoint
     from edgeq.errors import ConfigError
+    from edgeq.plan import BuildPlan
     from edgeq.recipe import Recipe
 
     recipe = Recipe.from_file(recipe_file) if recipe_file else None
+    plan = BuildPlan.read(plan_file) if plan_file else None  # before any training: a bad plan fails at once
     overrides = _overrides(recipe or Recipe(), variants, prune_amount, prune_method, channel_amount, seed, threads)
     user = [m for m in models if entrypoint.is_spec(m)]
     if user:
@@ -139,14 +146,14 @@ def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, 
         name = Path(user[0].rpartition(":")[0]).stem or "model"
         return edgeq.compress({name: model}, train=data[0], test=data[1], out=out,
                               recipe=replace(recipe or Recipe(), **overrides), force=force, sign_key=sign_key,
-                              progress=not quiet)
+                              plan=plan, progress=not quiet)
     from edgeq.examples import mnist
 
     if data_spec is not None:
         raise ConfigError("--data is for your own model (--model FILE.py:FUNC); the built-in examples use MNIST")
     return mnist.export(out, tuple(models) or mnist.ARCHS, data_dir=str(data_dir) if data_dir else None,
                         download=download, epochs=epochs, recipe_overrides=overrides, recipe=recipe,
-                        force=force, sign_key=sign_key, progress=not quiet)
+                        force=force, sign_key=sign_key, plan=plan, progress=not quiet)
 
 
 def _overrides(base, variants, prune_amount, prune_method, channel_amount, seed, threads) -> dict:

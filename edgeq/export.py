@@ -47,11 +47,43 @@ def write_file(path: Path, data: bytes) -> Path:
 
 
 def write_torchscript(module: torch.jit.ScriptModule, path: Path) -> Path:
-    """Save a TorchScript module through Python's file I/O (see write_file)."""
+    """Save a TorchScript module through Python's file I/O (see write_file), reproducibly."""
     buffer = io.BytesIO()
     with quiet():
         torch.jit.save(module, buffer)
-    return write_file(path, buffer.getvalue())
+    return write_file(path, reproducible_archive(buffer.getvalue()))
+
+
+DEBUG_SUFFIX = ".debug_pkl"
+SERIALIZATION_ID = ".data/serialization_id"
+
+
+def reproducible_archive(data: bytes) -> bytes:
+    """A TorchScript archive whose bytes depend on the model only, not on where it was built.
+
+    torch.jit.save writes, beside the code, `*.debug_pkl` records: source ranges with the absolute
+    paths of the Python files the trace ran through (the virtual environment, the user's model
+    file). They only enrich TorchScript's error messages; they are dropped. The archive's
+    `serialization_id` is derived from its records, so it is re-derived from the records kept.
+    Records are stored uncompressed with a fixed timestamp, in torch's order.
+    """
+    import hashlib
+    import zipfile
+
+    src = zipfile.ZipFile(io.BytesIO(data))
+    keep = [i for i in src.infolist() if not i.filename.endswith(DEBUG_SUFFIX)]
+    digest = hashlib.sha256()
+    for info in keep:
+        if not info.filename.endswith(SERIALIZATION_ID):
+            digest.update(info.filename.encode() + b"\0" + src.read(info))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in keep:
+            body = src.read(info)
+            if info.filename.endswith(SERIALIZATION_ID):
+                body = str(int(digest.hexdigest(), 16))[:40].zfill(40).encode()
+            z.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), body)
+    return out.getvalue()
 
 
 def check_onnx(path: Path) -> None:

@@ -94,6 +94,16 @@ SCHEMA: dict = {
                 },
             },
         },
+        "plan": {  # the build plan (edgeq.plan): every timed decision and its evidence
+            "type": "object",
+            "required": ["file", "bytes", "sha256"],
+            "properties": {
+                "file": {"type": "string", "minLength": 1},
+                "bytes": {"type": "integer", "minimum": 0},
+                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "replayed": {"type": "boolean"},
+            },
+        },
         "skipped": {
             "type": "array",
             "items": {"type": "object", "required": ["name", "reason"],
@@ -145,10 +155,13 @@ class Manifest:
     artifacts: list[Artifact]
     skipped: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    plan: dict | None = None  # {file, bytes, sha256, replayed}: plan.json beside the manifest
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["plan"] is None:
+            del d["plan"]
         return {"schema_version": d.pop("schema_version"), **d}
 
     def to_json(self) -> str:
@@ -168,8 +181,8 @@ class Manifest:
         return path
 
     def listed_files(self) -> list[str]:
-        """Every file the manifest vouches for, relative to its directory: artifacts and the eval set."""
-        return [a.file for a in self.artifacts] + [self.dataset["eval"]["file"]]
+        """Every file the manifest vouches for, relative to its directory: artifacts, the eval set, the plan."""
+        return [a.file for a in self.artifacts] + [self.dataset["eval"]["file"]] + ([self.plan["file"]] if self.plan else [])
 
     def artifact(self, name: str) -> Artifact:
         for a in self.artifacts:

@@ -5,9 +5,11 @@ input and output channels, and each fp32<->int8 boundary costs layout changes an
 steps. So no list of layer names is kept here. Starting from the all-int8 graph, each compute
 layer in turn is tried in fp32, timed in the same alternating rounds as the current best and the
 fp32 parent at batch 1 and at a large batch, and kept there when the model gets measurably faster
-at every batch size, or when that fixes a batch size at which int8 was slower than fp32 (`_better`).
-Then one scale per weight tensor is tried against one per output channel. The result and every
-measured reason go into the manifest.
+at every batch size, or when that fixes a batch size at which int8 was slower than fp32
+(`layer_verdict`). Then one scale per weight tensor is tried against one per output channel.
+"Measurably" is edgeq.evidence's rule: a confidence interval over blocks of paired rounds, and a
+confirming block, before anything departs from int8 and per-channel. The result and every
+measured reason go into the build plan (edgeq.plan) and the manifest.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.evidence import RULE, Decision, Evidence, Rule, decide
 from edgeq.export import QDQConfig, quantize_onnx
 from edgeq.runtime import load_onnx, ort_session_options
 
@@ -29,7 +32,7 @@ COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 @dataclass(frozen=True)
 class SearchConfig:
     batches: tuple[int, ...] = (1, 256)
-    rounds: int = 5
+    rule: Rule = RULE  # when a timing may depart from the default (edgeq.evidence)
     window_s: float = 0.04
     min_gain: float = 0.03  # what counts as faster or slower: 3%, the noise of a paired ratio here
     calibration_samples: int = 128  # trial models only need realistic ranges, not the best ones
@@ -105,24 +108,19 @@ def timing_options(threads: int) -> dict | None:
     return {"config_entries": {"session.intra_op.allow_spinning": "0"}} if threads > 1 else None
 
 
-def measure_ratios(ref, cand, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict[int, float]:
-    from edgeq.verify.measure import paired_latency
-
-    out = {}
-    for b, x in inputs.items():
-        res = paired_latency(ref.run, cand.run, x, rounds=cfg.rounds, window_s=cfg.window_s)
-        out[b] = float(np.median(res["ratios"]))
-    return out
-
-
 def _score(ratios: dict[int, float]) -> float:
-    """Geometric mean of the int8/fp32 ratios over the batch sizes: one number to minimise."""
+    """Geometric mean of the ratios over the batch sizes: one number to minimise."""
     return math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+
+
+def _r(ratios: dict[int, float]) -> dict[str, float]:
+    return {str(b): round(r, 3) for b, r in ratios.items()}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the search chose: the QDQ settings, and why, layer by layer and for the weight scales."""
+    """What the search chose for one fp32 parent: the QDQ settings, and why, layer by layer and for
+    the weight scales, with the evidence behind each choice (edgeq.evidence)."""
 
     qdq: QDQConfig
     layers: list[dict]
@@ -134,39 +132,70 @@ def _agreement(ref_top1: np.ndarray, cand, images: np.ndarray) -> float:
     return float(np.mean(ref_top1 == cand.predict(images).argmax(1)))
 
 
-def _three_way(parent, best, cand, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict[str, dict[int, float]]:
-    """Parent, current best and candidate timed in the same alternating rounds: median paired ratios."""
+def three_way(parent, best, cand, inputs: dict[int, np.ndarray], cfg: SearchConfig):
+    """A block of rounds: parent, current best and candidate timed in the same alternating rounds;
+    per-round ratios under ('best'|'cand'|'cand_vs_best', batch)."""
     from edgeq.verify.measure import round_ratios, timed_rounds
 
-    out: dict[str, dict[int, float]] = {"best": {}, "cand": {}, "cand_vs_best": {}}
-    for b, x in inputs.items():
-        p, bst, c = timed_rounds([parent.run, best.run, cand.run], x, cfg.rounds, cfg.window_s)
-        out["best"][b] = float(np.median(round_ratios(bst, p)))
-        out["cand"][b] = float(np.median(round_ratios(c, p)))
-        out["cand_vs_best"][b] = float(np.median(round_ratios(c, bst)))
-    return out
+    def block(rounds: int) -> dict:
+        out: dict = {}
+        for b, x in inputs.items():
+            p, bst, c = timed_rounds([parent.run, best.run, cand.run], x, rounds, cfg.window_s)
+            out["best", b], out["cand", b] = round_ratios(bst, p), round_ratios(c, p)
+            out["cand_vs_best", b] = round_ratios(c, bst)
+        return out
+
+    return block
 
 
-def _r(ratios: dict[int, float]) -> dict[str, float]:
-    return {str(b): round(r, 3) for b, r in ratios.items()}
+def layer_verdict(batches: tuple[int, ...], g: float):
+    """Keep a layer in fp32 (depart from int8) when either the model is more than `g` faster with it
+    at every batch size; or int8 is slower than the fp32 parent at some batch size and the candidate
+    is more than `g` faster there, while wherever it is slower than the best it is so by at most `g`
+    and still no slower than the fp32 parent. A clear gain at one size against a clear loss at
+    another is what timing noise looks like. Bounds are confidence bounds (edgeq.evidence)."""
+
+    def verdict(e: Evidence) -> bool | None:
+        vs = [("cand_vs_best", b) for b in batches]
+        every = all(e.hi(k) < 1 and e.median(k) < 1 - g for k in vs)
+        fixes = [b for b in batches if e.lo(("best", b)) > 1 and e.hi(("cand_vs_best", b)) < 1 - g]
+        costs_ok = all(e.hi(("cand_vs_best", b)) <= 1 + g and e.hi(("cand", b)) <= 1
+                       for b in batches if e.median(("cand_vs_best", b)) > 1)
+        if every or (fixes and costs_ok):
+            return True
+        could_every = all(e.lo(k) < 1 - g for k in vs)
+        could_fix = any(e.hi(("best", b)) > 1 and e.lo(("cand_vs_best", b)) < 1 - g for b in batches)
+        return None if could_every or could_fix else False
+
+    return verdict
 
 
-def _better(t: dict[str, dict[int, float]], g: float) -> str | None:
-    """Why the candidate beats the current best, or None.
-
-    Either it is more than `g` faster at every batch size; or the best is slower than the fp32
-    parent at some batch size and the candidate is more than `g` faster there, while wherever it
-    is slower than the best it is so by at most `g` and still no slower than the fp32 parent. A
-    clear gain at one size against a clear loss at another is what timing noise looks like.
-    """
-    vs = t["cand_vs_best"]
+def _layer_reason(e: Evidence, batches: tuple[int, ...], g: float) -> str:
+    vs = {b: e.median(("cand_vs_best", b)) for b in batches}
     if all(r < 1 - g for r in vs.values()):
         return f"{(1 - _score(vs)) * 100:.0f}% faster at every batch size"
-    fixes = [b for b, r in t["best"].items() if r > 1 and vs[b] < 1 - g]
-    costs = [b for b, r in vs.items() if r > 1]
-    if fixes and all(vs[b] <= 1 + g and t["cand"][b] <= 1 for b in costs):
-        return f"int8 was slower than fp32 at batch {fixes[0]}; {(1 - vs[fixes[0]]) * 100:.0f}% faster there"
-    return None
+    b = min(vs, key=vs.get)
+    return f"int8 was slower than fp32 at batch {b}; {(1 - vs[b]) * 100:.0f}% faster there"
+
+
+def per_tensor_verdict(batches: tuple[int, ...], g: float):
+    """Per-tensor scales (depart from per-channel) when clearly faster at some batch size and no
+    slower than `g` at any: per-channel rescaling costs per output value, so its price shows at
+    batch 1, not in a large batch's GEMM."""
+
+    def verdict(e: Evidence) -> bool | None:
+        vs = [("cand_vs_best", b) for b in batches]
+        if any(e.hi(k) < 1 - g for k in vs) and all(e.hi(k) <= 1 + g for k in vs):
+            return True
+        if all(e.lo(k) >= 1 - g for k in vs) or any(e.lo(k) > 1 + g for k in vs):
+            return False
+        return None
+
+    return verdict
+
+
+def _medians(e: Evidence, what: str, batches: tuple[int, ...]) -> dict[int, float]:
+    return {b: e.median((what, b)) for b in batches}
 
 
 PROFILE_CALLS = 20  # calls profiled per graph to rank the layers: enough to average out the first call
@@ -223,14 +252,16 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
     """Measure which layers stay fp32, then whether per-tensor weight scales pay off.
 
     Every candidate is timed in the same alternating rounds as the current best and the fp32
-    parent. `check` holds training images (never the test split) on which a per-tensor candidate
-    must agree with the fp32 parent about as often as the per-channel one before it is chosen.
+    parent, in blocks, until edgeq.evidence's rule settles it. `check` holds training images
+    (never the test split) on which a per-tensor candidate must agree with the fp32 parent about
+    as often as the per-channel one before it is timed.
     """
     rng = np.random.default_rng(0)
     pool = np.concatenate(calibration)
     inputs = {b: pool[rng.integers(0, len(pool), size=b)] for b in cfg.batches}
     calib = [pool[: cfg.calibration_samples]]
     parent = load_onnx(fp32_path, cfg.threads, timing_options(cfg.threads))
+    batches = tuple(cfg.batches)
     layers: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
 
@@ -255,17 +286,19 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
             tried += 1
             cand_cfg = replace(best_cfg, exclude_nodes=best_cfg.exclude_nodes + (node,))
             cand = build(cand_cfg, str(i))
-            t = _three_way(parent, best, cand, inputs, cfg)
-            why = _better(t, cfg.min_gain)
+            d = decide(three_way(parent, best, cand, inputs, cfg), layer_verdict(batches, cfg.min_gain), cfg.rule)
+            e = d.evidence
             layers.append({
-                "node": node, "op": op, "precision": "fp32" if why else "int8",
-                "int8_over_fp32_parent": _r(t["best"]), "with_node_fp32": _r(t["cand"]),
-                "with_node_fp32_over_int8": _r(t["cand_vs_best"]),
-                "reason": f"model {why} with this layer in fp32" if why else
-                          "no measurable gain from keeping this layer in fp32",
+                "node": node, "op": op, "precision": "fp32" if d.depart else "int8",
+                "int8_over_fp32_parent": _r(_medians(e, "best", batches)),
+                "with_node_fp32": _r(_medians(e, "cand", batches)),
+                "with_node_fp32_over_int8": _r(_medians(e, "cand_vs_best", batches)),
+                "evidence": d.summary(),
+                "reason": (f"model {_layer_reason(e, batches, cfg.min_gain)} with this layer in fp32" if d.depart else
+                           "no measurable gain from keeping this layer in fp32" + _unsettled(d)),
             })
             log(f"  {node}: {layers[-1]['precision']} ({layers[-1]['reason']})")
-            if why:
+            if d.depart:
                 best_cfg, best = cand_cfg, cand
 
         weights: dict = {}
@@ -273,31 +306,33 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
             weights["reason"] = f"per-channel: not tried, the search budget of {cfg.budget_s:g} s was spent"
         elif len(best_cfg.exclude_nodes) < len(nodes):
             # One scale per tensor saves a rescale per output channel; it may cost fidelity, so it must
-            # be clearly faster, and agree with fp32 about as often as per-channel scales do.
+            # agree with fp32 about as often as per-channel scales do, and then be clearly faster.
             cand_cfg = replace(best_cfg, per_channel=False)
             cand = build(cand_cfg, "per-tensor")
-            t = _three_way(parent, best, cand, inputs, replace(cfg, rounds=2 * cfg.rounds))
             top1 = parent.predict(check).argmax(1)
             agree = {"per_channel": _agreement(top1, best, check), "per_tensor": _agreement(top1, cand, check)}
-            vs = t["cand_vs_best"]
-            # Per-channel rescaling costs per output value: its price shows at batch 1, not in a
-            # large batch's GEMM. So: clearly faster at some batch size and no slower at any.
-            gain = [b for b, r in vs.items() if r < 1 - cfg.min_gain]
-            why = (f"{(1 - vs[gain[0]]) * 100:.0f}% faster at batch {gain[0]}"
-                   if gain and all(r <= 1 + cfg.min_gain for r in vs.values()) else None)
-            faithful = agree["per_tensor"] >= agree["per_channel"] - cfg.max_agreement_loss
-            weights = {
-                "per_channel_over_fp32_parent": _r(t["best"]), "per_tensor_over_fp32_parent": _r(t["cand"]),
-                "per_tensor_over_per_channel": _r(t["cand_vs_best"]),
-                "agreement_with_fp32": {k: round(v, 4) for k, v in agree.items()},
-                "agreement_images": f"{len(check)} training images",
-            }
-            if why and faithful:
-                best_cfg = cand_cfg
-                weights["reason"] = f"per-tensor: {why} than per-channel, agreement with fp32 kept"
+            weights = {"agreement_with_fp32": {k: round(v, 4) for k, v in agree.items()},
+                       "agreement_images": f"{len(check)} training images"}
+            if agree["per_tensor"] < agree["per_channel"] - cfg.max_agreement_loss:
+                weights["reason"] = "per-channel: per-tensor scales lose agreement with fp32 (not timed)"
             else:
-                weights["reason"] = "per-channel: " + ("per-tensor would lose agreement with fp32" if why
-                                                       else "no measurable gain from per-tensor scales")
+                d = decide(three_way(parent, best, cand, inputs, cfg), per_tensor_verdict(batches, cfg.min_gain),
+                           cfg.rule)
+                e = d.evidence
+                weights.update({
+                    "per_channel_over_fp32_parent": _r(_medians(e, "best", batches)),
+                    "per_tensor_over_fp32_parent": _r(_medians(e, "cand", batches)),
+                    "per_tensor_over_per_channel": _r(_medians(e, "cand_vs_best", batches)),
+                    "evidence": d.summary(),
+                })
+                if d.depart:
+                    best_cfg = cand_cfg
+                    vs = _medians(e, "cand_vs_best", batches)
+                    b = min(vs, key=vs.get)
+                    weights["reason"] = (f"per-tensor: {(1 - vs[b]) * 100:.0f}% faster at batch {b} than per-channel, "
+                                         "agreement with fp32 kept")
+                else:
+                    weights["reason"] = "per-channel: no measurable gain from per-tensor scales" + _unsettled(d)
         else:
             weights["reason"] = "per-channel: no int8 layer left"
         weights["chosen"] = "per-channel" if best_cfg.per_channel else "per-tensor"
@@ -309,3 +344,7 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
                 "profile_us": [{"node": n, **ranking[n]} for n, _ in nodes]}
         log(f"  search: {tried} of {len(nodes)} layers tried in {cost['seconds']:.1f} s")
     return Plan(best_cfg, layers, weights, cost)
+
+
+def _unsettled(d: Decision) -> str:
+    return "" if d.settled == "ruled out" else f" (not settled in {d.blocks} blocks: the default stands)"

@@ -92,6 +92,9 @@ def foreign_entry(out: Path) -> str | None:
         eval_file = (data.get("dataset") or {}).get("eval", {}).get("file")
         if isinstance(eval_file, str):
             files.add(eval_file)
+        plan_file = (data.get("plan") or {}).get("file")
+        if isinstance(plan_file, str):
+            files.add(plan_file)
         made_by_edgeq = isinstance(data["environment"]["edgeq"], str)
     except Exception:  # unreadable, not JSON, or not an edgeq manifest: not ours to delete
         return f"holds a {MANIFEST_NAME} that edgeq did not write"

@@ -174,6 +174,26 @@ def qat_float(qmodel: nn.Module) -> nn.Module:
     return copy.deepcopy(twin)
 
 
+@contextlib.contextmanager
+def fresh_types() -> Iterator[torch.jit.CompilationUnit]:
+    """Trace into a compilation unit and type store of its own.
+
+    TorchScript names a class `___torch_mangle_N.<Class>` when a class of that name was traced
+    before in the process: the same model traced twice in one process would give two different
+    files. A fresh unit per trace makes the bytes depend on the model only. The process-wide
+    unit is restored afterwards.
+    """
+    import torch.jit._recursive as recursive
+    import torch.jit._state as state
+
+    unit, store = state._python_cu, recursive.concrete_type_store
+    state._python_cu, recursive.concrete_type_store = torch._C.CompilationUnit(), recursive.ConcreteTypeStore()
+    try:
+        yield state._python_cu
+    finally:
+        state._python_cu, recursive.concrete_type_store = unit, store
+
+
 def to_torchscript(model: nn.Module, example: torch.Tensor, freeze: bool = True) -> torch.jit.ScriptModule:
     """Trace (works for any model that runs, int8 or fp32) and, by default, freeze for inference.
 
@@ -189,8 +209,10 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, freeze: bool = True)
     try:
         with quiet(), torch.no_grad():
             try:
-                traced = torch.jit.trace(model, example, check_trace=False)
-                frozen = torch.jit.freeze(traced) if freeze else traced
+                with fresh_types() as unit:  # type names independent of what this process traced before
+                    traced = torch.jit.trace(model, example, check_trace=False, _compilation_unit=unit,
+                                             _store_inputs=False)  # the example input is not shipped
+                    frozen = torch.jit.freeze(traced) if freeze else traced
             except Exception as exc:
                 raise ExportError(f"torch.jit.trace cannot export {name}: {first_line(exc)}") from None
             want = model(batch)

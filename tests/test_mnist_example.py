@@ -84,12 +84,13 @@ def test_manifest_schema_knows_why_a_variant_is_missing(exported):
 
 
 def test_a_slower_int8_file_is_deleted_and_listed(tmp_path):
-    b = build._Build(build.Options(out=tmp_path), tmp_path, None, None, lambda s: None, None)
+    b = build._Build(build.Options(out=tmp_path), tmp_path, None, None, lambda s: None, None, plan=None)
     fast, slow = tmp_path / "fast.onnx", tmp_path / "slow.onnx"
     fast.write_bytes(b"x")
     slow.write_bytes(b"x")
-    assert build._ships(b, Recipe(), "m-fast-onnx", "m-fp32-onnx", fast, {1: 0.8, 256: 1.04})  # parity ships
-    assert not build._ships(b, Recipe(), "m-slow-onnx", "m-fp32-onnx", slow, {1: 0.9, 256: 1.12})
+    assert build._ships(b, "m-fast-onnx", "m-fp32-onnx", fast, {"ship": True, "latency_vs_parent": {"1": 0.8}})
+    assert not build._ships(b, "m-slow-onnx", "m-fp32-onnx", slow,
+                            {"ship": False, "latency_vs_parent": {"1": 0.9, "256": 1.12}})
     assert fast.exists() and not slow.exists()
     [entry] = b.skipped
     assert entry["name"] == "m-slow-onnx" and entry["kind"] == "slower_than_parent"
@@ -99,8 +100,10 @@ def test_a_slower_int8_file_is_deleted_and_listed(tmp_path):
 
 def test_manifest_matches_the_files(exported):
     out, manifest = exported
-    assert sorted(os.listdir(out)) == sorted([a.file for a in manifest.artifacts] + ["manifest.json", "eval.npz"])
+    assert sorted(os.listdir(out)) == sorted([a.file for a in manifest.artifacts] +
+                                             ["manifest.json", "eval.npz", "plan.json"])
     assert sha256_file(out / "eval.npz") == manifest.dataset["eval"]["sha256"]
+    assert sha256_file(out / "plan.json") == manifest.plan["sha256"]
     for a in manifest.artifacts:
         path = out / a.file
         assert path.stat().st_size == a.bytes

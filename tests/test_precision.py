@@ -1,5 +1,6 @@
 """The int8 ONNX graph edgeq ships: exact rewrites, what onnxruntime runs, and the measured search."""
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -10,14 +11,16 @@ import torch
 from edgeq.data import Arrays, batches, sample
 from edgeq.export import QDQConfig, export_onnx, float_outputs, quantize_onnx, relu_before_maxpool
 from edgeq.examples.mnist import CNN, Preprocessing, load_data
-from edgeq.precision import SearchConfig, _better, compute_nodes, inspect_runtime_graph, optimized_ops, search_precision
+from edgeq.evidence import Evidence, Rule, decide, median_interval
+from edgeq.precision import (SearchConfig, compute_nodes, inspect_runtime_graph, layer_verdict, optimized_ops,
+                             search_precision)
 from edgeq.runtime import load_onnx
 from edgeq.recipe import Finetune
 from edgeq.train import fit
 from edgeq.verify.measure import sqnr_db
 
 PRE = Preprocessing()
-FAST = SearchConfig(batches=(1, 64), rounds=3, window_s=0.01)
+FAST = SearchConfig(batches=(1, 64), rule=Rule(confidence=0.8, block_rounds=4, max_blocks=2), window_s=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -131,22 +134,66 @@ def test_float_outputs_removes_the_pair_and_its_constants_and_nothing_that_is_re
     assert float_outputs(both) == 0 and len(both.graph.node) == 3
 
 
+def _evidence(ratios: dict, point: bool = False) -> Evidence:
+    """Evidence whose every round shows the given ratio, spread by +-1% (a quiet machine)."""
+    e = Evidence(point=point)
+    e.add({k: [v * f for f in (0.99, 1.0, 1.01, 1.0, 0.995, 1.005, 1.0, 1.0)] for k, v in ratios.items()})
+    return e
+
+
+def _three(best: dict, cand: dict, vs: dict) -> dict:
+    return {**{("best", b): r for b, r in best.items()}, **{("cand", b): r for b, r in cand.items()},
+            **{("cand_vs_best", b): r for b, r in vs.items()}}
+
+
 def test_fp32_layer_decision_rule():
-    g = 0.03
+    v = layer_verdict((1, 256), 0.03)
     # faster at every batch size
-    assert _better({"best": {1: 0.8, 256: 0.9}, "cand": {1: 0.7, 256: 0.8}, "cand_vs_best": {1: 0.88, 256: 0.9}}, g)
-    # faster at one size, slower at the other, while int8 already beats fp32: noise, rejected
-    assert not _better({"best": {1: 0.8, 256: 0.9}, "cand": {1: 0.7, 256: 0.95},
-                        "cand_vs_best": {1: 0.88, 256: 1.02}}, g)
+    assert v(_evidence(_three({1: 0.8, 256: 0.9}, {1: 0.7, 256: 0.8}, {1: 0.88, 256: 0.9}))) is True
+    # faster at one size, slower at the other, while int8 already beats fp32: noise, ruled out
+    assert v(_evidence(_three({1: 0.8, 256: 0.9}, {1: 0.7, 256: 0.95}, {1: 0.88, 256: 1.05}))) is False
     # int8 slower than fp32 at batch 1; the candidate fixes it and costs <=3% at 256, still below fp32
-    assert _better({"best": {1: 1.10, 256: 0.9}, "cand": {1: 0.95, 256: 0.92},
-                    "cand_vs_best": {1: 0.86, 256: 1.02}}, g)
-    # the same fix, but it would make batch 256 slower than fp32: rejected
-    assert not _better({"best": {1: 1.10, 256: 0.99}, "cand": {1: 0.95, 256: 1.01},
-                        "cand_vs_best": {1: 0.86, 256: 1.02}}, g)
-    # the same fix at a clear cost (>3%) elsewhere: rejected
-    assert not _better({"best": {1: 1.10, 256: 0.8}, "cand": {1: 0.95, 256: 0.85},
-                        "cand_vs_best": {1: 0.86, 256: 1.06}}, g)
+    assert v(_evidence(_three({1: 1.10, 256: 0.9}, {1: 0.95, 256: 0.92}, {1: 0.86, 256: 1.015}))) is True
+    # the same fix, but it would make batch 256 slower than fp32: not a departure
+    assert not v(_evidence(_three({1: 1.10, 256: 0.99}, {1: 0.95, 256: 1.05}, {1: 0.86, 256: 1.02})))
+    # the same fix at a clear cost (>3%) elsewhere: not a departure
+    assert not v(_evidence(_three({1: 1.10, 256: 0.8}, {1: 0.95, 256: 0.85}, {1: 0.86, 256: 1.06})))
+
+
+def test_median_interval_is_distribution_free_and_widens_with_confidence():
+    xs = [float(i) for i in range(1, 9)]
+    assert median_interval(xs, 0.99) == (1.0, 8.0)  # n=8: [min, max] covers 1 - 2/256 = 99.2%
+    assert median_interval(xs, 0.90) == (2.0, 7.0)  # [x2, x7] covers 1 - 2*9/256 = 93.0%
+    assert median_interval(xs[:5], 0.99) == (-math.inf, math.inf)  # 5 rounds cannot give 99%: no evidence yet
+    lo, hi = median_interval([float(i) for i in range(32)], 0.99)
+    assert 0 < lo < 15.5 < hi < 31  # more rounds: a narrower interval, still around the median
+
+
+def test_one_block_under_load_never_departs_and_a_confirmed_one_does():
+    rule = Rule(confidence=0.99, block_rounds=8, max_blocks=4)
+    limit = 1.05
+
+    def slower(e: Evidence):
+        return True if e.lo(1) > limit else False if e.hi(1) <= limit else None
+
+    def blocks(*medians):
+        it = iter(medians)
+
+        def block(n: int) -> dict:
+            m = next(it)
+            return {1: [m * f for f in np.linspace(0.98, 1.02, n)]}
+
+        return block
+
+    burst = decide(blocks(1.30, 0.80, 0.80, 0.80), slower, rule)  # one slow block, then quiet
+    assert not burst.depart and burst.settled == "ruled out"  # the burst costs blocks, not the file
+    real = decide(blocks(1.30, 1.25), slower, rule)  # slower, and re-measured slower
+    assert real.depart and real.blocks == 2 and real.settled == "departed"
+    assert real.summary()["ratios"]["1"]["rounds"] == 16
+    quiet = decide(blocks(0.80), slower, rule)  # clearly within the limit: one block settles it
+    assert not quiet.depart and quiet.blocks == 1
+    close = decide(lambda n: {1: list(np.linspace(0.95, 1.15, n))}, slower, rule)  # straddles the limit
+    assert not close.depart and close.blocks == 4 and close.settled.startswith("undecided")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from edgeq.errors import ConfigError, DataError
+from edgeq.plan import BuildPlan
 from edgeq.recipe import Finetune, Recipe
 
 ARCHS = ("mlp", "cnn")
@@ -310,11 +311,12 @@ def train_model(arch: str, dataset: Dataset, epochs: int | None = None, seed: in
 def export(out: str | Path = "artifacts", models: tuple[str, ...] = ARCHS, data_dir: str | None = None,
            download: bool = False, epochs: int | None = None, recipe: Recipe | None = None,
            recipe_overrides: dict | None = None, force: bool = False, sign_key: str | Path | None = None,
-           progress: bool = True, log: Callable[[str], None] | None = None):
+           plan=None, progress: bool = True, log: Callable[[str], None] | None = None):
     """Train the example models and compress them with the public API into one directory.
 
     Each model gets `recipe` when given, else this example's `recipe_for(arch)`, with
-    `recipe_overrides` (the command line's explicit options) applied on top.
+    `recipe_overrides` (the command line's explicit options) applied on top. `plan` (a BuildPlan or
+    a plan.json path) replays a previous export's timed decisions (edgeq.plan).
     """
     import edgeq
     from edgeq import publish, signing
@@ -326,6 +328,10 @@ def export(out: str | Path = "artifacts", models: tuple[str, ...] = ARCHS, data_
     overrides = recipe_overrides or {}
     recipes = {arch: replace(recipe, **overrides) if recipe else recipe_for(arch, **overrides) for arch in models}
     publish.check_out(Path(out), force)  # before minutes of training
+    if isinstance(plan, (str, Path)):
+        plan = BuildPlan.read(plan)
+    if plan is not None:  # a plan for other models or another recipe fails now, not after training
+        plan.check_recipes({arch: r.to_dict() for arch, r in recipes.items()})
     if sign_key is not None:
         signing.check_private_key(sign_key)
     dataset = load_data(data_dir, download)
@@ -340,5 +346,5 @@ def export(out: str | Path = "artifacts", models: tuple[str, ...] = ARCHS, data_
         preprocessing={**pre.to_dict(), "formula": "(pixel_uint8 * scale - mean) / std",
                        "layout": "NCHW [batch, 1, 28, 28]"},
         dataset={"source": dataset.source, "description": dataset.description, "test_sha256": dataset.test.sha256()},
-        force=force, sign_key=sign_key, progress=progress, log=log,
+        force=force, sign_key=sign_key, plan=plan, progress=progress, log=log,
     )

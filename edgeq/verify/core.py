@@ -54,6 +54,9 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig(), worker: Wo
                 worker.reset()
             problems = integrity.check_all(directory, manifest)
             unlisted, directory_problems = integrity.check_directory(directory, manifest)
+            if manifest.plan:  # the decisions the files were built with: tampering with them fails the run
+                p = manifest.plan
+                directory_problems += integrity.check_file(directory, p["file"], p["bytes"], p["sha256"])
         with timed(phases, "test_split"):
             x, labels = load_test_split(directory, manifest, cfg.data)
         with timed(phases, "start_worker"):

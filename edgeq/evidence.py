@@ -1,0 +1,137 @@
+"""The rule behind every timed decision: when a measurement may move a file away from the default.
+
+Every timed decision of an export compares paired ratios (candidate / reference, one per round of
+alternating windows: edgeq.verify.measure) with a threshold: keep a layer in fp32 when that is
+faster, use per-tensor weight scales when they are faster, drop an int8 file that is slower than
+its fp32 parent. The defaults are int8, per-channel and ship. The machines are shared: a burst on
+the other core can slow a whole window by 1.3-2x, and the load moves from minute to minute. So:
+
+- Rounds are taken in blocks of `block_rounds`. After each block, every ratio gets a
+  distribution-free confidence interval for its median (order statistics of the binomial(n, 1/2)
+  law; it assumes nothing about the shape of the noise, whose bursts are heavy-tailed).
+- The interval is taken at `confidence` per look. With up to `max_blocks` looks, the chance that
+  noise alone makes a departure is at most max_blocks * (1 - confidence) / 2 (Bonferroni over the
+  looks, one-sided): 2% with the defaults.
+- A departure holds only when the interval of all the rounds so far is past the threshold, AND the
+  latest block on its own, taken after the one that first showed it, agrees on its medians: the
+  evidence must survive a re-measurement, so a departure needs two blocks at least. One window,
+  or one block, under load is never enough.
+- The default is kept as soon as the interval rules the departure out, or when `max_blocks`
+  blocks have not settled it (a difference too small to tell from noise is no reason to depart).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Rule:
+    confidence: float = 0.99  # per look, two-sided, for the median of the paired ratios
+    block_rounds: int = 8  # rounds per block: with 8, the 99% interval is [min, max] of the block
+    max_blocks: int = 4  # then the default stands
+
+    def describe(self) -> dict:
+        return {
+            "statistic": "median of paired per-round ratios (candidate / reference, alternating windows)",
+            "interval": f"distribution-free {self.confidence:.0%} confidence interval of the median "
+                        "(binomial order statistics), per look",
+            "blocks": f"rounds in blocks of {self.block_rounds}, at most {self.max_blocks} blocks",
+            "departure": "the interval over all rounds lies past the threshold, and the latest block alone agrees "
+                         "on its medians (at least two blocks: the evidence survives a re-measurement)",
+            "default": "kept when the interval rules the departure out, or after the last block",
+            "false_departure_bound": round(self.max_blocks * (1 - self.confidence) / 2, 4),
+        }
+
+
+RULE = Rule()
+
+
+def median_interval(values: list[float], confidence: float = RULE.confidence) -> tuple[float, float]:
+    """A confidence interval for the median: [x_(k), x_(n+1-k)] with the largest k whose coverage,
+    1 - 2 * P(Binomial(n, 1/2) < k), is at least `confidence`. With too few values for that
+    coverage the interval is unbounded: no evidence yet."""
+    xs = sorted(values)
+    n = len(xs)
+    k, tail = 0, 0.0
+    while k < n // 2:  # grow k while the coverage of [x_(k+1), x_(n-k)] stays >= confidence
+        tail_next = tail + math.comb(n, k) / 2 ** n
+        if 1 - 2 * tail_next < confidence:
+            break
+        tail, k = tail_next, k + 1
+    if k == 0:
+        return -math.inf, math.inf
+    return xs[k - 1], xs[n - k]
+
+
+@dataclass
+class Evidence:
+    """Paired ratios per key (a batch size, or ('cand_vs_best', batch)), and what they support."""
+
+    ratios: dict = field(default_factory=dict)
+    point: bool = False  # judge the medians alone (a block's re-measurement check), no interval
+    confidence: float = RULE.confidence
+
+    def add(self, block: Mapping[Hashable, list[float]]) -> None:
+        for key, values in block.items():
+            self.ratios.setdefault(key, []).extend(float(v) for v in values)
+
+    def median(self, key: Hashable) -> float:
+        return float(np.median(self.ratios[key]))
+
+    def lo(self, key: Hashable) -> float:
+        return self.median(key) if self.point else median_interval(self.ratios[key], self.confidence)[0]
+
+    def hi(self, key: Hashable) -> float:
+        return self.median(key) if self.point else median_interval(self.ratios[key], self.confidence)[1]
+
+    def summary(self) -> dict:
+        """What a plan records: rounds, median and interval per key."""
+        out = {}
+        for key in self.ratios:
+            lo, hi = median_interval(self.ratios[key], self.confidence)
+            out[_key(key)] = {"median": round(self.median(key), 3),
+                              "interval": [_finite(lo), _finite(hi)], "rounds": len(self.ratios[key])}
+        return out
+
+
+def _key(key: Hashable) -> str:
+    return "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+def _finite(v: float) -> float | None:
+    return round(v, 3) if math.isfinite(v) else None
+
+
+Verdict = Callable[[Evidence], "bool | None"]  # True: depart from the default; False: keep it; None: undecided
+
+
+@dataclass
+class Decision:
+    depart: bool
+    evidence: Evidence
+    blocks: int
+    settled: str  # "departed" | "ruled out" | "undecided: default kept"
+
+    def summary(self) -> dict:
+        return {"blocks": self.blocks, "settled": self.settled, "ratios": self.evidence.summary()}
+
+
+def decide(measure_block: Callable[[int], Mapping[Hashable, list[float]]], verdict: Verdict,
+           rule: Rule = RULE) -> Decision:
+    """Measure blocks of rounds (`measure_block(rounds)` -> ratios per key) until `verdict` departs
+    with a confirming block, rules the departure out, or `rule.max_blocks` blocks are spent."""
+    pooled = Evidence(confidence=rule.confidence)
+    for blocks in range(1, rule.max_blocks + 1):
+        block = measure_block(rule.block_rounds)
+        pooled.add(block)
+        v = verdict(pooled)
+        if v is False:
+            return Decision(False, pooled, blocks, "ruled out")
+        if v and blocks >= 2 and verdict(Evidence(dict(block), point=True)):
+            return Decision(True, pooled, blocks, "departed")
+    return Decision(False, pooled, rule.max_blocks, "undecided: default kept")

@@ -1,0 +1,271 @@
+"""The build plan: every decision an export took from a measurement, recorded and replayable.
+
+An export measures a few things on the machine it runs on: which layers of each fp32 parent stay
+fp32 in the int8 ONNX file, per-channel or per-tensor weight scales, whether each int8 file ships
+(it must not be slower than its fp32 parent), and which file is recommended. All of it, with the
+paired ratios behind each decision and their confidence intervals (edgeq.evidence), goes into
+`plan.json` beside the manifest, which hashes it.
+
+`compress(..., plan=PATH)` / `edgeq export --plan PATH` rebuilds from those decisions without
+timing anything. Training, pruning, calibration and quantization are deterministic for a fixed
+seed, thread count and machine, so the same code, data, recipe and plan give byte-identical
+artifacts and manifest artifact entries. A plan is bound to what it was measured for: the fp32
+weights of each model (sha256 of its state dict), the data (sha256 of the arrays) and the recipe;
+any mismatch is refused before anything is written. It names the CPU it was measured on
+(`measured_on`), so that a plan made on one machine can be reviewed before it is reused on another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import ConfigError
+
+PLAN_SCHEMA_VERSION = 1
+PLAN_NAME = "plan.json"
+MAX_PLAN_BYTES = 16 << 20
+
+_SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_RATIOS = {"type": "object", "additionalProperties": {"type": "number"}}
+SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "edgeq build plan",
+    "type": "object",
+    "required": ["schema_version", "edgeq", "measured_on", "rule", "data_sha256", "models"],
+    "additionalProperties": False,
+    "properties": {
+        "schema_version": {"const": PLAN_SCHEMA_VERSION},
+        "edgeq": {"type": "string"},
+        "measured_on": {"type": "object"},
+        "rule": {"type": "object"},
+        "data_sha256": _SHA,
+        "models": {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": {
+                "type": "object",
+                "required": ["model_sha256", "recipe", "precision", "ships", "recommended"],
+                "additionalProperties": False,
+                "properties": {
+                    "model_sha256": _SHA,
+                    "recipe": {"type": "object"},
+                    "precision": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["qdq", "layers", "weights", "cost"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "qdq": {"type": "object", "required": ["exclude_nodes", "per_channel"],
+                                        "properties": {"exclude_nodes": {"type": "array", "items": {"type": "string"}},
+                                                       "per_channel": {"type": "boolean"}}},
+                                "layers": {"type": "array", "items": {
+                                    "type": "object", "required": ["node", "op", "precision", "reason"],
+                                    "properties": {"node": {"type": "string"},
+                                                   "precision": {"enum": ["fp32", "int8"]}}}},
+                                "weights": {"type": "object", "required": ["chosen", "reason"]},
+                                "cost": {"type": "object"},
+                            },
+                        },
+                    },
+                    "ships": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object", "required": ["ship", "latency_vs_parent"],
+                            "properties": {"ship": {"type": "boolean"}, "latency_vs_parent": _RATIOS},
+                        },
+                    },
+                    "recommended": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+}
+
+
+class PlanError(ConfigError):
+    """A plan that cannot be replayed here: not a plan, another schema, or made for other inputs.
+    Stops the whole export (it is never turned into a `skipped` entry)."""
+
+
+@dataclass
+class FamilyPlan:
+    """The decisions for one model (one family of artifacts)."""
+
+    model_sha256: str  # the fp32 model as given: sha256 of its state dict
+    recipe: dict  # Recipe.to_dict() it was measured with
+    precision: dict = field(default_factory=dict)  # fp32 parent key -> {qdq, layers, weights, cost}
+    ships: dict = field(default_factory=dict)  # int8 artifact name -> {ship, latency_vs_parent, evidence}
+    recommended: str | None = None
+
+
+@dataclass
+class BuildPlan:
+    edgeq: str
+    measured_on: dict  # edgeq.environment(): CPU, cores, ISA, library versions
+    rule: dict  # edgeq.evidence.Rule.describe() of the rule that took the decisions
+    data_sha256: str
+    models: dict[str, FamilyPlan]
+    schema_version: int = PLAN_SCHEMA_VERSION
+    source: str | None = field(default=None, compare=False)  # the file it was read from (not serialised)
+
+    @property
+    def where(self) -> str:
+        return f"--plan {self.source}" if self.source else "plan"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        del d["source"]
+        return {"schema_version": d.pop("schema_version"), **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def write(self, directory: Path) -> Path:
+        from edgeq.export import write_file
+
+        return write_file(Path(directory) / PLAN_NAME, self.to_json().encode("utf-8"))
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = "plan") -> "BuildPlan":
+        validate(d, where)
+        assert isinstance(d, dict)
+        models = {k: FamilyPlan(**v) for k, v in d["models"].items()}
+        return cls(d["edgeq"], d["measured_on"], d["rule"], d["data_sha256"], models, d["schema_version"])
+
+    @classmethod
+    def read(cls, path: str | Path) -> "BuildPlan":
+        """A plan file, parsed strictly; every problem is one PlanError line naming the file and the fix."""
+        path = Path(path)
+        where = f"--plan {path}"
+        if not path.is_file():
+            what = "no such file" if not path.exists() else "not a regular file"
+            raise PlanError(f"{where}: {what}; pass the plan.json an export wrote (e.g. artifacts/plan.json)")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_PLAN_BYTES + 1)
+        except OSError as exc:
+            raise PlanError(f"{where}: cannot read ({exc.strerror}); check its permissions") from None
+        if len(raw) > MAX_PLAN_BYTES:
+            raise PlanError(f"{where}: larger than {MAX_PLAN_BYTES >> 20} MiB, not an edgeq plan")
+        try:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise PlanError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]}); pass the plan.json "
+                            "an export wrote") from None
+        plan = cls.from_dict(data, where)
+        plan.source = str(path)
+        return plan
+
+    def check_recipes(self, recipes: dict[str, dict]) -> None:
+        """Refuse this plan for other models or another recipe (checkable before any training)."""
+        fix = "rebuild with what it was measured for, or re-measure (edgeq export without --plan)"
+        missing = sorted(set(recipes) - set(self.models))
+        if missing:
+            raise PlanError(f"{self.where}: has no decisions for model {missing[0]!r} (it holds "
+                            f"{', '.join(sorted(self.models))}); {fix}")
+        extra = sorted(set(self.models) - set(recipes))
+        if extra:
+            raise PlanError(f"{self.where}: was made for model {extra[0]!r} too, which this export does not build; {fix}")
+        for name, recipe in recipes.items():
+            mine = self.models[name].recipe
+            if mine != recipe:
+                key = next(k for k in sorted(set(mine) | set(recipe)) if mine.get(k) != recipe.get(k))
+                raise PlanError(f"{self.where}: was made with another recipe for {name!r} ({key} = {mine.get(key)!r}, "
+                                f"here {recipe.get(key)!r}); {fix}")
+
+    def check_inputs(self, data_hash: str, models: dict[str, str], recipes: dict[str, dict]) -> None:
+        """Refuse this plan for other data, other models (their weights) or another recipe."""
+        self.check_recipes(recipes)
+        fix = "rebuild with what it was measured for, or re-measure (edgeq export without --plan)"
+        if self.data_sha256 != data_hash:
+            raise PlanError(f"{self.where}: was made for other data (sha256 {self.data_sha256[:12]}..., these are "
+                            f"{data_hash[:12]}...); {fix}")
+        for name, digest in models.items():
+            if self.models[name].model_sha256 != digest:
+                raise PlanError(f"{self.where}: was made for another model {name!r} (weights sha256 "
+                                f"{self.models[name].model_sha256[:12]}..., this one is {digest[:12]}...); {fix}")
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def validate(d: object, where: str = "plan") -> None:
+    import jsonschema
+
+    if isinstance(d, dict) and "schema_version" in d and d["schema_version"] != PLAN_SCHEMA_VERSION:
+        raise PlanError(f"{where}: made with plan schema version {d['schema_version']!r} (edgeq "
+                        f"{d.get('edgeq', '?')}); this edgeq reads version {PLAN_SCHEMA_VERSION}: re-measure "
+                        "(edgeq export without --plan)")
+    try:
+        jsonschema.validate(d, SCHEMA)
+    except jsonschema.ValidationError as exc:
+        at = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise PlanError(f"{where}: not an edgeq build plan (schema v{PLAN_SCHEMA_VERSION}) at {at}: "
+                        f"{exc.message[:160]}; pass the plan.json an export wrote") from None
+
+
+def model_sha256(model) -> str:
+    """sha256 of a model's state dict: every entry's name, dtype, shape and bytes, in order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_sha256(*arrays: np.ndarray) -> str:
+    """sha256 of arrays as given: dtype, shape and bytes of each."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def check_layers(where: str, model: str, parent: str, decided: list[str], nodes: list[str]) -> None:
+    """Refuse a plan whose layers are not the layers of this parent's graph."""
+    unknown = [n for n in decided if n not in nodes]
+    if unknown:
+        raise PlanError(f"{where}: names layer {unknown[0]!r}, which {model}'s {parent} graph does not have; "
+                        "the plan was made for another model: re-measure (edgeq export without --plan)")
+    missing = [n for n in nodes if n not in decided]
+    if missing:
+        raise PlanError(f"{where}: has no decision for layer {missing[0]!r} of {model}'s {parent} graph; the plan "
+                        "was made for another model: re-measure (edgeq export without --plan)")
+
+
+def differences(a: BuildPlan, b: BuildPlan) -> list[str]:
+    """The decisions on which two plans of the same build differ (what re-measuring changed)."""
+    out = []
+    for name in sorted(set(a.models) | set(b.models)):
+        fa, fb = a.models.get(name), b.models.get(name)
+        if fa is None or fb is None:
+            out.append(f"{name}: in one plan only")
+            continue
+        for key in sorted(set(fa.precision) | set(fb.precision)):
+            pa, pb = fa.precision.get(key, {}), fb.precision.get(key, {})
+            la = {d["node"]: d["precision"] for d in pa.get("layers", [])}
+            lb = {d["node"]: d["precision"] for d in pb.get("layers", [])}
+            out += [f"{name} {key} layer {n}: {la.get(n)} vs {lb.get(n)}" for n in sorted(set(la) | set(lb))
+                    if la.get(n) != lb.get(n)]
+            wa, wb = pa.get("weights", {}).get("chosen"), pb.get("weights", {}).get("chosen")
+            if wa != wb:
+                out.append(f"{name} {key} weight scales: {wa} vs {wb}")
+        for art in sorted(set(fa.ships) | set(fb.ships)):
+            sa, sb = fa.ships.get(art, {}).get("ship"), fb.ships.get(art, {}).get("ship")
+            if sa != sb:
+                out.append(f"{art}: ship {sa} vs {sb}")
+        if fa.recommended != fb.recommended:
+            out.append(f"{name} recommended: {fa.recommended} vs {fb.recommended}")
+    return out

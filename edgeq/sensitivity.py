@@ -1,0 +1,158 @@
+"""Accuracy-aware int8: calibration chosen by measurement, per-layer sensitivity, and the user's bar.
+
+Everything here is measured on the file as onnxruntime runs it, on the evaluation data (the test
+split), against the fp32 parent's logits on the same data: accuracy, top-1 agreement and output
+SQNR, 20*log10(||fp32|| / ||fp32 - int8||). Nothing is estimated.
+
+- `choose_calibration`: every calibration method x size candidate is quantized and measured; the
+  most accurate wins (ties: higher agreement, then higher SQNR, then the earlier candidate, so the
+  recipe's order is the preference: MinMax before the histogram methods, fewer samples first).
+- `layer_sensitivity`: for each quantizable layer (Conv, Gemm, MatMul), the model with only that
+  layer in int8, and with every layer but that one in int8. onnxruntime's `qdq_loss_debug`
+  compares activations tensor by tensor, and torch.ao's numeric suite does so for torch models;
+  whole-model ablation is used instead because the bar is a statement about the model's output,
+  and it needs nothing but the quantizer that builds the shipped file.
+- `meet_bar`: starting from the speed plan's fp32 layers, the most sensitive layers are kept in
+  fp32 one at a time, in order, until the file as exported is within the bar of its parent.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.export import QDQConfig, quantize_onnx
+from edgeq.runtime import load_onnx
+from edgeq.verify.measure import agreement, correct_count, sqnr_db
+
+CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantization.CalibrationMethod names
+
+
+def score(logits: np.ndarray, labels: np.ndarray, ref: np.ndarray) -> dict:
+    """Accuracy (and the integer count behind it), agreement and SQNR against the fp32 parent's logits."""
+    correct = correct_count(logits, labels)
+    sqnr = sqnr_db(ref, logits)
+    return {"correct": correct, "accuracy": round(correct / len(labels), 6), "agreement": round(agreement(ref, logits), 6),
+            "sqnr_db": round(sqnr, 2) if np.isfinite(sqnr) else None}
+
+
+def drop_points(parent_correct: int, correct: int, n: int) -> float:
+    """Accuracy lost against the parent, in points (negative: a gain)."""
+    return round(100.0 * (parent_correct - correct) / n, 4)
+
+
+class Evaluator:
+    """Quantizes an fp32 ONNX parent with given settings and scores the result on the evaluation data."""
+
+    def __init__(self, fp32_path: Path, x: np.ndarray, labels: np.ndarray, calibration: list[np.ndarray]):
+        self.fp32_path, self.x, self.labels, self.calibration = fp32_path, x, labels, calibration
+        self.ref = load_onnx(fp32_path, 1).predict(x)
+        self.parent = score(self.ref, labels, self.ref)
+        self._tmp = tempfile.TemporaryDirectory()
+        self.runs = 0
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def calibration_batches(self, samples: int) -> list[np.ndarray]:
+        """The first `samples` calibration samples, in the calibration's own batches."""
+        out, left = [], samples
+        for batch in self.calibration:
+            if left <= 0:
+                break
+            out.append(batch[:left])
+            left -= len(out[-1])
+        return out
+
+    def logits(self, qdq: QDQConfig, samples: int, source: Path | None = None) -> np.ndarray:
+        path = Path(self._tmp.name) / f"candidate-{self.runs}.onnx"
+        self.runs += 1
+        quantize_onnx(source or self.fp32_path, path, self.calibration_batches(samples), qdq)
+        try:
+            return load_onnx(path, 1).predict(self.x)
+        finally:
+            path.unlink()
+
+    def score(self, qdq: QDQConfig, samples: int, source: Path | None = None) -> dict:
+        return score(self.logits(qdq, samples, source), self.labels, self.ref)
+
+
+def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], sizes: tuple[int, ...]) -> dict:
+    """Measure every method x size on the all-int8 graph with `qdq`'s weight scales; the best wins."""
+    available = sum(map(len, ev.calibration))
+    rows = []
+    for method in methods:
+        for n in sizes:
+            n = min(n, available)
+            if any(r["method"] == method and r["samples"] == n for r in rows):
+                continue
+            s = ev.score(replace(qdq, calibrate_method=method, exclude_nodes=()), n)
+            rows.append({"method": method, "samples": n, **s})
+    best = max(range(len(rows)), key=lambda i: (rows[i]["correct"], rows[i]["agreement"],
+                                                rows[i]["sqnr_db"] if rows[i]["sqnr_db"] is not None else 1e9, -i))
+    return {"method": rows[best]["method"], "samples": rows[best]["samples"], "candidates": rows,
+            "measured_on": f"{len(ev.labels)} evaluation samples, all layers int8",
+            "rule": "most accurate; ties: higher agreement with fp32, higher SQNR, then the earlier candidate"}
+
+
+def layer_sensitivity(ev: Evaluator, qdq: QDQConfig, samples: int, nodes: list[tuple[str, str]]) -> list[dict]:
+    """Per compute layer: the scores with only it in int8, and with all layers but it in int8;
+    `gain_points`: accuracy won back by keeping it (alone) in fp32, against the all-int8 model."""
+    names = [n for n, _ in nodes]
+    full = ev.score(replace(qdq, exclude_nodes=()), samples)
+    rows = []
+    for node, op in nodes:
+        only = ev.score(replace(qdq, exclude_nodes=tuple(n for n in names if n != node)), samples)
+        but = ev.score(replace(qdq, exclude_nodes=(node,)), samples)
+        rows.append({"node": node, "op": op,
+                     "only_this_int8": {k: v for k, v in only.items() if k != "correct"},
+                     "all_but_this_int8": {k: v for k, v in but.items() if k != "correct"},
+                     "only_this_int8_drop_points": drop_points(ev.parent["correct"], only["correct"], len(ev.labels)),
+                     "gain_points": round(100.0 * (but["correct"] - full["correct"]) / len(ev.labels), 4)})
+    return rows
+
+
+def ranking(rows: list[dict]) -> list[str]:
+    """Most sensitive first: the most accuracy won back in fp32, then the largest loss alone in int8,
+    then the lowest SQNR alone in int8."""
+    def key(r: dict) -> tuple:
+        sqnr = r["only_this_int8"]["sqnr_db"]
+        return (-r["gain_points"], -r["only_this_int8_drop_points"], sqnr if sqnr is not None else 1e9)
+
+    return [r["node"] for r in sorted(rows, key=key)]
+
+
+def meet_bar(build: Callable[[tuple[str, ...]], dict], start: tuple[str, ...], order: list[str], parent_correct: int,
+             n: int, bar_points: float) -> dict:
+    """Keep layers in fp32, most sensitive first, until `build(fp32_nodes)`'s file is within `bar_points`
+    of the parent. At least one layer stays int8 (`order` holds every layer): a file with none is
+    not an int8 file. Returns the fp32 layers added, the drop reached and each step tried."""
+    nodes = tuple(start)
+    s = build(nodes)
+    drop = drop_points(parent_correct, s["correct"], n)
+    steps = [{"fp32_nodes_added": [], "drop_points": drop}]
+    added: list[str] = []
+    for node in order:
+        if drop <= bar_points + 1e-9:
+            break
+        if node in nodes:
+            continue
+        if len(set(nodes) | {node}) >= len(set(order) | set(start)):
+            break  # the last int8 layer: no int8 file meets the bar
+        nodes, added = nodes + (node,), added + [node]
+        s = build(nodes)
+        drop = drop_points(parent_correct, s["correct"], n)
+        steps.append({"fp32_nodes_added": list(added), "drop_points": drop})
+    met = drop <= bar_points + 1e-9
+    return {"met": met, "bar_points": bar_points, "drop_points": drop, "fp32_nodes_added": added if met else [],
+            "best_drop_points": min(st["drop_points"] for st in steps), "steps": steps}

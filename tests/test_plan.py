@@ -1,0 +1,168 @@
+"""Reproducible builds: the plan records every timed decision, and a replay is byte-identical.
+
+The session's `mlp_artifacts` export measured its decisions on this machine, whatever they were;
+the replays here take them from its plan.json and time nothing, so no assertion depends on a
+timing outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeq.cli import main
+from edgeq.examples import mnist
+from edgeq.manifest import read, sha256_file
+from edgeq.precision import compute_nodes
+from edgeq.plan import PLAN_NAME, BuildPlan, PlanError, differences, model_sha256
+from edgeq.recipe import Finetune
+from edgeq.train import fit
+from edgeq.data import Arrays
+
+REPLAY = dict(models=("mlp",), epochs=2, recipe_overrides={"variants": ("static",)}, progress=False,
+              log=lambda _: None)  # what conftest's mlp_artifacts was built with
+
+
+def _files(directory: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.name != "manifest.json"}
+
+
+def _entries(directory: Path) -> list[dict]:
+    return json.loads((directory / "manifest.json").read_text())["artifacts"]
+
+
+@pytest.fixture(scope="module")
+def replays(mlp_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two rebuilds of the session's export from its plan."""
+    outs = []
+    for i in range(2):
+        out = tmp_path_factory.mktemp(f"replay{i}") / "art"
+        mnist.export(out, plan=mlp_artifacts / PLAN_NAME, **REPLAY)
+        outs.append(out)
+    return outs
+
+
+def test_two_builds_from_one_plan_are_byte_identical_and_identical_to_the_measured_build(mlp_artifacts, replays):
+    first, second = replays
+    assert _files(first) == _files(second) == _files(mlp_artifacts)  # every artifact, eval.npz and plan.json
+    assert _entries(first) == _entries(second) == _entries(mlp_artifacts)
+    assert read(first).plan["replayed"] is True and read(mlp_artifacts).plan["replayed"] is False
+    assert read(first).plan["sha256"] == sha256_file(mlp_artifacts / PLAN_NAME)
+
+
+def test_the_plan_holds_every_timed_decision_with_its_evidence(mlp_artifacts):
+    plan = BuildPlan.read(mlp_artifacts / PLAN_NAME)
+    fam = plan.models["mlp"]
+    manifest = read(mlp_artifacts)
+    int8 = [a for a in manifest.artifacts if a.precision == "int8"]
+    dropped = [s["name"] for s in manifest.skipped if s["kind"] == "slower_than_parent"]
+    assert sorted(fam.ships) == sorted([a.name for a in int8] + dropped)  # shipped or not, each is decided
+    for name, gate in fam.ships.items():
+        assert gate["ship"] == (name not in dropped)
+        assert gate["evidence"]["ratios"] and gate["evidence"]["settled"]
+    layers = fam.precision["fp32"]["layers"]
+    assert [d["node"] for d in layers] == [n for n, _ in compute_nodes(mlp_artifacts / "mlp-fp32.onnx")]
+    assert fam.precision["fp32"]["weights"]["chosen"] in ("per-channel", "per-tensor")
+    assert fam.recommended == next(a.name for a in manifest.artifacts if a.recommended)
+    assert plan.measured_on["cpu"]["model"] and plan.rule["false_departure_bound"] <= 0.05
+
+
+def test_plan_json_round_trip(mlp_artifacts, tmp_path):
+    text = (mlp_artifacts / PLAN_NAME).read_text()
+    plan = BuildPlan.read(mlp_artifacts / PLAN_NAME)
+    assert plan.to_json() == text
+    assert BuildPlan.from_dict(json.loads(plan.to_json())) == plan
+    assert differences(plan, BuildPlan.from_dict(json.loads(text))) == []
+    changed = json.loads(text)
+    gate = next(iter(changed["models"]["mlp"]["ships"].values()))
+    gate["ship"] = not gate["ship"]
+    assert len(differences(plan, BuildPlan.from_dict(changed))) == 1
+
+
+def test_training_on_a_fixed_seed_gives_identical_weights():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    data = Arrays(digits.images.astype(np.float32)[:, None] / 16, digits.target.astype(np.int64))
+
+    def trained() -> str:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        return model_sha256(fit(model, data, Finetune(epochs=2, lr=1e-2, shift=1), seed=7, progress=False))
+
+    first, second = trained(), trained()
+    assert first == second
+    torch.manual_seed(0)
+    assert first != model_sha256(torch.nn.Linear(64, 10))  # the hash sees weights
+
+
+def _export(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(main, ["export", "--model", "mlp", "--epochs", "2", "--variants", "static", "--quiet",
+                                  *args])
+    return r.exit_code, r.output
+
+
+def _bad(tmp_path: Path, out: Path, *args: str) -> str:
+    code, output = _export("--out", str(out), *args)
+    assert code == 1 and not out.exists(), output  # nothing written
+    line = output.strip().splitlines()[-1]
+    assert line.startswith("edgeq: error: ") and "Traceback" not in output
+    return line
+
+
+def test_bad_plans_are_refused_in_one_line_with_nothing_written(mlp_artifacts, tmp_path):
+    out = tmp_path / "out"
+    good = json.loads((mlp_artifacts / PLAN_NAME).read_text())
+
+    def plan_file(data: object, raw: str | None = None) -> str:
+        path = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(raw if raw is not None else json.dumps(data))
+        return str(path)
+
+    assert "no such file" in _bad(tmp_path, out, "--plan", str(tmp_path / "none.json"))
+    assert "not valid JSON" in _bad(tmp_path, out, "--plan", plan_file(None, "{not json"))
+    assert "not an edgeq build plan" in _bad(tmp_path, out, "--plan", plan_file({**good, "models": []}))
+    no_rule = {k: v for k, v in good.items() if k != "rule"}
+    assert "not an edgeq build plan" in _bad(tmp_path, out, "--plan", plan_file(no_rule))
+    assert "schema version 99" in _bad(tmp_path, out, "--plan", plan_file({**good, "schema_version": 99}))
+    other_recipe = _bad(tmp_path, out, "--plan", str(mlp_artifacts / PLAN_NAME), "--seed", "1")
+    assert "another recipe" in other_recipe and "seed" in other_recipe
+    assert "no decisions for model 'cnn'" in _bad(tmp_path, out, "--plan", str(mlp_artifacts / PLAN_NAME),
+                                                  "--model", "cnn")
+
+
+def test_a_plan_for_other_weights_or_other_layers_is_refused(mlp_artifacts, tmp_path):
+    good = json.loads((mlp_artifacts / PLAN_NAME).read_text())
+    weights = json.loads(json.dumps(good))
+    weights["models"]["mlp"]["model_sha256"] = "0" * 64
+    (tmp_path / "w.json").write_text(json.dumps(weights))
+    line = _bad(tmp_path, tmp_path / "o1", "--plan", str(tmp_path / "w.json"))
+    assert "another model 'mlp'" in line and "weights sha256 000000000000" in line
+    layers = json.loads(json.dumps(good))
+    layers["models"]["mlp"]["precision"]["fp32"]["layers"][0]["node"] = "/no/such/Gemm"
+    (tmp_path / "l.json").write_text(json.dumps(layers))
+    line = _bad(tmp_path, tmp_path / "o2", "--plan", str(tmp_path / "l.json"))
+    assert "names layer '/no/such/Gemm'" in line
+
+
+def test_a_plan_is_reviewed_against_this_cpu(mlp_artifacts, tmp_path):
+    data = json.loads((mlp_artifacts / PLAN_NAME).read_text())
+    data["measured_on"]["cpu"]["model"] = "Some Other CPU"
+    path = tmp_path / "moved.json"
+    path.write_text(json.dumps(data))
+    lines: list[str] = []
+    out = tmp_path / "art"
+    mnist.export(out, plan=path, **{**REPLAY, "log": lines.append})
+    assert any("measured on Some Other CPU" in line for line in lines)
+    assert _files(out).keys() == _files(mlp_artifacts).keys()  # replayed all the same: the note is for review
+    with pytest.raises(PlanError, match="has no decisions"):
+        BuildPlan.read(path).check_recipes({"cnn": {}})
