@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --json reports/bench.json
 	$(BIN)/python benchmarks/byom.py --out artifacts-byom --json reports/byom.json
+	$(BIN)/python benchmarks/hardcase.py --out artifacts-hardcase
 
 clean:
-	rm -rf $(VENV) reports .pytest_cache artifacts-byom
+	rm -rf $(VENV) reports .pytest_cache artifacts-byom artifacts-hardcase

@@ -39,14 +39,12 @@ from edgeq.prune import PruneConfig, prune_model
 from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
 from edgeq.recipe import MODES, PRUNINGS, Recipe
 from edgeq.train import accuracy, fit, predict_logits
-from edgeq.data import Arrays, as_arrays, batches, check_labels, check_shapes, sample
+from edgeq.data import Arrays, as_arrays, batches, check_labels, check_shapes, first_samples, sample
 
 FORMATS = ("torchscript", "checkpoint", "onnx")  # in export order: a checkpoint runs in its TorchScript graph
 EXT = {"checkpoint": "ckpt.pt", "torchscript": "ts.pt", "onnx": "onnx"}
 SHORT = {"checkpoint": "ckpt", "torchscript": "ts", "onnx": "onnx"}
 TRAIN_THREADS = 2  # float sums depend on the thread count: fine-tunes run at a fixed one to reproduce
-RECOMMEND_MAX_DROP = 0.005  # accuracy, as a fraction
-RECOMMEND_MAX_RATIO = 0.95  # int8 must beat its fp32 parent by 5%: a margin over timing noise
 AS_GIVEN = {"description": "as given: inputs were preprocessed by the caller and are stored in eval.npz exactly as fed"}
 
 FinetuneFn = Callable[[nn.Module, tuple[np.ndarray, np.ndarray], int], nn.Module]
@@ -243,6 +241,7 @@ class _Build:
     timings: dict = field(default_factory=dict)
     plans: dict = field(default_factory=dict)  # (model, parent key) -> mixed-precision Plan
     shapes: dict = field(default_factory=dict)  # id(float model) -> its counts (the model is kept: ids stay unique)
+    evaluators: dict = field(default_factory=dict)  # (model, parent key) -> sensitivity.Evaluator (closed by compress)
 
     def add(self, model: str, variant: str, fmt: str, path: Path, *, precision: str, float_model: nn.Module,
             example: torch.Tensor, parent: str | None, quantization: dict | None, pruning: dict | None,
@@ -348,6 +347,15 @@ class FinetuneError(ConfigError):
 
 
 def _compress_one(b: _Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) -> dict:
+    try:
+        return _compress_family(b, name, model, recipe, spec)
+    finally:
+        for ev in b.evaluators.values():
+            ev.close()
+        b.evaluators.clear()
+
+
+def _compress_family(b: _Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) -> dict:
     base = copy.deepcopy(model).eval()
     example = spec.example
     floats = [_Float("fp32", base, None)]
@@ -365,6 +373,8 @@ def _compress_one(b: _Build, name: str, model: nn.Module, recipe: Recipe, spec: 
         if "structured" in recipe.variants:
             s = recipe.structured
             pc = PruneConfig("l2_structured", s.amount, recipe.seed, s.round_to)
+            if recipe.sensitivity:
+                _pruning_sensitivity(b, name, base, example, pc)
             ft = _finetuner(b, recipe.finetune_structured, recipe.seed + 1, f"{name}: fine-tune structured")
             r = _attempt(b, name_of(name, "structured", "checkpoint"), lambda: prune_model(base, example, pc, ft))
             if r is not None:
@@ -390,9 +400,42 @@ def _compress_one(b: _Build, name: str, model: nn.Module, recipe: Recipe, spec: 
                        f"{name_of(name, variant, 'torchscript')} under skipped)")
                 continue
             _export_int8(b, name, f, variant, mode, q, qc, recipe, calibration, example, onnx_ok)
-    _recommend(b, name)
+    _recommend(b, name, recipe)
+    fam = b.plan.models[name]
     return {"classes": spec.classes, "architecture": describe(model), "recipe": recipe.to_dict(),
-            "finetune": "the caller's finetune()" if b.user_finetune else "edgeq.train.fit (AdamW, one-cycle)"}
+            "finetune": "the caller's finetune()" if b.user_finetune else "edgeq.train.fit (AdamW, one-cycle)",
+            "max_accuracy_drop": recipe.max_accuracy_drop,
+            "recommended": {k: v for k, v in (fam.recommended or {}).items() if k != "evidence"},
+            "calibration": {key: rec["calibration"] for key, rec in fam.precision.items() if "calibration" in rec},
+            "sensitivity": {"quantization": {key: rec["sensitivity"] for key, rec in fam.precision.items()
+                                             if rec.get("sensitivity", {}).get("layers")},
+                            "pruning": fam.pruning_sensitivity}}
+
+
+def _pruning_sensitivity(b: _Build, name: str, model: nn.Module, example: torch.Tensor, pc: PruneConfig) -> None:
+    """The accuracy cost of pruning each group alone at the recipe's ratio, before fine-tuning."""
+    from edgeq.prune import group_sensitivity
+    from edgeq.sensitivity import drop_points, score
+
+    fam = b.plan.models[name]
+    if b.replaying:
+        return  # replayed from the plan: measured, deterministic, and not worth minutes again
+    x, y = np.array(b.test.x), np.asarray(b.test.y)
+    ref = predict_logits(model, x)
+    base = score(ref, y, ref)
+    with timed(b.timings, f"{name}.accuracy_s"):
+        try:
+            rows = group_sensitivity(model, example, pc, lambda m: score(predict_logits(m, x), y, ref))
+        except EdgeqError as exc:
+            fam.pruning_sensitivity = {"error": str(exc)}
+            return
+    for r in rows:
+        r["drop_points"] = drop_points(base["correct"], r.pop("correct"), len(y))
+        b.log(f"  prune {r['group']} alone ({r['channels_removed']} of {r['channels']} channels): "
+              f"{-r['drop_points']:+.2f} pts, agreement {r['agreement']:.3f}")
+    fam.pruning_sensitivity = json.loads(json.dumps({
+        "amount": pc.amount, "round_to": pc.round_to, "groups": rows,
+        "measured_on": f"{len(y)} test samples, each group alone pruned, no fine-tune, against the fp32 model"}))
 
 
 def _attempt(b: _Build, name: str, build: Callable[[], object]) -> object | None:
@@ -473,58 +516,204 @@ def _export_int8_torchscript(b: _Build, name: str, f: _Float, variant: str, mode
         b.skip(name_of(name, variant, "torchscript"), str(exc))
         return
     parent = name_of(name, f.key, "torchscript")
+    bar = _torch_bar(b, path, parent, recipe)
+    if not bar["met"]:
+        path.unlink()
+        _below_bar(b, name_of(name, variant, "torchscript"), parent, bar)
+        return
     gate = _gate(b, recipe, name, name_of(name, variant, "torchscript"), "torchscript",
                  b.dir / f"{name}-{f.key}.{EXT['torchscript']}", path)
     if _ships(b, name_of(name, variant, "torchscript"), parent, path, gate):
         b.add(name, variant, "torchscript", path, precision="int8", float_model=f.model, example=example,
               parent=parent, quantization={**qc.describe(), "latency_vs_parent": gate["latency_vs_parent"],
-                                           "timed_at": _timed_at(recipe)},
+                                           "timed_at": _timed_at(recipe), "accuracy_bar": _bar_entry(bar, parent)},
               pruning=f.pruning, runtime_info=_runtime_info("torchscript", "int8"), notes=notes)
+
+
+def _torch_bar(b: _Build, path: Path, parent: str, recipe: Recipe) -> dict:
+    """A torch int8 file against the bar: measured on the test split from the file. torch.ao has no
+    per-layer fallback here, so a file over the bar is not shipped."""
+    from edgeq.sensitivity import drop_points
+
+    base = next((a for a in b.artifacts if a.name == parent), None)
+    runner = runtime.load(path, "torchscript", threads=1)
+    correct = int((runner.predict(np.array(b.test.x)).argmax(1) == np.asarray(b.test.y)).sum())
+    n = len(b.test)
+    parent_correct = round(base.accuracy * n) if base is not None else correct
+    drop = drop_points(parent_correct, correct, n)
+    met = drop <= recipe.max_accuracy_drop + 1e-9
+    return {"met": met, "bar_points": recipe.max_accuracy_drop, "drop_points": drop, "best_drop_points": drop,
+            "fp32_nodes_added": [], "per_channel": True,
+            "steps": [{"fp32_nodes_added": [], "drop_points": drop}]}
 
 
 def _export_int8_onnx(b: _Build, name: str, f: _Float, variant: str, mode: str, q: nn.Module, plan: Plan,
                       onnx_parent: Path, recipe: Recipe, calibration: list[np.ndarray], example: torch.Tensor) -> None:
+    """The int8 ONNX file: the speed plan's fp32 layers, the calibration measured best, and as many more
+    layers in fp32 (most sensitive first) as the accuracy bar needs; not shipped if no int8 file meets it."""
     path = b.dir / f"{name}-{variant}.onnx"
-    samples = sum(map(len, calibration))
-    if mode == "static":
-        qdq = plan.qdq
-        quantize_onnx(onnx_parent, path, calibration, qdq)
-        quant = {**qdq.describe(), "calibration": f"{qdq.calibrate_method} on {samples} training samples",
-                 "weight_scales": plan.weights}
-    else:
-        # the QAT weights were learned on torch's per-channel grid: kept per channel whatever the
-        # search chose for the static twin, so the coarser per-tensor grid never overrides them
-        fmodel = qat_float(q)
-        with tempfile.TemporaryDirectory(dir=b.dir) as tmp:
-            twin = export_onnx(fmodel, Path(tmp) / "qat-float.onnx", example)
-            qdq = replace(plan.qdq, per_channel=True,
-                          exclude_nodes=_same_nodes(onnx_parent, twin, plan.qdq.exclude_nodes))
-            quantize_onnx(twin, path, calibration, qdq)
-        quant = {**qdq.describe(), "method": "qat",
-                 "weights_from": ("quantization-aware fine-tuning: the torch QAT model's weights (BN folded, "
-                                  "learned on an 8-bit per-channel grid), re-quantized per channel to "
-                                  "onnxruntime's grid" + (" (7-bit, reduce_range)" if qdq.reduce_range else "")),
-                 "calibration": f"activations: {qdq.calibrate_method} on {samples} training samples",
-                 "weight_scales": {**plan.weights, "chosen": "per-channel",
-                                   "reason": "per-channel: the granularity the QAT weights were learned on"}}
+    art_name = name_of(name, variant, "onnx")
+    tuned = _tuning(b, name, f.key, onnx_parent, calibration, recipe, plan)
+    cal = tuned["calibration"]
+    calib = first_samples(calibration, cal["samples"])
+    with tempfile.TemporaryDirectory(dir=b.dir) as tmp:
+        if mode == "static":
+            source, names = onnx_parent, None
+            base = replace(plan.qdq, calibrate_method=cal["method"], exclude_nodes=())
+        else:
+            # the QAT weights were learned on torch's per-channel grid: kept per channel whatever the
+            # search chose for the static twin, so the coarser per-tensor grid never overrides them
+            source = export_onnx(qat_float(q), Path(tmp) / "qat-float.onnx", example)
+            names = _node_names(onnx_parent, source)
+            base = replace(plan.qdq, per_channel=True, calibrate_method=cal["method"], exclude_nodes=())
+        bar = _accuracy_bar(b, name, art_name, f.key, recipe, source, base, plan.qdq.exclude_nodes, names,
+                            calib, tuned, path)
+        if not bar["met"]:
+            path.unlink(missing_ok=True)
+            _below_bar(b, art_name, name_of(name, f.key, "onnx"), bar)
+            return
+        fp32_nodes = tuple(plan.qdq.exclude_nodes) + tuple(bar["fp32_nodes_added"])
+        qdq = replace(base, per_channel=bar["per_channel"],
+                      exclude_nodes=tuple(names[n] for n in fp32_nodes) if names else fp32_nodes)
+        if b.replaying:  # measured, the file the bar accepted is already at `path`
+            quantize_onnx(source, path, calib, qdq)
+    scales = plan.weights
+    if mode == "qat":
+        scales = {**plan.weights, "chosen": "per-channel",
+                  "reason": "per-channel: the granularity the QAT weights were learned on"}
+    elif bar["per_channel"] != plan.qdq.per_channel:
+        scales = {**plan.weights, "chosen": "per-channel",
+                  "reason": "per-channel: per-tensor scales (faster) do not meet the accuracy bar"}
+    quant = {**qdq.describe(), "calibration": f"{cal['method']} on {cal['samples']} training samples "
+                                              "(measured best of the recipe's candidates; see models.*.calibration)",
+             "weight_scales": scales, "accuracy_bar": _bar_entry(bar, name_of(name, f.key, "onnx"))}
+    if mode == "qat":
+        quant.update({"method": "qat", "weights_from": (
+            "quantization-aware fine-tuning: the torch QAT model's weights (BN folded, learned on an 8-bit "
+            "per-channel grid), re-quantized per channel to onnxruntime's grid"
+            + (" (7-bit, reduce_range)" if qdq.reduce_range else ""))})
     graph = inspect_runtime_graph(path)
     quant["optimized_ops"] = graph.pop("ops")
     quant["runtime_graph"] = graph
     quant["search"] = plan.cost
     if not graph["clean"]:
-        b.log(f"  {name_of(name, variant, 'onnx')}: onnxruntime runs it with {graph}")
-    gate = _gate(b, recipe, name, name_of(name, variant, "onnx"), "onnx", onnx_parent, path)
+        b.log(f"  {art_name}: onnxruntime runs it with {graph}")
+    gate = _gate(b, recipe, name, art_name, "onnx", onnx_parent, path)
     quant["latency_vs_parent"] = gate["latency_vs_parent"]
     quant["timed_at"] = _timed_at(recipe)
-    if _ships(b, name_of(name, variant, "onnx"), name_of(name, f.key, "onnx"), path, gate):
+    if _ships(b, art_name, name_of(name, f.key, "onnx"), path, gate):
         art = b.add(name, variant, "onnx", path, precision="int8", float_model=f.model, example=example,
                     parent=name_of(name, f.key, "onnx"), quantization=quant, pruning=f.pruning,
                     runtime_info=_runtime_info("onnx", "int8"))
-        art.decisions = plan.layers
+        art.decisions = plan.layers + [{"node": n, "precision": "fp32", "reason": "kept in fp32 to meet the "
+                                        f"accuracy bar of {recipe.max_accuracy_drop:g} points (sensitivity order)"}
+                                       for n in bar["fp32_nodes_added"]]
 
 
-def _same_nodes(parent: Path, twin: Path, nodes: tuple[str, ...]) -> tuple[str, ...]:
-    """The QAT float twin's names for the parent's fp32 layers: the twin is the same network traced
+def _evaluator(b: _Build, name: str, parent_key: str, onnx_parent: Path, calibration: list[np.ndarray]):
+    """One Evaluator per fp32 ONNX parent (its logits on the test split are the reference)."""
+    from edgeq.sensitivity import Evaluator
+
+    key = (name, parent_key)
+    if key not in b.evaluators:
+        b.evaluators[key] = Evaluator(onnx_parent, np.array(b.test.x), np.asarray(b.test.y), calibration, b.dir)
+    return b.evaluators[key]
+
+
+def _tuning(b: _Build, name: str, parent_key: str, onnx_parent: Path, calibration: list[np.ndarray], recipe: Recipe,
+            plan: Plan) -> dict:
+    """Per fp32 parent: the calibration measured best and the per-layer sensitivity (replayed from the plan)."""
+    from edgeq.precision import compute_nodes
+    from edgeq.sensitivity import choose_calibration, layer_sensitivity, ranking
+
+    rec = b.plan.models[name].precision[parent_key]
+    if "calibration" in rec:
+        return rec
+    if b.replaying:
+        raise PlanError(f"{b.plan.where}: has no calibration decision for {name}'s {parent_key} parent; it was "
+                        "made by another edgeq: re-measure (edgeq export without --plan)")
+    ev = _evaluator(b, name, parent_key, onnx_parent, calibration)
+    with timed(b.timings, f"{name}.accuracy_s"):
+        b.log(f"{name}: measuring calibration candidates and per-layer sensitivity of {parent_key} on "
+              f"{len(b.test)} test samples")
+        cal = choose_calibration(ev, plan.qdq, recipe.calibration_methods, recipe.calibration_sizes)
+        measured = [c for c in cal["candidates"] if "accuracy" in c]
+        b.log(f"  calibration: {cal['method']} on {cal['samples']} samples" + (" (" + ", ".join(
+            f"{c['method']}/{c['samples']} {100 * c['accuracy']:.2f}%" for c in measured) + ")") * bool(measured))
+        rows = []
+        if recipe.sensitivity:
+            qdq = replace(plan.qdq, calibrate_method=cal["method"])
+            rows = layer_sensitivity(ev, qdq, cal["samples"], compute_nodes(onnx_parent))
+            for r in rows:
+                b.log(f"  {r['node']}: alone in int8 {-r['only_this_int8_drop_points']:+.2f} pts (SQNR "
+                      f"{r['only_this_int8']['sqnr_db']} dB); alone in fp32 {r['gain_points']:+.2f} pts vs all-int8")
+    rec["calibration"] = cal
+    rec["sensitivity"] = {"layers": rows, "ranking": ranking(rows) if rows else [],
+                          "measured_on": f"{len(b.test)} test samples, against the fp32 parent {name_of(name, parent_key, 'onnx')}"}
+    return rec
+
+
+def _accuracy_bar(b: _Build, name: str, art_name: str, parent_key: str, recipe: Recipe, source: Path,
+                  base, speed_nodes: tuple[str, ...], names: dict | None, calib: list[np.ndarray], tuned: dict,
+                  path: Path) -> dict:
+    """Whether (and with which extra fp32 layers) the int8 file meets the bar: replayed, or measured on the
+    file as exported, layers taken in sensitivity order (per-tensor scales give way to per-channel first).
+    Measured, each candidate is written to `path`: the last one is the file the bar accepted."""
+    from edgeq.precision import compute_nodes
+    from edgeq.sensitivity import meet_bar
+
+    fam = b.plan.models[name]
+    if b.replaying:
+        if art_name not in fam.accuracy:
+            raise PlanError(f"{b.plan.where}: has no accuracy decision for {art_name}; re-measure "
+                            "(edgeq export without --plan)")
+        return fam.accuracy[art_name]
+    ev = b.evaluators[(name, parent_key)]  # made by _tuning
+    n, parent_correct = len(b.test), ev.parent["correct"]
+    order = tuned["sensitivity"]["ranking"] or [node for node, _ in compute_nodes(b.dir / f"{name}-{parent_key}.onnx")]
+
+    def build(per_channel: bool):
+        def run(nodes: tuple[str, ...]) -> dict:
+            qdq = replace(base, per_channel=per_channel, exclude_nodes=tuple(names[x] for x in nodes) if names else nodes)
+            return ev.score_batches(qdq, calib, source, keep=path)
+        return run
+
+    with timed(b.timings, f"{name}.accuracy_s"):
+        per_channel = base.per_channel
+        result = meet_bar(build(per_channel), speed_nodes, order, parent_correct, n, recipe.max_accuracy_drop)
+        if not result["met"] and not per_channel:
+            first = result
+            per_channel = True
+            result = meet_bar(build(True), speed_nodes, order, parent_correct, n, recipe.max_accuracy_drop)
+            result["steps"] = [{**st, "per_channel": False} for st in first["steps"]] + result["steps"]
+            result["best_drop_points"] = min(first["best_drop_points"], result["best_drop_points"])
+    result["per_channel"] = per_channel
+    fam.accuracy[art_name] = json.loads(json.dumps(result))
+    if result["fp32_nodes_added"]:
+        b.log(f"  {art_name}: {len(result['fp32_nodes_added'])} more layer(s) in fp32 to meet the bar of "
+              f"{recipe.max_accuracy_drop:g} pts: {', '.join(result['fp32_nodes_added'])} "
+              f"(drop {result['drop_points']:.2f} pts)")
+    return fam.accuracy[art_name]
+
+
+def _bar_entry(bar: dict, parent: str) -> dict:
+    """The manifest's record of the bar a file was built to (edgeq verify checks it from the files)."""
+    return {"max_drop_points": bar["bar_points"], "relative_to": parent, "drop_points": bar["drop_points"],
+            "fp32_nodes_for_accuracy": bar["fp32_nodes_added"], "measured_on": "the test split, the file as exported"}
+
+
+def _below_bar(b: _Build, art_name: str, parent: str, bar: dict) -> None:
+    tried = [", ".join(st["fp32_nodes_added"]) or "none" for st in bar["steps"]]
+    b.skipped.append({"name": art_name, "kind": "below_accuracy_bar",
+                      "reason": (f"no int8 file within {bar['bar_points']:g} points of its fp32 parent {parent}: the best "
+                                 f"drop reached is {bar['best_drop_points']:.2f} points, with fp32 layers tried in "
+                                 f"sensitivity order ({'; '.join(tried)}); not shipped"),
+                      "best_drop_points": bar["best_drop_points"], "steps": bar["steps"]})
+    b.log(f"  {art_name}: not shipped, no int8 plan meets the bar (best drop {bar['best_drop_points']:.2f} pts)")
+
+
+def _node_names(parent: Path, twin: Path) -> dict[str, str]:
+    """The QAT float twin's names for the parent's layers: the twin is the same network traced
     again (its node names differ), so its Conv/Gemm/MatMul nodes are matched by position."""
     from edgeq.precision import compute_nodes
 
@@ -532,8 +721,7 @@ def _same_nodes(parent: Path, twin: Path, nodes: tuple[str, ...]) -> tuple[str, 
     if [op for _, op in ours] != [op for _, op in theirs]:
         raise ExportError(f"{twin.name}: the QAT model's compute layers ({len(theirs)}) do not line up with its fp32 "
                           f"parent's ({len(ours)}), so the measured fp32 layers cannot be carried over")
-    names = {a: b for (a, _), (b, _) in zip(ours, theirs)}
-    return tuple(names[n] for n in nodes)
+    return {a: b for (a, _), (b, _) in zip(ours, theirs)}
 
 
 def _search_config(recipe: Recipe) -> SearchConfig:
@@ -636,39 +824,67 @@ def _mixed_precision(b: _Build, name: str, parent_key: str, onnx_parent: Path, c
     return b.plans[key]
 
 
-def _recommend(b: _Build, model: str) -> None:
-    """Mark the smallest ONNX artifact that keeps accuracy; an int8 one only if clearly faster than its parent.
+def _recommend(b: _Build, model: str, recipe: Recipe) -> None:
+    """The user's question answered: the fastest ONNX file at the deployment's batch size and thread count
+    whose accuracy is within the bar of the family's fp32 model; and the smallest such file, for when size
+    matters more. Both are decisions of the plan: a replay takes them from there.
 
-    When int8 gains nothing on this CPU, the recommendation is an fp32 file, never a slower int8 one.
-    The pick is a decision of the plan: a replay takes it from there.
+    Every eligible file is timed against the fp32 ONNX file in the same alternating rounds. Files whose
+    ratio interval overlaps the fastest one's are a tie that noise could flip: among them the most
+    accurate, then the smallest, is picked. An int8 file is picked only when it is faster than fp32 with
+    confidence (interval below 1).
     """
     fam = b.plan.models[model]
     ours = {a.name: a for a in b.artifacts if a.model == model}
     if b.replaying:
-        pick = fam.recommended
-        if pick is not None and pick not in ours:
-            raise PlanError(f"{b.plan.where}: recommends {pick}, which this build did not produce; re-measure "
-                            "(edgeq export without --plan)")
+        picks = fam.recommended or {}
+        for pick in (picks.get("fastest"), picks.get("smallest")):
+            if pick is not None and pick not in ours:
+                raise PlanError(f"{b.plan.where}: recommends {pick}, which this build did not produce; re-measure "
+                                "(edgeq export without --plan)")
     else:
-        pick = _pick_recommended(list(ours.values()), model)
-        fam.recommended = pick
-    if pick is not None:
-        ours[pick].recommended = True
+        picks = _pick_recommended(b, list(ours.values()), model, recipe)
+        fam.recommended = picks
+    if picks.get("fastest") is not None:
+        ours[picks["fastest"]].recommended = True
 
 
-def _pick_recommended(artifacts: list[Artifact], model: str) -> str | None:
+def _pick_recommended(b: _Build, artifacts: list[Artifact], model: str, recipe: Recipe) -> dict:
+    from edgeq.evidence import median_interval
+    from edgeq.verify.measure import round_ratios, timed_rounds
+
     base = next((a for a in artifacts if a.name == name_of(model, "fp32", "onnx")), None)
     if base is None:
-        return None
-
-    def eligible(a: Artifact) -> bool:
-        if a.format != "onnx" or a.accuracy < base.accuracy - RECOMMEND_MAX_DROP:
-            return False
-        ratios = (a.quantization or {}).get("latency_vs_parent", {})
-        return a.precision == "fp32" or bool(ratios) and max(ratios.values()) <= RECOMMEND_MAX_RATIO
-
-    ok = [a for a in artifacts if eligible(a)]
-    return min(ok, key=lambda a: (a.bytes, -a.accuracy)).name  # the fp32 base itself is always eligible
+        return {"fastest": None, "smallest": None, "reason": "no fp32 ONNX file to compare with"}
+    floor = base.accuracy - recipe.max_accuracy_drop / 100 - 1e-9
+    eligible = [a for a in artifacts if a.format == "onnx" and a.accuracy >= floor]
+    smallest = min(eligible, key=lambda a: (a.bytes, -a.accuracy)).name
+    cfg = _search_config(recipe)
+    threads = torch.get_num_threads()
+    try:
+        runners = [runtime.load(b.dir / a.file, "onnx", threads=cfg.threads, options=timing_options(cfg.threads))
+                   for a in eligible]
+        x = _timing_inputs(b, recipe)[recipe.deployment_batch]
+        rounds = timed_rounds([r.run for r in runners], x, 2 * cfg.rule.block_rounds, cfg.window_s)
+    finally:
+        torch.set_num_threads(threads)
+    ratios = {a.name: round_ratios(rounds[i], rounds[0]) for i, a in enumerate(eligible)}  # eligible[0] is base
+    stats = {n: (float(np.median(r)), *median_interval(r, cfg.rule.confidence)) for n, r in ratios.items()}
+    g = cfg.min_gain  # the same margin as every other timed decision: a difference smaller is no reason
+    faster = [a for a in eligible if a is base or (stats[a.name][2] < 1.0 and stats[a.name][0] < 1 - g)]
+    best = min(faster, key=lambda a: stats[a.name][0])
+    tied = [a for a in faster if stats[a.name][1] <= stats[best.name][2] or stats[a.name][0] <= stats[best.name][0] + g]
+    fastest = max(tied, key=lambda a: (a.accuracy, -a.bytes)).name
+    return {"fastest": fastest, "smallest": smallest,
+            "bar_points": recipe.max_accuracy_drop, "relative_to": base.name,
+            "deployment": {"batch": recipe.deployment_batch, "threads": recipe.threads},
+            "latency_vs_fp32": {n: round(s[0], 3) for n, s in stats.items()},
+            "evidence": {n: {"median": round(s[0], 3), "interval": [round(s[1], 3), round(s[2], 3)],
+                             "rounds": len(ratios[n])} for n, s in stats.items()},
+            "rule": (f"fastest: lowest median paired ratio to the fp32 ONNX file among files within the bar and "
+                     f"faster than it with confidence and by more than {g:.0%}; files whose interval overlaps it, or "
+                     f"whose median is within {g:.0%} of it, are a tie, broken by accuracy, then size. smallest: "
+                     "fewest bytes within the bar")}
 
 
 def _write_eval(b: _Build, limit: int) -> dict:

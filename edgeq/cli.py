@@ -75,6 +75,9 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Threads the deployment runs with: int8-vs-fp32 decisions and the ship rule are timed at it "
                    "[recipe: 1].")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=None, metavar="POINTS",
+              help="Accuracy (points) an int8 file may lose against its fp32 parent: more sensitive layers are "
+                   "kept in fp32 until it holds, or the file is not shipped [recipe: 0.5].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Built-in examples only: training epochs (default per model).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
@@ -90,7 +93,7 @@ def main() -> None:
                    "afresh on this machine.")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage lines.")
 def export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
-           threads, epochs, data_dir, download, sign_key, plan_file, quiet):
+           threads, max_accuracy_drop, epochs, data_dir, download, sign_key, plan_file, quiet):
     """Prune, quantize and export a model (yours, or a built-in example), then write manifest.json.
 
     \b
@@ -103,7 +106,8 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
 
     try:
         manifest = _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method,
-                           channel_amount, seed, threads, epochs, data_dir, download, sign_key, plan_file, quiet)
+                           channel_amount, seed, threads, max_accuracy_drop, epochs, data_dir, download, sign_key,
+                           plan_file, quiet)
     except EdgeqError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -116,7 +120,7 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
 
 
 def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
-            threads, epochs, data_dir, download, sign_key, plan_file, quiet):
+            threads, max_accuracy_drop, epochs, data_dir, download, sign_key, plan_file, quiet):
     """Options -> Recipe -> one library call: edgeq.compress, or the MNIST example that calls it."""
     from dataclasses import replace
 
@@ -128,6 +132,8 @@ def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, 
     recipe = Recipe.from_file(recipe_file) if recipe_file else None
     plan = BuildPlan.read(plan_file) if plan_file else None  # before any training: a bad plan fails at once
     overrides = _overrides(recipe or Recipe(), variants, prune_amount, prune_method, channel_amount, seed, threads)
+    if max_accuracy_drop is not None:
+        overrides["max_accuracy_drop"] = max_accuracy_drop
     user = [m for m in models if entrypoint.is_spec(m)]
     if user:
         if len(models) > 1:

@@ -120,3 +120,14 @@ def sample(arrays: Arrays, count: int, seed: int) -> np.ndarray:
 
 def batches(x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
     return [x[i : i + batch] for i in range(0, len(x), batch)]
+
+
+def first_samples(batched: list[np.ndarray], samples: int) -> list[np.ndarray]:
+    """The first `samples` samples of a list of batches, in their batches."""
+    out, left = [], samples
+    for batch in batched:
+        if left <= 0:
+            break
+        out.append(batch[:left])
+        left -= len(out[-1])
+    return out

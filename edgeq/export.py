@@ -146,12 +146,13 @@ class CalibrationReader:
 
 @contextlib.contextmanager
 def quiet_quantization() -> Iterator[None]:
-    """onnxruntime.quantization logs advice on the root logger and torch/onnx warn: mute both, here only."""
+    """onnxruntime.quantization logs advice on the root logger, prints its histogram calibrators'
+    progress to stdout, and torch/onnx warn: mute all three, here only."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with quiet():
+        with quiet(), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         root.setLevel(level)

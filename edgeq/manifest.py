@@ -15,7 +15,7 @@ from edgeq.errors import ManifestError
 
 # why a variant is missing: never built for this model/format, or built, timed slower than its
 # fp32 parent and deleted (such an entry also holds `latency_vs_parent`)
-SKIP_KINDS = ("not_built", "slower_than_parent")
+SKIP_KINDS = ("not_built", "slower_than_parent", "below_accuracy_bar")
 
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"

@@ -49,7 +49,8 @@ SCHEMA: dict = {
             "minProperties": 1,
             "additionalProperties": {
                 "type": "object",
-                "required": ["model_sha256", "recipe", "precision", "ships", "recommended"],
+                "required": ["model_sha256", "recipe", "precision", "ships", "accuracy", "pruning_sensitivity",
+                             "recommended"],
                 "additionalProperties": False,
                 "properties": {
                     "model_sha256": _SHA,
@@ -61,6 +62,8 @@ SCHEMA: dict = {
                             "required": ["qdq", "layers", "weights", "cost"],
                             "additionalProperties": False,
                             "properties": {
+                                "calibration": {"type": "object", "required": ["method", "samples", "candidates"]},
+                                "sensitivity": {"type": "object", "required": ["layers", "ranking"]},
                                 "qdq": {"type": "object", "required": ["exclude_nodes", "per_channel"],
                                         "properties": {"exclude_nodes": {"type": "array", "items": {"type": "string"}},
                                                        "per_channel": {"type": "boolean"}}},
@@ -80,7 +83,20 @@ SCHEMA: dict = {
                             "properties": {"ship": {"type": "boolean"}, "latency_vs_parent": _RATIOS},
                         },
                     },
-                    "recommended": {"type": ["string", "null"]},
+                    "accuracy": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["met", "bar_points", "drop_points", "fp32_nodes_added", "per_channel", "steps"],
+                            "properties": {"met": {"type": "boolean"},
+                                           "fp32_nodes_added": {"type": "array", "items": {"type": "string"}}},
+                        },
+                    },
+                    "pruning_sensitivity": {"type": ["object", "null"]},
+                    "recommended": {"type": ["object", "null"],
+                                    "required": ["fastest", "smallest"],
+                                    "properties": {"fastest": {"type": ["string", "null"]},
+                                                   "smallest": {"type": ["string", "null"]}}},
                 },
             },
         },
@@ -101,7 +117,9 @@ class FamilyPlan:
     recipe: dict  # Recipe.to_dict() it was measured with
     precision: dict = field(default_factory=dict)  # fp32 parent key -> {qdq, layers, weights, cost}
     ships: dict = field(default_factory=dict)  # int8 artifact name -> {ship, latency_vs_parent, evidence}
-    recommended: str | None = None
+    accuracy: dict = field(default_factory=dict)  # int8 ONNX artifact name -> the accuracy bar's decision
+    pruning_sensitivity: dict | None = None  # measured, not decided: replayed so that a rebuild is cheap
+    recommended: dict | None = None  # {fastest, smallest, evidence}
 
 
 @dataclass
@@ -266,6 +284,12 @@ def differences(a: BuildPlan, b: BuildPlan) -> list[str]:
             sa, sb = fa.ships.get(art, {}).get("ship"), fb.ships.get(art, {}).get("ship")
             if sa != sb:
                 out.append(f"{art}: ship {sa} vs {sb}")
-        if fa.recommended != fb.recommended:
-            out.append(f"{name} recommended: {fa.recommended} vs {fb.recommended}")
+        for pick in ("fastest", "smallest"):
+            ra, rb = (fa.recommended or {}).get(pick), (fb.recommended or {}).get(pick)
+            if ra != rb:
+                out.append(f"{name} recommended ({pick}): {ra} vs {rb}")
+        for art in sorted(set(fa.accuracy) | set(fb.accuracy)):
+            xa, xb = (fa.accuracy.get(art, {}).get("fp32_nodes_added"), fb.accuracy.get(art, {}).get("fp32_nodes_added"))
+            if xa != xb:
+                out.append(f"{art}: fp32 layers for accuracy {xa} vs {xb}")
     return out

@@ -34,7 +34,10 @@ class SearchConfig:
     batches: tuple[int, ...] = (1, 256)
     rule: Rule = RULE  # when a timing may depart from the default (edgeq.evidence)
     window_s: float = 0.04
-    min_gain: float = 0.03  # what counts as faster or slower: 3%, the noise of a paired ratio here
+    # what counts as faster or slower. Within one export a paired median is tight (intervals of 1-3%),
+    # but between exports under a changing load it moved by up to 5% here (the CNN's per-tensor vs
+    # per-channel ratio read 0.95-0.97 at batch 1 over five exports): a smaller margin let that flip.
+    min_gain: float = 0.05
     calibration_samples: int = 128  # trial models only need realistic ranges, not the best ones
     threads: int = 1
     max_agreement_loss: float = 0.002  # per-tensor scales may change at most 0.2% of top-1 predictions

@@ -161,6 +161,37 @@ def _structured(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, finet
     return PruneResult(pruned.eval(), weight_sparsity(pruned), removed, (params0, params1), (macs0, macs1))
 
 
+def group_sensitivity(model: nn.Module, example: torch.Tensor, cfg: PruneConfig,
+                      evaluate: Callable[[nn.Module], dict]) -> list[dict]:
+    """The cost of structured pruning, group by group: for each group of coupled layers Torch-Pruning
+    would prune, a copy of `model` with only that group pruned at `cfg.amount` (group L2 magnitude,
+    rounded as the real pruning rounds, no fine-tune), scored by `evaluate(model)`."""
+    _check_example(example)
+    traced, graph = _trace(model, example)  # checks the model can be followed, finds the output layers once
+    head_names = _output_layers(traced, graph)
+    rows: list[dict] = []
+    while True:
+        trial = copy.deepcopy(traced)
+        names = {m: n for n, m in trial.named_modules()}
+        try:
+            with _autograd_on(trial):
+                pruner = _RoundingPruner(
+                    trial, _as_input(example), importance=tp.importance.GroupMagnitudeImportance(p=2),
+                    pruning_ratio=cfg.amount, ignored_layers=[trial.get_submodule(n) for n in head_names],
+                    round_to=cfg.round_to, forward_fn=_call)
+                group = next((g for i, g in enumerate(pruner.step(interactive=True)) if i == len(rows)), None)
+                if group is None:
+                    return rows
+                root, channels = group[0].dep.target.module, len(group[0].idxs)
+                group.prune()
+        except Exception as exc:  # Torch-Pruning raises plain exceptions for ops it cannot follow
+            raise PruneError(f"torch-pruning could not prune {type(model).__name__}{_culprit(exc, trial)}: "
+                             f"{_first_line(exc)}") from exc
+        rows.append({"group": names.get(root, type(root).__name__), "layer_type": type(root).__name__,
+                     "channels_removed": channels, "channels": int(root.weight.shape[0]) + channels,
+                     **evaluate(trial.eval())})
+
+
 class _RoundingPruner(tp.pruner.MetaPruner):
     """MetaPruner whose rounding never empties a layer.
 

@@ -28,6 +28,7 @@ PRUNINGS = ("unstructured", "structured")
 MODES = ("dynamic", "static", "qat")
 VARIANTS = PRUNINGS + MODES
 UNSTRUCTURED_METHODS = ("l1", "random")
+CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantization.CalibrationMethod
 DEFAULT_EVAL_SAMPLES = 10_000  # the test split shipped in eval.npz: all of it up to this many samples
 
 
@@ -86,8 +87,14 @@ class Recipe:
     finetune_structured: Finetune = Finetune(epochs=3, lr=5e-4)
     qat: Finetune = Finetune(epochs=2, lr=2e-5, weight_decay=0.0)
     calibration_samples: int = 512  # training samples run through the observers (static int8)
+    # onnxruntime calibration candidates, measured on the evaluation data; the most accurate is kept
+    calibration_methods: tuple[str, ...] = ("MinMax", "Entropy", "Percentile")
+    calibration_sizes: tuple[int, ...] = (128, 512)  # samples (at most calibration_samples are drawn)
+    max_accuracy_drop: float = 0.5  # points below its fp32 parent an int8 file may lose; more: layers go fp32
+    sensitivity: bool = True  # measure per-layer quantization and per-group pruning sensitivity
     threads: int = 1  # the deployment's thread count: int8 decisions are timed at it
     batches: tuple[int, ...] = (1, 256)  # batch sizes every int8 decision and the ship rule are timed at
+    deployment_batch: int = 1  # the batch size the deployment runs (one of `batches`): `recommended` is fastest at it
     ship_limit: float = 1.05  # an int8 file slower than its fp32 parent by more than this ratio is not shipped
     search_budget_s: float = 120.0  # wall-time budget of the mixed-precision search per fp32 parent
     eval_samples: int = DEFAULT_EVAL_SAMPLES  # test samples shipped in eval.npz and measured
@@ -96,6 +103,8 @@ class Recipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "batches", tuple(int(b) for b in self.batches))
+        object.__setattr__(self, "calibration_methods", tuple(self.calibration_methods))
+        object.__setattr__(self, "calibration_sizes", tuple(int(n) for n in self.calibration_sizes))
         for v in self.variants:
             _check(v in VARIANTS, f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
         _check(len(set(self.variants)) == len(self.variants), f"variants list one twice: {list(self.variants)}")
@@ -103,13 +112,22 @@ class Recipe:
         _check(self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         _check(bool(self.batches) and all(b >= 1 for b in self.batches),
                f"batches must be positive batch sizes, got {list(self.batches)}")
+        _check(self.deployment_batch in self.batches,
+               f"deployment_batch {self.deployment_batch} is not one of batches {list(self.batches)}: it must be timed")
+        for m in self.calibration_methods:
+            _check(m in CALIBRATION_METHODS, f"unknown calibration method {m!r}: choose from {', '.join(CALIBRATION_METHODS)}")
+        _check(bool(self.calibration_methods) and bool(self.calibration_sizes) and min(self.calibration_sizes) >= 1,
+               "calibration_methods and calibration_sizes need at least one entry each, sizes >= 1")
+        _check(math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
+               f"max_accuracy_drop is in points (0-100), got {self.max_accuracy_drop}")
         _check(self.ship_limit >= 1.0, f"ship_limit must be >= 1.0 (a ratio to the fp32 parent), got {self.ship_limit}")
         _check(self.search_budget_s > 0, f"search_budget_s must be > 0, got {self.search_budget_s}")
         _check(self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["variants"], d["batches"] = list(self.variants), list(self.batches)
+        for key in ("variants", "batches", "calibration_methods", "calibration_sizes"):
+            d[key] = list(d[key])
         return d
 
     @classmethod

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.data import first_samples
 from edgeq.export import QDQConfig, quantize_onnx
 from edgeq.runtime import load_onnx
 from edgeq.verify.measure import agreement, correct_count, sqnr_db
@@ -48,11 +49,12 @@ def drop_points(parent_correct: int, correct: int, n: int) -> float:
 class Evaluator:
     """Quantizes an fp32 ONNX parent with given settings and scores the result on the evaluation data."""
 
-    def __init__(self, fp32_path: Path, x: np.ndarray, labels: np.ndarray, calibration: list[np.ndarray]):
+    def __init__(self, fp32_path: Path, x: np.ndarray, labels: np.ndarray, calibration: list[np.ndarray],
+                 tmp_parent: Path | None = None):
         self.fp32_path, self.x, self.labels, self.calibration = fp32_path, x, labels, calibration
         self.ref = load_onnx(fp32_path, 1).predict(x)
         self.parent = score(self.ref, labels, self.ref)
-        self._tmp = tempfile.TemporaryDirectory()
+        self._tmp = tempfile.TemporaryDirectory(dir=tmp_parent)
         self.runs = 0
 
     def close(self) -> None:
@@ -64,32 +66,30 @@ class Evaluator:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def calibration_batches(self, samples: int) -> list[np.ndarray]:
-        """The first `samples` calibration samples, in the calibration's own batches."""
-        out, left = [], samples
-        for batch in self.calibration:
-            if left <= 0:
-                break
-            out.append(batch[:left])
-            left -= len(out[-1])
-        return out
-
-    def logits(self, qdq: QDQConfig, samples: int, source: Path | None = None) -> np.ndarray:
-        path = Path(self._tmp.name) / f"candidate-{self.runs}.onnx"
+    def score_batches(self, qdq: QDQConfig, calibration: list[np.ndarray], source: Path | None = None,
+                      keep: Path | None = None) -> dict:
+        """Quantize `source` (default: the fp32 parent) with `qdq` on `calibration`, score the file.
+        The file is written to `keep` and left there when given, else deleted."""
+        path = keep or Path(self._tmp.name) / f"candidate-{self.runs}.onnx"
         self.runs += 1
-        quantize_onnx(source or self.fp32_path, path, self.calibration_batches(samples), qdq)
+        quantize_onnx(source or self.fp32_path, path, calibration, qdq)
         try:
-            return load_onnx(path, 1).predict(self.x)
+            return score(load_onnx(path, 1).predict(self.x), self.labels, self.ref)
         finally:
-            path.unlink()
+            if keep is None:
+                path.unlink()
 
-    def score(self, qdq: QDQConfig, samples: int, source: Path | None = None) -> dict:
-        return score(self.logits(qdq, samples, source), self.labels, self.ref)
+    def score(self, qdq: QDQConfig, samples: int) -> dict:
+        return self.score_batches(qdq, first_samples(self.calibration, samples))
 
 
 def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], sizes: tuple[int, ...]) -> dict:
     """Measure every method x size on the all-int8 graph with `qdq`'s weight scales; the best wins."""
     available = sum(map(len, ev.calibration))
+    if len(methods) * len(sizes) == 1:
+        return {"method": methods[0], "samples": min(sizes[0], available),
+                "candidates": [{"method": methods[0], "samples": min(sizes[0], available)}],
+                "rule": "the recipe's only candidate: nothing to measure"}
     rows = []
     for method in methods:
         for n in sizes:

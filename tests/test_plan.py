@@ -69,7 +69,8 @@ def test_the_plan_holds_every_timed_decision_with_its_evidence(mlp_artifacts):
     layers = fam.precision["fp32"]["layers"]
     assert [d["node"] for d in layers] == [n for n, _ in compute_nodes(mlp_artifacts / "mlp-fp32.onnx")]
     assert fam.precision["fp32"]["weights"]["chosen"] in ("per-channel", "per-tensor")
-    assert fam.recommended == next(a.name for a in manifest.artifacts if a.recommended)
+    assert fam.recommended["fastest"] == next(a.name for a in manifest.artifacts if a.recommended)
+    assert fam.recommended["smallest"] == manifest.models["mlp"]["recommended"]["smallest"]
     assert plan.measured_on["cpu"]["model"] and plan.rule["false_departure_bound"] <= 0.05
 
 

@@ -102,9 +102,10 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, 
 
 
 def _write_plot(result, path: Path) -> None:
-    from edgeq.verify.plot import write_plot
+    from edgeq.verify.plot import write_plot, write_sensitivity_plot
 
     write_plot(result, path)
+    write_sensitivity_plot(result, path.with_name(f"{path.stem}-sensitivity{path.suffix}"))
 
 
 def _fail(message: str) -> None:

@@ -73,7 +73,12 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig(), worker: Wo
     return VerifyResult(str(directory), cfg, rows, _environment(cfg, info), dataset,
                         list(manifest.skipped), round(time.perf_counter() - t0, 2), phases,
                         memory_cap_gb=info["cap_gb"], unlisted=unlisted, directory_problems=directory_problems,
-                        signature=signature)
+                        signature=signature, families=_families_summary(manifest))
+
+
+def _families_summary(manifest: Manifest) -> dict:
+    keys = ("max_accuracy_drop", "recommended", "calibration", "sensitivity")
+    return {name: {k: fam[k] for k in keys if k in fam} for name, fam in manifest.models.items()}
 
 
 def load_test_split(directory: Path, manifest: Manifest, data: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +161,7 @@ def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], probl
                 bar.set_postfix_str(s.row.label, refresh=False)
                 _accuracy(directory, manifest, s, problems[s.art.name], refs[s.row.key].get("torch_fp32"), x, labels,
                           cfg, worker)
+                _accuracy_bar(s, refs[s.row.key].get("parent"))
                 bar.update()
         with timed(phases, "latency"):
             measure_latency(active, refs, x, cfg, bar, worker)
@@ -212,6 +218,23 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
     row.delta_pts = 100.0 * (row.correct - (base.row.correct or 0)) / row.n
     row.agreement = measure.agreement(base.logits, logits)
     row.sqnr_db = measure.sqnr_db(base.logits, logits)
+
+
+def _accuracy_bar(s: Subject, parent: Subject | None) -> None:
+    """The bar the file was built to (manifest quantization.accuracy_bar), checked from the files: its
+    accuracy here against its fp32 parent's, measured here in the same runtime on the same data."""
+    bar = (s.art.quantization or {}).get("accuracy_bar")
+    row = s.row
+    if not bar or row.correct is None or row.n is None:
+        return
+    row.bar_pts = float(bar["max_drop_points"])
+    if parent is None or parent.row.correct is None:  # the parent's own row says why (missing, failed)
+        row.warnings.append(f"accuracy bar not checked: its fp32 parent {bar.get('relative_to')} was not measured")
+        return
+    row.drop_vs_parent_pts = round(100.0 * (parent.row.correct - row.correct) / row.n, 4)
+    if row.drop_vs_parent_pts > row.bar_pts + 1e-9:
+        row.fail(f"accuracy {row.drop_vs_parent_pts:.2f} pts below its fp32 parent {parent.art.name}: over the bar of "
+                 f"{row.bar_pts:g} pts it was built to")
 
 
 def _sizes(manifest: Manifest, art: Artifact, path: Path, row: Row) -> None:

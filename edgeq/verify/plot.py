@@ -73,3 +73,43 @@ def _panel(ax, rows: list[Row], cost, colors: dict[str, str]) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.05, not 5x10^-2
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
+
+
+def write_sensitivity_plot(result: VerifyResult, path: Path) -> bool:
+    """Per family, one panel per fp32 parent: each layer's accuracy change alone in int8 and the accuracy
+    won back alone in fp32; and one panel of each pruning group's cost alone. False when the manifest
+    holds no sensitivity (nothing written)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for model, fam in result.families.items():
+        sens = fam.get("sensitivity") or {}
+        for parent, q in (sens.get("quantization") or {}).items():
+            panels.append((f"{model} ({parent}): int8 sensitivity per layer", [r["node"] for r in q["layers"]],
+                           {"alone in int8 (change, pts)": [-r["only_this_int8_drop_points"] for r in q["layers"]],
+                            "alone in fp32 (won back, pts)": [r["gain_points"] for r in q["layers"]]}))
+        groups = (sens.get("pruning") or {}).get("groups") or []
+        if groups:
+            panels.append((f"{model}: pruning sensitivity per group ({100 * sens['pruning']['amount']:g}% of channels)",
+                           [g["group"] for g in groups], {"pruned alone (change, pts)": [-g["drop_points"] for g in groups]}))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.2 * len(panels)), constrained_layout=True, squeeze=False)
+    for ax, (title, labels, series) in zip(axes[:, 0], panels, strict=True):
+        width = 0.8 / len(series)
+        for i, (label, values) in enumerate(series.items()):
+            ax.bar([j + i * width for j in range(len(labels))], values, width, label=label, color=f"C{i}")
+        ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))])
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_ylabel("accuracy (points)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -37,6 +37,10 @@ _ROW_PROPERTIES: dict = {
     "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "manifest_accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "delta_pts": _NUM,
+    "bar_pts": {"description": "the accuracy bar the export built the file to: at most this many points below its "
+                               "fp32 parent (manifest quantization.accuracy_bar)", "type": ["number", "null"]},
+    "drop_vs_parent_pts": {"description": "points below its fp32 parent, both measured here in the same runtime",
+                           "type": ["number", "null"]},
     "agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "sqnr_db": {"description": "logit SQNR vs the fp32 baseline; the string inf for identical logits",
                 "anyOf": [{"type": ["number", "null"]}, {"const": "inf"}]},
@@ -126,6 +130,8 @@ REPORT_SCHEMA: dict = {
                      "type": "array", "items": {"type": "string"}},
         "directory_problems": {"description": "symlinks and special files in the directory; each fails the run",
                                "type": "array", "items": {"type": "string"}},
+        "families": {"description": "per model family, from the manifest: accuracy bar, recommended files, "
+                                    "calibration chosen, per-layer sensitivity", "type": "object"},
     },
 }
 
@@ -154,6 +160,7 @@ def to_json(result: VerifyResult) -> dict:
         "not_built": result.not_built,
         "wall_s": result.wall_s,
         "phases": result.phases,
+        "families": result.families,
         "signature": result.signature,
         "unlisted": result.unlisted,
         "directory_problems": result.directory_problems,
@@ -194,6 +201,8 @@ def _rate(value: float | None) -> str:
 def _flags(row: Row) -> str:
     flags = ["base"] * (row.role == "baseline") + ["rec"] * row.recommended
     flags += ["slow"] * bool(row.slower_than_parent) + ["slowbase"] * bool(row.slower_than_fp32_baseline)
+    if row.bar_pts is not None and row.drop_vs_parent_pts is not None:
+        flags.append(f"bar{row.bar_pts:g}:{row.drop_vs_parent_pts:+.2f}")
     flags += ["FAIL"] * (row.status == "FAIL")
     return ",".join(flags)
 
@@ -224,15 +233,39 @@ def table(result: VerifyResult) -> str:
         f"format; p50ms: median latency at batch 1; smp/s: samples/s at batch {cfg.batch}; xpt32: speed-up vs "
         f"torch fp32 CPU at batch 1 (paired); slow: int8 more than {100 * cfg.slower_margin:g}% slower than its "
         f"fp32 parent (paired, batch 1 or {cfg.batch}); slowbase: fp32 more than {FP32_SLOWDOWN_LIMIT:g}x slower "
-        f"than base (same). Threads: {cfg.threads}; time limit {cfg.time_limit_s:g} s per step."
+        f"than base (same); barB:D: built to lose at most B points against its fp32 parent, loses D here. "
+        f"Threads: {cfg.threads}; time limit {cfg.time_limit_s:g} s per step."
     )
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "FAIL", "skipped")}
     directory = len(result.directory_failures)
     verdict = (f"{'PASSED' if result.passed else 'FAILED'}: {counts['ok']} ok, {counts['FAIL']} FAIL, "
                f"{counts['skipped']} skipped{f', {directory} directory FAIL' * bool(directory)}; "
                f"verified in {result.wall_s:.1f} s")
-    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), *_not_built(result.not_built),
+    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), *_families(result.families),
+                      *_not_built(result.not_built),
                       *_directory(result), verdict, *_profile(result.phases)])
+
+
+def _families(families: dict) -> list[str]:
+    """Per family: the bar, the recommended files, the calibration chosen, the most sensitive layers."""
+    text = []
+    for name, fam in families.items():
+        rec = fam.get("recommended") or {}
+        parts = [f"{name}: bar {fam.get('max_accuracy_drop', '?')} pts",
+                 f"recommended fastest {rec.get('fastest')}, smallest {rec.get('smallest')}"]
+        for parent, cal in (fam.get("calibration") or {}).items():
+            parts.append(f"calibration ({parent}) {cal['method']}/{cal['samples']}")
+        for parent, sens in ((fam.get("sensitivity") or {}).get("quantization") or {}).items():
+            rows = {r["node"]: r for r in sens["layers"]}
+            top = [f"{n} {rows[n]['gain_points']:+.2f}" for n in sens["ranking"][:3]]
+            parts.append(f"most int8-sensitive ({parent}, pts won back in fp32): {', '.join(top)}")
+        groups = ((fam.get("sensitivity") or {}).get("pruning") or {}).get("groups") or []
+        if groups:
+            worst = sorted(groups, key=lambda g: -g["drop_points"])[:3]
+            parts.append("most prune-sensitive groups: " + ", ".join(f"{g['group']} -{g['drop_points']:.2f}"
+                                                                       for g in worst))
+        text.append("; ".join(parts) + ".")
+    return [line for t in text for line in textwrap.wrap(t, WIDTH, break_on_hyphens=False, subsequent_indent="  ")]
 
 
 def _directory(result: VerifyResult) -> list[str]:
@@ -248,10 +281,13 @@ def _directory(result: VerifyResult) -> list[str]:
 def _not_built(skipped: list[dict]) -> list[str]:
     """The export's `skipped` list in two groups, names only (the reasons are in the manifest)."""
     slower = [s["name"] for s in skipped if s.get("kind") == "slower_than_parent"]
-    other = [s["name"] for s in skipped if s.get("kind") != "slower_than_parent"]
+    below = [s["name"] for s in skipped if s.get("kind") == "below_accuracy_bar"]
+    other = [s["name"] for s in skipped if s.get("kind") not in ("slower_than_parent", "below_accuracy_bar")]
     text = []
     if slower:
         text.append(f"not shipped, slower than their fp32 parent when exported: {', '.join(slower)}.")
+    if below:
+        text.append(f"not shipped, no int8 plan within the accuracy bar: {', '.join(below)}.")
     if other:
         text.append(f"not built: {', '.join(other)} (reasons in manifest.json `skipped`).")
     return [line for t in text for line in textwrap.wrap(t, WIDTH, break_on_hyphens=False)]

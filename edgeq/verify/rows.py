@@ -94,6 +94,8 @@ class Row:
     accuracy: float | None = None
     manifest_accuracy: float | None = None
     delta_pts: float | None = None
+    bar_pts: float | None = None  # the accuracy bar the file was built to (points below its fp32 parent)
+    drop_vs_parent_pts: float | None = None  # measured here: points below its fp32 parent (same runtime)
     agreement: float | None = None
     sqnr_db: float | None = None
     bytes: int | None = None
@@ -148,6 +150,9 @@ class VerifyResult:
     unlisted: list[str] = field(default_factory=list)  # names in the directory the manifest does not list
     directory_problems: list[str] = field(default_factory=list)  # symlinks, special files: each fails the run
     signature: dict = field(default_factory=lambda: {"status": UNSIGNED, "file": None, "public_key": None})
+    # per model family, from the manifest: the accuracy bar, the recommended files, the calibration
+    # chosen and the per-layer sensitivity (as the export measured them)
+    families: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:

@@ -1,0 +1,124 @@
+"""Accuracy-aware compression: calibration chosen by measurement, per-layer sensitivity, the user's bar.
+
+The hard case (edgeq/examples/hardcase.py) is an MLP on the 1,797 embedded 8x8 digits with an
+injected hard layer: the fp32 function is unchanged, but with MinMax calibration on 512 samples
+the all-int8 ONNX file loses ~88 points. Nothing here is timed (the speed search and the ship rule
+are pinned), so every outcome is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import edgeq
+from edgeq.examples import hardcase
+from edgeq.plan import BuildPlan
+from edgeq.precision import compute_nodes
+from edgeq.recipe import Finetune, Recipe
+
+PINNED = dict(search_budget_s=1e-6, ship_limit=1e9, batches=(1, 8))  # no timed decision changes a file
+HARD = dict(variants=("structured", "static"), calibration_methods=("MinMax",), calibration_sizes=(512,),
+            finetune_structured=Finetune(epochs=2, lr=3e-3), **PINNED)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return hardcase.load()
+
+
+@pytest.fixture(scope="module")
+def hard_model():
+    return hardcase.build()
+
+
+def _compress(model, digits, out: Path, **recipe) -> edgeq.Manifest:
+    train, test = digits
+    return edgeq.compress({"hard": model}, train, test, out, recipe=Recipe(**{**HARD, **recipe}), progress=False,
+                          log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def hard(hard_model, digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hard") / "art"
+    return out, _compress(hard_model, digits, out)
+
+
+def test_the_bar_keeps_the_most_sensitive_layers_in_fp32_until_the_file_meets_it(hard, verify_worker):
+    out, manifest = hard
+    sens = manifest.models["hard"]["sensitivity"]["quantization"]["fp32"]
+    layers = {r["node"]: r for r in sens["layers"]}
+    assert set(layers) == {n for n, _ in compute_nodes(out / "hard-fp32.onnx")} and len(layers) == 3
+    for r in sens["layers"]:  # both ablations measured, with SQNR
+        assert set(r["only_this_int8"]) == set(r["all_but_this_int8"]) == {"accuracy", "agreement", "sqnr_db"}
+    decision = BuildPlan.read(out / "plan.json").models["hard"].accuracy["hard-static-onnx"]
+    all_int8 = decision["steps"][0]
+    assert all_int8["fp32_nodes_added"] == [] and all_int8["drop_points"] > 50  # the hard layer breaks all-int8
+    added = decision["fp32_nodes_added"]
+    assert decision["met"] and 0 < len(added) < len(layers)  # fewest first, and still an int8 file
+    assert added == sens["ranking"][: len(added)]  # in sensitivity order
+    assert all(st["drop_points"] > 0.5 for st in decision["steps"][:-1])  # no shorter prefix met the bar
+    art = manifest.artifact("hard-static-onnx")
+    parent = manifest.artifact("hard-fp32-onnx")
+    assert set(added) <= set(art.quantization["fp32_nodes"])
+    assert 100 * (parent.accuracy - art.accuracy) <= 0.5 + 1e-9  # measured from the shipped file by the exporter
+    assert art.quantization["accuracy_bar"]["max_drop_points"] == 0.5
+    result = edgeq.verify(out, batch=8, rounds=1, window_s=0.002, progress=False, max_accuracy_drop=100,
+                          min_agreement=0.0, worker=verify_worker)
+    row = next(r for r in result.rows if r.name == "hard-static-onnx")
+    assert row.bar_pts == 0.5 and row.drop_vs_parent_pts <= 0.5 and row.status == "ok", row.reasons
+
+
+def test_a_torch_int8_file_over_the_bar_is_not_shipped(hard):
+    out, manifest = hard
+    entry = next(s for s in manifest.skipped if s["name"] == "hard-static-ts")
+    assert entry["kind"] == "below_accuracy_bar" and entry["best_drop_points"] > 0.5
+    assert not (out / "hard-static.ts.pt").exists()
+
+
+def test_no_int8_plan_within_the_bar_means_no_int8_file(hard_model, digits, tmp_path):
+    manifest = _compress(hard_model, digits, tmp_path / "art", variants=("static",), max_accuracy_drop=0.0)
+    entry = next(s for s in manifest.skipped if s["name"] == "hard-static-onnx")
+    assert entry["kind"] == "below_accuracy_bar" and "best drop reached" in entry["reason"]
+    assert entry["best_drop_points"] > 0 and len(entry["steps"]) >= 2
+    assert "hard-static-onnx" not in {a.name for a in manifest.artifacts}
+    assert not (tmp_path / "art" / "hard-static.onnx").exists()
+
+
+def test_calibration_is_chosen_by_measurement_and_the_file_is_built_with_it(hard_model, digits, tmp_path):
+    manifest = _compress(hard_model, digits, tmp_path / "art", variants=("static",),
+                         calibration_methods=("MinMax", "Percentile"), calibration_sizes=(128, 512))
+    cal = manifest.models["hard"]["calibration"]["fp32"]
+    assert [(c["method"], c["samples"]) for c in cal["candidates"]] == [
+        ("MinMax", 128), ("MinMax", 512), ("Percentile", 128), ("Percentile", 512)]
+    art = manifest.artifact("hard-static-onnx")
+    chosen = next(c for c in cal["candidates"] if (c["method"], c["samples"]) == (cal["method"], cal["samples"]))
+    assert art.quantization["calibration"].startswith(f"{cal['method']} on {cal['samples']} training samples")
+    if not art.quantization["accuracy_bar"]["fp32_nodes_for_accuracy"]:  # built all-int8 with the chosen settings
+        assert art.accuracy == pytest.approx(chosen["accuracy"], abs=1e-6)
+
+
+def test_pruning_sensitivity_covers_every_prunable_group_but_the_head(hard):
+    _, manifest = hard
+    groups = manifest.models["hard"]["sensitivity"]["pruning"]["groups"]
+    assert sorted(g["group"] for g in groups) == ["fc1", "fc2"]  # fc3 is the output layer: never pruned
+    for g in groups:
+        assert g["channels"] == 64 and g["channels_removed"] == 32  # the recipe's 50%, rounded to 8
+        assert 0 <= g["agreement"] <= 1 and g["drop_points"] <= 100
+
+
+def test_recommended_is_the_fastest_file_within_the_bar_and_the_smallest_is_named(hard):
+    out, manifest = hard
+    rec = manifest.models["hard"]["recommended"]
+    by = {a.name: a for a in manifest.artifacts}
+    base = by["hard-fp32-onnx"]
+    for pick in (rec["fastest"], rec["smallest"]):
+        assert by[pick].format == "onnx" and 100 * (base.accuracy - by[pick].accuracy) <= 0.5 + 1e-9
+    eligible = [a for a in manifest.artifacts if a.format == "onnx" and 100 * (base.accuracy - a.accuracy) <= 0.5]
+    assert by[rec["smallest"]].bytes == min(a.bytes for a in eligible)
+    assert [a.name for a in manifest.artifacts if a.recommended] == [rec["fastest"]]
+    assert rec["deployment"] == {"batch": 1, "threads": 1}
+    plan = json.loads((out / "plan.json").read_text())["models"]["hard"]["recommended"]
+    assert set(plan["evidence"]) == {a.name for a in eligible}  # every candidate was timed
