@@ -51,6 +51,7 @@ def main() -> None:
                                                         max_accuracy_drop=args.max_accuracy_drop)}
     for i, (title, recipe) in enumerate(cases.items()):
         out = args.out / f"case{i + 1}"
+        out.parent.mkdir(parents=True, exist_ok=True)
         manifest = edgeq.compress({"hard": model}, (xt, yt), (xe, ye), out, recipe=recipe, force=True,
                                   progress=False, log=lambda s: None)
         fam = manifest.models["hard"]

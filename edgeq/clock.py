@@ -7,14 +7,23 @@ import time
 from collections.abc import Iterator
 
 
+_open: list[list[float]] = []  # per open `timed` block: the seconds spent in blocks nested in it
+
+
 @contextlib.contextmanager
 def timed(store: dict[str, float], key: str) -> Iterator[None]:
-    """Add the block's wall time to store[key], in seconds (a stage may be entered several times)."""
+    """Add the block's wall time to store[key], in seconds (a stage may be entered several times),
+    less the time of `timed` blocks nested in it: each second is counted under one stage only."""
     t0 = time.perf_counter()
+    _open.append([0.0])
     try:
         yield
     finally:
-        store[key] = round(store.get(key, 0.0) + time.perf_counter() - t0, 2)
+        nested = _open.pop()[0]
+        elapsed = time.perf_counter() - t0
+        store[key] = round(store.get(key, 0.0) + elapsed - nested, 2)
+        if _open:
+            _open[-1][0] += elapsed
 
 
 def profile(seconds: dict[str, float]) -> str:

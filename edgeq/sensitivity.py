@@ -123,11 +123,13 @@ def layer_sensitivity(ev: Evaluator, qdq: QDQConfig, samples: int, nodes: list[t
 
 
 def ranking(rows: list[dict]) -> list[str]:
-    """Most sensitive first: the most accuracy won back in fp32, then the largest loss alone in int8,
-    then the lowest SQNR alone in int8."""
+    """Most sensitive first. A layer's sensitivity is the larger of the accuracy it loses alone in int8
+    and the accuracy it wins back alone in fp32: either ablation can miss a layer that only hurts
+    together with another (an outlier activation breaks the layer that consumes it, and only when
+    its producer quantizes it too). Ties: the lower SQNR alone in int8 first."""
     def key(r: dict) -> tuple:
         sqnr = r["only_this_int8"]["sqnr_db"]
-        return (-r["gain_points"], -r["only_this_int8_drop_points"], sqnr if sqnr is not None else 1e9)
+        return (-max(r["gain_points"], r["only_this_int8_drop_points"]), sqnr if sqnr is not None else 1e9)
 
     return [r["node"] for r in sorted(rows, key=key)]
 

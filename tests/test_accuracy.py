@@ -8,10 +8,12 @@ are pinned), so every outcome is deterministic.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import edgeq
 from edgeq.examples import hardcase
@@ -50,7 +52,7 @@ def test_the_bar_keeps_the_most_sensitive_layers_in_fp32_until_the_file_meets_it
     out, manifest = hard
     sens = manifest.models["hard"]["sensitivity"]["quantization"]["fp32"]
     layers = {r["node"]: r for r in sens["layers"]}
-    assert set(layers) == {n for n, _ in compute_nodes(out / "hard-fp32.onnx")} and len(layers) == 3
+    assert set(layers) == {n for n, _ in compute_nodes(out / "hard-fp32.onnx")} and len(layers) == 4
     for r in sens["layers"]:  # both ablations measured, with SQNR
         assert set(r["only_this_int8"]) == set(r["all_but_this_int8"]) == {"accuracy", "agreement", "sqnr_db"}
     decision = BuildPlan.read(out / "plan.json").models["hard"].accuracy["hard-static-onnx"]
@@ -79,7 +81,12 @@ def test_a_torch_int8_file_over_the_bar_is_not_shipped(hard):
 
 
 def test_no_int8_plan_within_the_bar_means_no_int8_file(hard_model, digits, tmp_path):
-    manifest = _compress(hard_model, digits, tmp_path / "art", variants=("static",), max_accuracy_drop=0.0)
+    model = copy.deepcopy(hard_model)
+    x = torch.from_numpy(digits[0][0].copy())
+    with torch.no_grad():  # fc3's most active unit, a second hard pair: every layer would have to be fp32
+        h = torch.relu(model.fc3(torch.relu(model.fc2(torch.relu(model.fc1(torch.flatten(x, 1)))))))
+    hardcase.inject(model.fc3, model.fc4, unit=int(h.mean(0).argmax()))
+    manifest = _compress(model, digits, tmp_path / "art", variants=("static",))
     entry = next(s for s in manifest.skipped if s["name"] == "hard-static-onnx")
     assert entry["kind"] == "below_accuracy_bar" and "best drop reached" in entry["reason"]
     assert entry["best_drop_points"] > 0 and len(entry["steps"]) >= 2
@@ -103,9 +110,9 @@ def test_calibration_is_chosen_by_measurement_and_the_file_is_built_with_it(hard
 def test_pruning_sensitivity_covers_every_prunable_group_but_the_head(hard):
     _, manifest = hard
     groups = manifest.models["hard"]["sensitivity"]["pruning"]["groups"]
-    assert sorted(g["group"] for g in groups) == ["fc1", "fc2"]  # fc3 is the output layer: never pruned
+    assert sorted(g["group"] for g in groups) == ["fc1", "fc2", "fc3"]  # fc4 is the output layer: never pruned
     for g in groups:
-        assert g["channels"] == 64 and g["channels_removed"] == 32  # the recipe's 50%, rounded to 8
+        assert g["channels"] == 512 and g["channels_removed"] == 256  # the recipe's 50%, rounded to 8
         assert 0 <= g["agreement"] <= 1 and g["drop_points"] <= 100
 
 

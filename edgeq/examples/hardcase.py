@@ -1,8 +1,9 @@
-"""A model int8 breaks: an MLP on the 1,797 embedded 8x8 digits (scikit-learn) with an injected hard layer.
+"""A model int8 breaks: an MLP (64-512-512-512-10) on the 1,797 embedded 8x8 digits (scikit-learn)
+with an injected hard layer.
 
 One hidden unit of fc1 is scaled by `scale` and fc2 divides its input from that unit by the same
 factor: the fp32 function is unchanged, but the outlier unit sets fc1's output range, which int8
-activations must cover. It stands for the layers users meet in real models (an outlier channel, a
+activations must cover (`inject` does the same to any layer pair). It stands for the layers users meet in real models (an outlier channel, a
 squeeze-excite gate, a first or last layer) and shows what `max_accuracy_drop` does about them.
 """
 
@@ -15,14 +16,19 @@ from torch import nn
 SCALE = 30_000.0
 
 
+WIDTH = 512
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.flat = nn.Flatten()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.fc1, self.fc2 = nn.Linear(64, WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.fc3, self.fc4 = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(self.flat(x))))))
+        x = torch.relu(self.fc2(torch.relu(self.fc1(self.flat(x)))))
+        return self.fc4(torch.relu(self.fc3(x)))
 
 
 def load() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -44,8 +50,14 @@ def build(scale: float = SCALE) -> nn.Module:
     (x, y), _ = load()
     torch.manual_seed(0)
     model = fit(Net(), Arrays(x, y), Finetune(epochs=20, lr=3e-3), seed=0, progress=False)
-    with torch.no_grad():
-        model.fc1.weight[0] *= scale
-        model.fc1.bias[0] *= scale
-        model.fc2.weight[:, 0] /= scale
+    inject(model.fc1, model.fc2, scale)
     return model.eval()
+
+
+def inject(layer: nn.Linear, consumer: nn.Linear, scale: float = SCALE, unit: int = 0) -> None:
+    """Scale `unit` of `layer` by `scale` and undo it in `consumer` (the ReLU between commutes with it).
+    The unit must be live (not always zero after the ReLU) for the injection to matter."""
+    with torch.no_grad():
+        layer.weight[unit] *= scale
+        layer.bias[unit] *= scale
+        consumer.weight[:, unit] /= scale
