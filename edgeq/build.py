@@ -400,7 +400,8 @@ def _compress_family(b: _Build, name: str, model: nn.Module, recipe: Recipe, spe
                        f"{name_of(name, variant, 'torchscript')} under skipped)")
                 continue
             _export_int8(b, name, f, variant, mode, q, qc, recipe, calibration, example, onnx_ok)
-    _recommend(b, name, recipe)
+    with timed(b.timings, f"{name}.recommend_s"):
+        _recommend(b, name, recipe)
     fam = b.plan.models[name]
     return {"classes": spec.classes, "architecture": describe(model), "recipe": recipe.to_dict(),
             "finetune": "the caller's finetune()" if b.user_finetune else "edgeq.train.fit (AdamW, one-cycle)",
@@ -830,9 +831,10 @@ def _recommend(b: _Build, model: str, recipe: Recipe) -> None:
     matters more. Both are decisions of the plan: a replay takes them from there.
 
     Every eligible file is timed against the fp32 ONNX file in the same alternating rounds. Files whose
-    ratio interval overlaps the fastest one's are a tie that noise could flip: among them the most
-    accurate, then the smallest, is picked. An int8 file is picked only when it is faster than fp32 with
-    confidence (interval below 1).
+    median ratio is within the timing margin of the fastest one's are a tie that noise could flip: among
+    them the most accurate, then the smallest, is picked. (Interval overlap is no tie rule: one burst
+    widens an interval enough to tie files 20% apart.) An int8 file is picked only when it is faster than
+    fp32 with confidence (interval below 1) and by more than the margin.
     """
     fam = b.plan.models[model]
     ours = {a.name: a for a in b.artifacts if a.model == model}
@@ -873,7 +875,7 @@ def _pick_recommended(b: _Build, artifacts: list[Artifact], model: str, recipe: 
     g = cfg.min_gain  # the same margin as every other timed decision: a difference smaller is no reason
     faster = [a for a in eligible if a is base or (stats[a.name][2] < 1.0 and stats[a.name][0] < 1 - g)]
     best = min(faster, key=lambda a: stats[a.name][0])
-    tied = [a for a in faster if stats[a.name][1] <= stats[best.name][2] or stats[a.name][0] <= stats[best.name][0] + g]
+    tied = [a for a in faster if stats[a.name][0] <= stats[best.name][0] + g]
     fastest = max(tied, key=lambda a: (a.accuracy, -a.bytes)).name
     return {"fastest": fastest, "smallest": smallest,
             "bar_points": recipe.max_accuracy_drop, "relative_to": base.name,
@@ -882,9 +884,8 @@ def _pick_recommended(b: _Build, artifacts: list[Artifact], model: str, recipe: 
             "evidence": {n: {"median": round(s[0], 3), "interval": [round(s[1], 3), round(s[2], 3)],
                              "rounds": len(ratios[n])} for n, s in stats.items()},
             "rule": (f"fastest: lowest median paired ratio to the fp32 ONNX file among files within the bar and "
-                     f"faster than it with confidence and by more than {g:.0%}; files whose interval overlaps it, or "
-                     f"whose median is within {g:.0%} of it, are a tie, broken by accuracy, then size. smallest: "
-                     "fewest bytes within the bar")}
+                     f"faster than it with confidence and by more than {g:.0%}; files whose median is within {g:.0%} "
+                     "of it are a tie, broken by accuracy, then size. smallest: fewest bytes within the bar")}
 
 
 def _write_eval(b: _Build, limit: int) -> dict:

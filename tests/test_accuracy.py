@@ -22,8 +22,8 @@ from edgeq.precision import compute_nodes
 from edgeq.recipe import Finetune, Recipe
 
 PINNED = dict(search_budget_s=1e-6, ship_limit=1e9, batches=(1, 8))  # no timed decision changes a file
-HARD = dict(variants=("structured", "static"), calibration_methods=("MinMax",), calibration_sizes=(512,),
-            finetune_structured=Finetune(epochs=2, lr=3e-3), **PINNED)
+HARD = dict(variants=("structured", "static"), calibration_methods=("MinMax", "Percentile"),
+            calibration_sizes=(128, 512), finetune_structured=Finetune(epochs=2, lr=3e-3), **PINNED)
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +94,18 @@ def test_no_int8_plan_within_the_bar_means_no_int8_file(hard_model, digits, tmp_
     assert not (tmp_path / "art" / "hard-static.onnx").exists()
 
 
-def test_calibration_is_chosen_by_measurement_and_the_file_is_built_with_it(hard_model, digits, tmp_path):
-    manifest = _compress(hard_model, digits, tmp_path / "art", variants=("static",),
-                         calibration_methods=("MinMax", "Percentile"), calibration_sizes=(128, 512))
+def test_calibration_is_chosen_by_measurement_and_the_file_is_built_with_it(hard):
+    out, manifest = hard
     cal = manifest.models["hard"]["calibration"]["fp32"]
     assert [(c["method"], c["samples"]) for c in cal["candidates"]] == [
         ("MinMax", 128), ("MinMax", 512), ("Percentile", 128), ("Percentile", 512)]
     art = manifest.artifact("hard-static-onnx")
     chosen = next(c for c in cal["candidates"] if (c["method"], c["samples"]) == (cal["method"], cal["samples"]))
     assert art.quantization["calibration"].startswith(f"{cal['method']} on {cal['samples']} training samples")
-    if not art.quantization["accuracy_bar"]["fp32_nodes_for_accuracy"]:  # built all-int8 with the chosen settings
-        assert art.accuracy == pytest.approx(chosen["accuracy"], abs=1e-6)
+    # the all-int8 file of the chosen calibration is the first step of the bar: the same accuracy, measured twice
+    decision = BuildPlan.read(out / "plan.json").models["hard"].accuracy["hard-static-onnx"]
+    parent = manifest.artifact("hard-fp32-onnx")
+    assert decision["steps"][0]["drop_points"] == pytest.approx(100 * (parent.accuracy - chosen["accuracy"]), abs=1e-3)
 
 
 def test_pruning_sensitivity_covers_every_prunable_group_but_the_head(hard):
