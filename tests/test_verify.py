@@ -440,3 +440,21 @@ def test_sqnr_and_pareto_front() -> None:
     assert sqnr_db(x, x) == float("inf") and sqnr_db(x, x * 1.1) == pytest.approx(20.0)
     # (cost, accuracy): 1 is dominated by 0, 3 by 2
     assert pareto_front([(1.0, 90.0), (2.0, 89.0), (3.0, 95.0), (4.0, 95.0), (0.5, 80.0)]) == [4, 0, 2]
+
+
+def test_a_file_over_the_accuracy_bar_it_was_built_to_fails_its_row(mlp_artifacts: Path, tmp_path: Path,
+                                                                     verify_worker: Worker) -> None:
+    """The bar is checked from the files: a manifest whose bar the file does not meet fails that row."""
+    art = copy(mlp_artifacts, tmp_path)
+    data = json.loads((art / "manifest.json").read_text())
+    by = {a["name"]: a for a in data["artifacts"]}
+    entry, parent = by["mlp-static-onnx"], by["mlp-fp32-onnx"]
+    drop = 100 * (parent["accuracy"] - entry["accuracy"])  # what the file loses, as the export measured it
+    bar = dict(entry["quantization"]["accuracy_bar"], max_drop_points=round(drop - 0.05, 4))
+    edit_manifest(art, "mlp-static-onnx", quantization=dict(entry["quantization"], accuracy_bar=bar))
+    result = verify(art, FAST, verify_worker)
+    bad = row(result, "mlp-static-onnx")
+    assert bad.status == "FAIL" and bad.bar_pts == bar["max_drop_points"]
+    assert bad.drop_vs_parent_pts == pytest.approx(drop, abs=1e-6)
+    assert any("over the bar" in r for r in bad.reasons)
+    assert row(result, "mlp-fp32-onnx").status == "ok" and row(result, "mlp-static-ts").status == "ok"
