@@ -4,8 +4,8 @@ Everything here is measured on the file as onnxruntime runs it, on the evaluatio
 split), against the fp32 parent's logits on the same data: accuracy, top-1 agreement and output
 SQNR, 20*log10(||fp32|| / ||fp32 - int8||). Nothing is estimated.
 
-- `choose_calibration`: every calibration method x size candidate is quantized and measured; the
-  most accurate wins (ties: higher agreement, then higher SQNR, then the earlier candidate, so the
+- `choose_calibration`: every calibration method x size candidate is quantized (the graph the speed
+  plan ships) and measured; the most accurate wins (ties: higher agreement, then higher SQNR, then the earlier candidate, so the
   recipe's order is the preference: MinMax before the histogram methods, fewer samples first).
 - `layer_sensitivity`: for each quantizable layer (Conv, Gemm, MatMul), the model with only that
   layer in int8, and with every layer but that one in int8. onnxruntime's `qdq_loss_debug`
@@ -84,7 +84,8 @@ class Evaluator:
 
 
 def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], sizes: tuple[int, ...]) -> dict:
-    """Measure every method x size on the all-int8 graph with `qdq`'s weight scales; the best wins."""
+    """Measure every method x size on the graph the speed plan ships (`qdq`: its fp32 layers and weight
+    scales); the best wins."""
     available = sum(map(len, ev.calibration))
     if len(methods) * len(sizes) == 1:
         return {"method": methods[0], "samples": min(sizes[0], available),
@@ -96,12 +97,13 @@ def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], 
             n = min(n, available)
             if any(r["method"] == method and r["samples"] == n for r in rows):
                 continue
-            s = ev.score(replace(qdq, calibrate_method=method, exclude_nodes=()), n)
+            s = ev.score(replace(qdq, calibrate_method=method), n)
             rows.append({"method": method, "samples": n, **s})
     best = max(range(len(rows)), key=lambda i: (rows[i]["correct"], rows[i]["agreement"],
                                                 rows[i]["sqnr_db"] if rows[i]["sqnr_db"] is not None else 1e9, -i))
     return {"method": rows[best]["method"], "samples": rows[best]["samples"], "candidates": rows,
-            "measured_on": f"{len(ev.labels)} evaluation samples, all layers int8",
+            "measured_on": f"{len(ev.labels)} evaluation samples, the speed plan's graph "
+                           f"({len(qdq.exclude_nodes)} layer(s) fp32)",
             "rule": "most accurate; ties: higher agreement with fp32, higher SQNR, then the earlier candidate"}
 
 
