@@ -458,3 +458,16 @@ def test_a_file_over_the_accuracy_bar_it_was_built_to_fails_its_row(mlp_artifact
     assert bad.drop_vs_parent_pts == pytest.approx(drop, abs=1e-6)
     assert any("over the bar" in r for r in bad.reasons)
     assert row(result, "mlp-fp32-onnx").status == "ok" and row(result, "mlp-static-ts").status == "ok"
+
+
+def test_a_changed_plan_fails_the_run(mlp_artifacts: Path, tmp_path: Path, verify_worker: Worker) -> None:
+    """plan.json holds the decisions the files were built with; the manifest hashes it."""
+    art = copy(mlp_artifacts, tmp_path)
+    plan = json.loads((art / "plan.json").read_text())
+    gate = next(iter(plan["models"]["mlp"]["ships"].values()))
+    gate["ship"] = not gate["ship"]
+    (art / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    result = verify(art, FAST, verify_worker)
+    assert not result.passed
+    assert any(p.startswith("plan.json:") for p in result.directory_problems), result.directory_problems
+    assert all(r.status in ("ok", "skipped") for r in result.rows)  # the artifacts themselves are intact
