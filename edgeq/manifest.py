@@ -211,6 +211,24 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def read_json(path: Path, error: type[Exception], where: str, what: str, fix: str) -> object:
+    """A JSON file parsed strictly: bounded size and depth, no NaN/Infinity. Each problem is one
+    `error` line: `where`, what went wrong, and `fix`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise error(f"{where}: cannot read ({exc.strerror}); check its permissions") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise error(f"{where}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not {what}; {fix}")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise error(f"{where}: nested too deeply to be {what}; {fix}") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise error(f"{where}: not valid JSON ({exc}); {fix}") from None
+
+
 def read(directory: Path) -> Manifest:
     """The manifest of an artifacts directory, parsed strictly (no NaN/Infinity, bounded size and depth)
     and validated; every problem is one ManifestError line naming the file and the fix."""
@@ -224,19 +242,7 @@ def read(directory: Path) -> Manifest:
         raise ManifestError(f"{path}: not a regular file; re-run `edgeq export`")
     if not path.exists():
         raise ManifestError(f"{path}: no manifest; run `edgeq export --out {directory}` to create one")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not an edgeq manifest; re-run `edgeq export`")
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-    except RecursionError:
-        raise ManifestError(f"{path}: nested too deeply to be an edgeq manifest; re-run `edgeq export`") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise ManifestError(f"{path}: not valid JSON ({exc}); re-run `edgeq export`") from None
+    data = read_json(path, ManifestError, str(path), "an edgeq manifest", "re-run `edgeq export`")
     try:
         return Manifest.from_dict(data)
     except RecursionError:

@@ -28,7 +28,6 @@ from edgeq.errors import ConfigError
 
 PLAN_SCHEMA_VERSION = 1
 PLAN_NAME = "plan.json"
-MAX_PLAN_BYTES = 16 << 20
 
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _RATIOS = {"type": "object", "additionalProperties": {"type": "number"}}
@@ -164,18 +163,9 @@ class BuildPlan:
         if not path.is_file():
             what = "no such file" if not path.exists() else "not a regular file"
             raise PlanError(f"{where}: {what}; pass the plan.json an export wrote (e.g. artifacts/plan.json)")
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_PLAN_BYTES + 1)
-        except OSError as exc:
-            raise PlanError(f"{where}: cannot read ({exc.strerror}); check its permissions") from None
-        if len(raw) > MAX_PLAN_BYTES:
-            raise PlanError(f"{where}: larger than {MAX_PLAN_BYTES >> 20} MiB, not an edgeq plan")
-        try:
-            data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise PlanError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]}); pass the plan.json "
-                            "an export wrote") from None
+        from edgeq.manifest import read_json
+
+        data = read_json(path, PlanError, where, "an edgeq plan", "pass the plan.json an export wrote")
         plan = cls.from_dict(data, where)
         plan.source = str(path)
         return plan
@@ -208,10 +198,6 @@ class BuildPlan:
             if self.models[name].model_sha256 != digest:
                 raise PlanError(f"{self.where}: was made for another model {name!r} (weights sha256 "
                                 f"{self.models[name].model_sha256[:12]}..., this one is {digest[:12]}...); {fix}")
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def validate(d: object, where: str = "plan") -> None:
