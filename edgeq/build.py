@@ -273,6 +273,13 @@ class _Build:
                                 "params": count_params(float_model), "macs": count_macs(float_model, example)}
         return self.shapes[key]
 
+    def replayed(self, records: dict, key: str, what: str):
+        """The plan's decision `records[key]` in a replay; a plan without it is refused in one line."""
+        if key not in records:
+            raise PlanError(f"{self.plan.where}: has no {what}; it was made by another edgeq or for other variants: "
+                            "re-measure (edgeq export without --plan)")
+        return records[key]
+
     def skip(self, name: str, reason: str, kind: str = "not_built", **extra: object) -> None:
         self.skipped.append({"name": name, "kind": kind, "reason": reason, **extra})
         self.log(f"  {name}: not built ({reason})")
@@ -631,8 +638,7 @@ def _tuning(b: _Build, name: str, parent_key: str, onnx_parent: Path, calibratio
     if "calibration" in rec:
         return rec
     if b.replaying:
-        raise PlanError(f"{b.plan.where}: has no calibration decision for {name}'s {parent_key} parent; it was "
-                        "made by another edgeq: re-measure (edgeq export without --plan)")
+        return b.replayed({}, "calibration", f"calibration decision for {name}'s {parent_key} parent")
     ev = _evaluator(b, name, parent_key, onnx_parent, calibration)
     with timed(b.timings, f"{name}.accuracy_s"):
         b.log(f"{name}: measuring calibration candidates and per-layer sensitivity of {parent_key} on "
@@ -665,10 +671,7 @@ def _accuracy_bar(b: _Build, name: str, art_name: str, parent_key: str, recipe: 
 
     fam = b.plan.models[name]
     if b.replaying:
-        if art_name not in fam.accuracy:
-            raise PlanError(f"{b.plan.where}: has no accuracy decision for {art_name}; re-measure "
-                            "(edgeq export without --plan)")
-        return fam.accuracy[art_name]
+        return b.replayed(fam.accuracy, art_name, f"accuracy decision for {art_name}")
     ev = b.evaluators[(name, parent_key)]  # made by _tuning
     n, parent_correct = len(b.test), ev.parent["correct"]
     order = tuned["sensitivity"]["ranking"] or [node for node, _ in compute_nodes(b.dir / f"{name}-{parent_key}.onnx")]
@@ -743,10 +746,7 @@ def _gate(b: _Build, recipe: Recipe, model: str, name: str, fmt: str, parent: Pa
     """
     fam = b.plan.models[model]
     if b.replaying:
-        if name not in fam.ships:
-            raise PlanError(f"{b.plan.where}: has no ship decision for {name}; it was made by another edgeq or for "
-                            "other variants: re-measure (edgeq export without --plan)")
-        return fam.ships[name]
+        return b.replayed(fam.ships, name, f"ship decision for {name}")
     from edgeq.verify.measure import paired_latency
 
     threads = torch.get_num_threads()
@@ -804,10 +804,7 @@ def _mixed_precision(b: _Build, name: str, parent_key: str, onnx_parent: Path, c
     if key in b.plans:
         return b.plans[key]
     if b.replaying:
-        rec = fam.precision.get(parent_key)
-        if rec is None:
-            raise PlanError(f"{b.plan.where}: has no layer decisions for {name}'s {parent_key} parent; it was made "
-                            "for other variants: re-measure (edgeq export without --plan)")
+        rec = b.replayed(fam.precision, parent_key, f"layer decisions for {name}'s {parent_key} parent")
         check_layers(b.plan.where, name, parent_key, [d["node"] for d in rec["layers"]],
                      [n for n, _ in compute_nodes(onnx_parent)])
         qdq = QDQConfig(**{**rec["qdq"], "exclude_nodes": tuple(rec["qdq"]["exclude_nodes"])})

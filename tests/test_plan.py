@@ -153,6 +153,11 @@ def test_a_plan_for_other_weights_or_other_layers_is_refused(mlp_artifacts, tmp_
     (tmp_path / "l.json").write_text(json.dumps(layers))
     line = _bad(tmp_path, tmp_path / "o2", "--plan", str(tmp_path / "l.json"))
     assert "names layer '/no/such/Gemm'" in line
+    ships = json.loads(json.dumps(good))
+    ships["models"]["mlp"]["ships"].pop("mlp-static-ts")
+    (tmp_path / "s.json").write_text(json.dumps(ships))
+    line = _bad(tmp_path, tmp_path / "o3", "--plan", str(tmp_path / "s.json"))
+    assert "has no ship decision for mlp-static-ts" in line
 
 
 def test_a_plan_is_reviewed_against_this_cpu(mlp_artifacts, tmp_path):
