@@ -256,3 +256,10 @@ def test_a_slowed_fp32_onnx_is_flagged(mlp_artifacts: Path, tmp_path: Path, veri
     failed = replace(slowed, warnings=[])
     gate(failed, replace(FAST, fail_on_slower=True))
     assert failed.status == "FAIL"
+
+
+def test_family_summary_signs_each_pruning_change_once() -> None:
+    from edgeq.verify.report import _families
+    groups = [{"group": "conv1", "drop_points": 12.5}, {"group": "fc1", "drop_points": -0.4}]
+    text = " ".join(_families({"m": {"max_accuracy_drop": 0.5, "sensitivity": {"pruning": {"groups": groups}}}}))
+    assert "conv1 -12.50" in text and "fc1 +0.40" in text and "--" not in text

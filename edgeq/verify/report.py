@@ -262,7 +262,7 @@ def _families(families: dict) -> list[str]:
         groups = ((fam.get("sensitivity") or {}).get("pruning") or {}).get("groups") or []
         if groups:
             worst = sorted(groups, key=lambda g: -g["drop_points"])[:3]
-            parts.append("most prune-sensitive groups: " + ", ".join(f"{g['group']} -{g['drop_points']:.2f}"
+            parts.append("most prune-sensitive groups: " + ", ".join(f"{g['group']} {-g['drop_points']:+.2f}"
                                                                        for g in worst))
         text.append("; ".join(parts) + ".")
     return [line for t in text for line in textwrap.wrap(t, WIDTH, break_on_hyphens=False, subsequent_indent="  ")]
