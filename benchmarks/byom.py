@@ -37,6 +37,9 @@ MODELS = ("resnet18", "mobilenet_v2")
 SIDE = 32
 BATCHES = (1, 64)
 DEPTHWISE = ("mobilenet_v2",)  # held to <= 0.9x the better peer
+# structured pruning per model (fraction of channels, fine-tune epochs): half of mobilenet_v2's channels
+# cost 23 points after 3 epochs here, 30% and 6 epochs stay within a point
+PRUNE = {"resnet18": (0.5, 3), "mobilenet_v2": (0.3, 6)}
 
 
 def digits_rgb32() -> tuple[Arrays, Arrays]:
@@ -88,6 +91,9 @@ def against_peers(directory: Path, name: str, manifest, train: Arrays, test: Arr
 
     calibration = batches(sample(train, 512, seed=0))  # edgeq's own calibration sample (recipe seed 0)
     files = {"ort-fp32": directory / f"{name}-fp32.onnx", "edgeq-int8": directory / f"{name}-static.onnx"}
+    fastest = (manifest.models[name].get("recommended") or {}).get("fastest")
+    if fastest and fastest != f"{name}-static-onnx":  # edgeq's answer to "which file do I deploy"
+        files["edgeq-recommended"] = directory / manifest.artifact(fastest).file
     missing = [k for k, f in files.items() if not f.exists()]
     if missing:
         return {"error": f"{', '.join(missing)} not shipped: see the manifest's skipped"}
@@ -106,14 +112,18 @@ def against_peers(directory: Path, name: str, manifest, train: Arrays, test: Arr
                     per[k].append(float(np.median(round_ratios(samples[k], samples["ort-fp32"]))))
             ratios[b] = {k: {"median": float(np.median(v)), "min": min(v), "max": max(v)} for k, v in per.items()}
     out = {"accuracy": acc, "vs_ort_fp32": ratios, "targets": []}
+    out["recommended"] = fastest
     for b in BATCHES:
         r = ratios[b]
-        better = min(r["peer-default"]["median"], r["peer-x86"]["median"])
-        vs_peer = r["edgeq-int8"]["median"] / better
+        peer = min(("peer-default", "peer-x86"), key=lambda k: r[k]["median"])  # the better peer at this batch
         limit = 0.9 if name in DEPTHWISE else 1.0
-        out["targets"].append({"target": f"{name} b{b} edgeq int8 / better peer", "value": round(vs_peer, 3),
-                               "limit": limit, "pass": vs_peer <= limit and acc["edgeq-int8"] >= min(
-                                   acc["peer-default"], acc["peer-x86"]) - 0.002})
+        for mine in [k for k in ("edgeq-int8", "edgeq-recommended") if k in r]:
+            vs_peer = r[mine]["median"] / r[peer]["median"]
+            label = "edgeq int8 (same dense graph)" if mine == "edgeq-int8" else f"edgeq recommended ({fastest})"
+            out["targets"].append({"target": f"{name} b{b} {label} / better peer ({peer}), accuracy "
+                                             f"{100 * acc[mine]:.1f} vs {100 * acc[peer]:.1f}",
+                                   "value": round(vs_peer, 3), "limit": limit,
+                                   "pass": vs_peer <= limit and acc[mine] >= acc[peer]})
     for a in manifest.artifacts:
         ratio = (a.quantization or {}).get("latency_vs_parent")
         if a.precision == "int8" and ratio:
@@ -137,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--variants", default="structured,static,qat")
-    ap.add_argument("--channel-amount", type=float, default=0.5, help="structured pruning amount")
-    ap.add_argument("--finetune-epochs", type=int, default=3, help="fine-tune after structured pruning")
+    ap.add_argument("--channel-amount", type=float, help="structured pruning amount (default: per model, "
+                    f"{PRUNE})")
+    ap.add_argument("--finetune-epochs", type=int, help="fine-tune epochs after structured pruning (default: per model)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--window-s", type=float, default=0.1)
@@ -162,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.perf_counter() - t0
         torch.set_num_threads(threads)
         recipe = Recipe(variants=tuple(args.variants.split(",")), batches=(1, 64),
-                        structured=Structured(amount=args.channel_amount),
-                        finetune_structured=Finetune(epochs=args.finetune_epochs, lr=1e-3, shift=2),
+                        structured=Structured(amount=args.channel_amount or PRUNE[name][0]),
+                        finetune_structured=Finetune(epochs=args.finetune_epochs or PRUNE[name][1], lr=1e-3, shift=2),
                         qat=Finetune(epochs=1, lr=2e-5, weight_decay=0.0, shift=2))
         t0 = time.perf_counter()
         manifest = edgeq.compress({name: model}, train=(train.x, train.y), test=(test.x, test.y),

@@ -242,6 +242,7 @@ class _Build:
     plans: dict = field(default_factory=dict)  # (model, parent key) -> mixed-precision Plan
     shapes: dict = field(default_factory=dict)  # id(float model) -> its counts (the model is kept: ids stay unique)
     evaluators: dict = field(default_factory=dict)  # (model, parent key) -> sensitivity.Evaluator (closed by compress)
+    search_left: dict = field(default_factory=dict)  # model -> the search budget's seconds and parents still to search
 
     def add(self, model: str, variant: str, fmt: str, path: Path, *, precision: str, float_model: nn.Module,
             example: torch.Tensor, parent: str | None, quantization: dict | None, pruning: dict | None,
@@ -600,6 +601,7 @@ def _export_int8_onnx(b: _Build, name: str, f: _Float, variant: str, mode: str, 
             "quantization-aware fine-tuning: the torch QAT model's weights (BN folded, learned on an 8-bit "
             "per-channel grid), re-quantized per channel to onnxruntime's grid"
             + (" (7-bit, reduce_range)" if qdq.reduce_range else ""))})
+    quant["size_vs_parent"] = _size_check(b, art_name, path, onnx_parent, recipe, bar)
     graph = inspect_runtime_graph(path)
     quant["optimized_ops"] = graph.pop("ops")
     quant["runtime_graph"] = graph
@@ -616,6 +618,21 @@ def _export_int8_onnx(b: _Build, name: str, f: _Float, variant: str, mode: str, 
         art.decisions = plan.layers + [{"node": n, "precision": "fp32", "reason": "kept in fp32 to meet the "
                                         f"accuracy bar of {recipe.max_accuracy_drop:g} points (sensitivity order)"}
                                        for n in bar["fp32_nodes_added"]]
+
+
+def _size_check(b: _Build, art_name: str, path: Path, parent: Path, recipe: Recipe, bar: dict) -> dict:
+    """The int8 file's bytes over its fp32 parent's, against the recipe's limit. The speed search keeps
+    within it; only layers kept in fp32 for the accuracy bar (or an int8 file that is larger than the
+    limit even with every layer int8) take a file past it, and then the file says why."""
+    ratio = path.stat().st_size / parent.stat().st_size
+    out = {"ratio": round(ratio, 3), "limit": recipe.max_int8_size_ratio, "within": ratio <= recipe.max_int8_size_ratio}
+    if not out["within"]:
+        added = bar["fp32_nodes_added"]
+        out["reason"] = (f"{len(added)} layer(s) kept in fp32 for the accuracy bar: accuracy comes first" if added else
+                         "over the limit with only the speed plan's fp32 layers (scales, biases and graph overhead)")
+        b.log(f"  {art_name}: {ratio:.2f}x its fp32 parent's size, over the limit of "
+              f"{recipe.max_int8_size_ratio:g}x ({out['reason']})")
+    return out
 
 
 def _evaluator(b: _Build, name: str, parent_key: str, onnx_parent: Path, calibration: list[np.ndarray]):
@@ -810,16 +827,27 @@ def _mixed_precision(b: _Build, name: str, parent_key: str, onnx_parent: Path, c
         qdq = QDQConfig(**{**rec["qdq"], "exclude_nodes": tuple(rec["qdq"]["exclude_nodes"])})
         b.plans[key] = Plan(qdq, rec["layers"], rec["weights"], rec["cost"])
         return b.plans[key]
-    b.log(f"{name}: measuring which {parent_key} layers run faster in int8 on this CPU")
+    left = b.search_left.setdefault(name, {"seconds": recipe.search_budget_s, "parents": _parents(recipe)})
+    share = left["seconds"] / max(left["parents"], 1)  # what an earlier parent left unused carries over
+    b.log(f"{name}: measuring which {parent_key} layers run faster in int8 on this CPU "
+          f"(budget {share:.0f} of the model's {recipe.search_budget_s:g} s)")
     check = sample(b.train, 2048, recipe.seed + 1)  # training inputs, never test inputs
+    cfg = replace(_search_config(recipe), budget_s=share, max_size_ratio=recipe.max_int8_size_ratio)
     with timed(b.timings, f"{name}.precision_search_s"):
-        plan = search_precision(onnx_parent, calibration, check, _search_config(recipe), log=b.log)
+        plan = search_precision(onnx_parent, calibration, check, cfg, log=b.log)
+    left["seconds"], left["parents"] = max(left["seconds"] - plan.cost["seconds"], 0.0), left["parents"] - 1
     # stored as JSON holds it, so that a measured build and its replay write the same manifest
     rec = json.loads(json.dumps({"qdq": asdict(plan.qdq), "layers": plan.layers, "weights": plan.weights,
                                  "cost": plan.cost}))
     fam.precision[parent_key] = rec
     b.plans[key] = Plan(plan.qdq, rec["layers"], rec["weights"], rec["cost"])
     return b.plans[key]
+
+
+def _parents(recipe: Recipe) -> int:
+    """How many fp32 parents the model's int8 ONNX files are searched on: the dense one, and the
+    channel-pruned one when it is built."""
+    return 1 + ("structured" in recipe.variants)
 
 
 def _recommend(b: _Build, model: str, recipe: Recipe) -> None:

@@ -42,6 +42,8 @@ class SearchConfig:
     threads: int = 1
     max_agreement_loss: float = 0.002  # per-tensor scales may change at most 0.2% of top-1 predictions
     budget_s: float = math.inf  # wall time after which the remaining candidates keep the default (int8)
+    # a layer is tried in fp32 only while the file stays within this fraction of its fp32 parent's bytes
+    max_size_ratio: float = math.inf
 
 
 def compute_nodes(onnx_path: Path) -> list[tuple[str, str]]:
@@ -49,6 +51,17 @@ def compute_nodes(onnx_path: Path) -> list[tuple[str, str]]:
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     return [(n.name, n.op_type) for n in graph.node if n.op_type in COMPUTE_OPS]
+
+
+def weight_elements(onnx_path: Path) -> dict[str, int]:
+    """Per compute node: the element count of its weight, when the weight is stored in the file (an
+    initializer). Kept in fp32, each element costs 3 bytes more than in int8."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    sizes = {t.name: math.prod(t.dims) for t in graph.initializer}
+    return {n.name: sizes.get(n.input[1], 0) if len(n.input) > 1 else 0
+            for n in graph.node if n.op_type in COMPUTE_OPS}
 
 
 def optimized_ops(onnx_path: Path, threads: int = 1) -> dict[str, int]:
@@ -280,11 +293,19 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
         order = {node: i for i, (node, _) in enumerate(nodes)}
         ranking = rank_by_profile(fp32_path, Path(tmp) / "trial-int8.onnx", nodes, inputs[min(inputs)], cfg.threads)
         nodes = sorted(nodes, key=lambda n: -ranking[n[0]]["gain_us"])  # most to gain from fp32 first
+        parent_bytes, best_bytes = fp32_path.stat().st_size, (Path(tmp) / "trial-int8.onnx").stat().st_size
+        elements = weight_elements(fp32_path)
         tried = 0
         for i, (node, op) in enumerate(nodes):
+            would_be = (best_bytes + 3 * elements[node]) / parent_bytes
+            if would_be > cfg.max_size_ratio:
+                layers.append({"node": node, "op": op, "precision": "int8",
+                               "reason": f"not tried: in fp32 it would make the file about {would_be:.2f}x its fp32 "
+                                         f"parent's size, over the limit of {cfg.max_size_ratio:g}x"})
+                continue
             if time.perf_counter() - t0 > cfg.budget_s:
                 layers.append({"node": node, "op": op, "precision": "int8",
-                               "reason": f"not tried: the search budget of {cfg.budget_s:g} s was spent"})
+                               "reason": f"not tried: the search budget of {cfg.budget_s:.0f} s was spent"})
                 continue
             tried += 1
             cand_cfg = replace(best_cfg, exclude_nodes=best_cfg.exclude_nodes + (node,))
@@ -303,6 +324,7 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
             log(f"  {node}: {layers[-1]['precision']} ({layers[-1]['reason']})")
             if d.depart:
                 best_cfg, best = cand_cfg, cand
+                best_bytes = (Path(tmp) / f"trial-{i}.onnx").stat().st_size
 
         weights: dict = {}
         if time.perf_counter() - t0 > cfg.budget_s:
@@ -343,6 +365,8 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
         layers.sort(key=lambda d: order[d["node"]])  # reported in graph order
         cost = {"seconds": round(time.perf_counter() - t0, 2), "layers_tried": tried, "layers": len(nodes),
                 "budget_s": None if math.isinf(cfg.budget_s) else cfg.budget_s,
+                "max_size_ratio": None if math.isinf(cfg.max_size_ratio) else cfg.max_size_ratio,
+                "size_ratio": round(best_bytes / parent_bytes, 3),
                 "tried_in_order_of": "profiled int8 minus fp32 time per layer (onnxruntime's per-node profile)",
                 "profile_us": [{"node": n, **ranking[n]} for n, _ in nodes]}
         log(f"  search: {tried} of {len(nodes)} layers tried in {cost['seconds']:.1f} s")

@@ -96,7 +96,10 @@ class Recipe:
     batches: tuple[int, ...] = (1, 256)  # batch sizes every int8 decision and the ship rule are timed at
     deployment_batch: int = 1  # the batch size the deployment runs (one of `batches`): `recommended` is fastest at it
     ship_limit: float = 1.05  # an int8 file slower than its fp32 parent by more than this ratio is not shipped
-    search_budget_s: float = 120.0  # wall-time budget of the mixed-precision search per fp32 parent
+    search_budget_s: float = 120.0  # wall time of the mixed-precision search per model, shared by its fp32 parents
+    # an int8 ONNX file keeps layers in fp32 for speed only while it stays within this fraction of its
+    # fp32 parent's bytes; layers kept in fp32 for the accuracy bar come first and may exceed it
+    max_int8_size_ratio: float = 0.30
     eval_samples: int = DEFAULT_EVAL_SAMPLES  # test samples shipped in eval.npz and measured
     seed: int = 0
 
@@ -121,6 +124,8 @@ class Recipe:
         _check(math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
                f"max_accuracy_drop is in points (0-100), got {self.max_accuracy_drop}")
         _check(self.ship_limit >= 1.0, f"ship_limit must be >= 1.0 (a ratio to the fp32 parent), got {self.ship_limit}")
+        _check(0 < self.max_int8_size_ratio <= 1 and math.isfinite(self.max_int8_size_ratio),
+               f"max_int8_size_ratio is a fraction of the fp32 parent's size in (0, 1], got {self.max_int8_size_ratio}")
         _check(self.search_budget_s > 0, f"search_budget_s must be > 0, got {self.search_budget_s}")
         _check(self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}")
 

@@ -67,6 +67,9 @@ def test_the_bar_keeps_the_most_sensitive_layers_in_fp32_until_the_file_meets_it
     assert set(added) <= set(art.quantization["fp32_nodes"])
     assert 100 * (parent.accuracy - art.accuracy) <= 0.5 + 1e-9  # measured from the shipped file by the exporter
     assert art.quantization["accuracy_bar"]["max_drop_points"] == 0.5
+    size = art.quantization["size_vs_parent"]  # accuracy first: the bar may take the file past the size limit
+    assert size["ratio"] == round(art.bytes / parent.bytes, 3)
+    assert size["within"] or size["reason"].startswith(f"{len(added)} layer(s) kept in fp32 for the accuracy bar")
     result = edgeq.verify(out, batch=8, rounds=1, window_s=0.002, progress=False, max_accuracy_drop=100,
                           min_agreement=0.0, worker=verify_worker)
     row = next(r for r in result.rows if r.name == "hard-static-onnx")

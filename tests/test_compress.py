@@ -121,6 +121,17 @@ def test_any_family_gives_pruned_int8_torchscript_and_onnx_that_verify(built) ->
     assert all(r.status in ("ok", "skipped") for r in result.rows)
 
 
+def test_the_search_budget_is_the_models_shared_by_its_parents_and_sizes_are_checked(built) -> None:
+    name, _, _, manifest = built
+    dense, pruned = (manifest.artifact(f"{name}-{v}-onnx").quantization for v in ("static", "structured-static"))
+    assert dense["search"]["budget_s"] == PINNED["search_budget_s"] / 2  # two fp32 parents share the model's
+    assert pruned["search"]["budget_s"] <= PINNED["search_budget_s"] / 2
+    for q in (dense, pruned):
+        size = q["size_vs_parent"]
+        assert size["limit"] == 0.30 and size["within"] == (size["ratio"] <= 0.30)
+        assert "reason" in size or size["within"]
+
+
 def test_manifest_describes_the_model_from_the_model_and_data(built) -> None:
     name, model, out, manifest = built
     assert manifest.input["shape"] == ["batch", 1, 28, 28]
@@ -270,3 +281,9 @@ def test_recipe_round_trips_and_refuses_unknown_keys(tmp_path: Path) -> None:
     bad.write_text("[structured]\nratio = 0.5\n")
     with pytest.raises(ConfigError, match="unknown setting 'ratio'"):
         Recipe.from_file(bad)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, float("nan")])
+def test_the_size_limit_is_a_fraction_of_the_parent(value: float) -> None:
+    with pytest.raises(ConfigError, match="max_int8_size_ratio is a fraction"):
+        Recipe(max_int8_size_ratio=value)

@@ -211,3 +211,35 @@ def test_search_decides_every_layer_and_the_weight_scales_by_measurement(cnn_onn
     if len(plan.qdq.exclude_nodes) < len(plan.layers):
         assert 0.9 < w["agreement_with_fp32"]["per_channel"] <= 1.0
         assert w["agreement_images"] == "512 training images"
+
+
+def test_weight_elements_count_each_layer_by_node():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    import tempfile
+    from pathlib import Path
+
+    from edgeq.precision import weight_elements
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "m.onnx", torch.zeros(1, 12))
+        assert sorted(weight_elements(path).values()) == [15, 60]
+        assert list(weight_elements(path)) == [n for n, _ in compute_nodes(path)]
+
+
+def test_a_layer_that_would_take_the_file_past_the_size_limit_is_never_timed(cnn_onnx, calib, ds):
+    from edgeq.precision import weight_elements
+
+    parent = cnn_onnx.stat().st_size
+    elements = weight_elements(cnn_onnx)
+    # the limit sits just below what keeping the largest layer in fp32 would cost: that layer is refused
+    # by arithmetic, before any timing; every smaller one is timed as usual
+    largest = max(elements, key=elements.get)
+    plan0 = search_precision(cnn_onnx, calib, PRE.apply(ds.train.images[:64]), replace(FAST, budget_s=1e-9))
+    int8_ratio = plan0.cost["size_ratio"]
+    limit = int8_ratio + 3 * elements[largest] / parent - 0.02  # graph overhead moves the size by ~0.005
+    plan = search_precision(cnn_onnx, calib, PRE.apply(ds.train.images[:64]), replace(FAST, max_size_ratio=limit))
+    by_node = {d["node"]: d for d in plan.layers}
+    assert by_node[largest]["precision"] == "int8" and "over the limit" in by_node[largest]["reason"]
+    assert "evidence" not in by_node[largest]
+    assert any("evidence" in d for n, d in by_node.items() if n != largest)  # the others are timed
+    assert plan.cost["size_ratio"] <= limit and plan.cost["max_size_ratio"] == limit
