@@ -59,7 +59,10 @@ Samples = list[list[list[float]]]  # [repeat][round][call], seconds
 class Subject:
     label: str
     source: str  # artifact name, or what built it
-    run: Callable[[np.ndarray], np.ndarray]
+    # a fresh runner each call: every batch size is timed on its own, warmed at that size only, as a
+    # deployment at one batch size runs it (torch's x86 int8 kernels keep their plan for the first
+    # shape they see: a runner first used for the accuracy pass ran batch 1 up to 1.8x slower)
+    load: Callable[[], Callable[[np.ndarray], np.ndarray]]
     accuracy: float | None = None
     quantization: dict | None = None
 
@@ -183,15 +186,18 @@ def load_subjects(directory: Path, man: manifest.Manifest, model: str, threads: 
             print(f"{model}: {not_shipped[label]}")
             continue
         art = artifact(man, name)
-        runner = runtime.load(directory / art.file, art.format, threads=threads,
-                              options=subject_options(art, threads))
-        subjects.append(Subject(label, name, runner.run, accuracy(runner.run, x_test, labels), art.quantization))
+        load = loader(directory / art.file, art.format, threads, subject_options(art, threads))
+        subjects.append(Subject(label, name, load, accuracy(load(), x_test, labels), art.quantization))
     peer_path = quantize_peer(directory / artifact(man, names[REF]).file, calibration, work)
-    peer = runtime.load(peer_path, "onnx", threads=threads, options=session_options({}, threads))
-    subjects.append(Subject(PEER, "ort quantize_static defaults", peer.run, accuracy(peer.run, x_test, labels)))
-    floor = runtime.load(work / "floor.onnx", "onnx", threads=threads, options=session_options({}, threads))
-    subjects.append(Subject(FLOOR, "Flatten+Slice ONNX", floor.run))
+    peer = loader(peer_path, "onnx", threads, session_options({}, threads))
+    subjects.append(Subject(PEER, "ort quantize_static defaults", peer, accuracy(peer(), x_test, labels)))
+    subjects.append(Subject(FLOOR, "Flatten+Slice ONNX", loader(work / "floor.onnx", "onnx", threads,
+                                                                 session_options({}, threads))))
     return subjects
+
+
+def loader(path: Path, fmt: str, threads: int, options: dict | None) -> Callable[[], Callable]:
+    return lambda: runtime.load(path, fmt, threads=threads, options=options).run
 
 
 def paired(samples: dict[str, Samples], subject: str, reference: str) -> Ratio:
@@ -277,11 +283,10 @@ def int8_vs_parents(directory: Path, man: manifest.Manifest, models: list[str], 
     out: dict = {}
     for art in (a for a in man.artifacts if a.precision == "int8" and a.model in models):
         parent = artifact(man, art.parent)
-        fns = [runtime.load(directory / a.file, a.format, threads=args.threads,
-                            options=subject_options(a, args.threads)).run
-               for a in (parent, art)]
         out[art.name] = {"parent": parent.name, "batches": {}}
         for batch, x in inputs.items():
+            fns = [loader(directory / a.file, a.format, args.threads, subject_options(a, args.threads))()
+                   for a in (parent, art)]
             per_repeat = []
             for _ in range(args.repeats):
                 ref, cand = timed_rounds(fns, x, args.rounds, args.window_s)
@@ -315,10 +320,11 @@ def measure(subjects: dict[str, list[Subject]], inputs: dict[int, np.ndarray], a
             ) -> dict[str, dict[int, dict[str, Samples]]]:
     """samples[model][batch][label][repeat][round][call]; repeats are the outer loop, spread in time."""
     samples: dict = {m: {b: {s.label: [] for s in subs} for b in inputs} for m, subs in subjects.items()}
+    runs = {m: {b: [s.load() for s in subs] for b in inputs} for m, subs in subjects.items()}
     for _ in range(args.repeats):
         for model, subs in subjects.items():
             for batch, x in inputs.items():
-                timed = timed_rounds([s.run for s in subs], x, args.rounds, args.window_s)
+                timed = timed_rounds(runs[model][batch], x, args.rounds, args.window_s)
                 for s, rounds in zip(subs, timed, strict=True):
                     samples[model][batch][s.label].append(rounds)
     return samples

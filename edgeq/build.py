@@ -770,11 +770,15 @@ def _gate(b: _Build, recipe: Recipe, model: str, name: str, fmt: str, parent: Pa
     try:
         cfg = _search_config(recipe)
         options = timing_options(cfg.threads) if fmt == "onnx" else None
-        ref, cand = (runtime.load(p, fmt, threads=cfg.threads, options=options) for p in (parent, path))
         inputs = _timing_inputs(b, recipe)
+        # one pair of runners per batch size, as a deployment at one batch size runs them: torch's x86 int8
+        # kernels keep their plan for the first input shape they see (edgeq.verify.latency)
+        pairs = {n: [runtime.load(p, fmt, threads=cfg.threads, options=options) for p in (parent, path)]
+                 for n in inputs}
 
         def block(rounds: int) -> dict:
-            return {n: paired_latency(ref.run, cand.run, x, rounds, cfg.window_s)["ratios"] for n, x in inputs.items()}
+            return {n: paired_latency(pairs[n][0].run, pairs[n][1].run, x, rounds, cfg.window_s)["ratios"]
+                    for n, x in inputs.items()}
 
         def slower(e: Evidence) -> bool | None:
             if any(e.lo(n) > recipe.ship_limit for n in inputs):

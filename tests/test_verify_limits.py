@@ -263,3 +263,22 @@ def test_family_summary_signs_each_pruning_change_once() -> None:
     groups = [{"group": "conv1", "drop_points": 12.5}, {"group": "fc1", "drop_points": -0.4}]
     text = " ".join(_families({"m": {"max_accuracy_drop": 0.5, "sensitivity": {"pruning": {"groups": groups}}}}))
     assert "conv1 -12.50" in text and "fc1 +0.40" in text and "--" not in text
+
+
+def test_each_batch_size_is_timed_on_its_own_runner_never_the_accuracy_one(mlp_artifacts: Path, verify_worker) -> None:
+    """torch's x86 int8 kernels keep their plan for the first input shape they see: a runner that first ran the
+    accuracy pass (or batch 256) ran batch 1 up to 1.8x slower. So the accuracy runner never times, and every
+    batch size gets a runner warmed at that size only."""
+    from edgeq.manifest import read
+    from edgeq.verify.latency import _warm
+    from edgeq.verify.rows import Subject, VerifyConfig
+
+    art = read(mlp_artifacts).artifact("mlp-static-ts")
+    verify_worker.configure(batches={"b1": np.zeros((1, 1, 28, 28), np.float32),
+                                     "batch": np.zeros((4, 1, 28, 28), np.float32)}, threads=1)
+    s = Subject(_row("int8", "torch-cpu"), art, "cpu", path=mlp_artifacts / art.file)
+    s.runner = verify_worker.define(s.path, art.format, "cpu", 1, None)
+    assert _warm(s, VerifyConfig(), verify_worker)
+    assert set(s.timers) == {"b1", "batch"} and len({*s.timers.values(), s.runner}) == 3
+    assert s.timer == s.timers["b1"]
+    verify_worker.reset()

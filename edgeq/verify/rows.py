@@ -189,5 +189,6 @@ class Subject:
     device: str
     path: Path | None = None  # set once integrity passed
     runner: int | None = None  # the worker's handle, threads=1: the accuracy pass
-    timer: int | None = None  # the worker's handle, cfg.threads: the latency pass
+    timer: int | None = None  # the latency pass's first handle: the row's identity while timing
+    timers: dict[str, int] = field(default_factory=dict)  # batch name -> the worker's handle, cfg.threads
     logits: np.ndarray | None = None  # set when the accuracy pass gave a well-shaped result

@@ -135,16 +135,17 @@ class Worker:
         self._load(handle, budget)
         return self._call(("predict", handle), budget)
 
-    def warm(self, handle: int, calls: int, budget: Budget) -> None:
-        """Load the runner if needed and call it `calls` times at every configured batch, untimed."""
+    def warm(self, handle: int, calls: int, budget: Budget, batch: str | None = None) -> None:
+        """Load the runner if needed and call it `calls` times at the named configured batch (at every
+        one if None), untimed."""
         self._load(handle, budget)
         if handle not in self._warm:
-            self._call(("warm", handle, calls), budget)
+            self._call(("warm", handle, calls, batch), budget)
             self._warm.add(handle)
 
     def window(self, handle: int, batch: str, window_s: float, warm_calls: int, budget: Budget) -> list[float]:
-        """Per-call seconds of one timing window of the runner on the named batch (warmed first if needed)."""
-        self.warm(handle, warm_calls, budget)
+        """Per-call seconds of one timing window of the runner on the named batch (warmed at it first if needed)."""
+        self.warm(handle, warm_calls, budget, batch)
         return self._call(("window", handle, batch, window_s), budget)
 
     def reset(self) -> None:
@@ -314,9 +315,10 @@ def main() -> None:
         runners[handle] = runtime.load(Path(path), fmt, device, threads=threads, options=options)
         torch.set_num_threads(state["threads"])  # loading a torch runner sets its own
 
-    def warm(handle: int, calls: int) -> None:
-        for xb in state["batches"].values():
-            measure.warm_up([runners[handle].run], xb, calls)
+    def warm(handle: int, calls: int, batch: str | None = None) -> None:
+        for name, xb in state["batches"].items():
+            if batch is None or name == batch:
+                measure.warm_up([runners[handle].run], xb, calls)
 
     def window(handle: int, batch: str, window_s: float) -> list[float]:
         return measure.timed_round([runners[handle].run], state["batches"][batch], window_s)[0]
