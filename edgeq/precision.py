@@ -53,12 +53,18 @@ def compute_nodes(onnx_path: Path) -> list[tuple[str, str]]:
     return [(n.name, n.op_type) for n in graph.node if n.op_type in COMPUTE_OPS]
 
 
-def weight_elements(onnx_path: Path) -> dict[str, int]:
+def weight_elements(onnx_path: Path, crop_padding: bool = False) -> dict[str, int]:
     """Per compute node: the element count of its weight, when the weight is stored in the file (an
-    initializer). Kept in fp32, each element costs 3 bytes more than in int8."""
+    initializer), after the int8 path's padding crop if asked. Kept in fp32, each element costs 3
+    bytes more than in int8."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    from edgeq.export import crop_padding_taps
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if crop_padding:
+        crop_padding_taps(model)
+    graph = model.graph
     sizes = {t.name: math.prod(t.dims) for t in graph.initializer}
     return {n.name: sizes.get(n.input[1], 0) if len(n.input) > 1 else 0
             for n in graph.node if n.op_type in COMPUTE_OPS}
@@ -294,7 +300,7 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
         ranking = rank_by_profile(fp32_path, Path(tmp) / "trial-int8.onnx", nodes, inputs[min(inputs)], cfg.threads)
         nodes = sorted(nodes, key=lambda n: -ranking[n[0]]["gain_us"])  # most to gain from fp32 first
         parent_bytes, best_bytes = fp32_path.stat().st_size, (Path(tmp) / "trial-int8.onnx").stat().st_size
-        elements = weight_elements(fp32_path)
+        elements = weight_elements(fp32_path, best_cfg.crop_padding)
         tried = 0
         for i, (node, op) in enumerate(nodes):
             would_be = (best_bytes + 3 * elements[node]) / parent_bytes

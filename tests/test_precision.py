@@ -243,3 +243,33 @@ def test_a_layer_that_would_take_the_file_past_the_size_limit_is_never_timed(cnn
     assert "evidence" not in by_node[largest]
     assert any("evidence" in d for n, d in by_node.items() if n != largest)  # the others are timed
     assert plan.cost["size_ratio"] <= limit and plan.cost["max_size_ratio"] == limit
+
+
+def test_kernel_taps_that_only_see_padding_are_cut_without_changing_the_outputs(tmp_path):
+    from onnx import helper, numpy_helper
+
+    from edgeq.export import crop_padding_taps
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # 4x4 -> 2x2 -> 1x1 -> 1x1: the last two convs read mostly padding
+        torch.nn.Conv2d(1, 4, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 8, 3, 2, 1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, 1, 1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 4, 4))
+    m = onnx.load(str(path))
+    assert crop_padding_taps(m) == 2
+    onnx.checker.check_model(m, full_check=True)
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    kernels = [helper.get_attribute_value(next(a for a in c.attribute if a.name == "kernel_shape")) for c in convs]
+    weights = {t.name: numpy_helper.to_array(t).shape for t in m.graph.initializer}
+    assert kernels == [[3, 3], [2, 2], [1, 1]] and [weights[c.input[1]][2:] for c in convs] == [(3, 3), (2, 2), (1, 1)]
+    onnx.save(m, str(tmp_path / "cut.onnx"))
+    x = np.random.default_rng(0).standard_normal((16, 1, 4, 4)).astype(np.float32)
+    before, after = load_onnx(path).run(x), load_onnx(tmp_path / "cut.onnx").run(x)
+    assert np.allclose(before, after, rtol=1e-5, atol=1e-6) and not np.array_equal(before, 0 * before)
+    assert crop_padding_taps(m) == 0  # nothing left to cut
+    # the int8 path cuts them too: a smaller file than without the cut
+    calib = [x[:8]]
+    cut = quantize_onnx(path, tmp_path / "q-cut.onnx", calib, QDQConfig())
+    whole = quantize_onnx(path, tmp_path / "q-whole.onnx", calib, QDQConfig(crop_padding=False))
+    assert cut.stat().st_size < whole.stat().st_size
+    assert np.array_equal(load_onnx(cut).run(x).argmax(1), load_onnx(whole).run(x).argmax(1))
