@@ -223,9 +223,11 @@ def _medians(e: Evidence, what: str, batches: tuple[int, ...]) -> dict[int, floa
 PROFILE_CALLS = 20  # calls profiled per graph to rank the layers: enough to average out the first call
 
 
-def node_times(onnx_path: Path, x: np.ndarray, threads: int, names: list[str]) -> dict[str, float]:
+def node_times(onnx_path: Path, x: np.ndarray, threads: int, names: list[str],
+               aliases: dict[str, str] | None = None) -> dict[str, float]:
     """Microseconds per call spent in each named node of the graph onnxruntime runs (its per-node
-    profile); an optimized node counts for the original whose name it carries ('fused X', 'X_token_5')."""
+    profile); an optimized node counts for the original whose name it carries ('fused X', 'X_token_5'),
+    or whose output tensor it is named after (`aliases`: tensor name -> node name)."""
     import json
     import os
 
@@ -245,13 +247,38 @@ def node_times(onnx_path: Path, x: np.ndarray, threads: int, names: list[str]) -
     finally:
         os.remove(trace)
     out = dict.fromkeys(names, 0.0)
+    owners = {**(aliases or {}), **{n: n for n in names}}
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
         node = e["name"][: -len("_kernel_time")].removeprefix("fused ")
-        owner = max((n for n in names if node.startswith(n)), key=len, default=None)
-        if owner is not None:
-            out[owner] += e["dur"] / PROFILE_CALLS
+        key = max((k for k in owners if node.startswith(k)), key=len, default=None)
+        if key is not None:
+            out[owners[key]] += e["dur"] / PROFILE_CALLS
+    return out
+
+
+FUSED_AFTER = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "BatchNormalization")
+
+
+def fused_aliases(onnx_path: Path, names: list[str]) -> dict[str, str]:
+    """Tensor names under which onnxruntime's optimized graph may profile a compute node: a Conv fused
+    with the activation after it is named after the activation's output ('<Clip output>_nchwc')."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    users: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    by_name = {n.name: n for n in graph.node}
+    out = {}
+    for name in names:
+        tensor = by_name[name].output[0]
+        out[tensor] = name
+        while len(users.get(tensor, [])) == 1 and users[tensor][0].op_type in FUSED_AFTER:
+            tensor = users[tensor][0].output[0]
+            out[tensor] = name
     return out
 
 
@@ -262,7 +289,8 @@ def rank_by_profile(fp32_path: Path, int8_path: Path, nodes: list[tuple[str, str
     paired whole-model timing. All zero when profiling fails (graph order is kept)."""
     names = [n for n, _ in nodes]
     try:
-        fp32, int8 = node_times(fp32_path, x, threads, names), node_times(int8_path, x, threads, names)
+        aliases = fused_aliases(fp32_path, names)
+        fp32, int8 = (node_times(p, x, threads, names, aliases) for p in (fp32_path, int8_path))
     except Exception:  # a profiler hiccup must not stop the search
         return {n: {"int8_us": None, "fp32_us": None, "gain_us": 0.0} for n in names}
     return {n: {"int8_us": round(int8[n], 1), "fp32_us": round(fp32[n], 1), "gain_us": round(int8[n] - fp32[n], 1)}

@@ -273,3 +273,19 @@ def test_kernel_taps_that_only_see_padding_are_cut_without_changing_the_outputs(
     whole = quantize_onnx(path, tmp_path / "q-whole.onnx", calib, QDQConfig(crop_padding=False))
     assert cut.stat().st_size < whole.stat().st_size
     assert np.array_equal(load_onnx(cut).run(x).argmax(1), load_onnx(whole).run(x).argmax(1))
+
+
+def test_the_profile_credits_a_conv_fused_with_its_activation_to_that_conv(tmp_path, calib):
+    """onnxruntime names a Conv fused with the Clip after it after the Clip's output ('<tensor>_nchwc'):
+    without following the activation, every such conv read 0 us in fp32 and ranked first."""
+    from edgeq.precision import rank_by_profile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU6(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+    fp32 = export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 28, 28))
+    int8 = quantize_onnx(fp32, tmp_path / "q.onnx", calib, QDQConfig())
+    nodes = compute_nodes(fp32)
+    ranking = rank_by_profile(fp32, int8, nodes, calib[0][:1], 1)
+    assert all(ranking[n]["fp32_us"] > 0 and ranking[n]["int8_us"] > 0 for n, _ in nodes), ranking
