@@ -243,6 +243,7 @@ class _Build:
     shapes: dict = field(default_factory=dict)  # id(float model) -> its counts (the model is kept: ids stay unique)
     evaluators: dict = field(default_factory=dict)  # (model, parent key) -> sensitivity.Evaluator (closed by compress)
     search_left: dict = field(default_factory=dict)  # model -> the search budget's seconds and parents still to search
+    sensitivity_left: dict = field(default_factory=dict)  # model -> the same for the per-layer sensitivity
 
     def add(self, model: str, variant: str, fmt: str, path: Path, *, precision: str, float_model: nn.Module,
             example: torch.Tensor, parent: str | None, quantization: dict | None, pruning: dict | None,
@@ -664,15 +665,27 @@ def _tuning(b: _Build, name: str, parent_key: str, onnx_parent: Path, calibratio
         measured = [c for c in cal["candidates"] if "accuracy" in c]
         b.log(f"  calibration: {cal['method']} on {cal['samples']} samples" + (" (" + ", ".join(
             f"{c['method']}/{c['samples']} {100 * c['accuracy']:.2f}%" for c in measured) + ")") * bool(measured))
-        rows = []
+        rows, nodes, share = [], compute_nodes(onnx_parent), None
         if recipe.sensitivity:
+            left = b.sensitivity_left.setdefault(name, {"seconds": recipe.sensitivity_budget_s,
+                                                        "parents": _parents(recipe)})
+            share = left["seconds"] / max(left["parents"], 1)
             qdq = replace(plan.qdq, calibrate_method=cal["method"])
-            rows = layer_sensitivity(ev, qdq, cal["samples"], compute_nodes(onnx_parent))
+            t0 = time.perf_counter()
+            rows = layer_sensitivity(ev, qdq, cal["samples"], nodes, share)
+            left["seconds"] = max(left["seconds"] - (time.perf_counter() - t0), 0.0)
+            left["parents"] -= 1
             for r in rows:
                 b.log(f"  {r['node']}: alone in int8 {-r['only_this_int8_drop_points']:+.2f} pts (SQNR "
                       f"{r['only_this_int8']['sqnr_db']} dB); alone in fp32 {r['gain_points']:+.2f} pts vs all-int8")
+            if len(rows) < len(nodes):
+                b.log(f"  sensitivity: {len(rows)} of {len(nodes)} layers measured in the budget of {share:.0f} s "
+                      "(stem and head first)")
     rec["calibration"] = cal
+    measured = {r["node"] for r in rows}
     rec["sensitivity"] = {"layers": rows, "ranking": ranking(rows) if rows else [],
+                          "not_measured": [n for n, _ in nodes if n not in measured] if recipe.sensitivity else [],
+                          "budget_s": share,
                           "measured_on": f"{len(b.test)} test samples, against the fp32 parent {name_of(name, parent_key, 'onnx')}"}
     return rec
 
@@ -691,7 +704,8 @@ def _accuracy_bar(b: _Build, name: str, art_name: str, parent_key: str, recipe: 
         return b.replayed(fam.accuracy, art_name, f"accuracy decision for {art_name}")
     ev = b.evaluators[(name, parent_key)]  # made by _tuning
     n, parent_correct = len(b.test), ev.parent["correct"]
-    order = tuned["sensitivity"]["ranking"] or [node for node, _ in compute_nodes(b.dir / f"{name}-{parent_key}.onnx")]
+    ranked = tuned["sensitivity"]["ranking"]  # then the layers not measured, in graph order
+    order = ranked + [node for node, _ in compute_nodes(b.dir / f"{name}-{parent_key}.onnx") if node not in ranked]
 
     def build(per_channel: bool):
         def run(nodes: tuple[str, ...]) -> dict:

@@ -18,7 +18,9 @@ SQNR, 20*log10(||fp32|| / ||fp32 - int8||). Nothing is estimated.
 
 from __future__ import annotations
 
+import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -107,13 +109,32 @@ def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], 
             "rule": "most accurate; ties: higher agreement with fp32, higher SQNR, then the earlier candidate"}
 
 
-def layer_sensitivity(ev: Evaluator, qdq: QDQConfig, samples: int, nodes: list[tuple[str, str]]) -> list[dict]:
+def ends_first(nodes: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Graph order taken from both ends inwards (first, last, second, second-to-last, ...): the stem,
+    which sees the raw input's range, and the head, whose errors reach the logits unfiltered, are the
+    layers most often sensitive to int8, so a budget that runs out spends itself on them first."""
+    out, i, j = [], 0, len(nodes) - 1
+    while i <= j:
+        out.append(nodes[i])
+        if i != j:
+            out.append(nodes[j])
+        i, j = i + 1, j - 1
+    return out
+
+
+def layer_sensitivity(ev: Evaluator, qdq: QDQConfig, samples: int, nodes: list[tuple[str, str]],
+                      budget_s: float = math.inf) -> list[dict]:
     """Per compute layer: the scores with only it in int8, and with all layers but it in int8;
-    `gain_points`: accuracy won back by keeping it (alone) in fp32, against the all-int8 model."""
+    `gain_points`: accuracy won back by keeping it (alone) in fp32, against the all-int8 model.
+    Layers are measured stem and head first (`ends_first`) until `budget_s` is spent; the rest get
+    no row."""
     names = [n for n, _ in nodes]
+    t0 = time.perf_counter()
     full = ev.score(replace(qdq, exclude_nodes=()), samples)
     rows = []
-    for node, op in nodes:
+    for node, op in ends_first(nodes):
+        if time.perf_counter() - t0 > budget_s:
+            break
         only = ev.score(replace(qdq, exclude_nodes=tuple(n for n in names if n != node)), samples)
         but = ev.score(replace(qdq, exclude_nodes=(node,)), samples)
         rows.append({"node": node, "op": op,
@@ -121,7 +142,7 @@ def layer_sensitivity(ev: Evaluator, qdq: QDQConfig, samples: int, nodes: list[t
                      "all_but_this_int8": {k: v for k, v in but.items() if k != "correct"},
                      "only_this_int8_drop_points": drop_points(ev.parent["correct"], only["correct"], len(ev.labels)),
                      "gain_points": round(100.0 * (but["correct"] - full["correct"]) / len(ev.labels), 4)})
-    return rows
+    return sorted(rows, key=lambda r: names.index(r["node"]))
 
 
 def ranking(rows: list[dict]) -> list[str]:

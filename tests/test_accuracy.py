@@ -133,3 +133,29 @@ def test_recommended_is_the_fastest_file_within_the_bar_and_the_smallest_is_name
     assert rec["deployment"] == {"batch": 1, "threads": 1}
     plan = json.loads((out / "plan.json").read_text())["models"]["hard"]["recommended"]
     assert set(plan["evidence"]) == {a.name for a in eligible}  # every candidate was timed
+
+
+def test_sensitivity_takes_stem_and_head_first_and_stops_at_its_budget(hard, digits):
+    from edgeq.export import QDQConfig
+    from edgeq.sensitivity import Evaluator, ends_first, layer_sensitivity
+
+    assert [n for n, _ in ends_first([(c, "Conv") for c in "abcde"])] == ["a", "e", "b", "d", "c"]
+    out, _ = hard
+    train, test = digits
+    nodes = compute_nodes(out / "hard-fp32.onnx")
+    with Evaluator(out / "hard-fp32.onnx", test[0][:200], test[1][:200], [train[0][:128]]) as ev:
+        assert layer_sensitivity(ev, QDQConfig(), 128, nodes, budget_s=1e-9) == []  # spent on the all-int8 score
+        rows = layer_sensitivity(ev, QDQConfig(), 128, nodes)
+    assert [r["node"] for r in rows] == [n for n, _ in nodes]  # reported in graph order
+
+
+def test_a_spent_sensitivity_budget_leaves_the_bar_to_graph_order(hard_model, digits, tmp_path):
+    manifest = _compress(hard_model, digits, tmp_path / "art", sensitivity_budget_s=1e-9, variants=("static",))
+    sens = manifest.models["hard"]["sensitivity"]["quantization"]
+    assert sens == {}  # no layer measured: nothing to report
+    plan = BuildPlan.read(tmp_path / "art" / "plan.json").models["hard"]
+    rec = plan.precision["fp32"]["sensitivity"]
+    assert rec["layers"] == [] and rec["not_measured"] == [n for n, _ in compute_nodes(tmp_path / "art" / "hard-fp32.onnx")]
+    bar = plan.accuracy["hard-static-onnx"]
+    added = [st["fp32_nodes_added"] for st in bar["steps"]][1:]
+    assert all(a == rec["not_measured"][: len(a)] for a in added)  # fp32 layers added in graph order
