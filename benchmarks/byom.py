@@ -119,7 +119,7 @@ def against_peers(directory: Path, name: str, manifest, train: Arrays, test: Arr
         limit = 0.9 if name in DEPTHWISE else 1.0
         for mine in [k for k in ("edgeq-int8", "edgeq-recommended") if k in r]:
             vs_peer = r[mine]["median"] / r[peer]["median"]
-            label = "edgeq int8 (same dense graph)" if mine == "edgeq-int8" else f"edgeq recommended ({fastest})"
+            label = "edgeq int8 (dense model)" if mine == "edgeq-int8" else f"edgeq recommended ({fastest})"
             out["targets"].append({"target": f"{name} b{b} {label} / better peer ({peer}), accuracy "
                                              f"{100 * acc[mine]:.1f} vs {100 * acc[peer]:.1f}",
                                    "value": round(vs_peer, 3), "limit": limit,
@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.perf_counter() - t0
         torch.set_num_threads(threads)
         recipe = Recipe(variants=tuple(args.variants.split(",")), batches=(1, 64),
-                        structured=Structured(amount=args.channel_amount or PRUNE[name][0]),
-                        finetune_structured=Finetune(epochs=args.finetune_epochs or PRUNE[name][1], lr=1e-3, shift=2),
+                        structured=Structured(amount=PRUNE[name][0] if args.channel_amount is None
+                                              else args.channel_amount),
+                        finetune_structured=Finetune(epochs=PRUNE[name][1] if args.finetune_epochs is None
+                                                     else args.finetune_epochs, lr=1e-3, shift=2),
                         qat=Finetune(epochs=1, lr=2e-5, weight_decay=0.0, shift=2))
         t0 = time.perf_counter()
         manifest = edgeq.compress({name: model}, train=(train.x, train.y), test=(test.x, test.y),

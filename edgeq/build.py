@@ -242,8 +242,7 @@ class _Build:
     plans: dict = field(default_factory=dict)  # (model, parent key) -> mixed-precision Plan
     shapes: dict = field(default_factory=dict)  # id(float model) -> its counts (the model is kept: ids stay unique)
     evaluators: dict = field(default_factory=dict)  # (model, parent key) -> sensitivity.Evaluator (closed by compress)
-    search_left: dict = field(default_factory=dict)  # model -> the search budget's seconds and parents still to search
-    sensitivity_left: dict = field(default_factory=dict)  # model -> the same for the per-layer sensitivity
+    budgets: dict = field(default_factory=dict)  # (model, "search" | "sensitivity") -> Budget
 
     def add(self, model: str, variant: str, fmt: str, path: Path, *, precision: str, float_model: nn.Module,
             example: torch.Tensor, parent: str | None, quantization: dict | None, pruning: dict | None,
@@ -285,6 +284,21 @@ class _Build:
     def skip(self, name: str, reason: str, kind: str = "not_built", **extra: object) -> None:
         self.skipped.append({"name": name, "kind": kind, "reason": reason, **extra})
         self.log(f"  {name}: not built ({reason})")
+
+
+@dataclass
+class Budget:
+    """Seconds shared by the parents still to be measured: each gets an equal share of what is left,
+    so what one leaves unused carries over to the next."""
+
+    seconds: float
+    parents: int
+
+    def share(self) -> float:
+        return self.seconds / max(self.parents, 1)
+
+    def spend(self, seconds: float) -> None:
+        self.seconds, self.parents = max(self.seconds - seconds, 0.0), max(self.parents - 1, 0)
 
 
 def name_of(model: str, variant: str, fmt: str) -> str:
@@ -392,6 +406,10 @@ def _compress_family(b: _Build, name: str, model: nn.Module, recipe: Recipe, spe
                     "round_to": pc.round_to, "sparsity": round(r.sparsity, 4), "removed_channels": r.removed,
                     "physically_removed": True, "finetune_epochs": recipe.finetune_structured.epochs}))
     calibration = batches(sample(b.train, recipe.calibration_samples, recipe.seed))
+    # the int8 ONNX files' fp32 parents (the dense and the channel-pruned models) share the model's budgets
+    parents = sum(f.key != "unstructured" for f in floats) if set(recipe.variants) & {"static", "qat"} else 0
+    b.budgets[name, "search"] = Budget(recipe.search_budget_s, parents)
+    b.budgets[name, "sensitivity"] = Budget(recipe.sensitivity_budget_s, parents)
     for f in floats:
         onnx_ok = _export_float(b, name, f, example)
         if f.key == "unstructured":
@@ -625,8 +643,8 @@ def _size_check(b: _Build, art_name: str, path: Path, parent: Path, recipe: Reci
     """The int8 file's bytes over its fp32 parent's, against the recipe's limit. The speed search keeps
     within it; only layers kept in fp32 for the accuracy bar (or an int8 file that is larger than the
     limit even with every layer int8) take a file past it, and then the file says why."""
-    ratio = path.stat().st_size / parent.stat().st_size
-    out = {"ratio": round(ratio, 3), "limit": recipe.max_int8_size_ratio, "within": ratio <= recipe.max_int8_size_ratio}
+    ratio = round(path.stat().st_size / parent.stat().st_size, 3)  # what is recorded is what is judged
+    out = {"ratio": ratio, "limit": recipe.max_int8_size_ratio, "within": ratio <= recipe.max_int8_size_ratio}
     if not out["within"]:
         added = bar["fp32_nodes_added"]
         out["reason"] = (f"{len(added)} layer(s) kept in fp32 for the accuracy bar: accuracy comes first" if added else
@@ -667,14 +685,14 @@ def _tuning(b: _Build, name: str, parent_key: str, onnx_parent: Path, calibratio
             f"{c['method']}/{c['samples']} {100 * c['accuracy']:.2f}%" for c in measured) + ")") * bool(measured))
         rows, nodes, share = [], compute_nodes(onnx_parent), None
         if recipe.sensitivity:
-            left = b.sensitivity_left.setdefault(name, {"seconds": recipe.sensitivity_budget_s,
-                                                        "parents": _parents(recipe)})
-            share = left["seconds"] / max(left["parents"], 1)
+            budget = b.budgets[name, "sensitivity"]
+            share = budget.share()
             qdq = replace(plan.qdq, calibrate_method=cal["method"])
             t0 = time.perf_counter()
-            rows = layer_sensitivity(ev, qdq, cal["samples"], nodes, share)
-            left["seconds"] = max(left["seconds"] - (time.perf_counter() - t0), 0.0)
-            left["parents"] -= 1
+            try:
+                rows = layer_sensitivity(ev, qdq, cal["samples"], nodes, share)
+            finally:
+                budget.spend(time.perf_counter() - t0)
             for r in rows:
                 b.log(f"  {r['node']}: alone in int8 {-r['only_this_int8_drop_points']:+.2f} pts (SQNR "
                       f"{r['only_this_int8']['sqnr_db']} dB); alone in fp32 {r['gain_points']:+.2f} pts vs all-int8")
@@ -845,27 +863,24 @@ def _mixed_precision(b: _Build, name: str, parent_key: str, onnx_parent: Path, c
         qdq = QDQConfig(**{**rec["qdq"], "exclude_nodes": tuple(rec["qdq"]["exclude_nodes"])})
         b.plans[key] = Plan(qdq, rec["layers"], rec["weights"], rec["cost"])
         return b.plans[key]
-    left = b.search_left.setdefault(name, {"seconds": recipe.search_budget_s, "parents": _parents(recipe)})
-    share = left["seconds"] / max(left["parents"], 1)  # what an earlier parent left unused carries over
+    budget = b.budgets[name, "search"]
+    share = budget.share()
     b.log(f"{name}: measuring which {parent_key} layers run faster in int8 on this CPU "
-          f"(budget {share:.0f} of the model's {recipe.search_budget_s:g} s)")
+          f"(budget {share:.3g} of the model's {recipe.search_budget_s:g} s)")
     check = sample(b.train, 2048, recipe.seed + 1)  # training inputs, never test inputs
     cfg = replace(_search_config(recipe), budget_s=share, max_size_ratio=recipe.max_int8_size_ratio)
-    with timed(b.timings, f"{name}.precision_search_s"):
-        plan = search_precision(onnx_parent, calibration, check, cfg, log=b.log)
-    left["seconds"], left["parents"] = max(left["seconds"] - plan.cost["seconds"], 0.0), left["parents"] - 1
+    t0 = time.perf_counter()
+    try:
+        with timed(b.timings, f"{name}.precision_search_s"):
+            plan = search_precision(onnx_parent, calibration, check, cfg, log=b.log)
+    finally:
+        budget.spend(time.perf_counter() - t0)
     # stored as JSON holds it, so that a measured build and its replay write the same manifest
     rec = json.loads(json.dumps({"qdq": asdict(plan.qdq), "layers": plan.layers, "weights": plan.weights,
                                  "cost": plan.cost}))
     fam.precision[parent_key] = rec
     b.plans[key] = Plan(plan.qdq, rec["layers"], rec["weights"], rec["cost"])
     return b.plans[key]
-
-
-def _parents(recipe: Recipe) -> int:
-    """How many fp32 parents the model's int8 ONNX files are searched on: the dense one, and the
-    channel-pruned one when it is built."""
-    return 1 + ("structured" in recipe.variants)
 
 
 def _recommend(b: _Build, model: str, recipe: Recipe) -> None:

@@ -122,7 +122,7 @@ class QDQConfig:
     # Exact rewrites that let onnxruntime fuse more of the int8 graph:
     relu_before_pool: bool = True  # int8 Conv->MaxPool->Relu becomes Conv->Relu->MaxPool (max and relu commute)
     float_outputs: bool = True  # logits leave the last int8 layer as float, not re-quantized to uint8
-    crop_padding: bool = True  # conv kernel taps that only ever see zero padding at the input size are cut
+    crop_padding: bool = True  # conv kernel taps that only ever see zero padding at the input size are cut (exact in fp32)
 
     def describe(self) -> dict:
         return {
@@ -249,9 +249,11 @@ def crop_padding_taps(model) -> int:
     """Cut each Conv kernel to the taps that ever read the input, at the model's fixed spatial size;
     returns how many convs changed.
 
-    Exact in arithmetic: a tap that only ever lands on zero padding multiplies zeros at every output
-    position, so dropping it (and shifting the padding by as many taps) changes no output beyond the
-    last bits of a float sum taken in another order. It matters when a
+    Exact for the fp32 graph: a tap that only ever lands on zero padding multiplies zeros at every
+    output position, so dropping it (and shifting the padding by as many taps) changes no output
+    beyond the last bits of a float sum taken in another order. In int8 the per-channel weight scales
+    are then computed over the taps that matter, so the int8 weights differ (they can only gain
+    resolution). It matters when a
     network built for large images runs small ones: resnet18 at 32x32 runs layer4's 3x3 convs on a
     1x1 map, where only the centre tap sees data, and the cut kernels hold 9x fewer weights.
     A conv is left alone when its input's spatial size is unknown, it is dilated or auto-padded,
@@ -283,6 +285,8 @@ def crop_padding_taps(model) -> int:
         for size, k, s, pb, pe in zip(shape[2:], w.shape[2:], strides, pads[:dims], pads[dims:]):
             out = (size + pb + pe - k) // s + 1
             used = [t for t in range(k) if any(0 <= o * s - pb + t < size for o in range(out))]
+            if not used:  # every window reads padding only: left to onnxruntime as it is
+                break
             first, k2 = used[0], used[-1] - used[0] + 1
             b2 = pb - first
             e2 = max(0, (out - 1) * s + k2 - size - b2)

@@ -26,7 +26,7 @@ import numpy as np
 
 from edgeq.errors import ConfigError
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2  # 2: size limit, per-model budgets, padding crop
 PLAN_NAME = "plan.json"
 
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}

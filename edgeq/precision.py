@@ -252,7 +252,8 @@ def node_times(onnx_path: Path, x: np.ndarray, threads: int, names: list[str],
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
         node = e["name"][: -len("_kernel_time")].removeprefix("fused ")
-        key = max((k for k in owners if node.startswith(k)), key=len, default=None)
+        # the name itself, or the name and an optimizer's suffix ('_nchwc', '_token_5'): never 'input.40' for 'input.4'
+        key = max((k for k in owners if node == k or node.startswith(k + "_")), key=len, default=None)
         if key is not None:
             out[owners[key]] += e["dur"] / PROFILE_CALLS
     return out
@@ -332,14 +333,14 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
         tried = 0
         for i, (node, op) in enumerate(nodes):
             would_be = (best_bytes + 3 * elements[node]) / parent_bytes
-            if would_be > cfg.max_size_ratio:
+            if elements[node] and would_be > cfg.max_size_ratio:  # a layer without stored weights costs no bytes
                 layers.append({"node": node, "op": op, "precision": "int8",
                                "reason": f"not tried: in fp32 it would make the file about {would_be:.2f}x its fp32 "
                                          f"parent's size, over the limit of {cfg.max_size_ratio:g}x"})
                 continue
             if time.perf_counter() - t0 > cfg.budget_s:
                 layers.append({"node": node, "op": op, "precision": "int8",
-                               "reason": f"not tried: the search budget of {cfg.budget_s:.0f} s was spent"})
+                               "reason": f"not tried: the search budget of {cfg.budget_s:.3g} s was spent"})
                 continue
             tried += 1
             cand_cfg = replace(best_cfg, exclude_nodes=best_cfg.exclude_nodes + (node,))
@@ -362,7 +363,7 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
 
         weights: dict = {}
         if time.perf_counter() - t0 > cfg.budget_s:
-            weights["reason"] = f"per-channel: not tried, the search budget of {cfg.budget_s:g} s was spent"
+            weights["reason"] = f"per-channel: not tried, the search budget of {cfg.budget_s:.3g} s was spent"
         elif len(best_cfg.exclude_nodes) < len(nodes):
             # One scale per tensor saves a rescale per output channel; it may cost fidelity, so it must
             # agree with fp32 about as often as per-channel scales do, and then be clearly faster.
@@ -386,6 +387,7 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
                 })
                 if d.depart:
                     best_cfg = cand_cfg
+                    best_bytes = (Path(tmp) / "trial-per-tensor.onnx").stat().st_size
                     vs = _medians(e, "cand_vs_best", batches)
                     b = min(vs, key=vs.get)
                     weights["reason"] = (f"per-tensor: {(1 - vs[b]) * 100:.0f}% faster at batch {b} than per-channel, "

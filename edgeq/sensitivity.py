@@ -130,6 +130,8 @@ def layer_sensitivity(ev: Evaluator, qdq: QDQConfig, samples: int, nodes: list[t
     no row."""
     names = [n for n, _ in nodes]
     t0 = time.perf_counter()
+    if budget_s <= 0:
+        return []
     full = ev.score(replace(qdq, exclude_nodes=()), samples)
     rows = []
     for node, op in ends_first(nodes):

@@ -158,4 +158,4 @@ def test_a_spent_sensitivity_budget_leaves_the_bar_to_graph_order(hard_model, di
     assert rec["layers"] == [] and rec["not_measured"] == [n for n, _ in compute_nodes(tmp_path / "art" / "hard-fp32.onnx")]
     bar = plan.accuracy["hard-static-onnx"]
     added = [st["fp32_nodes_added"] for st in bar["steps"]][1:]
-    assert all(a == rec["not_measured"][: len(a)] for a in added)  # fp32 layers added in graph order
+    assert added and all(a == rec["not_measured"][: len(a)] for a in added)  # fp32 layers added in graph order

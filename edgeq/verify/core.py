@@ -200,6 +200,7 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
     except Failed as exc:
         row.fail(exc.reason(s.art.file, f"load and accuracy on {len(x)} samples"))
         return
+    worker.drop(s.runner)  # timing loads its own runners, one per batch size (edgeq.verify.latency)
     classes = len(manifest.models.get(s.art.model, {}).get("classes", [])) or logits.shape[-1]
     if logits.shape != (len(x), classes):
         row.fail(f"{s.art.file}: output shape {list(logits.shape)}, expected [{len(x)}, {classes}]")

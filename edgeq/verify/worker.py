@@ -34,8 +34,9 @@ from typing import Any
 
 STARTUP_LIMIT_S = 120.0  # importing torch and onnxruntime: 1-4 s on a 2-core VM; no artifact code runs yet
 # The default memory cap, as a share of physical memory: the address space the worker may add after its
-# imports, for all artifacts together (they stay loaded for paired timing). Verifying the 36 real MLP/CNN
-# artifacts adds 1.1 GiB; half the machine leaves it room and keeps the other half for everything else.
+# imports, for all artifacts together (they stay loaded for paired timing, one runner per batch size).
+# Verifying the 36 real MLP/CNN artifacts added 1.1 GiB with one runner each; half the machine leaves
+# room for that several times over and keeps the other half for everything else.
 DEFAULT_MEMORY_SHARE = 0.5
 _HEADER = struct.Struct(">Q")
 _ALLOCATION = re.compile(r"fail\w* to allocate|can't allocate|cannot allocate|bad_alloc|out of memory", re.I)
@@ -147,6 +148,13 @@ class Worker:
         """Per-call seconds of one timing window of the runner on the named batch (warmed at it first if needed)."""
         self.warm(handle, warm_calls, budget, batch)
         return self._call(("window", handle, batch, window_s), budget)
+
+    def drop(self, handle: int) -> None:
+        """Unload one runner in the child (it is loaded again if used again)."""
+        if handle in self._loaded:
+            self._call(("drop", handle), None)
+            self._loaded.discard(handle)
+            self._warm.discard(handle)
 
     def reset(self) -> None:
         """Forget every runner (for the next verify run on this worker); the child keeps its imports."""
@@ -316,6 +324,8 @@ def main() -> None:
         torch.set_num_threads(state["threads"])  # loading a torch runner sets its own
 
     def warm(handle: int, calls: int, batch: str | None = None) -> None:
+        if batch is not None and batch not in state["batches"]:
+            raise EdgeqError(f"no batch named {batch!r} is configured")
         for name, xb in state["batches"].items():
             if batch is None or name == batch:
                 measure.warm_up([runners[handle].run], xb, calls)
@@ -324,7 +334,7 @@ def main() -> None:
         return measure.timed_round([runners[handle].run], state["batches"][batch], window_s)[0]
 
     ops = {"configure": configure, "load": load, "predict": lambda h: runners[h].predict(state["x"]),
-           "warm": warm, "window": window, "reset": runners.clear}
+           "warm": warm, "window": window, "reset": runners.clear, "drop": lambda h: runners.pop(h, None) and None}
     while (request := _receive(0)) is not None:
         try:
             reply: tuple[str, Any] = ("ok", ops[request[0]](*request[1:]))
