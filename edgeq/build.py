@@ -396,13 +396,23 @@ def _compress_family(b: _Build, name: str, model: nn.Module, recipe: Recipe, spe
         if "structured" in recipe.variants:
             s = recipe.structured
             pc = PruneConfig("l2_structured", s.amount, recipe.seed, s.round_to)
-            if recipe.sensitivity:
+            if recipe.sensitivity or s.allocation == "sensitivity":
                 _pruning_sensitivity(b, name, base, example, pc)
+            groups = (b.plan.models[name].pruning_sensitivity or {}).get("groups")
+            if s.allocation == "sensitivity" and groups:
+                from edgeq.prune import allocate
+
+                pc = replace(pc, ratios=tuple(allocate(groups, s.amount, s.cap).items()))
+                b.log(f"{name}: channels taken from the groups pruning costs least first: " + ", ".join(
+                    f"{g} {r:.0%}" for g, r in pc.ratios))
             ft = _finetuner(b, recipe.finetune_structured, recipe.seed + 1, f"{name}: fine-tune structured")
             r = _attempt(b, name_of(name, "structured", "checkpoint"), lambda: prune_model(base, example, pc, ft))
             if r is not None:
                 floats.append(_Float("structured", r.model, {
                     "method": "torch-pruning MetaPruner, group L2 magnitude", "amount": pc.amount,
+                    "allocation": ({"rule": "sensitivity: as many channels in all, least costly groups first, "
+                                            f"each at most {s.cap:g}", "ratios": dict(pc.ratios)}
+                                   if pc.ratios else "uniform"),
                     "round_to": pc.round_to, "sparsity": round(r.sparsity, 4), "removed_channels": r.removed,
                     "physically_removed": True, "finetune_epochs": recipe.finetune_structured.epochs}))
     calibration = batches(sample(b.train, recipe.calibration_samples, recipe.seed))

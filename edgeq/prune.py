@@ -41,6 +41,8 @@ class PruneConfig:
     amount: float = 0.8  # fraction of weights (unstructured) or of channels per group (structured) removed
     seed: int = 0  # random_unstructured only
     round_to: int = 8  # structured: kept channel counts are multiples of this; 1 = no rounding
+    # structured: a ratio per group, by the name of the group's root layer (see `allocate`); others: amount
+    ratios: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -145,10 +147,11 @@ def _structured(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, finet
     macs0, params0 = _count(pruned, example)
     try:
         with _autograd_on(pruned):
+            per_group = {pruned.get_submodule(n): r for n, r in cfg.ratios}
             pruner = _RoundingPruner(
                 pruned, _as_input(example), importance=tp.importance.GroupMagnitudeImportance(p=2),
-                pruning_ratio=cfg.amount, ignored_layers=heads, round_to=cfg.round_to,
-                forward_fn=_call)
+                pruning_ratio=cfg.amount, pruning_ratio_dict=per_group or None, ignored_layers=heads,
+                round_to=cfg.round_to, forward_fn=_call)
             pruner.step()
     except Exception as exc:  # Torch-Pruning raises plain exceptions for ops it cannot follow
         raise PruneError(f"torch-pruning could not prune {type(model).__name__}{_culprit(exc, pruned)}: "
@@ -190,6 +193,20 @@ def group_sensitivity(model: nn.Module, example: torch.Tensor, cfg: PruneConfig,
         rows.append({"group": names.get(root, type(root).__name__), "layer_type": type(root).__name__,
                      "channels_removed": channels, "channels": int(root.weight.shape[0]) + channels,
                      **evaluate(trial.eval())})
+
+
+def allocate(groups: list[dict], amount: float, cap: float) -> dict[str, float]:
+    """Per-group ratios that remove as many channels as `amount` of them all, taken from the groups
+    that cost least accuracy when pruned alone (`group_sensitivity`'s drop_points) first, each up to
+    `cap` of its channels: the groups that hurt most keep theirs. On mobilenet_v2 the residual stream's
+    narrow projections lost 13-66 points pruned alone at 30 %, the wide expansion layers under 1."""
+    target = amount * sum(g["channels"] for g in groups)
+    ratios: dict[str, float] = {}
+    for g in sorted(groups, key=lambda g: (g["drop_points"], -g["channels"])):
+        take = min(cap * g["channels"], max(target, 0.0))
+        ratios[g["group"]] = round(take / g["channels"], 4)
+        target -= take
+    return ratios
 
 
 class _RoundingPruner(tp.pruner.MetaPruner):

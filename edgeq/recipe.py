@@ -28,6 +28,7 @@ PRUNINGS = ("unstructured", "structured")
 MODES = ("dynamic", "static", "qat")
 VARIANTS = PRUNINGS + MODES
 UNSTRUCTURED_METHODS = ("l1", "random")
+ALLOCATIONS = ("uniform", "sensitivity")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantization.CalibrationMethod
 DEFAULT_EVAL_SAMPLES = 10_000  # the test split shipped in eval.npz: all of it up to this many samples
 
@@ -70,10 +71,18 @@ class Unstructured:
 class Structured:
     amount: float = 0.5  # fraction of channels removed (Torch-Pruning's pruning_ratio)
     round_to: int = 8  # channel counts kept at multiples of this, for the int8 kernels
+    # uniform: every group loses `amount` of its channels; sensitivity: as many channels in all, taken
+    # from the groups that cost least accuracy pruned alone first, each up to `cap` (edgeq.prune.allocate)
+    allocation: str = "uniform"
+    cap: float = 0.6
 
     def __post_init__(self) -> None:
         _check(0.0 < self.amount < 1.0, f"structured amount {self.amount} is out of range: use a fraction in (0, 1)")
         _check(self.round_to >= 1, f"structured round_to must be >= 1, got {self.round_to}")
+        _check(self.allocation in ALLOCATIONS, f"unknown structured allocation {self.allocation!r}: choose "
+                                               f"{', '.join(ALLOCATIONS)}")
+        _check(self.amount <= self.cap < 1.0, f"structured cap {self.cap} must be in [amount, 1): the most one "
+                                              "group may lose")
 
 
 @dataclass(frozen=True)

@@ -297,3 +297,10 @@ def test_recipe_round_trips_and_refuses_unknown_keys(tmp_path: Path) -> None:
 def test_the_size_limit_is_a_fraction_of_the_parent(value: float) -> None:
     with pytest.raises(ConfigError, match="max_int8_size_ratio is a fraction"):
         Recipe(max_int8_size_ratio=value)
+
+
+def test_structured_allocation_and_cap_are_checked() -> None:
+    with pytest.raises(ConfigError, match="unknown structured allocation 'greedy'"):
+        Structured(allocation="greedy")
+    with pytest.raises(ConfigError, match="structured cap 0.2 must be in"):
+        Structured(amount=0.5, cap=0.2)

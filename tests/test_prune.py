@@ -397,3 +397,24 @@ def test_bad_config_is_one_line_config_error(kwargs):
     with pytest.raises(ConfigError) as exc:
         PruneConfig(**kwargs)
     one_line(exc)
+
+
+def test_allocation_takes_channels_from_the_least_costly_groups_first() -> None:
+    from edgeq.prune import allocate
+
+    groups = [{"group": "narrow", "channels": 16, "drop_points": 40.0},
+              {"group": "wide", "channels": 64, "drop_points": 0.2},
+              {"group": "mid", "channels": 32, "drop_points": 3.0}]
+    ratios = allocate(groups, amount=0.5, cap=0.75)  # 56 of 112 channels: wide gives 48, mid the other 8
+    assert ratios == {"wide": 0.75, "mid": 0.25, "narrow": 0.0}
+    assert sum(ratios[g["group"]] * g["channels"] for g in groups) == 0.5 * 112
+    assert allocate(groups, amount=0.5, cap=0.5) == {"wide": 0.5, "mid": 0.5, "narrow": 0.5}  # cap = amount: uniform
+
+
+def test_sensitivity_allocation_prunes_by_the_ratios_it_is_given() -> None:
+    model, example = build_model("cnn").eval(), torch.zeros(1, 1, 28, 28)
+    ratios = (("features.0.conv", 0.0), ("features.1.conv", 0.5), ("fc1", 0.5))
+    r = prune_model(model, example, PruneConfig("l2_structured", 0.5, ratios=ratios))
+    assert "features.0.conv" not in r.removed and {"features.1.conv", "fc1"} <= set(r.removed), r.removed
+    uniform = prune_model(model, example, PruneConfig("l2_structured", 0.5))
+    assert "features.0.conv" in uniform.removed
