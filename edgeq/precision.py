@@ -330,7 +330,7 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
         nodes = sorted(nodes, key=lambda n: -ranking[n[0]]["gain_us"])  # most to gain from fp32 first
         parent_bytes, best_bytes = fp32_path.stat().st_size, (Path(tmp) / "trial-int8.onnx").stat().st_size
         elements = weight_elements(fp32_path, best_cfg.crop_padding)
-        tried = 0
+        tried, trial_s, per_trial = 0, 0.0, 0.0
         for i, (node, op) in enumerate(nodes):
             would_be = (best_bytes + 3 * elements[node]) / parent_bytes
             if elements[node] and would_be > cfg.max_size_ratio:  # a layer without stored weights costs no bytes
@@ -338,11 +338,12 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
                                "reason": f"not tried: in fp32 it would make the file about {would_be:.2f}x its fp32 "
                                          f"parent's size, over the limit of {cfg.max_size_ratio:g}x"})
                 continue
-            if time.perf_counter() - t0 > cfg.budget_s:
+            if time.perf_counter() - t0 + per_trial > cfg.budget_s:  # the next trial would end past the budget
                 layers.append({"node": node, "op": op, "precision": "int8",
-                               "reason": f"not tried: the search budget of {cfg.budget_s:.3g} s was spent"})
+                               "reason": f"not tried: a trial would end past the search budget of {cfg.budget_s:.3g} s"})
                 continue
             tried += 1
+            started = time.perf_counter()
             cand_cfg = replace(best_cfg, exclude_nodes=best_cfg.exclude_nodes + (node,))
             cand = build(cand_cfg, str(i))
             d = decide(three_way(parent, best, cand, inputs, cfg), layer_verdict(batches, cfg.min_gain), cfg.rule)
@@ -360,10 +361,12 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
             if d.depart:
                 best_cfg, best = cand_cfg, cand
                 best_bytes = (Path(tmp) / f"trial-{i}.onnx").stat().st_size
+            trial_s += time.perf_counter() - started
+            per_trial = trial_s / tried  # what a trial has cost so far: the budget stops the search before it
 
         weights: dict = {}
-        if time.perf_counter() - t0 > cfg.budget_s:
-            weights["reason"] = f"per-channel: not tried, the search budget of {cfg.budget_s:.3g} s was spent"
+        if time.perf_counter() - t0 + per_trial > cfg.budget_s:
+            weights["reason"] = f"per-channel: not tried, a trial would end past the search budget of {cfg.budget_s:.3g} s"
         elif len(best_cfg.exclude_nodes) < len(nodes):
             # One scale per tensor saves a rescale per output channel; it may cost fidelity, so it must
             # agree with fp32 about as often as per-channel scales do, and then be clearly faster.

@@ -135,7 +135,8 @@ def layer_sensitivity(ev: Evaluator, qdq: QDQConfig, samples: int, nodes: list[t
     full = ev.score(replace(qdq, exclude_nodes=()), samples)
     rows = []
     for node, op in ends_first(nodes):
-        if time.perf_counter() - t0 > budget_s:
+        per_layer = (time.perf_counter() - t0) / (len(rows) + 1)  # the all-int8 score counts as one
+        if time.perf_counter() - t0 + per_layer > budget_s:  # the next layer would end past the budget
             break
         only = ev.score(replace(qdq, exclude_nodes=tuple(n for n in names if n != node)), samples)
         but = ev.score(replace(qdq, exclude_nodes=(node,)), samples)
