@@ -85,7 +85,7 @@ def trained(model: nn.Module, train, epochs: int) -> nn.Module:
     return fit(model, Arrays(*train), Finetune(epochs=epochs, lr=3e-3), desc="train", progress=False)
 
 
-FAMILIES = {"resnet": (SmallResNet, 2), "mobilenet": (mobilenet, 3)}
+FAMILIES = {"resnet": (SmallResNet, 2), "mobilenet": (mobilenet, 2)}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -21,6 +21,9 @@ from edgeq.recipe import Recipe, Structured
 from edgeq.runtime import load
 
 FAST = {"batches": (1, 64)}
+# no timed or accuracy-tuning decision: for the tests about what an export writes, not what it decides
+PINNED = {"search_budget_s": 1e-6, "ship_limit": 1e9, "calibration_methods": ("MinMax",),
+          "calibration_sizes": (512,), "sensitivity": False}
 
 
 def export(out, **overrides):
@@ -211,7 +214,7 @@ def test_failed_export_leaves_previous_artifacts_untouched(tmp_path, monkeypatch
     monkeypatch.setattr(build, "quantize_onnx", boom)
     monkeypatch.setattr(sensitivity, "quantize_onnx", boom)  # the accuracy bar quantizes the shipped file
     with pytest.raises(RuntimeError, match="quantization crashed"):
-        export(out, variants=("static",))
+        export(out, variants=("static",), **PINNED)
     assert {name: sha256_file(out / name) for name in os.listdir(out)} == digests
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["art"], \
         "temporary directory left behind"
@@ -221,7 +224,7 @@ def test_successful_export_replaces_a_previous_export(tmp_path):
     out = tmp_path / "art"
     _previous_export(out)
     (out / ".gitkeep").touch()
-    export(out, variants=("static",))
+    export(out, variants=("static",), **PINNED)
     names = set(os.listdir(out))
     assert {"manifest.json", "mlp-static.onnx", ".gitkeep"} <= names
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["art"]
