@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import tempfile
@@ -176,10 +177,10 @@ def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cf
         if cfg.relu_before_pool or cfg.crop_padding:
             import onnx
 
-            model = onnx.load(str(fp32_path))
+            cropped = _cropped(fp32_path) if cfg.crop_padding else None
+            model = onnx.load_from_string(cropped) if cropped is not None else onnx.load(str(fp32_path))
             changed = cfg.relu_before_pool and relu_before_maxpool(model, skip=set(cfg.exclude_nodes))
-            changed = (cfg.crop_padding and crop_padding_taps(model)) or changed
-            if changed:
+            if changed or cropped is not None:
                 fp32_path = Path(tmp) / "rewritten.onnx"
                 onnx.save(model, str(fp32_path))
         pre = Path(tmp) / "pre.onnx"
@@ -197,6 +198,21 @@ def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cf
         model = onnx.load(str(path))
         if float_outputs(model):
             onnx.save(model, str(path))
+
+
+def _cropped(fp32_path: Path) -> bytes | None:
+    """`crop_padding_taps` of a file, serialized (None: nothing to cut). Every trial of one fp32 parent
+    (search, calibration, sensitivity, the bar) quantizes the same file: its shape inference runs once."""
+    st = fp32_path.stat()
+    return _cropped_cached(str(fp32_path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cropped_cached(path: str, size: int, mtime_ns: int) -> bytes | None:
+    import onnx
+
+    model = onnx.load(path)
+    return model.SerializeToString() if crop_padding_taps(model) else None
 
 
 def _consumers(graph) -> dict[str, list]:

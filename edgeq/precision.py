@@ -267,11 +267,10 @@ def fused_aliases(onnx_path: Path, names: list[str]) -> dict[str, str]:
     with the activation after it is named after the activation's output ('<Clip output>_nchwc')."""
     import onnx
 
+    from edgeq.export import _consumers
+
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    users: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    users = _consumers(graph)
     by_name = {n.name: n for n in graph.node}
     out = {}
     for name in names:
