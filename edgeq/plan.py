@@ -26,7 +26,7 @@ import numpy as np
 
 from edgeq.errors import ConfigError
 
-PLAN_SCHEMA_VERSION = 2  # 2: size limit, per-model budgets, padding crop
+PLAN_SCHEMA_VERSION = 3  # 2: size limit, per-model budgets, padding crop; 3: validation split, pruning amounts
 PLAN_NAME = "plan.json"
 
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -49,7 +49,7 @@ SCHEMA: dict = {
             "additionalProperties": {
                 "type": "object",
                 "required": ["model_sha256", "recipe", "precision", "ships", "accuracy", "pruning_sensitivity",
-                             "recommended"],
+                             "recommended", "pruning"],
                 "additionalProperties": False,
                 "properties": {
                     "model_sha256": _SHA,
@@ -92,6 +92,16 @@ SCHEMA: dict = {
                         },
                     },
                     "pruning_sensitivity": {"type": ["object", "null"]},
+                    "pruning": {  # pruned variant -> the amount searched to the pruning bar
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object", "required": ["met", "amount", "steps"],
+                            "properties": {"met": {"type": "boolean"},
+                                           "amount": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                                                      "exclusiveMaximum": 1},
+                                           "steps": {"type": "array", "items": {"type": "object"}}},
+                        },
+                    },
                     "recommended": {"type": ["object", "null"],
                                     "required": ["fastest", "smallest"],
                                     "properties": {"fastest": {"type": ["string", "null"]},
@@ -119,6 +129,7 @@ class FamilyPlan:
     accuracy: dict = field(default_factory=dict)  # int8 ONNX artifact name -> the accuracy bar's decision
     pruning_sensitivity: dict | None = None  # measured, not decided: replayed so that a rebuild is cheap
     recommended: dict | None = None  # {fastest, smallest, evidence}
+    pruning: dict = field(default_factory=dict)  # pruned variant -> {met, amount, steps}: the pruning bar's search
 
 
 @dataclass
