@@ -1,0 +1,97 @@
+"""Check an export's signature (edgeq.sig, a Sigstore bundle written by model-signing) with the
+`cryptography` package alone.
+
+model-signing itself imports sigstore, pydantic and click (about 600 modules, a second to import):
+too much for a device. Its bundle for a key signature is a DSSE envelope: an in-toto statement that
+lists every signed file with its sha256, signed with ECDSA over DSSE's pre-authentication encoding.
+So checking it needs only: the envelope signature against the public key, then every file under
+the directory against the statement (none changed, added or missing). `cryptography` is imported
+only when a key is given; without it the check fails with one line saying what to install.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+from edgeq.errors import SignatureError
+
+SIGNATURE_NAME = "edgeq.sig"
+PREDICATE = "https://model_signing/signature/v1.0"
+
+
+def _pae(payload_type: str, payload: bytes) -> bytes:
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(directory: Path, public_key: Path) -> dict:
+    """Raise SignatureError (one line) unless `directory`'s signature verifies with `public_key` and
+    every file matches it; return {status, file, public_key, files}."""
+    try:
+        from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+    except ImportError:
+        raise SignatureError("--public-key needs the `cryptography` package on this device: "
+                             "`pip install cryptography`, or check without --public-key") from None
+    directory, public_key = Path(directory), Path(public_key)
+    sig = directory / SIGNATURE_NAME
+    if sig.is_symlink() or not sig.is_file():
+        raise SignatureError(f"{sig}: no signature file; the export was not signed (drop --public-key)")
+    try:
+        key = serialization.load_pem_public_key(public_key.read_bytes())
+    except OSError as exc:
+        raise SignatureError(f"{public_key}: cannot read ({exc.strerror})") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise SignatureError(f"{public_key}: not a PEM public key; pass the signer's public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SignatureError(f"{public_key}: not an elliptic-curve key; edgeq signs with P-256/P-384/P-521")
+    digest = {256: hashes.SHA256, 384: hashes.SHA384, 521: hashes.SHA512}.get(key.curve.key_size, hashes.SHA256)
+    try:
+        bundle = json.loads(sig.read_text(encoding="utf-8"))
+        envelope = bundle["dsseEnvelope"]
+        payload = base64.b64decode(envelope["payload"])
+        signatures = [base64.b64decode(s["sig"]) for s in envelope["signatures"]]
+        statement = json.loads(payload)
+        predicate = statement["predicate"]
+        resources = {r["name"]: r["digest"] for r in predicate["resources"]}
+        ignored = set(predicate.get("serialization", {}).get("ignore_paths", [SIGNATURE_NAME]))
+        payload_type = envelope["payloadType"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise SignatureError(f"{sig}: not a model-signing bundle ({type(exc).__name__}); re-sign the export") from None
+    if statement.get("predicateType") != PREDICATE:
+        raise SignatureError(f"{sig}: predicate {statement.get('predicateType')!r} is not model-signing's; re-sign")
+    message = _pae(payload_type, payload)
+    for s in signatures:
+        try:
+            key.verify(s, message, ec.ECDSA(digest()))
+            break
+        except InvalidSignature:
+            continue
+    else:
+        raise SignatureError(f"{sig}: does not verify with {public_key} (another key signed it, or the signature "
+                             "was edited); pass the public key of the signing key, or re-sign")
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                   if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() not in ignored)
+    for name in files:
+        if name not in resources:
+            raise SignatureError(f"{name}: not covered by the signature (added after signing); remove it or re-sign")
+        if (directory / name).is_symlink():
+            raise SignatureError(f"{name}: a symbolic link; signed exports hold regular files only")
+        if _sha256(directory / name) != resources[name]:
+            raise SignatureError(f"{name}: changed since signing (sha256 differs); restore it or re-sign")
+    missing = sorted(set(resources) - set(files))
+    if missing:
+        raise SignatureError(f"{missing[0]}: signed but missing; restore it or re-sign")
+    return {"status": "verified", "file": SIGNATURE_NAME, "public_key": str(public_key), "files": files}

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# An emulated arm64 Debian with numpy and onnxruntime's aarch64 build, for `edgeq.device check` on
+# ARM kernels from an x86 machine (QEMU_CPU=cortex-a72 | neoverse-n1 | max,sve=off | max).
+#
+#   tools/arm64-env.sh [ROOTFS]        default: .arm64/rootfs beside this folder; needs root
+#
+# Idempotent: each step is skipped when its result is already there, so a re-run takes about a second.
+# Versions: ORT_VERSION and NUMPY_VERSION (the Makefile passes pyproject.toml's onnxruntime pin and the
+# build venv's numpy). The aarch64 wheels are downloaded on the host (pip --platform) and installed inside
+# the rootfs from that folder, so the emulated pip needs no network. The host's /sys is never bound into
+# the rootfs: onnxruntime's cpuinfo reads the x86 topology there and crashes at import.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+root="${1:-$here/.arm64/rootfs}"
+suite="${DEBIAN_SUITE:-bookworm}"
+mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+ort="${ORT_VERSION:?set ORT_VERSION (the onnxruntime version to install)}"
+np="${NUMPY_VERSION:?set NUMPY_VERSION (the numpy version to install)}"
+venv=/opt/edgeq-device
+stamp="$root/.edgeq-arm64-ready"
+want="suite=$suite onnxruntime=$ort numpy=$np"
+t0=$(date +%s)
+
+say() { echo "arm64-env: $*"; }
+[ "$(id -u)" = 0 ] || { echo "arm64-env: needs root (apt-get, debootstrap, chroot); run it as root" >&2; exit 1; }
+
+# 1. qemu-user-static and debootstrap from Debian's archive
+if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null; then
+    say "installing qemu-user-static debootstrap"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends qemu-user-static debootstrap >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends qemu-user-static debootstrap >/dev/null; }
+fi
+
+# 2. aarch64 binaries run through qemu: binfmt_misc mounted and qemu-aarch64 registered with the F flag
+#    (the interpreter is opened at registration, so chroot needs no copy of it inside the rootfs)
+bm=/proc/sys/fs/binfmt_misc
+if [ ! -e "$bm/register" ]; then
+    mount -t binfmt_misc binfmt_misc "$bm" || { echo "arm64-env: cannot mount binfmt_misc at $bm (a container without privileges?); run on a machine that allows it" >&2; exit 2; }
+fi
+if [ ! -e "$bm/qemu-aarch64" ]; then
+    conf=/usr/lib/binfmt.d/qemu-aarch64.conf
+    [ -f "$conf" ] || { echo "arm64-env: $conf missing; reinstall qemu-user-static" >&2; exit 2; }
+    # the conf's interpreter path is /usr/libexec/qemu-binfmt/...; register the static binary itself
+    line="$(sed -n 's/^\(:qemu-aarch64:[^:]*:[^:]*:[^:]*:[^:]*:\)[^:]*:\(.*\)$/\1\/usr\/bin\/qemu-aarch64-static:\2/p' "$conf")"
+    case "$line" in *F*) ;; *) line="${line}F" ;; esac
+    printf '%s' "$line" > "$bm/register"
+    say "registered qemu-aarch64 in binfmt_misc"
+fi
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    say "ready: $root ($want), checked in $(( $(date +%s) - t0 )) s"
+    exit 0
+fi
+
+# 3. a minimal Debian arm64 rootfs with python3 and venv
+if [ ! -x "$root/usr/bin/python3" ] || [ ! -f "$root/.edgeq-debootstrap-done" ]; then
+    say "debootstrap $suite arm64 into $root (a few minutes)"
+    rm -rf "$root"
+    mkdir -p "$root"
+    debootstrap --variant=minbase --arch=arm64 --include=python3,python3-venv "$suite" "$root" "$mirror" >"$root.debootstrap.log" 2>&1 \
+        || { tail -20 "$root.debootstrap.log" >&2; echo "arm64-env: debootstrap failed (log: $root.debootstrap.log)" >&2; exit 1; }
+    touch "$root/.edgeq-debootstrap-done"
+fi
+
+# 4. numpy and onnxruntime aarch64 wheels (with their dependencies), installed into a venv inside
+pyver="$(chroot "$root" /usr/bin/python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+wheels="$root/opt/wheels"
+mkdir -p "$wheels"
+say "downloading aarch64 wheels for python $pyver: onnxruntime==$ort numpy==$np"
+pip="${PIP:-python3 -m pip}"
+$pip download -q --disable-pip-version-check -d "$wheels" --only-binary=:all: --python-version "$pyver" \
+    --platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux2014_aarch64 \
+    --platform manylinux_2_17_aarch64 --platform linux_aarch64 \
+    "onnxruntime==$ort" "numpy==$np" 2>&1 | grep -v "^WARNING: Location" || true
+ls "$wheels"/onnxruntime-"$ort"-*.whl >/dev/null 2>&1 || { echo "arm64-env: no aarch64 wheel of onnxruntime $ort for python $pyver" >&2; exit 1; }
+say "installing them inside the rootfs (emulated pip)"
+chroot "$root" /usr/bin/python3 -m venv "$venv"
+chroot "$root" "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-index --find-links /opt/wheels \
+    "onnxruntime==$ort" "numpy==$np"
+QEMU_CPU=cortex-a72 chroot "$root" "$venv/bin/python" -c "import numpy, onnxruntime; print('arm64-env: numpy', numpy.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+echo "$want" > "$stamp"
+say "ready: $root ($want), set up in $(( $(date +%s) - t0 )) s"
