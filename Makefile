@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: setup export verify test bench clean
+.PHONY: setup export verify test bench clean arm64
 
 # The virtual environment is (re)built whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -21,7 +21,15 @@ export: $(STAMP)
 verify: $(STAMP)
 	$(BIN)/edgeq verify artifacts --json reports/verify.json --markdown reports/verify.md --plot reports/verify.png
 
-test: $(STAMP)
+# An emulated arm64 Debian (qemu-user + debootstrap) with onnxruntime's aarch64 build, for the device
+# checker on ARM kernels (tests/test_arm.py). Idempotent; needs root; docs/device.md.
+ARM64_ROOTFS := .arm64/rootfs
+arm64: $(STAMP)
+	ORT_VERSION=$$(sed -n 's/.*"onnxruntime==\([^"]*\)".*/\1/p' pyproject.toml) \
+	NUMPY_VERSION=$$($(BIN)/python -c "import numpy; print(numpy.__version__)") \
+	PIP="$(BIN)/python -m pip" bash tools/arm64-env.sh $(ARM64_ROOTFS)
+
+test: $(STAMP) arm64
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
