@@ -2,7 +2,7 @@
 
 Method. On a shared machine latency drifts in bursts (1.3-2x slowdowns lasting up to a second), so
 times taken at different moments cannot be compared. For each model family and batch size, every
-subject is timed in ONE call of `edgeq.verify.measure.timed_rounds`: each round runs a short window
+subject is timed in ONE call of `edgeq.timing.timed_rounds`: each round runs a short window
 of every subject back to back (order reversed on alternate rounds). A paired ratio is computed inside
 each round, (median call time of the subject) / (median call time of the reference), and the median
 over rounds discards the rounds that a burst split. The reference is onnxruntime fp32 of the same
@@ -38,10 +38,10 @@ from edgeq.data import batches as split_batches
 from edgeq.examples.mnist import Preprocessing, load_data
 from edgeq.verify.core import load_test_split
 from edgeq.environment import environment
-from edgeq.export import CalibrationReader, quiet_quantization
-from edgeq.precision import timing_options
+from edgeq.onnx_quant import CalibrationReader, quiet_quantization
+from edgeq.timing import ort_timing_options as timing_options
 from edgeq.errors import EdgeqError, ManifestError
-from edgeq.verify.measure import round_ratios, timed_rounds
+from edgeq.timing import round_ratios, timed_rounds
 
 BATCHES = (1, 256)
 MODELS = ("mlp", "cnn")

@@ -66,7 +66,7 @@ def peers(fp32: Path, calibration: list[np.ndarray], work: Path) -> dict[str, Pa
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from edgeq.export import CalibrationReader, quiet_quantization
+    from edgeq.onnx_quant import CalibrationReader, quiet_quantization
 
     out = {"peer-default": work / "peer-default.onnx", "peer-x86": work / "peer-x86.onnx"}
     with quiet_quantization():
@@ -86,9 +86,9 @@ def against_peers(directory: Path, name: str, manifest, train: Arrays, test: Arr
 
     from edgeq import runtime
     from edgeq.data import batches, sample
-    from edgeq.precision import timing_options
+    from edgeq.timing import ort_timing_options as timing_options
     from edgeq.train import accuracy
-    from edgeq.verify.measure import round_ratios, timed_rounds
+    from edgeq.timing import round_ratios, timed_rounds
 
     calibration = batches(sample(train, 512, seed=0))  # edgeq's own calibration sample (recipe seed 0)
     files = {"ort-fp32": directory / f"{name}-fp32.onnx", "edgeq-int8": directory / f"{name}-static.onnx"}

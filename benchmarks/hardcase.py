@@ -22,7 +22,7 @@ import numpy as np
 
 
 def ratios(runners: list, x: np.ndarray, rounds: int) -> list[list[float]]:
-    from edgeq.verify.measure import round_ratios, timed_rounds
+    from edgeq.timing import round_ratios, timed_rounds
 
     samples = timed_rounds([r.run for r in runners], x, rounds, 0.04)
     return [round_ratios(samples[i], samples[0]) for i in range(len(runners))]
@@ -32,7 +32,7 @@ def main() -> None:
     import edgeq
     from edgeq.data import Arrays, batches, first_samples, sample
     from edgeq.examples import hardcase
-    from edgeq.export import QDQConfig, quantize_onnx
+    from edgeq.onnx_quant import QDQConfig, quantize_onnx
     from edgeq.plan import BuildPlan
     from edgeq.recipe import Recipe
     from edgeq.runtime import load_onnx

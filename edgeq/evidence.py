@@ -1,7 +1,7 @@
 """The rule behind every timed decision: when a measurement may move a file away from the default.
 
 Every timed decision of an export compares paired ratios (candidate / reference, one per round of
-alternating windows: edgeq.verify.measure) with a threshold: keep a layer in fp32 when that is
+alternating windows: edgeq.timing) with a threshold: keep a layer in fp32 when that is
 faster, use per-tensor weight scales when they are faster, drop an int8 file that is slower than
 its fp32 parent. The defaults are int8, per-channel and ship. The machines are shared: a burst on
 the other core can slow a whole window by 1.3-2x, and the load moves from minute to minute. So:

@@ -17,9 +17,10 @@ from edgeq.errors import ManifestError
 # fp32 parent and deleted (such an entry also holds `latency_vs_parent`)
 SKIP_KINDS = ("not_built", "slower_than_parent", "below_accuracy_bar")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the validation split (val.npz), each file's contract, golden outputs
 MANIFEST_NAME = "manifest.json"
 EVAL_NAME = "eval.npz"  # the evaluation set, inputs exactly as fed and labels: verify needs nothing else
+VAL_NAME = "val.npz"  # the validation split every accuracy decision was made on: verify re-checks the contract on it
 
 _ARTIFACT_REQUIRED = [
     "name", "file", "format", "precision", "model", "architecture", "parent", "quantization", "pruning",
@@ -55,10 +56,20 @@ SCHEMA: dict = {
         "preprocessing": {"type": "object"},
         "dataset": {
             "type": "object",
-            "required": ["source", "train_size", "test_size", "eval"],
+            "required": ["source", "train_size", "test_size", "eval", "val"],
             "properties": {
                 "test_size": {"type": "integer", "minimum": 1},
                 "eval": {
+                    "type": "object",
+                    "required": ["file", "samples", "bytes", "sha256"],
+                    "properties": {
+                        "file": {"type": "string", "minLength": 1},
+                        "samples": {"type": "integer", "minimum": 1},
+                        "bytes": {"type": "integer", "minimum": 0},
+                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    },
+                },
+                "val": {
                     "type": "object",
                     "required": ["file", "samples", "bytes", "sha256"],
                     "properties": {
@@ -91,6 +102,13 @@ SCHEMA: dict = {
                     "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                     "accuracy": {"type": "number", "minimum": 0, "maximum": 1},
                     "runtime": {"type": "object"},
+                    "val_accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                    "contract": {"type": ["object", "null"], "required": ["split", "samples", "correct", "bars"],
+                                 "properties": {"samples": {"type": "integer", "minimum": 1},
+                                                "correct": {"type": "integer", "minimum": 0},
+                                                "bars": {"type": "array", "items": {
+                                                    "type": "object",
+                                                    "required": ["relative_to", "max_drop_points", "drop_points"]}}}},
                 },
             },
         },
@@ -104,6 +122,7 @@ SCHEMA: dict = {
                 "replayed": {"type": "boolean"},
             },
         },
+        "golden": {"type": ["object", "null"]},  # edgeq.golden: inputs and each file's outputs, for a device
         "skipped": {
             "type": "array",
             "items": {"type": "object", "required": ["name", "reason"],
@@ -136,12 +155,14 @@ class Artifact:
     nonzero_params: int
     bytes: int
     sha256: str
-    accuracy: float  # on the test split, measured from the file in its own runtime
+    accuracy: float  # on the test split, measured from the file in its own runtime: reported, never decided on
     runtime: dict  # how to run it: engine and session settings
     macs: int = 0
     recommended: bool = False
     notes: str = ""
     decisions: list = field(default_factory=list)  # per-layer precision decisions with measured reasons
+    val_accuracy: float | None = None  # on the validation split (val.npz), where every decision was made
+    contract: dict | None = None  # the bars it was shipped within, on the validation split (edgeq.policy)
 
 
 @dataclass
@@ -156,12 +177,14 @@ class Manifest:
     skipped: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     plan: dict | None = None  # {file, bytes, sha256, replayed}: plan.json beside the manifest
+    golden: dict | None = None  # edgeq.golden's entry: golden inputs and every file's outputs on them
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["plan"] is None:
-            del d["plan"]
+        for key in ("plan", "golden"):
+            if d[key] is None:
+                del d[key]
         return {"schema_version": d.pop("schema_version"), **d}
 
     def to_json(self) -> str:
@@ -182,7 +205,9 @@ class Manifest:
 
     def listed_files(self) -> list[str]:
         """Every file the manifest vouches for, relative to its directory: artifacts, the eval set, the plan."""
-        return [a.file for a in self.artifacts] + [self.dataset["eval"]["file"]] + ([self.plan["file"]] if self.plan else [])
+        golden = [f["file"] for f in (self.golden or {}).get("files", [])]
+        return ([a.file for a in self.artifacts] + [self.dataset["eval"]["file"], self.dataset["val"]["file"]]
+                + ([self.plan["file"]] if self.plan else []) + golden)
 
     def artifact(self, name: str) -> Artifact:
         for a in self.artifacts:

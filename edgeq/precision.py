@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.policy import NOISE_MARGIN
 from edgeq.evidence import RULE, Decision, Evidence, Rule, decide
-from edgeq.export import QDQConfig, quantize_onnx
+from edgeq.onnx_quant import QDQConfig, quantize_onnx
 from edgeq.runtime import load_onnx, ort_session_options
+from edgeq.timing import ort_timing_options as timing_options
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -37,13 +39,14 @@ class SearchConfig:
     # what counts as faster or slower. Within one export a paired median is tight (intervals of 1-3%),
     # but between exports under a changing load it moved by up to 5% here (the CNN's per-tensor vs
     # per-channel ratio read 0.95-0.97 at batch 1 over five exports): a smaller margin let that flip.
-    min_gain: float = 0.05
+    min_gain: float = NOISE_MARGIN
     calibration_samples: int = 128  # trial models only need realistic ranges, not the best ones
     threads: int = 1
     max_agreement_loss: float = 0.002  # per-tensor scales may change at most 0.2% of top-1 predictions
     budget_s: float = math.inf  # wall time after which the remaining candidates keep the default (int8)
     # a layer is tried in fp32 only while the file stays within this fraction of its fp32 parent's bytes
     max_size_ratio: float = math.inf
+    qdq: QDQConfig = QDQConfig()  # the target's format (edgeq.onnx_quant.TARGET_FORMATS): the default every layer starts from
 
 
 def compute_nodes(onnx_path: Path) -> list[tuple[str, str]]:
@@ -59,7 +62,7 @@ def weight_elements(onnx_path: Path, crop_padding: bool = False) -> dict[str, in
     bytes more than in int8."""
     import onnx
 
-    from edgeq.export import crop_padding_taps
+    from edgeq.onnx_quant import crop_padding_taps
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     if crop_padding:
@@ -124,12 +127,6 @@ def inspect_runtime_graph(onnx_path: Path, threads: int = 1) -> dict:
             "dequantize_nodes": boundaries}
 
 
-def timing_options(threads: int) -> dict | None:
-    """onnxruntime settings for timing sessions against each other: with more than one thread, worker
-    threads do not spin, or one session's idle workers slow the next one timed."""
-    return {"config_entries": {"session.intra_op.allow_spinning": "0"}} if threads > 1 else None
-
-
 def _score(ratios: dict[int, float]) -> float:
     """Geometric mean of the ratios over the batch sizes: one number to minimise."""
     return math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
@@ -157,7 +154,7 @@ def _agreement(ref_top1: np.ndarray, cand, images: np.ndarray) -> float:
 def three_way(parent, best, cand, inputs: dict[int, np.ndarray], cfg: SearchConfig):
     """A block of rounds: parent, current best and candidate timed in the same alternating rounds;
     per-round ratios under ('best'|'cand'|'cand_vs_best', batch)."""
-    from edgeq.verify.measure import round_ratios, timed_rounds
+    from edgeq.timing import round_ratios, timed_rounds
 
     def block(rounds: int) -> dict:
         out: dict = {}
@@ -267,7 +264,7 @@ def fused_aliases(onnx_path: Path, names: list[str]) -> dict[str, str]:
     with the activation after it is named after the activation's output ('<Clip output>_nchwc')."""
     import onnx
 
-    from edgeq.export import _consumers
+    from edgeq.onnx_quant import _consumers
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     users = _consumers(graph)
@@ -321,7 +318,7 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
             return load_onnx(path, cfg.threads, timing_options(cfg.threads))
 
         t0 = time.perf_counter()
-        best_cfg = QDQConfig()
+        best_cfg = cfg.qdq
         best = build(best_cfg, "int8")
         nodes = compute_nodes(fp32_path)
         order = {node: i for i, (node, _) in enumerate(nodes)}

@@ -27,8 +27,8 @@ import torch
 from torch import fx, nn
 
 from edgeq.errors import ConfigError, ExportError, QuantizeError, first_line
+from edgeq.recipe import MODES
 
-MODES = ("dynamic", "static", "qat")
 ENGINES = ("x86", "fbgemm", "qnnpack")
 _TWIN = "edgeq.qat_float"  # key of the QAT float twin in the int8 GraphModule's `meta`
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -30,7 +30,16 @@ VARIANTS = PRUNINGS + MODES
 UNSTRUCTURED_METHODS = ("l1", "random")
 ALLOCATIONS = ("uniform", "sensitivity")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantization.CalibrationMethod
+TARGETS = ("x86", "arm64")
+SHIP_RULES = ("timed", "always")
+MAX_BATCH = 4096  # a timed batch larger than this is a typo, not a deployment: refused before any work
 DEFAULT_EVAL_SAMPLES = 10_000  # the test split shipped in eval.npz: all of it up to this many samples
+
+
+def build_machine_target() -> str:
+    import platform
+
+    return "arm64" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
 
 
 def _check(ok: bool, message: str) -> None:
@@ -100,6 +109,15 @@ class Recipe:
     calibration_methods: tuple[str, ...] = ("MinMax", "Entropy", "Percentile")
     calibration_sizes: tuple[int, ...] = (128, 512)  # samples (at most calibration_samples are drawn)
     max_accuracy_drop: float = 0.5  # points below its fp32 parent an int8 file may lose; more: layers go fp32
+    # points below the family's fp32 model a pruned file may lose (on the validation split, after its
+    # fine-tune): the pruning amount is searched down from the one asked until it holds, else not shipped
+    max_pruning_drop: float = 0.5
+    pruning_steps: int = 4  # pruning amounts tried at most per pruned variant (the asked one first)
+    pruning_budget_s: float = 600.0  # wall time of the pruning search per pruned variant (fine-tunes included)
+    # the validation split every accuracy decision is made on, when compress() is given no `val`: a
+    # stratified, seeded fraction of `train` held out from calibration, fine-tunes and QAT
+    val_fraction: float = 0.2
+    target: str = ""  # x86 | arm64: the int8 formats the files are built for ("": the build machine's)
     sensitivity: bool = True  # measure per-layer quantization and per-group pruning sensitivity
     # wall time of the per-layer quantization sensitivity per model, shared by its fp32 parents (about
     # two int8 builds per layer: resnet18 at 32x32 measures ~12 of its 21 layers per parent in 60 s)
@@ -107,7 +125,9 @@ class Recipe:
     threads: int = 1  # the deployment's thread count: int8 decisions are timed at it
     batches: tuple[int, ...] = (1, 256)  # batch sizes every int8 decision and the ship rule are timed at
     deployment_batch: int = 1  # the batch size the deployment runs (one of `batches`): `recommended` is fastest at it
-    ship_limit: float = 1.05  # an int8 file slower than its fp32 parent by more than this ratio is not shipped
+    # timed: an int8 file shown slower than its fp32 parent (edgeq.policy's noise margin) is not shipped;
+    # always: every int8 file within the bars ships untimed (a build whose files depend on no timing)
+    ship_rule: str = "timed"
     search_budget_s: float = 120.0  # wall time of the mixed-precision search per model, shared by its fp32 parents
     # an int8 ONNX file keeps layers in fp32 for speed only while it stays within this fraction of its
     # fp32 parent's bytes; layers kept in fp32 for the accuracy bar come first and may exceed it
@@ -116,6 +136,7 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "target", self.target or build_machine_target())
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "batches", tuple(int(b) for b in self.batches))
         object.__setattr__(self, "calibration_methods", tuple(self.calibration_methods))
@@ -135,7 +156,16 @@ class Recipe:
                "calibration_methods and calibration_sizes need at least one entry each, sizes >= 1")
         _check(math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
                f"max_accuracy_drop is in points (0-100), got {self.max_accuracy_drop}")
-        _check(self.ship_limit >= 1.0, f"ship_limit must be >= 1.0 (a ratio to the fp32 parent), got {self.ship_limit}")
+        _check(math.isfinite(self.max_pruning_drop) and 0 <= self.max_pruning_drop <= 100,
+               f"max_pruning_drop is in points (0-100), got {self.max_pruning_drop}")
+        _check(1 <= self.pruning_steps <= 20, f"pruning_steps must be in [1, 20], got {self.pruning_steps}")
+        _check(math.isfinite(self.pruning_budget_s) and self.pruning_budget_s > 0,
+               f"pruning_budget_s must be a number of seconds > 0, got {self.pruning_budget_s}")
+        _check(0 < self.val_fraction < 1, f"val_fraction is a fraction of train in (0, 1), got {self.val_fraction}")
+        _check(self.ship_rule in SHIP_RULES, f"unknown ship_rule {self.ship_rule!r}: choose {', '.join(SHIP_RULES)}")
+        _check(self.target in TARGETS, f"unknown target {self.target!r}: choose {', '.join(TARGETS)}")
+        _check(all(b <= MAX_BATCH for b in self.batches),
+               f"batches {list(self.batches)}: at most {MAX_BATCH} samples per timed batch")
         _check(0 < self.max_int8_size_ratio <= 1 and math.isfinite(self.max_int8_size_ratio),
                f"max_int8_size_ratio is a fraction of the fp32 parent's size in (0, 1], got {self.max_int8_size_ratio}")
         _check(self.sensitivity_budget_s > 0, f"sensitivity_budget_s must be > 0, got {self.sensitivity_budget_s}")

@@ -28,25 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.data import first_samples
-from edgeq.export import QDQConfig, quantize_onnx
+from edgeq.onnx_quant import QDQConfig, quantize_onnx
 from edgeq.runtime import load_onnx
-from edgeq.verify.measure import agreement, correct_count, sqnr_db
-
-CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantization.CalibrationMethod names
-
-
-def score(logits: np.ndarray, labels: np.ndarray, ref: np.ndarray) -> dict:
-    """Accuracy (and the integer count behind it), agreement and SQNR against the fp32 parent's logits."""
-    correct = correct_count(logits, labels)
-    sqnr = sqnr_db(ref, logits)
-    return {"correct": correct, "accuracy": round(correct / len(labels), 6), "agreement": round(agreement(ref, logits), 6),
-            "sqnr_db": round(sqnr, 2) if np.isfinite(sqnr) else None}
-
-
-def drop_points(parent_correct: int, correct: int, n: int) -> float:
-    """Accuracy lost against the parent, in points (negative: a gain)."""
-    return round(100.0 * (parent_correct - correct) / n, 4)
-
+from edgeq.metrics import drop_points, score
 
 class Evaluator:
     """Quantizes an fp32 ONNX parent with given settings and scores the result on the evaluation data."""
@@ -160,27 +144,25 @@ def ranking(rows: list[dict]) -> list[str]:
     return [r["node"] for r in sorted(rows, key=key)]
 
 
-def meet_bar(build: Callable[[tuple[str, ...]], dict], start: tuple[str, ...], order: list[str], parent_correct: int,
-             n: int, bar_points: float) -> dict:
-    """Keep layers in fp32, most sensitive first, until `build(fp32_nodes)`'s file is within `bar_points`
-    of the parent. At least one layer stays int8 (`order` holds every layer): a file with none is
-    not an int8 file. Returns the fp32 layers added, the drop reached and each step tried."""
+def meet_bar(build: Callable[[tuple[str, ...]], dict], start: tuple[str, ...], order: list[str],
+             accept: Callable[[dict], tuple[bool, float]], bar_points: float) -> dict:
+    """Keep layers in fp32, most sensitive first, until `build(fp32_nodes)`'s file is accepted:
+    `accept(score) -> (met, drop against the parent)` applies the contract (edgeq.policy). At least one
+    layer stays int8 (`order` holds every layer): a file with none is not an int8 file. Returns the
+    fp32 layers added, the drop reached and each step tried."""
     nodes = tuple(start)
-    s = build(nodes)
-    drop = drop_points(parent_correct, s["correct"], n)
-    steps = [{"fp32_nodes_added": [], "drop_points": drop}]
+    met, drop = accept(build(nodes))
+    steps = [{"fp32_nodes_added": [], "drop_points": drop, "met": met}]
     added: list[str] = []
     for node in order:
-        if drop <= bar_points + 1e-9:
+        if met:
             break
         if node in nodes:
             continue
         if len(set(nodes) | {node}) >= len(set(order) | set(start)):
             break  # the last int8 layer: no int8 file meets the bar
         nodes, added = nodes + (node,), added + [node]
-        s = build(nodes)
-        drop = drop_points(parent_correct, s["correct"], n)
-        steps.append({"fp32_nodes_added": list(added), "drop_points": drop})
-    met = drop <= bar_points + 1e-9
+        met, drop = accept(build(nodes))
+        steps.append({"fp32_nodes_added": list(added), "drop_points": drop, "met": met})
     return {"met": met, "bar_points": bar_points, "drop_points": drop, "fp32_nodes_added": added if met else [],
             "best_drop_points": min(st["drop_points"] for st in steps), "steps": steps}

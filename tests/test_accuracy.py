@@ -136,7 +136,7 @@ def test_recommended_is_the_fastest_file_within_the_bar_and_the_smallest_is_name
 
 
 def test_sensitivity_takes_stem_and_head_first_and_stops_at_its_budget(hard, digits):
-    from edgeq.export import QDQConfig
+    from edgeq.onnx_quant import QDQConfig
     from edgeq.sensitivity import Evaluator, ends_first, layer_sensitivity
 
     assert [n for n, _ in ends_first([(c, "Conv") for c in "abcde"])] == ["a", "e", "b", "d", "c"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from edgeq.data import Arrays, batches, sample
-from edgeq.export import QDQConfig, export_onnx, float_outputs, quantize_onnx, relu_before_maxpool
+from edgeq.export import export_onnx
+from edgeq.onnx_quant import QDQConfig, float_outputs, quantize_onnx, relu_before_maxpool
 from edgeq.examples.mnist import CNN, Preprocessing, load_data
 from edgeq.evidence import Evidence, Rule, decide, median_interval
 from edgeq.precision import (SearchConfig, compute_nodes, inspect_runtime_graph, layer_verdict, optimized_ops,
@@ -17,7 +18,7 @@ from edgeq.precision import (SearchConfig, compute_nodes, inspect_runtime_graph,
 from edgeq.runtime import load_onnx
 from edgeq.recipe import Finetune
 from edgeq.train import fit
-from edgeq.verify.measure import sqnr_db
+from edgeq.metrics import sqnr_db
 
 PRE = Preprocessing()
 FAST = SearchConfig(batches=(1, 64), rule=Rule(confidence=0.8, block_rounds=4, max_blocks=2), window_s=0.01)
@@ -248,7 +249,7 @@ def test_a_layer_that_would_take_the_file_past_the_size_limit_is_never_timed(cnn
 def test_kernel_taps_that_only_see_padding_are_cut_without_changing_the_outputs(tmp_path):
     from onnx import helper, numpy_helper
 
-    from edgeq.export import crop_padding_taps
+    from edgeq.onnx_quant import crop_padding_taps
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(  # 4x4 -> 2x2 -> 1x1 -> 1x1: the last two convs read mostly padding

@@ -218,7 +218,8 @@ def test_qat_float_twin(quantized, digits, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from edgeq.export import QDQConfig, export_onnx, quantize_onnx
+    from edgeq.export import export_onnx
+    from edgeq.onnx_quant import QDQConfig, quantize_onnx
 
     fp32 = export_onnx(twin, tmp_path / "twin.onnx", torch.from_numpy(test_x[:1]))  # torch.onnx.export(dynamo=False, opset 17)
     qdq = quantize_onnx(fp32, tmp_path / "twin-qdq.onnx", [train_x[:32]], QDQConfig())

@@ -21,7 +21,8 @@ from edgeq.verify.command import verify as verify_command
 from edgeq.verify.core import gate
 from edgeq.verify.rows import NO_CUDA, Row
 from edgeq.verify.worker import Worker
-from edgeq.verify.measure import paired_latency, sqnr_db
+from edgeq.metrics import sqnr_db
+from edgeq.timing import paired_latency
 from edgeq.verify.plot import pareto_front, write_plot
 from edgeq.verify.report import REPORT_SCHEMA, markdown, table, to_json
 

@@ -1,0 +1,209 @@
+"""What the stages of one build share: the data splits, the decisions, the lineage, and per model
+its recipe's narrowed settings, budgets and the validation logits of the files already written.
+
+`Family.record` is the one way a written file enters the manifest: it runs the file in its own
+runtime on the validation and test splits, checks its outputs are finite, judges it against the
+contract (edgeq.policy) on the validation split, and either records it or deletes it and says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeq import policy, runtime
+from edgeq.data import Arrays
+from edgeq.decisions import Decisions
+from edgeq.errors import ConfigError
+from edgeq.lineage import FloatVariant, Lineage, file_of, name_of
+from edgeq.manifest import Artifact, sha256_file
+from edgeq.metrics import agreement, correct_count, finite
+from edgeq.plan import FamilyPlan
+from edgeq.recipe import Finetune, Recipe
+from edgeq.train import fit
+
+FinetuneFn = Callable[[nn.Module, tuple[np.ndarray, np.ndarray], int], nn.Module]
+
+
+class FinetuneError(ConfigError):
+    """The caller's finetune callable broke its contract: stops the whole export."""
+
+
+@dataclass(frozen=True)
+class Splits:
+    """train feeds calibration, fine-tunes and QAT; val every accuracy decision; test is only reported."""
+
+    train: Arrays
+    val: Arrays
+    test: Arrays
+    val_source: dict  # how val was obtained: given, or held out of train (fraction, seed, stratified)
+
+
+@dataclass(frozen=True)
+class Bars:
+    """The contract's bars, in points (edgeq.policy)."""
+
+    max_accuracy_drop: float
+    max_pruning_drop: float
+
+    def of(self, kind: str, pruned: bool) -> list[tuple[str, float]]:
+        return policy.bars(kind, pruned, self.max_accuracy_drop, self.max_pruning_drop)
+
+
+@dataclass
+class Budget:
+    """Seconds shared by the parents still to be measured: each gets an equal share of what is left,
+    so what one leaves unused carries over to the next."""
+
+    seconds: float
+    parents: int
+
+    def share(self) -> float:
+        return self.seconds / max(self.parents, 1)
+
+    def spend(self, seconds: float) -> None:
+        self.seconds, self.parents = max(self.seconds - seconds, 0.0), max(self.parents - 1, 0)
+
+
+@dataclass
+class Build:
+    """One export: where it writes, the data, the decisions and what it has recorded so far."""
+
+    dir: Path
+    splits: Splits
+    decisions: Decisions
+    lineage: Lineage
+    user_finetune: FinetuneFn | None = None
+    progress: bool = True
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def log(self) -> Callable[[str], None]:
+        return self.lineage.log
+
+    @property
+    def replaying(self) -> bool:
+        return self.decisions.replaying
+
+    def finetuner(self, spec: Finetune, seed: int, desc: str) -> Callable[..., nn.Module]:
+        """A fine-tune step `run(model, on_epoch=None)`: the user's `finetune` when given, else edgeq's own
+        loop with `spec` (`on_epoch(model, epoch)` is called before each epoch of edgeq's loop only)."""
+        train = self.splits.train
+
+        def run(model: nn.Module, on_epoch: Callable[[nn.Module, int], None] | None = None) -> nn.Module:
+            if self.user_finetune is not None:
+                out = self.user_finetune(model, (np.array(train.x), np.array(train.y)), spec.epochs)
+                if not isinstance(out, nn.Module):
+                    raise FinetuneError(f"finetune returned {type(out).__name__}; it must return the fine-tuned "
+                                        "nn.Module")
+                return out.eval()
+            return fit(model, train, spec, seed=seed, desc=desc, progress=self.progress, on_epoch=on_epoch,
+                       copy_model=False)
+
+        return run
+
+
+@dataclass
+class Family:
+    """One model of the build and the state its stages share."""
+
+    build: Build
+    name: str
+    recipe: Recipe
+    example: torch.Tensor  # one input [1, ...]
+    plan: FamilyPlan
+    calibration: list[np.ndarray] = field(default_factory=list)
+    budgets: dict[str, Budget] = field(default_factory=dict)
+    val_logits: dict[str, np.ndarray] = field(default_factory=dict)  # artifact name -> its logits on val
+
+    @property
+    def bars(self) -> Bars:
+        return Bars(self.recipe.max_accuracy_drop, self.recipe.max_pruning_drop)
+
+    @property
+    def val(self) -> Arrays:
+        return self.build.splits.val
+
+    def path(self, variant: str, fmt: str) -> Path:
+        return self.build.dir / file_of(self.name, variant, fmt)
+
+    def val_correct(self, name: str) -> int | None:
+        logits = self.val_logits.get(name)
+        return None if logits is None else correct_count(logits, self.val.y)
+
+    def contract(self, fmt: str, precision: str, pruned: bool, parent: str | None, method: str | None,
+                 logits: np.ndarray) -> dict:
+        """The bars this file is held to, measured on the validation split against the files already
+        recorded (its parent, the family's fp32 file of its format), and whether it meets them."""
+        n, correct = len(self.val), correct_count(logits, self.val.y)
+        refs = {"parent": parent, "fp32": name_of(self.name, "fp32", fmt)}
+        bars = []
+        for ref, points in self.bars.of(precision, pruned):
+            ref_correct = self.val_correct(refs[ref])
+            if ref_correct is None:  # its reference was not shipped: nothing to be held against
+                continue
+            drop = policy.drop_points(ref_correct, correct, n)
+            bars.append({"relative_to": refs[ref], "max_drop_points": points, "drop_points": drop,
+                         "met": policy.within_bar(drop, points)})
+        out = {"split": "val", "samples": n, "correct": correct, "bars": bars, "agreement": None}
+        if precision == "int8" and policy.keeps_parent_weights(method) and parent in self.val_logits:
+            value = round(agreement(self.val_logits[parent], logits), 6)
+            out["agreement"] = {"relative_to": parent, "min": policy.MIN_AGREEMENT, "value": value,
+                                "met": policy.within_agreement(value)}
+        out["met"] = all(b["met"] for b in bars) and (out["agreement"] or {"met": True})["met"]
+        return out
+
+    def record(self, v: FloatVariant, variant: str, fmt: str, *, precision: str, parent: str | None,
+               quantization: dict | None, runtime_info: dict, notes: str = "",
+               fidelity: Callable[[np.ndarray], str | None] | None = None,
+               ship: Callable[[], bool] | None = None) -> Artifact | None:
+        """Measure a written file from disk and record it, or delete it when its outputs are not finite, it
+        is not faithful to what it was built from (`fidelity(val_logits)` returns why), or it breaks the
+        contract; then `ship()` (the speed rule) has the last word."""
+        b, path, name = self.build, self.path(variant, fmt), name_of(self.name, variant, fmt)
+        runner = runtime.load(path, fmt, threads=1, options=runtime.load_options(fmt, runtime_info))
+        with_threads = torch.get_num_threads()
+        try:  # one thread, as `edgeq verify` measures it: the same sums, the same predictions
+            val_logits = runner.predict(np.array(self.val.x))  # writable copies: torch warns on read-only
+            test_logits = runner.predict(np.array(b.splits.test.x))
+        finally:
+            torch.set_num_threads(with_threads)
+        why = None if finite(val_logits) and finite(test_logits) else "its outputs hold NaN or Inf"
+        why = why or (fidelity(val_logits) if fidelity is not None else None)
+        method = (quantization or {}).get("method")
+        contract = self.contract(fmt, precision, v.pruning is not None, parent, method, val_logits)
+        if why is None and not contract["met"]:
+            why = _broken(contract)
+            kind = "below_accuracy_bar"
+        else:
+            kind = "not_built"
+        if why is not None:
+            path.unlink(missing_ok=True)
+            b.lineage.skip(name, why, kind, contract=contract)
+            return None
+        if ship is not None and not ship():  # deleted and listed under skipped by the speed rule
+            return None
+        self.val_logits[name] = val_logits
+        n_test = len(b.splits.test)
+        art = Artifact(
+            name=name, file=path.name, format=fmt, precision=precision, model=self.name,
+            architecture=v.shape["architecture"], parent=parent, quantization=quantization, pruning=v.pruning,
+            params=v.shape["params"][0], nonzero_params=v.shape["params"][1], bytes=path.stat().st_size,
+            sha256=sha256_file(path), accuracy=correct_count(test_logits, b.splits.test.y) / n_test,
+            runtime=runtime_info, macs=v.shape["macs"], notes=notes,
+            val_accuracy=contract["correct"] / contract["samples"], contract=contract)
+        return b.lineage.add(art)
+
+
+def _broken(contract: dict) -> str:
+    parts = [f"{b['drop_points']:.2f} points below {b['relative_to']} (bar {b['max_drop_points']:g})"
+             for b in contract["bars"] if not b["met"]]
+    a = contract.get("agreement")
+    if a and not a["met"]:
+        parts.append(f"top-1 agreement {a['value']:.3f} with {a['relative_to']} (at least {a['min']:g})")
+    return f"on the validation split ({contract['samples']} samples): " + "; ".join(parts)

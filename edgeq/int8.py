@@ -1,0 +1,383 @@
+"""The int8 stage: for each fp32 parent (the model as given, the channel-pruned one) and each mode
+the recipe asks for, a torch.ao int8 TorchScript file and an onnxruntime QDQ int8 file.
+
+Each ONNX file starts from the speed plan of its parent (which layers stay fp32 because that is
+faster, per-channel or per-tensor scales: edgeq.precision), takes the calibration measured best, then
+keeps more layers in fp32, most sensitive first, until it meets the contract on the validation split
+(edgeq.policy). torch.ao has no per-layer fallback here, so a TorchScript file over its bars is not
+shipped. Every file that meets its bars is timed against its parent before it ships (edgeq.speed).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from edgeq import policy
+from edgeq.clock import timed
+from edgeq.context import Family
+from edgeq.data import first_samples
+from edgeq.errors import ExportError
+from edgeq.export import export_onnx, write_torchscript
+from edgeq.floats import attempt, runtime_info
+from edgeq.lineage import FloatVariant, name_of
+from edgeq.onnx_quant import TARGET_FORMATS, QDQConfig, quantize_onnx
+from edgeq.plan import check_layers
+from edgeq.precision import Plan, compute_nodes, inspect_runtime_graph, search_precision
+from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
+from edgeq.recipe import MODES, build_machine_target
+from edgeq.speed import drop_slower, search_config, ships, timed_at
+
+ENGINES = {"x86": "x86", "arm64": "qnnpack"}  # torch.ao's quantized engine per target
+
+
+@dataclass
+class Parent:
+    """An fp32 parent of int8 files and what its int8 files share: the speed plan, the tuning."""
+
+    v: FloatVariant
+    onnx_ok: bool
+    plan: Plan | None = None
+    tuned: dict | None = None
+    evaluator: object = None
+    notes: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
+
+
+def cross_target(fam: Family) -> bool:
+    """Files built for a CPU other than this one: nothing timed here says anything about the target."""
+    return fam.recipe.target != build_machine_target()
+
+
+def build(fam: Family, parents: list[tuple[FloatVariant, bool]]) -> None:
+    """Every int8 file of every parent, in order."""
+    modes = [m for m in MODES if m in fam.recipe.variants]
+    for v, onnx_ok in parents:
+        parent = Parent(v, onnx_ok)
+        try:
+            for mode in modes:
+                _one(fam, parent, mode)
+        finally:
+            parent.close()
+
+
+def _one(fam: Family, parent: Parent, mode: str) -> None:
+    v = parent.v
+    variant = ("" if v.key == "fp32" else f"{v.key}-") + mode
+    qc = QuantConfig(mode, engine=ENGINES[fam.recipe.target], calibration_samples=sum(map(len, fam.calibration)))
+    qat_ft = fam.build.finetuner(fam.recipe.qat, fam.recipe.seed + 2, f"{fam.name}: QAT {v.key}")
+    with timed(fam.build.timings, f"{fam.name}.quantize_s"):
+        q = attempt(fam, name_of(fam.name, variant, "torchscript"),
+                    lambda: quantize(v.model, qc, fam.example, fam.calibration, qat_ft))
+    onnx_name = name_of(fam.name, variant, "onnx")
+    if q is None:
+        fam.build.lineage.skip(onnx_name, "its torch int8 model could not be built (see "
+                               f"{name_of(fam.name, variant, 'torchscript')} under skipped)")
+        return
+    if mode != "dynamic" and parent.onnx_ok and parent.plan is None:
+        parent.plan = attempt(fam, onnx_name, lambda: speed_plan(fam, parent))
+    with timed(fam.build.timings, f"{fam.name}.export_s"):
+        torchscript_int8(fam, v, variant, mode, q, qc)
+        if mode == "dynamic":
+            fam.build.lineage.skip(onnx_name, (
+                "onnxruntime dynamic int8 re-quantizes activations on every call and turns convolutions into "
+                "ConvInteger (~6x slower than fp32 on AVX2); static QDQ is the int8 ONNX variant"))
+        elif not parent.onnx_ok:
+            fam.build.lineage.skip(onnx_name, f"its fp32 parent {name_of(fam.name, v.key, 'onnx')} was not shipped")
+        elif parent.plan is not None:
+            attempt(fam, onnx_name, lambda: onnx_int8(fam, parent, variant, mode, q))
+
+
+def torchscript_int8(fam: Family, v: FloatVariant, variant: str, mode: str, q: nn.Module, qc: QuantConfig) -> None:
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in v.model.modules())
+    notes = ("torch dynamic quantization covers Linear layers only; convolutions stay fp32"
+             if mode == "dynamic" and has_conv else "")
+    name, parent = name_of(fam.name, variant, "torchscript"), name_of(fam.name, v.key, "torchscript")
+    path = fam.path(variant, "torchscript")
+    if attempt(fam, name, lambda: write_torchscript(to_torchscript(q, fam.example), path)) is None:
+        return
+    quant = {**qc.describe(), "timed_at": timed_at(fam)}
+
+    def ship() -> bool:
+        gate = ships(fam, name, "torchscript", fam.path(v.key, "torchscript"), path)
+        quant["latency_vs_parent"] = gate["latency_vs_parent"]
+        return drop_slower(fam, name, parent, path, gate)
+
+    fam.record(v, variant, "torchscript", precision="int8", parent=parent, quantization=quant,
+               runtime_info=runtime_info("torchscript", "int8", engine=qc.engine), notes=notes, ship=ship)
+
+
+def target_qdq(fam: Family) -> QDQConfig:
+    return QDQConfig(**TARGET_FORMATS[fam.recipe.target])
+
+
+def speed_plan(fam: Family, parent: Parent) -> Plan:
+    """Which layers of this parent stay fp32 for speed, and its weight scales: measured on this CPU within
+    the model's search budget (defaults kept when the target is another CPU), or replayed."""
+    onnx_parent = fam.path(parent.v.key, "onnx")
+
+    def measure() -> dict:
+        budget = fam.budgets["search"]
+        share = 1e-9 if cross_target(fam) else budget.share()
+        fam.build.log(f"{fam.name}: measuring which {parent.v.key} layers run faster in int8 on this CPU "
+                      f"(budget {share:.3g} of the model's {fam.recipe.search_budget_s:g} s)")
+        check = fam.build.splits.train.x[:2048]  # training inputs, never test inputs
+        cfg = replace(search_config(fam), budget_s=share, max_size_ratio=fam.recipe.max_int8_size_ratio,
+                      qdq=target_qdq(fam))
+        t0 = time.perf_counter()
+        try:
+            with timed(fam.build.timings, f"{fam.name}.precision_search_s"):
+                plan = search_precision(onnx_parent, fam.calibration, check, cfg, log=fam.build.log)
+        finally:
+            budget.spend(time.perf_counter() - t0)
+        cost = {**plan.cost, "timed_on": ("not the target: the target's defaults are kept (pass a plan made on "
+                                          "the device: python -m edgeq.device plan)") if cross_target(fam) else
+                "this CPU (the manifest's environment)"}
+        return {"qdq": asdict(plan.qdq), "layers": plan.layers, "weights": plan.weights, "cost": cost}
+
+    def replay(rec: dict) -> dict:
+        check_layers(fam.build.decisions.plan.where, fam.name, parent.v.key, [d["node"] for d in rec["layers"]],
+                     [n for n, _ in compute_nodes(onnx_parent)])
+        return rec
+
+    rec = fam.build.decisions.decide(fam.plan.precision, parent.v.key,
+                                     f"layer decisions for {fam.name}'s {parent.v.key} parent", measure, replay)
+    qdq = QDQConfig(**{**rec["qdq"], "exclude_nodes": tuple(rec["qdq"]["exclude_nodes"])})
+    return Plan(qdq, rec["layers"], rec["weights"], rec["cost"])
+
+
+def tuning(fam: Family, parent: Parent) -> dict:
+    """Per fp32 parent: the calibration measured best and the per-layer sensitivity, on the validation
+    split (replayed from the plan); shared by the parent's static and QAT files."""
+    from edgeq.sensitivity import Evaluator
+
+    if parent.tuned is not None:
+        return parent.tuned
+    onnx_parent = fam.path(parent.v.key, "onnx")
+    parent.evaluator = Evaluator(onnx_parent, np.array(fam.val.x), np.asarray(fam.val.y), fam.calibration,
+                                 fam.build.dir)
+    rec = fam.plan.precision[parent.v.key]
+    d = fam.build.decisions
+    with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
+        d.decide(rec, "calibration", f"calibration decision for {fam.name}'s {parent.v.key} parent",
+                 lambda: _calibration(fam, parent))
+        d.decide(rec, "sensitivity", f"sensitivity of {fam.name}'s {parent.v.key} parent",
+                 lambda: _sensitivity(fam, parent, rec["calibration"]))
+    parent.tuned = rec
+    return rec
+
+
+def _calibration(fam: Family, parent: Parent) -> dict:
+    from edgeq.sensitivity import choose_calibration
+
+    fam.build.log(f"{fam.name}: measuring calibration candidates and per-layer sensitivity of {parent.v.key} on "
+                  f"{len(fam.val)} validation samples")
+    cal = choose_calibration(parent.evaluator, parent.plan.qdq, fam.recipe.calibration_methods,
+                             fam.recipe.calibration_sizes)
+    measured = [c for c in cal["candidates"] if "accuracy" in c]
+    fam.build.log(f"  calibration: {cal['method']} on {cal['samples']} samples" + (" (" + ", ".join(
+        f"{c['method']}/{c['samples']} {100 * c['accuracy']:.2f}%" for c in measured) + ")") * bool(measured))
+    return cal
+
+
+def _sensitivity(fam: Family, parent: Parent, cal: dict) -> dict:
+    from edgeq.sensitivity import layer_sensitivity, ranking
+
+    nodes, rows, share = compute_nodes(fam.path(parent.v.key, "onnx")), [], None
+    if fam.recipe.sensitivity:
+        budget = fam.budgets["sensitivity"]
+        share = budget.share()
+        t0 = time.perf_counter()
+        try:
+            rows = layer_sensitivity(parent.evaluator, replace(parent.plan.qdq, calibrate_method=cal["method"]),
+                                     cal["samples"], nodes, share)
+        finally:
+            budget.spend(time.perf_counter() - t0)
+        for r in rows:
+            fam.build.log(f"  {r['node']}: alone in int8 {-r['only_this_int8_drop_points']:+.2f} pts (SQNR "
+                          f"{r['only_this_int8']['sqnr_db']} dB); alone in fp32 {r['gain_points']:+.2f} pts vs all-int8")
+    measured = {r["node"] for r in rows}
+    return {"layers": rows, "ranking": ranking(rows) if rows else [],
+            "not_measured": [n for n, _ in nodes if n not in measured] if fam.recipe.sensitivity else [],
+            "budget_s": share, "measured_on": f"{len(fam.val)} validation samples, against the fp32 parent "
+                                              f"{name_of(fam.name, parent.v.key, 'onnx')}"}
+
+
+def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module) -> None:
+    """The int8 ONNX file: the speed plan's fp32 layers, the calibration measured best, and as many more
+    layers in fp32 (most sensitive first) as the contract needs; not shipped if no int8 file meets it."""
+    v, plan = parent.v, parent.plan
+    path, art_name = fam.path(variant, "onnx"), name_of(fam.name, variant, "onnx")
+    parent_name, onnx_parent = name_of(fam.name, v.key, "onnx"), fam.path(v.key, "onnx")
+    tuned = tuning(fam, parent)
+    cal = tuned["calibration"]
+    calib = first_samples(fam.calibration, cal["samples"])
+    with tempfile.TemporaryDirectory(dir=fam.build.dir) as tmp:
+        if mode == "static":
+            source, names = onnx_parent, None
+            base = replace(plan.qdq, calibrate_method=cal["method"], exclude_nodes=())
+        else:
+            # the QAT weights were learned on torch's per-channel grid: kept per channel whatever the
+            # search chose for the static twin, so the coarser per-tensor grid never overrides them
+            source = export_onnx(qat_float(q), Path(tmp) / "qat-float.onnx", fam.example)
+            names = _node_names(onnx_parent, source)
+            base = replace(plan.qdq, per_channel=True, calibrate_method=cal["method"], exclude_nodes=())
+        bar = accuracy_bar(fam, parent, art_name, mode, source, base, names, calib, path)
+    if not bar["met"]:
+        path.unlink(missing_ok=True)
+        _below_bar(fam, art_name, parent_name, bar)
+        return
+    quant = _describe(fam, plan, bar, base, mode, cal)
+    quant["size_vs_parent"] = _size_check(fam, art_name, path, onnx_parent, bar)
+    graph = inspect_runtime_graph(path)
+    quant["optimized_ops"] = graph.pop("ops")
+    quant.update({"runtime_graph": graph, "search": plan.cost, "timed_at": timed_at(fam)})
+    if not graph["clean"]:
+        fam.build.log(f"  {art_name}: onnxruntime runs it with {graph}")
+
+    def ship() -> bool:
+        gate = ships(fam, art_name, "onnx", onnx_parent, path)
+        quant["latency_vs_parent"] = gate["latency_vs_parent"]
+        return drop_slower(fam, art_name, parent_name, path, gate)
+
+    art = fam.record(v, variant, "onnx", precision="int8", parent=parent_name, quantization=quant,
+                     runtime_info=runtime_info("onnx", "int8"), ship=ship)
+    if art is not None:
+        art.decisions = plan.layers + [{"node": n, "precision": "fp32", "reason": "kept in fp32 to meet the "
+                                        f"accuracy bar of {fam.recipe.max_accuracy_drop:g} points (sensitivity order)"}
+                                       for n in bar["fp32_nodes_added"]]
+
+
+def _describe(fam: Family, plan: Plan, bar: dict, base: QDQConfig, mode: str, cal: dict) -> dict:
+    fp32_nodes = tuple(plan.qdq.exclude_nodes) + tuple(bar["fp32_nodes_added"])
+    qdq = replace(base, per_channel=bar["per_channel"], exclude_nodes=fp32_nodes)
+    scales = plan.weights
+    if mode == "qat":
+        scales = {**plan.weights, "chosen": "per-channel",
+                  "reason": "per-channel: the granularity the QAT weights were learned on"}
+    elif bar["per_channel"] != plan.qdq.per_channel:
+        scales = {**plan.weights, "chosen": "per-channel",
+                  "reason": "per-channel: per-tensor scales (faster) do not meet the accuracy bar"}
+    quant = {**qdq.describe(), "target": fam.recipe.target,
+             "calibration": f"{cal['method']} on {cal['samples']} training samples (measured best of the recipe's "
+                            "candidates on the validation split; see models.*.calibration)",
+             "weight_scales": scales,
+             "accuracy_bar": {"max_drop_points": bar["bar_points"], "drop_points": bar["drop_points"],
+                              "fp32_nodes_for_accuracy": bar["fp32_nodes_added"],
+                              "measured_on": "the validation split, the file as exported"}}
+    if mode == "qat":
+        quant.update({"method": "qat", "weights_from": (
+            "quantization-aware fine-tuning: the torch QAT model's weights (BN folded, learned on an 8-bit "
+            "per-channel grid), re-quantized per channel to onnxruntime's grid"
+            + (" (7-bit, reduce_range)" if qdq.reduce_range else ""))})
+    return quant
+
+
+def accuracy_bar(fam: Family, parent: Parent, art_name: str, mode: str, source: Path, base: QDQConfig,
+                 names: dict | None, calib: list[np.ndarray], path: Path) -> dict:
+    """Whether (and with which extra fp32 layers) the int8 file meets the contract: measured on the file
+    as exported, layers taken in sensitivity order (per-tensor scales give way to per-channel first); or
+    replayed: the plan's layers built once and the result measured again, never copied. Either way the
+    file the decision accepts is left at `path`."""
+    from edgeq.sensitivity import meet_bar
+
+    ev, speed_nodes = parent.evaluator, parent.plan.qdq.exclude_nodes
+    accept = _acceptor(fam, parent, mode)
+
+    def build(per_channel: bool):
+        def run(nodes: tuple[str, ...]) -> dict:
+            qdq = replace(base, per_channel=per_channel, exclude_nodes=tuple(names[x] for x in nodes) if names else nodes)
+            return ev.score_batches(qdq, calib, source, keep=path)
+        return run
+
+    def measure() -> dict:
+        ranked = parent.tuned["sensitivity"]["ranking"]  # then the layers not measured, in graph order
+        order = ranked + [n for n, _ in compute_nodes(fam.path(parent.v.key, "onnx")) if n not in ranked]
+        per_channel = base.per_channel
+        result = meet_bar(build(per_channel), speed_nodes, order, accept, fam.recipe.max_accuracy_drop)
+        if not result["met"] and not per_channel:
+            first, per_channel = result, True
+            result = meet_bar(build(True), speed_nodes, order, accept, fam.recipe.max_accuracy_drop)
+            result["steps"] = [{**st, "per_channel": False} for st in first["steps"]] + result["steps"]
+            result["best_drop_points"] = min(first["best_drop_points"], result["best_drop_points"])
+        return {**result, "per_channel": per_channel}
+
+    def replay(rec: dict) -> dict:
+        if not rec["met"]:
+            return rec
+        met, drop = accept(build(rec["per_channel"])(tuple(speed_nodes) + tuple(rec["fp32_nodes_added"])))
+        return {**rec, "met": met, "drop_points": drop}
+
+    with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
+        result = fam.build.decisions.decide(fam.plan.accuracy, art_name, f"accuracy decision for {art_name}",
+                                            measure, replay)
+    if result["fp32_nodes_added"]:
+        fam.build.log(f"  {art_name}: {len(result['fp32_nodes_added'])} more layer(s) in fp32 to meet the bar of "
+                      f"{fam.recipe.max_accuracy_drop:g} pts: {', '.join(result['fp32_nodes_added'])} "
+                      f"(drop {result['drop_points']:.2f} pts)")
+    return result
+
+
+def _acceptor(fam: Family, parent: Parent, mode: str):
+    """The contract as a test on a candidate's score against its parent (edgeq.policy): within the int8 bar
+    of the parent, within both bars of the family's fp32 file when the parent is pruned, and agreeing with
+    the parent when it keeps the parent's weights (static)."""
+    n, parent_correct = len(fam.val), parent.evaluator.parent["correct"]
+    fp32_correct = fam.val_correct(name_of(fam.name, "fp32", "onnx"))
+    bars = dict(fam.bars.of("int8", parent.v.pruning is not None))
+
+    def accept(s: dict) -> tuple[bool, float]:
+        drop = policy.drop_points(parent_correct, s["correct"], n)
+        met = policy.within_bar(drop, bars["parent"])
+        if "fp32" in bars and fp32_correct is not None:
+            met = met and policy.within_bar(policy.drop_points(fp32_correct, s["correct"], n), bars["fp32"])
+        if policy.keeps_parent_weights(mode):
+            met = met and policy.within_agreement(s["agreement"])
+        return met, drop
+
+    return accept
+
+
+def _below_bar(fam: Family, art_name: str, parent: str, bar: dict) -> None:
+    tried = [", ".join(st["fp32_nodes_added"]) or "none" for st in bar["steps"]]
+    fam.build.lineage.skipped.append({
+        "name": art_name, "kind": "below_accuracy_bar",
+        "reason": (f"no int8 file meets its contract against its fp32 parent {parent} on the validation split "
+                   f"(bar {bar['bar_points']:g} points): the best drop reached is {bar['best_drop_points']:.2f} points, "
+                   f"with fp32 layers tried in sensitivity order ({'; '.join(tried)}); not shipped"),
+        "best_drop_points": bar["best_drop_points"], "steps": bar["steps"]})
+    fam.build.log(f"  {art_name}: not shipped, no int8 plan meets the bar (best drop {bar['best_drop_points']:.2f} pts)")
+
+
+def _size_check(fam: Family, art_name: str, path: Path, parent: Path, bar: dict) -> dict:
+    """The int8 file's bytes over its fp32 parent's, against the recipe's limit. The speed search keeps
+    within it; only layers kept in fp32 for the accuracy bar (or an int8 file that is larger than the
+    limit even with every layer int8) take a file past it, and then the file says why."""
+    limit = fam.recipe.max_int8_size_ratio
+    ratio = round(path.stat().st_size / parent.stat().st_size, 3)  # what is recorded is what is judged
+    out = {"ratio": ratio, "limit": limit, "within": policy.within_size(ratio, limit)}
+    if not out["within"]:
+        added = bar["fp32_nodes_added"]
+        out["reason"] = (f"{len(added)} layer(s) kept in fp32 for the accuracy bar: accuracy comes first" if added else
+                         "over the limit with only the speed plan's fp32 layers (scales, biases and graph overhead)")
+        fam.build.log(f"  {art_name}: {ratio:.2f}x its fp32 parent's size, over the limit of {limit:g}x "
+                      f"({out['reason']})")
+    return out
+
+
+def _node_names(parent: Path, twin: Path) -> dict[str, str]:
+    """The QAT float twin's names for the parent's layers: the twin is the same network traced
+    again (its node names differ), so its Conv/Gemm/MatMul nodes are matched by position."""
+    ours, theirs = compute_nodes(parent), compute_nodes(twin)
+    if [op for _, op in ours] != [op for _, op in theirs]:
+        raise ExportError(f"{twin.name}: the QAT model's compute layers ({len(theirs)}) do not line up with its fp32 "
+                          f"parent's ({len(ours)}), so the measured fp32 layers cannot be carried over")
+    return {a: b for (a, _), (b, _) in zip(ours, theirs)}

@@ -1,0 +1,89 @@
+"""What a build records: each artifact with its parent, what it was measured to keep, and what was
+skipped and why. Nothing here decides; the records are what the manifest and `edgeq verify` read.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgeq.manifest import Artifact
+
+FORMATS = ("torchscript", "checkpoint", "onnx")  # in export order: a checkpoint runs in its TorchScript graph
+EXT = {"checkpoint": "ckpt.pt", "torchscript": "ts.pt", "onnx": "onnx"}
+SHORT = {"checkpoint": "ckpt", "torchscript": "ts", "onnx": "onnx"}
+
+
+def name_of(model: str, variant: str, fmt: str) -> str:
+    return f"{model}-{variant}-{SHORT[fmt]}"
+
+
+def file_of(model: str, variant: str, fmt: str) -> str:
+    return f"{model}-{variant}.{EXT[fmt]}"
+
+
+@dataclass
+class FloatVariant:
+    """A float model variant (the model as given, or a pruned one) and its counts, counted once."""
+
+    key: str  # fp32 | unstructured | structured
+    model: nn.Module
+    pruning: dict | None
+    shape: dict = field(default_factory=dict)  # architecture, params, macs
+
+    @classmethod
+    def of(cls, key: str, model: nn.Module, pruning: dict | None, example: torch.Tensor) -> "FloatVariant":
+        return cls(key, model, pruning, {"architecture": describe(model), "params": count_params(model),
+                                         "macs": count_macs(model, example)})
+
+
+@dataclass
+class Lineage:
+    """The artifacts a build wrote, in order, and the variants it did not ship."""
+
+    log: Callable[[str], None]
+    artifacts: list[Artifact] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def get(self, name: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.name == name), None)
+
+    def add(self, art: Artifact) -> Artifact:
+        self.artifacts.append(art)
+        return art
+
+    def skip(self, name: str, reason: str, kind: str = "not_built", **extra: object) -> None:
+        self.skipped.append({"name": name, "kind": kind, "reason": reason, **extra})
+        self.log(f"  {name}: not shipped ({reason})")
+
+
+def describe(model: nn.Module) -> dict:
+    """The manifest's `architecture` of a model, found by type: class, layer counts, output widths."""
+    kinds: dict[str, int] = {}
+    widths = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+            widths.append(int(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features))
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "layers": kinds, "widths": widths}
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of a float model."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on one sample (Torch-Pruning's counter); 0 if it cannot count."""
+    import torch_pruning as tp
+
+    try:
+        macs, _ = tp.utils.count_ops_and_params(copy.deepcopy(model).eval(), example)
+        return int(macs)
+    except Exception:  # a counter's limitation must not stop an export
+        return 0

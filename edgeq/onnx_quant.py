@@ -1,0 +1,290 @@
+"""onnxruntime QDQ int8: a file in, a file out, in the style of onnxruntime's own quantization tool.
+
+`quantize_onnx(fp32_path, path, calibration, QDQConfig(...))` pre-processes the fp32 file, applies
+exact graph rewrites that let onnxruntime fuse more of the int8 graph (relu before max-pool, padding
+taps cut, float logits), quantizes with `onnxruntime.quantization.quantize_static` and checks the
+result with onnx.checker. The format follows the target the file is built for (`TARGET_FORMATS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import ExportError
+from edgeq.publish import disk_full_as_enospc
+from edgeq.quantize import quiet
+from edgeq.runtime import INPUT_NAME
+
+# Per target, the QDQ format onnxruntime's quantization guide recommends for its kernels:
+# x86 without VNNI runs U8S8 kernels whose 16-bit pair sums can saturate, hence uint8 activations and
+# 7-bit weights (reduce_range); ARM runs S8S8 (int8 activations, symmetric int8 weights) natively and
+# reduce_range would only throw a bit of weight precision away.
+TARGET_FORMATS = {
+    "x86": {"activations": "uint8", "reduce_range": True},
+    "arm64": {"activations": "int8", "reduce_range": False},
+}
+
+
+def check_onnx(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"{path.name} fails onnx.checker: {exc}") from None
+
+
+@dataclass(frozen=True)
+class QDQConfig:
+    """onnxruntime static QDQ quantization settings: int8 weights with uint8 activations (U8S8, x86) or
+    int8 activations (S8S8, ARM); see TARGET_FORMATS."""
+
+    per_channel: bool = True
+    reduce_range: bool = True  # 7-bit weights: avoids u8*s8 pair-sum saturation on AVX2 without VNNI
+    activations: str = "uint8"  # uint8 (U8S8) | int8 (S8S8)
+    calibrate_method: str = "MinMax"
+    exclude_nodes: tuple[str, ...] = ()  # kept in fp32 (mixed precision)
+    # Exact rewrites that let onnxruntime fuse more of the int8 graph:
+    relu_before_pool: bool = True  # int8 Conv->MaxPool->Relu becomes Conv->Relu->MaxPool (max and relu commute)
+    float_outputs: bool = True  # logits leave the last int8 layer as float, not re-quantized to uint8
+    crop_padding: bool = True  # conv kernel taps that only ever see zero padding at the input size are cut (exact in fp32)
+
+    def describe(self) -> dict:
+        return {
+            "method": "static", "runtime": "onnxruntime", "format": "QDQ", "engine": "onnxruntime CPU",
+            "weights": "int8", "activations": self.activations,
+            "calibration": f"{self.calibrate_method}", "per_channel": self.per_channel,
+            "reduce_range": self.reduce_range, "fp32_nodes": list(self.exclude_nodes),
+            "relu_before_pool": self.relu_before_pool, "float_outputs": self.float_outputs,
+            "crop_padding": self.crop_padding,
+        }
+
+
+class CalibrationReader:
+    """onnxruntime's calibration contract: get_next() returns a feed dict, then None."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self._it = iter(batches)
+
+    def get_next(self):
+        batch = next(self._it, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+@contextlib.contextmanager
+def quiet_quantization() -> Iterator[None]:
+    """onnxruntime.quantization logs advice on the root logger, prints its histogram calibrators'
+    progress to stdout, and torch/onnx warn: mute all three, here only."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with quiet(), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_onnx(fp32_path: Path, path: Path, calibration: list[np.ndarray], cfg: QDQConfig = QDQConfig()) -> Path:
+    """fp32 ONNX -> QDQ int8 ONNX with onnxruntime.quantization (pre-processed, then static)."""
+    with quiet_quantization():
+        _quantize_qdq(fp32_path, path, calibration, cfg)
+    check_onnx(path)
+    return path
+
+
+def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cfg: QDQConfig) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, disk_full_as_enospc(path.parent):
+        if cfg.relu_before_pool or cfg.crop_padding:
+            import onnx
+
+            cropped = _cropped(fp32_path) if cfg.crop_padding else None
+            model = onnx.load_from_string(cropped) if cropped is not None else onnx.load(str(fp32_path))
+            changed = cfg.relu_before_pool and relu_before_maxpool(model, skip=set(cfg.exclude_nodes))
+            if changed or cropped is not None:
+                fp32_path = Path(tmp) / "rewritten.onnx"
+                onnx.save(model, str(fp32_path))
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre))
+        quantize_static(
+            str(pre), str(path), CalibrationReader(calibration),
+            quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if cfg.activations == "int8" else QuantType.QUInt8,
+            per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+            calibrate_method=getattr(CalibrationMethod, cfg.calibrate_method),
+            nodes_to_exclude=list(cfg.exclude_nodes),
+        )
+    if cfg.float_outputs:
+        import onnx
+
+        model = onnx.load(str(path))
+        if float_outputs(model):
+            onnx.save(model, str(path))
+
+
+def _cropped(fp32_path: Path) -> bytes | None:
+    """`crop_padding_taps` of a file, serialized (None: nothing to cut). Every trial of one fp32 parent
+    (search, calibration, sensitivity, the bar) quantizes the same file: its shape inference runs once."""
+    st = fp32_path.stat()
+    return _cropped_cached(str(fp32_path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cropped_cached(path: str, size: int, mtime_ns: int) -> bytes | None:
+    import onnx
+
+    model = onnx.load(path)
+    return model.SerializeToString() if crop_padding_taps(model) else None
+
+
+def _consumers(graph) -> dict[str, list]:
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def relu_before_maxpool(model, skip: set[str] = frozenset()) -> int:
+    """Rewrite Conv -> MaxPool -> Relu as Conv -> Relu -> MaxPool in place; returns how many.
+
+    Exact: relu is monotone, so max(relu(x)) == relu(max(x)). In int8, onnxruntime then fuses the
+    Relu into the QLinearConv and pools the uint8 output in NHWC, instead of de-quantizing to pool
+    in fp32. Convs named in `skip` (kept in fp32) are left alone: there the pool must stay in fp32
+    before the QuantizeLinear, or onnxruntime pools in a slow generic uint8 kernel.
+    """
+    graph = model.graph
+    users, outputs = _consumers(graph), {o.name for o in graph.output}
+    nodes, done = list(graph.node), 0
+    for conv in [n for n in nodes if n.op_type == "Conv" and n.name not in skip]:
+        pool = users.get(conv.output[0], [])
+        if len(pool) != 1 or pool[0].op_type != "MaxPool" or len(pool[0].output) != 1:
+            continue
+        pool = pool[0]
+        relu = users.get(pool.output[0], [])
+        if len(relu) != 1 or relu[0].op_type != "Relu" or {conv.output[0], pool.output[0]} & outputs:
+            continue
+        relu = relu[0]
+        pooled, out = pool.output[0], relu.output[0]
+        taken = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.input}
+        inner = f"{relu.name or out}_before_pool"
+        while inner in taken:
+            inner += "_"
+        relu.input[0], relu.output[0] = conv.output[0], inner
+        pool.input[0], pool.output[0] = relu.output[0], out
+        i, j = nodes.index(pool), nodes.index(relu)
+        nodes[i], nodes[j] = relu, pool
+        kept = [v for v in graph.value_info if v.name != pooled]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        done += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return done
+
+
+def crop_padding_taps(model) -> int:
+    """Cut each Conv kernel to the taps that ever read the input, at the model's fixed spatial size;
+    returns how many convs changed.
+
+    Exact for the fp32 graph: a tap that only ever lands on zero padding multiplies zeros at every
+    output position, so dropping it (and shifting the padding by as many taps) changes no output
+    beyond the last bits of a float sum taken in another order. In int8 the per-channel weight scales
+    are then computed over the taps that matter, so the int8 weights differ (they can only gain
+    resolution). It matters when a
+    network built for large images runs small ones: resnet18 at 32x32 runs layer4's 3x3 convs on a
+    1x1 map, where only the centre tap sees data, and the cut kernels hold 9x fewer weights.
+    A conv is left alone when its input's spatial size is unknown, it is dilated or auto-padded,
+    or its weight is shared or not stored in the file.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.value_info, *inferred.input)}
+    weights, users, done = {t.name: t for t in graph.initializer}, _consumers(graph), 0
+    for conv in (n for n in graph.node if n.op_type == "Conv"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        shape = shapes.get(conv.input[0])
+        if (len(conv.input) < 2 or conv.input[1] not in weights or len(users[conv.input[1]]) != 1
+                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+            continue
+        w = numpy_helper.to_array(weights[conv.input[1]])
+        dims = w.ndim - 2
+        if shape is None or len(shape) != w.ndim or any(s is None for s in shape[2:]):
+            continue
+        strides, dilations = attrs.get("strides", [1] * dims), attrs.get("dilations", [1] * dims)
+        pads = attrs.get("pads", [0] * 2 * dims)
+        if any(d != 1 for d in dilations):
+            continue
+        keep, begin, end = [], [], []
+        for size, k, s, pb, pe in zip(shape[2:], w.shape[2:], strides, pads[:dims], pads[dims:]):
+            out = (size + pb + pe - k) // s + 1
+            used = [t for t in range(k) if any(0 <= o * s - pb + t < size for o in range(out))]
+            if not used:  # every window reads padding only: left to onnxruntime as it is
+                break
+            first, k2 = used[0], used[-1] - used[0] + 1
+            b2 = pb - first
+            e2 = max(0, (out - 1) * s + k2 - size - b2)
+            if (size + b2 + e2 - k2) // s + 1 != out:  # the cut must keep every output position
+                break
+            keep.append(slice(first, first + k2))
+            begin.append(b2)
+            end.append(e2)
+        else:
+            if all(sl.stop - sl.start == k for sl, k in zip(keep, w.shape[2:])):
+                continue
+            cut = np.ascontiguousarray(w[(slice(None), slice(None), *keep)])
+            weights[conv.input[1]].CopyFrom(numpy_helper.from_array(cut, conv.input[1]))
+            kept = [a for a in conv.attribute if a.name not in ("kernel_shape", "pads")]
+            del conv.attribute[:]
+            conv.attribute.extend([*kept, helper.make_attribute("kernel_shape", list(cut.shape[2:])),
+                                   helper.make_attribute("pads", begin + end)])
+            done += 1
+    return done
+
+
+def float_outputs(model) -> int:
+    """Drop QuantizeLinear -> DequantizeLinear pairs that feed graph outputs; returns how many.
+
+    The last int8 layer then writes float logits itself (onnxruntime's QGemm/QLinearConv with
+    float output): one node less per call and no rounding of the logits to 256 levels. A pair is
+    left alone when anything else reads the logits or the tensor before the pair.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    users, outputs, done = _consumers(graph), {o.name for o in graph.output}, 0
+    for out in graph.output:
+        dq = producer.get(out.name)
+        if dq is None or dq.op_type != "DequantizeLinear" or users.get(out.name):
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(users.get(q.output[0], [])) != 1:
+            continue
+        source = producer.get(q.input[0])
+        if source is None or len(users.get(q.input[0], [])) != 1 or q.input[0] in outputs:
+            continue
+        source.output[list(source.output).index(q.input[0])] = out.name
+        graph.node.remove(q)
+        graph.node.remove(dq)
+        done += 1
+    if done:  # their scales and zero points are now read by nothing
+        read = {name for n in graph.node for name in n.input}
+        kept = [init for init in graph.initializer if init.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return done

@@ -1,0 +1,95 @@
+"""The one rule book: what ships, what is within a bar, what is slower, what is recommended.
+
+Pure functions over numbers, called by the exporter when it decides and by `edgeq verify` when it
+checks, so that both enforce the same contract. Every rule's constant is named once, here.
+
+The contract of a shipped file, recorded in its manifest entry (`contract`) and re-measured by
+`edgeq verify` on the validation split shipped beside it (`val.npz`):
+- an int8 file loses at most `max_accuracy_drop` points against its fp32 parent;
+- a pruned file loses at most `max_pruning_drop` points against the family's fp32 model, and its
+  int8 children at most the sum of both bars;
+- a post-training int8 file (static or dynamic: it keeps its parent's weights) picks the same class
+  as its parent on at least MIN_AGREEMENT of the samples. A file trained again (QAT, a pruned
+  model's fine-tune) is judged by accuracy only: it is meant to differ from the model it improves on.
+The test split is never read by a decision: its accuracy is only reported.
+"""
+
+from __future__ import annotations
+
+import math
+
+# paired-ratio differences within this margin are timer noise, not a reason to act: the ship rule
+# (an int8 file slower than its parent by more), the mixed-precision search's least gain, verify's
+# "slower" flag and the recommendation's ties
+NOISE_MARGIN = 0.05
+# top-1 agreement a post-training int8 file keeps with its fp32 parent (fidelity rule)
+MIN_AGREEMENT = 0.98
+EPS = 1e-9  # float slack on a comparison of points computed from integer counts
+
+
+def drop_points(ref_correct: int, correct: int, n: int) -> float:
+    """Accuracy lost against a reference on the same n samples, in points (negative: a gain)."""
+    return round(100.0 * (ref_correct - correct) / n, 4)
+
+
+def within_bar(drop: float, bar_points: float) -> bool:
+    return drop <= bar_points + EPS
+
+
+def keeps_parent_weights(method: str | None) -> bool:
+    """Post-training quantization keeps the parent's weights: the fidelity (agreement) rule applies."""
+    return method in ("static", "dynamic")
+
+
+def within_agreement(value: float, minimum: float = MIN_AGREEMENT) -> bool:
+    return value >= minimum - EPS
+
+
+def slower(ratio_low: float, margin: float = NOISE_MARGIN) -> bool:
+    """A candidate is slower than its reference when even the low end of its paired ratio's interval
+    is past 1 + margin."""
+    return ratio_low > 1.0 + margin
+
+
+def not_slower(ratio_high: float, margin: float = NOISE_MARGIN) -> bool:
+    return ratio_high <= 1.0 + margin
+
+
+def within_size(ratio: float, limit: float) -> bool:
+    return ratio <= limit
+
+
+def bars(kind: str, pruned: bool, max_accuracy_drop: float, max_pruning_drop: float) -> list[tuple[str, float]]:
+    """The bars a file is held to, as (reference, points): reference "parent" or "fp32" (the family's
+    fp32 model in the same format). kind: "fp32" (a float file) or "int8"."""
+    if kind == "fp32":
+        return [("fp32", max_pruning_drop)] if pruned else []
+    out = [("parent", max_accuracy_drop)]
+    if pruned:
+        out.append(("fp32", max_accuracy_drop + max_pruning_drop))
+    return out
+
+
+def coarse_split(n: int, bar_points: float) -> str | None:
+    """A warning when one sample of an n-sample split moves accuracy by more than the bar: then the bar
+    can only mean 'not one sample lost'."""
+    step = 100.0 / n
+    if step > bar_points + EPS:
+        return (f"{n} samples: one sample is {step:.2g} points, coarser than the bar of {bar_points:g} points; "
+                "pass more data for the bar to mean anything")
+    return None
+
+
+def recommend(candidates: list[dict], margin: float = NOISE_MARGIN) -> str:
+    """The fastest candidate: {name, median, high (the ratio interval's upper end), accuracy, bytes,
+    reference (bool)}; ratios are against the reference. A candidate counts as faster only with
+    confidence (high < 1) and by more than the margin; candidates within the margin of the fastest are
+    a tie, broken by accuracy, then size."""
+    faster = [c for c in candidates if c["reference"] or (c["high"] < 1.0 and c["median"] < 1 - margin)]
+    best = min(c["median"] for c in faster)
+    tied = [c for c in faster if c["median"] <= best + margin]
+    return max(tied, key=lambda c: (c["accuracy"], -c["bytes"]))["name"]
+
+
+def geometric_mean(ratios: list[float]) -> float:
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))

@@ -1,0 +1,140 @@
+"""The timed decisions of a build: whether an int8 file ships next to its fp32 parent, and which file
+is recommended. Paired ratios (edgeq.timing) at the recipe's threads and batch sizes, on validation
+inputs, judged by edgeq.evidence's rule and edgeq.policy's margin; measured or replayed from the plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeq import policy, runtime
+from edgeq.context import Family
+from edgeq.evidence import Evidence, decide, median_interval
+from edgeq.lineage import name_of
+from edgeq.manifest import Artifact
+from edgeq.precision import SearchConfig
+from edgeq.timing import ort_timing_options, paired_latency, round_ratios, threads, timed_rounds
+
+
+def search_config(fam: Family) -> SearchConfig:
+    r = fam.recipe
+    return SearchConfig(batches=r.batches, threads=r.threads, budget_s=r.search_budget_s)
+
+
+def timed_at(fam: Family) -> dict:
+    """The setting every int8 decision and ratio was measured in (on the CPU the manifest's `environment` names)."""
+    return {"threads": fam.recipe.threads, "batches": list(fam.recipe.batches), "inputs": "validation split"}
+
+
+def timing_inputs(fam: Family) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(0)
+    val = fam.val.x
+    return {n: val[rng.integers(0, len(val), size=n)] for n in fam.recipe.batches}
+
+
+def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
+    """Whether an int8 file ships, and its latency over its fp32 parent: replayed from the plan, or
+    measured (paired, at the recipe's thread count and batch sizes) under edgeq.evidence's rule.
+
+    Shipping is the default. The file is dropped only when its parent is faster beyond the noise
+    margin at some batch size with confidence, confirmed by a second block of rounds.
+    """
+    if fam.recipe.ship_rule == "always":
+        return {"ship": True, "latency_vs_parent": {}, "rule": "always (recipe.ship_rule): not timed"}
+
+    def measure() -> dict:
+        cfg = search_config(fam)
+        inputs = timing_inputs(fam)
+        with threads(cfg.threads):
+            options = ort_timing_options(cfg.threads) if fmt == "onnx" else None
+            # one pair of runners per batch size, as a deployment at one batch size runs them: torch's x86
+            # int8 kernels keep their plan for the first input shape they see (edgeq.verify.latency)
+            pairs = {n: [runtime.load(p, fmt, threads=cfg.threads, options=options) for p in (parent, path)]
+                     for n in inputs}
+
+            def block(rounds: int) -> dict:
+                return {n: paired_latency(pairs[n][0].run, pairs[n][1].run, x, rounds, cfg.window_s)["ratios"]
+                        for n, x in inputs.items()}
+
+            def slower(e: Evidence) -> bool | None:
+                if any(policy.slower(e.lo(n)) for n in inputs):
+                    return True
+                return False if all(policy.not_slower(e.hi(n)) for n in inputs) else None
+
+            d = decide(block, slower, cfg.rule)
+        return {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
+                "evidence": d.summary()}
+
+    return fam.build.decisions.decide(fam.plan.ships, name, f"ship decision for {name}", measure)
+
+
+def drop_slower(fam: Family, name: str, parent: str, path: Path, gate: dict) -> bool:
+    """An int8 file shown slower than its fp32 parent is not shipped: it is deleted and listed under
+    `skipped` with the measured ratios. True when it ships."""
+    if gate["ship"]:
+        return True
+    path.unlink()
+    ratios = ", ".join(f"{v:.2f}x at batch {k}" for k, v in gate["latency_vs_parent"].items())
+    fam.build.lineage.skipped.append({
+        "name": name, "kind": "slower_than_parent",
+        "reason": f"int8 is slower than its fp32 parent {parent} on this CPU ({ratios}, paired, confirmed by a "
+                  "second block of rounds); not shipped",
+        "latency_vs_parent": gate["latency_vs_parent"]})
+    fam.build.log(f"  {name}: not shipped, slower than {parent} ({ratios})")
+    return False
+
+
+def recommend(fam: Family) -> None:
+    """The user's question answered: the fastest ONNX file at the deployment's batch size and thread count
+    among the files shipped (every one is within its bars: the contract); and the smallest, for when size
+    matters more. Both are decisions of the plan: a replay takes them from there.
+
+    Every file is timed against the fp32 ONNX file in the same alternating rounds; edgeq.policy.recommend
+    picks (ties within the noise margin: the more accurate on the validation split, then the smaller).
+    """
+    ours = {a.name: a for a in fam.build.lineage.artifacts if a.model == fam.name}
+
+    def replay(picks: dict | None) -> dict:
+        from edgeq.plan import PlanError
+
+        picks = picks or {}
+        for pick in (picks.get("fastest"), picks.get("smallest")):
+            if pick is not None and pick not in ours:
+                raise PlanError(f"{fam.build.decisions.plan.where}: recommends {pick}, which this build did not "
+                                "produce; re-measure (edgeq export without --plan)")
+        return picks
+
+    picks = fam.build.decisions.decide(fam.plan.__dict__, "recommended", "recommendation",
+                                       lambda: _pick(fam, list(ours.values())), replay)
+    if picks.get("fastest") is not None:
+        ours[picks["fastest"]].recommended = True
+
+
+def _pick(fam: Family, artifacts: list[Artifact]) -> dict:
+    base = next((a for a in artifacts if a.name == name_of(fam.name, "fp32", "onnx")), None)
+    if base is None:
+        return {"fastest": None, "smallest": None, "reason": "no fp32 ONNX file to compare with"}
+    eligible = [base] + [a for a in artifacts if a.format == "onnx" and a is not base]
+    smallest = min(eligible, key=lambda a: (a.bytes, -(a.val_accuracy or 0))).name
+    cfg = search_config(fam)
+    with threads(cfg.threads):
+        runners = [runtime.load(fam.build.dir / a.file, "onnx", threads=cfg.threads,
+                                options=ort_timing_options(cfg.threads)) for a in eligible]
+        x = timing_inputs(fam)[fam.recipe.deployment_batch]
+        rounds = timed_rounds([r.run for r in runners], x, 2 * cfg.rule.block_rounds, cfg.window_s)
+    ratios = {a.name: round_ratios(rounds[i], rounds[0]) for i, a in enumerate(eligible)}
+    stats = {n: (float(np.median(r)), *median_interval(r, cfg.rule.confidence)) for n, r in ratios.items()}
+    fastest = policy.recommend([{"name": a.name, "median": stats[a.name][0], "high": stats[a.name][2],
+                                 "accuracy": a.val_accuracy or 0.0, "bytes": a.bytes, "reference": a is base}
+                                for a in eligible])
+    g = policy.NOISE_MARGIN
+    return {"fastest": fastest, "smallest": smallest, "relative_to": base.name,
+            "deployment": {"batch": fam.recipe.deployment_batch, "threads": fam.recipe.threads},
+            "latency_vs_fp32": {n: round(s[0], 3) for n, s in stats.items()},
+            "evidence": {n: {"median": round(s[0], 3), "interval": [round(s[1], 3), round(s[2], 3)],
+                             "rounds": len(ratios[n])} for n, s in stats.items()},
+            "rule": (f"fastest: lowest median paired ratio to the fp32 ONNX file among the files shipped (each within "
+                     f"its bars) and faster than it with confidence and by more than {g:.0%}; files whose median is "
+                     f"within {g:.0%} of it are a tie, broken by validation accuracy, then size. smallest: fewest bytes")}
