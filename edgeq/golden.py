@@ -247,12 +247,17 @@ def write(directory: Path, inputs: np.ndarray, outputs: Mapping[str, np.ndarray]
     }
 
 
-def read_tensor(path: Path, sha256: str | None = None) -> np.ndarray:
-    """The array of a golden .pb file; with `sha256`, only if the file has that hash (GoldenError if not)."""
+def read_tensor(path: Path, sha256: str | None = None, shown: str | None = None) -> np.ndarray:
+    """The array of a golden .pb file; with `sha256`, only if the file has that hash (GoldenError, naming
+    the file as `shown`, if not)."""
     data = Path(path).read_bytes()
+    shown = shown or Path(path).name
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise GoldenError(f"{path.name}: sha256 differs from the manifest's")
-    return parse_tensor(data)[1]
+        raise GoldenError(f"{shown}: sha256 differs from the manifest's")
+    try:
+        return parse_tensor(data)[1]
+    except GoldenError as exc:
+        raise GoldenError(f"{shown}: not a TensorProto ({exc})") from None
 
 
 def read(directory: Path, entry: Mapping, name: str | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -264,7 +269,7 @@ def read(directory: Path, entry: Mapping, name: str | None = None) -> tuple[np.n
         path = directory / item["file"]
         if not path.is_file():
             raise GoldenError(f"{item['file']}: missing ({what})")
-        array = read_tensor(path, item["sha256"])
+        array = read_tensor(path, item["sha256"], item["file"])
         if list(array.shape) != list(item.get("shape", array.shape)):
             raise GoldenError(f"{item['file']}: shape {list(array.shape)}, the manifest says {item['shape']}")
         return array

@@ -75,7 +75,7 @@ def _check(args: argparse.Namespace) -> int:
     for line in result.failure_lines():
         print(line)
     checked = sum(f.status == "ok" for f in result.files)
-    print(f"{'passed' if result.passed else 'FAILED'}: {checked} files checked, "
+    print(f"{'passed' if result.passed else 'failed'}: {checked} files checked, "
           f"{sum(f.status == 'failed' for f in result.files)} failed, "
           f"{sum(f.status == 'not_checked' for f in result.files)} not checked here ({result.seconds:.1f} s)")
     return 0 if result.passed else 1

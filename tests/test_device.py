@@ -1,0 +1,351 @@
+"""The device side: golden outputs (edgeq.golden) and the torch-free checker (python -m edgeq.device check).
+
+One tiny real export (an MLP on synthetic data, fp32 + static int8, TorchScript and ONNX) is built
+once per session by `bundle()`; tests/test_arm.py checks the same bundle under emulation. Each test
+that damages a file works on its own copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeq import golden
+
+ROOT = Path(__file__).resolve().parents[1]
+_BUNDLE: dict[str, Path] = {}
+BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "click", "matplotlib", "jsonschema", "model_signing")
+
+# Runs `python -m edgeq.device ...` in a process where importing torch (and the other build-machine
+# packages) fails, as on a device that has only numpy and onnxruntime.
+NO_TORCH = """
+import runpy, sys
+BLOCKED = set(sys.argv[1].split(","))
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name}: not installed on this device")
+sys.meta_path.insert(0, Blocker())
+sys.argv = ["edgeq.device"] + sys.argv[2:]
+try:
+    runpy.run_module("edgeq.device", run_name="__main__", alter_sys=True)
+finally:
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    print("LOADED-BLOCKED:", ",".join(loaded))
+"""
+
+
+def _synthetic(n: int = 700, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 1, 16, 16)).astype(np.float32)
+    y = (x.reshape(n, -1) @ rng.normal(size=(256, 10))).argmax(1)
+    return x, y
+
+
+def _model():
+    import torch
+    from torch import nn
+
+    x, y = _synthetic()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    for _ in range(40):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        opt.step()
+    return m.eval(), x, y
+
+
+def _recipe(**target):
+    import dataclasses
+
+    import edgeq
+
+    known = {f.name for f in dataclasses.fields(edgeq.Recipe)}
+    opts = dict(variants=("static",), sensitivity=False, calibration_methods=("MinMax",), calibration_sizes=(64,),
+                calibration_samples=64, batches=(1, 32), search_budget_s=2.0)
+    if "ship_limit" in known:  # the tests need an int8 ONNX file whatever its speed here
+        opts["ship_limit"] = 100.0
+    if "target" in known:
+        opts.update(target)
+    return edgeq.Recipe(**opts)
+
+
+def _add_int8_onnx(directory: Path) -> None:
+    """Where the export did not ship an int8 ONNX file (slower than fp32 here), add one quantized the
+    same way (onnxruntime QDQ, static), listed with its fp32 parent, so that every check has one."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for a in [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"]:
+        model = a["model"]
+        if any(b["format"] == "onnx" and b["precision"] == "int8" and b["model"] == model for b in manifest["artifacts"]):
+            continue
+        x = _synthetic()[0][:64]
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.batches = iter([{"input": x}])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        out = directory / a["file"].replace("fp32", "static")
+        quantize_static(str(directory / a["file"]), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        weight_type=QuantType.QInt8, per_channel=True)
+        manifest["artifacts"].append({**a, "name": a["name"].replace("fp32", "static"), "file": out.name,
+                                      "precision": "int8", "parent": a["name"], "bytes": out.stat().st_size,
+                                      "sha256": golden.sha256_file(out), "recommended": False})
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _add_golden(directory: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("add_golden", ROOT / "tools" / "add_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.add_golden(directory)
+
+
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's tiny export (built on first use): per model target when the recipe has targets."""
+    if "dir" not in _BUNDLE:
+        import edgeq
+
+        m, x, y = _model()
+        import dataclasses
+
+        has_target = "target" in {f.name for f in dataclasses.fields(edgeq.Recipe)}
+        models = {"x86": m, "arm64": m} if has_target else {"mlp": m}
+        recipes = {k: _recipe(target=k) for k in models} if has_target else {"mlp": _recipe()}
+        out = tmp_path_factory.mktemp("device") / "bundle"
+        edgeq.compress(models, train=(x[:500], y[:500]), test=(x[500:], y[500:]), out=out, recipe=recipes,
+                       progress=False, log=lambda _: None)
+        _add_int8_onnx(out)
+        manifest = json.loads((out / "manifest.json").read_text())
+        onnx_names = {a["name"] for a in manifest["artifacts"] if a["format"] == "onnx"}
+        if not onnx_names <= set((manifest.get("golden") or {}).get("outputs", {})):
+            _add_golden(out)  # until every export writes its golden outputs
+        _BUNDLE["dir"] = out
+    return _BUNDLE["dir"]
+
+
+@pytest.fixture(scope="session")
+def device_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bundle(tmp_path_factory)
+
+
+@pytest.fixture
+def copy(device_bundle: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "bundle"
+    shutil.copytree(device_bundle, out)
+    return out
+
+
+def _manifest(d: Path) -> dict:
+    return json.loads((d / "manifest.json").read_text())
+
+
+def _save(d: Path, manifest: dict) -> None:
+    (d / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _rehash(d: Path, name: str) -> None:
+    """Re-write an artifact's size and sha256 in the manifest, as someone hiding a change would."""
+    m = _manifest(d)
+    a = next(a for a in m["artifacts"] if a["name"] == name)
+    a["bytes"], a["sha256"] = (d / a["file"]).stat().st_size, golden.sha256_file(d / a["file"])
+    _save(d, m)
+
+
+def _int8_onnx(d: Path) -> dict:
+    return next(a for a in _manifest(d)["artifacts"] if a["format"] == "onnx" and a["precision"] == "int8")
+
+
+def run_device(*args: str, block: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", NO_TORCH, ",".join(BLOCKED), *args] if block else \
+        [sys.executable, "-m", "edgeq.device", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+# --- golden files ----------------------------------------------------------------------------------------
+
+
+def test_tensorproto_bytes_are_onnx_numpy_helpers_and_read_back():
+    from onnx import TensorProto, helper, numpy_helper
+
+    for a in (np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32), np.arange(-3, 3, dtype=np.int64),
+              np.zeros((0, 4), np.float32), np.array([[1, 2]], np.uint8)):
+        ours = golden.tensor_bytes(a, "logits")
+        assert ours == numpy_helper.from_array(a, "logits").SerializeToString()
+        name, back = golden.parse_tensor(ours)
+        assert name == "logits" and back.dtype == a.dtype and np.array_equal(back, a)
+    typed = helper.make_tensor("t", TensorProto.FLOAT, [2, 2], [1.5, -2, 3, 4]).SerializeToString()
+    assert np.array_equal(golden.parse_tensor(typed)[1], np.array([[1.5, -2], [3, 4]], np.float32))
+    with pytest.raises(golden.GoldenError):
+        golden.parse_tensor(golden.tensor_bytes(np.zeros(4, np.float32), "x")[:-3])
+
+
+def test_write_returns_a_manifest_entry_that_read_checks(tmp_path: Path):
+    x = np.random.default_rng(1).normal(size=(8, 1, 4, 4)).astype(np.float32)
+    outs = {"m-fp32-onnx": np.random.default_rng(2).normal(size=(8, 3)).astype(np.float32)}
+    entry = golden.write(tmp_path, x, outs)
+    assert entry["input"]["file"] == "golden/input_0.pb" and entry["samples"] == 8
+    assert entry["outputs"]["m-fp32-onnx"]["file"] == "golden/m-fp32-onnx/output_0.pb"
+    assert entry["input"]["sha256"] == hashlib.sha256((tmp_path / "golden/input_0.pb").read_bytes()).hexdigest()
+    assert set(entry["tolerances"]) == {"fp32", "int8"} and "measured" in entry["tolerances_from"]
+    json.dumps(entry)  # the manifest stores it as is
+    xi, got = golden.read(tmp_path, entry)
+    assert np.array_equal(xi, x) and np.array_equal(got["m-fp32-onnx"], outs["m-fp32-onnx"])
+    (tmp_path / "golden/m-fp32-onnx/output_0.pb").write_bytes(golden.tensor_bytes(outs["m-fp32-onnx"] + 1, "logits"))
+    with pytest.raises(golden.GoldenError, match="golden/m-fp32-onnx/output_0.pb: sha256 differs"):
+        golden.read(tmp_path, entry)
+    with pytest.raises(golden.GoldenError, match="name"):
+        golden.write(tmp_path, x, {"../evil": outs["m-fp32-onnx"]})
+
+
+def test_compare_counts_a_flip_only_outside_the_logit_tolerance():
+    tol = golden.Tolerance(max_logit_error=1e-3, min_top1_agreement=1.0)
+    ref = np.array([[1.0, 0.9999995, 0.0], [0.0, 1.0, 0.2]], np.float32)  # a near-tie, and a clear case
+    near = ref.copy()
+    near[0, 1] += 1e-6  # the tie swaps within the tolerance: agreement on decided samples stays 1
+    r = golden.compare(ref, near, tol)
+    assert r["ok"] and r["top1_agreement"] == 1.0 and r["top1_agreement_all"] == 0.5 and r["samples_decided"] == 1
+    far = ref.copy()
+    far[1] = [0.0, 0.2, 1.0]
+    assert not golden.compare(ref, far, tol)["ok"]
+
+
+# --- the checker -----------------------------------------------------------------------------------------
+
+
+def test_check_passes_where_torch_cannot_be_imported(device_bundle: Path, tmp_path: Path):
+    report = tmp_path / "report.json"
+    p = run_device("check", str(device_bundle), "--accuracy", "--json", str(report))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "LOADED-BLOCKED: \n" in p.stdout  # nothing of torch, onnx, click, matplotlib was imported
+    r = json.loads(report.read_text())
+    assert r["passed"] and r["runtime"]["onnxruntime"] and r["cpu"]["machine"] and "flags" in r["cpu"]
+    by_format = {}
+    for f in r["files"]:
+        by_format.setdefault(f["format"], []).append(f)
+    assert all(f["status"] == "ok" and f["fidelity"]["ok"] and f["accuracy"] for f in by_format["onnx"])
+    assert all(f["status"] == "not_checked" and "needs torch" in f["note"] for f in by_format["torchscript"])
+    int8 = [f for f in by_format["onnx"] if f["precision"] == "int8"]
+    assert int8 and all(f["speed"]["batches"]["1"]["ratio"] > 0 and f["speed"]["vs"] for f in int8)
+
+
+def test_check_runs_torchscript_where_torch_is_there(device_bundle: Path):
+    from edgeq.device.check import CheckConfig, check
+
+    r = check(device_bundle, CheckConfig(rounds=0))
+    assert r.passed
+    ts = [f for f in r.files if f.format == "torchscript"]
+    assert ts and all(f.status == "ok" and f.fidelity["bit_equal"] for f in ts)
+    assert all(f.status == "not_checked" for f in r.files if f.format == "checkpoint")
+
+
+def test_changed_onnx_weights_with_a_rewritten_sha256_fail_naming_the_file(copy: Path):
+    import onnx
+    from onnx import numpy_helper
+
+    art = _int8_onnx(copy)
+    model = onnx.load(str(copy / art["file"]))
+    weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    w = numpy_helper.to_array(weights[0])
+    weights[0].CopyFrom(numpy_helper.from_array((-w.astype(np.int16)).clip(-127, 127).astype(np.int8), weights[0].name))
+    onnx.save(model, str(copy / art["file"]))
+    _rehash(copy, art["name"])
+    p = run_device("check", str(copy), "--rounds", "0")
+    assert p.returncode == 1
+    fails = [line for line in p.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and fails[0].startswith(f"FAIL {art['file']} ({art['name']}): differs from its golden outputs")
+    assert "Traceback" not in p.stderr
+
+
+def test_edited_golden_outputs_fail_naming_the_file(copy: Path):
+    art = _int8_onnx(copy)
+    path = copy / "golden" / art["name"] / "output_0.pb"
+    out = golden.read_tensor(path)
+    path.write_bytes(golden.tensor_bytes(out + 0.5, "logits"))
+    p = run_device("check", str(copy), "--rounds", "0")
+    assert p.returncode == 1
+    assert [line for line in p.stdout.splitlines() if line.startswith("FAIL")] == [
+        f"FAIL {art['file']} ({art['name']}): golden outputs: golden/{art['name']}/output_0.pb: sha256 differs from "
+        "the manifest's"]
+    # the same edit with its hash re-written in the manifest: the outputs no longer match
+    m = _manifest(copy)
+    m["golden"]["outputs"][art["name"]]["sha256"] = golden.sha256_file(path)
+    _save(copy, m)
+    p = run_device("check", str(copy), "--rounds", "0")
+    assert p.returncode == 1 and f"FAIL {art['file']} ({art['name']}): differs from its golden outputs" in p.stdout
+
+
+def test_each_bad_file_fails_on_its_own_line_and_the_others_are_still_checked(copy: Path, tmp_path: Path):
+    m = _manifest(copy)
+    onnx_arts = [a for a in m["artifacts"] if a["format"] == "onnx"]
+    fp32 = next(a for a in onnx_arts if a["precision"] == "fp32")
+    int8 = next(a for a in onnx_arts if a["precision"] == "int8" and a["model"] == fp32["model"])
+    (copy / "golden" / fp32["name"] / "output_0.pb").unlink()  # a missing golden file
+    (copy / int8["file"]).write_bytes(b"not an onnx model")  # unloadable, its hash re-written
+    _rehash(copy, int8["name"])
+    report = tmp_path / "r.json"
+    p = run_device("check", str(copy), "--rounds", "0", "--json", str(report))
+    assert p.returncode == 1
+    fails = [line for line in p.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 2
+    assert f"FAIL {fp32['file']} ({fp32['name']}): golden outputs: golden/{fp32['name']}/output_0.pb: missing" in fails[0] \
+        or f"FAIL {fp32['file']} ({fp32['name']}): golden outputs: golden/{fp32['name']}/output_0.pb: missing" in fails[1]
+    assert any(f.startswith(f"FAIL {int8['file']} ({int8['name']}): onnxruntime cannot load it (") for f in fails)
+    r = json.loads(report.read_text())
+    others = [f for f in r["files"] if f["format"] == "onnx" and f["name"] not in (fp32["name"], int8["name"])]
+    assert all(f["status"] == "ok" for f in others)  # checked, not skipped
+    assert not r["passed"]
+
+
+def test_an_output_shape_other_than_the_manifests_fails(copy: Path):
+    m = _manifest(copy)
+    model = m["artifacts"][0]["model"]
+    m["models"][model]["classes"].append("extra")
+    _save(copy, m)
+    p = run_device("check", str(copy), "--rounds", "0")
+    assert p.returncode == 1
+    onnx_files = [a["file"] for a in m["artifacts"] if a["format"] == "onnx" and a["model"] == model]
+    for f in onnx_files:
+        assert any(line.startswith(f"FAIL {f} ") and "output shape [64, 10], the manifest's is [64, 11]" in line
+                   for line in p.stdout.splitlines())
+
+
+def test_changed_file_fails_by_hash_and_the_signature_is_checked_without_model_signing(copy: Path, tmp_path: Path):
+    from edgeq import signing
+
+    key, pub = tmp_path / "key.pem", tmp_path / "pub.pem"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)], check=True)
+    subprocess.run(["openssl", "ec", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True)
+    signing.sign_directory(copy, key)
+    p = run_device("check", str(copy), "--rounds", "0", "--public-key", str(pub), "--json", str(tmp_path / "r.json"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["signature"]["status"] == "verified"
+    art = _int8_onnx(copy)
+    with open(copy / art["file"], "ab") as f:
+        f.write(b"\0")
+    p = run_device("check", str(copy), "--rounds", "0", "--public-key", str(pub))
+    assert p.returncode == 1
+    assert f"FAIL edgeq.sig: {art['file']}: changed since signing" in p.stdout
+    assert f"FAIL {art['file']} ({art['name']}): {art['bytes'] + 1} bytes, the manifest says {art['bytes']}" in p.stdout
+
+
+def test_no_manifest_is_one_line_and_exit_1(tmp_path: Path):
+    p = run_device("check", str(tmp_path))
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"error: {tmp_path}/manifest.json: no manifest; copy the whole export folder " \
+                               "(manifest.json included)"
