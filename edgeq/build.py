@@ -110,6 +110,7 @@ def compress(
         b = Build(tmp, splits, decisions, Lineage(log), finetune, options.progress)
         families = {name: _family(b, name, m, recipes[name], specs[name]) for name, m in models.items()}
         manifest = _manifest(b, families, min(r.eval_samples for r in recipes.values()), preprocessing, dataset)
+        manifest.golden = _golden(b, models)
         b.timings["total_s"] = round(time.perf_counter() - t0, 2)
         manifest.write(tmp)  # last: a directory without a manifest is never published
         if options.sign_key is not None:  # after the manifest: the signature covers every file
@@ -279,6 +280,24 @@ def _manifest(b: Build, families: dict, eval_limit: int, preprocessing: dict | N
         plan={"file": PLAN_NAME, "bytes": plan_path.stat().st_size, "sha256": sha256_file(plan_path),
               "replayed": b.replaying},
     )
+
+
+def _golden(b: Build, models: dict[str, nn.Module]) -> dict:
+    """Golden inputs (the first test inputs, as fed) and every file's own outputs on them, for a device
+    to check against (edgeq.golden); the models' own outputs beside them are the reference an fp32 file
+    must reproduce."""
+    from edgeq import golden
+
+    inputs = golden.select(b.splits.test.x)
+    outputs = {}
+    for a in b.lineage.artifacts:
+        runner = runtime.load(b.dir / a.file, a.format, threads=1, options=runtime.load_options(a.format, a.runtime))
+        outputs[a.name] = runner.predict(inputs.copy())
+    reference = {f"{name}-model": predict_logits(copy.deepcopy(m).eval(), inputs) for name, m in models.items()}
+    entry = golden.write(b.dir, inputs, {**outputs, **reference})
+    entry["reference"] = {name.removesuffix("-model"): entry["outputs"].pop(name) for name in reference}
+    entry["reference_is"] = "each model's own outputs (eager PyTorch, eval mode) on the golden inputs"
+    return entry
 
 
 def _write_split(b: Build, file: str, split: Arrays, limit: int) -> dict:

@@ -205,7 +205,9 @@ class Manifest:
 
     def listed_files(self) -> list[str]:
         """Every file the manifest vouches for, relative to its directory: artifacts, the eval set, the plan."""
-        golden = [f["file"] for f in (self.golden or {}).get("files", [])]
+        g = self.golden or {}
+        golden = ([g["input"]["file"]] if "input" in g else []) + [o["file"] for o in g.get("outputs", {}).values()]
+        golden += [o["file"] for o in g.get("reference", {}).values()]
         return ([a.file for a in self.artifacts] + [self.dataset["eval"]["file"], self.dataset["val"]["file"]]
                 + ([self.plan["file"]] if self.plan else []) + golden)
 

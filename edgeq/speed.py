@@ -45,29 +45,34 @@ def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
         return {"ship": True, "latency_vs_parent": {}, "rule": "always (recipe.ship_rule): not timed"}
 
     def measure() -> dict:
-        cfg = search_config(fam)
-        inputs = timing_inputs(fam)
-        with threads(cfg.threads):
-            options = ort_timing_options(cfg.threads) if fmt == "onnx" else None
-            # one pair of runners per batch size, as a deployment at one batch size runs them: torch's x86
-            # int8 kernels keep their plan for the first input shape they see (edgeq.verify.latency)
-            pairs = {n: [runtime.load(p, fmt, threads=cfg.threads, options=options) for p in (parent, path)]
-                     for n in inputs}
-
-            def block(rounds: int) -> dict:
-                return {n: paired_latency(pairs[n][0].run, pairs[n][1].run, x, rounds, cfg.window_s)["ratios"]
-                        for n, x in inputs.items()}
-
-            def slower(e: Evidence) -> bool | None:
-                if any(policy.slower(e.lo(n)) for n in inputs):
-                    return True
-                return False if all(policy.not_slower(e.hi(n)) for n in inputs) else None
-
-            d = decide(block, slower, cfg.rule)
-        return {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
-                "evidence": d.summary()}
+        return ship_decision(parent, path, fmt, timing_inputs(fam), search_config(fam))
 
     return fam.build.decisions.decide(fam.plan.ships, name, f"ship decision for {name}", measure)
+
+
+def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict:
+    """Time a file against its parent (paired, in blocks until edgeq.evidence's rule settles it) and
+    decide whether it ships: not when it is slower beyond the noise margin with confidence
+    (edgeq.policy), confirmed by a second block."""
+    with threads(cfg.threads):
+        options = ort_timing_options(cfg.threads) if fmt == "onnx" else None
+        # one pair of runners per batch size, as a deployment at one batch size runs them: torch's x86
+        # int8 kernels keep their plan for the first input shape they see (edgeq.verify.latency)
+        pairs = {n: [runtime.load(p, fmt, threads=cfg.threads, options=options) for p in (parent, path)]
+                 for n in inputs}
+
+        def block(rounds: int) -> dict:
+            return {n: paired_latency(pairs[n][0].run, pairs[n][1].run, x, rounds, cfg.window_s)["ratios"]
+                    for n, x in inputs.items()}
+
+        def slower(e: Evidence) -> bool | None:
+            if any(policy.slower(e.lo(n)) for n in inputs):
+                return True
+            return False if all(policy.not_slower(e.hi(n)) for n in inputs) else None
+
+        d = decide(block, slower, cfg.rule)
+    return {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
+            "evidence": d.summary()}
 
 
 def drop_slower(fam: Family, name: str, parent: str, path: Path, gate: dict) -> bool:

@@ -289,23 +289,27 @@ def recipe_for(arch: str, **overrides: object) -> Recipe:
     return replace(recipe, **overrides)
 
 
-def train_model(arch: str, dataset: Dataset, epochs: int | None = None, seed: int = 0,
-                progress: bool = True) -> nn.Module:
-    """Build and train one example model on the dataset's training split (preprocessed)."""
+def splits(dataset: Dataset, seed: int = 0, val_fraction: float = 0.2):
+    """(train, val, test) Arrays, preprocessed: val is a stratified part of the training digits held out
+    of training, so that every decision is made on data the model has not seen."""
+    from edgeq.data import Arrays, holdout
+
+    pre = Preprocessing()
+    train = Arrays(pre.apply(dataset.train.images), np.asarray(dataset.train.labels, dtype=np.int64))
+    train, val = holdout(train, val_fraction, seed)
+    return train, val, Arrays(pre.apply(dataset.test.images), np.asarray(dataset.test.labels, dtype=np.int64))
+
+
+def train_model(arch: str, train, epochs: int | None = None, seed: int = 0, progress: bool = True) -> nn.Module:
+    """Build and train one example model on preprocessed training Arrays."""
+    from edgeq.timing import threads
     from edgeq.train import fit
-    from edgeq.data import Arrays
 
     spec = TRAIN[arch] if epochs is None else replace(TRAIN[arch], epochs=epochs)
-    pre = Preprocessing()
     torch.manual_seed(seed)
     model = build_model(arch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # float sums depend on the thread count: fixed, so training repeats
-    try:
-        return fit(model, Arrays(pre.apply(dataset.train.images), dataset.train.labels), spec, seed=seed,
-                   desc=f"{arch}: train", progress=progress)
-    finally:
-        torch.set_num_threads(threads)
+    with threads(2):  # float sums depend on the thread count: fixed, so training repeats
+        return fit(model, train, spec, seed=seed, desc=f"{arch}: train", progress=progress)
 
 
 def export(out: str | Path = "artifacts", models: tuple[str, ...] = ARCHS, data_dir: str | None = None,
@@ -336,13 +340,11 @@ def export(out: str | Path = "artifacts", models: tuple[str, ...] = ARCHS, data_
         signing.check_private_key(sign_key)
     dataset = load_data(data_dir, download)
     log(dataset.notice())
-    trained = {arch: train_model(arch, dataset, epochs, recipes[arch].seed, progress) for arch in models}
+    train, val, test = splits(dataset)
+    trained = {arch: train_model(arch, train, epochs, recipes[arch].seed, progress) for arch in models}
     pre = Preprocessing()
     return edgeq.compress(
-        trained,
-        train=(pre.apply(dataset.train.images), dataset.train.labels),
-        test=(pre.apply(dataset.test.images), dataset.test.labels),
-        out=out, recipe=recipes, classes=[str(i) for i in range(CLASSES)],
+        trained, train=(train.x, train.y), val=(val.x, val.y), test=(test.x, test.y), out=out, recipe=recipes, classes=[str(i) for i in range(CLASSES)],
         preprocessing={**pre.to_dict(), "formula": "(pixel_uint8 * scale - mean) / std",
                        "layout": "NCHW [batch, 1, 28, 28]"},
         dataset={"source": dataset.source, "description": dataset.description, "test_sha256": dataset.test.sha256()},

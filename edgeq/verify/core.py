@@ -11,8 +11,8 @@ against its references. A failing artifact becomes a FAIL row; the others are st
 from __future__ import annotations
 
 import contextlib
-import gzip
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from edgeq.clock import timed
 from edgeq.progress import progress_bar
 from edgeq.errors import DataError, IntegrityError
 from edgeq.manifest import Artifact, Manifest, read
-from edgeq.verify import integrity, measure
+from edgeq.metrics import agreement, correct_count, sqnr_db
+from edgeq.verify import contract, integrity
 from edgeq.verify.latency import measure_latency
 from edgeq.verify.rows import (CPU_RUNTIME, CUDA_RUNTIME, FP32_SLOWDOWN_LIMIT, NO_CUDA, Row, Subject, VerifyConfig,
                                VerifyResult)
@@ -44,29 +45,32 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig(), worker: Wo
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     directory = Path(directory)
+    memory_gb = cfg.memory_limit_gb or default_memory_limit_gb()
     with contextlib.ExitStack() as stack:
         with timed(phases, "integrity"):
-            signature = signing.signature_status(directory, cfg.public_key)  # first: trust nothing unsigned
-            manifest = read(directory)
+            # every check and every measurement reads a private copy (integrity.snapshot): the bytes
+            # measured are the bytes whose signature and hashes were checked, whatever changes meanwhile
+            root = stack.enter_context(integrity.private_dir())
+            snap, signature, manifest = integrity.checked_copy(directory, root, cfg.public_key)
             if worker is None:
-                worker = stack.enter_context(Worker(cfg.memory_limit_gb or default_memory_limit_gb()))
+                worker = stack.enter_context(Worker(memory_gb))
             else:
                 worker.reset()
-            problems = integrity.check_all(directory, manifest)
-            unlisted, directory_problems = integrity.check_directory(directory, manifest)
-            if manifest.plan:  # the decisions the files were built with: tampering with them fails the run
-                p = manifest.plan
-                directory_problems += integrity.check_file(directory, p["file"], p["bytes"], p["sha256"])
-        with timed(phases, "test_split"):
-            x, labels = load_test_split(directory, manifest, cfg.data)
+            with integrity.shown_as(snap):
+                problems, unlisted, directory_problems = integrity.check_copy(snap, manifest)
+        with timed(phases, "test_split"), integrity.shown_as(snap):
+            x, labels = load_test_split(root, manifest, cfg.data, int(memory_gb * 2**30 * integrity.EVAL_SHARE))
+            val = load_test_split(root, manifest, None, int(memory_gb * 2**30 * integrity.EVAL_SHARE), split="val")
         with timed(phases, "start_worker"):
             info = worker.info
             worker.configure(x=x, threads=1)
         subjects = _plan(manifest, info["cuda"])
-        _measure(directory, manifest, subjects, problems, x, labels, cfg, phases, worker)
+        _measure(root, manifest, subjects, problems, (x, labels), val, cfg, phases, worker)
     rows = [s.row for s in subjects]
     for row in rows:
         gate(row, cfg)
+        row.reasons, row.warnings = [snap.shown(r) for r in row.reasons], [snap.shown(w) for w in row.warnings]
+    directory_problems = [snap.shown(p) for p in directory_problems]
     dataset = {"source": manifest.dataset["source"], "description": manifest.dataset.get("description", ""),
                "eval": cfg.data or manifest.dataset["eval"]["file"], "samples": len(labels),
                "sha256": manifest.dataset["eval"]["sha256"] if cfg.data is None else None}
@@ -81,24 +85,31 @@ def _families_summary(manifest: Manifest) -> dict:
     return {name: {k: fam[k] for k in keys if k in fam} for name, fam in manifest.models.items()}
 
 
-def load_test_split(directory: Path, manifest: Manifest, data: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_test_split(directory: Path, manifest: Manifest, data: str | Path | None = None,
+                    max_bytes: int | None = None, split: str = "eval") -> tuple[np.ndarray, np.ndarray]:
     """The evaluation set: the export's eval.npz (size and sha256 checked against the manifest), or
-    `data`, a larger .npz of the same form the export did not ship. Inputs as fed, labels int64."""
+    `data`, a larger .npz of the same form the export did not ship. Inputs as fed, labels int64.
+    With `max_bytes`, arrays whose headers declare more than that together are refused before any is
+    loaded (a few MB of zip can inflate to gigabytes)."""
     if data is not None:
         path, where = Path(data), f"--data {data}"
         if not path.is_file():
             raise DataError(f"{where}: no such file; pass an .npz with arrays `inputs` and `labels`")
     else:
-        entry = manifest.dataset["eval"]
+        entry = manifest.dataset[split]  # eval: the test split (reported); val: the one decisions were made on
         path, where = Path(directory) / entry["file"], entry["file"]
         problems = integrity.check_file(Path(directory), entry["file"], entry["bytes"], entry["sha256"])
         if problems:
             raise IntegrityError(problems[0])
     try:
+        if max_bytes is not None:
+            integrity.check_declared(path, where, max_bytes)
         with np.load(path, allow_pickle=False) as z:
             x, labels = np.asarray(z["inputs"]), np.asarray(z["labels"])
     except KeyError as exc:
         raise DataError(f"{where}: has no array {exc}; an evaluation set holds `inputs` and `labels`") from None
+    except DataError:
+        raise
     except Exception as exc:  # not a zip, truncated, pickled objects
         raise DataError(f"{where}: not a readable .npz without pickles ({type(exc).__name__}); "
                         "pass the file edgeq export wrote, or re-run it") from None
@@ -150,19 +161,25 @@ def _row(art: Artifact, runtime_name: str, role: str) -> Row:
 
 
 def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], problems: dict[str, list[str]],
-             x: np.ndarray, labels: np.ndarray, cfg: VerifyConfig, phases: dict[str, float], worker: Worker) -> None:
-    """Accuracy and fidelity of every subject first (references before dependants), then latency."""
+             test: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cfg: VerifyConfig,
+             phases: dict[str, float], worker: Worker) -> None:
+    """Accuracy and fidelity of every subject first (references before dependants), then each file's
+    contract on the validation split, then latency."""
     active = [s for s in subjects if s.row.status != "skipped"]
     by_key = {s.row.key: s for s in active}
     refs = _references(manifest, by_key)
+    x, labels = test
     with progress_bar(len(active), "verify: accuracy", cfg.progress, unit="run") as bar:
         with timed(phases, "load_and_accuracy"):
             for s in active:
                 bar.set_postfix_str(s.row.label, refresh=False)
                 _accuracy(directory, manifest, s, problems[s.art.name], refs[s.row.key].get("torch_fp32"), x, labels,
                           cfg, worker)
-                _accuracy_bar(s, refs[s.row.key].get("parent"))
                 bar.update()
+        with timed(phases, "contract"):
+            contract.measure(active, *val, worker, cfg.time_limit_s)
+            contract.check(active, val[1], manifest.models)
+            worker.configure(x=x)
         with timed(phases, "latency"):
             measure_latency(active, refs, x, cfg, bar, worker)
 
@@ -200,13 +217,14 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
     except Failed as exc:
         row.fail(exc.reason(s.art.file, f"load and accuracy on {len(x)} samples"))
         return
-    worker.drop(s.runner)  # timing loads its own runners, one per batch size (edgeq.verify.latency)
+    if s.device != "cpu" or s.art.contract is None:  # the contract pass runs it again, on the validation split
+        worker.drop(s.runner)  # timing loads its own runners, one per batch size (edgeq.verify.latency)
     classes = len(manifest.models.get(s.art.model, {}).get("classes", [])) or logits.shape[-1]
     if logits.shape != (len(x), classes):
         row.fail(f"{s.art.file}: output shape {list(logits.shape)}, expected [{len(x)}, {classes}]")
         return
     s.logits = logits
-    row.n, row.correct = len(labels), measure.correct_count(logits, labels)
+    row.n, row.correct = len(labels), correct_count(logits, labels)
     row.accuracy = row.correct / row.n
     claimed = round(s.art.accuracy * row.n)
     if s.device == "cpu" and row.correct != claimed:
@@ -217,31 +235,19 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
                  "is missing or failed")
         return
     row.delta_pts = 100.0 * (row.correct - (base.row.correct or 0)) / row.n
-    row.agreement = measure.agreement(base.logits, logits)
-    row.sqnr_db = measure.sqnr_db(base.logits, logits)
-
-
-def _accuracy_bar(s: Subject, parent: Subject | None) -> None:
-    """The bar the file was built to (manifest quantization.accuracy_bar), checked from the files: its
-    accuracy here against its fp32 parent's, measured here in the same runtime on the same data."""
-    bar = (s.art.quantization or {}).get("accuracy_bar")
-    row = s.row
-    if not bar or row.correct is None or row.n is None:
-        return
-    row.bar_pts = float(bar["max_drop_points"])
-    if parent is None or parent.row.correct is None:  # the parent's own row says why (missing, failed)
-        row.warnings.append(f"accuracy bar not checked: its fp32 parent {bar.get('relative_to')} was not measured")
-        return
-    row.drop_vs_parent_pts = round(100.0 * (parent.row.correct - row.correct) / row.n, 4)
-    if row.drop_vs_parent_pts > row.bar_pts + 1e-9:
-        row.fail(f"accuracy {row.drop_vs_parent_pts:.2f} pts below its fp32 parent {parent.art.name}: over the bar of "
-                 f"{row.bar_pts:g} pts it was built to")
+    row.agreement = agreement(base.logits, logits)
+    row.sqnr_db = sqnr_db(base.logits, logits)
 
 
 def _sizes(manifest: Manifest, art: Artifact, path: Path, row: Row) -> None:
     """Bytes on disk, gzip -9 bytes, and size ratios to the same-format fp32 root and the parent."""
-    data = path.read_bytes()
-    row.bytes, row.gzip_bytes = len(data), len(gzip.compress(data, compresslevel=9, mtime=0))
+    row.bytes, row.gzip_bytes = 0, 0
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip -9, mtime 0: as gzip.compress(data, 9, mtime=0)
+    with open(path, "rb") as f:  # in pieces: a file of gigabytes costs verify no memory
+        while chunk := f.read(integrity.CHUNK):
+            row.bytes += len(chunk)
+            row.gzip_bytes += len(packer.compress(chunk))
+    row.gzip_bytes += len(packer.flush())
     family = [a for a in manifest.artifacts if a.model == art.model]
     root = _root(family, art.format)
     parent = next((a for a in family if a.name == art.parent), None)
@@ -253,10 +259,10 @@ def gate(row: Row, cfg: VerifyConfig) -> None:
     """Apply the accuracy, agreement and speed gates to a measured row (adds reasons/warnings)."""
     if row.status == "skipped" or row.delta_pts is None or row.accuracy is None:
         return
-    if row.delta_pts < -cfg.max_accuracy_drop - 1e-9:
+    if cfg.max_accuracy_drop is not None and row.delta_pts < -cfg.max_accuracy_drop - 1e-9:
         row.fail(f"accuracy {100 * row.accuracy:.2f}% is {-row.delta_pts:.2f} pts below the fp32 baseline "
                  f"(--max-accuracy-drop {cfg.max_accuracy_drop:g})")
-    if row.agreement is not None and row.agreement < cfg.min_agreement:
+    if cfg.min_agreement is not None and row.agreement is not None and row.agreement < cfg.min_agreement:
         row.fail(f"top-1 agreement {row.agreement:.3f} with the fp32 baseline is below --min-agreement "
                  f"{cfg.min_agreement:g}")
     if row.slower_than_parent:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeq import runtime
-from edgeq.verify import measure
+from edgeq import timing
 from edgeq.verify.rows import CUDA_RUNTIME, FP32_SLOWDOWN_LIMIT, Row, Subject, VerifyConfig
 from edgeq.verify.worker import Budget, Failed, Worker
 
@@ -113,15 +113,15 @@ def _latency_figures(t: _Session, refs: dict[str, Subject], cfg: VerifyConfig, d
     """
     row = t.subject.row
     row.threads, row.batch = cfg.threads, cfg.batch
-    samples = {b: measure.by_function(rounds) for b, rounds in t.rounds.items()}
-    b1 = measure.flatten(samples["b1"][0])
+    samples = {b: timing.by_function(rounds) for b, rounds in t.rounds.items()}
+    b1 = timing.flatten(samples["b1"][0])
     row.p50_ms_b1, row.p90_ms_b1 = (1e3 * float(np.percentile(b1, q)) for q in (50, 90))
-    row.p50_ms_batch = 1e3 * float(np.median(measure.flatten(samples["batch"][0])))
+    row.p50_ms_batch = 1e3 * float(np.median(timing.flatten(samples["batch"][0])))
     row.samples_per_s = cfg.batch / (row.p50_ms_batch / 1e3)
     for kind, slot in t.kinds.items():
         if t.slots[slot].timer in dead:
             continue
-        ratios = {b: measure.round_ratios(per_slot[0], per_slot[slot]) for b, per_slot in samples.items()}
+        ratios = {b: timing.round_ratios(per_slot[0], per_slot[slot]) for b, per_slot in samples.items()}
         row.paired[kind] = {"reference": t.slots[slot].row.name, "runtime": t.slots[slot].row.runtime,
                             **{f"ratio_{b}": float(np.median(r)) for b, r in ratios.items()},
                             **{f"rounds_{b}": r for b, r in ratios.items()}}

@@ -37,10 +37,14 @@ _ROW_PROPERTIES: dict = {
     "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "manifest_accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "delta_pts": _NUM,
-    "bar_pts": {"description": "the accuracy bar the export built the file to: at most this many points below its "
-                               "fp32 parent (manifest quantization.accuracy_bar)", "type": ["number", "null"]},
-    "drop_vs_parent_pts": {"description": "points below its fp32 parent, both measured here in the same runtime",
-                           "type": ["number", "null"]},
+    "val_accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "bar_pts": {"description": "the bar the export built the file to: at most this many points below its parent on "
+                               "the validation split (manifest contract)", "type": ["number", "null"]},
+    "drop_vs_parent_pts": {"description": "points below its parent on the validation split, both measured here in "
+                                          "the same runtime", "type": ["number", "null"]},
+    "contract": {"description": "each bar and the agreement rule of the file's contract, re-measured here on the "
+                                "validation split", "type": "array", "items": {"type": "object",
+                                                                              "required": ["rule", "met"]}},
     "agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "sqnr_db": {"description": "logit SQNR vs the fp32 baseline; the string inf for identical logits",
                 "anyOf": [{"type": ["number", "null"]}, {"const": "inf"}]},

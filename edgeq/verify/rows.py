@@ -41,8 +41,11 @@ class VerifyConfig:
 
     threads: int = 1
     batch: int = 256  # the large batch for throughput
-    max_accuracy_drop: float = 1.0  # points, vs the fp32 baseline of the same model family
-    min_agreement: float = 0.98  # top-1 agreement with the fp32 baseline
+    # Without these, verify checks exactly what the export promised: each file's contract (manifest
+    # `contract`, edgeq.policy) re-measured on the validation split it was decided on. Given, they add
+    # the caller's own rules on the evaluation data: points below, and top-1 agreement with, the fp32 baseline.
+    max_accuracy_drop: float | None = None
+    min_agreement: float | None = None
     data: str | None = None  # an .npz (inputs, labels) to measure on instead of the export's eval.npz
     fail_on_slower: bool = False  # the slower flags (int8 vs fp32 parent, fp32 vs baseline) fail instead of warn
     strict: bool = False  # a file in the directory that the manifest does not list fails the run
@@ -58,8 +61,10 @@ class VerifyConfig:
         checks = [
             (self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
             (self.batch >= 1, f"batch must be >= 1, got {self.batch}"),
-            (0.0 <= self.min_agreement <= 1.0, f"min_agreement must be in [0, 1], got {self.min_agreement}"),
-            (self.max_accuracy_drop >= 0.0, f"max_accuracy_drop must be >= 0 points, got {self.max_accuracy_drop}"),
+            (self.min_agreement is None or 0.0 <= self.min_agreement <= 1.0,
+             f"min_agreement must be in [0, 1], got {self.min_agreement}"),
+            (self.max_accuracy_drop is None or self.max_accuracy_drop >= 0.0,
+             f"max_accuracy_drop must be >= 0 points, got {self.max_accuracy_drop}"),
             (self.slower_margin >= 0.0, f"slower_margin must be >= 0, got {self.slower_margin}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.window_s > 0.0, f"window_s must be > 0, got {self.window_s}"),
@@ -95,8 +100,10 @@ class Row:
     accuracy: float | None = None
     manifest_accuracy: float | None = None
     delta_pts: float | None = None
-    bar_pts: float | None = None  # the accuracy bar the file was built to (points below its fp32 parent)
-    drop_vs_parent_pts: float | None = None  # measured here: points below its fp32 parent (same runtime)
+    val_accuracy: float | None = None  # on the validation split (val.npz), where the export decided
+    bar_pts: float | None = None  # the bar the file was built to against its parent (points, validation split)
+    drop_vs_parent_pts: float | None = None  # measured here on the validation split: points below its parent
+    contract: list[dict] = field(default_factory=list)  # each bar and the agreement rule, re-measured here
     agreement: float | None = None
     sqnr_db: float | None = None
     bytes: int | None = None
@@ -193,3 +200,4 @@ class Subject:
     timer: int | None = None  # the latency pass's first handle: the row's identity while timing
     timers: dict[str, int] = field(default_factory=dict)  # batch name -> the worker's handle, cfg.threads
     logits: np.ndarray | None = None  # set when the accuracy pass gave a well-shaped result
+    val_logits: np.ndarray | None = None  # the same on the validation split

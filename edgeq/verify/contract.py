@@ -1,0 +1,93 @@
+"""Each file's contract, checked from the files: what `edgeq export` promised, re-measured here.
+
+The export decides on the validation split and records, per file, the bars it was shipped within
+(manifest `contract`: points below its parent and below the family's fp32 file, and for
+post-training int8 the top-1 agreement with its parent). verify runs every CPU row once more on
+`val.npz`, checks that the count of correct answers is the manifest's, and applies the same rules
+with the same code (edgeq.policy) to the numbers measured here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeq import policy
+from edgeq.metrics import agreement, correct_count
+from edgeq.verify.rows import Subject
+from edgeq.verify.worker import Budget, Failed, Worker
+
+
+def measure(subjects: list[Subject], x: np.ndarray, labels: np.ndarray, worker: Worker, time_limit_s: float) -> None:
+    """The validation logits of every CPU row whose accuracy pass succeeded."""
+    worker.configure(x=x)
+    for s in subjects:
+        if s.device != "cpu" or s.logits is None or s.art.contract is None:
+            continue
+        try:
+            s.val_logits = np.asarray(worker.predict(s.runner, Budget(time_limit_s)))
+        except Failed as exc:
+            s.row.fail(exc.reason(s.art.file, f"accuracy on the {len(x)} validation samples"))
+            continue
+        finally:
+            worker.drop(s.runner)
+        if s.val_logits.shape != (len(x), s.logits.shape[1]):
+            s.row.fail(f"{s.art.file}: output shape {list(s.val_logits.shape)} on the validation split, expected "
+                       f"[{len(x)}, {s.logits.shape[1]}]")
+            s.val_logits = None
+            continue
+        correct = correct_count(s.val_logits, labels)
+        s.row.val_accuracy = correct / len(x)
+        claimed = s.art.contract["correct"]
+        if correct != claimed or s.art.contract["samples"] != len(x):
+            s.row.fail(f"{s.art.file}: {correct}/{len(x)} correct on the validation split, the manifest claims "
+                       f"{claimed}/{s.art.contract['samples']}")
+
+
+def check(subjects: list[Subject], labels: np.ndarray, families: dict) -> None:
+    """Every bar and the agreement rule of each file's contract (edgeq.policy, with the family's recorded
+    bars), on the numbers measured here."""
+    by_name = {s.art.name: s for s in subjects if s.device == "cpu"}
+    for s in subjects:
+        if s.device != "cpu" or s.art.contract is None or s.val_logits is None:
+            continue  # a CUDA run; a manifest without contracts; or its row already says why
+        fam = families.get(s.art.model, {})
+        pruned = s.art.pruning is not None
+        refs = {"parent": s.art.parent, "fp32": f"{s.art.model}-fp32-{s.art.name.rsplit('-', 1)[-1]}"}
+        bars = policy.bars(s.art.precision, pruned, float(fam.get("max_accuracy_drop", 0.0)),
+                           float(fam.get("max_pruning_drop", 0.0)))
+        for ref, points in bars:
+            if refs[ref] in by_name:
+                _bar(s, by_name[refs[ref]], refs[ref], points, labels)
+        if s.art.precision == "int8" and policy.keeps_parent_weights((s.art.quantization or {}).get("method")):
+            _agreement(s, by_name.get(s.art.parent or ""), s.art.parent or "its parent")
+
+
+def _bar(s: Subject, ref: Subject, ref_name: str, points: float, labels: np.ndarray) -> None:
+    row = s.row
+    entry = {"rule": f"at most {points:g} points below {ref_name}", "relative_to": ref_name,
+             "max_drop_points": points, "drop_points": None, "met": False}
+    row.contract.append(entry)
+    if ref.val_logits is None:
+        row.fail(f"its contract is measured against {ref_name}, which failed")
+        return
+    drop = policy.drop_points(correct_count(ref.val_logits, labels), correct_count(s.val_logits, labels), len(labels))
+    entry["drop_points"], entry["met"] = drop, policy.within_bar(drop, points)
+    if ref_name == s.art.parent:
+        row.bar_pts, row.drop_vs_parent_pts = points, drop
+    if not entry["met"]:
+        row.fail(f"{drop:.2f} points below {ref_name} on the validation split: over the bar of {points:g} "
+                 "points it was shipped within")
+
+
+def _agreement(s: Subject, ref: Subject | None, ref_name: str) -> None:
+    entry = {"rule": f"top-1 agreement with {ref_name} at least {policy.MIN_AGREEMENT:g}", "relative_to": ref_name,
+             "min": policy.MIN_AGREEMENT, "value": None, "met": False}
+    s.row.contract.append(entry)
+    if ref is None or ref.val_logits is None:
+        s.row.fail(f"its agreement rule is measured against {ref_name}, which is missing or failed")
+        return
+    entry["value"] = round(agreement(ref.val_logits, s.val_logits), 6)
+    entry["met"] = policy.within_agreement(entry["value"])
+    if not entry["met"]:
+        s.row.fail(f"top-1 agreement {entry['value']:.3f} with its parent {ref_name} on the validation split is "
+                   f"below {policy.MIN_AGREEMENT:g}: post-training int8 must keep its parent's answers")
