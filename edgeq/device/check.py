@@ -218,14 +218,14 @@ def median_interval(values: list[float], confidence: float = 0.99) -> tuple[floa
     return (xs[k - 1], xs[n - k]) if k else (-math.inf, math.inf)
 
 
-def paired_ratio(ref, cand, x: np.ndarray, rounds: int, window_s: float) -> dict:
-    """Candidate / reference time in alternating windows (edgeq.verify.measure's method): per round a
-    window of each, back to back, the order flipped every round; the ratio of the window medians per
-    round, then their median and its 99% interval. Bursts of load hit both sides of a round."""
+def paired_rounds(ref, cand, x: np.ndarray, rounds: int, window_s: float, warmup: int = 3):
+    """Alternating windows (edgeq.timing's method, torch-free): per round a window of each function
+    back to back, the order flipped every round -> (per-round ratios cand/ref of the window medians,
+    ref medians, cand medians). A burst of load hits both sides of a round."""
     for fn in (ref, cand):
-        for _ in range(3):
+        for _ in range(warmup):
             fn(x)
-    ratios, ref_ms, cand_ms = [], [], []
+    ratios, ref_s, cand_s = [], [], []
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -239,16 +239,22 @@ def paired_ratio(ref, cand, x: np.ndarray, rounds: int, window_s: float) -> dict
                     samples.append(time.perf_counter() - t0)
                 times[which] = float(np.median(samples))
             ratios.append(times[1] / times[0])
-            ref_ms.append(times[0] * 1e3)
-            cand_ms.append(times[1] * 1e3)
+            ref_s.append(times[0])
+            cand_s.append(times[1])
     finally:
         if enabled:
             gc.enable()
+    return ratios, ref_s, cand_s
+
+
+def paired_ratio(ref, cand, x: np.ndarray, rounds: int, window_s: float) -> dict:
+    """Candidate / reference time: the median of `rounds` paired ratios and its 99% interval."""
+    ratios, ref_s, cand_s = paired_rounds(ref, cand, x, rounds, window_s)
     lo, hi = median_interval(ratios)
     return {"ratio": round(float(np.median(ratios)), 3),
             "interval": [round(lo, 3) if math.isfinite(lo) else None, round(hi, 3) if math.isfinite(hi) else None],
-            "rounds": rounds, "parent_ms": round(float(np.median(ref_ms)), 4),
-            "ms": round(float(np.median(cand_ms)), 4)}
+            "rounds": rounds, "parent_ms": round(float(np.median(ref_s)) * 1e3, 4),
+            "ms": round(float(np.median(cand_s)) * 1e3, 4)}
 
 
 def _classes(manifest: dict, artifact: dict) -> int | None:

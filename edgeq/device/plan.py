@@ -1,0 +1,196 @@
+"""`python -m edgeq.device plan DIR --out plan.json`: the timed decisions of an export, re-measured on
+the device, as a plan that `edgeq export --plan plan.json` rebuilds exactly.
+
+What an x86 build machine times says nothing about an ARM board (onnxruntime even rewrites S8S8 to
+U8S8 on x86). So the decisions that are timings are taken here, on the device's kernels, at its
+thread count, with the same search and the same rule as the export (edgeq.precision, edgeq.evidence,
+edgeq.policy), and everything else is kept from the export's own plan.json:
+
+- per fp32 parent: which layers stay fp32 for speed and per-channel or per-tensor weight scales
+  (edgeq.precision.search_precision on the shipped fp32 ONNX file, in the target's int8 format);
+- per int8 ONNX file: whether it ships (it must not be slower than its fp32 parent), timed on an
+  int8 file quantized here with those decisions and the export's accuracy-bar layers;
+- the recommended (fastest) ONNX file at the deployment batch.
+
+Calibration and check inputs come from the bundle's calibration data (`dataset.calibration`, when
+the export ships it) or else its validation split (val.npz): never the test split. Each decision
+records where it was timed (`cost.timed_on`, `timed_on`), and `measured_on` names the device.
+Needs onnx, onnxruntime and numpy (onnxruntime's quantizer is Python), not torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.device.check import DeviceError, file_problem, read_manifest
+
+ARCH_TARGET = {"x86_64": "x86", "AMD64": "x86", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def _load_json(directory: Path, item: dict, what: str) -> dict:
+    problem = file_problem(directory, item.get("file", ""), item.get("sha256", ""), item.get("bytes"))
+    if problem:
+        raise DeviceError(f"{item.get('file')}: {problem} ({what})")
+    return json.loads((directory / item["file"]).read_text(encoding="utf-8"))
+
+
+def _inputs(directory: Path, manifest: dict) -> tuple[np.ndarray, str]:
+    data = manifest.get("dataset", {})
+    for key in ("calibration", "val"):
+        item = data.get(key)
+        if isinstance(item, dict) and "file" in item:
+            problem = file_problem(directory, item["file"], item.get("sha256", ""), item.get("bytes"))
+            if problem:
+                raise DeviceError(f"{item['file']}: {problem}; copy it again from the export")
+            with np.load(directory / item["file"], allow_pickle=False) as z:
+                return np.ascontiguousarray(z["inputs"], dtype=np.float32), f"{item['file']} ({key} split)"
+    raise DeviceError("manifest.json lists no calibration or validation data (val.npz): the device plan needs "
+                      "inputs that are not the test split; re-export with this edgeq")
+
+
+def _fp32_onnx(directory: Path, manifest: dict, model: str, key: str) -> Path:
+    name = f"{model}-{key}-onnx"
+    art = next((a for a in manifest["artifacts"] if a["name"] == name), None)
+    if art is None or art["format"] != "onnx" or art["precision"] != "fp32":
+        raise DeviceError(f"plan.json decides layers of {name}, which manifest.json does not list as an fp32 ONNX "
+                          "file; copy the whole export")
+    problem = file_problem(directory, art["file"], art["sha256"], art.get("bytes"))
+    if problem:
+        raise DeviceError(f"{art['file']}: {problem}; copy it again from the export")
+    return directory / art["file"]
+
+
+def _int8_onnx_of(manifest_plan: dict, model: str, key: str) -> list[str]:
+    """The int8 ONNX files of one fp32 parent named in the plan's ship decisions."""
+    prefix = f"{model}-" + ("" if key == "fp32" else f"{key}-")
+    modes = ("static", "qat")
+    return [n for n in manifest_plan.get("ships", {}) if n.endswith("-onnx")
+            and any(n == f"{prefix}{m}-onnx" for m in modes)]
+
+
+def _device_environment(threads: int) -> dict:
+    from edgeq.device import cpu
+
+    return {"cpu": cpu.describe(), "runtimes": cpu.runtimes(), "threads": threads,
+            "by": "python -m edgeq.device plan"}
+
+
+def _where(env: dict) -> str:
+    c = env["cpu"]
+    flags = ", ".join(c["int8_flags"]) or "no int8 flags"
+    emulated = f", {c['emulated']}" if "emulated" in c else ""
+    return f"the device: {c['model']} ({c['machine']}, {flags}{emulated}), {env['threads']} threads"
+
+
+def ship_decision(parent: Path, path: Path, inputs: dict[int, np.ndarray], threads: int, window_s: float) -> dict:
+    """Time an int8 file against its parent in blocks of paired rounds until edgeq.evidence's rule
+    settles it; it ships unless slower beyond the noise margin with confidence (edgeq.policy)."""
+    from edgeq import policy
+    from edgeq.device.check import load_onnx
+    from edgeq.evidence import RULE, Evidence, decide
+
+    opts = {"config_entries": {"session.intra_op.allow_spinning": "0"}} if threads > 1 else None
+    pairs = {n: (load_onnx(parent, threads, opts, None), load_onnx(path, threads, opts, None)) for n in inputs}
+
+    def block(rounds: int) -> dict:
+        from edgeq.device.check import paired_rounds
+
+        return {n: paired_rounds(pairs[n][0], pairs[n][1], x, rounds, window_s, warmup=0)[0]
+                for n, x in inputs.items()}
+
+    def slower(e: Evidence) -> bool | None:
+        if any(policy.slower(e.lo(n)) for n in inputs):
+            return True
+        return False if all(policy.not_slower(e.hi(n)) for n in inputs) else None
+
+    for a, b in pairs.values():  # warm up once, untimed
+        for _ in range(3):
+            a(inputs[min(inputs)])
+            b(inputs[min(inputs)])
+    d = decide(block, slower, RULE)
+    return {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
+            "evidence": d.summary()}
+
+
+def plan(directory: str | Path, out: str | Path, threads: int | None = None, budget_s: float | None = None,
+         log=lambda s: None) -> Path:
+    """Re-measure an export's timed decisions here and write the plan to `out` (see the module doc)."""
+    from edgeq.onnx_quant import QDQConfig, quantize_onnx
+    from edgeq.precision import SearchConfig, search_precision
+
+    directory, out = Path(directory), Path(out)
+    manifest = read_manifest(directory)
+    if not isinstance(manifest.get("plan"), dict):
+        raise DeviceError(f"{directory}/manifest.json lists no plan.json; re-export with this edgeq")
+    build_plan = _load_json(directory, manifest["plan"], "the export's plan")
+    x, source = _inputs(directory, manifest)
+    here = ARCH_TARGET.get(platform.machine())
+    t_start = time.perf_counter()
+    env = None
+    for model, fam in build_plan["models"].items():  # refused before anything is timed or written
+        target = fam["recipe"].get("target")
+        if target and here and target != here:
+            raise DeviceError(f"{model} was built for target {target}; this device is {here} "
+                              f"({platform.machine()}): timings here say nothing about {target}; plan on the "
+                              f"target, or re-export with --target {here}")
+        for key in fam["precision"]:
+            _fp32_onnx(directory, manifest, model, key)
+    for model, fam in build_plan["models"].items():
+        recipe = fam["recipe"]
+        t = threads or int(recipe.get("threads", 1))
+        env = _device_environment(t)
+        where = _where(env)
+        batches = tuple(int(b) for b in recipe.get("batches", (1, 256)))
+        rng = np.random.default_rng(0)
+        timing_inputs = {b: np.ascontiguousarray(x[rng.integers(0, len(x), size=b)]) for b in batches}
+        for key, rec in fam["precision"].items():
+            fp32 = _fp32_onnx(directory, manifest, model, key)
+            base = QDQConfig(**{**rec["qdq"], "exclude_nodes": ()})  # the target's format, every layer int8
+            cfg = SearchConfig(batches=batches, threads=t,
+                               budget_s=budget_s if budget_s is not None else float(recipe.get("search_budget_s", math.inf)),
+                               max_size_ratio=float(recipe.get("max_int8_size_ratio", math.inf)), qdq=base)
+            log(f"{model}: timing which {key} layers run faster in int8 here ({t} threads, batches {list(batches)})")
+            found = search_precision(fp32, [x], x[:2048], cfg, log=log)
+            fam["precision"][key] = {**rec, "qdq": asdict(found.qdq), "layers": found.layers,
+                                     "weights": found.weights,
+                                     "cost": {**found.cost, "timed_on": where, "inputs": source}}
+            for name in _int8_onnx_of(fam, model, key):
+                extra = tuple((fam.get("accuracy", {}).get(name) or {}).get("fp32_nodes_added", []))
+                acc = fam.get("accuracy", {}).get(name) or {}
+                qdq = replace(found.qdq, exclude_nodes=tuple(dict.fromkeys(found.qdq.exclude_nodes + extra)),
+                              per_channel=acc.get("per_channel", found.qdq.per_channel))
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = quantize_onnx(fp32, Path(tmp) / "int8.onnx", [x[:128]], qdq)
+                    gate = ship_decision(fp32, path, timing_inputs, t, cfg.window_s)
+                fam["ships"][name] = {**gate, "timed_on": where,
+                                      "file_timed": "quantized here with these decisions, calibrated on " + source}
+                log(f"  {name}: {'ships' if gate['ship'] else 'not shipped'} "
+                    f"({', '.join(f'{v:.2f}x at batch {b}' for b, v in gate['latency_vs_parent'].items())})")
+        _recommend(fam, model)
+        recipe["threads"] = t
+    build_plan["measured_on"] = env
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(build_plan, indent=2) + "\n", encoding="utf-8")
+    log(f"device plan: {time.perf_counter() - t_start:.1f} s")
+    return out
+
+
+def _recommend(fam: dict, model: str) -> None:
+    """A recommendation that names a file this plan no longer ships falls back to the fp32 ONNX file."""
+    picks = fam.get("recommended")
+    if not isinstance(picks, dict):
+        return
+    picks["timed_on"] = "the export's machine: not re-timed by the device plan"
+    dropped = {n for n, s in fam.get("ships", {}).items() if not s.get("ship", True)}
+    for k in ("fastest", "smallest"):
+        if picks.get(k) in dropped:
+            picks[k] = f"{model}-fp32-onnx"
+            picks["note"] = "a file recommended by the export is not shipped by this device plan: fp32 ONNX instead"
