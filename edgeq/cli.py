@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 # torch's C++ side prints int8 deprecation notices straight to stderr, where Python's warnings
 # filters cannot reach them; users cannot act on them. Must be set before torch is imported.
@@ -57,8 +59,9 @@ def main() -> None:
               help="A built-in example (mlp, cnn; repeatable; default both), or your own: FILE.py:FUNC whose "
                    "FUNC() returns the trained torch.nn.Module (needs --data).")
 @click.option("--data", "data_spec", default=None, metavar="FILE.py:FUNC",
-              help="Your data: FUNC() returns (train, test), each (inputs, labels) or a Dataset of (input, label), "
-                   "inputs preprocessed as the model takes them.")
+              help="Your data: FUNC() returns (train, test) or (train, val, test), each (inputs, labels) or a "
+                   "Dataset of (input, label), inputs preprocessed as the model takes them; val, when given, takes "
+                   "the decisions and test is only reported.")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="TOML recipe (edgeq.Recipe); the options below override it.")
 @click.option("--variants", default=None, metavar="LIST",
@@ -105,9 +108,12 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
     from edgeq.build import stage_profile, summary
 
     try:
-        manifest = _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method,
-                           channel_amount, seed, threads, max_accuracy_drop, epochs, data_dir, download, sign_key,
-                           plan_file, quiet)
+        with _key_read_once(sign_key) as key:
+            manifest = _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method,
+                               channel_amount, seed, threads, max_accuracy_drop, epochs, data_dir, download, key,
+                               plan_file, quiet)
+        if manifest is None or not (out / "manifest.json").is_file():
+            raise EdgeqError(f"the export returned without writing {out}/manifest.json; nothing was published")
     except EdgeqError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -117,6 +123,20 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
     click.echo(stage_profile(manifest))
     click.echo(f"wrote {len(manifest.artifacts)} artifacts and manifest.json to {out} "
                f"in {manifest.timings['total_s']:.1f} s")
+
+
+@contextlib.contextmanager
+def _key_read_once(sign_key: Path | None) -> Iterator[Path | None]:
+    """--sign-key read once, before any work, into a private temporary copy that the export signs with:
+    a pipe (`--sign-key <(cat key.pem)`) can be read only once, and the signature is made at the end."""
+    if sign_key is None:
+        yield None
+        return
+    from edgeq import signing
+
+    data = signing.check_private_key(sign_key)  # errors name the user's path
+    with signing.key_copy(data) as copy:
+        yield copy
 
 
 def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
@@ -139,7 +159,8 @@ def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, 
         if len(models) > 1:
             raise ConfigError("--model FILE.py:FUNC takes one model; run one export per model")
         if data_spec is None:
-            raise ConfigError(f"--model {user[0]} needs --data FILE.py:FUNC returning (train, test)")
+            raise ConfigError(f"--model {user[0]} needs --data FILE.py:FUNC returning (train, test) or "
+                              "(train, val, test)")
         if epochs is not None or data_dir is not None or download:
             raise ConfigError("--epochs, --data-dir and --download are for the built-in examples; "
                               "train and load your model and data in your own functions")
@@ -147,12 +168,14 @@ def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, 
 
         model = entrypoint.call(user[0], "--model")
         data = entrypoint.call(data_spec, "--data")
-        if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise ConfigError(f"--data {data_spec}: returned {type(data).__name__}; return (train, test)")
+        if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
+            raise ConfigError(f"--data {data_spec}: returned {type(data).__name__}"
+                              f"{f' of {len(data)}' if isinstance(data, (tuple, list)) else ''}; "
+                              "return (train, test) or (train, val, test)")
         name = Path(user[0].rpartition(":")[0]).stem or "model"
-        return edgeq.compress({name: model}, train=data[0], test=data[1], out=out,
-                              recipe=replace(recipe or Recipe(), **overrides), force=force, sign_key=sign_key,
-                              plan=plan, progress=not quiet)
+        split = {"train": data[0], "test": data[-1], **({"val": data[1]} if len(data) == 3 else {})}
+        return edgeq.compress({name: model}, out=out, recipe=replace(recipe or Recipe(), **overrides), force=force,
+                              sign_key=sign_key, plan=plan, progress=not quiet, **split)
     from edgeq.examples import mnist
 
     if data_spec is not None:

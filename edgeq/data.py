@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeq.errors import DataError
+from edgeq.errors import DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,7 @@ def as_arrays(data: object, name: str) -> Arrays:
         raise DataError(f"{name}: {len(x)} inputs but labels of shape {list(y.shape)}; pass one integer label per input")
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{name}: inputs are {x.dtype}; pass float inputs, preprocessed exactly as the model takes them")
-    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
-        raise DataError(f"{name}: labels are {y.dtype} with non-integer values; pass class indices")
+    y = _check_labels(y, name)
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.ascontiguousarray(y, dtype=np.int64)
     bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
@@ -73,8 +72,6 @@ def _numpy(value: object, name: str, part: str) -> np.ndarray:
 
 
 def _from_dataset(ds: object, name: str) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
     try:
         n = len(ds)  # type: ignore[arg-type]
     except TypeError:
@@ -83,16 +80,59 @@ def _from_dataset(ds: object, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{name}: the data set is empty; pass at least one sample")
     xs, ys = [], []
     for i in range(n):
-        item = ds[i]  # type: ignore[index]
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise DataError(f"{name}: item {i} is not an (input, label) pair")
-        x, y = item
-        xs.append(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
-        ys.append(int(y.item()) if isinstance(y, torch.Tensor) else int(y))
+        x, y = _item(ds, i, n, name)
+        xs.append(x)
+        ys.append(y)
     shapes = {a.shape for a in xs}
     if len(shapes) != 1:
         raise DataError(f"{name}: inputs have different shapes {sorted(map(list, shapes))[:3]}; pass one input shape")
     return np.stack(xs), np.asarray(ys)
+
+
+def _item(ds: object, i: int, n: int, name: str) -> tuple[np.ndarray, int]:
+    """Item i of a Dataset as (input array, integer label); what its __getitem__ raises becomes one line."""
+    import torch
+
+    try:
+        item = ds[i]  # type: ignore[index]
+    except IndexError as exc:
+        raise DataError(f"{name}: the Dataset says len() = {n} but item {i} raised IndexError ({first_line(exc)}); "
+                        "make __len__ return the number of items __getitem__ serves") from None
+    except Exception as exc:
+        raise DataError(f"{name}: the Dataset's item {i} raised {type(exc).__name__}: {first_line(exc)}") from None
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise DataError(f"{name}: item {i} is not an (input, label) pair")
+    x, y = item
+    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if y.size != 1 or not (_integral(y) or y.dtype == np.bool_):
+        raise DataError(f"{name}: item {i} has label {_show(y)} ({y.dtype}); labels are class indices: "
+                        "integers 0..classes-1 (map names to indices first)")
+    return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)), int(y.reshape(()))
+
+
+def _integral(y: np.ndarray) -> bool:
+    """Integer values: an integer dtype, or floats that are whole numbers."""
+    if np.issubdtype(y.dtype, np.integer):
+        return True
+    return bool(np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)))
+
+
+def _show(y: np.ndarray) -> str:
+    text = repr(y.reshape(-1)[0].item()) if y.size else "[]"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_labels(y: np.ndarray, name: str) -> np.ndarray:
+    """Integer class indices as int64; bool labels are classes 0 and 1."""
+    if y.dtype == np.bool_:
+        return y.astype(np.int64)
+    if _integral(y):
+        return y
+    if y.dtype.kind in "USO":
+        raise DataError(f"{name}: labels are {'strings' if y.dtype.kind in 'US' else 'Python objects'} "
+                        f"(first: {_show(y)}); pass class indices: integers 0..classes-1 (map names to indices first)")
+    raise DataError(f"{name}: labels are {y.dtype} with non-integer values (first: "
+                    f"{_show(y[y != np.round(y)] if y.dtype.kind in 'fc' else y)}); pass class indices")
 
 
 def check_shapes(train: Arrays, test: Arrays) -> None:
@@ -119,15 +159,45 @@ def sample(arrays: Arrays, count: int, seed: int) -> np.ndarray:
 
 
 def batches(x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
-    return [x[i : i + batch] for i in range(0, len(x), batch)]
+    """`x` in batches of one size: the largest that divides len(x) and is at most `batch`.
+
+    onnxruntime's Entropy and Percentile calibrators stack the outputs of every batch into one array,
+    so batches of unequal size (100 samples as 64 + 36) break them. Every sample is used, in order,
+    and a multiple of `batch` is cut exactly as before.
+    """
+    n = len(x)
+    size = next(d for d in range(min(batch, n), 0, -1) if n % d == 0) if n else 1
+    return [x[i : i + size] for i in range(0, n, size)]
 
 
 def first_samples(batched: list[np.ndarray], samples: int) -> list[np.ndarray]:
-    """The first `samples` samples of a list of batches, in their batches."""
-    out, left = [], samples
-    for batch in batched:
-        if left <= 0:
-            break
-        out.append(batch[:left])
-        left -= len(out[-1])
-    return out
+    """The first `samples` samples of a list of batches, again in batches of one size (see `batches`)."""
+    if not batched:
+        return []
+    x = np.concatenate(batched)[: max(samples, 0)]
+    return batches(x, len(batched[0])) if len(x) else []
+
+
+def holdout(train: Arrays, fraction: float, seed: int) -> tuple[Arrays, Arrays]:
+    """(train, val): a stratified, seeded `fraction` of each class of `train` held out as the validation
+    split every accuracy decision is made on; the rest stays for calibration, fine-tunes and QAT.
+    A class with a single sample stays in train."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(train.y):
+        idx = np.flatnonzero(train.y == label)
+        take = int(round(fraction * len(idx))) if len(idx) > 1 else 0
+        held.append(rng.permutation(idx)[: min(max(take, 1 if len(idx) > 1 else 0), len(idx) - 1)])
+    val_idx = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
+    if len(val_idx) == 0 or len(val_idx) == len(train):
+        raise DataError(f"train: {len(train)} samples cannot be split into train and validation data; pass `val` "
+                        "explicitly, or more training samples")
+    keep = np.setdiff1d(np.arange(len(train)), val_idx)
+    return _subset(train, keep), _subset(train, val_idx)
+
+
+def _subset(arrays: Arrays, idx: np.ndarray) -> Arrays:
+    x, y = np.ascontiguousarray(arrays.x[idx]), np.ascontiguousarray(arrays.y[idx])
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return Arrays(x, y)

@@ -19,18 +19,53 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import ConfigError
+from edgeq.recipe import CALIBRATION_METHODS
 
 PLAN_SCHEMA_VERSION = 3  # 2: size limit, per-model budgets, padding crop; 3: validation split, pruning amounts
 PLAN_NAME = "plan.json"
 
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-_RATIOS = {"type": "object", "additionalProperties": {"type": "number"}}
+_RATIO = {"type": "number", "exclusiveMinimum": 0}  # a paired time ratio: positive (finite: see _non_finite)
+_RATIOS = {"type": "object", "additionalProperties": _RATIO}
+_SECONDS = {"type": "number", "minimum": 0}
+_COUNT = {"type": "integer", "minimum": 0}
+_METHOD = {"enum": list(CALIBRATION_METHODS)}
+_QDQ = {  # edgeq.onnx_quant.QDQConfig, field by field: it is rebuilt with QDQConfig(**qdq)
+    "type": "object", "required": ["exclude_nodes", "per_channel"], "additionalProperties": False,
+    "properties": {"per_channel": {"type": "boolean"}, "reduce_range": {"type": "boolean"},
+                   "activations": {"enum": ["uint8", "int8"]}, "calibrate_method": _METHOD,
+                   "exclude_nodes": {"type": "array", "items": {"type": "string"}},
+                   "relu_before_pool": {"type": "boolean"}, "float_outputs": {"type": "boolean"},
+                   "crop_padding": {"type": "boolean"}},
+}
+_CANDIDATE = {"type": "object", "required": ["method", "samples"],
+              "properties": {"method": _METHOD, "samples": {"type": "integer", "minimum": 1},
+                             "correct": _COUNT, "accuracy": {"type": "number", "minimum": 0, "maximum": 1},
+                             "agreement": {"type": "number", "minimum": 0, "maximum": 1},
+                             "sqnr_db": {"type": ["number", "null"]}}}
+_CALIBRATION = {"type": "object", "required": ["method", "samples", "candidates"],
+                "properties": {"method": _METHOD, "samples": {"type": "integer", "minimum": 1},
+                               "candidates": {"type": "array", "minItems": 1, "items": _CANDIDATE}}}
+_LAYER = {"type": "object", "required": ["node", "op", "precision", "reason"],
+          "properties": {"node": {"type": "string"}, "op": {"type": "string"}, "reason": {"type": "string"},
+                         "precision": {"enum": ["fp32", "int8"]}, "int8_over_fp32_parent": _RATIOS,
+                         "with_node_fp32": _RATIOS, "with_node_fp32_over_int8": _RATIOS}}
+_WEIGHTS = {"type": "object", "required": ["chosen", "reason"],
+            "properties": {"chosen": {"enum": ["per-channel", "per-tensor"]}, "reason": {"type": "string"},
+                           **{k: _RATIOS for k in ("per_channel_over_fp32_parent", "per_tensor_over_fp32_parent",
+                                                   "per_tensor_over_per_channel")}}}
+_COST = {"type": "object", "properties": {"seconds": _SECONDS, "budget_s": _SECONDS, "layers_tried": _COUNT,
+                                          "layers": _COUNT, "max_size_ratio": _RATIO, "size_ratio": _RATIO}}
+_SENSITIVITY = {"type": "object", "required": ["layers", "ranking"],
+                "properties": {"layers": {"type": "array", "items": {"type": "object"}},
+                               "ranking": {"type": "array"}, "budget_s": {"type": ["number", "null"], "minimum": 0}}}
 SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "edgeq build plan",
@@ -61,17 +96,12 @@ SCHEMA: dict = {
                             "required": ["qdq", "layers", "weights", "cost"],
                             "additionalProperties": False,
                             "properties": {
-                                "calibration": {"type": "object", "required": ["method", "samples", "candidates"]},
-                                "sensitivity": {"type": "object", "required": ["layers", "ranking"]},
-                                "qdq": {"type": "object", "required": ["exclude_nodes", "per_channel"],
-                                        "properties": {"exclude_nodes": {"type": "array", "items": {"type": "string"}},
-                                                       "per_channel": {"type": "boolean"}}},
-                                "layers": {"type": "array", "items": {
-                                    "type": "object", "required": ["node", "op", "precision", "reason"],
-                                    "properties": {"node": {"type": "string"},
-                                                   "precision": {"enum": ["fp32", "int8"]}}}},
-                                "weights": {"type": "object", "required": ["chosen", "reason"]},
-                                "cost": {"type": "object"},
+                                "calibration": _CALIBRATION,
+                                "sensitivity": _SENSITIVITY,
+                                "qdq": _QDQ,
+                                "layers": {"type": "array", "items": _LAYER},
+                                "weights": _WEIGHTS,
+                                "cost": _COST,
                             },
                         },
                     },
@@ -87,8 +117,10 @@ SCHEMA: dict = {
                         "additionalProperties": {
                             "type": "object",
                             "required": ["met", "bar_points", "drop_points", "fp32_nodes_added", "per_channel", "steps"],
-                            "properties": {"met": {"type": "boolean"},
-                                           "fp32_nodes_added": {"type": "array", "items": {"type": "string"}}},
+                            "properties": {"met": {"type": "boolean"}, "bar_points": {"type": "number", "minimum": 0},
+                                           "drop_points": {"type": "number"}, "per_channel": {"type": "boolean"},
+                                           "fp32_nodes_added": {"type": "array", "items": {"type": "string"}},
+                                           "steps": {"type": "array", "items": {"type": "object"}}},
                         },
                     },
                     "pruning_sensitivity": {"type": ["object", "null"]},
@@ -105,7 +137,8 @@ SCHEMA: dict = {
                     "recommended": {"type": ["object", "null"],
                                     "required": ["fastest", "smallest"],
                                     "properties": {"fastest": {"type": ["string", "null"]},
-                                                   "smallest": {"type": ["string", "null"]}}},
+                                                   "smallest": {"type": ["string", "null"]},
+                                                   "latency_vs_fp32": _RATIOS}},
                 },
             },
         },
@@ -218,12 +251,28 @@ def validate(d: object, where: str = "plan") -> None:
         raise PlanError(f"{where}: made with plan schema version {d['schema_version']!r} (edgeq "
                         f"{d.get('edgeq', '?')}); this edgeq reads version {PLAN_SCHEMA_VERSION}: re-measure "
                         "(edgeq export without --plan)")
+    bad = _non_finite(d)
+    if bad is not None:
+        raise PlanError(f"{where}: not an edgeq build plan at {bad[0] or '(top level)'}: {bad[1]} is not a finite number "
+                        "(a plan records measured figures only); pass the plan.json an export wrote")
     try:
         jsonschema.validate(d, SCHEMA)
     except jsonschema.ValidationError as exc:
         at = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise PlanError(f"{where}: not an edgeq build plan (schema v{PLAN_SCHEMA_VERSION}) at {at}: "
                         f"{exc.message[:160]}; pass the plan.json an export wrote") from None
+
+
+def _non_finite(value: object, at: str = "") -> tuple[str, str] | None:
+    """(path, text) of the first NaN or infinite number anywhere in a parsed plan (`1e999` parses to inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return at, repr(value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{at}/{key}" if at else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def model_sha256(model) -> str:

@@ -25,6 +25,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,9 @@ OWN_FILES = frozenset({MANIFEST_NAME, GITKEEP, SIGNATURE_NAME})
 FREE_SPACE_MARGIN = 1.25  # the expected size is an estimate: ask for a quarter more
 FREE_SPACE_SLACK = 4 << 20  # bytes: temporary files of quantization, the manifest, file-system blocks
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# the longest name built on `.<out>.`: "old-<pid>-" + mkdtemp's 8 characters, the pid at its largest
+STALE_PREFIX_PAD = "old-4194304-xxxxxxxx"
+PAUSE_ENV = "EDGEQ_TEST_PAUSE_PUBLISH"  # tests only: a file the publish step creates, then waits, between renames
 FULL_BELOW = 64 << 10  # bytes free under which a failed build is put down to a full disk
 
 
@@ -53,6 +57,7 @@ def _mode() -> int:
 
 def check_out(out: Path, force: bool = False) -> None:
     """Refuse an --out that publishing would damage: raises ExportError with the fix, before any work."""
+    check_name(out)
     flag = f"--out {out}"
     resolved = out.resolve()
     cwd = Path.cwd().resolve()
@@ -61,6 +66,10 @@ def check_out(out: Path, force: bool = False) -> None:
                           "choose a new subdirectory such as --out artifacts")
     if out.is_symlink():
         raise ExportError(f"{flag}: is a symbolic link; pass the directory itself or choose another --out")
+    inside = enclosing_export(resolved)
+    if inside is not None:
+        raise ExportError(f"{flag}: is inside the edgeq export {inside}; writing there changes a published export "
+                          "(its manifest and signature no longer match): choose an --out outside it")
     if not out.exists():
         if not out.parent.is_dir():
             raise ExportError(f"{flag}: parent directory {out.parent} does not exist; create it or choose another --out")
@@ -75,6 +84,48 @@ def check_out(out: Path, force: bool = False) -> None:
                           "--out, move that away, or pass --force to replace it anyway")
 
 
+def check_name(out: Path) -> None:
+    """Refuse, up front, an --out name the file system or the export's own files cannot hold: not UTF-8
+    (manifests and runtimes take text paths), or too long once the lock and temporary names are built on it."""
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        flag = "--out " + os.fsencode(out).decode("utf-8", "backslashreplace")
+        raise ExportError(f"{flag}: the path is not valid UTF-8 (its bytes were written in another encoding); "
+                          "choose an --out with a UTF-8 name") from None
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX") if parent.is_dir() else 255
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(os.fsencode(f".{out.name}.{STALE_PREFIX_PAD}"))
+    if longest > limit:
+        room = limit - (longest - len(os.fsencode(out.name)))
+        raise ExportError(f"--out {out}: its name is {len(os.fsencode(out.name))} bytes; an export keeps a lock and "
+                          f"temporary directories beside it named after it, so the name may be at most {room} bytes "
+                          f"on this file system ({limit} per name): choose a shorter --out")
+
+
+def enclosing_export(path: Path) -> Path | None:
+    """The nearest directory above `path` (not `path` itself) holding an edgeq manifest or signature."""
+    for parent in path.parents:
+        if (parent / SIGNATURE_NAME).is_file() or _edgeq_manifest(parent / MANIFEST_NAME) is not None:
+            return parent
+    return None
+
+
+def _edgeq_manifest(path: Path) -> dict | None:
+    """The parsed manifest at `path` when edgeq wrote it (it names the edgeq version); None otherwise."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            data = json.loads(f.read(16 << 20))
+        return data if isinstance(data["environment"]["edgeq"], str) else None
+    except Exception:  # unreadable, not JSON, or another program's manifest.json
+        return None
+
+
 def foreign_entry(out: Path) -> str | None:
     """Why `out` is not safe to replace (None when it is empty or a previous edgeq export, in full)."""
     try:
@@ -85,26 +136,29 @@ def foreign_entry(out: Path) -> str | None:
         return None
     if MANIFEST_NAME not in entries:
         return f"is not empty and holds no edgeq manifest ({entries[0]}{', ...' if len(entries) > 1 else ''})"
-    try:
-        with open(out / MANIFEST_NAME, "rb") as f:
-            data = json.loads(f.read(16 << 20))
-        files = {a["file"] for a in data["artifacts"]}
-        eval_file = (data.get("dataset") or {}).get("eval", {}).get("file")
-        if isinstance(eval_file, str):
-            files.add(eval_file)
-        plan_file = (data.get("plan") or {}).get("file")
-        if isinstance(plan_file, str):
-            files.add(plan_file)
-        made_by_edgeq = isinstance(data["environment"]["edgeq"], str)
-    except Exception:  # unreadable, not JSON, or not an edgeq manifest: not ours to delete
+    data = _edgeq_manifest(out / MANIFEST_NAME)
+    if data is None:
         return f"holds a {MANIFEST_NAME} that edgeq did not write"
-    if not made_by_edgeq:
+    try:
+        files = {a["file"] for a in data["artifacts"]}
+        for entry in ((data.get("dataset") or {}).get("eval"), (data.get("dataset") or {}).get("val"), data.get("plan")):
+            if isinstance((entry or {}).get("file"), str):
+                files.add(entry["file"])
+        golden = data.get("golden") or {}
+        nested = [golden.get("input", {}).get("file")] + [o.get("file") for o in golden.get("outputs", {}).values()]
+        nested += [o.get("file") for o in golden.get("reference", {}).values()]
+        folders = {f.split("/")[0] for f in nested if isinstance(f, str) and "/" in f}
+    except Exception:  # not an edgeq manifest: not ours to delete
         return f"holds a {MANIFEST_NAME} that edgeq did not write"
     for name in entries:
         path = out / name
         if name in OWN_FILES or name in files:
             if path.is_symlink() or not path.is_file():
                 return f"holds {name}, which is not a regular file an export writes"
+            continue
+        if name in folders:  # the golden outputs' folder
+            if path.is_symlink() or not path.is_dir():
+                return f"holds {name}, which is not the folder an export writes"
             continue
         return f"holds {name}, which its edgeq manifest does not list"
     return None
@@ -121,21 +175,41 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(out: Path) -> list[Path]:
-    """Remove `.<out>.tmp-<pid>-*` and `.<out>.old-<pid>-*` left by runs whose process is gone."""
+    """Remove `.<out>.tmp-<pid>-*` and `.<out>.old-<pid>-*` left by runs whose process is gone.
+
+    An `.old` directory is the previous export, moved aside just before the new one took its place.
+    When `out` is missing, a run was killed between the two renames: the newest `.old` is renamed
+    back to `out` instead of being removed, so the last good export is never lost.
+    """
     removed = []
-    for kind in ("tmp", "old"):
-        for path in out.parent.glob(f".{out.name}.{kind}-*"):
-            pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    stale = {kind: sorted((p for p in out.parent.glob(f".{out.name}.{kind}-*") if _dead_owner(out, kind, p)),
+                          key=_mtime) for kind in ("tmp", "old")}
+    if stale["old"] and not os.path.lexists(out):
+        os.rename(stale["old"].pop(), out)  # the newest: the export the killed run replaced
+    for path in stale["tmp"] + stale["old"]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 
+def _dead_owner(out: Path, kind: str, path: Path) -> bool:
+    pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+    return pid.isdigit() and not _alive(int(pid)) and path.is_dir() and not path.is_symlink()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def check_free_space(out: Path, expected_bytes: int) -> None:
-    """Refuse a build that would not fit on the file system of `out` (with margin and slack)."""
+    """Refuse a build that would not fit on the file system of `out` (with margin and slack), or a
+    file system that is read-only."""
     need = int(expected_bytes * FREE_SPACE_MARGIN) + FREE_SPACE_SLACK
+    if os.statvfs(out.parent).f_flag & os.ST_RDONLY:
+        raise ExportError(f"--out {out}: its file system is mounted read-only; choose an --out on a writable disk")
     free = shutil.disk_usage(out.parent).free
     if free < need:
         raise ExportError(f"--out {out}: {_mib(free)} free on its file system, the export needs about {_mib(need)}; "
@@ -232,12 +306,43 @@ def disk_full_as_enospc(directory: Path) -> Iterator[None]:
 def _disk_error(out: Path, exc: Exception) -> ExportError | None:
     """The one-line error for a full disk: ENOSPC/EDQUOT, or any failure while the file system of `out`
     is full (some writers, such as onnxruntime's C++ model writer, truncate a file without raising, and
-    the failure shows later as a corrupt file)."""
-    if not (isinstance(exc, OSError) and exc.errno in NO_SPACE):
-        if isinstance(exc, ExportError) or shutil.disk_usage(out.parent).free >= FULL_BELOW:
-            return None
-    return ExportError(f"--out {out}: no space left on its file system ({exc.strerror}); nothing was published and "
-                       f"the temporary files are removed; free some space or choose an --out on another disk")
+    the failure shows later as a corrupt file). A full temporary directory (TMPDIR), where torch and
+    onnxruntime write their scratch files, is named as such, not blamed on `out`."""
+    enospc = isinstance(exc, OSError) and exc.errno in NO_SPACE
+    out_full = shutil.disk_usage(out.parent).free < FULL_BELOW
+    if not enospc and (isinstance(exc, ExportError) or not out_full):
+        return None
+    filename = os.fsdecode(exc.filename) if isinstance(exc, OSError) and exc.filename else None
+    if out_full or (filename is not None and _under(Path(filename), out.parent)):
+        return ExportError(f"--out {out}: no space left on its file system ({getattr(exc, 'strerror', None) or exc}); "
+                           "nothing was published and the temporary files are removed; free some space or choose an "
+                           "--out on another disk")
+    if filename is not None and not _under(Path(filename), Path(tempfile.gettempdir())):
+        return ExportError(f"{filename}: no space left on its file system; nothing was published to --out {out}: "
+                           "free some space there")
+    scratch = tempfile.gettempdir()
+    return ExportError(f"TMPDIR {scratch}: no space left on a device while building, and not on --out's, which has "
+                       f"{_mib(shutil.disk_usage(out.parent).free)} free (torch and onnxruntime write their scratch "
+                       "files to TMPDIR); nothing was published: free some space there, or point TMPDIR at a disk "
+                       "with room")
+
+
+def _under(path: Path, directory: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(directory.resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def _pause_for_tests() -> None:
+    """Tests only: with EDGEQ_TEST_PAUSE_PUBLISH=FILE, create FILE and wait (up to a minute) between the
+    two renames, so that a test can kill the process exactly there. Never set outside the tests."""
+    flag = os.environ.get(PAUSE_ENV)
+    if flag:
+        Path(flag).touch()
+        deadline = time.monotonic() + 60
+        while Path(flag).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -251,6 +356,7 @@ def _publish(tmp: Path, out: Path) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     os.rmdir(old)
     os.rename(out, old)
+    _pause_for_tests()
     try:
         os.rename(tmp, out)
     except OSError as exc:

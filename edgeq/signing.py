@@ -12,7 +12,13 @@ model_signing and cryptography are imported inside the functions, so `import edg
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgeq.errors import ConfigError, ExportError, SignatureError
@@ -24,6 +30,8 @@ UNSIGNED_BY_DESIGN = (SIGNATURE_NAME, GITKEEP)  # the names the signature does n
 SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 MAKE_KEY = ("make one with `openssl ecparam -name prime256v1 -genkey -noout -out key.pem` "
             "and its public key with `openssl ec -in key.pem -pubout -out pub.pem`")
+KEY_MAX_BYTES = 1 << 20  # a PEM key is a few hundred bytes
+KEY_READ_S = 10.0  # seconds a key may take to arrive through a pipe
 RESIGN = "restore the signed files, or re-export with `edgeq export --sign-key KEY`"
 
 # signature status in a verify result
@@ -31,13 +39,20 @@ UNSIGNED, NOT_CHECKED, VERIFIED = "unsigned", "not_checked", "verified"
 STATUSES = (UNSIGNED, NOT_CHECKED, VERIFIED)
 
 
-def check_private_key(path: str | Path) -> None:
-    """Refuse, with one line naming the file and the fix, a key that cannot sign a directory."""
+def check_private_key(path: str | Path) -> bytes:
+    """Refuse, with one line naming the file and the fix, a key that cannot sign a directory; returns
+    its bytes, read once (a pipe such as `<(cat key.pem)` cannot be read twice)."""
+    path = Path(path)
+    data = read_key(path, "private")
+    private_key_bytes(data, path)
+    return data
+
+
+def private_key_bytes(data: bytes, path: Path) -> None:
+    """Refuse PEM bytes that are not an unencrypted EC private key on a supported curve (one line naming `path`)."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
-    path = Path(path)
-    data = _read_key(path, "private")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -48,13 +63,20 @@ def check_private_key(path: str | Path) -> None:
     _check_curve(path, key.public_key(), "private")
 
 
-def check_public_key(path: str | Path) -> None:
-    """Refuse, with one line naming the file and the fix, a key that cannot check a signature."""
+def check_public_key(path: str | Path) -> bytes:
+    """Refuse, with one line naming the file and the fix, a key that cannot check a signature; returns
+    its bytes, read once."""
+    path = Path(path)
+    data = read_key(path, "public")
+    public_key_bytes(data, path)
+    return data
+
+
+def public_key_bytes(data: bytes, path: Path) -> None:
+    """Refuse PEM bytes that are not an EC public key on a supported curve (one line naming `path`)."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
-    path = Path(path)
-    data = _read_key(path, "public")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
@@ -64,14 +86,71 @@ def check_public_key(path: str | Path) -> None:
     _check_curve(path, key, "public")
 
 
-def _read_key(path: Path, kind: str) -> bytes:
+def read_key(path: Path, kind: str) -> bytes:
+    """A key file's bytes, read once and with bounds: at most KEY_MAX_BYTES, and within KEY_READ_S seconds
+    from a pipe (`<(cat key.pem)`, a FIFO), so that a FIFO nobody writes to or an endless device fails
+    with one line instead of hanging. Directories and sockets are refused."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {kind} key file; {MAKE_KEY}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the {kind} key ({exc.strerror}); check the path and its "
                           "permissions") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{path}: is a directory, not a {kind} key file; pass the PEM file")
+        data = _read_bounded(fd, path, kind)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {kind} key ({exc.strerror}); check the path and its "
+                          "permissions") from None
+    finally:
+        os.close(fd)
+    if not data.strip():
+        pipe = " (a pipe or FIFO that nothing wrote to?)" if not stat.S_ISREG(mode) else ""
+        raise ConfigError(f"{path}: the {kind} key file is empty{pipe}; pass the PEM file itself")
+    return data
+
+
+def _read_bounded(fd: int, path: Path, kind: str) -> bytes:
+    import select
+
+    deadline = time.monotonic() + KEY_READ_S
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:  # a pipe whose writer has not written yet
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise ConfigError(f"{path}: nothing to read from it in {KEY_READ_S:g} s (a FIFO or pipe that "
+                                  f"nothing writes to?); pass the {kind} key's PEM file") from None
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > KEY_MAX_BYTES:
+            raise ConfigError(f"{path}: more than {KEY_MAX_BYTES >> 10} KiB, far larger than a PEM key; "
+                              f"pass the {kind} key's PEM file")
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{path}: still being written after {KEY_READ_S:g} s; pass the {kind} key's PEM file")
+
+
+@contextlib.contextmanager
+def key_copy(data: bytes) -> Iterator[Path]:
+    """The key's bytes in a private temporary file (0600), removed afterwards: what model_signing reads,
+    so that the key is read from the user's path once only."""
+    fd, name = tempfile.mkstemp(prefix="edgeq-key-", suffix=".pem")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield Path(name)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def _check_curve(path: Path, public_key: object, kind: str) -> None:
@@ -100,39 +179,42 @@ def sign_directory(directory: str | Path, private_key: str | Path) -> Path:
     from model_signing import signing
 
     directory, private_key = Path(directory), Path(private_key)
-    check_private_key(private_key)
+    data = check_private_key(private_key)
     if not directory.is_dir():
         raise ExportError(f"{directory}: no such directory to sign")
     out = directory / SIGNATURE_NAME
     try:
-        signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(_hashing()).sign(
-            directory, out)
+        with key_copy(data) as key:
+            signing.Config().use_elliptic_key_signer(private_key=key).set_hashing_config(_hashing()).sign(
+                directory, out)
     except ValueError as exc:  # a symlink or special file in the directory
         raise ExportError(f"{_file_problem(str(exc), directory) or exc}; cannot sign {directory}") from None
     return out
 
 
-def verify_signature(directory: str | Path, public_key: str | Path) -> dict:
+def verify_signature(directory: str | Path, public_key: str | Path, key_data: bytes | None = None) -> dict:
     """Check SIGNATURE_NAME in `directory` with `public_key`: raises SignatureError naming what differs.
 
-    Returns the verify report's signature record: status, the signature file, the key, and the
-    files the signature covers.
+    `key_data`: the key's bytes when the caller has already read (and checked) them: a key is read
+    once, so that `--public-key <(cat pub.pem)` works. Returns the verify report's signature record:
+    status, the signature file, the key, and the files the signature covers.
     """
     from cryptography.exceptions import InvalidSignature
     from model_signing import verifying
 
     directory, public_key = Path(directory), Path(public_key)
+    data = check_public_key(public_key) if key_data is None else key_data  # first: the key is the user's input
     if not directory.is_dir():
         raise SignatureError(f"{directory}: no such directory; nothing to verify")
     sig = directory / SIGNATURE_NAME
     if sig.is_symlink() or not sig.is_file():
         raise SignatureError(f"{sig}: no signature file; sign the export with `edgeq export --sign-key KEY`, "
                              "or drop --public-key to verify it unsigned")
-    check_public_key(public_key)
     where = f"(signature {SIGNATURE_NAME}, key {public_key.name})"
     try:
-        verifying.Config().use_elliptic_key_verifier(public_key=public_key).set_hashing_config(_hashing()).verify(
-            directory, sig)
+        with key_copy(data) as key:
+            verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(_hashing()).verify(
+                directory, sig)
     except InvalidSignature:
         raise SignatureError(f"{sig}: does not verify with {public_key} (another key signed it, or the signature "
                              "was edited); pass the public key of the signing key, or re-sign") from None

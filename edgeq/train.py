@@ -20,6 +20,11 @@ from torch import nn
 from edgeq.progress import progress_bar
 from edgeq.recipe import Finetune
 from edgeq.data import Arrays
+from edgeq.errors import ExportError
+
+
+class NothingToTrain(ExportError):
+    """A fine-tune (pruning recovery, QAT) of a model without trainable parameters: that variant is skipped."""
 
 
 def fit(
@@ -36,13 +41,16 @@ def fit(
     model = copy.deepcopy(model) if copy_model else model
     if spec.epochs == 0:
         return model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise NothingToTrain(f"{desc}: the model has no trainable parameters, so there is nothing to train; "
+                             "skipped (the other variants are built)")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     x_all = torch.from_numpy(np.array(data.x))  # a writable copy: the checked arrays are read-only
     y_all = torch.from_numpy(np.array(data.y))
     n = len(data)
     steps_per_epoch = (n + spec.batch_size - 1) // spec.batch_size
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)

@@ -78,15 +78,17 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, 
                                 fail_on_slower=fail_on_slower, time_limit_s=time_limit,
                                 memory_limit_gb=memory_limit, strict=strict,
                                 public_key=str(public_key) if public_key else None, progress=not quiet)
-        result = core.verify(directory, cfg)
+        try:
+            result = core.verify(directory, cfg)
+        except OSError as exc:  # verify only reads DIR: a file that vanished or changed under it
+            _fail(f"{exc.filename or directory}: cannot read ({exc.strerror}); if an export is replacing "
+                  f"{directory}, run verify again once it has finished")
         for path, write in ((json_path, report.write_json), (markdown_path, report.write_markdown),
                             (plot_path, _write_plot)):
             if path is not None:
-                write(result, path)
+                _write_report(write, result, path)
     except EdgeqError as exc:
         _fail(str(exc))
-    except OSError as exc:  # a report path that cannot be written
-        _fail(f"{exc.filename}: cannot write ({exc.strerror})")
     except KeyboardInterrupt:
         click.echo("edgeq: interrupted", err=True)
         sys.exit(130)
@@ -99,6 +101,13 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, 
     for line in result.failures:
         click.echo(f"FAIL {line}", err=True)
     sys.exit(0 if result.passed else 1)
+
+
+def _write_report(write, result, path: Path) -> None:
+    try:
+        write(result, path)
+    except OSError as exc:  # a report path that cannot be written
+        _fail(f"{exc.filename or path}: cannot write ({exc.strerror}); choose a writable path")
 
 
 def _write_plot(result, path: Path) -> None:

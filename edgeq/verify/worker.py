@@ -300,12 +300,14 @@ def main() -> None:
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
     _die_with_parent(int(sys.argv[2]))
+    import onnx  # noqa: F401  (parsed before each ONNX load: imported now, not on an artifact's time)
     import onnxruntime as ort
     import torch
 
     from edgeq import runtime
     from edgeq.errors import EdgeqError
-    from edgeq.verify import measure
+    from edgeq import timing as measure
+    from edgeq.verify.integrity import external_data
 
     cuda = torch.cuda.is_available()
     cap_gb = None if cuda or sys.argv[1] == "none" else _cap_address_space(float(sys.argv[1]))
@@ -320,6 +322,10 @@ def main() -> None:
         torch.set_num_threads(state["threads"])  # this process is verify's own: nothing to restore
 
     def load(handle: int, path: str, fmt: str, device: str, threads: int, options: dict | None) -> None:
+        if fmt == "onnx":  # parsed here, under the memory cap, never in verify's own process
+            problems = external_data(Path(path), Path(path).name)
+            if problems:
+                raise EdgeqError(problems[0])
         runners[handle] = runtime.load(Path(path), fmt, device, threads=threads, options=options)
         torch.set_num_threads(state["threads"])  # loading a torch runner sets its own
 
