@@ -1,7 +1,8 @@
 """Run an artifact from its file, in its own runtime. Shared by the exporter and the verifier.
 
 Nothing here unpickles arbitrary objects: checkpoints load with `weights_only=True`, TorchScript
-with `torch.jit.load`, ONNX with onnxruntime.
+with `torch.jit.load`, ONNX with onnxruntime, ExecuTorch programs (`.pte`) with ExecuTorch's runtime
+(its Python bindings, XNNPACK delegate linked in; edgeq.pte).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from edgeq.errors import IntegrityError, first_line
 
-FORMATS = ("checkpoint", "torchscript", "onnx")
+FORMATS = ("checkpoint", "torchscript", "onnx", "pte")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
@@ -25,7 +26,7 @@ class Runner:
     """A loaded artifact: `run(x)` maps a preprocessed float32 batch to logits (numpy in, numpy out)."""
 
     name: str
-    runtime: str  # "onnxruntime-cpu", "torch-cpu", "torch-cuda"
+    runtime: str  # "onnxruntime-cpu", "torch-cpu", "torch-cuda", "executorch-cpu"
     run: Callable[[np.ndarray], np.ndarray]
     info: dict = field(default_factory=dict)
 
@@ -76,6 +77,41 @@ def load_torchscript(path: Path, device: str = "cpu", threads: int = 1) -> Runne
     except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors for non-TorchScript files
         raise IntegrityError(f"{path.name}: not a TorchScript module ({first_line(exc)}); re-run `edgeq export`") from None
     return Runner(path.name, f"torch-{device}", _torch_run(module, device))
+
+
+def load_pte(path: Path, threads: int = 1) -> Runner:
+    """An ExecuTorch program in ExecuTorch's runtime, XNNPACK's threadpool set to `threads`.
+
+    A program has a fixed input shape (edgeq.pte says why): a batch of another size runs as calls of
+    the program's batch, the last one padded with zeros and its padding rows dropped.
+    """
+    from edgeq import pte
+
+    reason = pte.available()
+    if reason is not None:
+        raise IntegrityError(f"{path.name}: cannot run an ExecuTorch program here: {reason}")
+    import torch
+
+    forward, shape, info = pte.open_program(path, threads)
+    size = shape[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if tuple(x.shape[1:]) != shape[1:]:
+            raise IntegrityError(f"{path.name}: input of shape {list(x.shape)}, the program takes "
+                                 f"[N, {', '.join(map(str, shape[1:]))}]")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if len(x) == size:
+            return forward(torch.from_numpy(x)).numpy()
+        outs = []
+        for i in range(0, len(x), size):
+            chunk = x[i : i + size]
+            n = len(chunk)
+            if n < size:
+                chunk = np.concatenate([chunk, np.zeros((size - n, *shape[1:]), np.float32)])
+            outs.append(forward(torch.from_numpy(chunk)).numpy()[:n])
+        return np.concatenate(outs)
+
+    return Runner(path.name, "executorch-cpu", run, {**info, "program_batch": size})
 
 
 def load_state_dict(path: Path) -> dict:
@@ -163,6 +199,8 @@ def load(path: Path, fmt: str, device: str = "cpu", threads: int = 1, options: d
             return load_torchscript(path, device, threads)
         case "checkpoint":
             return load_checkpoint(path, device, threads, options)
+        case "pte":  # XNNPACK is a CPU backend: the program runs on the CPU whatever `device` says
+            return load_pte(path, threads)
     raise IntegrityError(f"{path.name}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 

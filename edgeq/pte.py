@@ -1,0 +1,369 @@
+"""ExecuTorch programs (`.pte`) with the XNNPACK delegate: torch.export -> PT2E int8 -> lowering.
+
+The chain is ExecuTorch's own, one small step per function, each returning a new object:
+`torch.export` captures the model; `quantize` runs PT2E with XNNPACK's quantizer (symmetric int8,
+per-channel weights) and returns the converted torch model; `export_fp32` / `lower_int8` lower a
+model with `to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])` -> `to_executorch()`
+and write the file. Each returns what the manifest records: how much of the graph XNNPACK runs,
+the versions, the input shape the program takes and how its threads are set.
+
+A program has a fixed batch, the example's. A dynamic batch dimension is not used: in torch 2.14
+the fake convolution re-run during XNNPACK lowering guards on the batch size (`_select_conv_backend`
+refines the batch range to [2, 15] for an example of 2, to [16, max] for one of 16 or more), so
+every convolutional program is cut to one side of 16, and a program whose range is widened back
+segfaults at run time. `runtime.load(path, "pte")` splits a larger batch into calls of the
+program's batch and pads the last one (docs/executorch.md has the measurements behind the choice).
+
+Threads: ExecuTorch's XNNPACK delegate runs on one process-wide pthreadpool, sized by
+`portable_lib._unsafe_reset_threadpool(n)` (n threads in all, the caller's included: 1 means no
+worker thread); `runtime.load` sets it. Nothing reads an environment variable.
+
+torch, torchao and executorch are imported inside the functions: `import edgeq.pte` is cheap and
+works without ExecuTorch installed (`available()` then says how to install it).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import os
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from edgeq.errors import ExportError, IntegrityError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+INSTALL = "pip install 'edgeq[executorch]'"
+BACKEND = "XnnpackBackend"
+THREADS_HOW = ("executorch.extension.pybindings.portable_lib._unsafe_reset_threadpool(n): one "
+               "process-wide pthreadpool for the XNNPACK delegate, n threads including the caller's")
+Mode = Literal["static", "qat"]
+
+
+def available() -> str | None:
+    """None when ExecuTorch (with its XNNPACK-enabled runtime) imports; else the one-line reason."""
+    try:
+        import executorch  # noqa: F401
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
+        from executorch.extension.pybindings import portable_lib
+    except Exception as exc:  # ImportError, or a binary that does not load against this torch
+        return f"ExecuTorch is not installed ({first_line(exc, 120)}): {INSTALL}"
+    if not portable_lib._is_available(BACKEND):
+        return f"this ExecuTorch runtime has no XNNPACK backend: {INSTALL}"
+    return None
+
+
+def versions() -> dict:
+    """ExecuTorch's version and commit; XNNPACK is linked into its runtime at that commit (XNNPACK
+    publishes no version number of its own)."""
+    from executorch import version
+
+    return {"executorch": version.__version__, "executorch_git": version.git_version,
+            "xnnpack": f"linked into executorch {version.__version__} (git {str(version.git_version)[:12]})"}
+
+
+# -- capture ----------------------------------------------------------------------------------------
+
+
+def capture(model: torch.nn.Module, example: torch.Tensor, dynamic_batch: bool = False):
+    """torch.export of `model` on `example` -> ExportedProgram; ExportError in one line on failure.
+
+    `dynamic_batch` marks dim 0 dynamic (used for the PT2E graph, which calibrates and trains on
+    batches of any size; the lowered program has a fixed batch, see the module docstring)."""
+    import torch
+
+    args = (example,)
+    shapes = None
+    if dynamic_batch:
+        if example.shape[0] < 2:  # torch.export specialises a dimension whose example size is 1
+            args = (example.expand(2, *example.shape[1:]).contiguous(),)
+        shapes = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
+    try:
+        with _quiet():
+            return torch.export.export(model, args, dynamic_shapes=shapes)
+    except Exception as exc:
+        raise ExportError(f"{type(model).__name__}: torch.export cannot capture it ({construct(exc)}); "
+                          "the .pte variants are skipped") from None
+
+
+def construct(exc: BaseException) -> str:
+    """The construct torch.export failed on, in a few words, from its exception."""
+    text = str(exc)
+    name = type(exc).__name__
+    if ("data-dependent" in text or "data dependent" in text or "GuardOnDataDependent" in name
+            or "DataDependent" in name):
+        where = _user_frame(text)
+        return "data-dependent control flow" + (f" at {where}" if where else "") + \
+            "; rewrite it with torch.cond or move it out of forward"
+    if "Unsupported" in name or "unsupported" in text.lower():
+        return f"unsupported construct: {first_line(exc, 160)}"
+    return f"{name}: {first_line(exc, 160)}"
+
+
+def _user_frame(text: str) -> str | None:
+    """`file.py:line` of the user's code in torch.export's message, when it names one."""
+    import re
+
+    for found in re.finditer(r'File "([^"]+)", line (\d+)', text):
+        path = found.group(1)
+        if "site-packages" not in path and "/torch/" not in path:
+            return f"{Path(path).name}:{found.group(2)}"
+    return None
+
+
+# -- quantization -----------------------------------------------------------------------------------
+
+
+def quantize(model: torch.nn.Module, example: torch.Tensor, calibration: Sequence[np.ndarray], mode: Mode,
+             exclude: Collection[str] = (), finetune: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+             ) -> torch.nn.Module:
+    """PT2E int8 of a copy of `model` with XNNPACK's quantizer (symmetric, per-channel weights):
+    prepare (`prepare_pt2e`, or `prepare_qat_pt2e` for mode "qat"), `finetune` (QAT only: it trains
+    the prepared model and returns it; it may call .train()/.eval() on it), calibrate on each batch
+    of `calibration`, `convert_pt2e`. `exclude`: module names (e.g. "features.0") left in fp32.
+    Returns the converted torch model (a GraphModule with quantize/dequantize ops), ready for
+    `lower_int8`."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+
+    if mode not in ("static", "qat"):
+        raise ExportError(f"pte quantize: unknown mode {mode!r}; expected 'static' or 'qat'")
+    if not calibration:
+        raise ExportError("pte quantize: no calibration batches; pass at least one")
+    names = {name for name, _ in model.named_modules() if name}
+    missing = sorted(set(exclude) - names)
+    if missing:
+        raise ExportError(f"pte quantize: exclude names modules the model does not have: {', '.join(missing)}")
+    qat = mode == "qat"
+    float_model = copy.deepcopy(model).train(qat)  # QAT captures training-mode batch norm, to fold it while training
+    graph = capture(float_model, example, dynamic_batch=True).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
+    for name in exclude:
+        quantizer.set_module_name(name, None)
+    try:
+        with _quiet():
+            prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer)
+    except Exception as exc:
+        raise ExportError(f"{type(model).__name__}: PT2E cannot prepare it for XNNPACK int8 "
+                          f"({first_line(exc, 160)}); the int8 .pte variants are skipped") from None
+    if qat and finetune is not None:
+        prepared = finetune(trainable(prepared)).graph
+    move_exported_model_to_eval(prepared)
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+    with _quiet():
+        converted = convert_pt2e(prepared)
+    move_exported_model_to_eval(converted)
+    return converted
+
+
+def trainable(graph: torch.fx.GraphModule) -> torch.nn.Module:
+    """An nn.Module around a PT2E-prepared graph module that a training loop (edgeq.train.fit) uses
+    as any model: `.train()` / `.eval()` switch the graph's batch norm and dropout ops (torchao's
+    move_exported_model_to_train / _eval), which an exported graph's own methods refuse. The
+    prepared graph is its `.graph`."""
+    import torch
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    class Trainable(torch.nn.Module):
+        def __init__(self, graph: torch.fx.GraphModule):
+            super().__init__()
+            self.graph = graph
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.graph(x)
+
+        def train(self, mode: bool = True) -> Trainable:
+            (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.graph)
+            self.training = mode
+            return self
+
+    return Trainable(graph)
+
+
+# -- lowering ---------------------------------------------------------------------------------------
+
+
+def export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> dict:
+    """Lower an eval-mode copy of `model` to an fp32 `.pte` at `path` (input shape: `example`'s);
+    returns its manifest information (see `lower`)."""
+    return lower(capture(copy.deepcopy(model).eval(), example), path)
+
+
+def lower_int8(converted: torch.nn.Module, example: torch.Tensor, path: Path) -> dict:
+    """Lower a `quantize`d model to an int8 `.pte` at `path`, as `export_fp32` does an fp32 one."""
+    return lower(capture(converted, example), path)
+
+
+def lower(program, path: Path) -> dict:
+    """ExportedProgram -> XNNPACK-partitioned edge program -> ExecuTorch program written to `path`.
+
+    Returns: `delegation` (nodes in XNNPACK subgraphs out of all op nodes, the subgraphs, the ops
+    left to ExecuTorch's portable kernels), `input_shape` (the program's fixed input shape),
+    `versions` and `threads` (how the thread count is set). ExportError in one line if lowering fails.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    try:
+        with _quiet():
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            buffer = edge.to_executorch().buffer
+    except Exception as exc:
+        raise ExportError(f"ExecuTorch/XNNPACK lowering failed ({type(exc).__name__}: {first_line(exc, 160)}); "
+                          "the .pte variant is skipped") from None
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buffer)
+    os.replace(tmp, path)
+    shape = [int(d) for d in _user_input(program).meta["val"].shape]
+    return {"delegation": delegation(edge.exported_program().graph_module), "input_shape": shape,
+            "versions": versions(), "threads": THREADS_HOW}
+
+
+def _user_input(program):
+    """The placeholder of the program's one user input (parameters and buffers are placeholders too)."""
+    from torch.export.graph_signature import InputKind
+
+    name = next(s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT)
+    return next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+
+
+def delegation(graph_module) -> dict:
+    """Op nodes of a lowered edge graph: those inside XNNPACK subgraphs, all of them, and the names
+    of the ops left outside (run by ExecuTorch's portable kernels). getitem and the delegate calls
+    themselves are plumbing, not ops."""
+    inside, outside, subgraphs = 0, [], 0
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith("lowered_module_"):
+            subgraphs += 1
+            inside += sum(_is_op(n) for n in getattr(graph_module, node.target).original_module.graph.nodes)
+        elif _is_op(node) and "executorch_call_delegate" not in str(node.target):
+            outside.append(_op_name(node.target))
+    return {"backend": BACKEND, "delegated_nodes": inside, "total_nodes": inside + len(outside),
+            "subgraphs": subgraphs, "outside_ops": sorted(set(outside))}
+
+
+def _is_op(node) -> bool:
+    return node.op == "call_function" and node.target is not operator.getitem
+
+
+def _op_name(target) -> str:
+    name = getattr(target, "__name__", str(target))
+    return name.split("::")[-1]
+
+
+def program_ops(path: Path) -> dict:
+    """What a `.pte` file itself holds: the delegate calls per backend and the portable operators it
+    calls outside them, read from the serialized program (a count independent of the lowering)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    plan = deserialize_pte_binary(Path(path).read_bytes()).program.execution_plan[0]
+    backends = [d.id for d in plan.delegates]
+    ops = [f"{o.name}.{o.overload}" if o.overload else o.name for o in plan.operators]
+    return {"delegates": {b: backends.count(b) for b in sorted(set(backends))}, "operators": sorted(ops)}
+
+
+class _quiet:
+    """Silence the warnings and log lines torch.export, PT2E and ExecuTorch print on every call."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        self._loggers = [(lg, lg.level) for lg in (logging.getLogger("torch"), logging.getLogger("executorch"),
+                                                   logging.getLogger())]
+        for lg, _ in self._loggers:
+            lg.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        for lg, level in self._loggers:
+            lg.setLevel(level)
+        self._warnings.__exit__(*exc)
+        return False
+
+
+# -- the runtime ------------------------------------------------------------------------------------
+
+
+def set_threads(threads: int) -> int:
+    """Size ExecuTorch's process-wide XNNPACK threadpool to `threads` (the caller's thread included);
+    returns the count in effect. A no-op when it is already that size."""
+    from executorch.extension.pybindings import portable_lib
+
+    if threads < 1:
+        raise IntegrityError(f"ExecuTorch threads must be >= 1, got {threads}")
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+    return portable_lib._threadpool_get_thread_count()
+
+
+def check_header(path: Path, data: bytes) -> None:
+    """IntegrityError unless `data` starts like an ExecuTorch program whose sizes fit the file.
+
+    ExecuTorch's loader verifies the flatbuffer, but it aborts the process (an uncaught C++
+    exception) when the 4-byte file identifier is not text, and a program cut short can read past
+    its end: both are refused here first, from the header ExecuTorch writes (file identifier
+    `ETnn` at byte 4; extended header `eh00` at byte 8: its length, the program's size, the segments'
+    offset and size, little-endian)."""
+    import re
+    import struct
+
+    def bad(why: str) -> IntegrityError:
+        return IntegrityError(f"{path.name}: not an ExecuTorch program ({why}); re-run `edgeq export`")
+
+    if len(data) < 40:
+        raise bad(f"{len(data)} bytes")
+    if not re.fullmatch(rb"ET\d\d", data[4:8]):
+        raise bad("no ExecuTorch file identifier")
+    if data[8:12] != b"eh00":
+        raise bad("no extended header")
+    length, program_size, segment_offset, segment_size = struct.unpack_from("<IQQQ", data, 12)
+    if length < 32 or program_size > len(data) or program_size < length:
+        raise bad("its header gives a program size beyond the file")
+    if segment_size and (segment_offset < program_size or segment_offset + segment_size > len(data)):
+        raise bad(f"truncated: its data ends at byte {segment_offset + segment_size}, the file at {len(data)}")
+
+
+def open_program(path: Path, threads: int = 1):
+    """Load a `.pte` file in ExecuTorch's runtime, its `forward` method initialised (XNNPACK builds its
+    subgraphs now, so a damaged delegate fails here, not on the first call) ->
+    (forward, input shape, info). `forward` maps a torch tensor of the input shape to the output
+    tensor. IntegrityError in one line for a file ExecuTorch refuses."""
+    import torch
+    from executorch.extension.pybindings import portable_lib
+
+    path = Path(path)
+    data = path.read_bytes()
+    check_header(path, data)
+    in_effect = set_threads(threads)
+    try:
+        program = portable_lib._load_program_from_buffer(
+            data, program_verification=portable_lib.Verification.InternalConsistency)
+        method = program.load_method("forward")
+        meta = method.method_meta()
+        shape = tuple(meta.input_tensor_meta(0).sizes())
+        method([torch.zeros(shape)])  # a program whose delegate builds but cannot run fails here, once
+    except Exception as exc:  # ExecuTorch raises RuntimeError("Failed to load ..., error: 0x..")
+        raise IntegrityError(f"{path.name}: ExecuTorch cannot load it ({first_line(exc, 120)}); "
+                             "re-run `edgeq export`") from None
+
+    def forward(x, _keep=(program, data)):  # the method lives as long as its program and its bytes
+        return method([x])[0]
+
+    return forward, shape, {"threads": in_effect, "backends": portable_lib._get_registered_backend_names()}
