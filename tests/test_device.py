@@ -21,25 +21,50 @@ from edgeq import golden
 
 ROOT = Path(__file__).resolve().parents[1]
 _BUNDLE: dict[str, Path] = {}
-BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "click", "matplotlib", "jsonschema", "model_signing")
+DEVICE_PACKAGES = ("numpy", "onnxruntime", "onnx", "sympy", "cryptography")  # check: the first two; plan: onnx, sympy
 
-# Runs `python -m edgeq.device ...` in a process where importing torch (and the other build-machine
-# packages) fails, as on a device that has only numpy and onnxruntime.
-NO_TORCH = """
-import runpy, sys
-BLOCKED = set(sys.argv[1].split(","))
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name}: not installed on this device")
-sys.meta_path.insert(0, Blocker())
-sys.argv = ["edgeq.device"] + sys.argv[2:]
-try:
-    runpy.run_module("edgeq.device", run_name="__main__", alter_sys=True)
-finally:
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-    print("LOADED-BLOCKED:", ",".join(loaded))
-"""
+
+def _distributions(names: tuple[str, ...]) -> dict:
+    """The installed distributions of `names` and everything they require (extras aside)."""
+    import importlib.metadata as md
+    import re
+
+    seen: dict = {}
+    todo = list(names)
+    while todo:
+        key = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if key in seen:
+            continue
+        try:
+            dist = md.distribution(key)
+        except md.PackageNotFoundError:
+            continue
+        seen[key] = dist
+        todo += [re.match(r"[A-Za-z0-9_.\-]+", r).group(0) for r in dist.requires or [] if "extra ==" not in r]
+    return seen
+
+
+def device_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv as on a device: numpy, onnxruntime (and for the plan onnx, sympy; for signatures
+    cryptography) with their requirements, linked from this environment, and edgeq from the source
+    tree; torch, click, matplotlib, jsonschema, model-signing are not installed there."""
+    if "python" not in _BUNDLE:
+        root = tmp_path_factory.mktemp("device-venv")
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+        links = root / "site"
+        links.mkdir()
+        for dist in _distributions(DEVICE_PACKAGES).values():
+            for f in dist.files or []:
+                top = f.parts[0]
+                if top.endswith(".data") or top in ("..", "__pycache__") or (links / top).exists():
+                    continue
+                (links / top).symlink_to(Path(dist.locate_file(top)))  # packages, modules and metadata
+        python = root / "venv" / "bin" / "python"
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        Path(purelib, "device.pth").write_text(f"{links}\n{ROOT}\n")
+        _BUNDLE["python"] = python
+    return _BUNDLE["python"]
 
 
 def _synthetic(n: int = 700, seed: int = 0):
@@ -124,11 +149,13 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         import edgeq
 
         m, x, y = _model()
+        _BUNDLE["model"] = (m, x, y)
         import dataclasses
 
         has_target = "target" in {f.name for f in dataclasses.fields(edgeq.Recipe)}
         models = {"x86": m, "arm64": m} if has_target else {"mlp": m}
         recipes = {k: _recipe(target=k) for k in models} if has_target else {"mlp": _recipe()}
+        _BUNDLE["recipes"] = recipes
         out = tmp_path_factory.mktemp("device") / "bundle"
         edgeq.compress(models, train=(x[:500], y[:500]), test=(x[500:], y[500:]), out=out, recipe=recipes,
                        progress=False, log=lambda _: None)
@@ -173,10 +200,16 @@ def _int8_onnx(d: Path) -> dict:
     return next(a for a in _manifest(d)["artifacts"] if a["format"] == "onnx" and a["precision"] == "int8")
 
 
-def run_device(*args: str, block: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", NO_TORCH, ",".join(BLOCKED), *args] if block else \
-        [sys.executable, "-m", "edgeq.device", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+def run_device(*args: str) -> subprocess.CompletedProcess:
+    """`python -m edgeq.device ARGS` in the device venv (no torch there)."""
+    assert _BUNDLE.get("python"), "the device_venv fixture makes the device venv first"
+    return subprocess.run([str(_BUNDLE["python"]), "-m", "edgeq.device", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def device_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return device_python(tmp_path_factory)
 
 
 # --- golden files ----------------------------------------------------------------------------------------
@@ -230,11 +263,19 @@ def test_compare_counts_a_flip_only_outside_the_logit_tolerance():
 # --- the checker -----------------------------------------------------------------------------------------
 
 
+def test_the_device_venv_has_no_torch(device_venv: Path):
+    for module in ("torch", "click", "matplotlib", "jsonschema", "model_signing"):
+        p = subprocess.run([str(device_venv), "-c", f"import {module}"], capture_output=True, text=True)
+        assert p.returncode == 1 and "ModuleNotFoundError" in p.stderr, module
+    p = subprocess.run([str(device_venv), "-c", "import numpy, onnxruntime, edgeq.device.check; print(edgeq.__file__)"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith(str(ROOT)), p.stderr
+
+
 def test_check_passes_where_torch_cannot_be_imported(device_bundle: Path, tmp_path: Path):
     report = tmp_path / "report.json"
     p = run_device("check", str(device_bundle), "--accuracy", "--json", str(report))
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "LOADED-BLOCKED: \n" in p.stdout  # nothing of torch, onnx, click, matplotlib was imported
     r = json.loads(report.read_text())
     assert r["passed"] and r["runtime"]["onnxruntime"] and r["cpu"]["machine"] and "flags" in r["cpu"]
     by_format = {}
@@ -351,3 +392,57 @@ def test_no_manifest_is_one_line_and_exit_1(tmp_path: Path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == f"error: {tmp_path}/manifest.json: no manifest; copy the whole export folder " \
                                "(manifest.json included)"
+
+
+# --- the device plan -------------------------------------------------------------------------------------
+
+
+def _only_this_target(d: Path) -> str:
+    """Keep in the bundle only the family built for this machine's target (plan.json re-hashed)."""
+    m, plan = _manifest(d), json.loads((d / "plan.json").read_text())
+    here = next(iter(plan["models"])) if len(plan["models"]) == 1 else "x86"
+    plan["models"] = {here: plan["models"][here]}
+    (d / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    m["artifacts"] = [a for a in m["artifacts"] if a["model"] == here]
+    m["plan"].update(bytes=(d / "plan.json").stat().st_size, sha256=golden.sha256_file(d / "plan.json"))
+    _save(d, m)
+    return here
+
+
+def test_device_plan_refuses_a_bundle_built_for_another_target(copy: Path, tmp_path: Path):
+    if len(json.loads((copy / "plan.json").read_text())["models"]) < 2:
+        pytest.skip("the recipe has no targets yet: no arm64 files to refuse")
+    p = run_device("plan", str(copy), "--out", str(tmp_path / "plan.json"))
+    assert p.returncode == 1 and not (tmp_path / "plan.json").exists()
+    assert p.stderr.strip().splitlines()[-1] == ("error: arm64 was built for target arm64; this device is x86 (x86_64): "
+                                                 "timings here say nothing about arm64; plan on the target, or "
+                                                 "re-export with --target x86")
+
+
+def test_device_plan_round_trip(copy: Path, tmp_path: Path):
+    """Plan on the device at 2 threads (no torch), rebuild from that plan, check the rebuilt bundle."""
+    import dataclasses
+
+    import edgeq
+
+    family = _only_this_target(copy)
+    out = tmp_path / "device-plan.json"
+    p = run_device("plan", str(copy), "--threads", "2", "--budget", "0.5", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    plan = json.loads(out.read_text())
+    assert plan["measured_on"]["by"] == "python -m edgeq.device plan" and plan["measured_on"]["threads"] == 2
+    fam = plan["models"][family]
+    assert fam["recipe"]["threads"] == 2
+    for rec in fam["precision"].values():
+        assert rec["cost"]["timed_on"].startswith("the device: ") and "2 threads" in rec["cost"]["timed_on"]
+        assert rec["cost"]["inputs"] == "val.npz (val split)"
+    m, x, y = _BUNDLE["model"]
+    recipe = dataclasses.replace(_BUNDLE["recipes"][family], threads=2)
+    rebuilt = tmp_path / "rebuilt"
+    edgeq.compress({family: m}, train=(x[:500], y[:500]), test=(x[500:], y[500:]), out=rebuilt,
+                   recipe={family: recipe}, plan=out, progress=False, log=lambda _: None)
+    replayed = json.loads((rebuilt / "plan.json").read_text())["models"][family]["precision"]
+    assert {k: v["qdq"] for k, v in replayed.items()} == {k: v["qdq"] for k, v in fam["precision"].items()}
+    assert _manifest(rebuilt)["plan"]["replayed"] is True
+    p = run_device("check", str(rebuilt), "--rounds", "0")
+    assert p.returncode == 0, p.stdout
