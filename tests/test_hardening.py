@@ -61,6 +61,11 @@ def quick_export(out: Path, force: bool = False) -> None:
                  log=lambda s: None)
 
 
+def hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` (golden outputs live in a subfolder), by relative name."""
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in directory.rglob("*") if p.is_file()}
+
+
 def leftovers(parent: Path, name: str) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.") and not p.name.endswith(".lock"))
 
@@ -131,7 +136,7 @@ def test_a_second_concurrent_export_fails_cleanly_and_orphans_nothing(tmp_path: 
 
     out = tmp_path / "art"
     quick_export(out)
-    before = {p.name: sha256_file(p) for p in out.iterdir()}
+    before = hashes(out)
     holder = subprocess.Popen(  # another process holds the export lock, as a running export does
         [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
          "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(60)",
@@ -143,7 +148,7 @@ def test_a_second_concurrent_export_fails_cleanly_and_orphans_nothing(tmp_path: 
     finally:
         holder.kill()
         holder.wait()
-    assert {p.name: sha256_file(p) for p in out.iterdir()} == before
+    assert hashes(out) == before
     assert leftovers(tmp_path, "art") == []
     FileLock(str(publish.lock_path(out)), timeout=0).acquire()  # released with its holder
 
@@ -195,7 +200,7 @@ def _mid_build(parent: Path, name: str) -> bool:
 def test_sigterm_cleans_up_like_sigint_and_keeps_the_previous_export(tmp_path: Path) -> None:
     out = tmp_path / "art"
     quick_export(out)
-    before = {p.name: sha256_file(p) for p in out.iterdir()}
+    before = hashes(out)
     proc = _start_export(out)
     try:
         _wait_for(lambda: _mid_build(tmp_path, "art"))
@@ -206,7 +211,7 @@ def test_sigterm_cleans_up_like_sigint_and_keeps_the_previous_export(tmp_path: P
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"{out} is unchanged" in err
     assert leftovers(tmp_path, "art") == []
-    assert {p.name: sha256_file(p) for p in out.iterdir()} == before
+    assert hashes(out) == before
 
 
 def test_sigkill_leftovers_are_removed_by_the_next_export(tmp_path: Path) -> None:
@@ -263,7 +268,7 @@ def test_disk_full_during_export_is_one_line_and_removes_the_temp_dir(tmp_path: 
 def test_enospc_from_any_writer_is_one_line(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "art"
     quick_export(out)
-    before = {p.name: sha256_file(p) for p in out.iterdir()}
+    before = hashes(out)
 
     def full(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -271,7 +276,7 @@ def test_enospc_from_any_writer_is_one_line(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setattr(export_mod, "write_file", full)
     r = cli("export", "--out", str(out), *QUICK)
     one_line_error(r, "no space left", f"--out {out}")
-    assert {p.name: sha256_file(p) for p in out.iterdir()} == before
+    assert hashes(out) == before
     assert leftovers(tmp_path, "art") == []
 
 

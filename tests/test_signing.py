@@ -99,7 +99,8 @@ def test_signed_export_verifies_after_it_is_moved(signed: Path, keys: dict[str, 
     assert result.passed, result.failures
     sig = result.signature
     assert sig["status"] == "verified" and sig["file"] == SIGNATURE_NAME and sig["public_key"] == str(keys["pub"])
-    assert set(sig["files"]) == {"manifest.json"} | {p.name for p in moved.iterdir() if p.name != SIGNATURE_NAME}
+    assert set(sig["files"]) == {p.relative_to(moved).as_posix() for p in moved.rglob("*")
+                                 if p.is_file() and p.name != SIGNATURE_NAME}
     assert f"signature: signed, verified with {keys['pub']}" in table(result).replace("\n", " ")
     assert "Signature: signed, verified with" in markdown(result) and result.unlisted == []
     jsonschema.validate(json.loads(json.dumps(to_json(result))), REPORT_SCHEMA)
@@ -180,7 +181,7 @@ def _edit_signed_payload(d: Path) -> None:
     (_edit_manifest, "pub", "manifest.json: changed since it was signed (signature edgeq.sig, key pub.pem)"),
     (lambda d: shutil.copy(d / "mlp-static.onnx", d / "extra.onnx"), "pub", "extra.onnx: added after it was signed"),
     (lambda d: (d / ".gitignore").write_text("*\n"), "pub", ".gitignore: added after it was signed"),
-    (lambda d: (d / "mlp-static.ts.pt").unlink(), "pub", "mlp-static.ts.pt: removed after it was signed"),
+    (lambda d: (d / "mlp-fp32.ts.pt").unlink(), "pub", "mlp-fp32.ts.pt: removed after it was signed"),
     (lambda d: os.symlink("/etc/passwd", d / "passwd"), "pub", "passwd: a symlink"),
     (lambda d: None, "other_pub", "edgeq.sig: signed with another key than"),
     (_edit_signed_payload, "pub", "edgeq.sig: does not verify with"),
