@@ -155,10 +155,10 @@ def session_options(threads: int, options: dict | None, optimization: str | None
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    for key, value in (options or {}).get("config_entries", {}).items():
+    entries = {**({"session.intra_op.allow_spinning": "0"} if threads > 1 else {}),  # idle workers must not
+               **(options or {}).get("config_entries", {})}  # spin while the other session is timed
+    for key, value in entries.items():
         so.add_session_config_entry(key, str(value))
-    if threads > 1:  # idle workers of one session must not spin while the other is timed
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     level = OPTIMIZATION_LEVELS.get(optimization or "") or (options or {}).get("graph_optimization_level")
     if level:
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
@@ -288,7 +288,10 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log=lambda s:
         problem = file_problem(directory, a["file"], a["sha256"], a.get("bytes"))
         if problem:
             files[a["name"]].fail(problem)
-    extra = [manifest.get("dataset", {}).get("eval"), manifest.get("plan")]
+    dataset = manifest.get("dataset") if isinstance(manifest.get("dataset"), dict) else {}
+    gold = manifest.get("golden") if isinstance(manifest.get("golden"), dict) else {}
+    reference = gold.get("reference") if isinstance(gold.get("reference"), dict) else {}
+    extra = [dataset.get(k) for k in ("eval", "val", "calibration")] + [manifest.get("plan")] + list(reference.values())
     for item in extra:
         if isinstance(item, dict) and "file" in item:
             problem = file_problem(directory, item["file"], item.get("sha256", ""), item.get("bytes"))
