@@ -43,10 +43,9 @@ def build(arch: str, epochs: int | None, work: Path) -> dict:
     from edgeq.export import export_onnx
     from edgeq.onnx_quant import quantize_onnx
 
-    data = mnist.load_data()
-    pre = mnist.Preprocessing()
-    x_train, x_test, y_test = pre.apply(data.train.images), pre.apply(data.test.images), data.test.labels
-    model = mnist.train_model(arch, data, epochs, progress=False)
+    train, _, test = mnist.splits(mnist.load_data())
+    x_train, x_test, y_test = train.x, test.x, test.y
+    model = mnist.train_model(arch, train, epochs, progress=False)
     calibration = [x_train[i : i + 64] for i in range(0, CALIBRATION, 64)]
     example = torch.from_numpy(x_test[:1])
     t0 = time.perf_counter()

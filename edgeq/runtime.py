@@ -90,8 +90,6 @@ def load_pte(path: Path, threads: int = 1) -> Runner:
     reason = pte.available()
     if reason is not None:
         raise IntegrityError(f"{path.name}: cannot run an ExecuTorch program here: {reason}")
-    import torch
-
     forward, shape, info = pte.open_program(path, threads)
     size = shape[0]
 
@@ -101,14 +99,14 @@ def load_pte(path: Path, threads: int = 1) -> Runner:
                                  f"[N, {', '.join(map(str, shape[1:]))}]")
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) == size:
-            return forward(torch.from_numpy(x)).numpy()
+            return forward(x)
         outs = []
         for i in range(0, len(x), size):
             chunk = x[i : i + size]
             n = len(chunk)
             if n < size:
                 chunk = np.concatenate([chunk, np.zeros((size - n, *shape[1:]), np.float32)])
-            outs.append(forward(torch.from_numpy(chunk)).numpy()[:n])
+            outs.append(forward(chunk)[:n])
         return np.concatenate(outs)
 
     return Runner(path.name, "executorch-cpu", run, {**info, "program_batch": size})

@@ -1,0 +1,254 @@
+"""ExecuTorch `.pte` programs (edgeq.pte, runtime.load(path, "pte")): tiny real models on sklearn's
+8x8 digits, lowered to XNNPACK and run from their files in ExecuTorch's runtime."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeq import pte, runtime
+from edgeq.errors import ExportError, IntegrityError
+
+if pte.available() is not None:
+    pytest.skip(f"ExecuTorch not installed: {pte.available()}", allow_module_level=True)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from edgeq.data import Arrays  # noqa: E402
+from edgeq.metrics import agreement, sqnr_db  # noqa: E402
+from edgeq.recipe import Finetune  # noqa: E402
+from edgeq.train import fit, predict_logits  # noqa: E402
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.flatten = nn.Flatten(1)
+        self.fc1 = nn.Linear(64, 48)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(48, 10)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(self.flatten(x))))
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2)),
+        )
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.features(x)))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: the branch taken depends on the input's values."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x.flatten(1))
+        return -self.fc(x.flatten(1))
+
+
+class Cumsum(nn.Module):
+    """A linear layer, then an op XNNPACK has no kernel for: it stays outside the delegate."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return torch.cumsum(self.fc(x.flatten(1)), dim=1)
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = ((x / 16.0 - 0.5) / 0.5).astype(np.float32).reshape(-1, 1, 8, 8)
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(x))
+    train, test = idx[:800], idx[1200:]
+    return {"train": Arrays(x[train], y[train].astype(np.int64)), "x": x[test], "y": y[test]}
+
+
+@pytest.fixture(scope="module")
+def built(digits, tmp_path_factory) -> dict:
+    """Both models trained, and their fp32 and static int8 programs (batch 1) written once."""
+    out = tmp_path_factory.mktemp("pte")
+    calibration = [digits["train"].x[i : i + 64] for i in range(0, 256, 64)]
+    example = torch.from_numpy(digits["x"][:1])
+    result = {}
+    for name, cls in (("mlp", MLP), ("cnn", CNN)):
+        torch.manual_seed(0)
+        model = fit(cls(), digits["train"], Finetune(epochs=4, lr=1e-2, batch_size=64), progress=False)
+        converted = pte.quantize(model, example, calibration, "static")
+        result[name] = {
+            "model": model, "converted": converted, "calibration": calibration, "example": example,
+            "fp32": out / f"{name}-fp32.pte", "int8": out / f"{name}-int8.pte",
+            "fp32_info": pte.export_fp32(model, example, out / f"{name}-fp32.pte"),
+            "int8_info": pte.lower_int8(converted, example, out / f"{name}-int8.pte"),
+        }
+    return result
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(1) == y).mean())
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_fp32_program_matches_eager_at_any_batch(built, digits, name):
+    b = built[name]
+    eager = predict_logits(b["model"], digits["x"])
+    runner = runtime.load(b["fp32"], "pte", threads=1)
+    assert runner.runtime == "executorch-cpu" and runner.info["program_batch"] == 1
+    got = runner.predict(digits["x"], batch=37)  # 37 calls of the batch-1 program per predict batch
+    np.testing.assert_allclose(got, eager, rtol=1e-4, atol=1e-4)
+    assert b["fp32_info"]["input_shape"] == [1, 1, 8, 8]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_static_int8_program_keeps_accuracy_and_matches_pt2e(built, digits, name):
+    b = built[name]
+    fp32 = runtime.load(b["fp32"], "pte").predict(digits["x"])
+    int8 = runtime.load(b["int8"], "pte").predict(digits["x"])
+    with torch.no_grad():
+        pt2e = b["converted"](torch.from_numpy(digits["x"])).numpy()
+    acc_fp32, acc_int8 = accuracy(fp32, digits["y"]), accuracy(int8, digits["y"])
+    assert acc_fp32 > 0.85
+    assert acc_int8 >= acc_fp32 - 0.015, (acc_fp32, acc_int8)
+    # the file is the PT2E-quantized model run by XNNPACK's int8 kernels: same decisions, close logits
+    assert agreement(pt2e, int8) >= 0.99
+    assert sqnr_db(pt2e, int8) > 25
+    assert 15 < sqnr_db(fp32, int8) < 80  # really quantized: close to fp32 but not equal to it
+    assert b["int8"].stat().st_size < b["fp32"].stat().st_size
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_delegation_is_what_the_file_holds(built, name):
+    for kind in ("fp32", "int8"):
+        d = built[name][f"{kind}_info"]["delegation"]
+        in_file = pte.program_ops(built[name][kind])
+        assert d["delegated_nodes"] == d["total_nodes"] > 0 and d["outside_ops"] == []
+        assert in_file == {"delegates": {"XnnpackBackend": d["subgraphs"]}, "operators": []}
+    # int8 graphs carry quantize/dequantize nodes inside the delegate
+    assert built[name]["int8_info"]["delegation"]["total_nodes"] > built[name]["fp32_info"]["delegation"]["total_nodes"]
+
+
+def test_an_op_xnnpack_refuses_stays_outside_and_a_batch_program_pads(digits, tmp_path):
+    """cumsum has no XNNPACK kernel: it runs in ExecuTorch's portable kernels, and both counts say so.
+    The program is exported at batch 4: 10 samples run as 4 + 4 + 2 (padded), the same logits."""
+    path = tmp_path / "cumsum.pte"
+    model = Cumsum().eval()
+    info = pte.export_fp32(model, torch.from_numpy(digits["x"][:4]), path)
+    assert info["input_shape"] == [4, 1, 8, 8]
+    d = info["delegation"]
+    assert d["outside_ops"] == ["aten.cumsum.default"]
+    assert d["delegated_nodes"] < d["total_nodes"]
+    in_file = pte.program_ops(path)
+    assert in_file["delegates"] == {"XnnpackBackend": d["subgraphs"]}
+    assert in_file["operators"] == ["aten::cumsum.out"]
+    runner = runtime.load(path, "pte")
+    assert runner.info["program_batch"] == 4
+    np.testing.assert_allclose(runner.run(digits["x"][:10]), predict_logits(model, digits["x"][:10]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_exclude_leaves_a_layer_fp32(built, tmp_path):
+    b = built["cnn"]
+    mixed = pte.quantize(b["model"], b["example"], b["calibration"], "static", exclude={"fc"})
+
+    def quantized_weights(gm) -> int:
+        return sum(1 for n in gm.graph.nodes if "dequantize_per_channel" in str(n.target))
+
+    assert quantized_weights(b["converted"]) == 3  # two convs and fc
+    assert quantized_weights(mixed) == 2  # fc kept in fp32
+    info = pte.lower_int8(mixed, b["example"], tmp_path / "mixed.pte")
+    assert info["delegation"]["total_nodes"] < b["int8_info"]["delegation"]["total_nodes"]
+    assert (tmp_path / "mixed.pte").stat().st_size > b["int8"].stat().st_size  # fc's weights in float
+    with pytest.raises(ExportError, match="fc9"):
+        pte.quantize(b["model"], b["example"], b["calibration"], "static", exclude={"fc9"})
+
+
+def test_qat_trains_the_prepared_graph(built, digits, tmp_path):
+    b = built["mlp"]
+    seen = {}
+
+    def finetune(model):
+        seen["type"] = type(model).__name__
+        return fit(model, digits["train"], Finetune(epochs=1, lr=1e-3, batch_size=64), progress=False)
+
+    converted = pte.quantize(b["model"], b["example"], b["calibration"], "qat", finetune=finetune)
+    assert seen["type"] == "Trainable"
+    pte.lower_int8(converted, b["example"], tmp_path / "qat.pte")
+    fp32 = runtime.load(b["fp32"], "pte").predict(digits["x"])
+    qat = runtime.load(tmp_path / "qat.pte", "pte").predict(digits["x"])
+    assert accuracy(qat, digits["y"]) >= accuracy(fp32, digits["y"]) - 0.015
+
+
+def test_data_dependent_control_flow_is_one_line(digits, tmp_path):
+    with pytest.raises(ExportError) as err:
+        pte.export_fp32(Branchy().eval(), torch.from_numpy(digits["x"][:1]), tmp_path / "b.pte")
+    message = str(err.value)
+    assert "\n" not in message and "Branchy" in message and "data-dependent control flow" in message
+    assert "test_pte.py" in message  # names the line of forward that branches
+    assert not (tmp_path / "b.pte").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "identifier", "flatbuffer", "empty"])
+def test_damaged_file_is_one_line_integrity_error(built, tmp_path, damage):
+    data = bytearray(built["cnn"]["int8"].read_bytes())
+    match damage:
+        case "truncated":
+            data = data[: len(data) // 2]
+        case "identifier":  # ExecuTorch's own loader aborts the process on this one
+            data[5] ^= 0xFF
+        case "flatbuffer":
+            data[200] ^= 0xFF
+        case "empty":
+            data = bytearray()
+    path = tmp_path / "bad.pte"
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as err:
+        runtime.load(path, "pte")
+    assert "\n" not in str(err.value) and "bad.pte" in str(err.value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_threads_set_xnnpack_threadpool(built):
+    """threads=1 really runs on one thread: the pool has no worker thread left."""
+    from executorch.extension.pybindings import portable_lib
+
+    def os_threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    try:
+        runtime.load(built["mlp"]["int8"], "pte", threads=3)
+        assert portable_lib._threadpool_get_thread_count() == 3
+        three = os_threads()
+        runner = runtime.load(built["mlp"]["int8"], "pte", threads=1)
+        assert portable_lib._threadpool_get_thread_count() == 1 and runner.info["threads"] == 1
+        assert os_threads() == three - 2
+    finally:
+        pte.set_threads(1)
+
+
+def test_unavailable_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "executorch", None)
+    reason = pte.available()
+    assert reason is not None and "pip install 'edgeq[executorch]'" in reason and "\n" not in reason
