@@ -314,15 +314,19 @@ def tree_peak_rss(cmd: list[str], timeout: float = 120.0) -> tuple[subprocess.Co
         return 0
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    peak = 0
+    peak, at_peak = 0, {}
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.communicate(timeout=timeout)))
     reader.start()
     while reader.is_alive():
-        peak = max(peak, sum(rss(p) for p in tree(proc.pid)))
+        sizes = {p: rss(p) for p in tree(proc.pid)}
+        if sum(sizes.values()) > peak:
+            peak, at_peak = sum(sizes.values()), sizes
         time.sleep(0.01)
     reader.join()
-    return subprocess.CompletedProcess(cmd, proc.returncode, *out), peak
+    result = subprocess.CompletedProcess(cmd, proc.returncode, *out)
+    result.at_peak = {pid: f"{n / 2**20:.0f} MiB" for pid, n in at_peak.items()}  # type: ignore[attr-defined]
+    return result, peak
 
 
 LIMIT_GB = 0.5
@@ -340,7 +344,7 @@ def test_an_eval_npz_bomb_is_refused_from_its_headers(tiny: Path, tmp_path: Path
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("edgeq: error: eval.npz: its arrays declare 0.25 GiB once loaded"), line
     assert "--memory-limit" in line
-    assert peak < ALLOWED, f"verify and its worker peaked at {peak / 2**20:.0f} MiB"
+    assert peak < ALLOWED, f"verify and its worker peaked at {peak / 2**20:.0f} MiB: {r.at_peak}"
 
 
 def test_a_sparse_file_posing_as_a_checkpoint_costs_verify_no_memory(tiny: Path, tmp_path: Path) -> None:
@@ -353,7 +357,7 @@ def test_a_sparse_file_posing_as_a_checkpoint_costs_verify_no_memory(tiny: Path,
                              "--memory-limit", str(LIMIT_GB)])
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "FAIL user-fp32-ckpt" in r.stderr or "user-fp32.ckpt.pt" in r.stderr, r.stderr
-    assert peak < ALLOWED, f"verify and its worker peaked at {peak / 2**20:.0f} MiB"
+    assert peak < ALLOWED, f"verify and its worker peaked at {peak / 2**20:.0f} MiB: {r.at_peak}"
 
 
 # 5, 18. keys: FIFOs never hang, pipes are read once ------------------------------------------------------
