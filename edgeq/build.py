@@ -31,7 +31,7 @@ from edgeq.context import Budget, Build, Family, FinetuneFn, Splits
 from edgeq.data import Arrays, as_arrays, batches, check_labels, check_shapes, holdout, sample
 from edgeq.decisions import Measured, Replayed
 from edgeq.environment import environment
-from edgeq.errors import ConfigError, DataError
+from edgeq.errors import ConfigError, DataError, ExportError
 from edgeq.evidence import RULE
 from edgeq.export import write_file
 from edgeq.lineage import FORMATS, Lineage, describe
@@ -109,6 +109,10 @@ def compress(
         decisions = Replayed(replay) if replay is not None else Measured(record)
         b = Build(tmp, splits, decisions, Lineage(log), finetune, options.progress)
         families = {name: _family(b, name, m, recipes[name], specs[name]) for name, m in models.items()}
+        if not b.lineage.artifacts:
+            first = b.lineage.skipped[0] if b.lineage.skipped else {"name": "every file", "reason": "nothing was built"}
+            raise ExportError(f"no file could be shipped, so nothing was written; the first not built: {first['name']}: "
+                              f"{first['reason']}")
         manifest = _manifest(b, families, min(r.eval_samples for r in recipes.values()), preprocessing, dataset)
         manifest.golden = _golden(b, models)
         b.timings["total_s"] = round(time.perf_counter() - t0, 2)

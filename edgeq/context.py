@@ -174,6 +174,7 @@ class Family:
         finally:
             torch.set_num_threads(with_threads)
         why = None if finite(val_logits) and finite(test_logits) else "its outputs hold NaN or Inf"
+        why = why or nonfinite_weights(path, fmt)
         why = why or (fidelity(val_logits) if fidelity is not None else None)
         method = (quantization or {}).get("method")
         contract = self.contract(fmt, precision, v.pruning is not None, parent, method, val_logits)
@@ -207,3 +208,20 @@ def _broken(contract: dict) -> str:
     if a and not a["met"]:
         parts.append(f"top-1 agreement {a['value']:.3f} with {a['relative_to']} (at least {a['min']:g})")
     return f"on the validation split ({contract['samples']} samples): " + "; ".join(parts)
+
+
+def nonfinite_weights(path: Path, fmt: str) -> str | None:
+    """Why a file's stored float weights are not all finite (NaN or Inf), or None."""
+    if fmt == "onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        tensors = ((t.name, numpy_helper.to_array(t)) for t in onnx.load(str(path)).graph.initializer)
+    elif fmt == "checkpoint":
+        tensors = ((k, v.numpy()) for k, v in runtime.load_state_dict(path).items())
+    else:
+        return None  # TorchScript: its outputs are checked; int8 packed weights hold no floats to check
+    for name, array in tensors:
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            return f"its weight {name} holds NaN or Inf (an overflow in training or pruning); not shipped"
+    return None

@@ -43,8 +43,12 @@ def write_file(path: Path, data: bytes) -> Path:
 def write_torchscript(module: torch.jit.ScriptModule, path: Path) -> Path:
     """Save a TorchScript module through Python's file I/O (see write_file), reproducibly."""
     buffer = io.BytesIO()
-    with quiet():
-        torch.jit.save(module, buffer)
+    try:
+        with quiet():
+            torch.jit.save(module, buffer)
+    except Exception as exc:  # e.g. a custom torch.autograd.Function: TorchScript cannot serialize Python code
+        raise ExportError(f"{path.name}: TorchScript cannot save this model ({first_line(exc)}); the other formats "
+                          "are built") from None
     return write_file(path, reproducible_archive(buffer.getvalue()))
 
 

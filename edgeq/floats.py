@@ -29,12 +29,6 @@ from edgeq.prune import PruneConfig, PruneResult, prune_model
 from edgeq.quantize import to_torchscript
 from edgeq.train import predict_logits
 
-# an fp32 file computes what the model computes: its logits on the validation inputs within this SQNR
-# of the eager model's (float sums in another order reach 100+ dB; a graph traced on one branch of
-# data-dependent control flow, or NaN weights, come nowhere near)
-FP32_MIN_SQNR_DB = 60.0
-
-
 def attempt(fam: Family, name: str, build):
     """Run one variant's build; a known failure (EdgeqError) becomes a `skipped` entry, not a crash."""
     try:
@@ -130,6 +124,13 @@ def prune_to_bar(fam: Family, kind: str, base: FloatVariant) -> FloatVariant | N
                 f"no {kind} pruning amount tried keeps within {rec.max_pruning_drop:g} points of the fp32 model on "
                 f"the validation split after fine-tuning (amount: drop in points {tried}); not shipped"),
                 "below_accuracy_bar", best_drop_points=best, steps=decision["steps"])
+        if kind == "structured":  # the int8 files of a parent that was not shipped are not built either
+            from edgeq.recipe import MODES
+
+            for mode in (m for m in MODES if m in rec.variants):
+                for fmt in ("torchscript", "onnx"):
+                    fam.build.lineage.skip(name_of(fam.name, f"{kind}-{mode}", fmt),
+                                           f"its fp32 parent {name_of(fam.name, kind, fmt)} was not shipped (pruning bar)")
         return None
     pc, r = kept[decision["amount"]]
     search_record = {k: decision[k] for k in ("steps", "rule", "replayed_drop_points") if k in decision}
@@ -226,7 +227,7 @@ def _faithful(eager: np.ndarray, got: np.ndarray) -> str | None:
     if got.shape != eager.shape:
         return f"its output shape {list(got.shape)} differs from the model's {list(eager.shape)}"
     sqnr = sqnr_db(eager, got)
-    if sqnr < FP32_MIN_SQNR_DB:
+    if not policy.faithful(sqnr):
         agree = float((eager.argmax(1) == got.argmax(1)).mean())
         return (f"it does not compute what the model computes on the validation inputs (logit SQNR {sqnr:.1f} dB, "
                 f"top-1 agreement {agree:.3f}): the model's graph depends on its input (data-dependent control "

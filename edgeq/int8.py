@@ -308,7 +308,7 @@ def accuracy_bar(fam: Family, parent: Parent, art_name: str, mode: str, source: 
             result = meet_bar(build(True), speed_nodes, order, accept, fam.recipe.max_accuracy_drop)
             result["steps"] = [{**st, "per_channel": False} for st in first["steps"]] + result["steps"]
             result["best_drop_points"] = min(first["best_drop_points"], result["best_drop_points"])
-        return {**result, "per_channel": per_channel}
+        return {**result, "per_channel": per_channel, "ptq": policy.keeps_parent_weights(mode)}
 
     def replay(rec: dict) -> dict:
         if not rec["met"]:
@@ -351,10 +351,20 @@ def _below_bar(fam: Family, art_name: str, parent: str, bar: dict) -> None:
     fam.build.lineage.skipped.append({
         "name": art_name, "kind": "below_accuracy_bar",
         "reason": (f"no int8 file meets its contract against its fp32 parent {parent} on the validation split "
-                   f"(bar {bar['bar_points']:g} points): the best drop reached is {bar['best_drop_points']:.2f} points, "
-                   f"with fp32 layers tried in sensitivity order ({'; '.join(tried)}); not shipped"),
+                   f"(bar {bar['bar_points']:g} points{_agreement_rule(bar)}): the best drop reached is "
+                   f"{bar['best_drop_points']:.2f} points{_best_agreement(bar)}, with fp32 layers tried in "
+                   f"sensitivity order ({'; '.join(tried)}); not shipped"),
         "best_drop_points": bar["best_drop_points"], "steps": bar["steps"]})
     fam.build.log(f"  {art_name}: not shipped, no int8 plan meets the bar (best drop {bar['best_drop_points']:.2f} pts)")
+
+
+def _agreement_rule(bar: dict) -> str:
+    return f", top-1 agreement at least {policy.MIN_AGREEMENT:g}" if bar.get("ptq") else ""
+
+
+def _best_agreement(bar: dict) -> str:
+    seen = [st["agreement"] for st in bar["steps"] if st.get("agreement") is not None]
+    return f" and the best agreement {max(seen):.3f}" if bar.get("ptq") and seen else ""
 
 
 def _size_check(fam: Family, art_name: str, path: Path, parent: Path, bar: dict) -> dict:

@@ -24,6 +24,10 @@ import math
 NOISE_MARGIN = 0.05
 # top-1 agreement a post-training int8 file keeps with its fp32 parent (fidelity rule)
 MIN_AGREEMENT = 0.98
+# an fp32 file computes what its model computes: its logits within this SQNR of the model's own (float
+# sums in another order reach 100+ dB; a graph traced on one branch of data-dependent control flow, or
+# NaN weights, come nowhere near)
+FP32_MIN_SQNR_DB = 60.0
 EPS = 1e-9  # float slack on a comparison of points computed from integer counts
 
 
@@ -53,6 +57,11 @@ def slower(ratio_low: float, margin: float = NOISE_MARGIN) -> bool:
 
 def not_slower(ratio_high: float, margin: float = NOISE_MARGIN) -> bool:
     return ratio_high <= 1.0 + margin
+
+
+def faithful(sqnr_db: float) -> bool:
+    """An fp32 file's logits against its model's own: the same computation."""
+    return sqnr_db >= FP32_MIN_SQNR_DB
 
 
 def within_size(ratio: float, limit: float) -> bool:

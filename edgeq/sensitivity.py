@@ -151,8 +151,9 @@ def meet_bar(build: Callable[[tuple[str, ...]], dict], start: tuple[str, ...], o
     layer stays int8 (`order` holds every layer): a file with none is not an int8 file. Returns the
     fp32 layers added, the drop reached and each step tried."""
     nodes = tuple(start)
-    met, drop = accept(build(nodes))
-    steps = [{"fp32_nodes_added": [], "drop_points": drop, "met": met}]
+    s = build(nodes)
+    met, drop = accept(s)
+    steps = [{"fp32_nodes_added": [], "drop_points": drop, "agreement": s.get("agreement"), "met": met}]
     added: list[str] = []
     for node in order:
         if met:
@@ -162,7 +163,9 @@ def meet_bar(build: Callable[[tuple[str, ...]], dict], start: tuple[str, ...], o
         if len(set(nodes) | {node}) >= len(set(order) | set(start)):
             break  # the last int8 layer: no int8 file meets the bar
         nodes, added = nodes + (node,), added + [node]
-        met, drop = accept(build(nodes))
-        steps.append({"fp32_nodes_added": list(added), "drop_points": drop, "met": met})
+        s = build(nodes)
+        met, drop = accept(s)
+        steps.append({"fp32_nodes_added": list(added), "drop_points": drop, "agreement": s.get("agreement"),
+                      "met": met})
     return {"met": met, "bar_points": bar_points, "drop_points": drop, "fp32_nodes_added": added if met else [],
             "best_drop_points": min(st["drop_points"] for st in steps), "steps": steps}

@@ -82,9 +82,10 @@ def test_clean_export_passes_with_baseline_first(clean, mlp_artifacts: Path) -> 
     static = row(clean, "mlp-static-onnx")
     assert static.paired["parent"]["reference"] == "mlp-fp32-onnx"
     assert len(static.paired["parent"]["rounds_b1"]) == FAST.rounds
-    assert static.slower_than_parent in (True, False)
+    ratios = static.paired["parent"]  # the flag, recomputed from the paired ratios it was read from
+    assert static.slower_than_parent == (max(ratios["ratio_b1"], ratios["ratio_batch"]) > 1.05)
     assert static.size_vs_fp32 < 0.5 and static.size_vs_parent == static.size_vs_fp32
-    assert static.stage == "quantized" and static.agreement >= FAST.min_agreement
+    assert static.stage == "quantized" and static.agreement >= 0.98
     assert row(clean, "mlp-fp32-ckpt").sqnr_db == float("inf")
 
 

@@ -21,10 +21,12 @@ from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
               help="Threads for torch and onnxruntime (intra-op) while timing.")
 @click.option("--batch", type=click.IntRange(min=1), default=256, show_default=True,
               help="Batch size for the throughput measurement.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="POINTS",
-              help="Fail an artifact whose accuracy is more than POINTS below its family's fp32 baseline.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True,
-              help="Fail an artifact whose top-1 agreement with the fp32 baseline is lower.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
+              help="A rule of your own besides each file's contract: fail an artifact whose accuracy on the "
+                   "evaluation data is more than POINTS below its family's fp32 baseline.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+              help="A rule of your own besides each file's contract: fail an artifact whose top-1 agreement with "
+                   "the fp32 baseline on the evaluation data is lower.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the JSON report here.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -49,7 +51,7 @@ from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
 @click.option("--strict", is_flag=True,
               help="Fail (not just warn) on a file or directory in DIR that manifest.json does not list.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, min_agreement: float,
+def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float | None, min_agreement: float | None,
            json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, data: Path | None,
            fail_on_slower: bool, time_limit: float, memory_limit: float | None, public_key: Path | None,
            strict: bool, quiet: bool) -> None:
@@ -58,8 +60,11 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float, 
     With --public-key, the signature over every file in DIR is checked first. Files are then
     checked against manifest.json (size, sha256) before anything is loaded; any other file in DIR
     is a warning (a failure with --strict), and a symlink anywhere in DIR fails. Each artifact then
-    runs in its own runtime on the manifest's test split and is compared with the fp32 PyTorch
-    baseline of its model family. Artifacts run in a separate worker process: one that hangs past
+    runs in its own runtime on the test split (reported, compared with the fp32 PyTorch baseline of
+    its model family) and on the validation split the export decided on, where the contract it was
+    shipped with is checked again: its bars against its parent and its family's fp32 file, and for
+    post-training int8 its agreement with its parent. Golden outputs and the model's own reference
+    outputs are checked too. With no option, verify checks exactly what the export promised. Artifacts run in a separate worker process: one that hangs past
     --time-limit or runs out of memory becomes a FAIL row naming its file. Exit code 0 when every
     artifact passes, 1 otherwise.
 

@@ -81,7 +81,7 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig(), worker: Wo
 
 
 def _families_summary(manifest: Manifest) -> dict:
-    keys = ("max_accuracy_drop", "recommended", "calibration", "sensitivity")
+    keys = ("max_accuracy_drop", "max_pruning_drop", "recommended", "calibration", "sensitivity")
     return {name: {k: fam[k] for k in keys if k in fam} for name, fam in manifest.models.items()}
 
 
@@ -179,6 +179,7 @@ def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], probl
         with timed(phases, "contract"):
             contract.measure(active, *val, worker, cfg.time_limit_s)
             contract.check(active, val[1], manifest.models)
+            contract.check_golden(active, directory, manifest.golden, x)
             worker.configure(x=x)
         with timed(phases, "latency"):
             measure_latency(active, refs, x, cfg, bar, worker)

@@ -237,7 +237,8 @@ def table(result: VerifyResult) -> str:
         f"format; p50ms: median latency at batch 1; smp/s: samples/s at batch {cfg.batch}; xpt32: speed-up vs "
         f"torch fp32 CPU at batch 1 (paired); slow: int8 more than {100 * cfg.slower_margin:g}% slower than its "
         f"fp32 parent (paired, batch 1 or {cfg.batch}); slowbase: fp32 more than {FP32_SLOWDOWN_LIMIT:g}x slower "
-        f"than base (same); barB:D: built to lose at most B points against its fp32 parent, loses D here. "
+        f"than base (same); barB:D: built to lose at most B points against its parent on the validation split, loses "
+        f"D here (the row fails on any bar of its contract it breaks). "
         f"Threads: {cfg.threads}; time limit {cfg.time_limit_s:g} s per step."
     )
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "FAIL", "skipped")}
@@ -255,7 +256,8 @@ def _families(families: dict) -> list[str]:
     text = []
     for name, fam in families.items():
         rec = fam.get("recommended") or {}
-        parts = [f"{name}: bar {fam.get('max_accuracy_drop', '?')} pts",
+        parts = [f"{name}: bars {fam.get('max_accuracy_drop', '?')} pts (int8), {fam.get('max_pruning_drop', '?')} pts "
+                 "(pruning)",
                  f"recommended fastest {rec.get('fastest')}, smallest {rec.get('smallest')}"]
         for parent, cal in (fam.get("calibration") or {}).items():
             parts.append(f"calibration ({parent}) {cal['method']}/{cal['samples']}")
@@ -308,8 +310,10 @@ def markdown(result: VerifyResult) -> str:
     out = [
         f"# edgeq verify: `{result.directory}`",
         "",
-        f"**{'PASSED' if result.passed else 'FAILED'}** — gates: accuracy drop ≤ {cfg.max_accuracy_drop:g} pts, "
-        f"top-1 agreement ≥ {cfg.min_agreement:g} vs the fp32 baseline"
+        f"**{'PASSED' if result.passed else 'FAILED'}** — gates: each file's contract on the validation split "
+        f"(its bars, and post-training int8's agreement with its parent), golden and reference outputs"
+        f"{f', accuracy drop ≤ {cfg.max_accuracy_drop:g} pts vs the fp32 baseline' if cfg.max_accuracy_drop is not None else ''}"
+        f"{f', top-1 agreement ≥ {cfg.min_agreement:g} vs the fp32 baseline' if cfg.min_agreement is not None else ''}"
         f"{', int8 not slower than its fp32 parent' if cfg.fail_on_slower else ''}"
         f"{f', fp32 within {FP32_SLOWDOWN_LIMIT:g}x of the fp32 baseline' if cfg.fail_on_slower else ''}"
         f"{', no file outside the manifest' if cfg.strict else ''}.",
