@@ -65,12 +65,20 @@ def load_onnx(path: Path, threads: int = 1, options: dict | None = None) -> Runn
     return Runner(path.name, "onnxruntime-cpu", run, {"providers": sess.get_providers()})
 
 
-def load_torchscript(path: Path, device: str = "cpu", threads: int = 1) -> Runner:
+def load_torchscript(path: Path, device: str = "cpu", threads: int = 1, options: dict | None = None) -> Runner:
+    """A TorchScript file; an int8 one runs in the quantized engine it was built for (`options`:
+    {"quantized_engine": "x86" | "qnnpack"}, from its manifest entry)."""
     import torch
 
     from edgeq.quantize import quiet
 
     torch.set_num_threads(threads)
+    engine = (options or {}).get("quantized_engine")
+    if engine is not None:
+        if engine not in torch.backends.quantized.supported_engines:
+            raise IntegrityError(f"{path.name}: built for the {engine} quantized engine, which this torch does not "
+                                 f"have ({', '.join(torch.backends.quantized.supported_engines)})")
+        torch.backends.quantized.engine = engine
     try:
         with quiet():
             module = torch.jit.load(str(path), map_location=device).eval()
@@ -175,6 +183,8 @@ def load_options(fmt: str, runtime_info: dict) -> dict | None:
             return runtime_info.get("session_options")
         case "checkpoint":
             return {"graph": runtime_info.get("graph")}
+        case "torchscript" if runtime_info.get("quantized_engine"):
+            return {"quantized_engine": runtime_info["quantized_engine"]}
     return None
 
 
@@ -194,7 +204,7 @@ def load(path: Path, fmt: str, device: str = "cpu", threads: int = 1, options: d
         case "onnx":
             return load_onnx(path, threads, options)
         case "torchscript":
-            return load_torchscript(path, device, threads)
+            return load_torchscript(path, device, threads, options)
         case "checkpoint":
             return load_checkpoint(path, device, threads, options)
         case "pte":  # XNNPACK is a CPU backend: the program runs on the CPU whatever `device` says
