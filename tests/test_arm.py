@@ -63,3 +63,18 @@ def test_check_passes_on_emulated_arm(cpu: str, arm64_ready, tmp_path_factory: p
         assert f["status"] == "ok" and f["fidelity"]["ok"], f
         assert f["accuracy"]["accuracy"] == next(a["accuracy"] for a in manifest["artifacts"] if a["name"] == f["name"])
     assert all(f["status"] == "not_checked" for f in r["files"] if f["format"] != "onnx")  # no torch in there
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_mnist_export_on_emulated_arm(cpu: str, arm64_ready, mlp_artifacts: Path, tmp_path: Path):
+    """The suite's shared MNIST MLP export (tests/conftest.py): its golden outputs, written by the export
+    on x86, are met by onnxruntime's ARM kernels."""
+    manifest = json.loads((mlp_artifacts / "manifest.json").read_text())
+    if "golden" not in manifest:
+        pytest.fail("the export wrote no golden outputs (manifest.json has no 'golden')")
+    report = tmp_path / "report.json"
+    p = subprocess.run([str(ROOT / "tools" / "arm64-check.sh"), cpu, str(mlp_artifacts), "--rounds", "0",
+                        "--json", str(report)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+    files = [f for f in json.loads(report.read_text())["files"] if f["format"] == "onnx"]
+    assert files and all(f["status"] == "ok" and f["fidelity"]["ok"] for f in files)
