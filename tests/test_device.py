@@ -446,3 +446,9 @@ def test_device_plan_round_trip(copy: Path, tmp_path: Path):
     assert _manifest(rebuilt)["plan"]["replayed"] is True
     p = run_device("check", str(rebuilt), "--rounds", "0")
     assert p.returncode == 0, p.stdout
+
+
+def test_help_shows_an_example_for_each_command():
+    for command in ("check", "plan"):
+        p = run_device(command, "--help")
+        assert p.returncode == 0 and f"python -m edgeq.device {command} " in p.stdout.split("example:")[1]
