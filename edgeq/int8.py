@@ -30,8 +30,8 @@ from edgeq.onnx_quant import TARGET_FORMATS, QDQConfig, quantize_onnx
 from edgeq.plan import check_layers
 from edgeq.precision import Plan, compute_nodes, inspect_runtime_graph, search_precision
 from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
-from edgeq.recipe import MODES, build_machine_target
-from edgeq.speed import drop_slower, search_config, ships, timed_at
+from edgeq.recipe import MODES
+from edgeq.speed import cross_target, drop_slower, search_config, ships, timed_at
 
 ENGINES = {"x86": "x86", "arm64": "qnnpack"}  # torch.ao's quantized engine per target
 
@@ -50,11 +50,6 @@ class Parent:
     def close(self) -> None:
         if self.evaluator is not None:
             self.evaluator.close()
-
-
-def cross_target(fam: Family) -> bool:
-    """Files built for a CPU other than this one: nothing timed here says anything about the target."""
-    return fam.recipe.target != build_machine_target()
 
 
 def build(fam: Family, parents: list[tuple[FloatVariant, bool]]) -> None:

@@ -15,12 +15,18 @@ from edgeq.evidence import Evidence, decide, median_interval
 from edgeq.lineage import name_of
 from edgeq.manifest import Artifact
 from edgeq.precision import SearchConfig
+from edgeq.recipe import build_machine_target
 from edgeq.timing import ort_timing_options, paired_latency, round_ratios, threads, timed_rounds
 
 
 def search_config(fam: Family) -> SearchConfig:
     r = fam.recipe
     return SearchConfig(batches=r.batches, threads=r.threads, budget_s=r.search_budget_s)
+
+
+def cross_target(fam: Family) -> bool:
+    """Files built for a CPU other than this one: nothing timed here says anything about the target."""
+    return fam.recipe.target != build_machine_target()
 
 
 def timed_at(fam: Family) -> dict:
@@ -43,6 +49,10 @@ def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
     """
     if fam.recipe.ship_rule == "always":
         return {"ship": True, "latency_vs_parent": {}, "rule": "always (recipe.ship_rule): not timed"}
+    if cross_target(fam):
+        return {"ship": True, "latency_vs_parent": {},
+                "rule": f"not timed: built for {fam.recipe.target} on {build_machine_target()}, whose timings say nothing "
+                        "about the target; check it there (python -m edgeq.device check)"}
 
     def measure() -> dict:
         return ship_decision(parent, path, fmt, timing_inputs(fam), search_config(fam))
