@@ -84,8 +84,7 @@ def compress(
     edgeq's own fine-tuning loop. `plan` (a BuildPlan or the path of an export's plan.json) replays
     that export's decisions instead of measuring them (edgeq.plan). Returns the Manifest written to `out`.
     """
-    log = log or (lambda s: print(s, file=sys.stderr))
-    t0 = time.perf_counter()
+    log, t0 = log or (lambda s: print(s, file=sys.stderr)), time.perf_counter()
     models = dict(model) if isinstance(model, Mapping) else {"model": model}
     if not models:
         raise ConfigError("no model given: pass a torch.nn.Module or a {name: module} mapping")
@@ -109,10 +108,7 @@ def compress(
         decisions = Replayed(replay) if replay is not None else Measured(record)
         b = Build(tmp, splits, decisions, Lineage(log), finetune, options.progress)
         families = {name: _family(b, name, m, recipes[name], specs[name]) for name, m in models.items()}
-        if not b.lineage.artifacts:
-            first = b.lineage.skipped[0] if b.lineage.skipped else {"name": "every file", "reason": "nothing was built"}
-            raise ExportError(f"no file could be shipped, so nothing was written; the first not built: {first['name']}: "
-                              f"{first['reason']}")
+        _require_shipped(b)
         manifest = _manifest(b, families, min(r.eval_samples for r in recipes.values()), preprocessing, dataset)
         manifest.golden = _golden(b, models)
         b.timings["total_s"] = round(time.perf_counter() - t0, 2)
@@ -120,6 +116,14 @@ def compress(
         if options.sign_key is not None:  # after the manifest: the signature covers every file
             signing.sign_directory(tmp, options.sign_key)
     return manifest
+
+
+def _require_shipped(b: Build) -> None:
+    """An export that would ship no file writes nothing, and says why the first file was not built."""
+    if not b.lineage.artifacts:
+        first = b.lineage.skipped[0] if b.lineage.skipped else {"name": "every file", "reason": "nothing was built"}
+        raise ExportError(f"no file could be shipped, so nothing was written; the first not built: {first['name']}: "
+                          f"{first['reason']}")
 
 
 def _splits(train: object, val: object | None, test: object, recipe: Recipe, log: Callable[[str], None]) -> Splits:

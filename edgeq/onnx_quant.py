@@ -207,11 +207,9 @@ def crop_padding_taps(model) -> int:
     network built for large images runs small ones: resnet18 at 32x32 runs layer4's 3x3 convs on a
     1x1 map, where only the centre tap sees data, and the cut kernels hold 9x fewer weights.
     A conv is left alone when its input's spatial size is unknown, it is dilated or auto-padded,
-    or its weight is shared or not stored in the file.
-    """
+    or its weight is shared or not stored in the file."""
     import onnx
     from onnx import helper, numpy_helper
-
     graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model).graph
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]

@@ -294,6 +294,36 @@ def rank_by_profile(fp32_path: Path, int8_path: Path, nodes: list[tuple[str, str
             for n in names}
 
 
+@dataclass
+class _Search:
+    """One search's trial files, timing inputs and the best configuration so far."""
+
+    fp32_path: Path
+    tmp: Path
+    calib: list[np.ndarray]
+    inputs: dict[int, np.ndarray]
+    cfg: SearchConfig
+    parent: object
+    best_cfg: QDQConfig
+    best: object = None
+    best_bytes: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    tried: int = 0
+    per_trial: float = 0.0  # what a trial has cost so far: the budget stops the search before one would end past it
+
+    def build(self, qdq: QDQConfig, tag: str):
+        path = self.tmp / f"trial-{tag}.onnx"
+        quantize_onnx(self.fp32_path, path, self.calib, qdq)
+        return load_onnx(path, self.cfg.threads, timing_options(self.cfg.threads))
+
+    def past_budget(self) -> bool:
+        return time.perf_counter() - self.t0 + self.per_trial > self.cfg.budget_s
+
+    def take(self, qdq: QDQConfig, runner, tag: str) -> None:
+        self.best_cfg, self.best = qdq, runner
+        self.best_bytes = (self.tmp / f"trial-{tag}.onnx").stat().st_size
+
+
 def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.ndarray,
                      cfg: SearchConfig = SearchConfig(), log=lambda s: None) -> Plan:
     """Measure which layers stay fp32, then whether per-tensor weight scales pay off.
@@ -306,106 +336,105 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
     rng = np.random.default_rng(0)
     pool = np.concatenate(calibration)
     inputs = {b: pool[rng.integers(0, len(pool), size=b)] for b in cfg.batches}
-    calib = [pool[: cfg.calibration_samples]]
     parent = load_onnx(fp32_path, cfg.threads, timing_options(cfg.threads))
-    batches = tuple(cfg.batches)
-    layers: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-
-        def build(qdq: QDQConfig, tag: str):
-            path = Path(tmp) / f"trial-{tag}.onnx"
-            quantize_onnx(fp32_path, path, calib, qdq)
-            return load_onnx(path, cfg.threads, timing_options(cfg.threads))
-
-        t0 = time.perf_counter()
-        best_cfg = cfg.qdq
-        best = build(best_cfg, "int8")
+        s = _Search(fp32_path, Path(tmp), [pool[: cfg.calibration_samples]], inputs, cfg, parent, cfg.qdq)
+        s.take(cfg.qdq, s.build(cfg.qdq, "int8"), "int8")
         nodes = compute_nodes(fp32_path)
         order = {node: i for i, (node, _) in enumerate(nodes)}
-        ranking = rank_by_profile(fp32_path, Path(tmp) / "trial-int8.onnx", nodes, inputs[min(inputs)], cfg.threads)
+        ranking = rank_by_profile(fp32_path, s.tmp / "trial-int8.onnx", nodes, inputs[min(inputs)], cfg.threads)
         nodes = sorted(nodes, key=lambda n: -ranking[n[0]]["gain_us"])  # most to gain from fp32 first
-        parent_bytes, best_bytes = fp32_path.stat().st_size, (Path(tmp) / "trial-int8.onnx").stat().st_size
-        elements = weight_elements(fp32_path, best_cfg.crop_padding)
-        tried, trial_s, per_trial = 0, 0.0, 0.0
-        for i, (node, op) in enumerate(nodes):
-            would_be = (best_bytes + 3 * elements[node]) / parent_bytes
-            if elements[node] and would_be > cfg.max_size_ratio:  # a layer without stored weights costs no bytes
-                layers.append({"node": node, "op": op, "precision": "int8",
-                               "reason": f"not tried: in fp32 it would make the file about {would_be:.2f}x its fp32 "
-                                         f"parent's size, over the limit of {cfg.max_size_ratio:g}x"})
-                continue
-            if time.perf_counter() - t0 + per_trial > cfg.budget_s:  # the next trial would end past the budget
-                layers.append({"node": node, "op": op, "precision": "int8",
-                               "reason": f"not tried: a trial would end past the search budget of {cfg.budget_s:.3g} s"})
-                continue
-            tried += 1
-            started = time.perf_counter()
-            cand_cfg = replace(best_cfg, exclude_nodes=best_cfg.exclude_nodes + (node,))
-            cand = build(cand_cfg, str(i))
-            d = decide(three_way(parent, best, cand, inputs, cfg), layer_verdict(batches, cfg.min_gain), cfg.rule)
-            e = d.evidence
-            layers.append({
-                "node": node, "op": op, "precision": "fp32" if d.depart else "int8",
-                "int8_over_fp32_parent": _r(_medians(e, "best", batches)),
-                "with_node_fp32": _r(_medians(e, "cand", batches)),
-                "with_node_fp32_over_int8": _r(_medians(e, "cand_vs_best", batches)),
-                "evidence": d.summary(),
-                "reason": (f"model {_layer_reason(e, batches, cfg.min_gain)} with this layer in fp32" if d.depart else
-                           "no measurable gain from keeping this layer in fp32" + _unsettled(d)),
-            })
-            log(f"  {node}: {layers[-1]['precision']} ({layers[-1]['reason']})")
-            if d.depart:
-                best_cfg, best = cand_cfg, cand
-                best_bytes = (Path(tmp) / f"trial-{i}.onnx").stat().st_size
-            trial_s += time.perf_counter() - started
-            per_trial = trial_s / tried  # what a trial has cost so far: the budget stops the search before it
-
-        weights: dict = {}
-        if time.perf_counter() - t0 + per_trial > cfg.budget_s:
-            weights["reason"] = f"per-channel: not tried, a trial would end past the search budget of {cfg.budget_s:.3g} s"
-        elif len(best_cfg.exclude_nodes) < len(nodes):
-            # One scale per tensor saves a rescale per output channel; it may cost fidelity, so it must
-            # agree with fp32 about as often as per-channel scales do, and then be clearly faster.
-            cand_cfg = replace(best_cfg, per_channel=False)
-            cand = build(cand_cfg, "per-tensor")
-            top1 = parent.predict(check).argmax(1)
-            agree = {"per_channel": _agreement(top1, best, check), "per_tensor": _agreement(top1, cand, check)}
-            weights = {"agreement_with_fp32": {k: round(v, 4) for k, v in agree.items()},
-                       "agreement_images": f"{len(check)} training images"}
-            if agree["per_tensor"] < agree["per_channel"] - cfg.max_agreement_loss:
-                weights["reason"] = "per-channel: per-tensor scales lose agreement with fp32 (not timed)"
-            else:
-                d = decide(three_way(parent, best, cand, inputs, cfg), per_tensor_verdict(batches, cfg.min_gain),
-                           cfg.rule)
-                e = d.evidence
-                weights.update({
-                    "per_channel_over_fp32_parent": _r(_medians(e, "best", batches)),
-                    "per_tensor_over_fp32_parent": _r(_medians(e, "cand", batches)),
-                    "per_tensor_over_per_channel": _r(_medians(e, "cand_vs_best", batches)),
-                    "evidence": d.summary(),
-                })
-                if d.depart:
-                    best_cfg = cand_cfg
-                    best_bytes = (Path(tmp) / "trial-per-tensor.onnx").stat().st_size
-                    vs = _medians(e, "cand_vs_best", batches)
-                    b = min(vs, key=vs.get)
-                    weights["reason"] = (f"per-tensor: {(1 - vs[b]) * 100:.0f}% faster at batch {b} than per-channel, "
-                                         "agreement with fp32 kept")
-                else:
-                    weights["reason"] = "per-channel: no measurable gain from per-tensor scales" + _unsettled(d)
-        else:
-            weights["reason"] = "per-channel: no int8 layer left"
-        weights["chosen"] = "per-channel" if best_cfg.per_channel else "per-tensor"
+        parent_bytes = fp32_path.stat().st_size
+        layers = _layer_search(s, nodes, parent_bytes, log)
+        weights = _weight_scales(s, check, len(nodes))
         log(f"  weight scales: {weights['reason']}")
         layers.sort(key=lambda d: order[d["node"]])  # reported in graph order
-        cost = {"seconds": round(time.perf_counter() - t0, 2), "layers_tried": tried, "layers": len(nodes),
+        cost = {"seconds": round(time.perf_counter() - s.t0, 2), "layers_tried": s.tried, "layers": len(nodes),
                 "budget_s": None if math.isinf(cfg.budget_s) else cfg.budget_s,
                 "max_size_ratio": None if math.isinf(cfg.max_size_ratio) else cfg.max_size_ratio,
-                "size_ratio": round(best_bytes / parent_bytes, 3),
+                "size_ratio": round(s.best_bytes / parent_bytes, 3),
                 "tried_in_order_of": "profiled int8 minus fp32 time per layer (onnxruntime's per-node profile)",
                 "profile_us": [{"node": n, **ranking[n]} for n, _ in nodes]}
-        log(f"  search: {tried} of {len(nodes)} layers tried in {cost['seconds']:.1f} s")
-    return Plan(best_cfg, layers, weights, cost)
+        log(f"  search: {s.tried} of {len(nodes)} layers tried in {cost['seconds']:.1f} s")
+    return Plan(s.best_cfg, layers, weights, cost)
+
+
+def _layer_search(s: _Search, nodes: list[tuple[str, str]], parent_bytes: int, log) -> list[dict]:
+    """Each layer, most to gain first: kept in fp32 when the model is measured faster so, within the size
+    limit and the budget."""
+    cfg, batches, layers, trial_s = s.cfg, tuple(s.cfg.batches), [], 0.0
+    elements = weight_elements(s.fp32_path, s.best_cfg.crop_padding)
+    for i, (node, op) in enumerate(nodes):
+        would_be = (s.best_bytes + 3 * elements[node]) / parent_bytes
+        if elements[node] and would_be > cfg.max_size_ratio:  # a layer without stored weights costs no bytes
+            layers.append({"node": node, "op": op, "precision": "int8",
+                           "reason": f"not tried: in fp32 it would make the file about {would_be:.2f}x its fp32 "
+                                     f"parent's size, over the limit of {cfg.max_size_ratio:g}x"})
+            continue
+        if s.past_budget():
+            layers.append({"node": node, "op": op, "precision": "int8",
+                           "reason": f"not tried: a trial would end past the search budget of {cfg.budget_s:.3g} s"})
+            continue
+        s.tried += 1
+        started = time.perf_counter()
+        cand_cfg = replace(s.best_cfg, exclude_nodes=s.best_cfg.exclude_nodes + (node,))
+        cand = s.build(cand_cfg, str(i))
+        d = decide(three_way(s.parent, s.best, cand, s.inputs, cfg), layer_verdict(batches, cfg.min_gain), cfg.rule)
+        e = d.evidence
+        layers.append({
+            "node": node, "op": op, "precision": "fp32" if d.depart else "int8",
+            "int8_over_fp32_parent": _r(_medians(e, "best", batches)),
+            "with_node_fp32": _r(_medians(e, "cand", batches)),
+            "with_node_fp32_over_int8": _r(_medians(e, "cand_vs_best", batches)),
+            "evidence": d.summary(),
+            "reason": (f"model {_layer_reason(e, batches, cfg.min_gain)} with this layer in fp32" if d.depart else
+                       "no measurable gain from keeping this layer in fp32" + _unsettled(d)),
+        })
+        log(f"  {node}: {layers[-1]['precision']} ({layers[-1]['reason']})")
+        if d.depart:
+            s.take(cand_cfg, cand, str(i))
+        trial_s += time.perf_counter() - started
+        s.per_trial = trial_s / s.tried
+    return layers
+
+
+def _weight_scales(s: _Search, check: np.ndarray, n_layers: int) -> dict:
+    """Per-tensor weight scales instead of per-channel: taken when they agree with fp32 about as often and are
+    measured clearly faster. One scale per tensor saves a rescale per output channel; it may cost fidelity."""
+    cfg, batches, weights = s.cfg, tuple(s.cfg.batches), {}
+    if s.past_budget():
+        weights["reason"] = f"per-channel: not tried, a trial would end past the search budget of {cfg.budget_s:.3g} s"
+    elif len(s.best_cfg.exclude_nodes) < n_layers:
+        cand_cfg = replace(s.best_cfg, per_channel=False)
+        cand = s.build(cand_cfg, "per-tensor")
+        top1 = s.parent.predict(check).argmax(1)
+        agree = {"per_channel": _agreement(top1, s.best, check), "per_tensor": _agreement(top1, cand, check)}
+        weights = {"agreement_with_fp32": {k: round(v, 4) for k, v in agree.items()},
+                   "agreement_images": f"{len(check)} training images"}
+        if agree["per_tensor"] < agree["per_channel"] - cfg.max_agreement_loss:
+            weights["reason"] = "per-channel: per-tensor scales lose agreement with fp32 (not timed)"
+        else:
+            d = decide(three_way(s.parent, s.best, cand, s.inputs, cfg), per_tensor_verdict(batches, cfg.min_gain),
+                       cfg.rule)
+            e = d.evidence
+            weights.update({
+                "per_channel_over_fp32_parent": _r(_medians(e, "best", batches)),
+                "per_tensor_over_fp32_parent": _r(_medians(e, "cand", batches)),
+                "per_tensor_over_per_channel": _r(_medians(e, "cand_vs_best", batches)),
+                "evidence": d.summary(),
+            })
+            if d.depart:
+                s.take(cand_cfg, cand, "per-tensor")
+                vs = _medians(e, "cand_vs_best", batches)
+                b = min(vs, key=vs.get)
+                weights["reason"] = (f"per-tensor: {(1 - vs[b]) * 100:.0f}% faster at batch {b} than per-channel, "
+                                     "agreement with fp32 kept")
+            else:
+                weights["reason"] = "per-channel: no measurable gain from per-tensor scales" + _unsettled(d)
+    else:
+        weights["reason"] = "per-channel: no int8 layer left"
+    weights["chosen"] = "per-channel" if s.best_cfg.per_channel else "per-tensor"
+    return weights
 
 
 def _unsettled(d: Decision) -> str:
