@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgeq.build import count_macs, count_params, describe
+from edgeq.lineage import count_macs, count_params, describe
 from edgeq.errors import ConfigError
 from edgeq.examples.mnist import CNN, MLP, build_model
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from edgeq.build import count_macs, count_params
+from edgeq.lineage import count_macs, count_params
 from edgeq.data import Arrays
 from edgeq.examples.mnist import CNN, MLP, Preprocessing, load_data
 from edgeq.prune import PruneConfig, prune_model, weight_layers, weight_sparsity
