@@ -27,6 +27,17 @@ _ARTIFACT_REQUIRED = [
     "params", "nonzero_params", "bytes", "sha256", "accuracy", "runtime",
 ]
 
+_SPLIT_FILE = {
+    "type": "object",
+    "required": ["file", "samples", "bytes", "sha256"],
+    "properties": {
+        "file": {"type": "string", "minLength": 1},
+        "samples": {"type": "integer", "minimum": 1},
+        "bytes": {"type": "integer", "minimum": 0},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    },
+}
+
 SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "edgeq manifest",
@@ -59,26 +70,8 @@ SCHEMA: dict = {
             "required": ["source", "train_size", "test_size", "eval", "val"],
             "properties": {
                 "test_size": {"type": "integer", "minimum": 1},
-                "eval": {
-                    "type": "object",
-                    "required": ["file", "samples", "bytes", "sha256"],
-                    "properties": {
-                        "file": {"type": "string", "minLength": 1},
-                        "samples": {"type": "integer", "minimum": 1},
-                        "bytes": {"type": "integer", "minimum": 0},
-                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                    },
-                },
-                "val": {
-                    "type": "object",
-                    "required": ["file", "samples", "bytes", "sha256"],
-                    "properties": {
-                        "file": {"type": "string", "minLength": 1},
-                        "samples": {"type": "integer", "minimum": 1},
-                        "bytes": {"type": "integer", "minimum": 0},
-                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                    },
-                },
+                "eval": _SPLIT_FILE,  # the test split, reported only
+                "val": _SPLIT_FILE,  # the validation split every decision was made on
             },
         },
         "environment": {"type": "object"},
