@@ -166,7 +166,7 @@ op traced inside them is left unannotated).
     move_exported_model_to_eval(prepared)
     with torch.no_grad():
         for batch in calibration:
-            prepared(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+            prepared(torch.from_numpy(np.array(batch, dtype=np.float32)))  # a writable copy for torch
     with _quiet():
         converted = convert_pt2e(prepared)
     move_exported_model_to_eval(converted)
@@ -371,6 +371,8 @@ def open_program(path: Path, threads: int = 1):
     def forward(x: np.ndarray, _keep=(program, data)) -> np.ndarray:  # the method needs its program and bytes
         # the output tensor aliases the method's planned memory (not cloned: that costs more than the
         # copy of the logits), so its values are copied out before the next call overwrites them
+        # torch wants a writable array (edgeq's checked arrays are read-only); ExecuTorch only reads it
+        x = x if x.flags.writeable else x.copy()
         return method([torch.from_numpy(x)], clone_outputs=False)[0].numpy().copy()
 
     return forward, shape, {"threads": in_effect, "backends": portable_lib._get_registered_backend_names()}
