@@ -48,9 +48,11 @@ fi
 if [ ! -e "$bm/qemu-aarch64" ]; then
     conf=/usr/lib/binfmt.d/qemu-aarch64.conf
     [ -f "$conf" ] || { echo "arm64-env: $conf missing; reinstall qemu-user-static" >&2; exit 2; }
-    # the conf's interpreter path is /usr/libexec/qemu-binfmt/...; register the static binary itself
+    # the conf names Debian's argv[0]-preserving wrapper (/usr/libexec/qemu-binfmt/...-P); register the
+    # static binary itself, which works in any chroot
     line="$(sed -n 's/^\(:qemu-aarch64:[^:]*:[^:]*:[^:]*:[^:]*:\)[^:]*:\(.*\)$/\1\/usr\/bin\/qemu-aarch64-static:\2/p' "$conf")"
-    case "$line" in *F*) ;; *) line="${line}F" ;; esac
+    # flags: O (credentials), F (opened now); no P: qemu-aarch64-static itself does not take argv[0] apart
+    line="${line%:*}:OF"
     printf '%s' "$line" > "$bm/register"
     say "registered qemu-aarch64 in binfmt_misc"
 fi
