@@ -54,7 +54,8 @@ def _check(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     result = check(args.directory, cfg, log)
     if not args.quiet:
-        print(f"{result.cpu['model']} ({result.cpu['machine']}, {', '.join(result.cpu['int8_flags']) or 'no int8 flags'})"
+        flags = ", ".join(result.cpu["int8_flags"]) or "no int8 flags"
+        print(f"{result.cpu['model']} ({result.cpu['machine']}, {flags})"
               f"{'; ' + result.cpu['emulated'] if 'emulated' in result.cpu else ''}; onnxruntime "
               f"{result.runtime['onnxruntime']}")
         for f in result.files:

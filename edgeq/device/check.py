@@ -378,7 +378,8 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log=lambda s:
         if not r.fidelity["ok"]:
             f = r.fidelity
             r.fail(f"differs from its golden outputs: logit error {f['max_logit_error']:.3g} (allowed "
-                   f"{tol.max_logit_error:g}), top-1 agreement {f['top1_agreement']:.4f} (needs {tol.min_top1_agreement:g})")
+                   f"{tol.max_logit_error:g}), top-1 agreement {f['top1_agreement']:.4f} "
+                   f"(needs {tol.min_top1_agreement:g})")
 
     # 5. speed: each int8 ONNX file against its fp32 parent, at the device's threads
     by_name = {a["name"]: a for a in arts}

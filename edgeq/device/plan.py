@@ -184,8 +184,8 @@ def plan(directory: str | Path, out: str | Path, threads: int | None = None, bud
         for key, rec in fam["precision"].items():
             fp32 = _fp32_onnx(directory, manifest, model, key)
             base = QDQConfig(**{**rec["qdq"], "exclude_nodes": ()})  # the target's format, every layer int8
-            cfg = SearchConfig(batches=batches, threads=t,
-                               budget_s=budget_s if budget_s is not None else float(recipe.get("search_budget_s", math.inf)),
+            budget = budget_s if budget_s is not None else float(recipe.get("search_budget_s", math.inf))
+            cfg = SearchConfig(batches=batches, threads=t, budget_s=budget,
                                max_size_ratio=float(recipe.get("max_int8_size_ratio", math.inf)), qdq=base)
             log(f"{model}: timing which {key} layers run faster in int8 here ({t} threads, batches {list(batches)})")
             found = search_precision(fp32, [x], x[:2048], cfg, log=log)
