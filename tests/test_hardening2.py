@@ -297,8 +297,8 @@ def write_npz_bomb(path: Path, inputs_shape: tuple[int, ...], labels: int) -> No
 
 
 def tree_peak_rss(cmd: list[str], timeout: float = 120.0) -> tuple[subprocess.CompletedProcess, int]:
-    """Run `cmd`; (its result, the peak resident bytes of it and all its descendants together), sampled
-    from /proc every 10 ms."""
+    """Run `cmd`; (its result, the peak resident bytes of it and all its descendants together, shared pages
+    counted once), sampled from /proc every 10 ms."""
     def tree(pid: int) -> list[int]:
         found = [pid]
         with contextlib.suppress(OSError):
@@ -308,9 +308,11 @@ def tree_peak_rss(cmd: list[str], timeout: float = 120.0) -> tuple[subprocess.Co
         return found
 
     def rss(pid: int) -> int:
-        with contextlib.suppress(OSError, StopIteration, ValueError):
-            with open(f"/proc/{pid}/status") as f:
-                return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
+        """Proportional set size: pages shared with another process (a fork about to exec) count once."""
+        for name, key in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
+            with contextlib.suppress(OSError, StopIteration, ValueError):
+                with open(f"/proc/{pid}/{name}") as f:
+                    return int(next(line for line in f if line.startswith(key)).split()[1]) * 1024
         return 0
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
