@@ -353,7 +353,7 @@ def test_a_sparse_file_posing_as_a_checkpoint_costs_verify_no_memory(tiny: Path,
     art = copy(tiny, tmp_path / "art")
     ckpt = art / "user-fp32.ckpt.pt"
     with open(ckpt, "r+b") as f:
-        f.truncate(256 << 20)  # 256 MiB, almost all of it a hole: read whole, it would break the bound
+        f.truncate(512 << 20)  # 512 MiB, almost all of it a hole: read whole, it would break the bound
     rehash(art, ckpt.name)
     r, peak = tree_peak_rss([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32",
                              "--memory-limit", str(LIMIT_GB)])
