@@ -252,13 +252,13 @@ def _family(b: Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) 
     shipped = {v.key: floats.export_files(fam, v) for v in variants}
     int8.build(fam, [(v, shipped[v.key]) for v in parents])
     with timed(b.timings, f"{name}.recommend_s"):
-        speed.recommend(fam)
+        picks = speed.recommend(fam)
     fp = fam.plan
     return {"classes": spec.classes, "architecture": describe(model), "recipe": recipe.to_dict(),
             "finetune": "the caller's finetune()" if b.user_finetune else "edgeq.train.fit (AdamW, one-cycle)",
             "max_accuracy_drop": recipe.max_accuracy_drop, "max_pruning_drop": recipe.max_pruning_drop,
             "target": recipe.target,
-            "recommended": {k: v for k, v in (fp.recommended or {}).items() if k != "evidence"},
+            "recommended": {k: v for k, v in picks.items() if k != "evidence"},
             "pruning": fp.pruning,
             "calibration": {key: rec["calibration"] for key, rec in fp.precision.items() if "calibration" in rec},
             "sensitivity": {"quantization": {key: rec["sensitivity"] for key, rec in fp.precision.items()

@@ -101,7 +101,7 @@ def drop_slower(fam: Family, name: str, parent: str, path: Path, gate: dict) -> 
     return False
 
 
-def recommend(fam: Family) -> None:
+def recommend(fam: Family) -> dict:
     """The user's question answered: the fastest ONNX file at the deployment's batch size and thread count
     among the files shipped (every one is within its bars: the contract); and the smallest, for when size
     matters more. Both are decisions of the plan: a replay takes them from there.
@@ -112,19 +112,18 @@ def recommend(fam: Family) -> None:
     ours = {a.name: a for a in fam.build.lineage.artifacts if a.model == fam.name}
 
     def replay(picks: dict | None) -> dict:
-        from edgeq.plan import PlanError
-
-        picks = picks or {}
-        for pick in (picks.get("fastest"), picks.get("smallest")):
-            if pick is not None and pick not in ours:
-                raise PlanError(f"{fam.build.decisions.plan.where}: recommends {pick}, which this build did not "
-                                "produce; re-measure (edgeq export without --plan)")
+        picks = dict(picks or {})
+        for key in ("fastest", "smallest"):  # a file the replay did not ship (its bars re-measured) is no pick
+            if picks.get(key) is not None and picks[key] not in ours:
+                fam.build.log(f"  {fam.name}: the plan recommends {picks[key]}, which this replay did not ship")
+                picks[key] = None
         return picks
 
     picks = fam.build.decisions.decide(fam.plan.__dict__, "recommended", "recommendation",
                                        lambda: _pick(fam, list(ours.values())), replay)
     if picks.get("fastest") is not None:
         ours[picks["fastest"]].recommended = True
+    return picks
 
 
 def _pick(fam: Family, artifacts: list[Artifact]) -> dict:

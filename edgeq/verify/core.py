@@ -128,6 +128,12 @@ def _root(family: list[Artifact], fmt: str) -> Artifact | None:
     return next((a for a in family if a.format == fmt and a.precision == "fp32" and a.parent is None), None)
 
 
+def _baseline(family: list[Artifact]) -> Artifact | None:
+    """The family's fp32 baseline: its checkpoint, run eagerly; else its fp32 TorchScript or ONNX file (a
+    model TorchScript cannot save ships no checkpoint)."""
+    return next((r for r in (_root(family, f) for f in ("checkpoint", "torchscript", "onnx")) if r is not None), None)
+
+
 def _families(manifest: Manifest) -> Iterator[tuple[str, list[Artifact]]]:
     models = list(manifest.models) + [a.model for a in manifest.artifacts if a.model not in manifest.models]
     for model in dict.fromkeys(models):
@@ -138,7 +144,7 @@ def _plan(manifest: Manifest, cuda: bool) -> list[Subject]:
     """Rows in report order: per family the fp32 checkpoint baseline (CPU, then CUDA), then the rest."""
     subjects = []
     for _, family in _families(manifest):
-        base = _root(family, "checkpoint")
+        base = _baseline(family)
         for art in ([base] if base else []) + [a for a in family if a is not base]:
             role = "baseline" if art is base else "artifact"
             subjects.append(Subject(_row(art, CPU_RUNTIME[art.format], role), art, "cpu"))
@@ -187,13 +193,13 @@ def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], probl
 
 def _references(manifest: Manifest, by_key: dict[tuple[str, str], Subject]) -> dict[tuple[str, str], dict]:
     """Per row key, its references by kind (REFERENCES). "torch_fp32" is also the fidelity baseline."""
-    roots = {model: (_root(family, "checkpoint"), _root(family, "onnx")) for model, family in _families(manifest)}
+    roots = {model: (_baseline(family), _root(family, "onnx")) for model, family in _families(manifest)}
     out = {}
     for key, s in by_key.items():
         base, onnx = roots[s.art.model]
         found = {
             "parent": by_key.get((s.art.parent or "", s.row.runtime)),
-            "torch_fp32": by_key.get((base.name, "torch-cpu")) if base else None,
+            "torch_fp32": by_key.get((base.name, CPU_RUNTIME[base.format])) if base else None,
             "ort_fp32": by_key.get((onnx.name, "onnxruntime-cpu")) if onnx else None,
         }
         out[key] = {kind: ref for kind, ref in found.items() if ref is not None}
@@ -232,7 +238,7 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
         row.fail(f"{s.art.file}: {row.correct}/{row.n} correct, the manifest claims {claimed}/{row.n} "
                  f"({100 * s.art.accuracy:.2f}%)")
     if base is None or base.logits is None:
-        row.fail(f"no fp32 baseline to compare with: {s.art.model}-fp32-ckpt (checkpoint, fp32, no parent) "
+        row.fail(f"no fp32 baseline to compare with: {s.art.model}-fp32-ckpt/-ts/-onnx (fp32, no parent) "
                  "is missing or failed")
         return
     row.delta_pts = 100.0 * (row.correct - (base.row.correct or 0)) / row.n
