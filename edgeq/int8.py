@@ -104,6 +104,7 @@ def torchscript_int8(fam: Family, v: FloatVariant, variant: str, mode: str, q: n
     def ship() -> bool:
         gate = ships(fam, name, "torchscript", fam.path(v.key, "torchscript"), path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
+        quant["ship_rule"] = {k: gate[k] for k in ("rule", "timed_on") if k in gate} or "timed here (plan.json)"
         return drop_slower(fam, name, parent, path, gate)
 
     fam.record(v, variant, "torchscript", precision="int8", parent=parent, quantization=quant,
@@ -241,6 +242,7 @@ def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module
     def ship() -> bool:
         gate = ships(fam, art_name, "onnx", onnx_parent, path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
+        quant["ship_rule"] = {k: gate[k] for k in ("rule", "timed_on") if k in gate} or "timed here (plan.json)"
         return drop_slower(fam, art_name, parent_name, path, gate)
 
     art = fam.record(v, variant, "onnx", precision="int8", parent=parent_name, quantization=quant,

@@ -13,6 +13,7 @@ import functools
 import io
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ import numpy as np
 
 from edgeq.errors import ExportError
 from edgeq.publish import disk_full_as_enospc
-from edgeq.quantize import quiet
 from edgeq.runtime import INPUT_NAME
 
 # Per target, the QDQ format onnxruntime's quantization guide recommends for its kernels:
@@ -88,7 +88,8 @@ def quiet_quantization() -> Iterator[None]:
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with quiet(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
             yield
     finally:
         root.setLevel(level)

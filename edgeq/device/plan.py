@@ -35,35 +35,6 @@ from edgeq.device.check import DeviceError, file_problem, read_manifest
 ARCH_TARGET = {"x86_64": "x86", "AMD64": "x86", "aarch64": "arm64", "arm64": "arm64"}
 
 
-def _without_torch() -> None:
-    """edgeq.onnx_quant takes only a warning filter (`quiet`) from edgeq.quantize, which imports torch.
-    Where torch is not installed (a device), stand in for that module with the filter alone, so that
-    the search (edgeq.precision, edgeq.onnx_quant: onnx, onnxruntime, numpy) imports. Never used where
-    torch exists; to be dropped once edgeq.onnx_quant stops importing edgeq.quantize."""
-    import contextlib
-    import importlib.util
-    import sys
-    import types
-    import warnings
-
-    try:
-        torch_missing = importlib.util.find_spec("torch") is None
-    except (ImportError, ValueError):
-        torch_missing = True
-    if not torch_missing or "edgeq.quantize" in sys.modules:
-        return
-
-    @contextlib.contextmanager
-    def quiet():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-
-    stand_in = types.ModuleType("edgeq.quantize", "torch-free stand-in: the warning filter only")
-    stand_in.quiet = quiet
-    sys.modules["edgeq.quantize"] = stand_in
-
-
 def _load_json(directory: Path, item: dict, what: str) -> dict:
     problem = file_problem(directory, item.get("file", ""), item.get("sha256", ""), item.get("bytes"))
     if problem:
@@ -152,7 +123,6 @@ def ship_decision(parent: Path, path: Path, inputs: dict[int, np.ndarray], threa
 def plan(directory: str | Path, out: str | Path, threads: int | None = None, budget_s: float | None = None,
          log=lambda s: None) -> Path:
     """Re-measure an export's timed decisions here and write the plan to `out` (see the module doc)."""
-    _without_torch()
     from edgeq.onnx_quant import QDQConfig, quantize_onnx
     from edgeq.precision import SearchConfig, search_precision
 
