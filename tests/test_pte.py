@@ -169,23 +169,13 @@ def test_an_op_xnnpack_refuses_stays_outside_and_a_batch_program_pads(digits, tm
                                rtol=1e-4, atol=1e-4)
 
 
-def test_exclude_leaves_a_layer_fp32(built, tmp_path):
-    b = built["cnn"]
-    mixed = pte.quantize(b["model"], b["example"], b["calibration"], "static", exclude={"fc"})
-
-    def quantized_weights(gm) -> int:
-        return sum(1 for n in gm.graph.nodes if "dequantize_per_channel" in str(n.target))
-
-    assert quantized_weights(b["converted"]) == 3  # two convs and fc
-    assert quantized_weights(mixed) == 2  # fc kept in fp32
-    info = pte.lower_int8(mixed, b["example"], tmp_path / "mixed.pte")
-    assert info["delegation"]["total_nodes"] < b["int8_info"]["delegation"]["total_nodes"]
-    assert (tmp_path / "mixed.pte").stat().st_size > b["int8"].stat().st_size  # fc's weights in float
-    with pytest.raises(ExportError, match="fc9"):
-        pte.quantize(b["model"], b["example"], b["calibration"], "static", exclude={"fc9"})
+def quantized_weights(graph) -> int:
+    """Weights quantized per channel in a converted PT2E graph: one dequantize_per_channel each."""
+    return sum(1 for n in graph.graph.nodes if "dequantize_per_channel" in str(n.target))
 
 
-def test_qat_trains_the_prepared_graph(built, digits, tmp_path):
+def test_qat_trains_the_prepared_graph_and_exclude_leaves_a_layer_fp32(built, digits, tmp_path):
+    """QAT of the MLP with fc2 excluded (one quantize + lowering serves both checks, to keep this file fast)."""
     b = built["mlp"]
     seen = {}
 
@@ -193,12 +183,18 @@ def test_qat_trains_the_prepared_graph(built, digits, tmp_path):
         seen["type"] = type(model).__name__
         return fit(model, digits["train"], Finetune(epochs=1, lr=1e-3, batch_size=64), progress=False)
 
-    converted = pte.quantize(b["model"], b["example"], b["calibration"], "qat", finetune=finetune)
+    converted = pte.quantize(b["model"], b["example"], b["calibration"], "qat", exclude={"fc2"}, finetune=finetune)
     assert seen["type"] == "Trainable"
-    pte.lower_int8(converted, b["example"], tmp_path / "qat.pte")
+    assert quantized_weights(b["converted"]) == 2 and quantized_weights(converted) == 1  # fc2 kept in fp32
+    info = pte.lower_int8(converted, b["example"], tmp_path / "qat.pte")
+    assert info["delegation"]["total_nodes"] < b["int8_info"]["delegation"]["total_nodes"]
+    assert info["delegation"]["outside_ops"] == []  # fp32 fc2 runs in XNNPACK's fp32 kernels, same delegate
+    assert (tmp_path / "qat.pte").stat().st_size > b["int8"].stat().st_size  # fc2's weights in float
     fp32 = runtime.load(b["fp32"], "pte").predict(digits["x"])
     qat = runtime.load(tmp_path / "qat.pte", "pte").predict(digits["x"])
     assert accuracy(qat, digits["y"]) >= accuracy(fp32, digits["y"]) - 0.015
+    with pytest.raises(ExportError, match="fc9"):
+        pte.quantize(b["model"], b["example"], b["calibration"], "static", exclude={"fc9"})
 
 
 def test_data_dependent_control_flow_is_one_line(digits, tmp_path):
