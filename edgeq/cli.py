@@ -81,6 +81,12 @@ def main() -> None:
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=None, metavar="POINTS",
               help="Accuracy (points) an int8 file may lose against its fp32 parent: more sensitive layers are "
                    "kept in fp32 until it holds, or the file is not shipped [recipe: 0.5].")
+@click.option("--max-pruning-drop", type=click.FloatRange(0, 100), default=None, metavar="POINTS",
+              help="Accuracy (points) a pruned file may lose against the fp32 model on the validation split: the "
+                   "pruning amount is searched down until it holds, or the pruned files are not shipped [recipe: 0.5].")
+@click.option("--target", type=click.Choice(["x86", "arm64"]), default=None,
+              help="The CPU the files are for: x86 (U8S8 QDQ, reduce_range, torch x86 engine) or arm64 (S8S8 QDQ, "
+                   "torch qnnpack) [recipe: this machine's].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Built-in examples only: training epochs (default per model).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
@@ -96,7 +102,8 @@ def main() -> None:
                    "afresh on this machine.")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage lines.")
 def export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
-           threads, max_accuracy_drop, epochs, data_dir, download, sign_key, plan_file, quiet):
+           threads, max_accuracy_drop, max_pruning_drop, target, epochs, data_dir, download, sign_key, plan_file,
+           quiet):
     """Prune, quantize and export a model (yours, or a built-in example), then write manifest.json.
 
     \b
@@ -110,8 +117,9 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
     try:
         with _key_read_once(sign_key) as key:
             manifest = _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method,
-                               channel_amount, seed, threads, max_accuracy_drop, epochs, data_dir, download, key,
-                               plan_file, quiet)
+                               channel_amount, seed, threads, {"max_accuracy_drop": max_accuracy_drop,
+                                                               "max_pruning_drop": max_pruning_drop, "target": target},
+                               epochs, data_dir, download, key, plan_file, quiet)
         if manifest is None or not (out / "manifest.json").is_file():
             raise EdgeqError(f"the export returned without writing {out}/manifest.json; nothing was published")
     except EdgeqError as exc:
@@ -140,7 +148,7 @@ def _key_read_once(sign_key: Path | None) -> Iterator[Path | None]:
 
 
 def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
-            threads, max_accuracy_drop, epochs, data_dir, download, sign_key, plan_file, quiet):
+            threads, settings, epochs, data_dir, download, sign_key, plan_file, quiet):
     """Options -> Recipe -> one library call: edgeq.compress, or the MNIST example that calls it."""
     from dataclasses import replace
 
@@ -152,8 +160,7 @@ def _export(out, force, models, data_spec, recipe_file, variants, prune_amount, 
     recipe = Recipe.from_file(recipe_file) if recipe_file else None
     plan = BuildPlan.read(plan_file) if plan_file else None  # before any training: a bad plan fails at once
     overrides = _overrides(recipe or Recipe(), variants, prune_amount, prune_method, channel_amount, seed, threads)
-    if max_accuracy_drop is not None:
-        overrides["max_accuracy_drop"] = max_accuracy_drop
+    overrides.update({k: v for k, v in settings.items() if v is not None})
     user = [m for m in models if entrypoint.is_spec(m)]
     if user:
         if len(models) > 1:

@@ -185,7 +185,8 @@ class Family:
             kind = "not_built"
         if why is not None:
             path.unlink(missing_ok=True)
-            b.lineage.skip(name, why, kind, contract=contract)
+            over = [bar["drop_points"] for bar in contract["bars"] if not bar["met"]]
+            b.lineage.skip(name, why, kind, contract=contract, best_drop_points=max(over) if over else None)
             return None
         if ship is not None and not ship():  # deleted and listed under skipped by the speed rule
             return None

@@ -67,8 +67,9 @@ def _bar(s: Subject, ref: Subject, ref_name: str, points: float, labels: np.ndar
     entry = {"rule": f"at most {points:g} points below {ref_name}", "relative_to": ref_name,
              "max_drop_points": points, "drop_points": None, "met": False}
     row.contract.append(entry)
-    if ref.val_logits is None:
-        row.fail(f"its contract is measured against {ref_name}, which failed")
+    if ref.val_logits is None or ref.row.status == "FAIL":  # the failure is its reference's: said there
+        row.warnings.append(f"bar against {ref_name} not checked: {ref_name} failed")
+        entry["met"] = None
         return
     drop = policy.drop_points(correct_count(ref.val_logits, labels), correct_count(s.val_logits, labels), len(labels))
     entry["drop_points"], entry["met"] = drop, policy.within_bar(drop, points)
@@ -83,8 +84,12 @@ def _agreement(s: Subject, ref: Subject | None, ref_name: str) -> None:
     entry = {"rule": f"top-1 agreement with {ref_name} at least {policy.MIN_AGREEMENT:g}", "relative_to": ref_name,
              "min": policy.MIN_AGREEMENT, "value": None, "met": False}
     s.row.contract.append(entry)
-    if ref is None or ref.val_logits is None:
-        s.row.fail(f"its agreement rule is measured against {ref_name}, which is missing or failed")
+    if ref is None:
+        s.row.fail(f"its agreement rule is measured against {ref_name}, which is missing")
+        return
+    if ref.val_logits is None or ref.row.status == "FAIL":  # the failure is its parent's: said there
+        s.row.warnings.append(f"agreement with {ref_name} not checked: {ref_name} failed")
+        entry["met"] = None
         return
     entry["value"] = round(agreement(ref.val_logits, s.val_logits), 6)
     entry["met"] = policy.within_agreement(entry["value"])

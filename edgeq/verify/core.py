@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import runtime, signing
+from edgeq import runtime
 from edgeq.clock import timed
 from edgeq.progress import progress_bar
 from edgeq.errors import DataError, IntegrityError
-from edgeq.manifest import Artifact, Manifest, read
+from edgeq.manifest import Artifact, Manifest
 from edgeq.metrics import agreement, correct_count, sqnr_db
 from edgeq.verify import contract, integrity
 from edgeq.verify.latency import measure_latency
