@@ -98,8 +98,8 @@ def construct(exc: BaseException) -> str:
     if ("data-dependent" in text or "data dependent" in text or "GuardOnDataDependent" in name
             or "DataDependent" in name):
         where = _user_frame(text)
-        return "data-dependent control flow" + (f" at {where}" if where else "") + \
-            "; rewrite it with torch.cond or move it out of forward"
+        at = f" at {where}" if where else ""
+        return f"data-dependent control flow{at}; rewrite it with torch.cond or move it out of forward"
     if "Unsupported" in name or "unsupported" in text.lower():
         return f"unsupported construct: {first_line(exc, 160)}"
     return f"{name}: {first_line(exc, 160)}"
@@ -126,8 +126,7 @@ def quantize(model: torch.nn.Module, example: torch.Tensor, calibration: Sequenc
     prepare (`prepare_pt2e`, or `prepare_qat_pt2e` for mode "qat"), `finetune` (QAT only: it trains
     the prepared model and returns it; it may call .train()/.eval() on it), calibrate on each batch
     of `calibration`, `convert_pt2e`. `exclude`: module names (e.g. "features.0") left in fp32 (every
-op traced inside them is left unannotated).
-    Returns the converted torch model (a GraphModule with quantize/dequantize ops), ready for
+    op traced inside them is left unannotated). Returns the converted torch model (a GraphModule with quantize/dequantize ops), ready for
     `lower_int8`."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
