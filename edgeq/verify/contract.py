@@ -98,9 +98,11 @@ def _agreement(s: Subject, ref: Subject | None, ref_name: str) -> None:
                    f"below {policy.MIN_AGREEMENT:g}: post-training int8 must keep its parent's answers")
 
 
-def check_golden(subjects: list[Subject], directory, golden_entry: dict | None, x: np.ndarray) -> None:
-    """Each CPU row against the golden outputs shipped for it (within the manifest's tolerances), and each
-    fp32 row against its model's own outputs (edgeq.policy.faithful): a file traced on one branch of
+def check_golden(subjects: list[Subject], directory, golden_entry: dict | None, worker: Worker,
+                 time_limit_s: float) -> None:
+    """Each CPU row run on the golden inputs, as one batch as the export ran them (dynamic int8 quantizes
+    per batch), against the golden outputs shipped for it (within the manifest's tolerances); and each
+    dense fp32 row against its model's own outputs (edgeq.policy.faithful): a file traced on one branch of
     data-dependent control flow computes something else than its model, and this tells."""
     from edgeq import golden
 
@@ -113,19 +115,25 @@ def check_golden(subjects: list[Subject], directory, golden_entry: dict | None, 
         for s in subjects:
             s.row.fail(f"golden outputs not checked: {exc}")
         return
-    n = len(inputs)
-    if len(x) < n or not np.array_equal(inputs, x[:n]):
-        return  # measured on other data (--data): the golden inputs are not its first rows
+    worker.configure(x=np.ascontiguousarray(inputs, dtype=np.float32))
     for s in subjects:
         if s.device != "cpu" or s.logits is None:
             continue
-        _against(s, golden, directory, golden_entry["outputs"].get(s.art.name), golden.tolerance(golden_entry, s.art.precision), n)
+        try:
+            out = np.asarray(worker.predict(s.runner, Budget(time_limit_s)))
+        except Failed as exc:
+            s.row.fail(exc.reason(s.art.file, f"the {len(inputs)} golden inputs"))
+            continue
+        finally:
+            worker.drop(s.runner)
+        _against(s, golden, directory, out, golden_entry["outputs"].get(s.art.name),
+                 golden.tolerance(golden_entry, s.art.precision))
         ref = golden_entry.get("reference", {}).get(s.art.model)
         if s.art.precision == "fp32" and s.art.pruning is None and ref is not None:
-            _faithful(s, golden, directory, ref, n)
+            _faithful(s, golden, directory, out, ref)
 
 
-def _against(s: Subject, golden, directory, item: dict | None, tol, n: int) -> None:
+def _against(s: Subject, golden, directory, out: np.ndarray, item: dict | None, tol) -> None:
     if item is None:
         s.row.fail(f"{s.art.file}: no golden outputs in the manifest; re-run `edgeq export`")
         return
@@ -134,22 +142,22 @@ def _against(s: Subject, golden, directory, item: dict | None, tol, n: int) -> N
     except (golden.GoldenError, OSError) as exc:
         s.row.fail(f"golden outputs: {exc}")
         return
-    if expected.shape != s.logits[:n].shape:
-        s.row.fail(f"{item['file']}: golden outputs {list(expected.shape)}, the file gives {list(s.logits[:n].shape)}")
+    if expected.shape != out.shape:
+        s.row.fail(f"{item['file']}: golden outputs {list(expected.shape)}, the file gives {list(out.shape)}")
         return
-    found = golden.compare(expected, s.logits[:n], tol)
+    found = golden.compare(expected, out, tol)
     if not found["ok"]:
         s.row.fail(f"{s.art.file}: its outputs on the golden inputs are not its golden outputs {item['file']} "
                    f"(logit error {found['max_logit_error']:.2g}, top-1 agreement {found['top1_agreement']:.3f})")
 
 
-def _faithful(s: Subject, golden, directory, item: dict, n: int) -> None:
+def _faithful(s: Subject, golden, directory, out: np.ndarray, item: dict) -> None:
     try:
         expected = golden.read_tensor(directory / item["file"], item["sha256"], item["file"])
     except (golden.GoldenError, OSError) as exc:
         s.row.fail(f"the model's reference outputs: {exc}")
         return
-    sqnr = sqnr_db(expected, s.logits[:n]) if expected.shape == s.logits[:n].shape else -np.inf
+    sqnr = sqnr_db(expected, out) if expected.shape == out.shape else -np.inf
     if not policy.faithful(sqnr):
         s.row.fail(f"{s.art.file}: does not compute what its model computed at export (logit SQNR {sqnr:.1f} dB "
                    f"against the model's own outputs {item['file']}, at least {policy.FP32_MIN_SQNR_DB:g} needed): "

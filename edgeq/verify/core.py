@@ -185,7 +185,7 @@ def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], probl
         with timed(phases, "contract"):
             contract.measure(active, *val, worker, cfg.time_limit_s)
             contract.check(active, val[1], manifest.models)
-            contract.check_golden(active, directory, manifest.golden, x)
+            contract.check_golden(active, directory, manifest.golden, worker, cfg.time_limit_s)
             worker.configure(x=x)
         with timed(phases, "latency"):
             measure_latency(active, refs, x, cfg, bar, worker)
