@@ -45,12 +45,16 @@ THREADS_HOW = ("executorch.extension.pybindings.portable_lib._unsafe_reset_threa
 Mode = Literal["static", "qat"]
 
 
-def available() -> str | None:
-    """None when ExecuTorch (with its XNNPACK-enabled runtime) imports; else the one-line reason."""
+def available(runtime_only: bool = False) -> str | None:
+    """None when ExecuTorch (with its XNNPACK-enabled runtime) imports; else the one-line reason.
+    `runtime_only`: only what running a `.pte` needs (the runtime bindings, not the exporter, whose
+    import takes seconds)."""
     try:
         import executorch  # noqa: F401
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
         from executorch.extension.pybindings import portable_lib
+
+        if not runtime_only:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
     except Exception as exc:  # ImportError, or a binary that does not load against this torch
         return f"ExecuTorch is not installed ({first_line(exc, 120)}): {INSTALL}"
     if not portable_lib._is_available(BACKEND):

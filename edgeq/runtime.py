@@ -95,7 +95,7 @@ def load_pte(path: Path, threads: int = 1) -> Runner:
     """
     from edgeq import pte
 
-    reason = pte.available()
+    reason = pte.available(runtime_only=True)
     if reason is not None:
         raise IntegrityError(f"{path.name}: cannot run an ExecuTorch program here: {reason}")
     forward, shape, info = pte.open_program(path, threads)
