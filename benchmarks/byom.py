@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-only", action="store_true", help="time the peers on an existing --out")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    from edgeq.data import holdout
+
     train, test = digits_rgb32()
+    train, val = holdout(train, 0.2, 0)  # decisions are made on digits the model was not trained on
     report = {}
     for name in [m for m in args.models.split(",") if m]:
         if args.compare_only:
@@ -180,16 +183,21 @@ def main(argv: list[str] | None = None) -> int:
                                                      else args.finetune_epochs, lr=1e-3, shift=2),
                         qat=Finetune(epochs=1, lr=2e-5, weight_decay=0.0, shift=2))
         t0 = time.perf_counter()
-        manifest = edgeq.compress({name: model}, train=(train.x, train.y), test=(test.x, test.y),
+        manifest = edgeq.compress({name: model}, train=(train.x, train.y), val=(val.x, val.y), test=(test.x, test.y),
                                   out=args.out / name, recipe=recipe, force=True)
         export_s = time.perf_counter() - t0
+        verified = edgeq.verify(args.out / name, progress=False)  # default options: exactly the export's promise
+        print(f"{name}: edgeq verify with default options {'PASSED' if verified.passed else 'FAILED'}"
+              + "".join(f"\n  {line}" for line in verified.failures))
         print(summary(manifest))
         print(stage_profile(manifest))
         print(f"{name}: trained in {train_s:.0f} s, exported in {export_s:.0f} s")
         report[name] = {
             "train_s": round(train_s, 1), "export_s": round(export_s, 1),
             "timings": manifest.timings,
-            "artifacts": [{"name": a.name, "accuracy": a.accuracy, "bytes": a.bytes, "parent": a.parent,
+            "verify_default_passed": verified.passed, "verify_failures": verified.failures,
+            "artifacts": [{"name": a.name, "accuracy": a.accuracy, "val_accuracy": a.val_accuracy,
+                           "contract": a.contract, "bytes": a.bytes, "parent": a.parent,
                            "latency_vs_parent": (a.quantization or {}).get("latency_vs_parent"),
                            "search": (a.quantization or {}).get("search")} for a in manifest.artifacts],
             "skipped": manifest.skipped,
