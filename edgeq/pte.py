@@ -165,7 +165,12 @@ def quantize(model: torch.nn.Module, example: torch.Tensor, calibration: Sequenc
         raise ExportError(f"{type(model).__name__}: PT2E cannot prepare it for XNNPACK int8 "
                           f"({first_line(exc, 160)}); the int8 .pte variants are skipped") from None
     if qat and finetune is not None:
-        prepared = finetune(trainable(prepared)).graph
+        trained = finetune(trainable(prepared))
+        prepared = trained.graph if hasattr(trained, "graph") and isinstance(trained.graph, torch.fx.GraphModule) \
+            else trained  # the wrapper back, or the prepared graph itself
+        if not isinstance(prepared, torch.fx.GraphModule):
+            raise ExportError(f"pte quantize: finetune returned {type(trained).__name__}; it must return the "
+                              "model it was given (trained)")
     move_exported_model_to_eval(prepared)
     with torch.no_grad():
         for batch in calibration:
