@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeq import floats, int8, policy, publish, runtime, signing, speed
+from edgeq import floats, int8, policy, programs, publish, runtime, signing, speed
 from edgeq.clock import profile, timed
 from edgeq.context import Budget, Build, Family, FinetuneFn, Splits
 from edgeq.data import Arrays, as_arrays, batches, check_labels, check_shapes, holdout, sample
@@ -251,6 +251,7 @@ def _family(b: Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) 
     fam.budgets = {"search": Budget(recipe.search_budget_s, n), "sensitivity": Budget(recipe.sensitivity_budget_s, n)}
     shipped = {v.key: floats.export_files(fam, v) for v in variants}
     int8.build(fam, [(v, shipped[v.key]) for v in parents])
+    programs.build(fam, variants)
     with timed(b.timings, f"{name}.recommend_s"):
         picks = speed.recommend(fam)
     fp = fam.plan

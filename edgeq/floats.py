@@ -205,7 +205,7 @@ def export_files(fam: Family, v: FloatVariant) -> bool:
                 continue
             art = fam.record(v, v.key, fmt, precision="fp32",
                              parent=None if v.key == "fp32" else name_of(fam.name, "fp32", fmt), quantization=None,
-                             runtime_info=runtime_info(fmt, graph=graph), fidelity=lambda got: _faithful(eager, got))
+                             runtime_info=runtime_info(fmt, graph=graph), fidelity=lambda got: faithful(eager, got))
             ok[fmt] = art is not None
     return bool(ok.get("onnx"))
 
@@ -222,7 +222,7 @@ def _write(fam: Family, v: FloatVariant, fmt: str) -> bool:
     return True
 
 
-def _faithful(eager: np.ndarray, got: np.ndarray) -> str | None:
+def faithful(eager: np.ndarray, got: np.ndarray) -> str | None:
     """Why a float file does not compute what its model computes, or None."""
     if got.shape != eager.shape:
         return f"its output shape {list(got.shape)} differs from the model's {list(eager.shape)}"

@@ -14,8 +14,8 @@ from torch import nn
 from edgeq.manifest import Artifact
 
 FORMATS = ("torchscript", "checkpoint", "onnx")  # in export order: a checkpoint runs in its TorchScript graph
-EXT = {"checkpoint": "ckpt.pt", "torchscript": "ts.pt", "onnx": "onnx"}
-SHORT = {"checkpoint": "ckpt", "torchscript": "ts", "onnx": "onnx"}
+EXT = {"checkpoint": "ckpt.pt", "torchscript": "ts.pt", "onnx": "onnx", "pte": "pte"}
+SHORT = {"checkpoint": "ckpt", "torchscript": "ts", "onnx": "onnx", "pte": "pte"}
 
 
 def name_of(model: str, variant: str, fmt: str) -> str:

@@ -84,7 +84,7 @@ SCHEMA: dict = {
                 "properties": {
                     "name": {"type": "string", "minLength": 1},
                     "file": {"type": "string", "minLength": 1},
-                    "format": {"enum": ["torchscript", "onnx", "checkpoint"]},
+                    "format": {"enum": ["torchscript", "onnx", "checkpoint", "pte"]},
                     "precision": {"enum": ["fp32", "int8"]},
                     "parent": {"type": ["string", "null"]},
                     "quantization": {"type": ["object", "null"]},

@@ -118,6 +118,7 @@ class Recipe:
     # stratified, seeded fraction of `train` held out from calibration, fine-tunes and QAT
     val_fraction: float = 0.2
     target: str = ""  # x86 | arm64: the int8 formats the files are built for ("": the build machine's)
+    executorch: bool = True  # also build ExecuTorch programs (.pte, XNNPACK): fp32 per float variant, int8 per mode
     sensitivity: bool = True  # measure per-layer quantization and per-group pruning sensitivity
     # wall time of the per-layer quantization sensitivity per model, shared by its fp32 parents (about
     # two int8 builds per layer: resnet18 at 32x32 measures ~12 of its 21 layers per parent in 60 s)

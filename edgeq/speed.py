@@ -102,7 +102,7 @@ def drop_slower(fam: Family, name: str, parent: str, path: Path, gate: dict) -> 
 
 
 def recommend(fam: Family) -> dict:
-    """The user's question answered: the fastest ONNX file at the deployment's batch size and thread count
+    """The user's question answered: the fastest ONNX or ExecuTorch file at the deployment's batch size and threads
     among the files shipped (every one is within its bars: the contract); and the smallest, for when size
     matters more. Both are decisions of the plan: a replay takes them from there.
 
@@ -130,12 +130,14 @@ def _pick(fam: Family, artifacts: list[Artifact]) -> dict:
     base = next((a for a in artifacts if a.name == name_of(fam.name, "fp32", "onnx")), None)
     if base is None:
         return {"fastest": None, "smallest": None, "reason": "no fp32 ONNX file to compare with"}
-    eligible = [base] + [a for a in artifacts if a.format == "onnx" and a is not base]
+    # every shipped file a CPU runtime without torch runs, onnxruntime's and ExecuTorch's alike
+    eligible = [base] + [a for a in artifacts if a.format in ("onnx", "pte") and a is not base]
     smallest = min(eligible, key=lambda a: (a.bytes, -(a.val_accuracy or 0))).name
     cfg = search_config(fam)
     with threads(cfg.threads):
-        runners = [runtime.load(fam.build.dir / a.file, "onnx", threads=cfg.threads,
-                                options=ort_timing_options(cfg.threads)) for a in eligible]
+        runners = [runtime.load(fam.build.dir / a.file, a.format, threads=cfg.threads,
+                                options=ort_timing_options(cfg.threads) if a.format == "onnx" else None)
+                   for a in eligible]
         x = timing_inputs(fam)[fam.recipe.deployment_batch]
         rounds = timed_rounds([r.run for r in runners], x, 2 * cfg.rule.block_rounds, cfg.window_s)
     ratios = {a.name: round_ratios(rounds[i], rounds[0]) for i, a in enumerate(eligible)}
@@ -146,9 +148,11 @@ def _pick(fam: Family, artifacts: list[Artifact]) -> dict:
     g = policy.NOISE_MARGIN
     return {"fastest": fastest, "smallest": smallest, "relative_to": base.name,
             "deployment": {"batch": fam.recipe.deployment_batch, "threads": fam.recipe.threads},
+            "runtime": {a.name: a.runtime.get("engine") for a in eligible}.get(fastest),
             "latency_vs_fp32": {n: round(s[0], 3) for n, s in stats.items()},
             "evidence": {n: {"median": round(s[0], 3), "interval": [round(s[1], 3), round(s[2], 3)],
                              "rounds": len(ratios[n])} for n, s in stats.items()},
-            "rule": (f"fastest: lowest median paired ratio to the fp32 ONNX file among the files shipped (each within "
+            "rule": (f"fastest: lowest median paired ratio to the fp32 ONNX file among the ONNX and .pte files shipped "
+                     f"(each within "
                      f"its bars) and faster than it with confidence and by more than {g:.0%}; files whose median is "
                      f"within {g:.0%} of it are a tie, broken by validation accuracy, then size. smallest: fewest bytes")}

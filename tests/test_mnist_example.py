@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import edgeq
 from edgeq import build, int8, precision, sensitivity, speed
 from edgeq.context import Build, Family
 from edgeq.lineage import EXT, SHORT, Lineage
@@ -24,7 +25,7 @@ from edgeq.runtime import load
 
 FAST = {"batches": (1, 64)}
 # no timed or accuracy-tuning decision: for the tests about what an export writes, not what it decides
-PINNED = {"search_budget_s": 1e-6, "ship_rule": "always", "calibration_methods": ("MinMax",),
+PINNED = {"search_budget_s": 1e-6, "ship_rule": "always", "executorch": False, "calibration_methods": ("MinMax",),
           "calibration_sizes": (512,), "sensitivity": False}
 
 
@@ -55,6 +56,23 @@ def test_every_variant_is_exported(exported):
     for q in ("static", "qat", "structured-static", "structured-qat"):
         assert f"mlp-{q}-onnx" in names | slower
     assert {s["name"] for s in manifest.skipped} - slower == {"mlp-dynamic-onnx", "mlp-structured-dynamic-onnx"}
+    for v in ("fp32", "unstructured", "structured", "static", "qat", "structured-static", "structured-qat"):
+        assert f"mlp-{v}-pte" in names | slower  # ExecuTorch programs, held to the same contract
+
+
+def test_the_example_passes_default_verify_with_executorch_rows(exported):
+    out, manifest = exported
+    result = edgeq.verify(out, rounds=1, window_s=0.002, batch=16, progress=False)
+    assert result.passed, result.failures
+    pte = [r for r in result.rows if r.format == "pte"]
+    assert pte and all(r.runtime == "executorch-cpu" and r.status == "ok" for r in pte)
+    from edgeq import pte as pte_module
+
+    for a in (a for a in manifest.artifacts if a.format == "pte"):
+        held = pte_module.program_ops(out / a.file)  # read back from the file, not from the manifest
+        d = a.runtime["delegation"]
+        assert held["delegates"] == {"XnnpackBackend": d["subgraphs"]}, (a.name, held, d)
+        assert not d["outside_ops"] and d["delegated_nodes"] == d["total_nodes"] > 0, (a.name, d)
 
 
 def _chain(path, layers: int) -> None:
@@ -128,6 +146,7 @@ def test_manifest_matches_the_files(exported):
     out, manifest = exported
     assert sorted(os.listdir(out)) == sorted(manifest.listed_files() + ["manifest.json"])
     assert {"eval.npz", "val.npz", "plan.json"} <= set(manifest.listed_files())
+    assert {a.format for a in manifest.artifacts} == {"torchscript", "checkpoint", "onnx", "pte"}
     assert sha256_file(out / "eval.npz") == manifest.dataset["eval"]["sha256"]
     assert sha256_file(out / "val.npz") == manifest.dataset["val"]["sha256"]
     assert sha256_file(out / "plan.json") == manifest.plan["sha256"]

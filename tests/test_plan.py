@@ -75,14 +75,15 @@ def test_the_plan_holds_every_timed_decision_with_its_evidence(mlp_artifacts):
     assert fam.precision["fp32"]["weights"]["chosen"] in ("per-channel", "per-tensor")
     # the recommendation, recomputed from the recorded ratios with the rule the plan states
     rec, by = fam.recommended, {a.name: a for a in manifest.artifacts}
-    assert set(rec["evidence"]) == {a.name for a in manifest.artifacts if a.format == "onnx"}
+    assert set(rec["evidence"]) == {a.name for a in manifest.artifacts if a.format in ("onnx", "pte")}
     faster = [n for n, e in rec["evidence"].items()
               if n == "mlp-fp32-onnx" or (e["median"] < 0.95 and e["interval"][1] is not None and e["interval"][1] < 1)]
     best = min(rec["evidence"][n]["median"] for n in faster)
     tied = [n for n in faster if rec["evidence"][n]["median"] <= best + 0.05]
     assert rec["fastest"] == max(tied, key=lambda n: (by[n].val_accuracy, -by[n].bytes))
     assert [a.name for a in manifest.artifacts if a.recommended] == [rec["fastest"]]
-    assert rec["smallest"] == min((a for a in manifest.artifacts if a.format == "onnx"), key=lambda a: a.bytes).name
+    assert rec["smallest"] == min((a for a in manifest.artifacts if a.format in ("onnx", "pte")),
+                                  key=lambda a: a.bytes).name
     assert plan.measured_on["cpu"]["model"] and plan.rule["false_departure_bound"] <= 0.05
 
 

@@ -18,7 +18,7 @@ from edgeq.verify.rows import FP32_SLOWDOWN_LIMIT, REFERENCES, UNLISTED, Row, Ve
 
 REPORT_VERSION = 1
 WIDTH = 100
-SHORT_RUNTIME = {"onnxruntime-cpu": "ort-cpu", "torch-cpu": "pt-cpu", "torch-cuda": "pt-cuda"}
+SHORT_RUNTIME = {"onnxruntime-cpu": "ort-cpu", "torch-cpu": "pt-cpu", "torch-cuda": "pt-cuda", "executorch-cpu": "et-cpu"}
 
 _NUM = {"type": ["number", "null"]}
 _INT = {"type": ["integer", "null"]}
@@ -26,7 +26,7 @@ _STR = {"type": ["string", "null"]}
 _RATIOS = {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}}
 _ROW_PROPERTIES: dict = {
     "name": {"type": "string"}, "model": {"type": "string"},
-    "format": {"enum": ["checkpoint", "torchscript", "onnx"]}, "precision": {"enum": ["fp32", "int8"]},
+    "format": {"enum": ["checkpoint", "torchscript", "onnx", "pte"]}, "precision": {"enum": ["fp32", "int8"]},
     "runtime": {"enum": list(SHORT_RUNTIME)}, "role": {"enum": ["baseline", "artifact"]},
     "stage": {"enum": ["original", "pruned", "quantized", "pruned + quantized"]},
     "parent": _STR, "file": _STR, "recommended": {"type": "boolean"},

@@ -16,7 +16,7 @@ from edgeq.manifest import Artifact
 from edgeq.policy import NOISE_MARGIN
 from edgeq.signing import UNSIGNED
 
-CPU_RUNTIME = {"onnx": "onnxruntime-cpu", "torchscript": "torch-cpu", "checkpoint": "torch-cpu"}
+CPU_RUNTIME = {"onnx": "onnxruntime-cpu", "torchscript": "torch-cpu", "checkpoint": "torch-cpu", "pte": "executorch-cpu"}
 CUDA_RUNTIME = "torch-cuda"
 NO_CUDA = "skipped: no CUDA device"
 UNLISTED = "in the artifacts directory but not in manifest.json, so not verified"

@@ -1,0 +1,152 @@
+"""The ExecuTorch stage: `.pte` programs with the XNNPACK delegate, held to the same contract.
+
+For every float variant an fp32 `.pte`; for the dense and channel-pruned parents a static int8
+`.pte` (PT2E with XNNPACK's quantizer, calibrated on the ONNX files' calibration batches) and a QAT
+one when the recipe asks for QAT. An int8 program that misses its bars gets layers left out of
+quantization (module names, stem and head first) until it meets them, measured on the validation
+split; replayed, the plan's layers are built and measured again. Every program is checked against
+its model, judged by edgeq.policy, and timed against its fp32 program before it ships (edgeq.speed).
+Without ExecuTorch installed every `.pte` variant is listed under `skipped` with the install command.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from edgeq import policy, pte
+from edgeq.clock import timed
+from edgeq.context import Family
+from edgeq.floats import attempt, faithful
+from edgeq.lineage import FloatVariant, name_of
+from edgeq.metrics import score
+from edgeq.speed import drop_slower, ships, timed_at
+from edgeq.train import predict_logits
+
+FMT = "pte"
+MAX_FALLBACK_TRIALS = 8  # int8 programs built per variant to meet the bar (each is a capture, PT2E and lowering)
+
+
+def build(fam: Family, variants: list[FloatVariant]) -> None:
+    """Every `.pte` of every float variant, in order; all listed under `skipped` when ExecuTorch is missing."""
+    modes = [m for m in ("static", "qat") if m in fam.recipe.variants]
+    if not fam.recipe.executorch:
+        return
+    missing = pte.available()
+    for v in variants:
+        names = [v.key] + ([f"{'' if v.key == 'fp32' else v.key + '-'}{m}" for m in modes]
+                           if v.key != "unstructured" else [])
+        if missing:
+            for variant in names:
+                fam.build.lineage.skip(name_of(fam.name, variant, FMT), missing)
+            continue
+        with timed(fam.build.timings, f"{fam.name}.pte_s"):
+            shipped = _fp32(fam, v)
+            for mode in modes if v.key != "unstructured" else []:
+                variant = f"{'' if v.key == 'fp32' else v.key + '-'}{mode}"
+                if shipped:
+                    attempt(fam, name_of(fam.name, variant, FMT), lambda: _int8(fam, v, variant, mode))
+                else:
+                    fam.build.lineage.skip(name_of(fam.name, variant, FMT),
+                                           f"its fp32 parent {name_of(fam.name, v.key, FMT)} was not shipped")
+
+
+def deployment_example(fam: Family):
+    """A program has a fixed batch (edgeq.pte): the deployment's, so that it runs as deployed."""
+    return fam.example.expand(fam.recipe.deployment_batch, *fam.example.shape[1:]).contiguous()
+
+
+def _info(info: dict, precision: str) -> dict:
+    return {"engine": "executorch", "delegate": "XNNPACK", "precision": precision, "devices": ["cpu"],
+            "input_shape": info["input_shape"], "threads": info["threads"], "versions": info["versions"],
+            "batch": "fixed at the program's input shape; a larger batch runs as calls of it (edgeq.runtime)"}
+
+
+def _fp32(fam: Family, v: FloatVariant) -> bool:
+    name = name_of(fam.name, v.key, FMT)
+    info = attempt(fam, name, lambda: pte.export_fp32(v.model, deployment_example(fam), fam.path(v.key, FMT)))
+    if info is None:
+        return False
+    eager = predict_logits(v.model, fam.val.x.copy())
+    art = fam.record(v, v.key, FMT, precision="fp32", parent=None if v.key == "fp32" else name_of(fam.name, "fp32", FMT),
+                     quantization=None, runtime_info={**_info(info, "fp32"), "delegation": info["delegation"]},
+                     fidelity=lambda got: faithful(eager, got))
+    return art is not None
+
+
+def _layers(model: nn.Module) -> list[str]:
+    """The model's Conv/Linear module names, stem and head first: the order layers are left in fp32."""
+    from edgeq.sensitivity import ends_first
+
+    names = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d,
+                                                                                      nn.Conv2d, nn.Conv3d))]
+    return [n for n, _ in ends_first(names)]
+
+
+def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
+    name, parent = name_of(fam.name, variant, FMT), name_of(fam.name, v.key, FMT)
+    path, parent_logits = fam.path(variant, FMT), fam.val_logits[parent]
+    ft = fam.build.finetuner(fam.recipe.qat, fam.recipe.seed + 2, f"{fam.name}: QAT {v.key} .pte") if mode == "qat" \
+        else None
+    n, ref_correct = len(fam.val), fam.val_correct(parent)
+    infos: dict = {}
+
+    def build(nodes: tuple[str, ...]) -> dict:
+        q = pte.quantize(v.model, fam.example, fam.calibration, mode, exclude=nodes,
+                         finetune=(lambda m: ft(m)) if ft else None)
+        infos["last"] = pte.lower_int8(q, deployment_example(fam), path)
+        from edgeq import runtime
+
+        logits = runtime.load(path, FMT, threads=1).predict(fam.val.x.copy())
+        return score(logits, fam.val.y, parent_logits)
+
+    def accept(s: dict) -> tuple[bool, float]:
+        drop = policy.drop_points(ref_correct, s["correct"], n)
+        met = policy.within_bar(drop, fam.recipe.max_accuracy_drop)
+        if v.pruning is not None and fam.val_correct(name_of(fam.name, "fp32", FMT)) is not None:
+            fp32_drop = policy.drop_points(fam.val_correct(name_of(fam.name, "fp32", FMT)), s["correct"], n)
+            met = met and policy.within_bar(fp32_drop, fam.recipe.max_accuracy_drop + fam.recipe.max_pruning_drop)
+        if policy.keeps_parent_weights(mode):
+            met = met and policy.within_agreement(s["agreement"])
+        return met, drop
+
+    def measure() -> dict:
+        from edgeq.sensitivity import meet_bar
+
+        # a QAT program is trained once: leaving layers out would train it again for each trial
+        order = _layers(v.model)[:MAX_FALLBACK_TRIALS] if mode == "static" else []
+        return {**meet_bar(build, (), order, accept, fam.recipe.max_accuracy_drop), "per_channel": True,
+                "ptq": policy.keeps_parent_weights(mode)}
+
+    def replay(rec: dict) -> dict:
+        if not rec["met"]:
+            return rec
+        met, drop = accept(build(tuple(rec["fp32_nodes_added"])))
+        return {**rec, "met": met, "drop_points": drop}
+
+    with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
+        bar = fam.build.decisions.decide(fam.plan.accuracy, name, f"accuracy decision for {name}", measure, replay)
+    if not bar["met"]:
+        path.unlink(missing_ok=True)
+        fam.build.lineage.skipped.append({
+            "name": name, "kind": "below_accuracy_bar", "best_drop_points": bar["best_drop_points"],
+            "steps": bar["steps"],
+            "reason": (f"no int8 program meets its contract against {parent} on the validation split (bar "
+                       f"{fam.recipe.max_accuracy_drop:g} points): the best drop reached is "
+                       f"{bar['best_drop_points']:.2f} points with layers left in fp32 stem and head first; not shipped")})
+        return
+    info = infos["last"]
+    quant = {"method": mode, "runtime": "executorch", "format": "PT2E, XNNPACKQuantizer", "weights": "int8",
+             "activations": "int8", "per_channel": True, "symmetric": True,
+             "calibration": f"{sum(map(len, fam.calibration))} training samples",
+             "fp32_modules": list(bar["fp32_nodes_added"]), "delegation": info["delegation"],
+             "accuracy_bar": {"max_drop_points": bar["bar_points"], "drop_points": bar["drop_points"],
+                              "measured_on": "the validation split, the program as exported"},
+             "timed_at": timed_at(fam)}
+
+    def ship() -> bool:
+        gate = ships(fam, name, FMT, fam.path(v.key, FMT), path)
+        quant["latency_vs_parent"] = gate["latency_vs_parent"]
+        return drop_slower(fam, name, parent, path, gate)
+
+    fam.record(v, variant, FMT, precision="int8", parent=parent, quantization=quant,
+               runtime_info={**_info(info, "int8"), "delegation": info["delegation"]}, ship=ship)
