@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --json reports/bench.json
 	$(BIN)/python benchmarks/byom.py --out artifacts-byom --json reports/byom.json
 	$(BIN)/python benchmarks/hardcase.py --out artifacts-hardcase
+	$(BIN)/python benchmarks/pte.py --json reports/pte.json
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache artifacts-byom artifacts-hardcase
