@@ -28,6 +28,9 @@ MIN_AGREEMENT = 0.98
 # sums in another order reach 100+ dB; a graph traced on one branch of data-dependent control flow, or
 # NaN weights, come nowhere near)
 FP32_MIN_SQNR_DB = 60.0
+# On another machine or runtime than the export's, float sums run in another order: a verifier then lets
+# a file's count of correct answers differ from the manifest's by this share of the samples (at least one)
+CLAIM_SLACK = 0.002
 EPS = 1e-9  # float slack on a comparison of points computed from integer counts
 
 
@@ -62,6 +65,19 @@ def not_slower(ratio_high: float, margin: float = NOISE_MARGIN) -> bool:
 def faithful(sqnr_db: float) -> bool:
     """An fp32 file's logits against its model's own: the same computation."""
     return sqnr_db >= FP32_MIN_SQNR_DB
+
+
+def same_machine(built: dict, here: dict) -> bool:
+    """Whether a verifier runs where the files were built: the same CPU (model, ISA flags) and runtimes.
+    There, a file's answers are bit for bit the export's; elsewhere they may move within CLAIM_SLACK."""
+    keys = ("torch", "onnxruntime")
+    cpu = lambda env: (env.get("cpu", {}).get("model"), env.get("cpu", {}).get("arch"), env.get("cpu", {}).get("isa"))
+    return cpu(built) == cpu(here) and all(built.get(k) == here.get(k) for k in keys)
+
+
+def claim_slack(n: int, same: bool) -> int:
+    """How many correct answers a file may differ by from its manifest's claim on n samples."""
+    return 0 if same else max(1, math.ceil(CLAIM_SLACK * n))
 
 
 def within_size(ratio: float, limit: float) -> bool:

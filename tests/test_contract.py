@@ -200,3 +200,24 @@ def test_verify_tells_an_fp32_file_that_does_not_compute_what_its_model_computed
     result = edgeq.verify(art, rounds=1, window_s=0.002, batch=8, progress=False)
     row = next(r for r in result.rows if r.name == "mlp-fp32-onnx")
     assert not result.passed and any("does not compute what its model computed" in r for r in row.reasons)
+
+
+def test_verify_on_another_machine_allows_the_stated_slack_and_says_so(mlp_artifacts, tmp_path):
+    """Built elsewhere (another CPU named in the manifest), a count of correct answers may move by 0.2 % of
+    the samples; the report says which rule it applied. Here the rule is exact."""
+    art = tmp_path / "art"
+    shutil.copytree(mlp_artifacts, art)
+    here = edgeq.verify(art, rounds=1, window_s=0.002, batch=8, progress=False)
+    assert here.environment["claims"].startswith("exact")
+    data = json.loads((art / "manifest.json").read_text())
+    data["environment"]["cpu"]["model"] = "Some Other CPU"
+    entry = next(a for a in data["artifacts"] if a["name"] == "mlp-static-onnx")
+    n = 1000
+    entry["accuracy"] = (round(entry["accuracy"] * n) + 1) / n  # one sample off the file's own count
+    (art / "manifest.json").write_text(json.dumps(data, indent=2))
+    elsewhere = edgeq.verify(art, rounds=1, window_s=0.002, batch=8, progress=False)
+    assert elsewhere.environment["claims"].startswith("within 0.2%") and elsewhere.passed, elsewhere.failures
+    entry["accuracy"] = (round(entry["accuracy"] * n) + 4) / n  # five off: past 0.2 % of 1,000
+    (art / "manifest.json").write_text(json.dumps(data, indent=2))
+    far = edgeq.verify(art, rounds=1, window_s=0.002, batch=8, progress=False)
+    assert not far.passed and any("manifest claims" in f for f in far.failures)

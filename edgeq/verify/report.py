@@ -246,7 +246,8 @@ def table(result: VerifyResult) -> str:
     verdict = (f"{'PASSED' if result.passed else 'FAILED'}: {counts['ok']} ok, {counts['FAIL']} FAIL, "
                f"{counts['skipped']} skipped{f', {directory} directory FAIL' * bool(directory)}; "
                f"verified in {result.wall_s:.1f} s")
-    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), *_families(result.families),
+    claims = textwrap.fill(f"claims checked: {result.environment.get('claims', 'exact')}.", WIDTH)
+    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), claims, *_families(result.families),
                       *_not_built(result.not_built),
                       *_directory(result), verdict, *_profile(result.phases)])
 

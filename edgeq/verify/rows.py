@@ -55,6 +55,8 @@ class VerifyConfig:
     window_s: float = 0.015  # seconds per timing window (at least one call)
     time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per step that runs an artifact (load + accuracy, warm-up, timing)
     memory_limit_gb: float | None = None  # GiB the worker may add for all artifacts; None: half the machine's memory
+    # set by verify: True where it runs on the export's machine and runtimes (claims exact), False elsewhere
+    same_machine: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
