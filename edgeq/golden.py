@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.manifest import sha256_file  # torch-free: the manifest module imports the standard library only
+
 FOLDER = "golden"
 INPUT_FILE = "input_0.pb"
 OUTPUT_FILE = "output_0.pb"
@@ -194,14 +196,6 @@ def parse_tensor(buf: bytes) -> tuple[str, np.ndarray]:
 
 
 # --- the golden folder -----------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def select(inputs: np.ndarray, samples: int = SAMPLES) -> np.ndarray:

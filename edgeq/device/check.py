@@ -14,7 +14,6 @@ listed as not checked here.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import time
@@ -22,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from edgeq.manifest import sha256_file  # torch-free: the manifest module imports the standard library only
 
 from edgeq import golden
 from edgeq.errors import EdgeqError
@@ -118,14 +119,6 @@ def read_manifest(directory: Path) -> dict:
         raise DeviceError(f"{path}: not an edgeq manifest (no artifacts list with name, file, format, precision, "
                           "sha256); copy it again from the export")
     return data
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_problem(directory: Path, relative: str, sha256: str, size: int | None) -> str | None:

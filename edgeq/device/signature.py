@@ -12,11 +12,11 @@ only when a key is given; without it the check fails with one line saying what t
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from pathlib import Path
 
 from edgeq.errors import SignatureError
+from edgeq.manifest import sha256_file
 
 SIGNATURE_NAME = "edgeq.sig"
 PREDICATE = "https://model_signing/signature/v1.0"
@@ -25,14 +25,6 @@ PREDICATE = "https://model_signing/signature/v1.0"
 def _pae(payload_type: str, payload: bytes) -> bytes:
     t = payload_type.encode()
     return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(directory: Path, public_key: Path) -> dict:
@@ -89,7 +81,7 @@ def verify(directory: Path, public_key: Path) -> dict:
             raise SignatureError(f"{name}: not covered by the signature (added after signing); remove it or re-sign")
         if (directory / name).is_symlink():
             raise SignatureError(f"{name}: a symbolic link; signed exports hold regular files only")
-        if _sha256(directory / name) != resources[name]:
+        if sha256_file(directory / name) != resources[name]:
             raise SignatureError(f"{name}: changed since signing (sha256 differs); restore it or re-sign")
     missing = sorted(set(resources) - set(files))
     if missing:
