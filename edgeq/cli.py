@@ -87,6 +87,8 @@ def main() -> None:
 @click.option("--target", type=click.Choice(["x86", "arm64"]), default=None,
               help="The CPU the files are for: x86 (U8S8 QDQ, reduce_range, torch x86 engine) or arm64 (S8S8 QDQ, "
                    "torch qnnpack) [recipe: this machine's].")
+@click.option("--executorch/--no-executorch", "executorch", default=None,
+              help="Also build ExecuTorch programs (.pte, XNNPACK) [recipe: yes, when ExecuTorch is installed].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Built-in examples only: training epochs (default per model).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
@@ -102,8 +104,8 @@ def main() -> None:
                    "afresh on this machine.")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage lines.")
 def export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
-           threads, max_accuracy_drop, max_pruning_drop, target, epochs, data_dir, download, sign_key, plan_file,
-           quiet):
+           threads, max_accuracy_drop, max_pruning_drop, target, executorch, epochs, data_dir, download, sign_key,
+           plan_file, quiet):
     """Prune, quantize and export a model (yours, or a built-in example), then write manifest.json.
 
     \b
@@ -118,7 +120,8 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
         with _key_read_once(sign_key) as key:
             manifest = _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method,
                                channel_amount, seed, threads, {"max_accuracy_drop": max_accuracy_drop,
-                                                               "max_pruning_drop": max_pruning_drop, "target": target},
+                                                               "max_pruning_drop": max_pruning_drop, "target": target,
+                                                               "executorch": executorch},
                                epochs, data_dir, download, key, plan_file, quiet)
         if manifest is None or not (out / "manifest.json").is_file():
             raise EdgeqError(f"the export returned without writing {out}/manifest.json; nothing was published")

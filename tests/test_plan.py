@@ -25,7 +25,8 @@ from edgeq.recipe import Finetune
 from edgeq.train import fit
 from edgeq.data import Arrays
 
-REPLAY = dict(models=("mlp",), epochs=2, recipe_overrides={"variants": ("static",), "max_accuracy_drop": 2.0}, progress=False,
+REPLAY = dict(models=("mlp",), epochs=2, recipe_overrides={"variants": ("static",), "max_accuracy_drop": 2.0, "executorch": False},
+              progress=False,
               log=lambda _: None)  # what conftest's mlp_artifacts was built with
 
 
@@ -121,7 +122,7 @@ def test_training_on_a_fixed_seed_gives_identical_weights():
 
 def _export(*args: str) -> tuple[int, str]:
     r = CliRunner().invoke(main, ["export", "--model", "mlp", "--epochs", "2", "--variants", "static", "--quiet",
-                                  "--max-accuracy-drop", "2",
+                                  "--max-accuracy-drop", "2", "--no-executorch",
                                   *args])
     return r.exit_code, r.output
 

@@ -19,7 +19,7 @@ from edgeq.manifest import sha256_file
 from edgeq.verify import VerifyConfig, verify
 from edgeq.verify.command import verify as verify_command
 from edgeq.verify.core import gate
-from edgeq.verify.rows import NO_CUDA, Row
+from edgeq.verify.rows import CPU_RUNTIME, NO_CUDA, Row
 from edgeq.verify.worker import Worker
 from edgeq.metrics import sqnr_db
 from edgeq.timing import paired_latency
@@ -74,7 +74,7 @@ def test_clean_export_passes_with_baseline_first(clean, mlp_artifacts: Path) -> 
     assert clean.rows[0].name == "mlp-fp32-ckpt" and clean.rows[0].role == "baseline"
     assert clean.rows[0].runtime == "torch-cpu"
     for art in manifest["artifacts"]:
-        r = row(clean, art["name"], {"onnx": "onnxruntime-cpu"}.get(art["format"], "torch-cpu"))
+        r = row(clean, art["name"], CPU_RUNTIME[art["format"]])
         assert r.correct == round(art["accuracy"] * r.n)  # the manifest's claim, to the last sample
         assert r.bytes == art["bytes"] and r.gzip_bytes < r.bytes
         assert r.p50_ms_b1 > 0 and r.p90_ms_b1 >= r.p50_ms_b1 and r.samples_per_s > 0
