@@ -100,7 +100,8 @@ def against_peers(directory: Path, name: str, manifest, train: Arrays, test: Arr
         return {"error": f"{', '.join(missing)} not shipped: see the manifest's skipped"}
     with tempfile.TemporaryDirectory() as tmp:
         files.update(peers(files["ort-fp32"], calibration, Path(tmp)))
-        runners = {k: runtime.load(f, "onnx", threads=1, options=timing_options(1)) for k, f in files.items()}
+        runners = {k: runtime.load(f, "pte", threads=1) if f.suffix == ".pte" else  # recommended may be a program
+                   runtime.load(f, "onnx", threads=1, options=timing_options(1)) for k, f in files.items()}
         acc = {k: accuracy(r.predict(test.x), test.y) for k, r in runners.items()}
         rng = np.random.default_rng(0)
         ratios: dict = {}
