@@ -60,6 +60,17 @@ def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
     return fam.build.decisions.decide(fam.plan.ships, name, f"ship decision for {name}", measure)
 
 
+def slower_verdict(batches: tuple[int, ...]):
+    """The ship rule on paired ratios (file / parent): slower when some batch's interval lies wholly past
+    the noise margin; not slower when every batch's interval is within it; else undecided (edgeq.evidence)."""
+    def slower(e: Evidence) -> bool | None:
+        if any(policy.slower(e.lo(n)) for n in batches):
+            return True
+        return False if all(policy.not_slower(e.hi(n)) for n in batches) else None
+
+    return slower
+
+
 def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict:
     """Time a file against its parent (paired, in blocks until edgeq.evidence's rule settles it) and
     decide whether it ships: not when it is slower beyond the noise margin with confidence
@@ -75,12 +86,7 @@ def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarr
             return {n: paired_latency(pairs[n][0].run, pairs[n][1].run, x, rounds, cfg.window_s)["ratios"]
                     for n, x in inputs.items()}
 
-        def slower(e: Evidence) -> bool | None:
-            if any(policy.slower(e.lo(n)) for n in inputs):
-                return True
-            return False if all(policy.not_slower(e.hi(n)) for n in inputs) else None
-
-        d = decide(block, slower, cfg.rule)
+        d = decide(block, slower_verdict(tuple(inputs)), cfg.rule)
     return {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
             "evidence": d.summary()}
 

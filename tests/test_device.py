@@ -90,80 +90,33 @@ def _model():
 
 
 def _recipe(**target):
-    import dataclasses
-
     import edgeq
 
-    known = {f.name for f in dataclasses.fields(edgeq.Recipe)}
-    opts = dict(variants=("static",), sensitivity=False, calibration_methods=("MinMax",), calibration_sizes=(64,),
-                calibration_samples=64, batches=(1, 32), search_budget_s=0.01)  # no speed search
-    if "ship_rule" in known:  # the tests need an int8 ONNX file whatever its speed here
-        opts["ship_rule"] = "always"
-    elif "ship_limit" in known:
-        opts["ship_limit"] = 100.0
-    if "target" in known:
-        opts.update(target)
-    return edgeq.Recipe(**opts)
-
-
-def _add_int8_onnx(directory: Path) -> None:
-    """Where the export did not ship an int8 ONNX file (slower than fp32 here), add one quantized the
-    same way (onnxruntime QDQ, static), listed with its fp32 parent, so that every check has one."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    manifest = json.loads((directory / "manifest.json").read_text())
-    for a in [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32"]:
-        model = a["model"]
-        if any(b["format"] == "onnx" and b["precision"] == "int8" and b["model"] == model for b in manifest["artifacts"]):
-            continue
-        x = _synthetic()[0][:64]
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.batches = iter([{"input": x}])
-
-            def get_next(self):
-                return next(self.batches, None)
-
-        out = directory / a["file"].replace("fp32", "static")
-        quantize_static(str(directory / a["file"]), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        weight_type=QuantType.QInt8, per_channel=True)
-        manifest["artifacts"].append({**a, "name": a["name"].replace("fp32", "static"), "file": out.name,
-                                      "precision": "int8", "parent": a["name"], "bytes": out.stat().st_size,
-                                      "sha256": golden.sha256_file(out), "recommended": False})
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _add_golden(directory: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("add_golden", ROOT / "tools" / "add_golden.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.add_golden(directory)
+    # no speed search, and every int8 file ships whatever its speed here: the tests need an int8 ONNX file
+    return edgeq.Recipe(variants=("static",), sensitivity=False, calibration_methods=("MinMax",),
+                        calibration_sizes=(64,), calibration_samples=64, batches=(1, 32), search_budget_s=0.01,
+                        ship_rule="always", **target)
 
 
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's tiny export (built on first use): per model target when the recipe has targets."""
+    """The session's tiny export (built on first use): one family per target."""
     if "dir" not in _BUNDLE:
         import edgeq
 
         m, x, y = _model()
         _BUNDLE["model"] = (m, x, y)
-        import dataclasses
-
-        has_target = "target" in {f.name for f in dataclasses.fields(edgeq.Recipe)}
-        models = {"x86": m, "arm64": m} if has_target else {"mlp": m}
-        recipes = {k: _recipe(target=k) for k in models} if has_target else {"mlp": _recipe()}
+        models = {"x86": m, "arm64": m}  # one family per target
+        recipes = {k: _recipe(target=k) for k in models}
         _BUNDLE["recipes"] = recipes
         out = tmp_path_factory.mktemp("device") / "bundle"
         edgeq.compress(models, train=(x[:500], y[:500]), test=(x[500:], y[500:]), out=out, recipe=recipes,
                        progress=False, log=lambda _: None)
-        _add_int8_onnx(out)
         manifest = json.loads((out / "manifest.json").read_text())
+        for model in models:  # every family ships an int8 ONNX file for the checks to run on
+            assert any(a["model"] == model and a["format"] == "onnx" and a["precision"] == "int8"
+                       for a in manifest["artifacts"]), manifest["skipped"]
         onnx_names = {a["name"] for a in manifest["artifacts"] if a["format"] == "onnx"}
-        if not onnx_names <= set((manifest.get("golden") or {}).get("outputs", {})):
-            _add_golden(out)  # until every export writes its golden outputs
+        assert onnx_names <= set(manifest["golden"]["outputs"])  # the export wrote every file's golden outputs
         _BUNDLE["dir"] = out
     return _BUNDLE["dir"]
 
