@@ -1,8 +1,9 @@
 """The device side: golden outputs (edgeq.golden) and the torch-free checker (python -m edgeq.device check).
 
-One tiny real export (an MLP on synthetic data, fp32 + static int8, TorchScript and ONNX) is built
-once per session by `bundle()`; tests/test_arm.py checks the same bundle under emulation. Each test
-that damages a file works on its own copy.
+One tiny real export (an MLP on synthetic data, fp32 + static int8, TorchScript and ONNX, and
+ExecuTorch programs where ExecuTorch is installed) is built once per session by `bundle()`; each
+test that damages a file works on its own copy. tests/test_arm.py checks the MNIST models under
+emulation.
 """
 
 from __future__ import annotations
