@@ -237,6 +237,8 @@ def test_check_passes_where_torch_cannot_be_imported(device_bundle: Path, tmp_pa
         by_format.setdefault(f["format"], []).append(f)
     assert all(f["status"] == "ok" and f["fidelity"]["ok"] and f["accuracy"] for f in by_format["onnx"])
     assert all(f["status"] == "not_checked" and "needs torch" in f["note"] for f in by_format["torchscript"])
+    # ExecuTorch's runtime needs torch: its programs are listed, with the install command
+    assert all(f["status"] == "not_checked" and "pip install" in f["note"] for f in by_format.get("pte", []))
     int8 = [f for f in by_format["onnx"] if f["precision"] == "int8"]
     assert int8 and all(f["speed"]["batches"]["1"]["ratio"] > 0 and f["speed"]["vs"] for f in int8)
 
@@ -249,6 +251,58 @@ def test_check_runs_torchscript_where_torch_is_there(device_bundle: Path):
     ts = [f for f in r.files if f.format == "torchscript"]
     assert ts and all(f.status == "ok" and f.fidelity["bit_equal"] for f in ts)
     assert all(f.status == "not_checked" for f in r.files if f.format == "checkpoint")
+
+
+def _programs(d: Path) -> dict[str, dict]:
+    """The bundle's ExecuTorch programs by precision (the export builds them where ExecuTorch is installed)."""
+    from edgeq import pte
+
+    if pte.available(runtime_only=True) is not None:
+        pytest.skip(pte.available(runtime_only=True))
+    programs = {a["precision"]: a for a in _manifest(d)["artifacts"] if a["format"] == "pte" and a["model"] == "x86"}
+    assert set(programs) == {"fp32", "int8"}, _manifest(d)["skipped"]
+    return programs
+
+
+def test_check_runs_executorch_programs_where_executorch_is_there(device_bundle: Path):
+    from edgeq.device.check import CheckConfig, check
+
+    programs = _programs(device_bundle)
+    r = check(device_bundle, CheckConfig(rounds=2, accuracy=True))
+    assert r.passed, r.failure_lines()
+    assert r.runtime["executorch"]
+    manifest = {a["name"]: a for a in _manifest(device_bundle)["artifacts"]}
+    files = [f for f in r.files if f.format == "pte"]
+    assert {f.name for f in files} == {a["name"] for a in manifest.values() if a["format"] == "pte"}
+    for f in files:  # run on the golden inputs within the tolerance, and over eval.npz
+        assert f.status == "ok" and f.fidelity["ok"] and f.fidelity["samples_decided"] > 0, f
+        assert f.accuracy["accuracy"] == manifest[f.name]["accuracy"] and f.accuracy["same_samples_as_manifest"]
+    timed = next(f for f in files if f.name == programs["int8"]["name"])
+    assert timed.speed["vs"] == programs["fp32"]["name"] and timed.speed["batches"]["1"]["ratio"] > 0
+
+
+def test_changed_executorch_programs_and_golden_outputs_fail_naming_the_file(copy: Path):
+    from edgeq.device.check import CheckConfig, check
+
+    programs = _programs(copy)
+    fp32, int8 = programs["fp32"], programs["int8"]
+    # the fp32 program replaced by another valid program (the int8 one), its size and sha256 re-written
+    shutil.copyfile(copy / int8["file"], copy / fp32["file"])
+    _rehash(copy, fp32["name"])
+    # the int8 program's golden outputs edited, their sha256 re-written
+    path = copy / "golden" / int8["name"] / "output_0.pb"
+    path.write_bytes(golden.tensor_bytes(golden.read_tensor(path) + 0.5, "logits"))
+    m = _manifest(copy)
+    m["golden"]["outputs"][int8["name"]].update(sha256=golden.sha256_file(path), bytes=path.stat().st_size)
+    _save(copy, m)
+    r = check(copy, CheckConfig(rounds=0))
+    assert not r.passed
+    fails = r.failure_lines()
+    assert len(fails) == 2, fails
+    for a in (fp32, int8):
+        assert any(line.startswith(f"FAIL {a['file']} ({a['name']}): differs from its golden outputs: logit error")
+                   for line in fails), fails
+    assert all(f.status == "ok" for f in r.files if f.name not in (fp32["name"], int8["name"]) and f.format != "checkpoint")
 
 
 def test_changed_onnx_weights_with_a_rewritten_sha256_fail_naming_the_file(copy: Path):

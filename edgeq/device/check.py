@@ -6,9 +6,11 @@ For every file the manifest lists: its sha256 (streamed) and size. With a public
 session options, its outputs on the golden inputs have the manifest's shape and are within the
 golden tolerances of its golden outputs (edgeq.golden); each int8 file is timed against its fp32
 parent in paired alternating windows at the device's thread count; with `accuracy`, eval.npz is
-run in full. One problem fails only its own file: the others are still checked. TorchScript files
-are run on the golden inputs only where torch is importable; checkpoints (and anything else) are
-listed as not checked here.
+run in full. One problem fails only its own file: the others are still checked. ExecuTorch programs
+(`.pte`) are held to the same checks (golden outputs, timing against their fp32 program, accuracy)
+where ExecuTorch's runtime imports (it needs torch), and listed as not checked, with the install
+command, where it does not. TorchScript files are run on the golden inputs only where torch is
+importable; checkpoints (and anything else) are listed as not checked here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from edgeq.errors import EdgeqError
 
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
+TIMED_FORMATS = ("onnx", "pte")  # an int8 file of these is timed against its fp32 parent
 OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                        "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -184,6 +187,30 @@ def _torch_runner(path: Path, threads: int):
     return run
 
 
+def executorch_missing() -> str | None:
+    """None where ExecuTorch's runtime (XNNPACK linked in) imports here; else why not, in one line with
+    the install command. Only the runtime bindings are imported, never the exporter."""
+    try:
+        from edgeq import pte
+    except ImportError as exc:  # a partial copy of the edgeq package
+        return f"ExecuTorch's runtime cannot be imported ({_first_line(exc)})"
+    return pte.available(runtime_only=True)
+
+
+def load_pte(path: Path, threads: int):
+    """A function x -> logits for an ExecuTorch program (edgeq.runtime.load_pte: a batch other than the
+    program's fixed one runs as calls of it), or raise RuntimeError in one line."""
+    from edgeq.errors import IntegrityError
+    from edgeq.runtime import load_pte as load
+
+    try:
+        return load(path, threads).run
+    except IntegrityError as exc:
+        raise RuntimeError(str(exc).removeprefix(f"{path.name}: ")) from None
+    except Exception as exc:  # ExecuTorch raises its own untyped errors
+        raise RuntimeError(f"ExecuTorch cannot load it ({_first_line(exc)})") from None
+
+
 def _first_line(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).strip().splitlines()
     line = " ".join(text[0].split()) if text else type(exc).__name__
@@ -316,6 +343,12 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log=lambda s:
     # 4. each artifact in its runtime
     runners: dict[str, object] = {}
     torch_ok = None
+    programs = any(a["format"] == "pte" for a in arts)
+    executorch_reason = executorch_missing() if programs else None
+    if programs and executorch_reason is None:
+        from edgeq import pte
+
+        result.runtime["executorch"] = pte.versions()["executorch"]
     for a in arts:
         r = files[a["name"]]
         threads = _threads(manifest, a, cfg)
@@ -339,8 +372,17 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log=lambda s:
             except Exception as exc:
                 r.fail(f"torch cannot load it ({_first_line(exc)})")
                 continue
+        elif a["format"] == "pte":
+            if executorch_reason is not None:
+                r.status, r.note = "not_checked", f"not checked here ({executorch_reason}); its sha256 was checked"
+                continue
+            try:
+                runners[a["name"]] = load_pte(directory / a["file"], threads)
+            except RuntimeError as exc:
+                r.fail(str(exc))
+                continue
         else:
-            need = {"checkpoint": "torch and the model's code", "pte": "executorch"}.get(a["format"], "its runtime")
+            need = {"checkpoint": "torch and the model's code"}.get(a["format"], "its runtime")
             r.status, r.note = "not_checked", f"not checked here (needs {need}); its sha256 was checked"
             continue
         log(f"{a['file']}: loaded")
@@ -374,14 +416,14 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log=lambda s:
                    f"{tol.max_logit_error:g}), top-1 agreement {f['top1_agreement']:.4f} "
                    f"(needs {tol.min_top1_agreement:g})")
 
-    # 5. speed: each int8 ONNX file against its fp32 parent, at the device's threads
+    # 5. speed: each int8 ONNX file and program against its fp32 parent of the same format, at the device's threads
     by_name = {a["name"]: a for a in arts}
     if cfg.rounds > 0 and inputs is not None:
         for a in arts:
             parent = a.get("parent")
-            if a["format"] != "onnx" or a["precision"] != "int8" or a["name"] not in runners:
+            if a["format"] not in TIMED_FORMATS or a["precision"] != "int8" or a["name"] not in runners:
                 continue
-            if parent not in runners or by_name[parent]["format"] != "onnx":
+            if parent not in runners or by_name[parent]["format"] != a["format"]:
                 continue
             files[a["name"]].speed = {
                 "vs": parent, "threads": result.threads[a["name"]],
