@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import ConfigError
-from edgeq.recipe import CALIBRATION_METHODS
+from edgeq.recipe import CALIBRATION_METHODS, PTE_OBSERVERS
 
 PLAN_SCHEMA_VERSION = 3  # 2: size limit, per-model budgets, padding crop; 3: validation split, pruning amounts
 PLAN_NAME = "plan.json"
@@ -120,7 +120,11 @@ SCHEMA: dict = {
                             "properties": {"met": {"type": "boolean"}, "bar_points": {"type": "number", "minimum": 0},
                                            "drop_points": {"type": "number"}, "per_channel": {"type": "boolean"},
                                            "fp32_nodes_added": {"type": "array", "items": {"type": "string"}},
-                                           "steps": {"type": "array", "items": {"type": "object"}}},
+                                           "steps": {"type": "array", "items": {"type": "object"}},
+                                           # .pte programs: the calibration (observer, samples) measured best
+                                           "calibration": {"type": "object", "required": ["observer", "samples"],
+                                                           "properties": {"observer": {"enum": list(PTE_OBSERVERS)},
+                                                                          "samples": _COUNT}}},
                         },
                     },
                     "pruning_sensitivity": {"type": ["object", "null"]},

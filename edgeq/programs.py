@@ -16,6 +16,7 @@ from torch import nn
 from edgeq import policy, pte
 from edgeq.clock import timed
 from edgeq.context import Family
+from edgeq.data import first_samples
 from edgeq.floats import attempt, faithful
 from edgeq.lineage import FloatVariant, name_of
 from edgeq.metrics import score
@@ -90,9 +91,10 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
     n, ref_correct = len(fam.val), fam.val_correct(parent)
     infos: dict = {}
 
-    def build(nodes: tuple[str, ...]) -> dict:
-        q = pte.quantize(v.model, fam.example, fam.calibration, mode, exclude=nodes,
-                         finetune=(lambda m: ft(m)) if ft else None)
+    def build(nodes: tuple[str, ...], cal: dict | None = None) -> dict:
+        cal = cal or {"observer": pte.OBSERVERS[0], "samples": sum(map(len, fam.calibration))}
+        q = pte.quantize(v.model, fam.example, first_samples(fam.calibration, cal["samples"]), mode, exclude=nodes,
+                         finetune=(lambda m: ft(m)) if ft else None, observer=cal["observer"])
         infos["last"] = pte.lower_int8(q, deployment_example(fam), path)
         from edgeq import runtime
 
@@ -112,15 +114,16 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
     def measure() -> dict:
         from edgeq.sensitivity import meet_bar
 
+        cal = _calibration(fam, mode, build)
         # a QAT program is trained once: leaving layers out would train it again for each trial
         order = _layers(v.model)[:MAX_FALLBACK_TRIALS] if mode == "static" else []
-        return {**meet_bar(build, (), order, accept, fam.recipe.max_accuracy_drop), "per_channel": True,
-                "ptq": policy.keeps_parent_weights(mode)}
+        return {**meet_bar(lambda nodes: build(nodes, cal), (), order, accept, fam.recipe.max_accuracy_drop),
+                "per_channel": True, "ptq": policy.keeps_parent_weights(mode), "calibration": cal}
 
     def replay(rec: dict) -> dict:
         if not rec["met"]:
             return rec
-        met, drop = accept(build(tuple(rec["fp32_nodes_added"])))
+        met, drop = accept(build(tuple(rec["fp32_nodes_added"]), rec.get("calibration")))
         return {**rec, "met": met, "drop_points": drop}
 
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
@@ -137,7 +140,7 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
     info = infos["last"]
     quant = {"method": mode, "runtime": "executorch", "format": "PT2E, XNNPACKQuantizer", "weights": "int8",
              "activations": "int8", "per_channel": True, "symmetric": True,
-             "calibration": f"{sum(map(len, fam.calibration))} training samples",
+             "calibration": _describe(bar.get("calibration")) or f"{sum(map(len, fam.calibration))} training samples",
              "fp32_modules": list(bar["fp32_nodes_added"]), "delegation": info["delegation"],
              "accuracy_bar": {"max_drop_points": bar["bar_points"], "drop_points": bar["drop_points"],
                               "measured_on": "the validation split, the program as exported"},
@@ -150,3 +153,37 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
 
     fam.record(v, variant, FMT, precision="int8", parent=parent, quantization=quant,
                runtime_info={**_info(info, "int8"), "delegation": info["delegation"]}, ship=ship)
+
+
+def _calibration(fam: Family, mode: str, build) -> dict:
+    """Static int8: every activation observer x calibration size of the recipe, each built into a program
+    and measured on the validation split; the most accurate is kept (ties: higher agreement with the
+    fp32 program, higher SQNR, then the earlier candidate), as for the ONNX files' calibration."""
+    available = sum(map(len, fam.calibration))
+    if mode != "static":
+        return {"observer": pte.OBSERVERS[0], "samples": available,
+                "rule": "QAT: activations are observed by its fake-quant modules while it trains"}
+    candidates = []
+    for observer in fam.recipe.pte_observers:
+        for n in fam.recipe.calibration_sizes:
+            c = {"observer": observer, "samples": min(n, available)}
+            if c not in candidates:
+                candidates.append(c)
+    if len(candidates) == 1:
+        return {**candidates[0], "rule": "the recipe's only candidate: nothing to measure"}
+    rows = [{**c, **{k: s[k] for k in ("correct", "accuracy", "agreement", "sqnr_db") if k in s}}
+            for c in candidates for s in [build((), c)]]
+    best = max(range(len(rows)), key=lambda i: (rows[i]["correct"], rows[i]["agreement"],
+                                                rows[i]["sqnr_db"] if rows[i]["sqnr_db"] is not None else 1e9, -i))
+    fam.build.log(f"  .pte calibration: {rows[best]['observer']} on {rows[best]['samples']} samples (" + ", ".join(
+        f"{r['observer']}/{r['samples']} {100 * r['accuracy']:.2f}%" for r in rows) + ")")
+    return {"observer": rows[best]["observer"], "samples": rows[best]["samples"], "candidates": rows,
+            "measured_on": f"{len(fam.val)} validation samples, every layer int8",
+            "rule": "most accurate; ties: higher agreement with the fp32 program, higher SQNR, then the earlier candidate"}
+
+
+def _describe(cal: dict | None) -> str | None:
+    if not cal:
+        return None
+    how = "measured best of the recipe's candidates on the validation split" if "candidates" in cal else cal["rule"]
+    return f"{cal['observer']} observer on {cal['samples']} training samples ({how})"

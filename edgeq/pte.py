@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from edgeq.errors import ExportError, IntegrityError, first_line
+from edgeq.recipe import PTE_OBSERVERS
 
 if TYPE_CHECKING:
     import torch
@@ -123,20 +124,39 @@ def _user_frame(text: str) -> str | None:
 # -- quantization -----------------------------------------------------------------------------------
 
 
+# static activation observers (`quantize(observer=...)`), XNNPACK's default first: a histogram that
+# picks the range minimising the L2 quantization error, or the plain running min/max
+OBSERVERS = PTE_OBSERVERS
+
+
+def quantization_config(qat: bool, observer: str = OBSERVERS[0]):
+    """XNNPACK's symmetric per-channel config; for static int8, activations observed by `observer`."""
+    import dataclasses
+
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    if observer not in OBSERVERS:
+        raise ExportError(f"pte quantize: unknown observer {observer!r}; choose {', '.join(OBSERVERS)}")
+    config = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
+    if qat or observer == "histogram":  # QAT observes through its fake-quant modules
+        return config
+    act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+    return dataclasses.replace(config, input_activation=act, output_activation=act)
+
+
 def quantize(model: torch.nn.Module, example: torch.Tensor, calibration: Sequence[np.ndarray], mode: Mode,
              exclude: Collection[str] = (), finetune: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-             ) -> torch.nn.Module:
+             observer: str = OBSERVERS[0]) -> torch.nn.Module:
     """PT2E int8 of a copy of `model` with XNNPACK's quantizer (symmetric, per-channel weights):
     prepare (`prepare_pt2e`, or `prepare_qat_pt2e` for mode "qat"), `finetune` (QAT only: it trains
     the prepared model and returns it; it may call .train()/.eval() on it), calibrate on each batch
     of `calibration`, `convert_pt2e`. `exclude`: module names (e.g. "features.0") left in fp32 (every
-    op traced inside them is left unannotated). Returns the converted torch model (a GraphModule with quantize/dequantize ops), ready for
-    `lower_int8`."""
+    op traced inside them is left unannotated). `observer`: static int8's activation observer
+    (OBSERVERS). Returns the converted torch model (a GraphModule with quantize/dequantize ops), ready
+    for `lower_int8`."""
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
@@ -152,7 +172,7 @@ def quantize(model: torch.nn.Module, example: torch.Tensor, calibration: Sequenc
     qat = mode == "qat"
     float_model = copy.deepcopy(model).train(qat)  # QAT captures training-mode batch norm, to fold it while training
     graph = capture(float_model, example, dynamic_batch=True).module()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
+    quantizer = XNNPACKQuantizer().set_global(quantization_config(qat, observer))
     if exclude:
         # XNNPACKQuantizer 1.5.1 refuses set_module_name(name, None) ("not supported yet"); its filter
         # function gates every pattern, so nodes traced from an excluded module are left unannotated
@@ -384,3 +404,59 @@ def open_program(path: Path, threads: int = 1):
         return method([torch.from_numpy(x)], clone_outputs=False)[0].numpy().copy()
 
     return forward, shape, {"threads": in_effect, "backends": portable_lib._get_registered_backend_names()}
+
+
+def profile(path: Path, x: np.ndarray, calls: int = 50, threads: int = 1) -> dict:
+    """ExecuTorch's own profile (ETDump) of `calls` runs of a program on `x` (its input shape): the
+    median time of each XNNPACK operator, of the delegate call and of the whole method, in
+    microseconds (the first call, where XNNPACK sets itself up, left out), and the mean wall time of a
+    call from Python through edgeq's runner (`open_program`, without ETDump's recording). What the
+    method spends outside the delegate call is ExecuTorch's own work; what a call spends outside the
+    method is the Python bindings'. XNNPACK's operator timer ticks coarsely: operators under a few
+    microseconds read 0."""
+    import tempfile
+    import time
+
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings import portable_lib
+
+    path = Path(path)
+    data = path.read_bytes()
+    check_header(path, data)
+    set_threads(threads)
+    module = portable_lib._load_for_executorch_from_buffer(data, enable_etdump=True)
+    inputs = [torch.from_numpy(np.array(x, dtype=np.float32))]
+    for _ in range(calls + 1):  # the first call's events are left out below
+        module.forward(inputs)
+    forward, _, _ = open_program(path, threads)  # the call edgeq's runner makes, without ETDump's recording
+    x = np.array(x, dtype=np.float32)
+    forward(x)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        forward(x)
+    wall_us = (time.perf_counter() - t0) / calls * 1e6
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "run.etdp"
+        module.write_etdump_result_to_file(str(dump))
+        with _quiet():
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Output Buffer not found": no tensor debug data was asked for
+                inspector = Inspector(etdump_path=str(dump))
+    ops, totals = [], {}
+    for block in inspector.event_blocks:
+        if block.name != "Execute":
+            continue
+        for e in block.events:
+            if e.perf_data is None:
+                continue
+            us = float(np.median(e.perf_data.raw[-calls:])) * 1e3  # the Inspector reports milliseconds
+            if e.name in ("DELEGATE_CALL", "Method::execute"):
+                totals[e.name] = totals.get(e.name, 0.0) + us
+            else:
+                ops.append({"op": e.name, "us": round(us, 2)})
+    return {"file": path.name, "input_shape": list(x.shape), "calls": calls, "threads": threads,
+            "wall_per_call_us": round(wall_us, 2), "method_us": round(totals.get("Method::execute", 0.0), 2),
+            "delegate_us": round(totals.get("DELEGATE_CALL", 0.0), 2), "ops": ops}

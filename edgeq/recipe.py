@@ -30,6 +30,7 @@ VARIANTS = PRUNINGS + MODES
 UNSTRUCTURED_METHODS = ("l1", "random")
 ALLOCATIONS = ("uniform", "sensitivity")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantization.CalibrationMethod
+PTE_OBSERVERS = ("histogram", "minmax")  # PT2E activation observers for static int8 .pte (XNNPACK's default first)
 TARGETS = ("x86", "arm64")
 SHIP_RULES = ("timed", "always")
 MAX_BATCH = 4096  # a timed batch larger than this is a typo, not a deployment: refused before any work
@@ -119,6 +120,9 @@ class Recipe:
     val_fraction: float = 0.2
     target: str = ""  # x86 | arm64: the int8 formats the files are built for ("": the build machine's)
     executorch: bool = True  # also build ExecuTorch programs (.pte, XNNPACK): fp32 per float variant, int8 per mode
+    # static int8 .pte calibration candidates (activation observer x calibration_sizes), measured on the
+    # validation split; the most accurate is kept (as for the ONNX files' calibration_methods)
+    pte_observers: tuple[str, ...] = PTE_OBSERVERS
     sensitivity: bool = True  # measure per-layer quantization and per-group pruning sensitivity
     # wall time of the per-layer quantization sensitivity per model, shared by its fp32 parents (about
     # two int8 builds per layer: resnet18 at 32x32 measures ~12 of its 21 layers per parent in 60 s)
@@ -142,6 +146,7 @@ class Recipe:
         object.__setattr__(self, "batches", tuple(int(b) for b in self.batches))
         object.__setattr__(self, "calibration_methods", tuple(self.calibration_methods))
         object.__setattr__(self, "calibration_sizes", tuple(int(n) for n in self.calibration_sizes))
+        object.__setattr__(self, "pte_observers", tuple(self.pte_observers))
         for v in self.variants:
             _check(v in VARIANTS, f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
         _check(len(set(self.variants)) == len(self.variants), f"variants list one twice: {list(self.variants)}")
@@ -153,6 +158,10 @@ class Recipe:
                f"deployment_batch {self.deployment_batch} is not one of batches {list(self.batches)}: it must be timed")
         for m in self.calibration_methods:
             _check(m in CALIBRATION_METHODS, f"unknown calibration method {m!r}: choose from {', '.join(CALIBRATION_METHODS)}")
+        for o in self.pte_observers:
+            _check(o in PTE_OBSERVERS, f"unknown pte_observers entry {o!r}: choose from {', '.join(PTE_OBSERVERS)}")
+        _check(bool(self.pte_observers) and len(set(self.pte_observers)) == len(self.pte_observers),
+               f"pte_observers needs at least one entry, each once, got {list(self.pte_observers)}")
         _check(bool(self.calibration_methods) and bool(self.calibration_sizes) and min(self.calibration_sizes) >= 1,
                "calibration_methods and calibration_sizes need at least one entry each, sizes >= 1")
         _check(math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
@@ -175,7 +184,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("variants", "batches", "calibration_methods", "calibration_sizes"):
+        for key in ("variants", "batches", "calibration_methods", "calibration_sizes", "pte_observers"):
             d[key] = list(d[key])
         return d
 

@@ -75,6 +75,22 @@ def test_the_example_passes_default_verify_with_executorch_rows(exported):
         assert not d["outside_ops"] and d["delegated_nodes"] == d["total_nodes"] > 0, (a.name, d)
 
 
+def test_pte_calibration_is_measured_on_validation_and_the_best_kept(exported):
+    out, manifest = exported
+    plan = json.loads((out / "plan.json").read_text())["models"]["mlp"]["accuracy"]
+    recipe = manifest.models["mlp"]["recipe"]
+    for a in (a for a in manifest.artifacts if a.format == "pte" and a.name.endswith("static-pte")):
+        cal = plan[a.name]["calibration"]
+        rows = cal["candidates"]  # every observer x size of the recipe, each a program measured on val
+        assert {(r["observer"], r["samples"]) for r in rows} == {(o, min(n, recipe["calibration_samples"]))
+                                                                 for o in recipe["pte_observers"]
+                                                                 for n in recipe["calibration_sizes"]}
+        assert all(0 <= r["correct"] <= len(np.load(out / "val.npz")["labels"]) for r in rows)
+        best = max(rows, key=lambda r: (r["correct"], r["agreement"], r["sqnr_db"] or 1e9))
+        assert (cal["observer"], cal["samples"]) == (best["observer"], best["samples"])
+        assert f"{cal['observer']} observer on {cal['samples']} training samples" in a.quantization["calibration"]
+
+
 def test_the_ship_rule_drops_only_what_the_evidence_shows_slower():
     """The rule on recorded ratios, no timing: slower beyond the margin in two agreeing blocks departs;
     within the margin, or one burst that the next block does not confirm, keeps the file."""

@@ -139,6 +139,32 @@ def test_static_int8_program_keeps_accuracy_and_matches_pt2e(built, digits, name
     assert b["int8"].stat().st_size < b["fp32"].stat().st_size
 
 
+def _scales(converted) -> list[float]:
+    """The scales of a PT2E-converted graph's activation quantize ops, in graph order (the input's first)."""
+    out = []
+    for node in converted.graph.nodes:
+        if node.op == "call_function" and "quantize_per_tensor" in str(node.target):
+            scale = node.args[1]
+            out.append(float(getattr(converted, scale.target) if isinstance(scale, torch.fx.Node) else scale))
+    assert out, "no quantize_per_tensor op in the converted graph"
+    return out
+
+
+def test_minmax_observer_takes_the_calibration_range_and_histogram_does_not(built):
+    b = built["mlp"]
+    x = np.concatenate(b["calibration"])
+    minmax = pte.quantize(b["model"], b["example"], b["calibration"], "static", observer="minmax")
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    assert _scales(minmax)[0] == pytest.approx((hi - lo) / 255, rel=1e-5)  # int8 [-128, 127] spans min..max
+    hidden = torch.relu(b["model"].fc1(torch.from_numpy(x).flatten(1))).detach()
+    assert float(hidden.max()) / 255 in [pytest.approx(s, rel=1e-5) for s in _scales(minmax)]  # fc1+ReLU's range
+    # the default, a histogram, clips the hidden activations' long tail: a narrower range somewhere
+    assert len(_scales(b["converted"])) == len(_scales(minmax))
+    assert any(h < m * 0.99 for h, m in zip(_scales(b["converted"]), _scales(minmax)))
+    with pytest.raises(ExportError, match="unknown observer 'entropy'"):
+        pte.quantize(b["model"], b["example"], b["calibration"], "static", observer="entropy")
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_delegation_is_what_the_file_holds(built, name):
     for kind in ("fp32", "int8"):
