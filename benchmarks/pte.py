@@ -7,7 +7,9 @@ Each is loaded from its file with `edgeq.runtime.load` at 1 thread (ExecuTorch's
 and onnxruntime's intra-op pool alike) and timed with `edgeq.timing.timed_rounds`: every
 round runs a short window of every subject back to back, order reversed on alternate rounds, and a
 ratio is taken inside each round; the median over rounds is one repeat, reported as the median and
-min-max over `--repeats`.
+min-max over `--repeats`. Then ExecuTorch's own profile (ETDump, `edgeq.pte.profile`) of the
+batch-1 programs says where a call's time goes: inside the XNNPACK delegate, in ExecuTorch's method,
+or in the Python bindings.
 
 A `.pte` program has a fixed batch (edgeq.pte says why): at batch B > 1 the `.pte` subjects are
 programs exported at batch B, and `pte-int8@1` is the batch-1 program run B times by the runner
@@ -125,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             built = build(arch, args.epochs, Path(tmp))
             timings = {b: time_batch(built["files"], built["x"], b, args.rounds, args.repeats, args.window)
                        for b in BATCHES}
+            # ExecuTorch's own profile (ETDump) of the batch-1 programs: where a call's time goes
+            profiles = {k: pte.profile(built["files"][k], built["x"][:1], calls=200) for k in ("pte-int8@1", "pte-fp32@1")}
             report[arch] = {"quality": built["quality"], "sizes": built["sizes"], "build_s": built["build_s"],
                             "delegation": {k: v["delegation"] for k, v in built["info"].items()},
-                            "timings": timings}
+                            "timings": timings, "profiles": profiles}
             print_model(arch, report[arch])
     report["versions"] = pte.versions()
     if args.json:
@@ -150,6 +154,14 @@ def print_model(arch: str, r: dict) -> None:
         print(f"  batch {batch}, 1 thread: " + ", ".join(f"{k} {v} us" for k, v in t["median_us"].items()))
         for pair, ratio in t["ratios"].items():
             print(f"    {pair:24s} {ratio['median']:.2f}x [{ratio['min']:.2f}-{ratio['max']:.2f}]")
+    prof = r["profiles"]
+    for k, pr in prof.items():
+        print(f"  ETDump {k}: {pr['wall_per_call_us']:.1f} us per call from Python, method {pr['method_us']:.1f} us, "
+              f"XNNPACK delegate {pr['delegate_us']:.1f} us (median of {pr['calls']} calls)")
+    i8, f32 = prof["pte-int8@1"], prof["pte-fp32@1"]
+    if f32["delegate_us"] > 0 and f32["wall_per_call_us"] > 0:
+        print(f"    int8 / fp32: {i8['delegate_us'] / f32['delegate_us']:.2f}x inside XNNPACK, "
+              f"{i8['wall_per_call_us'] / f32['wall_per_call_us']:.2f}x per call from Python")
 
 
 if __name__ == "__main__":

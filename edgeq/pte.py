@@ -409,7 +409,7 @@ def open_program(path: Path, threads: int = 1):
 def profile(path: Path, x: np.ndarray, calls: int = 50, threads: int = 1) -> dict:
     """ExecuTorch's own profile (ETDump) of `calls` runs of a program on `x` (its input shape): the
     median time of each XNNPACK operator, of the delegate call and of the whole method, in
-    microseconds (the first call, where XNNPACK sets itself up, left out), and the mean wall time of a
+    microseconds (the first call, where XNNPACK sets itself up, left out), and the median wall time of a
     call from Python through edgeq's runner (`open_program`, without ETDump's recording). What the
     method spends outside the delegate call is ExecuTorch's own work; what a call spends outside the
     method is the Python bindings'. XNNPACK's operator timer ticks coarsely: operators under a few
@@ -432,10 +432,12 @@ def profile(path: Path, x: np.ndarray, calls: int = 50, threads: int = 1) -> dic
     forward, _, _ = open_program(path, threads)  # the call edgeq's runner makes, without ETDump's recording
     x = np.array(x, dtype=np.float32)
     forward(x)
-    t0 = time.perf_counter()
+    walls = []
     for _ in range(calls):
+        t0 = time.perf_counter()
         forward(x)
-    wall_us = (time.perf_counter() - t0) / calls * 1e6
+        walls.append(time.perf_counter() - t0)
+    wall_us = float(np.median(walls)) * 1e6
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "run.etdp"
         module.write_etdump_result_to_file(str(dump))
