@@ -165,6 +165,16 @@ def test_minmax_observer_takes_the_calibration_range_and_histogram_does_not(buil
         pte.quantize(b["model"], b["example"], b["calibration"], "static", observer="entropy")
 
 
+def test_etdump_profile_names_xnnpack_operators_inside_the_delegate_call(built, digits):
+    prof = pte.profile(built["cnn"]["int8"], digits["x"][:1], calls=30)
+    names = [o["op"] for o in prof["ops"]]
+    # the CNN's two convolutions and its linear layer run as XNNPACK's int8 operators, each timed
+    assert sum(n.startswith("Convolution (NHWC, QC8)") for n in names) == 2, names
+    assert sum(n.startswith("Fully Connected (NC, QS8") for n in names) == 1, names
+    assert 0 < prof["delegate_us"] <= prof["method_us"] and prof["wall_per_call_us"] > 0
+    assert sum(o["us"] for o in prof["ops"]) <= prof["delegate_us"] * 1.05 + 1  # operators sit inside the call
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_delegation_is_what_the_file_holds(built, name):
     for kind in ("fp32", "int8"):
