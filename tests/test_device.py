@@ -243,16 +243,6 @@ def test_check_passes_where_torch_cannot_be_imported(device_bundle: Path, tmp_pa
     assert int8 and all(f["speed"]["batches"]["1"]["ratio"] > 0 and f["speed"]["vs"] for f in int8)
 
 
-def test_check_runs_torchscript_where_torch_is_there(device_bundle: Path):
-    from edgeq.device.check import CheckConfig, check
-
-    r = check(device_bundle, CheckConfig(rounds=0))
-    assert r.passed
-    ts = [f for f in r.files if f.format == "torchscript"]
-    assert ts and all(f.status == "ok" and f.fidelity["bit_equal"] for f in ts)
-    assert all(f.status == "not_checked" for f in r.files if f.format == "checkpoint")
-
-
 def _programs(d: Path) -> dict[str, dict]:
     """The bundle's ExecuTorch programs by precision (the export builds them where ExecuTorch is installed)."""
     from edgeq import pte
@@ -264,12 +254,15 @@ def _programs(d: Path) -> dict[str, dict]:
     return programs
 
 
-def test_check_runs_executorch_programs_where_executorch_is_there(device_bundle: Path):
+def test_check_runs_torchscript_and_executorch_programs_where_torch_is_there(device_bundle: Path):
     from edgeq.device.check import CheckConfig, check
 
-    programs = _programs(device_bundle)
     r = check(device_bundle, CheckConfig(rounds=2, accuracy=True))
     assert r.passed, r.failure_lines()
+    ts = [f for f in r.files if f.format == "torchscript"]
+    assert ts and all(f.status == "ok" and f.fidelity["bit_equal"] for f in ts)
+    assert all(f.status == "not_checked" for f in r.files if f.format == "checkpoint")
+    programs = _programs(device_bundle)  # skips here where ExecuTorch is not installed
     assert r.runtime["executorch"]
     manifest = {a["name"]: a for a in _manifest(device_bundle)["artifacts"]}
     files = [f for f in r.files if f.format == "pte"]
