@@ -96,7 +96,7 @@ def _recipe(**target):
     # no speed search, and every int8 file ships whatever its speed here: the tests need an int8 ONNX file
     return edgeq.Recipe(variants=("static",), sensitivity=False, calibration_methods=("MinMax",),
                         calibration_sizes=(64,), calibration_samples=64, batches=(1, 32), search_budget_s=0.01,
-                        ship_rule="always", **target)
+                        ship_rule="always", pte_observers=("histogram",), **target)
 
 
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -174,13 +174,19 @@ def load_onnx(path: Path, threads: int, options: dict | None, optimization: str 
     return lambda x: sess.run(None, {name: x})[0]
 
 
-def _torch_runner(path: Path, threads: int):
+def _torch_runner(path: Path, threads: int, engine: str | None = None):
+    """A TorchScript file; an int8 one in the quantized engine its manifest entry names (x86, qnnpack),
+    set for each call: the engine is process-wide and another file may need the other one."""
     import torch
 
     torch.set_num_threads(threads)
+    if engine is not None and engine not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(f"built for the {engine} quantized engine, which this torch does not have")
     module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def run(x: np.ndarray) -> np.ndarray:
+        if engine is not None:
+            torch.backends.quantized.engine = engine
         with torch.inference_mode():
             return module(torch.from_numpy(x)).float().numpy()
 
@@ -368,7 +374,8 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log=lambda s:
                 r.status, r.note = "not_checked", "not checked here (needs torch); its sha256 was checked"
                 continue
             try:
-                runners[a["name"]] = _torch_runner(directory / a["file"], threads)
+                runners[a["name"]] = _torch_runner(directory / a["file"], threads,
+                                                   (a.get("runtime") or {}).get("quantized_engine"))
             except Exception as exc:
                 r.fail(f"torch cannot load it ({_first_line(exc)})")
                 continue
