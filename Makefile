@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: setup export verify test bench clean arm64
+.PHONY: setup export verify test bench bench-arm clean arm64
 
 # The virtual environment is (re)built whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -38,5 +38,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/hardcase.py --out artifacts-hardcase
 	$(BIN)/python benchmarks/pte.py --json reports/pte.json
 
+# resnet18 exported for x86 and arm64 and checked on emulated ARM kernels (about 45 min: qemu is slow)
+bench-arm: $(STAMP) arm64
+	$(BIN)/python benchmarks/arm.py --out artifacts-arm --json reports/arm.json
+
 clean:
-	rm -rf $(VENV) reports .pytest_cache artifacts-byom artifacts-hardcase
+	rm -rf $(VENV) reports .pytest_cache artifacts-byom artifacts-hardcase artifacts-arm
