@@ -352,7 +352,8 @@ def _below_bar(fam: Family, art_name: str, parent: str, bar: dict) -> None:
                    f"{bar['best_drop_points']:.2f} points{_best_agreement(bar)}, with fp32 layers tried in "
                    f"sensitivity order ({'; '.join(tried)}); not shipped"),
         "best_drop_points": bar["best_drop_points"], "steps": bar["steps"]})
-    fam.build.log(f"  {art_name}: not shipped, no int8 plan meets the bar (best drop {bar['best_drop_points']:.2f} pts)")
+    fam.build.log(f"  {art_name}: not shipped, no int8 plan meets its contract (best drop "
+                  f"{bar['best_drop_points']:.2f} pts{_best_agreement(bar)}{_agreement_rule(bar)})")
 
 
 def _agreement_rule(bar: dict) -> str:
