@@ -130,12 +130,17 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
         bar = fam.build.decisions.decide(fam.plan.accuracy, name, f"accuracy decision for {name}", measure, replay)
     if not bar["met"]:
         path.unlink(missing_ok=True)
+        seen = [st["agreement"] for st in bar["steps"] if st.get("agreement") is not None]
+        ptq = policy.keeps_parent_weights(mode)
+        agreement_rule = f", top-1 agreement at least {policy.MIN_AGREEMENT:g}" if ptq else ""
+        best_agreement = f" and the best agreement {max(seen):.3f}" if ptq and seen else ""
         fam.build.lineage.skipped.append({
             "name": name, "kind": "below_accuracy_bar", "best_drop_points": bar["best_drop_points"],
             "steps": bar["steps"],
             "reason": (f"no int8 program meets its contract against {parent} on the validation split (bar "
-                       f"{fam.recipe.max_accuracy_drop:g} points): the best drop reached is "
-                       f"{bar['best_drop_points']:.2f} points with layers left in fp32 stem and head first; not shipped")})
+                       f"{fam.recipe.max_accuracy_drop:g} points{agreement_rule}): the best drop reached is "
+                       f"{bar['best_drop_points']:.2f} points{best_agreement} with layers left in fp32 stem and head "
+                       "first; not shipped")})
         return
     info = infos["last"]
     quant = {"method": mode, "runtime": "executorch", "format": "PT2E, XNNPACKQuantizer", "weights": "int8",
