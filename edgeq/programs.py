@@ -178,8 +178,9 @@ def _calibration(fam: Family, mode: str, build) -> dict:
         return {**candidates[0], "rule": "the recipe's only candidate: nothing to measure"}
     rows = [{**c, **{k: s[k] for k in ("correct", "accuracy", "agreement", "sqnr_db") if k in s}}
             for c in candidates for s in [build((), c)]]
-    best = max(range(len(rows)), key=lambda i: (rows[i]["correct"], rows[i]["agreement"],
-                                                rows[i]["sqnr_db"] if rows[i]["sqnr_db"] is not None else 1e9, -i))
+    from edgeq.sensitivity import most_accurate
+
+    best = most_accurate(rows)
     fam.build.log(f"  .pte calibration: {rows[best]['observer']} on {rows[best]['samples']} samples (" + ", ".join(
         f"{r['observer']}/{r['samples']} {100 * r['accuracy']:.2f}%" for r in rows) + ")")
     return {"observer": rows[best]["observer"], "samples": rows[best]["samples"], "candidates": rows,

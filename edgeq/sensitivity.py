@@ -85,12 +85,18 @@ def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], 
                 continue
             s = ev.score(replace(qdq, calibrate_method=method), n)
             rows.append({"method": method, "samples": n, **s})
-    best = max(range(len(rows)), key=lambda i: (rows[i]["correct"], rows[i]["agreement"],
-                                                rows[i]["sqnr_db"] if rows[i]["sqnr_db"] is not None else 1e9, -i))
+    best = most_accurate(rows)
     return {"method": rows[best]["method"], "samples": rows[best]["samples"], "candidates": rows,
             "measured_on": f"{len(ev.labels)} evaluation samples, the speed plan's graph "
                            f"({len(qdq.exclude_nodes)} layer(s) fp32)",
             "rule": "most accurate; ties: higher agreement with fp32, higher SQNR, then the earlier candidate"}
+
+
+def most_accurate(rows: list[dict]) -> int:
+    """The index of the best scored candidate (edgeq.metrics.score): most accurate; ties: higher
+    agreement with the reference, higher SQNR, then the earlier candidate."""
+    return max(range(len(rows)), key=lambda i: (rows[i]["correct"], rows[i]["agreement"],
+                                                rows[i]["sqnr_db"] if rows[i]["sqnr_db"] is not None else 1e9, -i))
 
 
 def ends_first(nodes: list[tuple[str, str]]) -> list[tuple[str, str]]:
