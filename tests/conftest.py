@@ -1,25 +1,62 @@
-"""Shared fixtures: one small real export, built once per test session."""
+"""Shared fixtures and the one pinned recipe.
+
+Rule for every test here: no test reads a timing outcome of its own run. A timed decision is
+tested on recorded evidence (a plan's ratios, `edgeq.evidence.decide` on given blocks) or the
+build is pinned (`PINNED`: nothing timed changes a file). Exports that several test files read are
+built once per session, and once for all pytest-xdist workers (a file lock guards the build).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# A recipe whose files depend on no timing: the speed search tries no layer (defaults kept), every
+# int8 file within its bars ships untimed, one calibration candidate, no sensitivity pass, no
+# ExecuTorch programs (tests of their own cover each of these). The bars are the defaults, so what
+# ships must pass `edgeq verify` with its default options. Tests override fields with {**PINNED, ...}.
+PINNED = dict(search_budget_s=1e-6, ship_rule="always", executorch=False, batches=(1, 8),
+              calibration_methods=("MinMax",), calibration_sizes=(512,), sensitivity=False)
+
+
+def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """`build(out)` once per test run, whatever the number of xdist workers: the first worker builds
+    under a lock, the others wait and read what it built. Read-only for the tests: copy it first."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base directory, shared by the workers
+    out = root / f"shared-{name}" / "art"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not (out / "manifest.json").is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            build(out)
+    return out
+
+
+# the calibration candidates and the sensitivity pass are measured (on validation data: no timing)
+MLP_ARTIFACTS = dict(models=("mlp",), epochs=2,
+                     recipe_overrides={**PINNED, "variants": ("static",), "max_accuracy_drop": 2.0,
+                                       "calibration_methods": ("MinMax", "Entropy", "Percentile"),
+                                       "calibration_sizes": (128, 512), "sensitivity": True},
+                     progress=False, log=lambda _: None)
 
 
 @pytest.fixture(scope="session")
 def mlp_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real MLP export (fp32 + static int8, 2 epochs) in a temp dir. Read-only: copy it before damaging files.
-    Its int8 bar is 2 points: a 2-epoch MLP's torch int8 file loses ~0.6 on 800 validation digits, and the
-    tests that damage files need every format shipped. No ExecuTorch programs: their own tests cover them
-    (tests/test_pte.py, tests/test_mnist_example.py)."""
+
+    Pinned: every file ships whatever this machine's timings would say, so the tests that damage files
+    find every format on any machine (tests/test_plan.py builds and replays a timed export of its own).
+    Its int8 bar is 2 points: a 2-epoch MLP's torch int8 file loses ~0.6 on 800
+    validation digits. No ExecuTorch programs: their own tests cover them."""
     from edgeq.examples import mnist
 
-    out = tmp_path_factory.mktemp("export") / "art"
-    mnist.export(out, models=("mlp",), epochs=2, recipe_overrides={"variants": ("static",), "max_accuracy_drop": 2.0,
-                                                                "executorch": False},
-                 progress=False, log=lambda _: None)
-    return out
+    return shared_build(tmp_path_factory, "mlp", lambda out: mnist.export(out, **MLP_ARTIFACTS))
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,17 @@ import pytest
 import torch
 
 import edgeq
+from edgeq import policy
 from edgeq.examples import hardcase
 from edgeq.plan import BuildPlan
 from edgeq.precision import compute_nodes
 from edgeq.recipe import Finetune, Recipe
 
-PINNED = dict(search_budget_s=1e-6, ship_rule="always", executorch=False, batches=(1, 8))  # no timed decision changes a file
-HARD = dict(variants=("structured", "static"), calibration_methods=("MinMax", "Percentile"),
-            calibration_sizes=(128, 512), finetune_structured=Finetune(epochs=2, lr=3e-3), pruning_steps=2, **PINNED)
+from conftest import PINNED
+
+HARD = {**PINNED, "variants": ("structured", "static"), "calibration_methods": ("MinMax", "Percentile"),
+        "calibration_sizes": (128, 512), "finetune_structured": Finetune(epochs=2, lr=3e-3), "pruning_steps": 2,
+        "sensitivity": True}
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +132,10 @@ def test_recommended_is_the_fastest_file_within_the_bar_and_the_smallest_is_name
     for pick in (rec["fastest"], rec["smallest"]):
         assert by[pick].format in ("onnx", "pte")
     assert by[rec["smallest"]].bytes == min(a.bytes for a in eligible)
-    ratios = rec["latency_vs_fp32"]  # the pick, recomputed from the recorded ratios with the rule stated
-    faster = [n for n in ratios if n == "hard-fp32-onnx" or (ratios[n] < 0.95 and
-                                                             plan_interval(out, n)[1] < 1.0)]
-    best = min(ratios[n] for n in faster)
-    tied = [n for n in faster if ratios[n] <= best + 0.05]
-    assert rec["fastest"] == max(tied, key=lambda n: (by[n].val_accuracy, -by[n].bytes))
+    ratios = rec["latency_vs_fp32"]  # the pick, recomputed from the recorded ratios with the rule book's function
+    assert rec["fastest"] == policy.recommend([
+        {"name": n, "median": ratios[n], "high": plan_interval(out, n)[1], "accuracy": by[n].val_accuracy or 0.0,
+         "bytes": by[n].bytes, "reference": n == rec["relative_to"]} for n in ratios])
     assert [a.name for a in manifest.artifacts if a.recommended] == [rec["fastest"]]
     assert rec["deployment"] == {"batch": 1, "threads": 1}
     plan = json.loads((out / "plan.json").read_text())["models"]["hard"]["recommended"]

@@ -27,10 +27,10 @@ from edgeq.recipe import Finetune, Recipe, Structured
 from edgeq.train import fit
 from edgeq.data import Arrays
 
-# no timed decision changes a file; one calibration candidate and no sensitivity pass (tests of their own cover
-# them). The bars are the defaults: what ships must pass `edgeq verify` with its default options.
-PINNED = dict(search_budget_s=1e-6, ship_rule="always", executorch=False, batches=(1, 8), calibration_methods=("MinMax",),
-              calibration_sizes=(512,), sensitivity=False, pruning_steps=2)
+from conftest import PINNED
+
+# conftest.PINNED, and two pruning steps at most
+PINNED = {**PINNED, "pruning_steps": 2}
 QUICK = Finetune(epochs=1, lr=1e-3)
 
 

@@ -21,8 +21,9 @@ from edgeq.manifest import sha256_file
 from edgeq.recipe import Finetune, Recipe
 from edgeq.train import fit
 
-PINNED = dict(search_budget_s=1e-6, ship_rule="always", executorch=False, batches=(1, 8), calibration_methods=("MinMax",),
-              calibration_sizes=(128,), sensitivity=False)
+from conftest import PINNED
+
+PINNED = {**PINNED, "calibration_sizes": (128,)}  # conftest.PINNED, a smaller calibration
 
 
 @pytest.fixture(scope="module")
