@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import edgeq
-from edgeq import build, int8, precision, sensitivity, speed
+from edgeq import build, int8, onnx_quant, speed
 from edgeq.context import Build, Family
 from edgeq.lineage import EXT, SHORT, Lineage
 from edgeq.cli import main
@@ -23,41 +23,48 @@ from edgeq.plan import BuildPlan
 from edgeq.recipe import Recipe, Structured
 from edgeq.runtime import load
 
-FAST = {"batches": (1, 64)}
-# no timed or accuracy-tuning decision: for the tests about what an export writes, not what it decides
-PINNED = {"search_budget_s": 1e-6, "ship_rule": "always", "executorch": False, "calibration_methods": ("MinMax",),
-          "calibration_sizes": (512,), "sensitivity": False}
-
+from conftest import PINNED
 
 def export(out, **overrides):
-    """The MLP example, a short training run; `overrides` set recipe fields."""
+    """The MLP example, a short training run, pinned (conftest.PINNED: nothing timed changes a file);
+    `overrides` set recipe fields."""
     epochs = overrides.pop("epochs", 1)
-    return mnist.export(out, models=("mlp",), epochs=epochs, recipe_overrides={**FAST, **overrides},
+    return mnist.export(out, models=("mlp",), epochs=epochs, recipe_overrides={**PINNED, **overrides},
                         progress=False, log=lambda s: None)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    """Every variant of every format, ExecuTorch programs included, with the default bars."""
     out = tmp_path_factory.mktemp("e2e") / "art"
-    return out, export(out, epochs=3)
+    return out, export(out, epochs=3, executorch=True, variants=Recipe().variants)
+
+
+def _below_its_bar(entry: dict) -> bool:
+    """A `below_accuracy_bar` entry whose own recorded steps show that no candidate met the contract."""
+    steps = entry.get("steps") or []
+    return entry["kind"] == "below_accuracy_bar" and bool(steps) and not any(st.get("met") for st in steps)
 
 
 def test_every_variant_is_exported(exported):
+    """Pinned, nothing is refused for speed: every variant ships, or its skip entry shows from its own record
+    that no candidate met its contract (int8 kernels differ by CPU, so which ones may differ by machine)."""
     out, manifest = exported
     names = {a.name for a in manifest.artifacts}
-    # an int8 file slower than its parent on the machine running the export, or over the accuracy bar,
-    # is listed, not shipped
-    slower = {s["name"] for s in manifest.skipped if s["kind"] in ("slower_than_parent", "below_accuracy_bar")}
-    for v in ("fp32", "unstructured", "structured"):
-        assert {f"mlp-{v}-ckpt", f"mlp-{v}-ts", f"mlp-{v}-onnx"} <= names | slower
-    assert not names & slower
-    for q in ("dynamic", "static", "qat", "structured-dynamic", "structured-static", "structured-qat"):
-        assert f"mlp-{q}-ts" in names | slower
-    for q in ("static", "qat", "structured-static", "structured-qat"):
-        assert f"mlp-{q}-onnx" in names | slower
-    assert {s["name"] for s in manifest.skipped} - slower == {"mlp-dynamic-onnx", "mlp-structured-dynamic-onnx"}
-    for v in ("fp32", "unstructured", "structured", "static", "qat", "structured-static", "structured-qat"):
-        assert f"mlp-{v}-pte" in names | slower  # ExecuTorch programs, held to the same contract
+    skipped = {s["name"]: s for s in manifest.skipped}
+    assert not names & set(skipped)
+    assert not [s for s in manifest.skipped if s["kind"] == "slower_than_parent"]  # ship_rule "always"
+    expected = [f"mlp-{v}-{f}" for v in ("fp32", "unstructured", "structured") for f in ("ckpt", "ts", "onnx")]
+    expected += [f"mlp-{q}-ts" for q in ("dynamic", "static", "qat", "structured-dynamic", "structured-static",
+                                         "structured-qat")]
+    expected += [f"mlp-{q}-onnx" for q in ("static", "qat", "structured-static", "structured-qat")]
+    expected += [f"mlp-{v}-pte" for v in ("fp32", "unstructured", "structured", "static", "qat", "structured-static",
+                                          "structured-qat")]  # ExecuTorch programs, held to the same contract
+    for name in expected:
+        assert name in names or _below_its_bar(skipped[name]), (name, skipped.get(name))
+    not_built = {n for n, s in skipped.items() if s["kind"] == "not_built"}
+    assert not_built == {"mlp-dynamic-onnx", "mlp-structured-dynamic-onnx"}  # onnxruntime dynamic int8: by design
+    assert set(skipped) - not_built <= set(expected)
 
 
 def test_the_example_passes_default_verify_with_executorch_rows(exported):
@@ -172,7 +179,8 @@ def test_int8_is_small_and_accurate(exported):
         if a.precision == "int8":
             parent = by[a.parent]
             assert a.bytes <= 0.30 * parent.bytes, a.name
-    assert by["mlp-structured-static-onnx"].bytes < by["mlp-static-onnx"].bytes
+    if {"mlp-structured-static-onnx", "mlp-static-onnx"} <= set(by):
+        assert by["mlp-structured-static-onnx"].bytes < by["mlp-static-onnx"].bytes
 
 
 def test_unstructured_sparsity_is_in_the_saved_weights(exported):
@@ -257,10 +265,9 @@ def test_failed_export_leaves_previous_artifacts_untouched(tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise RuntimeError("quantization crashed")  # not a known failure: it stops the export
 
-    monkeypatch.setattr(precision, "quantize_onnx", boom)  # the speed search's trials
-    monkeypatch.setattr(sensitivity, "quantize_onnx", boom)  # the accuracy bar quantizes the shipped file
+    monkeypatch.setattr(onnx_quant.QDQBuilder, "build", boom)  # every int8 ONNX file: trials and shipped files
     with pytest.raises(RuntimeError, match="quantization crashed"):
-        export(out, variants=("static",), **PINNED)
+        export(out, variants=("static",))
     assert {str(p.relative_to(out)): sha256_file(p) for p in out.rglob("*") if p.is_file()} == digests
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["art"], \
         "temporary directory left behind"
@@ -270,7 +277,7 @@ def test_successful_export_replaces_a_previous_export(tmp_path):
     out = tmp_path / "art"
     _previous_export(out)
     (out / ".gitkeep").touch()
-    export(out, variants=("static",), **PINNED)
+    export(out, variants=("static",))
     names = set(os.listdir(out))
     assert {"manifest.json", "mlp-static.onnx", ".gitkeep"} <= names
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["art"]
@@ -320,28 +327,3 @@ def test_python_m_edgeq_runs():
 
     r = subprocess.run([sys.executable, "-m", "edgeq", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "export" in r.stdout
-
-
-def test_mixed_precision_decisions_are_measured_and_recorded(exported):
-    out, m = exported
-    for a in (a for a in m.artifacts if a.precision == "int8"):
-        assert a.quantization["timed_at"] == {"threads": 1, "batches": [1, 64], "inputs": "validation split"}
-    for a in (a for a in m.artifacts if a.format == "onnx" and a.precision == "int8"):
-        assert [d["node"] for d in a.decisions] == ["/fc1/Gemm", "/fc2/Gemm"]
-        for d in a.decisions:
-            assert d["precision"] in ("fp32", "int8") and d["reason"]
-            if d["reason"].startswith("not tried"):  # over the size limit in fp32, or past the budget
-                assert d["precision"] == "int8" and "with_node_fp32" not in d
-            else:
-                assert all(r > 0 for r in d["with_node_fp32"].values())
-        fp32_nodes = [d["node"] for d in a.decisions if d["precision"] == "fp32"]
-        assert a.quantization["fp32_nodes"] == fp32_nodes
-        assert set(a.quantization["latency_vs_parent"]) == {"1", "64"}
-        assert a.quantization["runtime_graph"]["clean"], a.quantization["runtime_graph"]
-        ops = a.quantization["optimized_ops"]
-        assert ops.get("QGemm", 0) == 2 - len(fp32_nodes), "an int8 layer did not become a fused QGemm"
-    recommended = [a for a in m.artifacts if a.recommended]
-    assert len(recommended) == 1 and recommended[0].format == "onnx"
-    for a in recommended:
-        if a.precision == "int8":
-            assert all(r <= 0.95 for r in a.quantization["latency_vs_parent"].values())
