@@ -97,42 +97,108 @@ def quiet_quantization() -> Iterator[None]:
 
 def quantize_onnx(fp32_path: Path, path: Path, calibration: list[np.ndarray], cfg: QDQConfig = QDQConfig()) -> Path:
     """fp32 ONNX -> QDQ int8 ONNX with onnxruntime.quantization (pre-processed, then static)."""
-    with quiet_quantization():
-        _quantize_qdq(fp32_path, path, calibration, cfg)
-    check_onnx(path)
-    return path
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        return QDQBuilder(fp32_path, Path(work)).build(path, calibration, cfg)
 
 
-def _quantize_qdq(fp32_path: Path, path: Path, calibration: list[np.ndarray], cfg: QDQConfig) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+class QDQBuilder:
+    """The int8 files of one fp32 parent, each built once per setting, pre-processing and calibration shared.
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, disk_full_as_enospc(path.parent):
+    Every trial of a parent (calibration candidates, sensitivity, the accuracy bar, the speed search)
+    quantizes the same fp32 file with another setting. What a setting changes is only which nodes stay
+    fp32 and the weight format; the rewritten, pre-processed graph depends only on which convolutions
+    the relu-before-pool rewrite leaves alone, and the activation ranges only on that graph, the
+    calibration method and the calibration samples. So each distinct graph is pre-processed once, and
+    calibrated once per (method, samples): onnxruntime's own calibration cache
+    (`quantize_static(calibration_cache_path=...)`) then quantizes every trial from those ranges. The
+    files are the bytes `quantize_onnx` writes for the same settings.
+    """
+
+    def __init__(self, fp32_path: Path, work: Path):
+        self.fp32_path, self.work = Path(fp32_path), Path(work)
+        self._prepared: dict[tuple, Path] = {}
+        self._ranges: dict[tuple, Path] = {}
+        self.calibrations = 0  # calibration passes run (each is a run of the augmented graph on the samples)
+
+    def build(self, path: Path, calibration: list[np.ndarray], cfg: QDQConfig) -> Path:
+        """The int8 file of `cfg`, written to `path` and checked with onnx.checker."""
+        with quiet_quantization(), disk_full_as_enospc(Path(path).parent):
+            pre = self.prepared(cfg)
+            self._quantize(pre, Path(path), self.ranges(pre, calibration, cfg.calibrate_method), cfg)
+        check_onnx(path)
+        return path
+
+    def prepared(self, cfg: QDQConfig) -> Path:
+        """The rewritten, pre-processed fp32 graph for `cfg` (built once per distinct graph)."""
+        import onnx
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        model = None
         if cfg.relu_before_pool or cfg.crop_padding:
-            import onnx
+            cropped = _cropped(self.fp32_path) if cfg.crop_padding else None
+            model = onnx.load_from_string(cropped) if cropped is not None else onnx.load(str(self.fp32_path))
+            rewritten = relu_before_maxpool(model, skip=set(cfg.exclude_nodes)) if cfg.relu_before_pool else []
+            key = (cfg.crop_padding and cropped is not None, tuple(rewritten))
+            if not rewritten and cropped is None:
+                model = None
+        else:
+            key = (False, ())
+        if key not in self._prepared:
+            source = self.fp32_path
+            if model is not None:
+                source = self.work / f"rewritten-{len(self._prepared)}.onnx"
+                onnx.save(model, str(source))
+            pre = self.work / f"pre-{len(self._prepared)}.onnx"
+            quant_pre_process(str(source), str(pre))
+            self._prepared[key] = pre
+        return self._prepared[key]
 
-            cropped = _cropped(fp32_path) if cfg.crop_padding else None
-            model = onnx.load_from_string(cropped) if cropped is not None else onnx.load(str(fp32_path))
-            changed = cfg.relu_before_pool and relu_before_maxpool(model, skip=set(cfg.exclude_nodes))
-            if changed or cropped is not None:
-                fp32_path = Path(tmp) / "rewritten.onnx"
-                onnx.save(model, str(fp32_path))
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32_path), str(pre))
+    def ranges(self, pre: Path, calibration: list[np.ndarray], method: str) -> Path:
+        """onnxruntime's calibration cache of a pre-processed graph for `method` on `calibration`."""
+        import hashlib
+
+        from onnxruntime.quantization import CalibrationMethod
+        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+        digest = hashlib.sha256()
+        for batch in calibration:
+            a = np.ascontiguousarray(batch)
+            digest.update(f"{a.dtype.str}|{a.shape}|".encode())
+            digest.update(memoryview(a).cast("B"))
+        key = (pre, method, digest.hexdigest())
+        if key not in self._ranges:
+            cache = self.work / f"ranges-{len(self._ranges)}.json"
+            with tempfile.TemporaryDirectory(dir=self.work) as tmp:
+                # what quantize_static calibrates when given no cache: every tensor of every op type it quantizes
+                calibrator = create_calibrator(pre, list(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                                               augmented_model_path=str(Path(tmp) / "augmented_model.onnx"),
+                                               calibrate_method=getattr(CalibrationMethod, method), extra_options={})
+                calibrator.collect_data(CalibrationReader(calibration))
+                save_tensors_data(calibrator.compute_data(), cache)
+                del calibrator
+            self.calibrations += 1
+            self._ranges[key] = cache
+        return self._ranges[key]
+
+    @staticmethod
+    def _quantize(pre: Path, path: Path, ranges: Path, cfg: QDQConfig) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
         quantize_static(
-            str(pre), str(path), CalibrationReader(calibration),
+            str(pre), str(path), None, calibration_cache_path=str(ranges),
             quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8,
             activation_type=QuantType.QInt8 if cfg.activations == "int8" else QuantType.QUInt8,
             per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
             calibrate_method=getattr(CalibrationMethod, cfg.calibrate_method),
             nodes_to_exclude=list(cfg.exclude_nodes),
         )
-    if cfg.float_outputs:
-        import onnx
+        if cfg.float_outputs:
+            import onnx
 
-        model = onnx.load(str(path))
-        if float_outputs(model):
-            onnx.save(model, str(path))
+            model = onnx.load(str(path))
+            if float_outputs(model):
+                onnx.save(model, str(path))
 
 
 def _cropped(fp32_path: Path) -> bytes | None:
@@ -158,8 +224,8 @@ def _consumers(graph) -> dict[str, list]:
     return users
 
 
-def relu_before_maxpool(model, skip: set[str] = frozenset()) -> int:
-    """Rewrite Conv -> MaxPool -> Relu as Conv -> Relu -> MaxPool in place; returns how many.
+def relu_before_maxpool(model, skip: set[str] = frozenset()) -> list[str]:
+    """Rewrite Conv -> MaxPool -> Relu as Conv -> Relu -> MaxPool in place; returns the convs rewritten.
 
     Exact: relu is monotone, so max(relu(x)) == relu(max(x)). In int8, onnxruntime then fuses the
     Relu into the QLinearConv and pools the uint8 output in NHWC, instead of de-quantizing to pool
@@ -168,7 +234,7 @@ def relu_before_maxpool(model, skip: set[str] = frozenset()) -> int:
     """
     graph = model.graph
     users, outputs = _consumers(graph), {o.name for o in graph.output}
-    nodes, done = list(graph.node), 0
+    nodes, done = list(graph.node), []
     for conv in [n for n in nodes if n.op_type == "Conv" and n.name not in skip]:
         pool = users.get(conv.output[0], [])
         if len(pool) != 1 or pool[0].op_type != "MaxPool" or len(pool[0].output) != 1:
@@ -190,7 +256,7 @@ def relu_before_maxpool(model, skip: set[str] = frozenset()) -> int:
         kept = [v for v in graph.value_info if v.name != pooled]
         del graph.value_info[:]
         graph.value_info.extend(kept)
-        done += 1
+        done.append(conv.name)
     del graph.node[:]
     graph.node.extend(nodes)
     return done

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgeq.policy import NOISE_MARGIN
 from edgeq.evidence import RULE, Decision, Evidence, Rule, decide
-from edgeq.onnx_quant import QDQConfig, quantize_onnx
+from edgeq.onnx_quant import QDQBuilder, QDQConfig
 from edgeq.runtime import load_onnx, ort_session_options
 from edgeq.timing import ort_timing_options as timing_options
 
@@ -310,10 +310,14 @@ class _Search:
     t0: float = field(default_factory=time.perf_counter)
     tried: int = 0
     per_trial: float = 0.0  # what a trial has cost so far: the budget stops the search before one would end past it
+    builder: QDQBuilder | None = None  # every trial's pre-processing and calibration, made once
 
     def build(self, qdq: QDQConfig, tag: str):
         path = self.tmp / f"trial-{tag}.onnx"
-        quantize_onnx(self.fp32_path, path, self.calib, qdq)
+        if self.builder is None:
+            (self.tmp / "builder").mkdir()
+            self.builder = QDQBuilder(self.fp32_path, self.tmp / "builder")
+        self.builder.build(path, self.calib, qdq)
         return load_onnx(path, self.cfg.threads, timing_options(self.cfg.threads))
 
     def past_budget(self) -> bool:
