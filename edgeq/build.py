@@ -248,7 +248,8 @@ def _family(b: Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) 
     # the int8 ONNX files' fp32 parents (the dense and the channel-pruned models) share the model's budgets
     parents = [v for v in variants if v.key != "unstructured"]
     n = len(parents) if set(recipe.variants) & {"static", "qat"} else 0
-    fam.budgets = {"search": Budget(recipe.search_budget_s, n), "sensitivity": Budget(recipe.sensitivity_budget_s, n)}
+    fam.budgets = {"search": Budget(recipe.search_budget_s, n), "sensitivity": Budget(recipe.sensitivity_budget_s, n),
+                   "accuracy": Budget(recipe.accuracy_budget_s, n * len(set(recipe.variants) & {"static", "qat"}))}
     shipped = {v.key: floats.export_files(fam, v) for v in variants}
     int8.build(fam, [(v, shipped[v.key]) for v in parents])
     programs.build(fam, variants)

@@ -248,8 +248,12 @@ def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module
     art = fam.record(v, variant, "onnx", precision="int8", parent=parent_name, quantization=quant,
                      runtime_info=runtime_info("onnx", "int8"), ship=ship)
     if art is not None:
-        art.decisions = plan.layers + [{"node": n, "precision": "fp32", "reason": "kept in fp32 to meet the "
-                                        f"accuracy bar of {fam.recipe.max_accuracy_drop:g} points (sensitivity order)"}
+        group_of = {n: g["group"] for g in bar.get("fp32_groups", []) for n in g["nodes"]}
+        art.decisions = plan.layers + [{"node": n, "precision": "fp32", "group": group_of.get(n),
+                                        "reason": "kept in fp32 to meet the accuracy bar of "
+                                                  f"{fam.recipe.max_accuracy_drop:g} points (with its quantizer group "
+                                                  f"{group_of.get(n, n)}, ranked on the validation samples int8 gets "
+                                                  "most wrong)"}
                                        for n in bar["fp32_nodes_added"]]
 
 
@@ -269,6 +273,7 @@ def _describe(fam: Family, plan: Plan, bar: dict, base: QDQConfig, mode: str, ca
              "weight_scales": scales,
              "accuracy_bar": {"max_drop_points": bar["bar_points"], "drop_points": bar["drop_points"],
                               "fp32_nodes_for_accuracy": bar["fp32_nodes_added"],
+                              "fp32_groups_for_accuracy": [g["group"] for g in bar.get("fp32_groups", [])],
                               "measured_on": "the validation split, the file as exported"}}
     if mode == "qat":
         quant.update({"method": "qat", "weights_from": (
@@ -280,46 +285,60 @@ def _describe(fam: Family, plan: Plan, bar: dict, base: QDQConfig, mode: str, ca
 
 def accuracy_bar(fam: Family, parent: Parent, art_name: str, mode: str, source: Path, base: QDQConfig,
                  names: dict | None, calib: list[np.ndarray], path: Path) -> dict:
-    """Whether (and with which extra fp32 layers) the int8 file meets the contract: measured on the file
-    as exported, layers taken in sensitivity order (per-tensor scales give way to per-channel first); or
-    replayed: the plan's layers built once and the result measured again, never copied. Either way the
-    file the decision accepts is left at `path`."""
-    from edgeq.sensitivity import meet_bar
+    """Whether (and with which quantizer groups in fp32) the int8 file meets the contract: measured on the
+    file as exported, groups moved to fp32 op type first, then one by one, ranked on the validation
+    samples int8 gets most wrong (edgeq.sensitivity.meet_bar_groups; per-tensor scales give way to
+    per-channel first); or replayed: the plan's nodes built once and the result measured again, never
+    copied. Either way the file the decision accepts is left at `path`."""
+    from edgeq.groups import find
+    from edgeq.sensitivity import meet_bar_groups
 
     ev, speed_nodes = parent.evaluator, parent.plan.qdq.exclude_nodes
     accept = _acceptor(fam, parent, mode)
 
     def build(per_channel: bool):
-        def run(nodes: tuple[str, ...]) -> dict:
-            qdq = replace(base, per_channel=per_channel, exclude_nodes=tuple(names[x] for x in nodes) if names else nodes)
-            return ev.score_batches(qdq, calib, source, keep=path)
+        def run(nodes: tuple[str, ...], rows: np.ndarray | None = None):
+            mapped = tuple(names[x] for x in nodes if x in names) if names else nodes
+            qdq = replace(base, per_channel=per_channel, exclude_nodes=mapped)
+            return ev.trial(qdq, calib, source, keep=path if rows is None else None, rows=rows)
         return run
 
     def measure() -> dict:
-        ranked = parent.tuned["sensitivity"]["ranking"]  # then the layers not measured, in graph order
-        order = ranked + [n for n, _ in compute_nodes(fam.path(parent.v.key, "onnx")) if n not in ranked]
-        per_channel = base.per_channel
-        result = meet_bar(build(per_channel), speed_nodes, order, accept, fam.recipe.max_accuracy_drop)
-        if not result["met"] and not per_channel:
-            first, per_channel = result, True
-            result = meet_bar(build(True), speed_nodes, order, accept, fam.recipe.max_accuracy_drop)
-            result["steps"] = [{**st, "per_channel": False} for st in first["steps"]] + result["steps"]
-            result["best_drop_points"] = min(first["best_drop_points"], result["best_drop_points"])
+        per_channel, first = base.per_channel, []
+        if not per_channel:  # per-tensor scales (faster) first; per-channel before any group leaves int8
+            met, drop = accept(build(False)(tuple(speed_nodes))[0])
+            first = [{"fp32_groups": [], "drop_points": drop, "per_channel": False, "met": met}]
+            if met:
+                return {"met": True, "bar_points": fam.recipe.max_accuracy_drop, "drop_points": drop,
+                        "fp32_nodes_added": [], "fp32_groups": [], "best_drop_points": drop, "steps": first,
+                        "per_channel": False, "ptq": policy.keeps_parent_weights(mode)}
+            per_channel = True
+        groups = [g for g in find(fam.path(parent.v.key, "onnx"))
+                  if names is None or all(n in names for n in g.nodes)]  # a QAT twin: the groups it has too
+        budget = fam.budgets["accuracy"]
+        share, t0 = budget.share(), time.perf_counter()
+        try:
+            result = meet_bar_groups(build(per_channel), tuple(speed_nodes), groups, accept,
+                                     fam.recipe.max_accuracy_drop, ev.ref, ev.labels, share)
+        finally:
+            budget.spend(time.perf_counter() - t0)
+        result["steps"] = first + result["steps"]
+        result["best_drop_points"] = min(st["drop_points"] for st in result["steps"])
         return {**result, "per_channel": per_channel, "ptq": policy.keeps_parent_weights(mode)}
 
     def replay(rec: dict) -> dict:
         if not rec["met"]:
             return rec
-        met, drop = accept(build(rec["per_channel"])(tuple(speed_nodes) + tuple(rec["fp32_nodes_added"])))
+        met, drop = accept(build(rec["per_channel"])(tuple(speed_nodes) + tuple(rec["fp32_nodes_added"]))[0])
         return {**rec, "met": met, "drop_points": drop}
 
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
         result = fam.build.decisions.decide(fam.plan.accuracy, art_name, f"accuracy decision for {art_name}",
                                             measure, replay)
     if result["fp32_nodes_added"]:
-        fam.build.log(f"  {art_name}: {len(result['fp32_nodes_added'])} more layer(s) in fp32 to meet the bar of "
-                      f"{fam.recipe.max_accuracy_drop:g} pts: {', '.join(result['fp32_nodes_added'])} "
-                      f"(drop {result['drop_points']:.2f} pts)")
+        kept = [g["group"] for g in result.get("fp32_groups", [])] or result["fp32_nodes_added"]
+        fam.build.log(f"  {art_name}: {len(kept)} group(s) in fp32 to meet the bar of "
+                      f"{fam.recipe.max_accuracy_drop:g} pts: {', '.join(kept)} (drop {result['drop_points']:.2f} pts)")
     return result
 
 
@@ -344,16 +363,21 @@ def _acceptor(fam: Family, parent: Parent, mode: str):
 
 
 def _below_bar(fam: Family, art_name: str, parent: str, bar: dict) -> None:
-    tried = [", ".join(st["fp32_nodes_added"]) or "none" for st in bar["steps"]]
+    tried = [", ".join(st.get("fp32_groups", st.get("fp32_nodes_added", []))) or "none" for st in bar["steps"]]
     fam.build.lineage.skipped.append({
         "name": art_name, "kind": "below_accuracy_bar",
         "reason": (f"no int8 file meets its contract against its fp32 parent {parent} on the validation split "
                    f"(bar {bar['bar_points']:g} points{_agreement_rule(bar)}): the best drop reached is "
-                   f"{bar['best_drop_points']:.2f} points{_best_agreement(bar)}, with fp32 layers tried in "
-                   f"sensitivity order ({'; '.join(tried)}); not shipped"),
+                   f"{bar['best_drop_points']:.2f} points{_best_agreement(bar)}, with quantizer groups moved to fp32 "
+                   f"in ranked order ({'; '.join(tried)}){_not_tried(bar)}; not shipped"),
         "best_drop_points": bar["best_drop_points"], "steps": bar["steps"]})
     fam.build.log(f"  {art_name}: not shipped, no int8 plan meets its contract (best drop "
                   f"{bar['best_drop_points']:.2f} pts{_best_agreement(bar)}{_agreement_rule(bar)})")
+
+
+def _not_tried(bar: dict) -> str:
+    left = bar.get("not_tried") or []
+    return f"; {len(left)} not tried within the budget of {bar['budget_s']:g} s" if left and bar.get("budget_s") else ""
 
 
 def _agreement_rule(bar: dict) -> str:
@@ -382,8 +406,18 @@ def _size_check(fam: Family, art_name: str, path: Path, parent: Path, bar: dict)
 
 
 def _node_names(parent: Path, twin: Path) -> dict[str, str]:
-    """The QAT float twin's names for the parent's layers: the twin is the same network traced
-    again (its node names differ), so its Conv/Gemm/MatMul nodes are matched by position."""
+    """The QAT float twin's names for the parent's nodes: the twin is the same network traced again (its
+    node names differ), so its nodes are matched by position; where only the compute layers line up
+    (a graph traced another way around them), only those are."""
+    import onnx
+
+    def listed(path: Path, ops: tuple[str, ...] | None) -> list[tuple[str, str]]:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return [(n.name, n.op_type) for n in graph.node if n.op_type != "Identity" and (ops is None or n.op_type in ops)]
+
+    ours, theirs = listed(parent, None), listed(twin, None)
+    if [op for _, op in ours] == [op for _, op in theirs]:
+        return {a: b for (a, _), (b, _) in zip(ours, theirs)}
     ours, theirs = compute_nodes(parent), compute_nodes(twin)
     if [op for _, op in ours] != [op for _, op in theirs]:
         raise ExportError(f"{twin.name}: the QAT model's compute layers ({len(theirs)}) do not line up with its fp32 "

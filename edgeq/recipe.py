@@ -127,6 +127,9 @@ class Recipe:
     # wall time of the per-layer quantization sensitivity per model, shared by its fp32 parents (about
     # two int8 builds per layer: resnet18 at 32x32 measures ~12 of its 21 layers per parent in 60 s)
     sensitivity_budget_s: float = 120.0
+    # wall time of the accuracy bar's search per model (quantizer groups ranked and moved to fp32), shared by
+    # its int8 ONNX files; what a trial would end past it is not tried, and the plan says so
+    accuracy_budget_s: float = 120.0
     threads: int = 1  # the deployment's thread count: int8 decisions are timed at it
     batches: tuple[int, ...] = (1, 256)  # batch sizes every int8 decision and the ship rule are timed at
     deployment_batch: int = 1  # the batch size the deployment runs (one of `batches`): `recommended` is fastest at it
@@ -180,6 +183,7 @@ class Recipe:
                f"max_int8_size_ratio is a fraction of the fp32 parent's size in (0, 1], got {self.max_int8_size_ratio}")
         _check(self.sensitivity_budget_s > 0, f"sensitivity_budget_s must be > 0, got {self.sensitivity_budget_s}")
         _check(self.search_budget_s > 0, f"search_budget_s must be > 0, got {self.search_budget_s}")
+        _check(self.accuracy_budget_s > 0, f"accuracy_budget_s must be > 0, got {self.accuracy_budget_s}")
         _check(self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}")
 
     def to_dict(self) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.data import first_samples
-from edgeq.onnx_quant import QDQConfig, quantize_onnx
+from edgeq.onnx_quant import QDQBuilder, QDQConfig
 from edgeq.runtime import load_onnx
 from edgeq.metrics import drop_points, score
 
@@ -41,6 +41,7 @@ class Evaluator:
         self.ref = load_onnx(fp32_path, 1).predict(x)
         self.parent = score(self.ref, labels, self.ref)
         self._tmp = tempfile.TemporaryDirectory(dir=tmp_parent)
+        self._builders: dict[Path, QDQBuilder] = {}  # per source file: its pre-processing and ranges, made once
         self.runs = 0
 
     def close(self) -> None:
@@ -56,14 +57,31 @@ class Evaluator:
                       keep: Path | None = None) -> dict:
         """Quantize `source` (default: the fp32 parent) with `qdq` on `calibration`, score the file.
         The file is written to `keep` and left there when given, else deleted."""
+        return self.trial(qdq, calibration, source, keep)[0]
+
+    def trial(self, qdq: QDQConfig, calibration: list[np.ndarray], source: Path | None = None,
+              keep: Path | None = None, rows: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+        """(score, logits) of the int8 file of `qdq` on the validation samples `rows` (all of them: None),
+        against the fp32 parent's logits on the same samples."""
         path = keep or Path(self._tmp.name) / f"candidate-{self.runs}.onnx"
         self.runs += 1
-        quantize_onnx(source or self.fp32_path, path, calibration, qdq)
+        self.builder(source or self.fp32_path).build(path, calibration, qdq)
+        x, labels, ref = (self.x, self.labels, self.ref) if rows is None else \
+            (self.x[rows], self.labels[rows], self.ref[rows])
         try:
-            return score(load_onnx(path, 1).predict(self.x), self.labels, self.ref)
+            logits = load_onnx(path, 1).predict(x)
+            return score(logits, labels, ref), logits
         finally:
             if keep is None:
                 path.unlink()
+
+    def builder(self, source: Path) -> QDQBuilder:
+        """The int8 builder of a source file (the fp32 parent, or a QAT float twin)."""
+        if source not in self._builders:
+            work = Path(self._tmp.name) / f"builder-{len(self._builders)}"
+            work.mkdir()
+            self._builders[source] = QDQBuilder(source, work)
+        return self._builders[source]
 
     def score(self, qdq: QDQConfig, samples: int) -> dict:
         return self.score_batches(qdq, first_samples(self.calibration, samples))
@@ -175,3 +193,131 @@ def meet_bar(build: Callable[[tuple[str, ...]], dict], start: tuple[str, ...], o
                       "met": met})
     return {"met": met, "bar_points": bar_points, "drop_points": drop, "fp32_nodes_added": added if met else [],
             "best_drop_points": min(st["drop_points"] for st in steps), "steps": steps}
+
+
+RANKING_SAMPLES = 300  # validation samples a group is ranked on (NNCF's ranking_subset_size)
+
+
+def worst_rows(ref: np.ndarray, logits: np.ndarray, n: int) -> np.ndarray:
+    """The `n` validation samples on which int8 departs most from fp32: a changed top-1 class first, then
+    the largest logit error; ascending indices."""
+    changed = ref.argmax(1) != logits.argmax(1)
+    error = np.linalg.norm(ref.astype(np.float64) - logits.astype(np.float64), axis=1)
+    order = np.lexsort((error, changed))[::-1]  # changed first, then by error, both descending
+    return np.sort(order[:n])
+
+
+def _rank_key(s: dict) -> tuple:
+    """Higher is better: agreement with fp32, then accuracy, then logit SQNR."""
+    return (s["agreement"], s["correct"], s["sqnr_db"] if s["sqnr_db"] is not None else math.inf)
+
+
+def meet_bar_groups(run: Callable[[tuple[str, ...], np.ndarray | None], tuple[dict, np.ndarray]],
+                    start: tuple[str, ...], groups: list, accept: Callable[[dict], tuple[bool, float]],
+                    bar_points: float, ref: np.ndarray, labels: np.ndarray, budget_s: float = math.inf,
+                    ranking_samples: int = RANKING_SAMPLES) -> dict:
+    """Move quantizer groups (edgeq.groups) to fp32 until the file meets its contract, NNCF's way.
+
+    `run(fp32 nodes, rows)` quantizes with those nodes in fp32, all else int8 (one calibration, reused:
+    edgeq.onnx_quant.QDQBuilder), and returns (score, logits) on the validation rows (None: all of
+    them, the file left where the caller keeps it). `start` are the speed plan's fp32 nodes.
+
+    1. The file with every group int8 is validated once; met, nothing moves.
+    2. The `ranking_samples` validation samples where it departs most from fp32 become the ranking set.
+    3. Op types first: each kind of group other than the compute layers (SiLU, squeeze-excitation
+       gates, residual adds, pooling, concat, ...) is moved to fp32 as a whole and scored on the
+       ranking set; the kinds that help are validated in rank order, each kept when it helps on the
+       whole split, until the contract is met.
+    4. Then single groups (compute layers included), ranked the same way, moved one at a time in rank
+       order and validated until it is met; at least one compute layer stays int8.
+    The contract is always judged on the whole split. A trial that would end past `budget_s` is not
+    run: what was not tried is recorded. Returns the decision and its evidence (the plan records it).
+    """
+    from edgeq.groups import nodes_of
+
+    t0, trials = time.perf_counter(), 0
+    by_name = {g.name: g for g in groups}
+    movable = [g for g in groups if not set(g.nodes) <= set(start)]
+    compute = [g.name for g in movable if g.kind == "compute"]
+    nodes = lambda names: tuple(dict.fromkeys(tuple(start) + nodes_of(groups, names)))  # noqa: E731
+    steps: list[dict] = []
+    not_tried: list[str] = []
+
+    def past_budget() -> bool:
+        spent = time.perf_counter() - t0
+        return trials and spent + spent / trials > budget_s
+
+    def full(names: list[str]) -> tuple[bool, float, dict]:
+        nonlocal trials
+        trials += 1
+        s, logits = run(nodes(names), None)
+        met, drop = accept(s)
+        steps.append({"fp32_groups": list(names), "drop_points": drop, "agreement": s.get("agreement"), "met": met})
+        return met, drop, {**s, "logits": logits}
+
+    def ranked(candidates: dict[str, list[str]], base: list[str], rows: np.ndarray) -> list[tuple[str, dict]]:
+        nonlocal trials
+        scored = []
+        for key, names in candidates.items():
+            if past_budget():
+                not_tried.append(f"ranking {key}")
+                continue
+            trials += 1
+            scored.append((key, run(nodes(base + names), rows)[0]))
+        return sorted(scored, key=lambda item: _rank_key(item[1]), reverse=True)
+
+    fp32: list[str] = []
+    met, drop, best = full(fp32)
+    accepted = list(fp32) if met else None
+    ranking: dict = {}
+    if not met and movable:
+        rows = worst_rows(ref, best["logits"], ranking_samples)
+        here = score(best["logits"][rows], labels[rows], ref[rows])
+        ranking["samples"] = int(len(rows))
+        kinds = {}
+        for g in movable:
+            if g.kind != "compute":
+                kinds.setdefault(g.kind, []).append(g.name)
+        by_kind = ranked(kinds, fp32, rows)
+        ranking["kinds"] = {k: _brief(s) for k, s in by_kind}
+        for kind, s in by_kind:
+            if met or _rank_key(s) <= _rank_key(here):
+                continue
+            if past_budget():
+                not_tried.append(f"kind {kind}")
+                continue
+            met, drop, result = full(fp32 + kinds[kind])
+            if met or _rank_key(result) > _rank_key(best):
+                fp32, best = fp32 + kinds[kind], result
+            if met:
+                accepted = list(fp32)
+        if not met:
+            rows = worst_rows(ref, best["logits"], ranking_samples)
+            singles = {g.name: [g.name] for g in movable if g.name not in fp32}
+            by_group = ranked(singles, fp32, rows)
+            ranking["groups"] = {k: _brief(s) for k, s in by_group}
+            for name, _ in by_group:
+                if by_name[name].kind == "compute" and not [c for c in compute if c not in fp32 and c != name]:
+                    continue  # the last int8 compute layer: no int8 file is left
+                if past_budget():
+                    not_tried.append(name)
+                    continue
+                fp32 = fp32 + [name]
+                met, drop, best = full(fp32)
+                if met:
+                    accepted = list(fp32)
+                    break
+    if accepted is not None and steps[-1]["fp32_groups"] != accepted:
+        full(accepted)  # leave the accepted file where the caller keeps it
+        drop = steps[-1]["drop_points"]
+    added = [n for n in nodes(accepted or []) if n not in start]
+    return {"met": accepted is not None, "bar_points": bar_points, "drop_points": drop,
+            "fp32_nodes_added": added if accepted is not None else [],
+            "fp32_groups": [by_name[n].describe() for n in (accepted or [])],
+            "best_drop_points": min(st["drop_points"] for st in steps), "steps": steps, "ranking": ranking,
+            "not_tried": not_tried, "budget_s": None if math.isinf(budget_s) else budget_s,
+            "trials": trials, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _brief(s: dict) -> dict:
+    return {k: s[k] for k in ("correct", "agreement", "sqnr_db")}
