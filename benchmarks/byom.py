@@ -236,6 +236,25 @@ def against_peers(directory: Path, name: str, manifest, train: Arrays, test: Arr
     return out
 
 
+def trained(name: str, train: Arrays, epochs: int, cache: Path | None = None) -> nn.Module:
+    """`name` trained from scratch on the upscaled digits (seed 0, 2 threads: the same weights every run),
+    or loaded from `cache` where an earlier run kept it."""
+    path = cache / f"{name}-e{epochs}.pt" if cache is not None else None
+    torch.manual_seed(0)
+    model = build(name)
+    if path is not None and path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    from edgeq.timing import threads
+
+    with threads(2):
+        model = fit(model, train, Finetune(epochs=epochs, lr=2e-3, shift=2), desc=f"{name}: train")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("artifacts/byom"))
@@ -250,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--window-s", type=float, default=0.1)
     ap.add_argument("--compare-only", action="store_true", help="time the peers on an existing --out")
+    ap.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                    help="keep each trained model here (NAME-eEPOCHS.pt) and reuse it: training is excluded from "
+                         "every figure, and it is the slow part")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from edgeq.data import holdout
@@ -264,13 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             report[name] = {"peers": against_peers(args.out / name, name, read(args.out / name), train, test,
                                                    args.repeats, args.rounds, args.window_s)}
             continue
-        torch.manual_seed(0)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(2)
         t0 = time.perf_counter()
-        model = fit(build(name), train, Finetune(epochs=args.epochs, lr=2e-3, shift=2), desc=f"{name}: train")
+        model = trained(name, train, args.epochs, args.cache)
         train_s = time.perf_counter() - t0
-        torch.set_num_threads(threads)
         recipe = Recipe(variants=tuple(args.variants.split(",")), batches=(1, 64),
                         structured=Structured(amount=PRUNE[name][0] if args.channel_amount is None
                                               else args.channel_amount, allocation=PRUNE[name][2], cap=0.75),
