@@ -107,6 +107,9 @@ class Workers:
                               "(--ray ADDRESS, recipe.ray_address or RAY_ADDRESS)")
         object.__setattr__(self, "resources", MappingProxyType(dict(self.resources)))
 
+    def __hash__(self) -> int:
+        return hash((self.jobs, self.ray_address, tuple(sorted(self.resources.items())), self.cpus, self.retries))
+
     @classmethod
     def from_env(cls, jobs: int | None = None, ray_address: str | None = None, **kwargs: Any) -> Workers:
         """Workers for `--ray ADDRESS` / `recipe.ray_address`, falling back to the RAY_ADDRESS variable."""
@@ -324,6 +327,8 @@ def shared_file(data: bytes, suffix: str = "") -> Path:
         os.replace(part, path)
         _FILES[key] = path
     _FILES_BY_ID[id(data)] = (data, path)
+    while len(_FILES_BY_ID) > 4:  # it keeps its bytes objects alive: only the latest runs'
+        del _FILES_BY_ID[next(iter(_FILES_BY_ID))]
     return path
 
 

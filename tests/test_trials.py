@@ -215,17 +215,22 @@ def test_ray_missing_is_one_line(monkeypatch):
         trials.run(echo, [1], None, Workers(ray_address="local"), progress=False)
 
 
-def test_an_unreachable_ray_address_is_one_line_and_quick():
+def test_an_unreachable_ray_address_is_one_line():
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'edgeq[ray]'")
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    start = time.monotonic()
     with pytest.raises(ConfigError, match=rf"^--ray 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"):
         trials.run(echo, [1], None, Workers(ray_address=f"127.0.0.1:{port}"), progress=False)
-    assert time.monotonic() - start < 30  # not ray.init's minutes of retries
+
+
+def test_workers_are_values():
+    a, b = Workers(ray_address="h:1", resources={"target:arm64": 1}), Workers(ray_address="h:1", resources={"target:arm64": 1.0})
+    assert a == b and hash(a) == hash(b) and len({a, b, Workers()}) == 2
+    with pytest.raises(TypeError):
+        a.resources["target:x86"] = 1  # read-only
 
 
 def test_workers_from_env_reads_ray_address(monkeypatch):
