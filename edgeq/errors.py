@@ -21,6 +21,10 @@ class ConfigError(EdgeqError, ValueError):
     """An option or configuration value is invalid."""
 
 
+class TrialError(EdgeqError):
+    """A trial could not be run: the worker running it died on every try (edgeq.trials)."""
+
+
 class ExportError(EdgeqError):
     """An artifact could not be built or written."""
 

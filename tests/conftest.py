@@ -66,3 +66,31 @@ def verify_worker():
 
     with Worker(default_memory_limit_gb()) as worker:
         yield worker
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_session():
+    """A real two-node Ray cluster on loopback for the whole session (tests/ray_cluster.py); stopped at
+    the end, with a check that none of its processes is left. Tests use `ray_cluster`."""
+    import os
+
+    from ray_cluster import RayCluster, ray_available
+
+    why = ray_available()
+    if why:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
+    cluster = RayCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def ray_cluster(ray_cluster_session):
+    """The session's cluster with both nodes up (the worker node restarted if a test killed it), and
+    this process's environment set to connect to `ray_cluster.address`; disconnected after the test."""
+    if not ray_cluster_session.worker_alive():
+        ray_cluster_session.start_worker()
+    with ray_cluster_session.connected_env():
+        yield ray_cluster_session

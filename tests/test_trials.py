@@ -1,0 +1,299 @@
+"""edgeq.trials with real trials: an fp32 ONNX file quantized by onnxruntime and scored, in this
+process, in a spawned pool, and on a real two-node Ray cluster on loopback (tests/ray_cluster.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeq import trials
+from edgeq.errors import ConfigError, TrialError
+from edgeq.onnx_quant import QDQConfig
+from edgeq.trials import Pool, Progress, Workers
+
+CONFIGS = [QDQConfig(per_channel=pc, reduce_range=rr, activations=act)
+           for pc in (True, False) for rr in (True, False) for act in ("uint8", "int8")][:6]
+
+
+def tiny_classifier(seed: int = 0) -> bytes:
+    """A small conv classifier (1x8x8 -> 10 logits) as fp32 ONNX bytes, weights from a seed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights = [numpy_helper.from_array(rng.normal(0, s, shape).astype(np.float32), name) for name, shape, s in
+               (("w1", (8, 1, 3, 3), 0.5), ("b1", (8,), 0.1), ("w2", (10, 8 * 4 * 4), 0.2), ("b2", (10,), 0.1))]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w2", "b2"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def shared() -> dict:
+    """What `qdq_accuracy` reads: the fp32 file's bytes, calibration batches, validation arrays, fp32 logits."""
+    import onnxruntime as ort
+
+    fp32 = tiny_classifier()
+    x = np.random.default_rng(1).normal(0, 1, (256, 1, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    labels = ref.argmax(axis=1)
+    labels[::7] = (labels[::7] + 1) % 10  # an fp32 accuracy below 100 %, so that int8 can differ from it
+    return {"fp32": fp32, "calibration": [x[:64], x[64:128]], "x": x, "y": labels, "ref": ref}
+
+
+@pytest.fixture(scope="module")
+def expected(shared) -> list[dict]:
+    """Every config's metrics, one after the other in this process."""
+    return [t.value for t in trials.run(trials.qdq_accuracy, CONFIGS, shared, Workers(jobs=1), progress=False)]
+
+
+# Trials must be module-level functions: workers import them by name.
+
+def echo(shared, item):
+    return item
+
+
+def fails_on_three(shared, item):
+    if item == 3:
+        raise ValueError(f"item {item} is bad")
+    return item
+
+
+def dies_once(shared, item):
+    """Kills its own worker process the first time it runs (a marker file says it did), then scores."""
+    cfg, marker = item
+    if marker is not None and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return trials.qdq_accuracy(shared, cfg)
+
+
+def always_dies(shared, item):
+    if item == "die":
+        os._exit(3)
+    return item
+
+
+def lands_on_node(shared, item):
+    """Records each start (the node it runs on), and on `kill_on` the first time waits there, mid-trial,
+    for the test to kill that node."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    log = Path(item["log"])
+    with open(log / f"{item['index']}.starts", "a") as f:
+        f.write(node + "\n")
+    if node == item["kill_on"] and not (log / "mid-trial").exists():
+        (log / "mid-trial").write_text(node)
+        time.sleep(60)  # killed during this sleep
+    return trials.qdq_accuracy(shared, item["cfg"])
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_import_brings_in_no_runtime():
+    code = "import sys, edgeq.trials; print(sorted(m for m in ('torch', 'ray', 'onnxruntime') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(trials.__file__).parents[1])})
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"jobs": 0}, "jobs=0"), ({"jobs": -2}, "jobs=-2"), ({"jobs": 1.5}, "jobs=1.5"), ({"retries": -1}, "retries=-1"),
+    ({"ray_address": " "}, "--ray ' '"), ({"resources": {"target:arm64": 1}}, "give a Ray address"),
+    ({"ray_address": "local", "resources": {"target:arm64": 0}}, "'target:arm64'"),
+])
+def test_bad_settings_are_one_line(kwargs, says):
+    with pytest.raises(ConfigError) as err:
+        Workers(**kwargs)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_results_in_order_and_equal_for_one_and_two_jobs(shared, expected):
+    assert len({repr(v) for v in expected}) > 1  # configs that score differently: the order shows
+    pooled = trials.run(trials.qdq_accuracy, CONFIGS, shared, Workers(jobs=2), progress=False)
+    assert [t.index for t in pooled] == list(range(len(CONFIGS)))
+    assert [t.value for t in pooled] == expected
+    assert os.getpid() not in {t.pid for t in pooled} and all(t.node == "" for t in pooled)
+
+
+def test_a_pool_keeps_its_workers_across_runs(shared, expected):
+    with Pool(Workers(jobs=2)) as pool:
+        first = pool.run(trials.qdq_accuracy, CONFIGS, shared, progress=False)
+        backwards = pool.run(trials.qdq_accuracy, CONFIGS[::-1], shared, progress=False)
+        other = pool.run(echo, ["a", "b", "c"], {"big": np.zeros(10)}, progress=False)
+    assert [t.value for t in first] == expected and [t.value for t in backwards] == expected[::-1]
+    assert [t.value for t in other] == ["a", "b", "c"]
+    assert {t.pid for t in first + backwards + other} <= {t.pid for t in first} | {t.pid for t in backwards}
+    assert len({t.pid for t in first + backwards + other}) <= 2
+
+
+def test_a_killed_worker_has_its_trial_run_again(shared, expected, tmp_path):
+    markers = [str(tmp_path / "killed-once") if i == 2 else None for i in range(len(CONFIGS))]
+    out = trials.run(dies_once, list(zip(CONFIGS, markers)), shared, Workers(jobs=2), progress=False)
+    assert (tmp_path / "killed-once").exists()  # the trial did kill its worker
+    assert [t.value for t in out] == expected
+
+
+def test_a_trial_that_always_kills_its_worker_is_named():
+    with pytest.raises(TrialError) as err:
+        trials.run(always_dies, ["a", "die", "c"], None, Workers(jobs=2, retries=1), progress=False)
+    message = str(err.value)
+    assert message.startswith("trial 2 of 3 ('die'): the worker process running it died 2 times") and "\n" not in message
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_trial_that_raises_stops_the_run_with_its_own_error(jobs):
+    with pytest.raises(ValueError, match="item 3 is bad") as err:
+        trials.run(fails_on_three, [1, 2, 3, 4], None, Workers(jobs=jobs), progress=False)
+    assert "in trial 3 of 4 (3)" in getattr(err.value, "__notes__", [])
+
+
+def test_progress_reports_done_total_and_busy_workers():
+    seen: list[Progress] = []
+    trials.run(echo, list(range(5)), None, Workers(jobs=2), progress=seen.append, what="echo")
+    assert seen[-1] == Progress("echo", 5, 5, 0, 2)
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+    assert all(0 <= p.busy <= 2 and p.total == 5 for p in seen) and any(p.busy == 2 for p in seen)
+
+
+def test_progress_off_a_terminal_is_one_line(capsys):
+    trials.run(echo, [1, 2], None, Workers(jobs=1), what="calibration")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("calibration: 2 trials in")
+
+
+def test_a_pool_needs_module_level_functions():
+    with pytest.raises(ConfigError, match="module-level function"):
+        trials.run(lambda shared, item: item, [1, 2], None, Workers(jobs=2), progress=False)
+
+
+def test_shared_file_writes_bytes_once_per_content():
+    a, b = b"model one", b"model two"
+    path = trials.shared_file(a, ".onnx")
+    assert path.read_bytes() == a and path.suffix == ".onnx"
+    assert trials.shared_file(a, ".onnx") == path == trials.shared_file(bytes(bytearray(a)), ".onnx")
+    assert trials.shared_file(b, ".onnx") != path
+
+
+def test_scratch_of_a_killed_process_is_removed_by_the_next_one():
+    code = "import os, edgeq.trials as t; print(t.shared_file(b'weights', '.onnx').parent, flush=True); os._exit(0)"
+    env = {**os.environ, "PYTHONPATH": str(Path(trials.__file__).parents[1])}
+
+    def scratch_of_a_process_that_exits_without_cleaning_up() -> Path:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        return Path(out.stdout.strip())
+
+    first = scratch_of_a_process_that_exits_without_cleaning_up()
+    assert first.exists()  # os._exit: no exit handler ran
+    second = scratch_of_a_process_that_exits_without_cleaning_up()
+    assert not first.exists() and second.exists()
+    subprocess.run([sys.executable, "-c", "import edgeq.trials as t; t.scratch_dir()"], check=True, env=env)
+    assert not second.exists()
+
+
+def test_ray_missing_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where it is not installed
+    with pytest.raises(ConfigError, match=r"^--ray local: Ray is not installed; pip install 'edgeq\[ray\]'$"):
+        trials.run(echo, [1], None, Workers(ray_address="local"), progress=False)
+
+
+def test_an_unreachable_ray_address_is_one_line():
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'edgeq[ray]'")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match=rf"^--ray 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"):
+        trials.run(echo, [1], None, Workers(ray_address=f"127.0.0.1:{port}"), progress=False)
+
+
+def test_workers_are_values():
+    a, b = Workers(ray_address="h:1", resources={"target:arm64": 1}), Workers(ray_address="h:1", resources={"target:arm64": 1.0})
+    assert a == b and hash(a) == hash(b) and len({a, b, Workers()}) == 2
+    with pytest.raises(TypeError):
+        a.resources["target:x86"] = 1  # read-only
+
+
+def test_workers_from_env_reads_ray_address(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert Workers.from_env(jobs=2).ray_address == "10.0.0.5:6379"
+    assert Workers.from_env(ray_address="local").ray_address == "local"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert Workers.from_env().backend == "pool" and Workers(jobs=1).backend == "serial"
+
+
+# --------------------------------------------------------------------------------------------------- Ray
+
+
+def test_ray_trials_run_on_both_nodes_with_the_local_results(ray_cluster, shared, expected):
+    out = trials.run(trials.qdq_accuracy, CONFIGS, shared, Workers(ray_address=ray_cluster.address), progress=False)
+    assert [t.value for t in out] == expected
+    assert {t.node for t in out} == {ray_cluster.head_node, ray_cluster.worker_node}
+
+
+def test_ray_trials_needing_a_label_run_on_the_labelled_node(ray_cluster, shared, expected):
+    labelled = Workers(ray_address=ray_cluster.address, resources={"target:test": 1})
+    out = trials.run(trials.qdq_accuracy, CONFIGS[:2], shared, labelled, progress=False)
+    assert [t.value for t in out] == expected[:2] and {t.node for t in out} == {ray_cluster.worker_node}
+    with pytest.raises(ConfigError, match=r"no node offers target:arm64 1 .*--resources"):
+        trials.run(echo, [1], None, Workers(ray_address=ray_cluster.address, resources={"target:arm64": 1}),
+                   progress=False)
+
+
+def test_ray_worker_node_killed_mid_trial_still_gives_the_local_results(ray_cluster, shared, expected, tmp_path):
+    worker_sid = ray_cluster.worker_sid
+    items = [{"index": i, "cfg": cfg, "log": str(tmp_path), "kill_on": ray_cluster.worker_node}
+             for i, cfg in enumerate(CONFIGS)]
+
+    def kill_when_mid_trial() -> None:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "mid-trial").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ray_cluster.kill_worker()
+
+    killer = threading.Thread(target=kill_when_mid_trial, daemon=True)
+    killer.start()
+    out = trials.run(lands_on_node, items, shared, Workers(ray_address=ray_cluster.address), progress=False)
+    killer.join(timeout=5)
+    assert [t.value for t in out] == expected
+    starts = [(tmp_path / f"{i}.starts").read_text().split() for i in range(len(items))]
+    killed = [i for i, nodes in enumerate(starts) if ray_cluster.worker_node in nodes]
+    assert len(killed) == 1, starts  # the worker node's one CPU held the trial that waited there
+    assert starts[killed[0]] == [ray_cluster.worker_node, ray_cluster.head_node]  # killed there, run again
+    assert out[killed[0]].node == ray_cluster.head_node
+    assert not ray_cluster.worker_alive() and worker_sid == ray_cluster.worker_sid  # none of its processes left
+
+
+def test_ray_trial_that_raises_stops_the_run_with_its_own_error(ray_cluster):
+    with pytest.raises(ValueError, match="item 3 is bad") as err:
+        trials.run(fails_on_three, [1, 2, 3, 4], None, Workers(ray_address=ray_cluster.address), progress=False)
+    assert "in trial 3 of 4 (3)" in getattr(err.value, "__notes__", [])
+
+
+def test_ray_stopping_a_node_leaves_none_of_its_processes(ray_cluster):
+    from ray_cluster import _sessions_of
+
+    sid = ray_cluster.worker_sid
+    assert _sessions_of({sid})
+    ray_cluster.stop_worker()
+    assert not _sessions_of({sid})
+    ray_cluster.start_worker()
