@@ -298,18 +298,12 @@ def crop_padding_taps(model) -> int:
             continue
         keep, begin, end = [], [], []
         for size, k, s, pb, pe in zip(shape[2:], w.shape[2:], strides, pads[:dims], pads[dims:]):
-            out = (size + pb + pe - k) // s + 1
-            used = [t for t in range(k) if any(0 <= o * s - pb + t < size for o in range(out))]
-            if not used:  # every window reads padding only: left to onnxruntime as it is
+            cut = kept_taps(size, k, s, pb, pe)
+            if cut is None:
                 break
-            first, k2 = used[0], used[-1] - used[0] + 1
-            b2 = pb - first
-            e2 = max(0, (out - 1) * s + k2 - size - b2)
-            if (size + b2 + e2 - k2) // s + 1 != out:  # the cut must keep every output position
-                break
-            keep.append(slice(first, first + k2))
-            begin.append(b2)
-            end.append(e2)
+            keep.append(cut[0])
+            begin.append(cut[1])
+            end.append(cut[2])
         else:
             if all(sl.stop - sl.start == k for sl, k in zip(keep, w.shape[2:])):
                 continue
@@ -321,6 +315,22 @@ def crop_padding_taps(model) -> int:
                                    helper.make_attribute("pads", begin + end)])
             done += 1
     return done
+
+
+def kept_taps(size: int, k: int, stride: int, pad_begin: int, pad_end: int) -> tuple[slice, int, int] | None:
+    """Along one spatial axis of a convolution (no dilation): the kernel taps that ever read the input, and
+    the padding (begin, end) that keeps every output position with only those; None when every window
+    reads padding only, or no cut keeps the output size."""
+    out = (size + pad_begin + pad_end - k) // stride + 1
+    used = [t for t in range(k) if any(0 <= o * stride - pad_begin + t < size for o in range(out))]
+    if not used:
+        return None
+    first, k2 = used[0], used[-1] - used[0] + 1
+    b2 = pad_begin - first
+    e2 = max(0, (out - 1) * stride + k2 - size - b2)
+    if (size + b2 + e2 - k2) // stride + 1 != out:
+        return None
+    return slice(first, first + k2), b2, e2
 
 
 def float_outputs(model) -> int:

@@ -121,6 +121,69 @@ def _user_frame(text: str) -> str | None:
     return None
 
 
+# -- padding taps -----------------------------------------------------------------------------------
+
+
+def crop_padding(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, list[str]]:
+    """A copy of `model` whose 2-d convolutions keep only the kernel taps that ever read their input at
+    the example's spatial size, and the names of those cut (the ONNX path's `crop_padding_taps`, applied
+    before `torch.export`). A program has a fixed input shape, so a tap that only ever lands on zero
+    padding multiplies zeros at every output position: dropping it changes no output beyond the order of
+    a float sum. resnet18 at 32x32 runs layer4's 3x3 convolutions on 1x1 and 2x2 maps, where most taps
+    read padding. A cut that needs unequal padding on the two sides pads explicitly first (`F.pad`). Left
+    alone: dilated, non-zero-padded or string-padded convolutions, and those whose input size is unknown."""
+    import torch
+    from torch import nn
+
+    from edgeq.onnx_quant import kept_taps
+
+    model = copy.deepcopy(model).eval()
+    sizes: dict[str, tuple[int, ...]] = {}
+    def seen(name: str):
+        def hook(module, args) -> None:
+            sizes.setdefault(name, tuple(args[0].shape[2:]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(seen(name)) for name, m in model.named_modules() if type(m) is nn.Conv2d]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    cut = []
+    for name, conv in [(n, m) for n, m in model.named_modules() if n in sizes]:
+        if (conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(d != 1 for d in conv.dilation)):
+            continue
+        taps = [kept_taps(size, k, s, p, p) for size, k, s, p in
+                zip(sizes[name], conv.kernel_size, conv.stride, conv.padding)]
+        if any(t is None for t in taps) or all(t[0].stop - t[0].start == k for t, k in zip(taps, conv.kernel_size)):
+            continue
+        with torch.no_grad():
+            weight = conv.weight[:, :, taps[0][0], taps[1][0]].clone()
+        conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+        conv.kernel_size = tuple(weight.shape[2:])
+        if all(b == e for _, b, e in taps):
+            conv.padding = tuple(b for _, b, _ in taps)
+        else:
+            conv.padding = (0, 0)
+            conv.forward = _padded_forward(conv, (taps[1][1], taps[1][2], taps[0][1], taps[0][2]))
+        cut.append(name)
+    return model, cut
+
+
+def _padded_forward(conv, pads: tuple[int, int, int, int]):
+    """conv.forward with explicit zero padding (left, right, top, bottom) before it."""
+    import torch.nn.functional as F
+
+    plain = conv.forward
+
+    def forward(x):
+        return plain(F.pad(x, pads))
+
+    return forward
+
+
 # -- quantization -----------------------------------------------------------------------------------
 
 
