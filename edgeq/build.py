@@ -28,7 +28,7 @@ from torch import nn
 from edgeq import floats, int8, policy, programs, publish, runtime, signing, speed
 from edgeq.clock import profile, timed
 from edgeq.context import Budget, Build, Family, FinetuneFn, Splits
-from edgeq.data import Arrays, as_arrays, batches, check_labels, check_shapes, holdout, sample
+from edgeq.data import Arrays, as_arrays, batches, check_labels, check_shapes, holdout, sample, shared_samples
 from edgeq.decisions import Measured, Replayed
 from edgeq.environment import environment
 from edgeq.errors import ConfigError, DataError, ExportError
@@ -36,6 +36,7 @@ from edgeq.evidence import RULE
 from edgeq.export import write_file
 from edgeq.lineage import FORMATS, Lineage, describe
 from edgeq.manifest import EVAL_NAME, VAL_NAME, Manifest, sha256_file
+from edgeq.metrics import agreement, sqnr_db
 from edgeq.plan import PLAN_NAME, BuildPlan, FamilyPlan, data_sha256, model_sha256
 from edgeq.recipe import MODES, PRUNINGS, Recipe
 from edgeq.timing import threads
@@ -138,9 +139,34 @@ def _splits(train: object, val: object | None, test: object, recipe: Recipe, log
                   "stratified": True}
         log(f"validation split: {len(val_a)} of {len(train_a) + len(val_a)} training samples held out "
             f"(stratified, seed {recipe.seed}); every accuracy decision is made on it, test is only reported")
-    check_shapes(train_a, val_a)
-    check_shapes(train_a, test_a)
+    check_shapes(train_a, val_a, "val")
+    check_shapes(train_a, test_a, "test")
+    shared = shared_samples(val_a, test_a)
+    if shared:
+        whole = "is the test split" if shared == len(val_a) == len(test_a) else f"shares {shared} of its {len(val_a)} samples with test"
+        log(f"warning: val {whole}: every decision is made on samples the reported test accuracy is measured on, so "
+            "that accuracy is no longer an independent estimate; pass a val split disjoint from test "
+            "(the manifest's dataset.val records the overlap)")
+        source = {**source, "shared_with_test": {"samples": shared, "of": len(val_a),
+                                                 "meaning": "validation samples also in the test split (input and "
+                                                            "label): the test accuracy is not independent of the "
+                                                            "decisions"}}
+    _check_training_part(train_a, val_a, val is None, recipe, log)
     return Splits(train_a, val_a, test_a, source)
+
+
+def _check_training_part(train: Arrays, val: Arrays, held_out: bool, recipe: Recipe,
+                         log: Callable[[str], None]) -> None:
+    """Say when the training part is smaller than the validation split or than the calibration the recipe
+    asks for: calibration, fine-tunes and QAT see only it (a val_fraction of 0.99 leaves a few samples)."""
+    wanted = min(recipe.calibration_sizes)
+    if len(train) >= len(val) and len(train) >= wanted:
+        return
+    why = (f"fewer than the {len(val)} validation samples" if len(train) < len(val)
+           else f"fewer than the {wanted} calibration samples the recipe asks for")
+    fix = (f"lower recipe.val_fraction ({recipe.val_fraction:g} of train is held out) or pass val explicitly"
+           if held_out else "pass more training data")
+    log(f"warning: train split of {len(train)} samples, {why}: calibration, fine-tunes and QAT see only these; {fix}")
 
 
 def _check_sizes(splits: Splits, recipes: dict[str, Recipe], log: Callable[[str], None]) -> None:
@@ -222,13 +248,45 @@ def _check_model(name: str, model: object, splits: Splits, classes: list[str] | 
         raise ConfigError(f"model {name!r} has {n} outputs but {len(classes)} class names were given")
     if n < 2:
         raise ConfigError(f"model {name!r} has {n} output; a classifier needs at least 2 classes")
-    check_labels(splits.train, splits.test, n)
-    check_labels(splits.train, splits.val, n)
+    check_labels(splits.train, splits.test, n, "test")
+    check_labels(splits.train, splits.val, n, "val")
     logits = predict_logits(probe_model, splits.val.x[: min(len(splits.val), 256)])
     if not np.isfinite(logits).all():
         raise DataError(f"model {name!r} gives NaN or Inf logits on the validation inputs; fix the model or its weights")
+    _check_per_sample(name, probe_model, splits.val.x[: len(logits)], logits)
     return _Spec([str(c) for c in classes] if classes is not None else [str(i) for i in range(n)],
                  torch.from_numpy(np.array(splits.val.x[:1])))
+
+
+SAMPLES_ALONE = 32  # validation inputs run one at a time to show that a model answers each sample on its own
+
+
+def _check_per_sample(name: str, model: nn.Module, x: np.ndarray, together: np.ndarray) -> None:
+    """Refuse a model whose answer for one sample depends on the rest of the batch: batch statistics, or a
+    branch on the whole batch (`y if x.sum() > 0 else -y`). Every file is checked and timed at batches of
+    hundreds but deployed at the deployment batch (1 by default): such a model answers differently there,
+    and no file of it can keep its claims. Its logits on validation inputs, one at a time, against the same
+    inputs in one batch, under the fp32 fidelity rule (edgeq.policy.faithful)."""
+    n = min(len(x), SAMPLES_ALONE)
+    alone = [predict_logits(model, x[i : i + 1]) for i in range(n)]
+    if alone[0].shape != (1, together.shape[1]):
+        raise ConfigError(f"model {name!r}: output {list(alone[0].shape)} for a batch of 1, but "
+                          f"{list(together.shape)} for a batch of {len(x)}; the files run one sample at a time where "
+                          "deployed: return logits [batch, classes] at every batch size (no squeeze() of the batch)")
+    alone = np.concatenate(alone)
+    sqnr = sqnr_db(together[:n], alone)
+    if not policy.faithful(sqnr):
+        again = predict_logits(model, x)
+        if not policy.faithful(sqnr_db(together, again)):
+            raise ConfigError(f"model {name!r}: gives other logits for the same validation inputs on a second call "
+                              f"(logit SQNR {sqnr_db(together, again):.1f} dB); its forward is random or keeps state: "
+                              "make it deterministic in eval mode")
+        agree = agreement(together[:n], alone)
+        raise ConfigError(f"model {name!r}: its outputs for one sample depend on the rest of the batch (first {n} "
+                          f"validation inputs one at a time against in a batch of {len(x)}: logit SQNR {sqnr:.1f} dB, "
+                          f"top-1 agreement {agree:.3f}); the files run one sample at a time where deployed: "
+                          "compute each sample's output from that sample alone (no batch statistics, no branch on "
+                          "the whole batch such as `if x.sum() > 0`)")
 
 
 def _expected_bytes(model: nn.Module, recipe: Recipe) -> int:

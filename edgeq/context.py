@@ -19,7 +19,7 @@ from torch import nn
 from edgeq import policy, runtime
 from edgeq.data import Arrays
 from edgeq.decisions import Decisions
-from edgeq.errors import ConfigError
+from edgeq.errors import ConfigError, EdgeqError
 from edgeq.lineage import FloatVariant, Lineage, file_of, name_of
 from edgeq.manifest import Artifact, sha256_file
 from edgeq.metrics import agreement, correct_count, finite
@@ -27,6 +27,7 @@ from edgeq.plan import FamilyPlan
 from edgeq.recipe import Finetune, Recipe
 from edgeq.train import fit
 
+DEPLOYED_SAMPLES = 32  # validation inputs each float file also runs at the deployment batch
 FinetuneFn = Callable[[nn.Module, tuple[np.ndarray, np.ndarray], int], nn.Module]
 
 
@@ -132,6 +133,12 @@ class Family:
     def path(self, variant: str, fmt: str) -> Path:
         return self.build.dir / file_of(self.name, variant, fmt)
 
+    def deployed_inputs(self) -> np.ndarray:
+        """The validation inputs a float file is also run on at the deployment batch (the batch every
+        decision is measured at is larger): enough for a few batches, and at least DEPLOYED_SAMPLES."""
+        n = max(DEPLOYED_SAMPLES, 2 * self.recipe.deployment_batch)
+        return np.array(self.val.x[:n])  # a writable copy: torch warns on read-only arrays
+
     def val_correct(self, name: str) -> int | None:
         logits = self.val_logits.get(name)
         return None if logits is None else correct_count(logits, self.val.y)
@@ -160,22 +167,32 @@ class Family:
 
     def record(self, v: FloatVariant, variant: str, fmt: str, *, precision: str, parent: str | None,
                quantization: dict | None, runtime_info: dict, notes: str = "",
-               fidelity: Callable[[np.ndarray], str | None] | None = None,
+               fidelity: Callable[[np.ndarray, np.ndarray], str | None] | None = None,
                ship: Callable[[], bool] | None = None) -> Artifact | None:
         """Measure a written file from disk and record it, or delete it when its outputs are not finite, it
-        is not faithful to what it was built from (`fidelity(val_logits)` returns why), or it breaks the
+        is not faithful to what it was built from (`fidelity(val_logits, deployed_logits)` returns why: the
+        second on `deployed_inputs`, run at the deployment batch), or it breaks the
         contract; then `ship()` (the speed rule) has the last word."""
         b, path, name = self.build, self.path(variant, fmt), name_of(self.name, variant, fmt)
-        runner = runtime.load(path, fmt, threads=1, options=runtime.load_options(fmt, runtime_info))
+        try:
+            runner = runtime.load(path, fmt, threads=1, options=runtime.load_options(fmt, runtime_info))
+        except EdgeqError as exc:  # written, but its runtime refuses it: that file alone is not shipped
+            path.unlink(missing_ok=True)
+            cause = str(exc).removeprefix(f"{path.name}: ").removesuffix("; re-run `edgeq export`")
+            b.lineage.skip(name, f"{path.name} was written, but its runtime cannot load it back ({cause}); "
+                                 "not shipped, the other formats are built")
+            return None
         with_threads = torch.get_num_threads()
         try:  # one thread, as `edgeq verify` measures it: the same sums, the same predictions
             val_logits = runner.predict(np.array(self.val.x))  # writable copies: torch warns on read-only
             test_logits = runner.predict(np.array(b.splits.test.x))
+            deployed = (runner.predict(self.deployed_inputs(), batch=self.recipe.deployment_batch)
+                        if fidelity is not None else None)
         finally:
             torch.set_num_threads(with_threads)
         why = None if finite(val_logits) and finite(test_logits) else "its outputs hold NaN or Inf"
         why = why or nonfinite_weights(path, fmt)
-        why = why or (fidelity(val_logits) if fidelity is not None else None)
+        why = why or (fidelity(val_logits, deployed) if fidelity is not None else None)
         method = (quantization or {}).get("method")
         contract = self.contract(fmt, precision, v.pruning is not None, parent, method, val_logits)
         if why is None and not contract["met"]:

@@ -55,9 +55,39 @@ def as_arrays(data: object, name: str) -> Arrays:
     if bad.any():
         raise DataError(f"{name}: {int(bad.sum())} inputs hold NaN or Inf (first: sample {int(np.flatnonzero(bad)[0])}); "
                         "clean or drop them")
+    check_magnitudes(x, name)
     x.setflags(write=False)
     y.setflags(write=False)
     return Arrays(x, y)
+
+
+# Input magnitudes edgeq refuses, before any work. Beyond MAX_ABS_INPUT a value's square overflows float32
+# (sums of squares, variances, the logits' SQNR and the calibrators' histogram ranges become infinite:
+# onnxruntime's Entropy calibrator fails on a 3e38 value). A sample whose largest |value| is OUTLIER_FACTOR
+# times the typical sample's (the median of every sample's largest |value|) is a corrupt value, not data:
+# it alone would set every int8 activation range (a 1e15 among values near 1 leaves no int8 step for the
+# rest, and breaks torch's int8 kernels).
+MAX_ABS_INPUT = float(np.sqrt(np.finfo(np.float32).max))  # 1.8e19
+OUTLIER_FACTOR = 1e6
+_CHUNK = 4096  # samples per piece when scanning inputs, so that no copy of a whole split is made
+
+
+def check_magnitudes(x: np.ndarray, name: str) -> None:
+    """Refuse inputs beyond MAX_ABS_INPUT, or a sample OUTLIER_FACTOR times larger than the typical one."""
+    peaks = np.concatenate([np.abs(x[i : i + _CHUNK].reshape(len(x[i : i + _CHUNK]), -1)).max(axis=1)
+                            for i in range(0, len(x), _CHUNK)]).astype(np.float64)
+    worst = int(peaks.argmax())
+    value = float(x[worst].reshape(-1)[np.abs(x[worst].reshape(-1)).argmax()])
+    if peaks[worst] >= MAX_ABS_INPUT:
+        raise DataError(f"{name}: sample {worst} holds {value:.3g}; inputs beyond +-{MAX_ABS_INPUT:.2g} overflow "
+                        "float32 once squared (calibration ranges, variances and accuracy checks become infinite): "
+                        "scale the inputs as the model is meant to take them, or drop the sample")
+    nonzero = peaks[peaks > 0]
+    typical = float(np.median(nonzero)) if len(nonzero) else 0.0
+    if typical > 0 and peaks[worst] > OUTLIER_FACTOR * typical:
+        raise DataError(f"{name}: sample {worst} holds {value:.3g}, {peaks[worst] / typical:.2g} times the largest "
+                        f"value of a typical sample ({typical:.3g}); one such value would set every int8 range and "
+                        f"leave no int8 step for the rest (limit: {OUTLIER_FACTOR:g} times): clean, clip or drop it")
 
 
 def _numpy(value: object, name: str, part: str) -> np.ndarray:
@@ -135,16 +165,16 @@ def _check_labels(y: np.ndarray, name: str) -> np.ndarray:
                     f"{_show(y[y != np.round(y)] if y.dtype.kind in 'fc' else y)}); pass class indices")
 
 
-def check_shapes(train: Arrays, test: Arrays) -> None:
-    """Train and test inputs have one sample shape."""
-    if train.sample_shape != test.sample_shape:
-        raise DataError(f"train inputs are {list(train.sample_shape)} per sample but test inputs are "
-                        f"{list(test.sample_shape)}; pass both splits in the shape the model takes")
+def check_shapes(train: Arrays, other: Arrays, name: str = "test") -> None:
+    """Train and another split (`name`: val or test) have one sample shape."""
+    if train.sample_shape != other.sample_shape:
+        raise DataError(f"train inputs are {list(train.sample_shape)} per sample but {name} inputs are "
+                        f"{list(other.sample_shape)}; pass both splits in the shape the model takes")
 
 
-def check_labels(train: Arrays, test: Arrays, classes: int) -> None:
-    """Every label of both splits is a class of the model: in [0, classes)."""
-    for arrays, name in ((train, "train"), (test, "test")):
+def check_labels(train: Arrays, other: Arrays, classes: int, other_name: str = "test") -> None:
+    """Every label of train and of another split (`other_name`: val or test) is a class of the model: in [0, classes)."""
+    for arrays, name in ((train, "train"), (other, other_name)):
         low, high = int(arrays.y.min()), int(arrays.y.max())
         if low < 0 or high >= classes:
             raise DataError(f"{name} labels range over [{low}, {high}] but the model has {classes} classes; "
@@ -201,3 +231,15 @@ def _subset(arrays: Arrays, idx: np.ndarray) -> Arrays:
     x.setflags(write=False)
     y.setflags(write=False)
     return Arrays(x, y)
+
+
+def shared_samples(a: Arrays, b: Arrays) -> int:
+    """How many samples of `a` (input and label) also appear in `b`: a validation split that shares
+    samples with the test split makes the test accuracy no longer an independent estimate."""
+    import hashlib
+
+    def keys(arrays: Arrays) -> list[bytes]:
+        return [hashlib.sha256(arrays.x[i].tobytes() + arrays.y[i].tobytes()).digest() for i in range(len(arrays))]
+
+    seen = set(keys(b))
+    return sum(k in seen for k in keys(a))

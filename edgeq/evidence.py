@@ -116,9 +116,14 @@ class Decision:
     evidence: Evidence
     blocks: int
     settled: str  # "departed" | "ruled out" | "undecided: default kept"
+    latest: Evidence | None = None  # the last block alone: the re-measurement a departure must agree with
 
     def summary(self) -> dict:
-        return {"blocks": self.blocks, "settled": self.settled, "ratios": self.evidence.summary()}
+        """What a plan records: enough to check the decision against the rule again (edgeq.plan)."""
+        out = {"blocks": self.blocks, "settled": self.settled, "ratios": self.evidence.summary()}
+        if self.latest is not None:
+            out["latest_block_medians"] = {_key(k): round(self.latest.median(k), 3) for k in self.latest.ratios}
+        return out
 
 
 def decide(measure_block: Callable[[int], Mapping[Hashable, list[float]]], verdict: Verdict,
@@ -130,8 +135,9 @@ def decide(measure_block: Callable[[int], Mapping[Hashable, list[float]]], verdi
         block = measure_block(rule.block_rounds)
         pooled.add(block)
         v = verdict(pooled)
+        latest = Evidence(dict(block), point=True)
         if v is False:
-            return Decision(False, pooled, blocks, "ruled out")
-        if v and blocks >= 2 and verdict(Evidence(dict(block), point=True)):
-            return Decision(True, pooled, blocks, "departed")
-    return Decision(False, pooled, rule.max_blocks, "undecided: default kept")
+            return Decision(False, pooled, blocks, "ruled out", latest)
+        if v and blocks >= 2 and verdict(latest):
+            return Decision(True, pooled, blocks, "departed", latest)
+    return Decision(False, pooled, rule.max_blocks, "undecided: default kept", latest)

@@ -193,7 +193,7 @@ def export_files(fam: Family, v: FloatVariant) -> bool:
     alone what the checkpoint's weights do. Each file's outputs are checked against the model itself.
     """
     ok: dict[str, bool] = {}
-    eager = predict_logits(v.model, np.array(fam.val.x))
+    check = fidelity(fam, v.model)
     with timed(fam.build.timings, f"{fam.name}.export_s"):
         for fmt in FORMATS:
             graph = file_of(fam.name, v.key, "torchscript")
@@ -205,7 +205,7 @@ def export_files(fam: Family, v: FloatVariant) -> bool:
                 continue
             art = fam.record(v, v.key, fmt, precision="fp32",
                              parent=None if v.key == "fp32" else name_of(fam.name, "fp32", fmt), quantization=None,
-                             runtime_info=runtime_info(fmt, graph=graph), fidelity=lambda got: faithful(eager, got))
+                             runtime_info=runtime_info(fmt, graph=graph), fidelity=check)
             ok[fmt] = art is not None
     return bool(ok.get("onnx"))
 
@@ -222,17 +222,31 @@ def _write(fam: Family, v: FloatVariant, fmt: str) -> bool:
     return True
 
 
-def faithful(eager: np.ndarray, got: np.ndarray) -> str | None:
-    """Why a float file does not compute what its model computes, or None."""
+def fidelity(fam: Family, model: nn.Module):
+    """The fidelity test of a float file of `model` (for Family.record): its logits against the model's own,
+    on the validation split at the evaluation batch, and on `fam.deployed_inputs()` at the deployment batch,
+    where a file deployed one sample at a time would show a graph fixed to one batch or one branch."""
+    batch = fam.recipe.deployment_batch
+    eager = predict_logits(model, np.array(fam.val.x))
+    deployed = predict_logits(model, fam.deployed_inputs(), batch=batch)
+
+    def check(got: np.ndarray, got_deployed: np.ndarray) -> str | None:
+        return faithful(eager, got) or faithful(deployed, got_deployed, f"at the deployment batch of {batch}")
+
+    return check
+
+
+def faithful(eager: np.ndarray, got: np.ndarray, where: str = "") -> str | None:
+    """Why a float file does not compute what its model computes (on the validation inputs, `where`), or None."""
     if got.shape != eager.shape:
         return f"its output shape {list(got.shape)} differs from the model's {list(eager.shape)}"
     sqnr = sqnr_db(eager, got)
     if not policy.faithful(sqnr):
         agree = float((eager.argmax(1) == got.argmax(1)).mean())
-        return (f"it does not compute what the model computes on the validation inputs (logit SQNR {sqnr:.1f} dB, "
-                f"top-1 agreement {agree:.3f}): the model's graph depends on its input (data-dependent control "
-                "flow is traced on one branch) or holds values the file format cannot carry; make the forward pass "
-                "input-independent")
+        return (f"it does not compute what the model computes on the validation inputs{' ' + where if where else ''} "
+                f"(logit SQNR {sqnr:.1f} dB, top-1 agreement {agree:.3f}): the model's graph depends on its input "
+                "(data-dependent control flow is traced on one branch) or on the batch, or holds values the file "
+                "format cannot carry; make the forward pass input-independent")
     return None
 
 

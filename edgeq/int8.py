@@ -97,6 +97,9 @@ def torchscript_int8(fam: Family, v: FloatVariant, variant: str, mode: str, q: n
              if mode == "dynamic" and has_conv else "")
     name, parent = name_of(fam.name, variant, "torchscript"), name_of(fam.name, v.key, "torchscript")
     path = fam.path(variant, "torchscript")
+    if parent not in fam.val_logits:  # nothing to hold it to, and nothing to time it against
+        fam.build.lineage.skip(name, f"its fp32 parent {parent} was not shipped")
+        return
     if attempt(fam, name, lambda: write_torchscript(to_torchscript(q, fam.example), path)) is None:
         return
     quant = {**qc.describe(), "timed_at": timed_at(fam)}

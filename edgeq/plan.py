@@ -200,6 +200,7 @@ class BuildPlan:
     def from_dict(cls, d: object, where: str = "plan") -> "BuildPlan":
         validate(d, where)
         assert isinstance(d, dict)
+        check_consistent(d, where)
         models = {k: FamilyPlan(**v) for k, v in d["models"].items()}
         return cls(d["edgeq"], d["measured_on"], d["rule"], d["data_sha256"], models, d["schema_version"])
 
@@ -265,6 +266,99 @@ def validate(d: object, where: str = "plan") -> None:
         at = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise PlanError(f"{where}: not an edgeq build plan (schema v{PLAN_SCHEMA_VERSION}) at {at}: "
                         f"{exc.message[:160]}; pass the plan.json an export wrote") from None
+
+
+ROUNDING = 5e-4  # a plan records ratios to 3 decimals: a recorded bound may sit this far from the measured one
+
+
+def check_consistent(d: dict, where: str = "plan") -> None:
+    """Refuse a plan that contradicts itself (it passed the schema): int8 ONNX decisions in another target's
+    format than its recipe's `target`, or a ship decision its own recorded timings do not support."""
+    for name, fam in d["models"].items():
+        target = fam["recipe"].get("target")
+        for key, rec in fam["precision"].items():
+            wrong = _foreign_format(target, rec["qdq"])
+            if wrong is not None:
+                raise PlanError(f"{where}: {name}'s {key} int8 ONNX decisions are in the {wrong}, but the plan's "
+                                f"recipe.target is {target!r}; a plan replays only into the target it was measured "
+                                "for: re-measure (edgeq export without --plan, or python -m edgeq.device plan on "
+                                "the device)")
+        for art, rec in fam["ships"].items():
+            why = ship_contradiction(rec)
+            if why is not None:
+                raise PlanError(f"{where}: {art}: ship {str(rec['ship']).lower()} contradicts its own recorded "
+                                f"timings ({why}), under the ship rule an export applies to them (edgeq.policy); "
+                                "re-measure (edgeq export without --plan)")
+
+
+def _foreign_format(target: object, qdq: dict) -> str | None:
+    """How a recorded QDQ setting departs from the int8 format of `target` (edgeq.onnx_quant.TARGET_FORMATS),
+    or None; a target that is not one is left to the recipe's own check."""
+    from edgeq.onnx_quant import TARGET_FORMATS, QDQConfig
+
+    if target not in TARGET_FORMATS:
+        return None
+    defaults = QDQConfig()
+    for field_name, wanted in TARGET_FORMATS[target].items():
+        got = qdq.get(field_name, getattr(defaults, field_name))
+        if got != wanted:
+            owner = next((t for t, f in TARGET_FORMATS.items() if f.get(field_name) == got), "another target's")
+            return f"{owner} format ({field_name} = {json.dumps(got)}; {target} takes {json.dumps(wanted)})"
+    return None
+
+
+def ship_contradiction(rec: dict) -> str | None:
+    """Why a recorded ship decision is not what the ship rule gives on its own recorded timings, or None.
+
+    The rule (edgeq.speed.ship_decision): a file is dropped only when, at some batch, the confidence interval
+    of its paired ratio over its parent lies wholly past the noise margin (edgeq.policy.slower on the low end)
+    and the last block of rounds alone agrees on its medians; otherwise it ships. Recorded figures are
+    rounded, so only a contradiction beyond the rounding counts.
+    """
+    from edgeq import policy
+
+    ship, medians = rec["ship"], rec["latency_vs_parent"]
+    evidence = rec.get("evidence")
+    if not isinstance(evidence, dict):  # no interval recorded: the medians are all the evidence there is
+        slow = [f"{m:g}x at batch {b}" for b, m in medians.items() if policy.slower(m - ROUNDING)]
+        if ship and slow:
+            return f"{slow[0]}, past the noise margin of {policy.NOISE_MARGIN:.0%}, with no interval recorded"
+        if not ship and not any(policy.slower(m + ROUNDING) for m in medians.values()):
+            return "no batch recorded slower than its parent beyond the noise margin"
+        return None
+    ratios, latest = evidence.get("ratios"), evidence.get("latest_block_medians")
+    if not isinstance(ratios, dict) or set(ratios) != set(medians) or not all(
+            isinstance(r, dict) and isinstance(r.get("interval"), list) and len(r["interval"]) == 2
+            and isinstance(r.get("median"), (int, float)) for r in ratios.values()):
+        return "its evidence does not record an interval and a median for each batch of latency_vs_parent"
+    for b, m in medians.items():
+        if abs(m - ratios[b]["median"]) > ROUNDING:
+            return f"latency_vs_parent {m:g}x at batch {b}, but its rounds' median is {ratios[b]['median']:g}x"
+    lows = {b: r["interval"][0] for b, r in ratios.items()}
+    surely = [b for b, lo in lows.items() if lo is not None and policy.slower(lo - ROUNDING)]
+    maybe = any(lo is not None and policy.slower(lo + ROUNDING) for lo in lows.values())
+    settled = evidence.get("settled")
+    if ship:
+        if settled == "departed":
+            return "its evidence says it departed from the default: slower, confirmed"
+        if surely:
+            b = surely[0]
+            if not isinstance(latest, dict):
+                return (f"{ratios[b]['median']:g}x at batch {b}, interval from {lows[b]:g}x, wholly past the noise "
+                        "margin, and no last block recorded to show the slow-down was not confirmed")
+            confirmed = [k for k, m in latest.items() if isinstance(m, (int, float)) and policy.slower(m - ROUNDING)]
+            if confirmed:
+                return (f"{ratios[b]['median']:g}x at batch {b}, interval from {lows[b]:g}x, wholly past the noise "
+                        f"margin, and confirmed by the last block ({latest[confirmed[0]]:g}x at batch {confirmed[0]})")
+        return None
+    if not maybe:
+        return "no batch's interval lies wholly past the noise margin"
+    if settled != "departed":
+        return f"its evidence settled as {settled!r}, not a confirmed slow-down"
+    if isinstance(latest, dict) and not any(isinstance(m, (int, float)) and policy.slower(m + ROUNDING)
+                                            for m in latest.values()):
+        return "the last block of rounds does not confirm the slow-down"
+    return None
 
 
 def _non_finite(value: object, at: str = "") -> tuple[str, str] | None:

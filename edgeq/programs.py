@@ -17,11 +17,10 @@ from edgeq import policy, pte
 from edgeq.clock import timed
 from edgeq.context import Family
 from edgeq.data import first_samples
-from edgeq.floats import attempt, faithful
+from edgeq.floats import attempt, fidelity
 from edgeq.lineage import FloatVariant, name_of
 from edgeq.metrics import score
 from edgeq.speed import drop_slower, ships, timed_at
-from edgeq.train import predict_logits
 
 FMT = "pte"
 MAX_FALLBACK_TRIALS = 8  # int8 programs built per variant to meet the bar (each is a capture, PT2E and lowering)
@@ -67,10 +66,10 @@ def _fp32(fam: Family, v: FloatVariant) -> bool:
     info = attempt(fam, name, lambda: pte.export_fp32(v.model, deployment_example(fam), fam.path(v.key, FMT)))
     if info is None:
         return False
-    eager = predict_logits(v.model, fam.val.x.copy())
+    check = fidelity(fam, v.model)
     art = fam.record(v, v.key, FMT, precision="fp32", parent=None if v.key == "fp32" else name_of(fam.name, "fp32", FMT),
                      quantization=None, runtime_info={**_info(info, "fp32"), "delegation": info["delegation"]},
-                     fidelity=lambda got: faithful(eager, got))
+                     fidelity=check)
     return art is not None
 
 

@@ -51,11 +51,12 @@ def available(runtime_only: bool = False) -> str | None:
     `runtime_only`: only what running a `.pte` needs (the runtime bindings, not the exporter, whose
     import takes seconds)."""
     try:
-        import executorch  # noqa: F401
-        from executorch.extension.pybindings import portable_lib
+        with _quiet():  # a deprecation warning at import (PYTHONWARNINGS=error) is not a missing package
+            import executorch  # noqa: F401
+            from executorch.extension.pybindings import portable_lib
 
-        if not runtime_only:
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
+            if not runtime_only:
+                from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
     except Exception as exc:  # ImportError, or a binary that does not load against this torch
         return f"ExecuTorch is not installed ({first_line(exc, 120)}): {INSTALL}"
     if not portable_lib._is_available(BACKEND):

@@ -2,11 +2,12 @@
 
 `staging(out, ...)` is the one way a build reaches `--out`:
 - `out` is checked before any work: it must be absent, empty, or a previous edgeq export holding
-  only the files its manifest accounts for (`--force` replaces anything else), and never the
-  current directory or one above it;
+  only the files its manifest accounts for, at any depth (`--force` replaces anything else), and
+  never the current directory or one above it;
 - a lock beside `out` (filelock) serialises concurrent exports to it; the loser fails at once;
-- leftovers of killed runs (`.<out>.tmp-<pid>-*`, `.<out>.old-<pid>-*`) are removed, only once
-  the process that made them is gone;
+- first under the lock, a previous export a killed run left aside (`.<out>.old-<pid>-*`) goes back
+  to `out` when `out` is missing or empty; leftovers of killed runs are removed only once the
+  process that made them is gone, and an `.old` copy only once `out` holds a whole export;
 - free space is checked against the expected size of the build;
 - the build goes into a temporary directory beside `out`, then is swapped in with two renames
   (the previous directory is restored if the second fails); any failure, SIGINT or SIGTERM
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -126,8 +128,28 @@ def _edgeq_manifest(path: Path) -> dict | None:
         return None
 
 
+def listed_files(data: dict) -> set[str]:
+    """Every file an edgeq manifest names, as relative POSIX paths: artifacts, eval.npz, val.npz, the
+    plan and the golden files (nested in their folder). Raises on a manifest that is not edgeq's."""
+    files = {a["file"] for a in data["artifacts"]}
+    for entry in ((data.get("dataset") or {}).get("eval"), (data.get("dataset") or {}).get("val"), data.get("plan")):
+        if isinstance((entry or {}).get("file"), str):
+            files.add(entry["file"])
+    golden = data.get("golden") or {}
+    nested = [golden.get("input", {}).get("file")] + [o.get("file") for o in golden.get("outputs", {}).values()]
+    nested += [o.get("file") for o in golden.get("reference", {}).values()]
+    files.update(f for f in nested if isinstance(f, str))
+    if not all(isinstance(f, str) for f in files):
+        raise TypeError("a file name that is not a string")
+    return files
+
+
 def foreign_entry(out: Path) -> str | None:
-    """Why `out` is not safe to replace (None when it is empty or a previous edgeq export, in full)."""
+    """Why `out` is not safe to replace (None when it is empty or a previous edgeq export, in full).
+
+    Every entry at every depth must be one the export wrote: a file its manifest lists (a regular
+    file), or a folder on the way to one (a real folder). Anything else, such as a note beside the
+    golden files, is the user's, and replacing `out` would delete it."""
     try:
         entries = sorted(p.name for p in out.iterdir())
     except OSError as exc:
@@ -140,28 +162,51 @@ def foreign_entry(out: Path) -> str | None:
     if data is None:
         return f"holds a {MANIFEST_NAME} that edgeq did not write"
     try:
-        files = {a["file"] for a in data["artifacts"]}
-        for entry in ((data.get("dataset") or {}).get("eval"), (data.get("dataset") or {}).get("val"), data.get("plan")):
-            if isinstance((entry or {}).get("file"), str):
-                files.add(entry["file"])
-        golden = data.get("golden") or {}
-        nested = [golden.get("input", {}).get("file")] + [o.get("file") for o in golden.get("outputs", {}).values()]
-        nested += [o.get("file") for o in golden.get("reference", {}).values()]
-        folders = {f.split("/")[0] for f in nested if isinstance(f, str) and "/" in f}
+        files = listed_files(data) | OWN_FILES
     except Exception:  # not an edgeq manifest: not ours to delete
         return f"holds a {MANIFEST_NAME} that edgeq did not write"
-    for name in entries:
-        path = out / name
-        if name in OWN_FILES or name in files:
-            if path.is_symlink() or not path.is_file():
-                return f"holds {name}, which is not a regular file an export writes"
-            continue
-        if name in folders:  # the golden outputs' folder
-            if path.is_symlink() or not path.is_dir():
-                return f"holds {name}, which is not the folder an export writes"
-            continue
-        return f"holds {name}, which its edgeq manifest does not list"
+    folders = {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
+    return _foreign_below(out, "", files, folders)
+
+
+def _foreign_below(directory: Path, prefix: str, files: set[str], folders: set[str]) -> str | None:
+    """The first entry under `directory` (named `prefix` inside `out`) that is neither a listed regular
+    file nor a real folder leading to one; None when there is none."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        return f"holds {prefix.rstrip('/') or '.'}, which cannot be listed ({exc.strerror})"
+    for name in names:
+        rel, path = prefix + name, directory / name
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            continue  # gone meanwhile
+        if rel in files:
+            if not stat.S_ISREG(mode):
+                return f"holds {rel}, which is not a regular file an export writes"
+        elif rel in folders:
+            if not stat.S_ISDIR(mode):
+                return f"holds {rel}, which is not the folder an export writes"
+            found = _foreign_below(path, rel + "/", files, folders)
+            if found is not None:
+                return found
+        else:
+            return f"holds {rel}, which its edgeq manifest does not list"
     return None
+
+
+def complete_export(path: Path) -> bool:
+    """Whether `path` holds a whole edgeq export: its manifest is edgeq's and every file it lists is there."""
+    data = _edgeq_manifest(path / MANIFEST_NAME)
+    if data is None:
+        return False
+    try:
+        files = listed_files(data)
+    except Exception:
+        return False
+    return all((path / f).is_file() and not (path / f).is_symlink() for f in files
+               if not Path(f).is_absolute() and ".." not in Path(f).parts)
 
 
 def _alive(pid: int) -> bool:
@@ -175,21 +220,57 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(out: Path) -> list[Path]:
-    """Remove `.<out>.tmp-<pid>-*` and `.<out>.old-<pid>-*` left by runs whose process is gone.
+    """Restore the previous export a killed run left aside, then remove what killed runs left behind.
 
-    An `.old` directory is the previous export, moved aside just before the new one took its place.
-    When `out` is missing, a run was killed between the two renames: the newest `.old` is renamed
-    back to `out` instead of being removed, so the last good export is never lost.
+    `.<out>.tmp-<pid>-*` is a build that never finished; `.<out>.old-<pid>-*` is the previous `out`,
+    moved aside just before the new build took its place. Only leftovers whose process is gone count.
+    When `out` is missing, or an empty folder (a script's `mkdir -p` after the kill), the run was
+    killed between the two renames: the newest `.old` is renamed back to `out` before anything else
+    touches it. Any other `.old` is removed only when `out` then holds a whole edgeq export, so the
+    only complete copy of an export is never deleted. Returns the paths removed.
     """
     removed = []
     stale = {kind: sorted((p for p in out.parent.glob(f".{out.name}.{kind}-*") if _dead_owner(out, kind, p)),
                           key=_mtime) for kind in ("tmp", "old")}
-    if stale["old"] and not os.path.lexists(out):
-        os.rename(stale["old"].pop(), out)  # the newest: the export the killed run replaced
-    for path in stale["tmp"] + stale["old"]:
+    if stale["old"] and _vacant(out):
+        _restore(stale["old"].pop(), out)  # the newest: the export the killed run replaced
+    for path in stale["tmp"]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
+    if stale["old"] and complete_export(out):
+        for path in stale["old"]:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
+
+
+def _vacant(out: Path) -> bool:
+    """`out` is missing, or a real folder holding nothing but an empty .gitkeep."""
+    if not os.path.lexists(out):
+        return True
+    if out.is_symlink() or not out.is_dir():
+        return False
+    try:
+        entries = os.listdir(out)
+    except OSError:
+        return False
+    return all(e == GITKEEP and (out / e).is_file() and not (out / e).is_symlink() and (out / e).stat().st_size == 0
+               for e in entries)
+
+
+def _restore(old: Path, out: Path) -> None:
+    """Rename `old` back to `out`; an empty `out` is replaced in the same rename (POSIX replaces an empty
+    directory), so there is no moment without either. A .gitkeep `out` held is kept."""
+    keep = os.path.lexists(out / GITKEEP)
+    try:
+        if keep:
+            (out / GITKEEP).unlink()
+        os.rename(old, out)
+        if keep:
+            (out / GITKEEP).touch()
+    except OSError as exc:
+        raise ExportError(f"--out {out}: a killed export left the previous export in {old}, and it cannot be "
+                          f"moved back ({exc.strerror}); move it back to {out} by hand, then export again") from None
 
 
 def _dead_owner(out: Path, kind: str, path: Path) -> bool:
@@ -265,8 +346,8 @@ def staging(out: Path, *, force: bool = False, expected_bytes: int = 0) -> Itera
     with _sigterm_as_interrupt():
         lock = _lock(out)
         try:
+            clean_stale(out)  # first: a previous export a killed run left aside goes back to `out`
             check_out(out, force)  # again, now that no other export can change it
-            clean_stale(out)
             check_free_space(out, expected_bytes)
             try:
                 tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
@@ -306,32 +387,38 @@ def disk_full_as_enospc(directory: Path) -> Iterator[None]:
 def _disk_error(out: Path, exc: Exception) -> ExportError | None:
     """The one-line error for a full disk: ENOSPC/EDQUOT, or any failure while the file system of `out`
     is full (some writers, such as onnxruntime's C++ model writer, truncate a file without raising, and
-    the failure shows later as a corrupt file). A full temporary directory (TMPDIR), where torch and
-    onnxruntime write their scratch files, is named as such, not blamed on `out`."""
+    the failure shows later as a corrupt file). The file system is told by device, not by path: a full
+    temporary directory (TMPDIR, where torch and onnxruntime write their scratch files) is named as such,
+    even when it is mounted below `out`'s parent, and is never blamed on `out`."""
     enospc = isinstance(exc, OSError) and exc.errno in NO_SPACE
     out_full = shutil.disk_usage(out.parent).free < FULL_BELOW
     if not enospc and (isinstance(exc, ExportError) or not out_full):
         return None
     filename = os.fsdecode(exc.filename) if isinstance(exc, OSError) and exc.filename else None
-    if out_full or (filename is not None and _under(Path(filename), out.parent)):
+    scratch = tempfile.gettempdir()
+    out_dev, scratch_dev = _device(out.parent), _device(Path(scratch))
+    where = _device(Path(filename)) if filename is not None else None
+    if where == out_dev or (where is None and (out_full or scratch_dev == out_dev)):
         return ExportError(f"--out {out}: no space left on its file system ({getattr(exc, 'strerror', None) or exc}); "
                            "nothing was published and the temporary files are removed; free some space or choose an "
                            "--out on another disk")
-    if filename is not None and not _under(Path(filename), Path(tempfile.gettempdir())):
+    if where is not None and where != scratch_dev:
         return ExportError(f"{filename}: no space left on its file system; nothing was published to --out {out}: "
                            "free some space there")
-    scratch = tempfile.gettempdir()
     return ExportError(f"TMPDIR {scratch}: no space left on a device while building, and not on --out's, which has "
                        f"{_mib(shutil.disk_usage(out.parent).free)} free (torch and onnxruntime write their scratch "
                        "files to TMPDIR); nothing was published: free some space there, or point TMPDIR at a disk "
                        "with room")
 
 
-def _under(path: Path, directory: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(directory.resolve())
-    except (OSError, ValueError):
-        return False
+def _device(path: Path) -> int | None:
+    """The device number of the file system holding `path` (its nearest existing parent when it is gone)."""
+    for p in (path, *path.parents):
+        try:
+            return os.stat(p).st_dev
+        except OSError:
+            continue
+    return None
 
 
 def _pause_for_tests() -> None:
@@ -356,10 +443,14 @@ def _publish(tmp: Path, out: Path) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     os.rmdir(old)
     os.rename(out, old)
-    _pause_for_tests()
     try:
+        _pause_for_tests()
         os.rename(tmp, out)
     except OSError as exc:
         os.rename(old, out)
         raise ExportError(f"--out {out}: could not replace it ({exc.strerror}); the previous artifacts are unchanged") from None
+    except BaseException:  # SIGINT or SIGTERM between the renames: the previous export goes back first
+        if not os.path.lexists(out):  # (once the new build is in, the .old is a leftover the next export removes)
+            os.rename(old, out)
+        raise
     shutil.rmtree(old, ignore_errors=True)

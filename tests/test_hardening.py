@@ -188,6 +188,7 @@ def _dead_pid() -> int:
 
 
 def test_stale_temp_directories_are_cleaned_only_when_their_owner_is_gone(tmp_path: Path) -> None:
+    quick_export(tmp_path / "art")  # a whole export in place: a stale .old is then never the only copy
     dead, alive = _dead_pid(), os.getpid()
     stale = [tmp_path / f".art.tmp-{dead}-abc", tmp_path / f".art.old-{dead}-def"]
     live = tmp_path / f".art.tmp-{alive}-ghi"
