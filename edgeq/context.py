@@ -82,6 +82,8 @@ class Build:
     user_finetune: FinetuneFn | None = None
     progress: bool = True
     timings: dict = field(default_factory=dict)
+    pool: object = None  # an edgeq.trials.Pool: where the untimed trials run
+    workers: dict = field(default_factory=dict)  # how: recorded in the manifest's environment
 
     @property
     def log(self) -> Callable[[str], None]:
@@ -121,6 +123,7 @@ class Family:
     calibration: list[np.ndarray] = field(default_factory=list)
     budgets: dict[str, Budget] = field(default_factory=dict)
     val_logits: dict[str, np.ndarray] = field(default_factory=dict)  # artifact name -> its logits on val
+    cache: dict = field(default_factory=dict)  # what a stage derives once per variant and reuses (a cropped model)
 
     @property
     def bars(self) -> Bars:

@@ -61,25 +61,76 @@ def _info(info: dict, precision: str) -> dict:
             "batch": "fixed at the program's input shape; a larger batch runs as calls of it (edgeq.runtime)"}
 
 
+def cropped(fam: Family, v: FloatVariant) -> tuple[nn.Module, list[str]]:
+    """The variant's model with the kernel taps that read only padding at the program's input size cut
+    (edgeq.pte.crop_padding: exact in fp32), once per variant; its programs are built from it."""
+    key = ("cropped", v.key)
+    if key not in fam.cache:
+        fam.cache[key] = pte.crop_padding(v.model, deployment_example(fam))
+    return fam.cache[key]
+
+
 def _fp32(fam: Family, v: FloatVariant) -> bool:
     name = name_of(fam.name, v.key, FMT)
-    info = attempt(fam, name, lambda: pte.export_fp32(v.model, deployment_example(fam), fam.path(v.key, FMT)))
+    model, cut = cropped(fam, v)
+    info = attempt(fam, name, lambda: pte.export_fp32(model, deployment_example(fam), fam.path(v.key, FMT)))
     if info is None:
         return False
-    check = fidelity(fam, v.model)
+    check = fidelity(fam, v.model)  # against the model as given: the crop must not change what it computes
     art = fam.record(v, v.key, FMT, precision="fp32", parent=None if v.key == "fp32" else name_of(fam.name, "fp32", FMT),
-                     quantization=None, runtime_info={**_info(info, "fp32"), "delegation": info["delegation"]},
+                     quantization=None, runtime_info={**_info(info, "fp32"), "delegation": info["delegation"],
+                                                      "padding_crop": cut},
                      fidelity=check)
     return art is not None
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 def _layers(model: nn.Module) -> list[str]:
     """The model's Conv/Linear module names, stem and head first: the order layers are left in fp32."""
     from edgeq.sensitivity import ends_first
 
-    names = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d,
-                                                                                      nn.Conv2d, nn.Conv3d))]
+    names = [(n, type(m).__name__) for n, m in model.named_modules() if _is_layer(m)]
     return [n for n, _ in ends_first(names)]
+
+
+def _fallback_units(fam: Family, v: FloatVariant, model: nn.Module) -> list[tuple[str, list[str]]]:
+    """What a static program's bar may leave out of XNNPACK's quantizer, in order: every
+    squeeze-excitation gate at once (edgeq.pte.gate_modules, found by structure), then single layers stem
+    and head first (MAX_FALLBACK_TRIALS at most)."""
+    gates = pte.gate_modules(model, fam.example)
+    return ([("gates", gates)] if gates else []) + [(n, [n]) for n in _layers(model)[:MAX_FALLBACK_TRIALS]]
+
+
+def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: float, layers: list[str]) -> dict:
+    """The program with every layer int8, then units left in fp32 one after the other until it meets the
+    contract; the gates unit is kept only where it helps. At least one Conv/Linear layer stays int8."""
+    steps: list[dict] = []
+
+    def step(names: list[str]) -> tuple[bool, float, dict]:
+        s = build(tuple(names))
+        met, drop = accept(s)
+        steps.append({"fp32_nodes_added": list(names), "drop_points": drop, "agreement": s.get("agreement"),
+                      "met": met, **({"screened": True} if s.get("screened") else {})})
+        return met, drop, s
+
+    fp32: list[str] = []
+    met, drop, best = step(fp32)
+    groups: list[str] = []
+    for unit, names in units:
+        if met:
+            break
+        trial = fp32 + [n for n in names if n not in fp32]
+        if not [layer for layer in layers if layer not in trial]:
+            continue  # no int8 layer would be left: not an int8 program
+        met, drop, s = step(trial)
+        if met or unit != "gates" or (s["agreement"], s["correct"]) > (best["agreement"], best["correct"]):
+            fp32, best, groups = trial, s, groups + [unit]
+    return {"met": met, "bar_points": bar_points, "drop_points": drop, "fp32_nodes_added": fp32 if met else [],
+            "fp32_groups": groups if met else [], "best_drop_points": min(st["drop_points"] for st in steps),
+            "steps": steps}
 
 
 def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
@@ -88,13 +139,32 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
     ft = fam.build.finetuner(fam.recipe.qat, fam.recipe.seed + 2, f"{fam.name}: QAT {v.key} .pte") if mode == "qat" \
         else None
     n, ref_correct = len(fam.val), fam.val_correct(parent)
+    model, cut = cropped(fam, v)
     infos: dict = {}
+    held: dict = {}  # the last quantized model: a screened candidate that passes is lowered, not quantized again
 
-    def build(nodes: tuple[str, ...], cal: dict | None = None) -> dict:
+    def quantized(nodes: tuple[str, ...], cal: dict):
+        key = (tuple(nodes), cal["observer"], cal["samples"])
+        if key not in held:
+            held.clear()
+            held[key] = pte.quantize(model, fam.example, first_samples(fam.calibration, cal["samples"]), mode,
+                                     exclude=nodes, finetune=(lambda m: ft(m)) if ft else None,
+                                     observer=cal["observer"])
+        return held[key]
+
+    def screen(nodes: tuple[str, ...], cal: dict) -> dict:
+        """The candidate scored in torch before lowering (edgeq.pte.predict): cheap, and close to the program."""
+        return score(pte.predict(quantized(nodes, cal), fam.val.x), fam.val.y, parent_logits)
+
+    def build(nodes: tuple[str, ...], cal: dict | None = None, screened: bool = False) -> dict:
+        """The program, lowered and scored from its file; with `screened`, only when the PT2E model meets
+        the contract first (a candidate that misses it in torch is not worth a lowering)."""
         cal = cal or {"observer": pte.OBSERVERS[0], "samples": sum(map(len, fam.calibration))}
-        q = pte.quantize(v.model, fam.example, first_samples(fam.calibration, cal["samples"]), mode, exclude=nodes,
-                         finetune=(lambda m: ft(m)) if ft else None, observer=cal["observer"])
-        infos["last"] = pte.lower_int8(q, deployment_example(fam), path)
+        if screened:
+            s = screen(nodes, cal)
+            if not accept(s)[0]:
+                return {**s, "screened": True}
+        infos["last"] = pte.lower_int8(quantized(nodes, cal), deployment_example(fam), path)
         from edgeq import runtime
 
         logits = runtime.load(path, FMT, threads=1).predict(fam.val.x.copy())
@@ -111,13 +181,13 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
         return met, drop
 
     def measure() -> dict:
-        from edgeq.sensitivity import meet_bar
-
-        cal = _calibration(fam, mode, build)
-        # a QAT program is trained once: leaving layers out would train it again for each trial
-        order = _layers(v.model)[:MAX_FALLBACK_TRIALS] if mode == "static" else []
-        return {**meet_bar(lambda nodes: build(nodes, cal), (), order, accept, fam.recipe.max_accuracy_drop),
-                "per_channel": True, "ptq": policy.keeps_parent_weights(mode), "calibration": cal}
+        cal = _calibration(fam, mode, screen)
+        # a QAT program is trained once: leaving modules out would train it again for each trial
+        units = _fallback_units(fam, v, model) if mode == "static" else []
+        return {**_fallback(lambda nodes: build(nodes, cal, screened=mode == "static"), units, accept,
+                            fam.recipe.max_accuracy_drop, [n for n, m in model.named_modules() if _is_layer(m)]),
+                "per_channel": True, "ptq": policy.keeps_parent_weights(mode), "calibration": cal,
+                "padding_crop": cut}
 
     def replay(rec: dict) -> dict:
         if not rec["met"]:
@@ -138,14 +208,15 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
             "steps": bar["steps"],
             "reason": (f"no int8 program meets its contract against {parent} on the validation split (bar "
                        f"{fam.recipe.max_accuracy_drop:g} points{agreement_rule}): the best drop reached is "
-                       f"{bar['best_drop_points']:.2f} points{best_agreement} with layers left in fp32 stem and head "
-                       "first; not shipped")})
+                       f"{bar['best_drop_points']:.2f} points{best_agreement} with squeeze-excitation gates, then "
+                       "layers stem and head first, left in fp32; not shipped")})
         return
     info = infos["last"]
     quant = {"method": mode, "runtime": "executorch", "format": "PT2E, XNNPACKQuantizer", "weights": "int8",
              "activations": "int8", "per_channel": True, "symmetric": True,
              "calibration": _describe(bar.get("calibration")) or f"{sum(map(len, fam.calibration))} training samples",
-             "fp32_modules": list(bar["fp32_nodes_added"]), "delegation": info["delegation"],
+             "fp32_modules": list(bar["fp32_nodes_added"]), "fp32_groups": list(bar.get("fp32_groups", [])),
+             "padding_crop": list(bar.get("padding_crop", [])), "delegation": info["delegation"],
              "accuracy_bar": {"max_drop_points": bar["bar_points"], "drop_points": bar["drop_points"],
                               "measured_on": "the validation split, the program as exported"},
              "timed_at": timed_at(fam)}
@@ -159,10 +230,12 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
                runtime_info={**_info(info, "int8"), "delegation": info["delegation"]}, ship=ship)
 
 
-def _calibration(fam: Family, mode: str, build) -> dict:
-    """Static int8: every activation observer x calibration size of the recipe, each built into a program
-    and measured on the validation split; the most accurate is kept (ties: higher agreement with the
-    fp32 program, higher SQNR, then the earlier candidate), as for the ONNX files' calibration."""
+def _calibration(fam: Family, mode: str, screen) -> dict:
+    """Static int8: every activation observer x calibration size of the recipe, each scored on the
+    validation split as its PT2E model in torch (`screen`: quantized, not lowered, so a candidate costs
+    a calibration, not a program); the most accurate is kept (ties: higher agreement with the fp32
+    program, higher SQNR, then the earlier candidate), as for the ONNX files' calibration, and only it
+    is lowered."""
     available = sum(map(len, fam.calibration))
     if mode != "static":
         return {"observer": pte.OBSERVERS[0], "samples": available,
@@ -176,14 +249,15 @@ def _calibration(fam: Family, mode: str, build) -> dict:
     if len(candidates) == 1:
         return {**candidates[0], "rule": "the recipe's only candidate: nothing to measure"}
     rows = [{**c, **{k: s[k] for k in ("correct", "accuracy", "agreement", "sqnr_db") if k in s}}
-            for c in candidates for s in [build((), c)]]
+            for c in candidates for s in [screen((), c)]]
     from edgeq.sensitivity import most_accurate
 
     best = most_accurate(rows)
     fam.build.log(f"  .pte calibration: {rows[best]['observer']} on {rows[best]['samples']} samples (" + ", ".join(
         f"{r['observer']}/{r['samples']} {100 * r['accuracy']:.2f}%" for r in rows) + ")")
     return {"observer": rows[best]["observer"], "samples": rows[best]["samples"], "candidates": rows,
-            "measured_on": f"{len(fam.val)} validation samples, every layer int8",
+            "measured_on": (f"{len(fam.val)} validation samples, every layer int8, each candidate's PT2E model run in "
+                            "torch before lowering; only the one kept is lowered"),
             "rule": "most accurate; ties: higher agreement with the fp32 program, higher SQNR, then the earlier candidate"}
 
 

@@ -185,6 +185,58 @@ def _padded_forward(conv, pads: tuple[int, int, int, int]):
     return forward
 
 
+def gate_modules(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
+    """The modules that hold a squeeze-excitation gate, x * sigmoid|hardsigmoid(f(mean(x))), found in the
+    captured graph by structure (edgeq.groups does the same on ONNX): for each such mul, the innermost
+    module whose forward traced the whole gate (its pooling, its convolutions, the gate and the mul).
+    Leaving one out of XNNPACK's quantizer keeps the gate's activations fp32."""
+    graph = capture(copy.deepcopy(model).eval(), example).graph
+    squeeze = ("adaptive_avg_pool2d", "mean")
+    gates = ("sigmoid", "hardsigmoid")
+    found: list[str] = []
+    for mul in (n for n in graph.nodes if n.op == "call_function" and _op_name(n.target) in ("mul.Tensor", "mul")):
+        args = [a for a in mul.args if hasattr(a, "op")]
+        for x, g in ((args[0], args[1]), (args[1], args[0])) if len(args) == 2 else ():
+            if g.op != "call_function" or _op_name(g.target).split(".")[0] not in gates or g.args[0] is x:
+                continue
+            path, stack, pooled = [mul, g], [g.args[0]], False
+            while stack and len(path) < 64:
+                node = stack.pop()
+                if not hasattr(node, "op") or node.op != "call_function":
+                    continue
+                path.append(node)
+                if _op_name(node.target).split(".")[0] in squeeze:
+                    pooled = pooled or node.args[0] is x
+                    continue
+                stack.extend(a for a in node.args if hasattr(a, "op"))
+            if pooled:
+                name = _common_module(path)
+                if name and name not in found:
+                    found.append(name)
+    return found
+
+
+def _common_module(nodes) -> str:
+    """The innermost module (qualified name) whose forward traced every one of `nodes`."""
+    stacks = [[v[0] for v in (n.meta.get("nn_module_stack") or {}).values()] for n in nodes]
+    common: list[str] = []
+    for names in zip(*stacks):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    return common[-1] if common else ""
+
+
+def predict(converted: torch.nn.Module, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    """Logits of a `quantize`d (PT2E, converted) model in torch, before lowering: torch's reference int8
+    arithmetic on the program's own scales, the cheap way to rank candidates before building programs."""
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([converted(torch.from_numpy(np.array(x[i : i + batch], dtype=np.float32))).float().numpy()
+                               for i in range(0, len(x), batch)])
+
+
 # -- quantization -----------------------------------------------------------------------------------
 
 
