@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +41,7 @@ from edgeq.metrics import agreement, sqnr_db
 from edgeq.plan import PLAN_NAME, BuildPlan, FamilyPlan, data_sha256, model_sha256
 from edgeq.recipe import MODES, PRUNINGS, Recipe
 from edgeq.timing import threads
+from edgeq.trials import Pool, Workers, available_cores
 from edgeq.train import predict_logits
 
 TRAIN_THREADS = 2  # float sums depend on the thread count: fine-tunes run at a fixed one to reproduce
@@ -105,9 +107,14 @@ def compress(
         _review(replay, log)
     expected = sum(_expected_bytes(m, recipes[name]) for name, m in models.items())
     expected += splits.test.x[: max(r.eval_samples for r in recipes.values())].nbytes + splits.val.x.nbytes
-    with publish.staging(options.out, force=options.force, expected_bytes=expected) as tmp, threads(TRAIN_THREADS):
+    workers = _workers(recipes)
+    with publish.staging(options.out, force=options.force, expected_bytes=expected) as tmp, threads(TRAIN_THREADS), \
+            Pool(workers) as pool:
+        if any(set(r.variants) & {"static", "qat"} for r in recipes.values()):
+            pool.start()  # the workers import their runtimes while the float stage runs
         decisions = Replayed(replay) if replay is not None else Measured(record)
-        b = Build(tmp, splits, decisions, Lineage(log), finetune, options.progress)
+        b = Build(tmp, splits, decisions, Lineage(log), finetune, options.progress, pool=pool)
+        b.workers = {"backend": workers.backend, "jobs": pool.size, "ray_address": workers.ray_address}
         families = {name: _family(b, name, m, recipes[name], specs[name]) for name, m in models.items()}
         _require_shipped(b)
         manifest = _manifest(b, families, min(r.eval_samples for r in recipes.values()), preprocessing, dataset)
@@ -117,6 +124,20 @@ def compress(
         if options.sign_key is not None:  # after the manifest: the signature covers every file
             signing.sign_directory(tmp, options.sign_key)
     return manifest
+
+
+def _workers(recipes: dict[str, Recipe]) -> Workers:
+    """Where the untimed trials run: the recipe's `jobs` worker processes (0: every core; one core: in this
+    process) or its Ray cluster (`ray_address`, else RAY_ADDRESS). One setting for the whole export."""
+    settings = {(r.jobs, r.ray_address) for r in recipes.values()}
+    if len(settings) > 1:
+        raise ConfigError(f"the recipes ask for different workers {sorted(settings)}: jobs and ray_address are one "
+                          "setting for the whole export; give every model the same")
+    jobs, address = settings.pop()
+    jobs = jobs or available_cores()
+    if jobs > 1 or address or os.environ.get("RAY_ADDRESS"):
+        return Workers.from_env(jobs=jobs, ray_address=address or None)
+    return Workers(jobs=1)
 
 
 def _require_shipped(b: Build) -> None:
@@ -344,7 +365,7 @@ def _manifest(b: Build, families: dict, eval_limit: int, preprocessing: dict | N
                  "eval": {**eval_entry, "use": "reported only: no decision reads it"}, "val": val_entry,
                  "accuracy": "artifacts.*.accuracy: test split (eval.npz); artifacts.*.val_accuracy and contract: "
                              "validation split (val.npz)"},
-        environment=environment(), artifacts=b.lineage.artifacts, skipped=b.lineage.skipped, timings=b.timings,
+        environment={**environment(), "workers": b.workers}, artifacts=b.lineage.artifacts, skipped=b.lineage.skipped, timings=b.timings,
         plan={"file": PLAN_NAME, "bytes": plan_path.stat().st_size, "sha256": sha256_file(plan_path),
               "replayed": b.replaying},
     )

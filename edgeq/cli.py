@@ -102,10 +102,17 @@ def main() -> None:
               help="Rebuild with the decisions of a previous export (its plan.json) instead of timing anything: "
                    "same model, data and recipe give byte-identical files. Without it every decision is measured "
                    "afresh on this machine.")
+@click.option("--jobs", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Worker processes for the untimed trials (calibration, sensitivity, the accuracy bar): 0 for every "
+                   "core, 1 for none. Timed decisions always run alone. No file depends on it [recipe: 0].")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run the untimed trials on this Ray cluster (HOST:PORT, ray://HOST:PORT, auto, or local); also "
+                   "RAY_ADDRESS. Needs pip install 'edgeq[ray]'. The files are those of a local export "
+                   "(docs/scale.md).")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage lines.")
 def export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method, channel_amount, seed,
            threads, max_accuracy_drop, max_pruning_drop, target, executorch, epochs, data_dir, download, sign_key,
-           plan_file, quiet):
+           plan_file, jobs, ray_address, quiet):
     """Prune, quantize and export a model (yours, or a built-in example), then write manifest.json.
 
     \b
@@ -113,6 +120,7 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
       edgeq export --out artifacts --model mlp --prune-amount 0.9
       edgeq export --model my_model.py:build --data my_model.py:load --out artifacts-mine
       edgeq export --plan artifacts/plan.json --out rebuilt
+      edgeq export --ray 10.0.0.5:6379 --out artifacts
     """
     from edgeq.build import stage_profile, summary
 
@@ -121,7 +129,8 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
             manifest = _export(out, force, models, data_spec, recipe_file, variants, prune_amount, prune_method,
                                channel_amount, seed, threads, {"max_accuracy_drop": max_accuracy_drop,
                                                                "max_pruning_drop": max_pruning_drop, "target": target,
-                                                               "executorch": executorch},
+                                                               "executorch": executorch, "jobs": jobs,
+                                                               "ray_address": ray_address},
                                epochs, data_dir, download, key, plan_file, quiet)
         if manifest is None or not (out / "manifest.json").is_file():
             raise EdgeqError(f"the export returned without writing {out}/manifest.json; nothing was published")

@@ -162,7 +162,7 @@ def tuning(fam: Family, parent: Parent) -> dict:
         return parent.tuned
     onnx_parent = fam.path(parent.v.key, "onnx")
     parent.evaluator = Evaluator(onnx_parent, np.array(fam.val.x), np.asarray(fam.val.y), fam.calibration,
-                                 fam.build.dir)
+                                 fam.build.dir, pool=fam.build.pool)
     rec = fam.plan.precision[parent.v.key]
     d = fam.build.decisions
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
@@ -320,9 +320,15 @@ def accuracy_bar(fam: Family, parent: Parent, art_name: str, mode: str, source: 
                   if names is None or all(n in names for n in g.nodes)]  # a QAT twin: the groups it has too
         budget = fam.budgets["accuracy"]
         share, t0 = budget.share(), time.perf_counter()
+        def many(requests: list, left: float) -> list:
+            qdqs = [replace(base, per_channel=per_channel,
+                            exclude_nodes=tuple(names[x] for x in n if x in names) if names else tuple(n))
+                    for n, _ in requests]
+            return ev.many([(q, calib, rows) for q, (_, rows) in zip(qdqs, requests)], source, left)
+
         try:
             result = meet_bar_groups(build(per_channel), tuple(speed_nodes), groups, accept,
-                                     fam.recipe.max_accuracy_drop, ev.ref, ev.labels, share)
+                                     fam.recipe.max_accuracy_drop, ev.ref, ev.labels, share, run_many=many)
         finally:
             budget.spend(time.perf_counter() - t0)
         result["steps"] = first + result["steps"]

@@ -33,6 +33,7 @@ CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantiz
 PTE_OBSERVERS = ("histogram", "minmax")  # PT2E activation observers for static int8 .pte (XNNPACK's default first)
 TARGETS = ("x86", "arm64")
 SHIP_RULES = ("timed", "always")
+EXECUTION = ("jobs", "ray_address")  # where trials run: no decision or file depends on them
 MAX_BATCH = 4096  # a timed batch larger than this is a typo, not a deployment: refused before any work
 DEFAULT_EVAL_SAMPLES = 10_000  # the test split shipped in eval.npz: all of it up to this many samples
 
@@ -142,6 +143,11 @@ class Recipe:
     max_int8_size_ratio: float = 0.30
     eval_samples: int = DEFAULT_EVAL_SAMPLES  # test samples shipped in eval.npz and measured
     seed: int = 0
+    # where the untimed trials run (edgeq.trials): worker processes on this machine (0: every core; 1: in
+    # this process), or a Ray cluster's address (`edgeq export --ray`). They change no decision and no
+    # file, only the wall time: not recorded with the recipe, and a plan replays whatever they are.
+    jobs: int = 0
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", self.target or build_machine_target())
@@ -185,9 +191,13 @@ class Recipe:
         _check(self.search_budget_s > 0, f"search_budget_s must be > 0, got {self.search_budget_s}")
         _check(self.accuracy_budget_s > 0, f"accuracy_budget_s must be > 0, got {self.accuracy_budget_s}")
         _check(self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}")
+        _check(self.jobs >= 0, f"jobs must be >= 0 (0: every core), got {self.jobs}")
 
     def to_dict(self) -> dict:
+        """The recipe as recorded (manifest, plan): every field that can change a decision or a file."""
         d = dataclasses.asdict(self)
+        for key in EXECUTION:
+            del d[key]
         for key in ("variants", "batches", "calibration_methods", "calibration_sizes", "pte_observers"):
             d[key] = list(d[key])
         return d

@@ -36,12 +36,13 @@ class Evaluator:
     """Quantizes an fp32 ONNX parent with given settings and scores the result on the evaluation data."""
 
     def __init__(self, fp32_path: Path, x: np.ndarray, labels: np.ndarray, calibration: list[np.ndarray],
-                 tmp_parent: Path | None = None):
+                 tmp_parent: Path | None = None, pool=None):
         self.fp32_path, self.x, self.labels, self.calibration = fp32_path, x, labels, calibration
         self.ref = load_onnx(fp32_path, 1).predict(x)
         self.parent = score(self.ref, labels, self.ref)
         self._tmp = tempfile.TemporaryDirectory(dir=tmp_parent)
         self._builders: dict[Path, QDQBuilder] = {}  # per source file: its pre-processing and ranges, made once
+        self.pool = pool  # an edgeq.trials.Pool: independent trials run on its workers, results in order
         self.runs = 0
 
     def close(self) -> None:
@@ -75,6 +76,39 @@ class Evaluator:
             if keep is None:
                 path.unlink()
 
+    def many(self, requests: list[tuple[QDQConfig, list[np.ndarray], np.ndarray | None]],
+             source: Path | None = None, budget_s: float = math.inf) -> list[dict | None]:
+        """Scores of independent trials (config, calibration batches, validation rows or None), in the order
+        given: on the pool's workers when there is a pool (each quantizes from the same bytes, at one thread:
+        the same scores as here), else one after the other here. Trials are started in waves as wide as
+        the pool while a wave would end within `budget_s`; the ones never started are None."""
+        t0, out = time.perf_counter(), [None] * len(requests)
+        width = 1 if self.pool is None or self.pool.workers.backend == "serial" else max(1, self.pool.size)
+        for first in range(0, len(requests), width):
+            spent = time.perf_counter() - t0
+            if first and spent + spent / (first // width) > budget_s:
+                break
+            wave = requests[first : first + width]
+            if width == 1:
+                out[first] = self.trial(*wave[0][:2], source, rows=wave[0][2])[0]
+                continue
+            out[first : first + len(wave)] = self._on_pool(wave, source or self.fp32_path)
+        return out
+
+    def _on_pool(self, wave: list, source: Path) -> list[dict]:
+        cals, rows, items = {}, {}, []
+        for qdq, calibration, idx in wave:
+            ck = next((k for k, v in cals.items() if v is calibration), len(cals))
+            cals.setdefault(ck, calibration)
+            rk = None if idx is None else next((k for k, v in rows.items() if v is idx), len(rows))
+            if rk is not None:
+                rows.setdefault(rk, idx)
+            items.append((qdq, ck, rk))
+        shared = {"source": source.read_bytes(), "x": self.x, "y": self.labels, "ref": self.ref,
+                  "calibration": cals, "rows": rows}
+        self.runs += len(items)
+        return [t.value for t in self.pool.run(score_trial, items, shared, progress=False, what="int8 trials")]
+
     def builder(self, source: Path) -> QDQBuilder:
         """The int8 builder of a source file (the fp32 parent, or a QAT float twin)."""
         if source not in self._builders:
@@ -85,6 +119,31 @@ class Evaluator:
 
     def score(self, qdq: QDQConfig, samples: int) -> dict:
         return self.score_batches(qdq, first_samples(self.calibration, samples))
+
+
+_WORKER_BUILDERS: dict[str, QDQBuilder] = {}  # in a pool worker: one builder per source file, kept across runs
+
+
+def score_trial(shared: dict, item: tuple) -> dict:
+    """A trial on a pool or Ray worker (edgeq.trials): the source ONNX file (bytes) quantized with a
+    QDQConfig on the named calibration batches, run on the named validation rows (all: None) at one
+    thread, scored against the fp32 logits. The worker keeps its builder, so each graph is pre-processed
+    and calibrated once per worker."""
+    import tempfile as _tempfile
+
+    from edgeq.trials import scratch_dir, shared_file
+
+    qdq, cal_key, rows_key = item
+    source = shared_file(shared["source"], ".onnx")
+    builder = _WORKER_BUILDERS.get(str(source))
+    if builder is None:
+        builder = _WORKER_BUILDERS[str(source)] = QDQBuilder(source, Path(_tempfile.mkdtemp(dir=scratch_dir())))
+    rows = None if rows_key is None else shared["rows"][rows_key]
+    x, y, ref = (shared["x"], shared["y"], shared["ref"]) if rows is None else \
+        (shared["x"][rows], shared["y"][rows], shared["ref"][rows])
+    with _tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
+        path = builder.build(Path(tmp) / "int8.onnx", list(shared["calibration"][cal_key]), qdq)
+        return score(load_onnx(path, 1).predict(x), y, ref)
 
 
 def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], sizes: tuple[int, ...]) -> dict:
@@ -99,10 +158,11 @@ def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], 
     for method in methods:
         for n in sizes:
             n = min(n, available)
-            if any(r["method"] == method and r["samples"] == n for r in rows):
-                continue
-            s = ev.score(replace(qdq, calibrate_method=method), n)
-            rows.append({"method": method, "samples": n, **s})
+            if not any(r["method"] == method and r["samples"] == n for r in rows):
+                rows.append({"method": method, "samples": n})
+    sets = {n: first_samples(ev.calibration, n) for n in {r["samples"] for r in rows}}
+    scores = ev.many([(replace(qdq, calibrate_method=r["method"]), sets[r["samples"]], None) for r in rows])
+    rows = [{**r, **s} for r, s in zip(rows, scores)]
     best = most_accurate(rows)
     return {"method": rows[best]["method"], "samples": rows[best]["samples"], "candidates": rows,
             "measured_on": f"{len(ev.labels)} evaluation samples, the speed plan's graph "
@@ -137,17 +197,22 @@ def layer_sensitivity(ev: Evaluator, qdq: QDQConfig, samples: int, nodes: list[t
     Layers are measured stem and head first (`ends_first`) until `budget_s` is spent; the rest get
     no row."""
     names = [n for n, _ in nodes]
-    t0 = time.perf_counter()
     if budget_s <= 0:
         return []
-    full = ev.score(replace(qdq, exclude_nodes=()), samples)
-    rows = []
-    for node, op in ends_first(nodes):
-        per_layer = (time.perf_counter() - t0) / (len(rows) + 1)  # the all-int8 score counts as one
-        if time.perf_counter() - t0 + per_layer > budget_s:  # the next layer would end past the budget
-            break
-        only = ev.score(replace(qdq, exclude_nodes=tuple(n for n in names if n != node)), samples)
-        but = ev.score(replace(qdq, exclude_nodes=(node,)), samples)
+    calibration = first_samples(ev.calibration, samples)
+    order = ends_first(nodes)
+    requests = [(replace(qdq, exclude_nodes=()), calibration, None)]
+    for node, _ in order:
+        requests += [(replace(qdq, exclude_nodes=tuple(n for n in names if n != node)), calibration, None),
+                     (replace(qdq, exclude_nodes=(node,)), calibration, None)]
+    scores = ev.many(requests, budget_s=budget_s)
+    full, rows = scores[0], []
+    if full is None:
+        return []
+    for i, (node, op) in enumerate(order):
+        only, but = scores[1 + 2 * i], scores[2 + 2 * i]
+        if only is None or but is None:
+            break  # the budget ran out: the rest get no row
         rows.append({"node": node, "op": op,
                      "only_this_int8": {k: v for k, v in only.items() if k != "correct"},
                      "all_but_this_int8": {k: v for k, v in but.items() if k != "correct"},
@@ -215,12 +280,15 @@ def _rank_key(s: dict) -> tuple:
 def meet_bar_groups(run: Callable[[tuple[str, ...], np.ndarray | None], tuple[dict, np.ndarray]],
                     start: tuple[str, ...], groups: list, accept: Callable[[dict], tuple[bool, float]],
                     bar_points: float, ref: np.ndarray, labels: np.ndarray, budget_s: float = math.inf,
-                    ranking_samples: int = RANKING_SAMPLES) -> dict:
+                    ranking_samples: int = RANKING_SAMPLES,
+                    run_many: Callable[[list[tuple[tuple[str, ...], np.ndarray]], float], list] | None = None) -> dict:
     """Move quantizer groups (edgeq.groups) to fp32 until the file meets its contract, NNCF's way.
 
     `run(fp32 nodes, rows)` quantizes with those nodes in fp32, all else int8 (one calibration, reused:
     edgeq.onnx_quant.QDQBuilder), and returns (score, logits) on the validation rows (None: all of
-    them, the file left where the caller keeps it). `start` are the speed plan's fp32 nodes.
+    them, the file left where the caller keeps it). `run_many([(nodes, rows), ...], budget_s)` scores
+    independent ranking trials at once (on a pool: edgeq.trials), None for those the budget left out.
+    `start` are the speed plan's fp32 nodes.
 
     1. The file with every group int8 is validated once; met, nothing moves.
     2. The `ranking_samples` validation samples where it departs most from fp32 become the ranking set.
@@ -257,13 +325,17 @@ def meet_bar_groups(run: Callable[[tuple[str, ...], np.ndarray | None], tuple[di
 
     def ranked(candidates: dict[str, list[str]], base: list[str], rows: np.ndarray) -> list[tuple[str, dict]]:
         nonlocal trials
-        scored = []
-        for key, names in candidates.items():
-            if past_budget():
-                not_tried.append(f"ranking {key}")
-                continue
-            trials += 1
-            scored.append((key, run(nodes(base + names), rows)[0]))
+        keys = list(candidates)
+        left = budget_s - (time.perf_counter() - t0)
+        if run_many is not None:
+            scores = run_many([(nodes(base + candidates[k]), rows) for k in keys], left)
+        else:
+            scores = []
+            for k in keys:
+                scores.append(None if past_budget() else run(nodes(base + candidates[k]), rows)[0])
+        trials += sum(s is not None for s in scores)
+        not_tried.extend(f"ranking {k}" for k, s in zip(keys, scores) if s is None)
+        scored = [(k, s) for k, s in zip(keys, scores) if s is not None]
         return sorted(scored, key=lambda item: _rank_key(item[1]), reverse=True)
 
     fp32: list[str] = []
@@ -293,10 +365,13 @@ def meet_bar_groups(run: Callable[[tuple[str, ...], np.ndarray | None], tuple[di
                 accepted = list(fp32)
         if not met:
             rows = worst_rows(ref, best["logits"], ranking_samples)
-            singles = {g.name: [g.name] for g in movable if g.name not in fp32}
-            by_group = ranked(singles, fp32, rows)
-            ranking["groups"] = {k: _brief(s) for k, s in by_group}
-            for name, _ in by_group:
+            here = score(best["logits"][rows], labels[rows], ref[rows])
+            left = [g.name for g in movable if g.name not in fp32]
+            by_group = _rank_singles(ranked, left, fp32, [g.name for g in movable], here, rows)
+            ranking["groups"] = by_group
+            for name in sorted(by_group, key=lambda n: by_group[n]["sensitivity"], reverse=True):
+                if by_group[name]["sensitivity"] <= 0:
+                    break  # moving it changes nothing on the ranking samples
                 if by_name[name].kind == "compute" and not [c for c in compute if c not in fp32 and c != name]:
                     continue  # the last int8 compute layer: no int8 file is left
                 if past_budget():
@@ -317,6 +392,30 @@ def meet_bar_groups(run: Callable[[tuple[str, ...], np.ndarray | None], tuple[di
             "best_drop_points": min(st["drop_points"] for st in steps), "steps": steps, "ranking": ranking,
             "not_tried": not_tried, "budget_s": None if math.isinf(budget_s) else budget_s,
             "trials": trials, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _rank_singles(ranked, left: list[str], fp32: list[str], every: list[str], here: dict,
+                  rows: np.ndarray) -> dict[str, dict]:
+    """Each group's sensitivity on the ranking samples, both ways, as the per-layer sensitivity table
+    measures layers: what moving it alone to fp32 wins back (`gain`), and what it alone in int8, every
+    other group fp32, loses (`alone`): either can miss a group that only hurts together with another
+    (an outlier activation breaks the layer that consumes it, and only when its producer quantizes it
+    too). Agreement with fp32 on the ranking samples, in points; sensitivity is the larger of the two."""
+    n = len(rows)
+    gained = dict(ranked({name: [name] for name in left}, fp32, rows))
+    alone = dict(ranked({name: [o for o in every if o != name] for name in left}, [], rows))
+    out = {}
+    for name in left:
+        if name not in gained or name not in alone:
+            continue  # not ranked within the budget
+        gain = 100.0 * (gained[name]["agreement"] - here["agreement"])
+        loss = 100.0 * (1.0 - alone[name]["agreement"])
+        out[name] = {"gain_points": round(gain, 4), "alone_int8_loss_points": round(loss, 4),
+                     "sensitivity": round(max(gain, loss), 4), "samples": n,
+                     "alone_int8_sqnr_db": alone[name]["sqnr_db"]}
+    return dict(sorted(out.items(), key=lambda item: (-item[1]["sensitivity"],
+                                                      item[1]["alone_int8_sqnr_db"] if item[1]["alone_int8_sqnr_db"]
+                                                      is not None else math.inf)))
 
 
 def _brief(s: dict) -> dict:
