@@ -179,9 +179,12 @@ def _calibration(fam: Family, parent: Parent) -> dict:
 
     fam.build.log(f"{fam.name}: measuring calibration candidates and per-layer sensitivity of {parent.v.key} on "
                   f"{len(fam.val)} validation samples")
+    since = dict(parent.evaluator.nodes)
     cal = choose_calibration(parent.evaluator, parent.plan.qdq, fam.recipe.calibration_methods,
                              fam.recipe.calibration_sizes)
     measured = [c for c in cal["candidates"] if "accuracy" in c]
+    if ran_on := parent.evaluator.ran_on(since):
+        cal["ran_on"] = ran_on
     fam.build.log(f"  calibration: {cal['method']} on {cal['samples']} samples" + (" (" + ", ".join(
         f"{c['method']}/{c['samples']} {100 * c['accuracy']:.2f}%" for c in measured) + ")") * bool(measured))
     return cal
@@ -191,6 +194,7 @@ def _sensitivity(fam: Family, parent: Parent, cal: dict) -> dict:
     from edgeq.sensitivity import layer_sensitivity, ranking
 
     nodes, rows, share = compute_nodes(fam.path(parent.v.key, "onnx")), [], None
+    since = dict(parent.evaluator.nodes)
     if fam.recipe.sensitivity:
         budget = fam.budgets["sensitivity"]
         share = budget.share()
@@ -204,7 +208,8 @@ def _sensitivity(fam: Family, parent: Parent, cal: dict) -> dict:
             fam.build.log(f"  {r['node']}: alone in int8 {-r['only_this_int8_drop_points']:+.2f} pts (SQNR "
                           f"{r['only_this_int8']['sqnr_db']} dB); alone in fp32 {r['gain_points']:+.2f} pts vs all-int8")
     measured = {r["node"] for r in rows}
-    return {"layers": rows, "ranking": ranking(rows) if rows else [],
+    where = {"ran_on": parent.evaluator.ran_on(since)} if parent.evaluator.ran_on(since) else {}
+    return {**where, "layers": rows, "ranking": ranking(rows) if rows else [],
             "not_measured": [n for n, _ in nodes if n not in measured] if fam.recipe.sensitivity else [],
             "budget_s": share, "measured_on": f"{len(fam.val)} validation samples, against the fp32 parent "
                                               f"{name_of(fam.name, parent.v.key, 'onnx')}"}
@@ -326,11 +331,14 @@ def accuracy_bar(fam: Family, parent: Parent, art_name: str, mode: str, source: 
                     for n, _ in requests]
             return ev.many([(q, calib, rows) for q, (_, rows) in zip(qdqs, requests)], source, left)
 
+        since = dict(ev.nodes)
         try:
             result = meet_bar_groups(build(per_channel), tuple(speed_nodes), groups, accept,
                                      fam.recipe.max_accuracy_drop, ev.ref, ev.labels, share, run_many=many)
         finally:
             budget.spend(time.perf_counter() - t0)
+        if ran_on := ev.ran_on(since):
+            result["ran_on"] = ran_on  # the Ray nodes its ranking trials ran on
         result["steps"] = first + result["steps"]
         result["best_drop_points"] = min(st["drop_points"] for st in result["steps"])
         return {**result, "per_channel": per_channel, "ptq": policy.keeps_parent_weights(mode)}

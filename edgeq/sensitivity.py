@@ -43,6 +43,7 @@ class Evaluator:
         self._tmp = tempfile.TemporaryDirectory(dir=tmp_parent)
         self._builders: dict[Path, QDQBuilder] = {}  # per source file: its pre-processing and ranges, made once
         self.pool = pool  # an edgeq.trials.Pool: independent trials run on its workers, results in order
+        self.nodes: dict[str, int] = {}  # Ray node id -> trials it ran (a local pool records nothing: no file differs)
         self.runs = 0
 
     def close(self) -> None:
@@ -107,7 +108,16 @@ class Evaluator:
         shared = {"source": source.read_bytes(), "x": self.x, "y": self.labels, "ref": self.ref,
                   "calibration": cals, "rows": rows}
         self.runs += len(items)
-        return [t.value for t in self.pool.run(score_trial, items, shared, progress=False, what="int8 trials")]
+        done = self.pool.run(score_trial, items, shared, progress=False, what="int8 trials")
+        for t in done:
+            if t.node:
+                self.nodes[t.node] = self.nodes.get(t.node, 0) + 1
+        return [t.value for t in done]
+
+    def ran_on(self, since: dict[str, int]) -> dict[str, int]:
+        """Trials per Ray node since the counts `since` (a copy of `nodes` taken before): evidence of where a
+        decision's trials ran, for the plan."""
+        return {n: c - since.get(n, 0) for n, c in sorted(self.nodes.items()) if c > since.get(n, 0)}
 
     def builder(self, source: Path) -> QDQBuilder:
         """The int8 builder of a source file (the fp32 parent, or a QAT float twin)."""

@@ -173,6 +173,13 @@ class RayCluster:
         sids = {s for s in (self.head_sid, self.worker_sid) if s}
         return {**_sessions_of(sids), **_naming(str(self.root))}
 
+    def on_worker(self, pid: int) -> bool:
+        """Whether a process belongs to the worker node (its session)."""
+        try:
+            return self.worker_sid is not None and os.getsid(pid) == self.worker_sid
+        except OSError:
+            return False
+
     def worker_alive(self) -> bool:
         return bool(self.worker_sid and _sessions_of({self.worker_sid}))
 
