@@ -26,14 +26,12 @@ from edgeq.errors import ExportError
 from edgeq.export import export_onnx, write_torchscript
 from edgeq.floats import attempt, runtime_info
 from edgeq.lineage import FloatVariant, name_of
-from edgeq.onnx_quant import TARGET_FORMATS, QDQConfig, quantize_onnx
+from edgeq.onnx_quant import QDQConfig
 from edgeq.plan import check_layers
 from edgeq.precision import Plan, compute_nodes, inspect_runtime_graph, search_precision
 from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
 from edgeq.recipe import MODES
 from edgeq.speed import cross_target, drop_slower, search_config, ships, timed_at
-
-ENGINES = {"x86": "x86", "arm64": "qnnpack"}  # torch.ao's quantized engine per target
 
 
 @dataclass
@@ -67,7 +65,8 @@ def build(fam: Family, parents: list[tuple[FloatVariant, bool]]) -> None:
 def _one(fam: Family, parent: Parent, mode: str) -> None:
     v = parent.v
     variant = ("" if v.key == "fp32" else f"{v.key}-") + mode
-    qc = QuantConfig(mode, engine=ENGINES[fam.recipe.target], calibration_samples=sum(map(len, fam.calibration)))
+    qc = QuantConfig(mode, engine=fam.recipe.target_spec.torch_engine,
+                     calibration_samples=sum(map(len, fam.calibration)))
     qat_ft = fam.build.finetuner(fam.recipe.qat, fam.recipe.seed + 2, f"{fam.name}: QAT {v.key}")
     with timed(fam.build.timings, f"{fam.name}.quantize_s"):
         q = attempt(fam, name_of(fam.name, variant, "torchscript"),
@@ -115,7 +114,7 @@ def torchscript_int8(fam: Family, v: FloatVariant, variant: str, mode: str, q: n
 
 
 def target_qdq(fam: Family) -> QDQConfig:
-    return QDQConfig(**TARGET_FORMATS[fam.recipe.target])
+    return QDQConfig(**fam.recipe.target_spec.qdq())
 
 
 def speed_plan(fam: Family, parent: Parent) -> Plan:

@@ -3,7 +3,7 @@
 `quantize_onnx(fp32_path, path, calibration, QDQConfig(...))` pre-processes the fp32 file, applies
 exact graph rewrites that let onnxruntime fuse more of the int8 graph (relu before max-pool, padding
 taps cut, float logits), quantizes with `onnxruntime.quantization.quantize_static` and checks the
-result with onnx.checker. The format follows the target the file is built for (`TARGET_FORMATS`).
+result with onnx.checker. The format follows the target the file is built for (edgeq.target).
 """
 
 from __future__ import annotations
@@ -24,16 +24,6 @@ from edgeq.errors import ExportError
 from edgeq.publish import disk_full_as_enospc
 from edgeq.runtime import INPUT_NAME
 
-# Per target, the QDQ format onnxruntime's quantization guide recommends for its kernels:
-# x86 without VNNI runs U8S8 kernels whose 16-bit pair sums can saturate, hence uint8 activations and
-# 7-bit weights (reduce_range); ARM runs S8S8 (int8 activations, symmetric int8 weights) natively and
-# reduce_range would only throw a bit of weight precision away.
-TARGET_FORMATS = {
-    "x86": {"activations": "uint8", "reduce_range": True},
-    "arm64": {"activations": "int8", "reduce_range": False},
-}
-
-
 def check_onnx(path: Path) -> None:
     import onnx
 
@@ -46,7 +36,7 @@ def check_onnx(path: Path) -> None:
 @dataclass(frozen=True)
 class QDQConfig:
     """onnxruntime static QDQ quantization settings: int8 weights with uint8 activations (U8S8, x86) or
-    int8 activations (S8S8, ARM); see TARGET_FORMATS."""
+    int8 activations (S8S8, ARM); each target's format is edgeq.target's `Target.qdq()`."""
 
     per_channel: bool = True
     reduce_range: bool = True  # 7-bit weights: avoids u8*s8 pair-sum saturation on AVX2 without VNNI

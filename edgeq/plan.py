@@ -292,17 +292,18 @@ def check_consistent(d: dict, where: str = "plan") -> None:
 
 
 def _foreign_format(target: object, qdq: dict) -> str | None:
-    """How a recorded QDQ setting departs from the int8 format of `target` (edgeq.onnx_quant.TARGET_FORMATS),
+    """How a recorded QDQ setting departs from the int8 format of `target` (edgeq.target's Target.qdq()),
     or None; a target that is not one is left to the recipe's own check."""
-    from edgeq.onnx_quant import TARGET_FORMATS, QDQConfig
+    from edgeq.onnx_quant import QDQConfig
+    from edgeq.target import TARGETS
 
-    if target not in TARGET_FORMATS:
+    if target not in TARGETS:
         return None
     defaults = QDQConfig()
-    for field_name, wanted in TARGET_FORMATS[target].items():
+    for field_name, wanted in TARGETS[target].qdq().items():
         got = qdq.get(field_name, getattr(defaults, field_name))
         if got != wanted:
-            owner = next((t for t, f in TARGET_FORMATS.items() if f.get(field_name) == got), "another target's")
+            owner = next((t for t, f in TARGETS.items() if f.qdq().get(field_name) == got), "another target's")
             return f"{owner} format ({field_name} = {json.dumps(got)}; {target} takes {json.dumps(wanted)})"
     return None
 

@@ -46,7 +46,7 @@ class SearchConfig:
     budget_s: float = math.inf  # wall time after which the remaining candidates keep the default (int8)
     # a layer is tried in fp32 only while the file stays within this fraction of its fp32 parent's bytes
     max_size_ratio: float = math.inf
-    qdq: QDQConfig = QDQConfig()  # the target's format (edgeq.onnx_quant.TARGET_FORMATS): the default every layer starts from
+    qdq: QDQConfig = QDQConfig()  # the target's format (edgeq.target): the default every layer starts from
 
 
 def compute_nodes(onnx_path: Path) -> list[tuple[str, str]]:

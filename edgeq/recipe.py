@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.errors import ConfigError
+from edgeq.target import TARGETS, Target
 
 PRUNINGS = ("unstructured", "structured")
 MODES = ("dynamic", "static", "qat")
@@ -31,7 +32,6 @@ UNSTRUCTURED_METHODS = ("l1", "random")
 ALLOCATIONS = ("uniform", "sensitivity")
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantization.CalibrationMethod
 PTE_OBSERVERS = ("histogram", "minmax")  # PT2E activation observers for static int8 .pte (XNNPACK's default first)
-TARGETS = ("x86", "arm64")
 SHIP_RULES = ("timed", "always")
 EXECUTION = ("jobs", "ray_address")  # where trials run: no decision or file depends on them
 MAX_BATCH = 4096  # a timed batch larger than this is a typo, not a deployment: refused before any work
@@ -39,9 +39,10 @@ DEFAULT_EVAL_SAMPLES = 10_000  # the test split shipped in eval.npz: all of it u
 
 
 def build_machine_target() -> str:
-    import platform
+    """The target this machine is (edgeq.target); x86 for a CPU edgeq knows no target of."""
+    from edgeq.target import here
 
-    return "arm64" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
+    return here().name
 
 
 def _check(ok: bool, message: str) -> None:
@@ -192,6 +193,11 @@ class Recipe:
         _check(self.accuracy_budget_s > 0, f"accuracy_budget_s must be > 0, got {self.accuracy_budget_s}")
         _check(self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}")
         _check(self.jobs >= 0, f"jobs must be >= 0 (0: every core), got {self.jobs}")
+
+    @property
+    def target_spec(self) -> Target:
+        """What `target` means: formats, engines, timing policy (edgeq.target)."""
+        return TARGETS[self.target]
 
     def to_dict(self) -> dict:
         """The recipe as recorded (manifest, plan): every field that can change a decision or a file."""

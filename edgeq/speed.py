@@ -15,7 +15,7 @@ from edgeq.evidence import Evidence, decide, median_interval
 from edgeq.lineage import name_of
 from edgeq.manifest import Artifact
 from edgeq.precision import SearchConfig
-from edgeq.recipe import build_machine_target
+from edgeq.target import here
 from edgeq.timing import ort_timing_options, paired_latency, round_ratios, threads, timed_rounds
 
 
@@ -26,7 +26,7 @@ def search_config(fam: Family) -> SearchConfig:
 
 def cross_target(fam: Family) -> bool:
     """Files built for a CPU other than this one: nothing timed here says anything about the target."""
-    return fam.recipe.target != build_machine_target()
+    return not fam.recipe.target_spec.timed_here()
 
 
 def timed_at(fam: Family) -> dict:
@@ -51,7 +51,7 @@ def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
         return {"ship": True, "latency_vs_parent": {}, "rule": "always (recipe.ship_rule): not timed"}
     if cross_target(fam):
         return {"ship": True, "latency_vs_parent": {},
-                "rule": f"not timed: built for {fam.recipe.target} on {build_machine_target()}, whose timings say nothing "
+                "rule": f"not timed: built for {fam.recipe.target} on {here().name}, whose timings say nothing "
                         "about the target; check it there (python -m edgeq.device check)"}
 
     def measure() -> dict:
