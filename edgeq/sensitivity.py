@@ -87,8 +87,8 @@ class Evaluator:
         width = 1 if self.pool is None or self.pool.workers.backend == "serial" else max(1, self.pool.size)
         for first in range(0, len(requests), width):
             spent = time.perf_counter() - t0
-            if first and spent + spent / (first // width) > budget_s:
-                break
+            if budget_s <= 0 or (first and spent + spent / (first // width) > budget_s):
+                break  # a wave would end past the budget
             wave = requests[first : first + width]
             if width == 1:
                 out[first] = self.trial(*wave[0][:2], source, rows=wave[0][2])[0]

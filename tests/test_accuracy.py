@@ -165,7 +165,9 @@ def test_sensitivity_takes_stem_and_head_first_and_stops_at_its_budget(hard, dig
     assert [r["node"] for r in rows] == [n for n, _ in nodes]  # reported in graph order
 
 
-def test_a_spent_sensitivity_budget_leaves_the_bar_to_graph_order(hard_model, digits, tmp_path):
+def test_a_spent_sensitivity_budget_leaves_the_bar_its_own_ranking(hard_model, digits, tmp_path):
+    """The per-layer table is a report: with its budget spent it measures nothing, and the bar still finds the
+    two layers the outlier breaks by ranking groups on the validation samples int8 gets most wrong."""
     manifest = _compress(hard_model, digits, tmp_path / "art", sensitivity_budget_s=1e-9, variants=("static",))
     sens = manifest.models["hard"]["sensitivity"]["quantization"]
     assert sens == {}  # no layer measured: nothing to report
@@ -173,5 +175,17 @@ def test_a_spent_sensitivity_budget_leaves_the_bar_to_graph_order(hard_model, di
     rec = plan.precision["fp32"]["sensitivity"]
     assert rec["layers"] == [] and rec["not_measured"] == [n for n, _ in compute_nodes(tmp_path / "art" / "hard-fp32.onnx")]
     bar = plan.accuracy["hard-static-onnx"]
-    added = [st["fp32_nodes_added"] for st in bar["steps"]][1:]
-    assert added and all(a == rec["not_measured"][: len(a)] for a in added)  # fp32 layers added in graph order
+    assert bar["met"] and len(bar["fp32_nodes_added"]) == 2 and bar["not_tried"] == []
+    assert list(bar["ranking"]["groups"])[:2] == [g["group"] for g in bar["fp32_groups"]]
+
+
+def test_a_spent_accuracy_budget_is_recorded_and_ships_nothing_it_did_not_measure(hard_model, digits, tmp_path):
+    manifest = _compress(hard_model, digits, tmp_path / "art", accuracy_budget_s=1e-9, variants=("static",),
+                         sensitivity=False)
+    bar = BuildPlan.read(tmp_path / "art" / "plan.json").models["hard"].accuracy["hard-static-onnx"]
+    assert not bar["met"] and bar["not_tried"] and len(bar["steps"]) == 1  # only the all-int8 file was measured
+    skipped = next(s for s in manifest.skipped if s["name"] == "hard-static-onnx")
+    assert skipped["kind"] == "below_accuracy_bar" and "not tried within the budget" in skipped["reason"]
+    assert "hard-static-onnx" not in {a.name for a in manifest.artifacts}
+
+
