@@ -39,10 +39,10 @@ def _files(directory: Path) -> dict[str, str]:
 
 
 def _decisions(directory: Path) -> dict:
-    """The plan's decisions, without the seconds they took and where they ran."""
+    """The plan's decisions, without what was timed (seconds, per-node profiles) and where trials ran."""
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in ("seconds", "ran_on", "measured_on")}
+            return {k: strip(v) for k, v in value.items() if k not in ("seconds", "ran_on", "measured_on", "profile_us")}
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value
