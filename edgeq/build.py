@@ -320,18 +320,23 @@ def _expected_bytes(model: nn.Module, recipe: Recipe) -> int:
 
 
 def _family(b: Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) -> dict:
-    """One model's files, in stage order: float variants and their files, int8 files, the recommendation."""
+    """One model's files, in stage order: float variants and their files, int8 files, the recommendation. Each
+    stage returns what it built and skipped; they are recorded here, in stage order."""
     fam = Family(b, name, recipe, spec.example, b.decisions.plan.models[name])
-    variants = floats.variants(fam, copy.deepcopy(model).eval())
+    variants, pruned = floats.variants(fam, copy.deepcopy(model).eval())
+    b.lineage.extend(pruned)
     fam.calibration = batches(sample(b.splits.train, recipe.calibration_samples, recipe.seed))
     # the int8 ONNX files' fp32 parents (the dense and the channel-pruned models) share the model's budgets
     parents = [v for v in variants if v.key != "unstructured"]
     n = len(parents) if set(recipe.variants) & {"static", "qat"} else 0
     fam.budgets = {"search": Budget(recipe.search_budget_s, n), "sensitivity": Budget(recipe.sensitivity_budget_s, n),
                    "accuracy": Budget(recipe.accuracy_budget_s, n * len(set(recipe.variants) & {"static", "qat"}))}
-    shipped = {v.key: floats.export_files(fam, v) for v in variants}
-    int8.build(fam, [(v, shipped[v.key]) for v in parents])
-    programs.build(fam, variants)
+    shipped = {}
+    for v in variants:
+        shipped[v.key], files = floats.export_files(fam, v)
+        b.lineage.extend(files)
+    b.lineage.extend(int8.build(fam, [(v, shipped[v.key]) for v in parents]))
+    b.lineage.extend(programs.build(fam, variants))
     with timed(b.timings, f"{name}.recommend_s"):
         picks = speed.recommend(fam)
     fp = fam.plan

@@ -19,20 +19,16 @@ from torch import nn
 from edgeq import policy, runtime
 from edgeq.data import Arrays
 from edgeq.decisions import Decisions
-from edgeq.errors import ConfigError, EdgeqError
+from edgeq.errors import ConfigError, EdgeqError, FinetuneError  # noqa: F401 (FinetuneError: re-exported)
 from edgeq.lineage import FloatVariant, Lineage, file_of, name_of
 from edgeq.manifest import Artifact, sha256_file
-from edgeq.metrics import agreement, correct_count, finite
+from edgeq.metrics import agreement, correct_count, finite, sqnr_db
 from edgeq.plan import FamilyPlan
-from edgeq.recipe import Finetune, Recipe
-from edgeq.train import fit
+from edgeq.recipe import Finetune, Recipe, Settings, narrow
+from edgeq.train import fit, predict_logits
 
 DEPLOYED_SAMPLES = 32  # validation inputs each float file also runs at the deployment batch
 FinetuneFn = Callable[[nn.Module, tuple[np.ndarray, np.ndarray], int], nn.Module]
-
-
-class FinetuneError(ConfigError):
-    """The caller's finetune callable broke its contract: stops the whole export."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +122,15 @@ class Family:
     cache: dict = field(default_factory=dict)  # what a stage derives once per variant and reuses (a cropped model)
 
     @property
+    def settings(self) -> Settings:
+        """The recipe narrowed per stage (edgeq.recipe.narrow), once."""
+        if "settings" not in self.cache:
+            self.cache["settings"] = narrow(self.recipe)
+        return self.cache["settings"]
+
+    @property
     def bars(self) -> Bars:
-        return Bars(self.recipe.max_accuracy_drop, self.recipe.max_pruning_drop)
+        return Bars(self.settings.max_accuracy_drop, self.settings.max_pruning_drop)
 
     @property
     def val(self) -> Arrays:
@@ -139,7 +142,7 @@ class Family:
     def deployed_inputs(self) -> np.ndarray:
         """The validation inputs a float file is also run on at the deployment batch (the batch every
         decision is measured at is larger): enough for a few batches, and at least DEPLOYED_SAMPLES."""
-        n = max(DEPLOYED_SAMPLES, 2 * self.recipe.deployment_batch)
+        n = max(DEPLOYED_SAMPLES, 2 * self.settings.timing.deployment_batch)
         return np.array(self.val.x[:n])  # a writable copy: torch warns on read-only arrays
 
     def val_correct(self, name: str) -> int | None:
@@ -168,11 +171,12 @@ class Family:
         out["met"] = all(b["met"] for b in bars) and (out["agreement"] or {"met": True})["met"]
         return out
 
-    def record(self, v: FloatVariant, variant: str, fmt: str, *, precision: str, parent: str | None,
+    def record(self, out: Lineage, v: FloatVariant, variant: str, fmt: str, *, precision: str, parent: str | None,
                quantization: dict | None, runtime_info: dict, notes: str = "",
                fidelity: Callable[[np.ndarray, np.ndarray], str | None] | None = None,
                ship: Callable[[], bool] | None = None) -> Artifact | None:
-        """Measure a written file from disk and record it, or delete it when its outputs are not finite, it
+        """Measure a written file from disk and record it in `out` (its stage's lineage), or delete it and record
+        why in `out` when its outputs are not finite, it
         is not faithful to what it was built from (`fidelity(val_logits, deployed_logits)` returns why: the
         second on `deployed_inputs`, run at the deployment batch), or it breaks the
         contract; then `ship()` (the speed rule) has the last word."""
@@ -182,14 +186,14 @@ class Family:
         except EdgeqError as exc:  # written, but its runtime refuses it: that file alone is not shipped
             path.unlink(missing_ok=True)
             cause = str(exc).removeprefix(f"{path.name}: ").removesuffix("; re-run `edgeq export`")
-            b.lineage.skip(name, f"{path.name} was written, but its runtime cannot load it back ({cause}); "
+            out.skip(name, f"{path.name} was written, but its runtime cannot load it back ({cause}); "
                                  "not shipped, the other formats are built")
             return None
         with_threads = torch.get_num_threads()
         try:  # one thread, as `edgeq verify` measures it: the same sums, the same predictions
             val_logits = runner.predict(np.array(self.val.x))  # writable copies: torch warns on read-only
             test_logits = runner.predict(np.array(b.splits.test.x))
-            deployed = (runner.predict(self.deployed_inputs(), batch=self.recipe.deployment_batch)
+            deployed = (runner.predict(self.deployed_inputs(), batch=self.settings.timing.deployment_batch)
                         if fidelity is not None else None)
         finally:
             torch.set_num_threads(with_threads)
@@ -206,7 +210,7 @@ class Family:
         if why is not None:
             path.unlink(missing_ok=True)
             over = [bar["drop_points"] for bar in contract["bars"] if not bar["met"]]
-            b.lineage.skip(name, why, kind, contract=contract, best_drop_points=max(over) if over else None)
+            out.skip(name, why, kind, contract=contract, best_drop_points=max(over) if over else None)
             return None
         if ship is not None and not ship():  # deleted and listed under skipped by the speed rule
             return None
@@ -219,7 +223,7 @@ class Family:
             sha256=sha256_file(path), accuracy=correct_count(test_logits, b.splits.test.y) / n_test,
             runtime=runtime_info, macs=v.shape["macs"], notes=notes,
             val_accuracy=contract["correct"] / contract["samples"], contract=contract)
-        return b.lineage.add(art)
+        return out.add(art)
 
 
 def _broken(contract: dict) -> str:
@@ -245,4 +249,32 @@ def nonfinite_weights(path: Path, fmt: str) -> str | None:
     for name, array in tensors:
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             return f"its weight {name} holds NaN or Inf (an overflow in training or pruning); not shipped"
+    return None
+
+
+def fidelity(fam: "Family", model: nn.Module):
+    """The fidelity test of a float file of `model` (for Family.record): its logits against the model's own,
+    on the validation split at the evaluation batch, and on `fam.deployed_inputs()` at the deployment batch,
+    where a file deployed one sample at a time would show a graph fixed to one batch or one branch."""
+    batch = fam.settings.timing.deployment_batch
+    eager = predict_logits(model, np.array(fam.val.x))
+    deployed = predict_logits(model, fam.deployed_inputs(), batch=batch)
+
+    def check(got: np.ndarray, got_deployed: np.ndarray) -> str | None:
+        return faithful(eager, got) or faithful(deployed, got_deployed, f"at the deployment batch of {batch}")
+
+    return check
+
+
+def faithful(eager: np.ndarray, got: np.ndarray, where: str = "") -> str | None:
+    """Why a float file does not compute what its model computes (on the validation inputs, `where`), or None."""
+    if got.shape != eager.shape:
+        return f"its output shape {list(got.shape)} differs from the model's {list(eager.shape)}"
+    sqnr = sqnr_db(eager, got)
+    if not policy.faithful(sqnr):
+        agree = float((eager.argmax(1) == got.argmax(1)).mean())
+        return (f"it does not compute what the model computes on the validation inputs{' ' + where if where else ''} "
+                f"(logit SQNR {sqnr:.1f} dB, top-1 agreement {agree:.3f}): the model's graph depends on its input "
+                "(data-dependent control flow is traced on one branch) or on the batch, or holds values the file "
+                "format cannot carry; make the forward pass input-independent")
     return None

@@ -25,6 +25,10 @@ class TrialError(EdgeqError):
     """A trial could not be run: the worker running it died on every try (edgeq.trials)."""
 
 
+class FinetuneError(ConfigError):
+    """The caller's finetune callable broke its contract: stops the whole export."""
+
+
 class ExportError(EdgeqError):
     """An artifact could not be built or written."""
 

@@ -19,42 +19,31 @@ from torch import nn
 
 from edgeq import policy
 from edgeq.clock import timed
-from edgeq.context import Family, FinetuneError
+from edgeq.context import Family, fidelity
 from edgeq.errors import EdgeqError
 from edgeq.export import export_onnx, save_checkpoint, write_torchscript
-from edgeq.lineage import FORMATS, FloatVariant, file_of, name_of
+from edgeq.lineage import FORMATS, FloatVariant, Lineage, attempt, file_of, name_of, runtime_info
 from edgeq.metrics import correct_count, score, sqnr_db
-from edgeq.plan import PlanError
 from edgeq.prune import PruneConfig, PruneResult, prune_model
 from edgeq.quantize import to_torchscript
 from edgeq.train import predict_logits
 
-def attempt(fam: Family, name: str, build):
-    """Run one variant's build; a known failure (EdgeqError) becomes a `skipped` entry, not a crash."""
-    try:
-        return build()
-    except (FinetuneError, PlanError):
-        raise
-    except EdgeqError as exc:
-        fam.build.lineage.skip(name, str(exc))
-        return None
-
-
-def variants(fam: Family, model: nn.Module) -> list[FloatVariant]:
-    """The model as given, then each pruned variant the recipe asks for that meets the pruning bar."""
+def variants(fam: Family, model: nn.Module) -> tuple[list[FloatVariant], Lineage]:
+    """The model as given, then each pruned variant the recipe asks for that meets the pruning bar; and what
+    this stage skipped (the variants that missed it)."""
     base = FloatVariant.of("fp32", model, None, fam.example)
-    out = [base]
+    found, out = [base], Lineage(fam.build.log)
     with timed(fam.build.timings, f"{fam.name}.prune_s"):
         for kind in ("unstructured", "structured"):
-            if kind in fam.recipe.variants:
-                v = attempt(fam, name_of(fam.name, kind, "checkpoint"), lambda: prune_to_bar(fam, kind, base))
+            if kind in fam.settings.floats.variants:
+                v = attempt(out, name_of(fam.name, kind, "checkpoint"), lambda: prune_to_bar(fam, kind, base, out))
                 if v is not None:
-                    out.append(v)
-    return out
+                    found.append(v)
+    return found, out
 
 
 def _config(fam: Family, kind: str, amount: float) -> PruneConfig:
-    r = fam.recipe
+    r = fam.settings.floats
     if kind == "unstructured":
         return PruneConfig(f"{r.unstructured.method}_unstructured", amount, r.seed)
     pc = PruneConfig("l2_structured", amount, r.seed, r.structured.round_to)
@@ -67,7 +56,7 @@ def _config(fam: Family, kind: str, amount: float) -> PruneConfig:
 
 
 def _describe(fam: Family, kind: str, pc: PruneConfig, r: PruneResult, search: dict) -> dict:
-    rec = fam.recipe
+    rec = fam.settings.floats
     if kind == "unstructured":
         return {"method": pc.method, "amount": pc.amount, "asked": rec.unstructured.amount,
                 "sparsity": round(r.sparsity, 4), "scope": "global over all Conv/Linear weights except the output layer",
@@ -80,10 +69,10 @@ def _describe(fam: Family, kind: str, pc: PruneConfig, r: PruneResult, search: d
             "physically_removed": True, "finetune_epochs": rec.finetune_structured.epochs, "search": search}
 
 
-def prune_to_bar(fam: Family, kind: str, base: FloatVariant) -> FloatVariant | None:
+def prune_to_bar(fam: Family, kind: str, base: FloatVariant, out: Lineage) -> FloatVariant | None:
     """The most pruning of `kind` that meets the pruning bar on the validation split (searched, or
     replayed from the plan and re-measured)."""
-    rec = fam.recipe
+    rec = fam.settings.floats
     if kind == "structured" and (rec.sensitivity or rec.structured.allocation == "sensitivity"):
         pruning_sensitivity(fam, base.model, _config(fam, kind, rec.structured.amount))
     x, y = np.array(fam.val.x), np.asarray(fam.val.y)
@@ -120,7 +109,7 @@ def prune_to_bar(fam: Family, kind: str, base: FloatVariant) -> FloatVariant | N
         best = min(s["drop_points"] for s in decision["steps"]) if decision["steps"] else None
         tried = ", ".join(f"{s['amount']:g}: {s['drop_points']:+.2f}" for s in decision["steps"])
         for fmt in FORMATS:
-            fam.build.lineage.skip(name_of(fam.name, kind, fmt), (
+            out.skip(name_of(fam.name, kind, fmt), (
                 f"no {kind} pruning amount tried keeps within {rec.max_pruning_drop:g} points of the fp32 model on "
                 f"the validation split after fine-tuning (amount: drop in points {tried}); not shipped"),
                 "below_accuracy_bar", best_drop_points=best, steps=decision["steps"])
@@ -129,8 +118,8 @@ def prune_to_bar(fam: Family, kind: str, base: FloatVariant) -> FloatVariant | N
 
             for mode in (m for m in MODES if m in rec.variants):
                 for fmt in ("torchscript", "onnx"):
-                    fam.build.lineage.skip(name_of(fam.name, f"{kind}-{mode}", fmt),
-                                           f"its fp32 parent {name_of(fam.name, kind, fmt)} was not shipped (pruning bar)")
+                    out.skip(name_of(fam.name, f"{kind}-{mode}", fmt),
+                             f"its fp32 parent {name_of(fam.name, kind, fmt)} was not shipped (pruning bar)")
         return None
     pc, r = kept[decision["amount"]]
     search_record = {k: decision[k] for k in ("steps", "rule", "replayed_drop_points") if k in decision}
@@ -185,29 +174,30 @@ def pruning_sensitivity(fam: Family, model: nn.Module, pc: PruneConfig) -> None:
         "measured_on": f"{len(y)} validation samples, each group alone pruned, no fine-tune, against the fp32 model"}))
 
 
-def export_files(fam: Family, v: FloatVariant) -> bool:
-    """TorchScript, checkpoint and ONNX of a float variant; False when its ONNX file was not shipped.
+def export_files(fam: Family, v: FloatVariant) -> tuple[bool, Lineage]:
+    """TorchScript, checkpoint and ONNX of a float variant, and whether its ONNX file shipped.
 
     The fp32 TorchScript file is traced and not frozen, so its parameters keep their names: the
     checkpoint runs in it (see runtime.load_checkpoint), which is how verify proves from the files
     alone what the checkpoint's weights do. Each file's outputs are checked against the model itself.
     """
     ok: dict[str, bool] = {}
+    out = Lineage(fam.build.log)
     check = fidelity(fam, v.model)
     with timed(fam.build.timings, f"{fam.name}.export_s"):
         for fmt in FORMATS:
             graph = file_of(fam.name, v.key, "torchscript")
             if fmt == "checkpoint" and not ok.get("torchscript"):
-                fam.build.lineage.skip(name_of(fam.name, v.key, fmt), f"needs its TorchScript graph {graph} to run "
-                                       "from files alone, and that was not exported (see skipped)")
+                out.skip(name_of(fam.name, v.key, fmt), f"needs its TorchScript graph {graph} to run "
+                         "from files alone, and that was not exported (see skipped)")
                 continue
-            if attempt(fam, name_of(fam.name, v.key, fmt), lambda: _write(fam, v, fmt)) is None:
+            if attempt(out, name_of(fam.name, v.key, fmt), lambda: _write(fam, v, fmt)) is None:
                 continue
-            art = fam.record(v, v.key, fmt, precision="fp32",
+            art = fam.record(out, v, v.key, fmt, precision="fp32",
                              parent=None if v.key == "fp32" else name_of(fam.name, "fp32", fmt), quantization=None,
                              runtime_info=runtime_info(fmt, graph=graph), fidelity=check)
             ok[fmt] = art is not None
-    return bool(ok.get("onnx"))
+    return bool(ok.get("onnx")), out
 
 
 def _write(fam: Family, v: FloatVariant, fmt: str) -> bool:
@@ -220,49 +210,3 @@ def _write(fam: Family, v: FloatVariant, fmt: str) -> bool:
         case "onnx":
             export_onnx(v.model, path, fam.example)
     return True
-
-
-def fidelity(fam: Family, model: nn.Module):
-    """The fidelity test of a float file of `model` (for Family.record): its logits against the model's own,
-    on the validation split at the evaluation batch, and on `fam.deployed_inputs()` at the deployment batch,
-    where a file deployed one sample at a time would show a graph fixed to one batch or one branch."""
-    batch = fam.recipe.deployment_batch
-    eager = predict_logits(model, np.array(fam.val.x))
-    deployed = predict_logits(model, fam.deployed_inputs(), batch=batch)
-
-    def check(got: np.ndarray, got_deployed: np.ndarray) -> str | None:
-        return faithful(eager, got) or faithful(deployed, got_deployed, f"at the deployment batch of {batch}")
-
-    return check
-
-
-def faithful(eager: np.ndarray, got: np.ndarray, where: str = "") -> str | None:
-    """Why a float file does not compute what its model computes (on the validation inputs, `where`), or None."""
-    if got.shape != eager.shape:
-        return f"its output shape {list(got.shape)} differs from the model's {list(eager.shape)}"
-    sqnr = sqnr_db(eager, got)
-    if not policy.faithful(sqnr):
-        agree = float((eager.argmax(1) == got.argmax(1)).mean())
-        return (f"it does not compute what the model computes on the validation inputs{' ' + where if where else ''} "
-                f"(logit SQNR {sqnr:.1f} dB, top-1 agreement {agree:.3f}): the model's graph depends on its input "
-                "(data-dependent control flow is traced on one branch) or on the batch, or holds values the file "
-                "format cannot carry; make the forward pass input-independent")
-    return None
-
-
-def runtime_info(fmt: str, precision: str = "fp32", graph: str | None = None, engine: str | None = None) -> dict:
-    if fmt == "onnx":
-        info = {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"], "session_options": {}}
-        if precision == "int8":
-            info["graph"] = ("portable QDQ; onnxruntime's default optimizations (ORT_ENABLE_ALL) fuse it into the "
-                             "int8 kernels listed in quantization.optimized_ops when the session loads. The optimized "
-                             "form holds CPU-specific layout ops (NCHWc, NHWC) and is not shipped.")
-        return info
-    if fmt == "checkpoint":
-        return {"engine": "torch", "devices": ["cpu", "cuda"], "graph": graph,
-                "load": ("torch.load(weights_only=True)['state_dict']: into the model's own class, or into the "
-                         "TorchScript `graph` beside it (how edgeq verify runs it without the model's code)")}
-    if precision == "fp32":
-        return {"engine": "torch", "devices": ["cpu", "cuda"]}
-    # torch.ao int8 kernels exist only on CPU, in the quantized engine the file was built for
-    return {"engine": "torch", "devices": ["cpu"], "quantized_engine": engine or "x86"}

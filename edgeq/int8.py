@@ -24,8 +24,7 @@ from edgeq.context import Family
 from edgeq.data import first_samples
 from edgeq.errors import ExportError
 from edgeq.export import export_onnx, write_torchscript
-from edgeq.floats import attempt, runtime_info
-from edgeq.lineage import FloatVariant, name_of
+from edgeq.lineage import FloatVariant, Lineage, attempt, name_of, runtime_info
 from edgeq.onnx_quant import QDQConfig
 from edgeq.plan import check_layers
 from edgeq.precision import Plan, compute_nodes, inspect_runtime_graph, search_precision
@@ -50,56 +49,59 @@ class Parent:
             self.evaluator.close()
 
 
-def build(fam: Family, parents: list[tuple[FloatVariant, bool]]) -> None:
-    """Every int8 file of every parent, in order."""
-    modes = [m for m in MODES if m in fam.recipe.variants]
+def build(fam: Family, parents: list[tuple[FloatVariant, bool]]) -> Lineage:
+    """Every int8 file of every parent, in order: what was built and what was not, and why."""
+    modes = list(fam.settings.int8.modes)
+    out = Lineage(fam.build.log)
     for v, onnx_ok in parents:
         parent = Parent(v, onnx_ok)
         try:
             for mode in modes:
-                _one(fam, parent, mode)
+                _one(fam, parent, mode, out)
         finally:
             parent.close()
+    return out
 
 
-def _one(fam: Family, parent: Parent, mode: str) -> None:
+def _one(fam: Family, parent: Parent, mode: str, out: Lineage) -> None:
     v = parent.v
     variant = ("" if v.key == "fp32" else f"{v.key}-") + mode
-    qc = QuantConfig(mode, engine=fam.recipe.target_spec.torch_engine,
+    qc = QuantConfig(mode, engine=fam.settings.int8.target.torch_engine,
                      calibration_samples=sum(map(len, fam.calibration)))
-    qat_ft = fam.build.finetuner(fam.recipe.qat, fam.recipe.seed + 2, f"{fam.name}: QAT {v.key}")
+    qat_ft = fam.build.finetuner(fam.settings.int8.qat, fam.settings.int8.seed + 2, f"{fam.name}: QAT {v.key}")
     with timed(fam.build.timings, f"{fam.name}.quantize_s"):
-        q = attempt(fam, name_of(fam.name, variant, "torchscript"),
+        q = attempt(out, name_of(fam.name, variant, "torchscript"),
                     lambda: quantize(v.model, qc, fam.example, fam.calibration, qat_ft))
     onnx_name = name_of(fam.name, variant, "onnx")
     if q is None:
-        fam.build.lineage.skip(onnx_name, "its torch int8 model could not be built (see "
+        out.skip(onnx_name, "its torch int8 model could not be built (see "
                                f"{name_of(fam.name, variant, 'torchscript')} under skipped)")
         return
     if mode != "dynamic" and parent.onnx_ok and parent.plan is None:
-        parent.plan = attempt(fam, onnx_name, lambda: speed_plan(fam, parent))
+        parent.plan = attempt(out, onnx_name, lambda: speed_plan(fam, parent))
     with timed(fam.build.timings, f"{fam.name}.export_s"):
-        torchscript_int8(fam, v, variant, mode, q, qc)
+        torchscript_int8(fam, v, variant, mode, q, qc, out)
         if mode == "dynamic":
-            fam.build.lineage.skip(onnx_name, (
+            out.skip(onnx_name, (
                 "onnxruntime dynamic int8 re-quantizes activations on every call and turns convolutions into "
                 "ConvInteger (~6x slower than fp32 on AVX2); static QDQ is the int8 ONNX variant"))
         elif not parent.onnx_ok:
-            fam.build.lineage.skip(onnx_name, f"its fp32 parent {name_of(fam.name, v.key, 'onnx')} was not shipped")
+            out.skip(onnx_name, f"its fp32 parent {name_of(fam.name, v.key, 'onnx')} was not shipped")
         elif parent.plan is not None:
-            attempt(fam, onnx_name, lambda: onnx_int8(fam, parent, variant, mode, q))
+            attempt(out, onnx_name, lambda: onnx_int8(fam, parent, variant, mode, q, out))
 
 
-def torchscript_int8(fam: Family, v: FloatVariant, variant: str, mode: str, q: nn.Module, qc: QuantConfig) -> None:
+def torchscript_int8(fam: Family, v: FloatVariant, variant: str, mode: str, q: nn.Module, qc: QuantConfig,
+                     out: Lineage) -> None:
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in v.model.modules())
     notes = ("torch dynamic quantization covers Linear layers only; convolutions stay fp32"
              if mode == "dynamic" and has_conv else "")
     name, parent = name_of(fam.name, variant, "torchscript"), name_of(fam.name, v.key, "torchscript")
     path = fam.path(variant, "torchscript")
     if parent not in fam.val_logits:  # nothing to hold it to, and nothing to time it against
-        fam.build.lineage.skip(name, f"its fp32 parent {parent} was not shipped")
+        out.skip(name, f"its fp32 parent {parent} was not shipped")
         return
-    if attempt(fam, name, lambda: write_torchscript(to_torchscript(q, fam.example), path)) is None:
+    if attempt(out, name, lambda: write_torchscript(to_torchscript(q, fam.example), path)) is None:
         return
     quant = {**qc.describe(), "timed_at": timed_at(fam)}
 
@@ -107,14 +109,14 @@ def torchscript_int8(fam: Family, v: FloatVariant, variant: str, mode: str, q: n
         gate = ships(fam, name, "torchscript", fam.path(v.key, "torchscript"), path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
         quant["ship_rule"] = {k: gate[k] for k in ("rule", "timed_on") if k in gate} or "timed here (plan.json)"
-        return drop_slower(fam, name, parent, path, gate)
+        return drop_slower(fam, out, name, parent, path, gate)
 
-    fam.record(v, variant, "torchscript", precision="int8", parent=parent, quantization=quant,
+    fam.record(out, v, variant, "torchscript", precision="int8", parent=parent, quantization=quant,
                runtime_info=runtime_info("torchscript", "int8", engine=qc.engine), notes=notes, ship=ship)
 
 
 def target_qdq(fam: Family) -> QDQConfig:
-    return QDQConfig(**fam.recipe.target_spec.qdq())
+    return QDQConfig(**fam.settings.int8.target.qdq())
 
 
 def speed_plan(fam: Family, parent: Parent) -> Plan:
@@ -126,9 +128,9 @@ def speed_plan(fam: Family, parent: Parent) -> Plan:
         budget = fam.budgets["search"]
         share = 1e-9 if cross_target(fam) else budget.share()
         fam.build.log(f"{fam.name}: measuring which {parent.v.key} layers run faster in int8 on this CPU "
-                      f"(budget {share:.3g} of the model's {fam.recipe.search_budget_s:g} s)")
+                      f"(budget {share:.3g} of the model's {fam.settings.timing.search_budget_s:g} s)")
         check = fam.build.splits.train.x[:2048]  # training inputs, never test inputs
-        cfg = replace(search_config(fam), budget_s=share, max_size_ratio=fam.recipe.max_int8_size_ratio,
+        cfg = replace(search_config(fam), budget_s=share, max_size_ratio=fam.settings.int8.max_int8_size_ratio,
                       qdq=target_qdq(fam))
         t0 = time.perf_counter()
         try:
@@ -179,8 +181,8 @@ def _calibration(fam: Family, parent: Parent) -> dict:
     fam.build.log(f"{fam.name}: measuring calibration candidates and per-layer sensitivity of {parent.v.key} on "
                   f"{len(fam.val)} validation samples")
     since = dict(parent.evaluator.nodes)
-    cal = choose_calibration(parent.evaluator, parent.plan.qdq, fam.recipe.calibration_methods,
-                             fam.recipe.calibration_sizes)
+    cal = choose_calibration(parent.evaluator, parent.plan.qdq, fam.settings.int8.calibration_methods,
+                             fam.settings.int8.calibration_sizes)
     measured = [c for c in cal["candidates"] if "accuracy" in c]
     if ran_on := parent.evaluator.ran_on(since):
         cal["ran_on"] = ran_on
@@ -194,7 +196,7 @@ def _sensitivity(fam: Family, parent: Parent, cal: dict) -> dict:
 
     nodes, rows, share = compute_nodes(fam.path(parent.v.key, "onnx")), [], None
     since = dict(parent.evaluator.nodes)
-    if fam.recipe.sensitivity:
+    if fam.settings.int8.sensitivity:
         budget = fam.budgets["sensitivity"]
         share = budget.share()
         t0 = time.perf_counter()
@@ -209,12 +211,12 @@ def _sensitivity(fam: Family, parent: Parent, cal: dict) -> dict:
     measured = {r["node"] for r in rows}
     where = {"ran_on": parent.evaluator.ran_on(since)} if parent.evaluator.ran_on(since) else {}
     return {**where, "layers": rows, "ranking": ranking(rows) if rows else [],
-            "not_measured": [n for n, _ in nodes if n not in measured] if fam.recipe.sensitivity else [],
+            "not_measured": [n for n, _ in nodes if n not in measured] if fam.settings.int8.sensitivity else [],
             "budget_s": share, "measured_on": f"{len(fam.val)} validation samples, against the fp32 parent "
                                               f"{name_of(fam.name, parent.v.key, 'onnx')}"}
 
 
-def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module) -> None:
+def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module, out: Lineage) -> None:
     """The int8 ONNX file: the speed plan's fp32 layers, the calibration measured best, and as many more
     layers in fp32 (most sensitive first) as the contract needs; not shipped if no int8 file meets it."""
     v, plan = parent.v, parent.plan
@@ -236,7 +238,7 @@ def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module
         bar = accuracy_bar(fam, parent, art_name, mode, source, base, names, calib, path)
     if not bar["met"]:
         path.unlink(missing_ok=True)
-        _below_bar(fam, art_name, parent_name, bar)
+        _below_bar(fam, out, art_name, parent_name, bar)
         return
     quant = _describe(fam, plan, bar, base, mode, cal)
     quant["size_vs_parent"] = _size_check(fam, art_name, path, onnx_parent, bar)
@@ -250,15 +252,15 @@ def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module
         gate = ships(fam, art_name, "onnx", onnx_parent, path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
         quant["ship_rule"] = {k: gate[k] for k in ("rule", "timed_on") if k in gate} or "timed here (plan.json)"
-        return drop_slower(fam, art_name, parent_name, path, gate)
+        return drop_slower(fam, out, art_name, parent_name, path, gate)
 
-    art = fam.record(v, variant, "onnx", precision="int8", parent=parent_name, quantization=quant,
+    art = fam.record(out, v, variant, "onnx", precision="int8", parent=parent_name, quantization=quant,
                      runtime_info=runtime_info("onnx", "int8"), ship=ship)
     if art is not None:
         group_of = {n: g["group"] for g in bar.get("fp32_groups", []) for n in g["nodes"]}
         art.decisions = plan.layers + [{"node": n, "precision": "fp32", "group": group_of.get(n),
                                         "reason": "kept in fp32 to meet the accuracy bar of "
-                                                  f"{fam.recipe.max_accuracy_drop:g} points (with its quantizer group "
+                                                  f"{fam.settings.int8.max_accuracy_drop:g} points (with its quantizer group "
                                                   f"{group_of.get(n, n)}, ranked on the validation samples int8 gets "
                                                   "most wrong)"}
                                        for n in bar["fp32_nodes_added"]]
@@ -274,7 +276,7 @@ def _describe(fam: Family, plan: Plan, bar: dict, base: QDQConfig, mode: str, ca
     elif bar["per_channel"] != plan.qdq.per_channel:
         scales = {**plan.weights, "chosen": "per-channel",
                   "reason": "per-channel: per-tensor scales (faster) do not meet the accuracy bar"}
-    quant = {**qdq.describe(), "target": fam.recipe.target,
+    quant = {**qdq.describe(), "target": fam.settings.int8.target.name,
              "calibration": f"{cal['method']} on {cal['samples']} training samples (measured best of the recipe's "
                             "candidates on the validation split; see models.*.calibration)",
              "weight_scales": scales,
@@ -316,7 +318,7 @@ def accuracy_bar(fam: Family, parent: Parent, art_name: str, mode: str, source: 
             met, drop = accept(build(False)(tuple(speed_nodes))[0])
             first = [{"fp32_groups": [], "drop_points": drop, "per_channel": False, "met": met}]
             if met:
-                return {"met": True, "bar_points": fam.recipe.max_accuracy_drop, "drop_points": drop,
+                return {"met": True, "bar_points": fam.settings.int8.max_accuracy_drop, "drop_points": drop,
                         "fp32_nodes_added": [], "fp32_groups": [], "best_drop_points": drop, "steps": first,
                         "per_channel": False, "ptq": policy.keeps_parent_weights(mode)}
             per_channel = True
@@ -333,7 +335,7 @@ def accuracy_bar(fam: Family, parent: Parent, art_name: str, mode: str, source: 
         since = dict(ev.nodes)
         try:
             result = meet_bar_groups(build(per_channel), tuple(speed_nodes), groups, accept,
-                                     fam.recipe.max_accuracy_drop, ev.ref, ev.labels, share, run_many=many)
+                                     fam.settings.int8.max_accuracy_drop, ev.ref, ev.labels, share, run_many=many)
         finally:
             budget.spend(time.perf_counter() - t0)
         if ran_on := ev.ran_on(since):
@@ -354,7 +356,7 @@ def accuracy_bar(fam: Family, parent: Parent, art_name: str, mode: str, source: 
     if result["fp32_nodes_added"]:
         kept = [g["group"] for g in result.get("fp32_groups", [])] or result["fp32_nodes_added"]
         fam.build.log(f"  {art_name}: {len(kept)} group(s) in fp32 to meet the bar of "
-                      f"{fam.recipe.max_accuracy_drop:g} pts: {', '.join(kept)} (drop {result['drop_points']:.2f} pts)")
+                      f"{fam.settings.int8.max_accuracy_drop:g} pts: {', '.join(kept)} (drop {result['drop_points']:.2f} pts)")
     return result
 
 
@@ -378,9 +380,9 @@ def _acceptor(fam: Family, parent: Parent, mode: str):
     return accept
 
 
-def _below_bar(fam: Family, art_name: str, parent: str, bar: dict) -> None:
+def _below_bar(fam: Family, out: Lineage, art_name: str, parent: str, bar: dict) -> None:
     tried = [", ".join(st.get("fp32_groups", st.get("fp32_nodes_added", []))) or "none" for st in bar["steps"]]
-    fam.build.lineage.skipped.append({
+    out.skipped.append({
         "name": art_name, "kind": "below_accuracy_bar",
         "reason": (f"no int8 file meets its contract against its fp32 parent {parent} on the validation split "
                    f"(bar {bar['bar_points']:g} points{_agreement_rule(bar)}): the best drop reached is "
@@ -409,7 +411,7 @@ def _size_check(fam: Family, art_name: str, path: Path, parent: Path, bar: dict)
     """The int8 file's bytes over its fp32 parent's, against the recipe's limit. The speed search keeps
     within it; only layers kept in fp32 for the accuracy bar (or an int8 file that is larger than the
     limit even with every layer int8) take a file past it, and then the file says why."""
-    limit = fam.recipe.max_int8_size_ratio
+    limit = fam.settings.int8.max_int8_size_ratio
     ratio = round(path.stat().st_size / parent.stat().st_size, 3)  # what is recorded is what is judged
     out = {"ratio": ratio, "limit": limit, "within": policy.within_size(ratio, limit)}
     if not out["within"]:

@@ -1,5 +1,9 @@
 """What a build records: each artifact with its parent, what it was measured to keep, and what was
 skipped and why. Nothing here decides; the records are what the manifest and `edgeq verify` read.
+
+Each stage returns a `Lineage` of its own (what it built, what it skipped, in order); `edgeq.build`
+appends them to the build's, in stage order. `attempt` turns a variant's known failure into a skip of
+that record; `runtime_info` is how a file of each format is run, as its manifest entry says.
 """
 
 from __future__ import annotations
@@ -59,6 +63,47 @@ class Lineage:
     def skip(self, name: str, reason: str, kind: str = "not_built", **extra: object) -> None:
         self.skipped.append({"name": name, "kind": kind, "reason": reason, **extra})
         self.log(f"  {name}: not shipped ({reason})")
+
+    def extend(self, stage: "Lineage") -> "Lineage":
+        """Append what a stage recorded, in its order; returns this lineage."""
+        self.artifacts.extend(stage.artifacts)
+        self.skipped.extend(stage.skipped)
+        return self
+
+
+def attempt(out: Lineage, name: str, build):
+    """Run one variant's build; a known failure (EdgeqError) becomes a `skipped` entry of `out`, not a crash.
+    What must stop the whole export (a finetune that breaks its contract, a plan that cannot be replayed)
+    is raised."""
+    from edgeq.errors import EdgeqError, FinetuneError
+    from edgeq.plan import PlanError
+
+    try:
+        return build()
+    except (FinetuneError, PlanError):
+        raise
+    except EdgeqError as exc:
+        out.skip(name, str(exc))
+        return None
+
+
+def runtime_info(fmt: str, precision: str = "fp32", graph: str | None = None, engine: str | None = None) -> dict:
+    if fmt == "onnx":
+        info = {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"], "session_options": {}}
+        if precision == "int8":
+            info["graph"] = ("portable QDQ; onnxruntime's default optimizations (ORT_ENABLE_ALL) fuse it into the "
+                             "int8 kernels listed in quantization.optimized_ops when the session loads. The optimized "
+                             "form holds CPU-specific layout ops (NCHWc, NHWC) and is not shipped.")
+        return info
+    if fmt == "checkpoint":
+        return {"engine": "torch", "devices": ["cpu", "cuda"], "graph": graph,
+                "load": ("torch.load(weights_only=True)['state_dict']: into the model's own class, or into the "
+                         "TorchScript `graph` beside it (how edgeq verify runs it without the model's code)")}
+    if precision == "fp32":
+        return {"engine": "torch", "devices": ["cpu", "cuda"]}
+    # torch.ao int8 kernels exist only on CPU, in the quantized engine the file was built for
+    return {"engine": "torch", "devices": ["cpu"], "quantized_engine": engine or "x86"}
+
 
 
 def describe(model: nn.Module) -> dict:

@@ -15,10 +15,9 @@ from torch import nn
 
 from edgeq import policy, pte
 from edgeq.clock import timed
-from edgeq.context import Family
+from edgeq.context import Family, fidelity
 from edgeq.data import first_samples
-from edgeq.floats import attempt, fidelity
-from edgeq.lineage import FloatVariant, name_of
+from edgeq.lineage import FloatVariant, Lineage, attempt, name_of
 from edgeq.metrics import score
 from edgeq.speed import drop_slower, ships, timed_at
 
@@ -26,33 +25,36 @@ FMT = "pte"
 MAX_FALLBACK_TRIALS = 8  # int8 programs built per variant to meet the bar (each is a capture, PT2E and lowering)
 
 
-def build(fam: Family, variants: list[FloatVariant]) -> None:
-    """Every `.pte` of every float variant, in order; all listed under `skipped` when ExecuTorch is missing."""
-    modes = [m for m in ("static", "qat") if m in fam.recipe.variants]
-    if not fam.recipe.executorch:
-        return
+def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
+    """Every `.pte` of every float variant, in order, and what was not built and why (all of them, with the
+    install command, when ExecuTorch is missing)."""
+    modes = list(fam.settings.programs.modes)
+    out = Lineage(fam.build.log)
+    if not fam.settings.programs.enabled:
+        return out
     missing = pte.available()
     for v in variants:
         names = [v.key] + ([f"{'' if v.key == 'fp32' else v.key + '-'}{m}" for m in modes]
                            if v.key != "unstructured" else [])
         if missing:
             for variant in names:
-                fam.build.lineage.skip(name_of(fam.name, variant, FMT), missing)
+                out.skip(name_of(fam.name, variant, FMT), missing)
             continue
         with timed(fam.build.timings, f"{fam.name}.pte_s"):
-            shipped = _fp32(fam, v)
+            shipped = _fp32(fam, v, out)
             for mode in modes if v.key != "unstructured" else []:
                 variant = f"{'' if v.key == 'fp32' else v.key + '-'}{mode}"
                 if shipped:
-                    attempt(fam, name_of(fam.name, variant, FMT), lambda: _int8(fam, v, variant, mode))
+                    attempt(out, name_of(fam.name, variant, FMT), lambda: _int8(fam, v, variant, mode, out))
                 else:
-                    fam.build.lineage.skip(name_of(fam.name, variant, FMT),
-                                           f"its fp32 parent {name_of(fam.name, v.key, FMT)} was not shipped")
+                    out.skip(name_of(fam.name, variant, FMT),
+                             f"its fp32 parent {name_of(fam.name, v.key, FMT)} was not shipped")
+    return out
 
 
 def deployment_example(fam: Family):
     """A program has a fixed batch (edgeq.pte): the deployment's, so that it runs as deployed."""
-    return fam.example.expand(fam.recipe.deployment_batch, *fam.example.shape[1:]).contiguous()
+    return fam.example.expand(fam.settings.programs.deployment_batch, *fam.example.shape[1:]).contiguous()
 
 
 def _info(info: dict, precision: str) -> dict:
@@ -70,14 +72,14 @@ def cropped(fam: Family, v: FloatVariant) -> tuple[nn.Module, list[str]]:
     return fam.cache[key]
 
 
-def _fp32(fam: Family, v: FloatVariant) -> bool:
+def _fp32(fam: Family, v: FloatVariant, out: Lineage) -> bool:
     name = name_of(fam.name, v.key, FMT)
     model, cut = cropped(fam, v)
-    info = attempt(fam, name, lambda: pte.export_fp32(model, deployment_example(fam), fam.path(v.key, FMT)))
+    info = attempt(out, name, lambda: pte.export_fp32(model, deployment_example(fam), fam.path(v.key, FMT)))
     if info is None:
         return False
     check = fidelity(fam, v.model)  # against the model as given: the crop must not change what it computes
-    art = fam.record(v, v.key, FMT, precision="fp32", parent=None if v.key == "fp32" else name_of(fam.name, "fp32", FMT),
+    art = fam.record(out, v, v.key, FMT, precision="fp32", parent=None if v.key == "fp32" else name_of(fam.name, "fp32", FMT),
                      quantization=None, runtime_info={**_info(info, "fp32"), "delegation": info["delegation"],
                                                       "padding_crop": cut},
                      fidelity=check)
@@ -133,10 +135,10 @@ def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: flo
             "steps": steps}
 
 
-def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
+def _int8(fam: Family, v: FloatVariant, variant: str, mode: str, out: Lineage) -> None:
     name, parent = name_of(fam.name, variant, FMT), name_of(fam.name, v.key, FMT)
     path, parent_logits = fam.path(variant, FMT), fam.val_logits[parent]
-    ft = fam.build.finetuner(fam.recipe.qat, fam.recipe.seed + 2, f"{fam.name}: QAT {v.key} .pte") if mode == "qat" \
+    ft = fam.build.finetuner(fam.settings.programs.qat, fam.settings.programs.seed + 2, f"{fam.name}: QAT {v.key} .pte") if mode == "qat" \
         else None
     n, ref_correct = len(fam.val), fam.val_correct(parent)
     model, cut = cropped(fam, v)
@@ -172,10 +174,10 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
 
     def accept(s: dict) -> tuple[bool, float]:
         drop = policy.drop_points(ref_correct, s["correct"], n)
-        met = policy.within_bar(drop, fam.recipe.max_accuracy_drop)
+        met = policy.within_bar(drop, fam.settings.programs.max_accuracy_drop)
         if v.pruning is not None and fam.val_correct(name_of(fam.name, "fp32", FMT)) is not None:
             fp32_drop = policy.drop_points(fam.val_correct(name_of(fam.name, "fp32", FMT)), s["correct"], n)
-            met = met and policy.within_bar(fp32_drop, fam.recipe.max_accuracy_drop + fam.recipe.max_pruning_drop)
+            met = met and policy.within_bar(fp32_drop, fam.settings.programs.max_accuracy_drop + fam.settings.programs.max_pruning_drop)
         if policy.keeps_parent_weights(mode):
             met = met and policy.within_agreement(s["agreement"])
         return met, drop
@@ -185,7 +187,7 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
         # a QAT program is trained once: leaving modules out would train it again for each trial
         units = _fallback_units(fam, v, model) if mode == "static" else []
         return {**_fallback(lambda nodes: build(nodes, cal, screened=mode == "static"), units, accept,
-                            fam.recipe.max_accuracy_drop, [n for n, m in model.named_modules() if _is_layer(m)]),
+                            fam.settings.programs.max_accuracy_drop, [n for n, m in model.named_modules() if _is_layer(m)]),
                 "per_channel": True, "ptq": policy.keeps_parent_weights(mode), "calibration": cal,
                 "padding_crop": cut}
 
@@ -203,11 +205,11 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
         ptq = policy.keeps_parent_weights(mode)
         agreement_rule = f", top-1 agreement at least {policy.MIN_AGREEMENT:g}" if ptq else ""
         best_agreement = f" and the best agreement {max(seen):.3f}" if ptq and seen else ""
-        fam.build.lineage.skipped.append({
+        out.skipped.append({
             "name": name, "kind": "below_accuracy_bar", "best_drop_points": bar["best_drop_points"],
             "steps": bar["steps"],
             "reason": (f"no int8 program meets its contract against {parent} on the validation split (bar "
-                       f"{fam.recipe.max_accuracy_drop:g} points{agreement_rule}): the best drop reached is "
+                       f"{fam.settings.programs.max_accuracy_drop:g} points{agreement_rule}): the best drop reached is "
                        f"{bar['best_drop_points']:.2f} points{best_agreement} with squeeze-excitation gates, then "
                        "layers stem and head first, left in fp32; not shipped")})
         return
@@ -224,9 +226,9 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str) -> None:
     def ship() -> bool:
         gate = ships(fam, name, FMT, fam.path(v.key, FMT), path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
-        return drop_slower(fam, name, parent, path, gate)
+        return drop_slower(fam, out, name, parent, path, gate)
 
-    fam.record(v, variant, FMT, precision="int8", parent=parent, quantization=quant,
+    fam.record(out, v, variant, FMT, precision="int8", parent=parent, quantization=quant,
                runtime_info={**_info(info, "int8"), "delegation": info["delegation"]}, ship=ship)
 
 
@@ -241,8 +243,8 @@ def _calibration(fam: Family, mode: str, screen) -> dict:
         return {"observer": pte.OBSERVERS[0], "samples": available,
                 "rule": "QAT: activations are observed by its fake-quant modules while it trains"}
     candidates = []
-    for observer in fam.recipe.pte_observers:
-        for n in fam.recipe.calibration_sizes:
+    for observer in fam.settings.programs.pte_observers:
+        for n in fam.settings.programs.calibration_sizes:
             c = {"observer": observer, "samples": min(n, available)}
             if c not in candidates:
                 candidates.append(c)

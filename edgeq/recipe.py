@@ -229,6 +229,96 @@ class Recipe:
         return cls.from_dict(data, where=f"--recipe {path}")
 
 
+@dataclass(frozen=True)
+class FloatSettings:
+    """What the float stage reads (edgeq.floats): the pruned variants and how they are searched."""
+
+    variants: tuple[str, ...]
+    unstructured: Unstructured
+    structured: Structured
+    finetune_unstructured: Finetune
+    finetune_structured: Finetune
+    max_pruning_drop: float
+    pruning_steps: int
+    pruning_budget_s: float
+    sensitivity: bool
+    deployment_batch: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """What the int8 stage reads (edgeq.int8): modes, the target's formats, calibration, the bar, budgets."""
+
+    modes: tuple[str, ...]
+    target: Target
+    qat: Finetune
+    calibration_samples: int
+    calibration_methods: tuple[str, ...]
+    calibration_sizes: tuple[int, ...]
+    max_accuracy_drop: float
+    sensitivity: bool
+    max_int8_size_ratio: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ProgramSettings:
+    """What the ExecuTorch stage reads (edgeq.programs)."""
+
+    enabled: bool
+    modes: tuple[str, ...]
+    qat: Finetune
+    pte_observers: tuple[str, ...]
+    calibration_sizes: tuple[int, ...]
+    max_accuracy_drop: float
+    max_pruning_drop: float
+    deployment_batch: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """What the timed decisions read (edgeq.speed, edgeq.precision): where, at what, and the ship rule."""
+
+    target: Target
+    threads: int
+    batches: tuple[int, ...]
+    deployment_batch: int
+    ship_rule: str
+    search_budget_s: float
+    max_int8_size_ratio: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A recipe narrowed once into what each stage reads: a stage sees its own settings, not the recipe."""
+
+    floats: FloatSettings
+    int8: Int8Settings
+    programs: ProgramSettings
+    timing: TimingSettings
+    max_accuracy_drop: float  # the contract's bars (edgeq.policy)
+    max_pruning_drop: float
+
+
+def narrow(r: "Recipe") -> Settings:
+    """The recipe's settings per stage."""
+    modes = tuple(m for m in MODES if m in r.variants)
+    return Settings(
+        floats=FloatSettings(r.variants, r.unstructured, r.structured, r.finetune_unstructured, r.finetune_structured,
+                             r.max_pruning_drop, r.pruning_steps, r.pruning_budget_s, r.sensitivity,
+                             r.deployment_batch, r.seed),
+        int8=Int8Settings(modes, r.target_spec, r.qat, r.calibration_samples, r.calibration_methods,
+                          r.calibration_sizes, r.max_accuracy_drop, r.sensitivity, r.max_int8_size_ratio, r.seed),
+        programs=ProgramSettings(r.executorch, tuple(m for m in ("static", "qat") if m in r.variants), r.qat,
+                                 r.pte_observers, r.calibration_sizes, r.max_accuracy_drop, r.max_pruning_drop,
+                                 r.deployment_batch, r.seed),
+        timing=TimingSettings(r.target_spec, r.threads, r.batches, r.deployment_batch, r.ship_rule, r.search_budget_s,
+                              r.max_int8_size_ratio),
+        max_accuracy_drop=r.max_accuracy_drop, max_pruning_drop=r.max_pruning_drop)
+
+
 def _build(cls: type, d: Any, where: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a table of settings, got {type(d).__name__}")

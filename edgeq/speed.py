@@ -12,7 +12,7 @@ import numpy as np
 from edgeq import policy, runtime
 from edgeq.context import Family
 from edgeq.evidence import Evidence, decide, median_interval
-from edgeq.lineage import name_of
+from edgeq.lineage import Lineage, name_of
 from edgeq.manifest import Artifact
 from edgeq.precision import SearchConfig
 from edgeq.target import here
@@ -20,24 +20,24 @@ from edgeq.timing import ort_timing_options, paired_latency, round_ratios, threa
 
 
 def search_config(fam: Family) -> SearchConfig:
-    r = fam.recipe
-    return SearchConfig(batches=r.batches, threads=r.threads, budget_s=r.search_budget_s)
+    t = fam.settings.timing
+    return SearchConfig(batches=t.batches, threads=t.threads, budget_s=t.search_budget_s)
 
 
 def cross_target(fam: Family) -> bool:
     """Files built for a CPU other than this one: nothing timed here says anything about the target."""
-    return not fam.recipe.target_spec.timed_here()
+    return not fam.settings.timing.target.timed_here()
 
 
 def timed_at(fam: Family) -> dict:
     """The setting every int8 decision and ratio was measured in (on the CPU the manifest's `environment` names)."""
-    return {"threads": fam.recipe.threads, "batches": list(fam.recipe.batches), "inputs": "validation split"}
+    return {"threads": fam.settings.timing.threads, "batches": list(fam.settings.timing.batches), "inputs": "validation split"}
 
 
 def timing_inputs(fam: Family) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(0)
     val = fam.val.x
-    return {n: val[rng.integers(0, len(val), size=n)] for n in fam.recipe.batches}
+    return {n: val[rng.integers(0, len(val), size=n)] for n in fam.settings.timing.batches}
 
 
 def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
@@ -47,11 +47,11 @@ def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
     Shipping is the default. The file is dropped only when its parent is faster beyond the noise
     margin at some batch size with confidence, confirmed by a second block of rounds.
     """
-    if fam.recipe.ship_rule == "always":
+    if fam.settings.timing.ship_rule == "always":
         return {"ship": True, "latency_vs_parent": {}, "rule": "always (recipe.ship_rule): not timed"}
     if cross_target(fam):
         return {"ship": True, "latency_vs_parent": {},
-                "rule": f"not timed: built for {fam.recipe.target} on {here().name}, whose timings say nothing "
+                "rule": f"not timed: built for {fam.settings.timing.target.name} on {here().name}, whose timings say nothing "
                         "about the target; check it there (python -m edgeq.device check)"}
 
     def measure() -> dict:
@@ -91,14 +91,14 @@ def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarr
             "evidence": d.summary()}
 
 
-def drop_slower(fam: Family, name: str, parent: str, path: Path, gate: dict) -> bool:
+def drop_slower(fam: Family, out: Lineage, name: str, parent: str, path: Path, gate: dict) -> bool:
     """An int8 file shown slower than its fp32 parent is not shipped: it is deleted and listed under
-    `skipped` with the measured ratios. True when it ships."""
+    `skipped` (of `out`, its stage's lineage) with the measured ratios. True when it ships."""
     if gate["ship"]:
         return True
     path.unlink()
     ratios = ", ".join(f"{v:.2f}x at batch {k}" for k, v in gate["latency_vs_parent"].items())
-    fam.build.lineage.skipped.append({
+    out.skipped.append({
         "name": name, "kind": "slower_than_parent",
         "reason": f"int8 is slower than its fp32 parent {parent} on this CPU ({ratios}, paired, confirmed by a "
                   "second block of rounds); not shipped",
@@ -144,7 +144,7 @@ def _pick(fam: Family, artifacts: list[Artifact]) -> dict:
         runners = [runtime.load(fam.build.dir / a.file, a.format, threads=cfg.threads,
                                 options=ort_timing_options(cfg.threads) if a.format == "onnx" else None)
                    for a in eligible]
-        x = timing_inputs(fam)[fam.recipe.deployment_batch]
+        x = timing_inputs(fam)[fam.settings.timing.deployment_batch]
         rounds = timed_rounds([r.run for r in runners], x, 2 * cfg.rule.block_rounds, cfg.window_s)
     ratios = {a.name: round_ratios(rounds[i], rounds[0]) for i, a in enumerate(eligible)}
     stats = {n: (float(np.median(r)), *median_interval(r, cfg.rule.confidence)) for n, r in ratios.items()}
@@ -153,7 +153,7 @@ def _pick(fam: Family, artifacts: list[Artifact]) -> dict:
                                 for a in eligible])
     g = policy.NOISE_MARGIN
     return {"fastest": fastest, "smallest": smallest, "relative_to": base.name,
-            "deployment": {"batch": fam.recipe.deployment_batch, "threads": fam.recipe.threads},
+            "deployment": {"batch": fam.settings.timing.deployment_batch, "threads": fam.settings.timing.threads},
             "runtime": {a.name: a.runtime.get("engine") for a in eligible}.get(fastest),
             "latency_vs_fp32": {n: round(s[0], 3) for n, s in stats.items()},
             "evidence": {n: {"median": round(s[0], 3), "interval": [round(s[1], 3), round(s[2], 3)],
