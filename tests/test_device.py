@@ -385,13 +385,13 @@ def test_changed_file_fails_by_hash_and_the_signature_is_checked_without_model_s
     p = run_device("check", str(copy), "--rounds", "0", "--public-key", str(pub))
     assert p.returncode == 1
     assert f"FAIL edgeq.sig: {art['file']}: changed since signing" in p.stdout
-    assert f"FAIL {art['file']} ({art['name']}): {art['bytes'] + 1} bytes, the manifest says {art['bytes']}" in p.stdout
+    assert f"FAIL {art['file']} ({art['name']})" not in p.stdout  # after a failed signature nothing else is read
 
 
 def test_no_manifest_is_one_line_and_exit_1(tmp_path: Path):
     p = run_device("check", str(tmp_path))
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip() == f"error: {tmp_path}/manifest.json: no manifest; copy the whole export folder " \
+    assert p.stderr.strip() == f"edgeq: error: {tmp_path}/manifest.json: no manifest; copy the whole export folder " \
                                "(manifest.json included)"
 
 
@@ -415,7 +415,7 @@ def test_device_plan_refuses_a_bundle_built_for_another_target(copy: Path, tmp_p
         pytest.skip("the recipe has no targets yet: no arm64 files to refuse")
     p = run_device("plan", str(copy), "--out", str(tmp_path / "plan.json"))
     assert p.returncode == 1 and not (tmp_path / "plan.json").exists()
-    assert p.stderr.strip().splitlines()[-1] == ("error: arm64 was built for target arm64; this device is x86 (x86_64): "
+    assert p.stderr.strip().splitlines()[-1] == ("edgeq: error: arm64 was built for target arm64; this device is x86 (x86_64): "
                                                  "timings here say nothing about arm64; plan on the target, or "
                                                  "re-export with --target x86")
 
