@@ -400,7 +400,7 @@ def _copy_one(snap: Snapshot, rel: str, st: os.stat_result, parent: int, full: b
         elif not stat.S_ISREG(st.st_mode):
             os.mkfifo(dst, 0o600)
         elif full:
-            _copy_file(name, parent, dst)
+            _copy_file(snap.source / rel, name, parent, dst)
         else:
             _placeholder(dst, st.st_size)
     except OSError as exc:
@@ -411,19 +411,19 @@ def _copy_one(snap: Snapshot, rel: str, st: os.stat_result, parent: int, full: b
             _placeholder(dst, 0)
 
 
-def _copy_file(name: str, parent: int, dst: Path) -> None:
+def _copy_file(src: Path, name: str, parent: int, dst: Path) -> None:
     """Byte for byte, in CHUNK pieces; all-zero pieces are skipped (seek), so a sparse file stays sparse.
-    Opened without following a link and without blocking: a file swapped for a FIFO or a link after it
-    was listed becomes the same in the copy."""
+    Opened relative to its folder's descriptor (`src` only names it), without following a link and
+    without blocking: a file swapped for a FIFO or a link after it was listed becomes the same in the copy."""
     try:
-        fd = os.open(name, _NOFOLLOW, dir_fd=parent)
+        f = open(src, "rb", opener=lambda _, flags: os.open(name, flags | _NOFOLLOW, dir_fd=parent))
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # swapped for a link since it was listed
             os.symlink(os.readlink(name, dir_fd=parent), dst)
             return
         raise
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    with f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             os.mkfifo(dst, 0o600)
             return
         with open(dst, "xb") as out:

@@ -27,17 +27,6 @@ _ARTIFACT_REQUIRED = [
     "params", "nonzero_params", "bytes", "sha256", "accuracy", "runtime",
 ]
 
-_SPLIT_FILE = {
-    "type": "object",
-    "required": ["file", "samples", "bytes", "sha256"],
-    "properties": {
-        "file": {"type": "string", "minLength": 1},
-        "samples": {"type": "integer", "minimum": 1},
-        "bytes": {"type": "integer", "minimum": 0},
-        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-    },
-}
-
 _FILE = {  # a file the manifest vouches for (golden inputs and outputs)
     "type": "object",
     "required": ["file", "bytes", "sha256"],
@@ -47,6 +36,12 @@ _FILE = {  # a file the manifest vouches for (golden inputs and outputs)
         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
     },
+}
+
+_SPLIT_FILE = {  # eval.npz, val.npz: a file of samples
+    "type": "object",
+    "required": ["file", "samples", "bytes", "sha256"],
+    "properties": {**_FILE["properties"], "samples": {"type": "integer", "minimum": 1}},
 }
 
 _GOLDEN = {  # edgeq.golden: inputs and each file's outputs, for a device

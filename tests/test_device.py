@@ -50,22 +50,27 @@ def device_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cryptography) with their requirements, linked from this environment, and edgeq from the source
     tree; torch, click, matplotlib, jsonschema, model-signing are not installed there."""
     if "python" not in _BUNDLE:
-        root = tmp_path_factory.mktemp("device-venv")
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
-        links = root / "site"
-        links.mkdir()
-        for dist in _distributions(DEVICE_PACKAGES).values():
-            for f in dist.files or []:
-                top = f.parts[0]
-                if top.endswith(".data") or top in ("..", "__pycache__") or (links / top).exists():
-                    continue
-                (links / top).symlink_to(Path(dist.locate_file(top)))  # packages, modules and metadata
-        python = root / "venv" / "bin" / "python"
-        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-        Path(purelib, "device.pth").write_text(f"{links}\n{ROOT}\n")
-        _BUNDLE["python"] = python
+        _BUNDLE["python"] = venv_with(tmp_path_factory.mktemp("device-venv"), DEVICE_PACKAGES)
     return _BUNDLE["python"]
+
+
+def venv_with(root: Path, packages: tuple[str, ...]) -> Path:
+    """A venv under `root` holding `packages` and what they require, linked from this environment, and edgeq
+    from the source tree; its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+    links = root / "site"
+    links.mkdir()
+    for dist in _distributions(packages).values():
+        for f in dist.files or []:
+            top = f.parts[0]
+            if top.endswith(".data") or top in ("..", "__pycache__") or (links / top).exists():
+                continue
+            (links / top).symlink_to(Path(dist.locate_file(top)))  # packages, modules and metadata
+    python = root / "venv" / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "device.pth").write_text(f"{links}\n{ROOT}\n")
+    return python
 
 
 def _synthetic(n: int = 700, seed: int = 0):

@@ -31,7 +31,7 @@ from edgeq.manifest import sha256_file
 from edgeq.signing import sign_directory
 from edgeq.verify import verify
 from edgeq.verify.command import verify as verify_command
-from test_device import _distributions, device_python
+from test_device import device_python, venv_with
 from test_hardening2 import (ALLOWED, FAST, LIMIT_GB, ROOT, _padded, cli, copy, env, export_args, keys,  # noqa: F401
                              mounted, one_line_error, rehash, swapping, tiny, tree_peak_rss, user, wait_for,
                              write_npz_bomb)
@@ -419,28 +419,11 @@ def test_type_confused_manifests_are_one_line(tiny: Path, tmp_path: Path, edit, 
     one_line_error(CliRunner().invoke(verify_command, [str(art), "--quiet"]), "manifest.json")
 
 
-def _venv(root: Path, packages: tuple[str, ...]) -> Path:
-    """A venv holding `packages` (and what they require) linked from this environment, and edgeq's source."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
-    links = root / "site"
-    links.mkdir()
-    for dist in _distributions(packages).values():
-        for f in dist.files or []:
-            top = f.parts[0]
-            if not (top.endswith(".data") or top in ("..", "__pycache__") or (links / top).exists()):
-                (links / top).symlink_to(Path(dist.locate_file(top)))
-    python = root / "venv" / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    Path(purelib, "device.pth").write_text(f"{links}\n{ROOT}\n")
-    return python
-
-
 def test_a_missing_runtime_prints_the_pip_line(tiny: Path, tiny8: Path, tmp_path: Path) -> None:
-    numpy_only = _venv(tmp_path / "a", ("numpy",))
+    numpy_only = venv_with(tmp_path / "a", ("numpy",))
     one_line_error(device("check", tiny, python=numpy_only), "onnxruntime is not installed here",
                    "pip install onnxruntime")
-    no_onnx = _venv(tmp_path / "b", ("numpy", "onnxruntime"))  # the plan quantizes: onnxruntime's quantizer needs onnx
+    no_onnx = venv_with(tmp_path / "b", ("numpy", "onnxruntime"))  # the plan quantizes: onnxruntime's quantizer needs onnx
     r = device("plan", tiny8, "--out", tmp_path / "plan.json", "--budget", "0.5", python=no_onnx)
     one_line_error(r, "is not installed here", "pip install")
     assert "onnx" in r.output.splitlines()[-1] and not (tmp_path / "plan.json").exists()
@@ -555,6 +538,18 @@ def test_a_symlinked_golden_file_fails_unsigned_verify_and_the_device_checker(ti
         in result.directory_problems
     r = device("check", art, "--rounds", "0", python=device_py)
     assert r.exit_code == 1 and "golden/input_0.pb is a symlink" in r.stdout, r.output
+
+
+def test_a_golden_fifo_is_one_line_not_a_hang(tiny: Path, tmp_path: Path, device_py: Path) -> None:
+    art = copy(tiny, tmp_path / "art")
+    (art / "golden" / "input_0.pb").unlink()
+    os.mkfifo(art / "golden" / "input_0.pb")  # nothing ever writes to it: an open for reading would block
+    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32"],
+                       capture_output=True, text=True, env=env(), timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "golden/input_0.pb: not a regular file or directory (a socket, pipe or device?)" in p.stderr, p.stderr
+    r = device("check", art, "--rounds", "0", python=device_py, timeout=120)
+    assert r.exit_code == 1 and "golden/input_0.pb: not a regular file" in r.stdout, r.output
 
 
 # 11. verify: fidelity one sample at a time ----------------------------------------------------------------------

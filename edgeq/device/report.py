@@ -10,6 +10,8 @@ from pathlib import Path
 
 @dataclass
 class FileResult:
+    """One artifact as the checker found it: its status, what failed, and what was measured."""
+
     name: str
     file: str
     format: str
@@ -24,12 +26,14 @@ class FileResult:
     accuracy: dict | None = None
 
     def fail(self, problem: str) -> None:
-        self.status = "failed"
-        self.problems.append(problem)
+        """Mark the file failed, with one more line saying why."""
+        self.status, self.problems = "failed", [*self.problems, problem]
 
 
 @dataclass
 class CheckResult:
+    """The whole check: the device, the runtimes, the threads each file ran at, every file's result."""
+
     directory: str
     cpu: dict
     runtime: dict

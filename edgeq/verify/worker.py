@@ -316,10 +316,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from edgeq import golden, limits, runtime
-    from edgeq.errors import EdgeqError
-    from edgeq import timing as measure
-    from edgeq.verify.integrity import external_data
+    from edgeq import limits
 
     if sys.argv[3:] == ["pte"]:
         from edgeq import pte
@@ -330,56 +327,89 @@ def main() -> None:
     send = _sender(reply_fd)
     send(("ok", {"cuda": cuda, "cuda_name": torch.cuda.get_device_name(0) if cuda else None,
                  "providers": ort.get_available_providers(), "cap_gb": cap_gb}))
-    runners: dict[int, runtime.Runner] = {}
-    state: dict[str, Any] = {"threads": 1, "batches": {}, "inputs": {}}
+    child = _Child()
+    while (request := _receive(0)) is not None:
+        try:
+            reply: tuple[str, Any] = ("ok", getattr(child, request[0])(*request[1:]))
+        except Exception as exc:
+            reply = _failure(exc)
+        send(reply)
 
-    def configure(new: dict) -> None:
-        state.update(new)
-        torch.set_num_threads(state["threads"])  # this process is verify's own: nothing to restore
 
-    def load(handle: int, path: str, fmt: str, device: str, threads: int, options: dict | None) -> None:
+class _Child:
+    """The child's runners and inputs; each public method is one request the parent may send."""
+
+    def __init__(self) -> None:
+        self.runners: dict[int, Any] = {}
+        self.state: dict[str, Any] = {"threads": 1, "batches": {}, "inputs": {}}
+
+    def configure(self, new: dict) -> None:
+        import torch
+
+        self.state.update(new)
+        torch.set_num_threads(self.state["threads"])  # this process is verify's own: nothing to restore
+
+    def load(self, handle: int, path: str, fmt: str, device: str, threads: int, options: dict | None) -> None:
+        import torch
+
+        from edgeq import runtime
+        from edgeq.errors import EdgeqError
+        from edgeq.verify.integrity import external_data
+
         if fmt == "onnx":  # parsed here, under the memory cap, never in verify's own process
             problems = external_data(Path(path), Path(path).name)
             if problems:
                 raise EdgeqError(problems[0])
-        runners[handle] = runtime.load(Path(path), fmt, device, threads=threads, options=options)
-        torch.set_num_threads(state["threads"])  # loading a torch runner sets its own
+        self.runners[handle] = runtime.load(Path(path), fmt, device, threads=threads, options=options)
+        torch.set_num_threads(self.state["threads"])  # loading a torch runner sets its own
 
-    def warm(handle: int, calls: int, batch: str | None = None) -> None:
-        if batch is not None and batch not in state["batches"]:
+    def warm(self, handle: int, calls: int, batch: str | None = None) -> None:
+        from edgeq import timing
+        from edgeq.errors import EdgeqError
+
+        if batch is not None and batch not in self.state["batches"]:
             raise EdgeqError(f"no batch named {batch!r} is configured")
-        for name, xb in state["batches"].items():
+        for name, xb in self.state["batches"].items():
             if batch is None or name == batch:
-                measure.warm_up([runners[handle].run], xb, calls)
+                timing.warm_up([self.runners[handle].run], xb, calls)
 
-    def window(handle: int, batch: str, window_s: float) -> list[float]:
-        return measure.timed_round([runners[handle].run], state["batches"][batch], window_s)[0]
+    def window(self, handle: int, batch: str, window_s: float) -> list[float]:
+        from edgeq import timing
 
-    def tensor(root: str, item: dict, what: str, max_bytes: int):  # parsed here, under the memory cap
+        return timing.timed_round([self.runners[handle].run], self.state["batches"][batch], window_s)[0]
+
+    def tensor(self, root: str, item: dict, what: str, max_bytes: int):
+        """A golden file, parsed here, under the memory cap."""
+        from edgeq import golden
+
         return golden.read_listed(Path(root), item, what, max_bytes)
 
-    def predict(handle: int, batch: int, on: str):
-        return runners[handle].predict(state["x"] if on == "x" else state["inputs"][on], batch or runtime.PREDICT_BATCH)
+    def predict(self, handle: int, batch: int, on: str):
+        from edgeq import runtime
 
-    def drop(handle: int) -> None:  # and hand the freed memory back, so that the cap is one runner's, not all's
-        runners.pop(handle, None)
+        x = self.state["x"] if on == "x" else self.state["inputs"][on]
+        return self.runners[handle].predict(x, batch or runtime.PREDICT_BATCH)
+
+    def drop(self, handle: int) -> None:
+        """Unload a runner and hand the freed memory back: the cap then holds one runner's, not all of them."""
+        self.runners.pop(handle, None)
         _release()
 
-    ops = {"configure": configure, "load": load, "predict": predict, "warm": warm, "window": window,
-           "reset": runners.clear, "drop": drop, "tensor": tensor}
-    while (request := _receive(0)) is not None:
-        try:
-            reply: tuple[str, Any] = ("ok", ops[request[0]](*request[1:]))
-        except MemoryError:
-            reply = ("memory", "MemoryError")
-        except Exception as exc:  # EdgeqError: its message; a runtime's own: the parent names the file and step
-            found = _ALLOCATION.search(str(exc))
-            if found:  # the runtimes say so deep inside long messages
-                reply = ("memory", str(exc)[found.start():].splitlines()[0][:160])
-            else:
-                reply = ("edgeq" if isinstance(exc, EdgeqError) else "error",
-                         str(exc) if isinstance(exc, EdgeqError) else runtime.first_line(exc))
-        send(reply)
+    def reset(self) -> None:
+        self.runners.clear()
+
+
+def _failure(exc: Exception) -> tuple[str, str]:
+    """The reply for a request that raised: memory when the runtime says so, an EdgeqError's own message,
+    else a runtime's first line (the parent names the file and the step)."""
+    from edgeq.errors import EdgeqError, first_line
+
+    if isinstance(exc, MemoryError):
+        return "memory", "MemoryError"
+    found = _ALLOCATION.search(str(exc))
+    if found:  # the runtimes say so deep inside long messages
+        return "memory", str(exc)[found.start():].splitlines()[0][:160]
+    return ("edgeq", str(exc)) if isinstance(exc, EdgeqError) else ("error", first_line(exc))
 
 
 def _sender(fd: int):
