@@ -219,7 +219,8 @@ def read_split(path: Path, where: str, max_bytes: int | None, sample_shape: list
             or not len(x):
         raise DataError(f"{where}: inputs {x.dtype} {list(x.shape)} and labels {list(y.shape)} do not fit the "
                         f"manifest's input float32 [batch, {', '.join(map(str, sample_shape))}]; pass matching arrays")
-    if labels and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or (classes is not None and y.max() >= classes)):
+    out_of_range = classes is not None and y.max() >= classes
+    if labels and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or out_of_range):
         raise DataError(f"{where}: labels must be integers in [0, {classes}); pass the matching labels")
     return np.ascontiguousarray(x), y.astype(np.int64)
 

@@ -370,7 +370,7 @@ def read_tensor(path: Path, sha256: str | None = None, shown: str | None = None,
 def read_listed(directory: Path, item: object, what: str, max_bytes: int = MAX_BYTES) -> np.ndarray:
     """The array of a golden file a manifest lists (`item`: file, sha256, shape), read with edgeq.bundle's
     rules: inside `directory`, no symlink on its path, a regular file of at most `max_bytes`, its sha256."""
-    if not isinstance(item, Mapping) or not isinstance(item.get("file"), str) or not isinstance(item.get("sha256"), str):
+    if not (isinstance(item, Mapping) and isinstance(item.get("file"), str) and isinstance(item.get("sha256"), str)):
         raise GoldenError(f"the manifest's entry for {what} is not a file with a sha256; re-export")
     file = item["file"]
     problem = bundle.path_problem(directory, file)

@@ -212,10 +212,11 @@ def check_copy(snap: Snapshot, manifest: Manifest) -> tuple[dict[str, list[str]]
         if unreadable:
             problems[art.name] = [unreadable]
     unlisted, directory_problems = check_directory(root, manifest)
-    if manifest.plan:  # the decisions the files were built with: tampering with them fails the run
-        p = manifest.plan
-        directory_problems += ([snap.unreadable[p["file"]]] if p["file"] in snap.unreadable else
-                               check_file(root, p["file"], p["bytes"], p["sha256"]))
+    # the decisions the files were built with, and the calibration inputs a device plans on: tampering fails the run
+    for p in [manifest.plan, manifest.dataset.get("calibration")]:
+        if p:
+            directory_problems += ([snap.unreadable[p["file"]]] if p["file"] in snap.unreadable else
+                                   check_file(root, p["file"], p["bytes"], p["sha256"]))
     for split in ("eval", "val"):  # without them nothing can be measured
         file = (manifest.dataset.get(split) or {}).get("file")
         if file in snap.unreadable:
