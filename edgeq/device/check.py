@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from edgeq import bundle, golden, limits, policy
 from edgeq.device import measure, runners
 from edgeq.device.read import AGAIN, DeviceError, extra_files, listed, read_manifest
@@ -39,6 +38,8 @@ MAX_BATCH = 4096  # samples per timed call
 
 @dataclass(frozen=True)
 class CheckConfig:
+    """What to check and how: refused in one DeviceError line when a bound is broken."""
+
     public_key: Path | None = None
     accuracy: bool = False  # run eval.npz in full
     threads: int | None = None  # None: the thread count of the model's recipe (the deployment's), else 1
