@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeq import policy
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -141,3 +143,15 @@ def decide(measure_block: Callable[[int], Mapping[Hashable, list[float]]], verdi
         if v and blocks >= 2 and verdict(latest):
             return Decision(True, pooled, blocks, "departed", latest)
     return Decision(False, pooled, rule.max_blocks, "undecided: default kept", latest)
+
+
+def slower_verdict(keys: tuple) -> Verdict:
+    """The ship rule on paired ratios (file / parent) per key (a batch size): slower when some key's interval
+    lies wholly past the noise margin (edgeq.policy); not slower when every key's interval is within it;
+    else undecided. The exporter's ship decision and the device plan's both use it."""
+    def slower(e: Evidence) -> bool | None:
+        if any(policy.slower(e.lo(n)) for n in keys):
+            return True
+        return False if all(policy.not_slower(e.hi(n)) for n in keys) else None
+
+    return slower

@@ -26,6 +26,10 @@ without SVE).
 from __future__ import annotations
 
 import hashlib
+import io
+import math
+import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -33,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.manifest import sha256_file  # torch-free: the manifest module imports the standard library only
+from edgeq import bundle, policy
+from edgeq.errors import IntegrityError
+from edgeq.manifest import sha256_file  # noqa: F401 (torch-free; tests and tools hash golden files with it)
 
 FOLDER = "golden"
 INPUT_FILE = "input_0.pb"
@@ -57,15 +63,9 @@ class Tolerance:
     min_top1_agreement: float
 
 
-# Set from docs/device.md's measurement. fp32: at most 1.7e-7 measured (threads, optimization levels,
-# the four ARM CPUs), 1e-5 leaves room for larger models' longer sums in another order. int8: 0 to
-# 2.7e-7 measured (the int8 kernels agreed bit for bit across x86 and ARM); 1e-2 is about one
-# quantization step of an 8-bit range (1/127), what one intermediate value rounded the other way
-# moves the logits by, while a changed weight moves them by 1 or more.
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_logit_error=1e-5, min_top1_agreement=1.0),
-    "int8": Tolerance(max_logit_error=1e-2, min_top1_agreement=1.0),
-}
+# The values are edgeq.policy's (the one rule book); docs/device.md shows how they were measured.
+TOLERANCES: dict[str, Tolerance] = {p: Tolerance(max_logit_error=e, min_top1_agreement=policy.GOLDEN_MIN_TOP1_AGREEMENT)
+                                    for p, e in policy.GOLDEN_MAX_LOGIT_ERROR.items()}
 SET_FROM = ("measured with tools/measure_golden.py (docs/device.md): threads 1 vs 2, graph optimization "
             "levels basic/extended/all, and onnxruntime's aarch64 build under qemu on cortex-a72, neoverse-n1, "
             "max,sve=off and max; the largest deviation per precision, with a margin")
@@ -74,8 +74,15 @@ AGREEMENT = ("fraction of samples with the golden top-1 class, over samples whos
              "2 x max_logit_error x max |golden|")
 
 
-class GoldenError(ValueError):
-    """A golden file that cannot be read as a TensorProto of a supported type."""
+class GoldenError(IntegrityError, ValueError):
+    """A golden file that cannot be read as a TensorProto of a supported type, or is not the manifest's."""
+
+
+AGAIN = "copy the export again, or re-run `edgeq export`"
+MAX_BYTES = 256 << 20  # a golden tensor's default bound; verify and the device checker pass their own
+_MAX_FIELDS = 4096  # protobuf fields in one TensorProto: dims and a few more (values come raw or packed)
+_MAX_DIMS = 32
+_MAX_NAME = 4096
 
 
 # --- TensorProto, by hand -------------------------------------------------------------------------------
@@ -120,79 +127,166 @@ def tensor_bytes(array: np.ndarray, name: str) -> bytes:
     return bytes(out)
 
 
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise GoldenError("truncated varint")
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
+def parse_tensor(buf: bytes, max_bytes: int = MAX_BYTES) -> tuple[str, np.ndarray]:
+    """(name, array) of a serialized TensorProto (raw_data or the typed float/double/int32/int64 fields),
+    validated from its header before any value is read: see `_parse`."""
+    return _parse(io.BytesIO(buf), len(buf), max_bytes)
 
 
-def parse_tensor(buf: bytes) -> tuple[str, np.ndarray]:
-    """(name, array) of a serialized TensorProto (raw_data or the typed float/int32/int64 fields)."""
+def _parse(f, size: int, max_bytes: int) -> tuple[str, np.ndarray]:
+    """Parse a TensorProto from the binary file `f` of `size` bytes in two steps: its fields are scanned
+    first (dims, data type and name are kept; the data fields only located), then the shape is checked
+    (dims >= 0, at most `max_bytes` once loaded, the data's byte length equal to count x item size), and
+    only then are the values read, with numpy, in bounded pieces. Every problem is a GoldenError."""
+    dims, code, name, data, scalars = _scan(f, size)
+    dtype = _DTYPES.get(code)
+    if dtype is None:
+        raise GoldenError(f"tensor {name!r}: data type {code} is not supported")
+    if any(d < 0 for d in dims):
+        raise GoldenError(f"tensor {name!r}: negative dimension in shape {dims}")
+    count, itemsize = math.prod(dims), np.dtype(dtype).itemsize
+    if count * itemsize > max_bytes:
+        raise GoldenError(f"tensor {name!r}: shape {dims} declares {count * itemsize / 2**30:.3g} GiB, over the "
+                          f"{max_bytes / 2**30:.3g} GiB allowed here")
+    if 9 in data:  # raw_data: the last one counts, as in protobuf
+        offset, length = data[9][-1]
+        if length != count * itemsize:
+            raise GoldenError(f"tensor {name!r}: raw_data of {length} bytes for shape {dims} of {np.dtype(dtype).name} "
+                              f"({count * itemsize} bytes)")
+        array = _read_fixed(f, [data[9][-1]], count, np.dtype(dtype).newbyteorder("<"))
+    else:
+        array = _typed(f, dtype, count, data, scalars, name)
+    return name, array.astype(dtype, copy=False).reshape(dims)
+
+
+def _scan(f, size: int) -> tuple[list[int], int, str, dict[int, list[tuple[int, int]]], dict[int, list]]:
+    """(dims, data type, name, data fields as (offset, length) per field number, unpacked typed values)."""
     dims: list[int] = []
-    code, name, raw = 0, "", None
-    typed: dict[int, list] = {}
-    i = 0
-    while i < len(buf):
-        key, i = _read_varint(buf, i)
+    code, name = 0, ""
+    data: dict[int, list[tuple[int, int]]] = {}
+    scalars: dict[int, list] = {}
+    for _ in range(_MAX_FIELDS):
+        if f.tell() >= size:
+            return dims, code, name, data, scalars
+        key = _read_varint(f)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            value, i = _read_varint(buf, i)
-            if value >= 1 << 63:
-                value -= 1 << 64
+            value = _signed(_read_varint(f))
             if field == 1:
                 dims.append(value)
             elif field == 2:
                 code = value
             elif field in (5, 7):
-                typed.setdefault(field, []).append(value)
+                scalars.setdefault(field, []).append(value)
         elif wire == 2:
-            length, i = _read_varint(buf, i)
-            if i + length > len(buf):
+            length = _read_varint(f)
+            start = f.tell()
+            if start + length > size:
                 raise GoldenError("truncated field")
-            chunk, i = buf[i : i + length], i + length
-            if field == 1 or field in (5, 7):  # packed varints
-                j, values = 0, []
-                while j < len(chunk):
-                    v, j = _read_varint(chunk, j)
-                    values.append(v - (1 << 64) if v >= 1 << 63 else v)
-                (dims if field == 1 else typed.setdefault(field, [])).extend(values)
-            elif field == 4:  # packed floats
-                typed.setdefault(4, []).extend(struct.unpack(f"<{length // 4}f", chunk))
-            elif field == 10:
-                typed.setdefault(10, []).extend(struct.unpack(f"<{length // 8}d", chunk))
+            if field == 1:
+                if length > _MAX_DIMS * 10:
+                    raise GoldenError(f"more than {_MAX_DIMS} dims")
+                dims += [int(v) for v in _varints(f.read(length))]
             elif field == 8:
-                name = chunk.decode("utf-8", errors="replace")
-            elif field == 9:
-                raw = chunk
-        elif wire == 5:
-            if field == 4:
-                typed.setdefault(4, []).extend(struct.unpack("<f", buf[i : i + 4]))
-            i += 4
-        elif wire == 1:
-            if field == 10:
-                typed.setdefault(10, []).extend(struct.unpack("<d", buf[i : i + 8]))
-            i += 8
+                if length > _MAX_NAME:
+                    raise GoldenError(f"a name of {length} bytes")
+                name = f.read(length).decode("utf-8", errors="replace")
+            else:
+                if field in (4, 5, 7, 9, 10):
+                    data.setdefault(field, []).append((start, length))
+                f.seek(start + length)
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            raw = f.read(width)
+            if len(raw) != width:
+                raise GoldenError("truncated field")
+            if (field, wire) in ((4, 5), (10, 1)):
+                scalars.setdefault(field, []).append(struct.unpack("<f" if wire == 5 else "<d", raw)[0])
         else:
             raise GoldenError(f"unsupported protobuf wire type {wire}")
-    dtype = _DTYPES.get(code)
-    if dtype is None:
-        raise GoldenError(f"tensor {name!r}: data type {code} is not supported")
-    count = int(np.prod(dims)) if dims else 1
-    if raw is not None:
-        array = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+        if len(dims) > _MAX_DIMS:
+            raise GoldenError(f"more than {_MAX_DIMS} dims")
+    raise GoldenError(f"more than {_MAX_FIELDS} protobuf fields; a golden tensor holds its values in raw_data")
+
+
+def _read_varint(f) -> int:
+    shift = result = 0
+    while True:
+        b = f.read(1)
+        if not b or shift > 63:
+            raise GoldenError("truncated varint")
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _varints(chunk: bytes) -> np.ndarray:
+    """Packed varints decoded with numpy (int64, two's complement), never as one Python int each."""
+    b = np.frombuffer(chunk, np.uint8)
+    ends = np.flatnonzero(b < 0x80)
+    if len(b) and (not len(ends) or ends[-1] != len(b) - 1):
+        raise GoldenError("truncated varint")
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    lengths = ends - starts + 1
+    if len(lengths) and lengths.max() > 10:
+        raise GoldenError("a varint longer than 10 bytes")
+    values = np.zeros(len(ends), np.uint64)
+    for k in range(int(lengths.max()) if len(lengths) else 0):
+        more = lengths > k
+        values[more] |= (b[starts[more] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    return values.view(np.int64)
+
+
+def _read_fixed(f, chunks: list[tuple[int, int]], count: int, dtype: np.dtype) -> np.ndarray:
+    """Fixed-width values (raw_data, packed floats or doubles) read into one preallocated array, CHUNK bytes
+    at a time."""
+    array = np.empty(count, dtype)
+    view, at = array.view(np.uint8), 0
+    for offset, length in chunks:
+        f.seek(offset)
+        end = at + length
+        while at < end:
+            n = f.readinto(view[at : min(end, at + bundle.CHUNK)])
+            if not n:
+                raise GoldenError("truncated field")
+            at += n
+    return array
+
+
+def _typed(f, dtype, count: int, data: dict, scalars: dict, name: str) -> np.ndarray:
+    """Values from the typed fields: float_data (4) and double_data (10), fixed width; int32_data (5, every
+    narrower type and float16's bits) and int64_data (7), varints. Packed or (a few) unpacked, not both."""
+    field = {np.float32: 4, np.float64: 10, np.int64: 7}.get(dtype, 5)
+    chunks, loose = data.get(field, []), scalars.get(field, [])
+    if chunks and loose:
+        raise GoldenError(f"tensor {name!r}: mixes packed and unpacked values")
+    if loose:
+        values = np.asarray(loose)
+    elif field in (4, 10):
+        width = 4 if field == 4 else 8
+        total = sum(length for _, length in chunks)
+        if any(length % width for _, length in chunks) or total != count * width:
+            raise GoldenError(f"tensor {name!r}: {total} bytes of {'float' if field == 4 else 'double'}_data for "
+                              f"{count} values of {width} bytes")
+        values = _read_fixed(f, chunks, count, np.dtype("<f4" if field == 4 else "<f8"))
     else:
-        values = typed.get({np.float32: 4, np.float64: 10, np.int64: 7}.get(dtype, 5), [])
-        array = np.asarray(values, dtype=dtype)
-    if array.size != count:
-        raise GoldenError(f"tensor {name!r}: {array.size} values for shape {dims}")
-    return name, array.reshape(dims)
+        if sum(length for _, length in chunks) > 10 * count:
+            raise GoldenError(f"tensor {name!r}: more varint bytes than {count} values can take")
+        parts = []
+        for offset, length in chunks:
+            f.seek(offset)
+            parts.append(_varints(f.read(length)))
+        values = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if values.size != count:
+        raise GoldenError(f"tensor {name!r}: {values.size} values for {count}")
+    if dtype is np.float16 and field == 5:
+        return values.astype(np.uint16).view(np.float16)
+    return values.astype(dtype)
 
 
 # --- the golden folder -----------------------------------------------------------------------------------
@@ -245,51 +339,87 @@ def write(directory: Path, inputs: np.ndarray, outputs: Mapping[str, np.ndarray]
     }
 
 
-def read_tensor(path: Path, sha256: str | None = None, shown: str | None = None) -> np.ndarray:
-    """The array of a golden .pb file; with `sha256`, only if the file has that hash (GoldenError, naming
-    the file as `shown`, if not)."""
-    data = Path(path).read_bytes()
+def read_tensor(path: Path, sha256: str | None = None, shown: str | None = None,
+                max_bytes: int = MAX_BYTES) -> np.ndarray:
+    """The array of a golden .pb file, opened without following a link or blocking, at most `max_bytes`
+    on disk and once loaded; with `sha256`, only if the file has that hash (streamed). GoldenError, naming
+    the file as `shown`, for every problem."""
     shown = shown or Path(path).name
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise GoldenError(f"{shown}: sha256 differs from the manifest's")
     try:
-        return parse_tensor(data)[1]
-    except GoldenError as exc:
-        raise GoldenError(f"{shown}: not a TensorProto ({exc})") from None
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
+    except FileNotFoundError:
+        raise GoldenError(f"{shown}: missing") from None
+    except OSError as exc:
+        raise GoldenError(f"{shown}: cannot read ({exc.strerror}); a golden file must be a regular file") from None
+    with f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise GoldenError(f"{shown}: not a regular file")
+        if st.st_size > max_bytes:
+            raise GoldenError(f"{shown}: {st.st_size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB a golden "
+                              "tensor may take here (a quarter of --memory-limit); raise --memory-limit")
+        if sha256 is not None and bundle.sha256_of(f) != sha256:
+            raise GoldenError(f"{shown}: sha256 differs from the manifest's")
+        try:
+            f.seek(0)
+            return _parse(f, st.st_size, max_bytes)[1]
+        except GoldenError as exc:
+            raise GoldenError(f"{shown}: not a TensorProto ({exc})") from None
 
 
-def read(directory: Path, entry: Mapping, name: str | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def read_listed(directory: Path, item: object, what: str, max_bytes: int = MAX_BYTES) -> np.ndarray:
+    """The array of a golden file a manifest lists (`item`: file, sha256, shape), read with edgeq.bundle's
+    rules: inside `directory`, no symlink on its path, a regular file of at most `max_bytes`, its sha256."""
+    if not (isinstance(item, Mapping) and isinstance(item.get("file"), str) and isinstance(item.get("sha256"), str)):
+        raise GoldenError(f"the manifest's entry for {what} is not a file with a sha256; re-export")
+    file = item["file"]
+    problem = bundle.path_problem(directory, file)
+    if problem is not None:
+        fix = "" if problem == "missing" or problem.startswith("cannot read") else f"; {AGAIN}"
+        raise GoldenError(f"{file}: {problem} ({what}){fix}")
+    array = read_tensor(Path(directory) / file, item["sha256"], file, max_bytes)
+    shape = item.get("shape", list(array.shape))
+    if list(array.shape) != shape:
+        raise GoldenError(f"{file}: shape {list(array.shape)}, the manifest says {shape}")
+    return array
+
+
+def read(directory: Path, entry: Mapping, name: str | None = None,
+         max_bytes: int = MAX_BYTES) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The golden inputs and outputs named in a manifest's `golden` entry (all, or only artifact `name`),
-    each checked against its sha256. Raises GoldenError naming the first file that is missing or differs."""
-    directory = Path(directory)
-
-    def load(item: Mapping, what: str) -> np.ndarray:
-        path = directory / item["file"]
-        if not path.is_file():
-            raise GoldenError(f"{item['file']}: missing ({what})")
-        array = read_tensor(path, item["sha256"], item["file"])
-        if list(array.shape) != list(item.get("shape", array.shape)):
-            raise GoldenError(f"{item['file']}: shape {list(array.shape)}, the manifest says {item['shape']}")
-        return array
-
-    inputs = load(entry["input"], "the golden inputs")
-    names = [name] if name is not None else sorted(entry["outputs"])
+    each read by `read_listed`. Raises GoldenError naming the first file that is missing or differs."""
+    inputs = read_listed(directory, entry.get("input"), "the golden inputs", max_bytes)
+    if inputs.ndim < 2 or not len(inputs):
+        raise GoldenError(f"{entry['input']['file']}: shape {list(inputs.shape)} holds no batch of inputs; re-export")
+    outputs_entry = entry.get("outputs")
+    if not isinstance(outputs_entry, Mapping):
+        raise GoldenError("the manifest's golden entry lists no outputs; re-export")
+    names = [name] if name is not None else sorted(outputs_entry)
     outputs = {}
     for n in names:
-        if n not in entry["outputs"]:
+        if n not in outputs_entry:
             raise GoldenError(f"{n}: no golden outputs in the manifest")
-        outputs[n] = load(entry["outputs"][n], f"golden outputs of {n}")
+        outputs[n] = read_listed(directory, outputs_entry[n], f"golden outputs of {n}", max_bytes)
     return inputs, outputs
 
 
 def tolerance(entry: Mapping, precision: str) -> Tolerance:
-    """The tolerance the manifest states for a precision (the defaults here when it states none)."""
-    t = entry.get("tolerances", {}).get(precision)
-    return Tolerance(**t) if t else TOLERANCES[precision]
+    """The tolerance of a precision: edgeq.policy's, or the manifest's where it states a stricter one (a
+    manifest can tighten the rule book, never loosen it)."""
+    rule = TOLERANCES.get(precision, TOLERANCES["fp32"])
+    stated = entry.get("tolerances") if isinstance(entry, Mapping) else None
+    t = stated.get(precision) if isinstance(stated, Mapping) else None
+    if not isinstance(t, Mapping):
+        return rule
+    error, agreement = t.get("max_logit_error"), t.get("min_top1_agreement")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return Tolerance(min(rule.max_logit_error, error) if number(error) and error >= 0 else rule.max_logit_error,
+                     max(rule.min_top1_agreement, agreement) if number(agreement) else rule.min_top1_agreement)
 
 
 def compare(golden: np.ndarray, output: np.ndarray, tol: Tolerance) -> dict:
-    """How far `output` is from `golden` (logit error, top-1 agreement), and whether `tol` is met."""
+    """How far `output` is from `golden` (logit error, top-1 agreement), and whether `tol` is met; both
+    [samples, classes], at least one sample."""
     golden64, output64 = golden.astype(np.float64), output.astype(np.float64)
     scale = float(np.abs(golden64).max()) or 1.0
     error = float(np.abs(output64 - golden64).max()) / scale

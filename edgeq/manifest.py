@@ -27,14 +27,34 @@ _ARTIFACT_REQUIRED = [
     "params", "nonzero_params", "bytes", "sha256", "accuracy", "runtime",
 ]
 
-_SPLIT_FILE = {
+_FILE = {  # a file the manifest vouches for (golden inputs and outputs)
     "type": "object",
-    "required": ["file", "samples", "bytes", "sha256"],
+    "required": ["file", "bytes", "sha256"],
     "properties": {
         "file": {"type": "string", "minLength": 1},
-        "samples": {"type": "integer", "minimum": 1},
         "bytes": {"type": "integer", "minimum": 0},
         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    },
+}
+
+_SPLIT_FILE = {  # eval.npz, val.npz: a file of samples
+    "type": "object",
+    "required": ["file", "samples", "bytes", "sha256"],
+    "properties": {**_FILE["properties"], "samples": {"type": "integer", "minimum": 1}},
+}
+
+_GOLDEN = {  # edgeq.golden: inputs and each file's outputs, for a device
+    "type": ["object", "null"],
+    "properties": {
+        "input": _FILE,
+        "outputs": {"type": "object", "additionalProperties": _FILE},
+        "reference": {"type": "object", "additionalProperties": _FILE},
+        "samples": {"type": "integer", "minimum": 1},
+        "tolerances": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["max_logit_error", "min_top1_agreement"],
+            "properties": {"max_logit_error": {"type": "number", "minimum": 0},
+                           "min_top1_agreement": {"type": "number", "minimum": 0, "maximum": 1}}}},
     },
 }
 
@@ -72,6 +92,7 @@ SCHEMA: dict = {
                 "test_size": {"type": "integer", "minimum": 1},
                 "eval": _SPLIT_FILE,  # the test split, reported only
                 "val": _SPLIT_FILE,  # the validation split every decision was made on
+                "calibration": _SPLIT_FILE,  # calibration inputs, where an export ships them (the device plan)
             },
         },
         "environment": {"type": "object"},
@@ -115,7 +136,7 @@ SCHEMA: dict = {
                 "replayed": {"type": "boolean"},
             },
         },
-        "golden": {"type": ["object", "null"]},  # edgeq.golden: inputs and each file's outputs, for a device
+        "golden": _GOLDEN,
         "skipped": {
             "type": "array",
             "items": {"type": "object", "required": ["name", "reason"],
@@ -197,12 +218,13 @@ class Manifest:
         return path
 
     def listed_files(self) -> list[str]:
-        """Every file the manifest vouches for, relative to its directory: artifacts, the eval set, the plan."""
+        """Every file the manifest vouches for, relative to its directory: artifacts, the eval, val and
+        calibration sets, the plan, golden inputs, outputs and references (validated by the schema)."""
         g = self.golden or {}
         golden = ([g["input"]["file"]] if "input" in g else []) + [o["file"] for o in g.get("outputs", {}).values()]
         golden += [o["file"] for o in g.get("reference", {}).values()]
-        return ([a.file for a in self.artifacts] + [self.dataset["eval"]["file"], self.dataset["val"]["file"]]
-                + ([self.plan["file"]] if self.plan else []) + golden)
+        splits = [self.dataset[k]["file"] for k in ("eval", "val", "calibration") if k in self.dataset]
+        return [a.file for a in self.artifacts] + splits + ([self.plan["file"]] if self.plan else []) + golden
 
     def artifact(self, name: str) -> Artifact:
         for a in self.artifacts:

@@ -32,6 +32,13 @@ FP32_MIN_SQNR_DB = 60.0
 # a file's count of correct answers differ from the manifest's by this share of the samples (at least one)
 CLAIM_SLACK = 0.002
 EPS = 1e-9  # float slack on a comparison of points computed from integer counts
+# Golden outputs (edgeq.golden, docs/device.md): a file's outputs on the golden inputs against the ones it
+# gave at export, as max |output - golden| / max |golden| per precision, and the top-1 agreement on the
+# samples the logit error cannot swap. fp32: at most 1.8e-7 measured (threads, optimization levels, four
+# ARM CPUs), 1e-5 leaves room for longer sums in another order. int8: 0 to 3.7e-7 measured; 1e-2 is about
+# one quantization step of an 8-bit range (1/127), while a changed weight moves the logits by 1 or more.
+GOLDEN_MAX_LOGIT_ERROR = {"fp32": 1e-5, "int8": 1e-2}
+GOLDEN_MIN_TOP1_AGREEMENT = 1.0
 
 
 def drop_points(ref_correct: int, correct: int, n: int) -> float:
@@ -78,6 +85,13 @@ def same_machine(built: dict, here: dict) -> bool:
 def claim_slack(n: int, same: bool) -> int:
     """How many correct answers a file may differ by from its manifest's claim on n samples."""
     return 0 if same else max(1, math.ceil(CLAIM_SLACK * n))
+
+
+def claim_ok(correct: int, claimed: int, n: int, same: bool) -> bool:
+    """A file's count of correct answers on n samples against its manifest's claim: equal on the export's
+    machine and runtimes, within claim_slack elsewhere (another CPU, a device). verify and the device
+    checker both ask this."""
+    return abs(correct - claimed) <= claim_slack(n, same)
 
 
 def within_size(ratio: float, limit: float) -> bool:

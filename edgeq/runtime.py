@@ -19,6 +19,9 @@ from edgeq.errors import IntegrityError, first_line
 FORMATS = ("checkpoint", "torchscript", "onnx", "pte")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+# samples per call when a file runs a whole split (Runner.predict): the export measures every accuracy in
+# calls of this size, and so must a verifier, since dynamic int8 quantizes each call's batch on its own
+PREDICT_BATCH = 500
 
 
 @dataclass
@@ -30,7 +33,7 @@ class Runner:
     run: Callable[[np.ndarray], np.ndarray]
     info: dict = field(default_factory=dict)
 
-    def predict(self, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray:
         return np.concatenate([self.run(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
@@ -50,11 +53,17 @@ def ort_session_options(threads: int = 1, options: dict | None = None):
     return so
 
 
-def load_onnx(path: Path, threads: int = 1, options: dict | None = None) -> Runner:
+def ort_session(path: Path, threads: int = 1, options: dict | None = None):
+    """An onnxruntime CPU session of an ONNX file with edgeq's settings (onnxruntime's own error if it
+    cannot load it)."""
     import onnxruntime as ort
 
+    return ort.InferenceSession(str(path), ort_session_options(threads, options), providers=["CPUExecutionProvider"])
+
+
+def load_onnx(path: Path, threads: int = 1, options: dict | None = None) -> Runner:
     try:
-        sess = ort.InferenceSession(str(path), ort_session_options(threads, options), providers=["CPUExecutionProvider"])
+        sess = ort_session(path, threads, options)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise IntegrityError(f"{path.name}: not a loadable ONNX model ({first_line(exc)}); re-run `edgeq export`") from None
     input_name = sess.get_inputs()[0].name

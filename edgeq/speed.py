@@ -11,7 +11,7 @@ import numpy as np
 
 from edgeq import policy, runtime
 from edgeq.context import Family
-from edgeq.evidence import Evidence, decide, median_interval
+from edgeq.evidence import decide, median_interval, slower_verdict
 from edgeq.lineage import Lineage, name_of
 from edgeq.manifest import Artifact
 from edgeq.precision import SearchConfig
@@ -58,17 +58,6 @@ def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
         return ship_decision(parent, path, fmt, timing_inputs(fam), search_config(fam))
 
     return fam.build.decisions.decide(fam.plan.ships, name, f"ship decision for {name}", measure)
-
-
-def slower_verdict(batches: tuple[int, ...]):
-    """The ship rule on paired ratios (file / parent): slower when some batch's interval lies wholly past
-    the noise margin; not slower when every batch's interval is within it; else undecided (edgeq.evidence)."""
-    def slower(e: Evidence) -> bool | None:
-        if any(policy.slower(e.lo(n)) for n in batches):
-            return True
-        return False if all(policy.not_slower(e.hi(n)) for n in batches) else None
-
-    return slower
 
 
 def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict:

@@ -50,22 +50,27 @@ def device_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cryptography) with their requirements, linked from this environment, and edgeq from the source
     tree; torch, click, matplotlib, jsonschema, model-signing are not installed there."""
     if "python" not in _BUNDLE:
-        root = tmp_path_factory.mktemp("device-venv")
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
-        links = root / "site"
-        links.mkdir()
-        for dist in _distributions(DEVICE_PACKAGES).values():
-            for f in dist.files or []:
-                top = f.parts[0]
-                if top.endswith(".data") or top in ("..", "__pycache__") or (links / top).exists():
-                    continue
-                (links / top).symlink_to(Path(dist.locate_file(top)))  # packages, modules and metadata
-        python = root / "venv" / "bin" / "python"
-        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-        Path(purelib, "device.pth").write_text(f"{links}\n{ROOT}\n")
-        _BUNDLE["python"] = python
+        _BUNDLE["python"] = venv_with(tmp_path_factory.mktemp("device-venv"), DEVICE_PACKAGES)
     return _BUNDLE["python"]
+
+
+def venv_with(root: Path, packages: tuple[str, ...]) -> Path:
+    """A venv under `root` holding `packages` and what they require, linked from this environment, and edgeq
+    from the source tree; its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+    links = root / "site"
+    links.mkdir()
+    for dist in _distributions(packages).values():
+        for f in dist.files or []:
+            top = f.parts[0]
+            if top.endswith(".data") or top in ("..", "__pycache__") or (links / top).exists():
+                continue
+            (links / top).symlink_to(Path(dist.locate_file(top)))  # packages, modules and metadata
+    python = root / "venv" / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "device.pth").write_text(f"{links}\n{ROOT}\n")
+    return python
 
 
 def _synthetic(n: int = 700, seed: int = 0):
@@ -385,13 +390,13 @@ def test_changed_file_fails_by_hash_and_the_signature_is_checked_without_model_s
     p = run_device("check", str(copy), "--rounds", "0", "--public-key", str(pub))
     assert p.returncode == 1
     assert f"FAIL edgeq.sig: {art['file']}: changed since signing" in p.stdout
-    assert f"FAIL {art['file']} ({art['name']}): {art['bytes'] + 1} bytes, the manifest says {art['bytes']}" in p.stdout
+    assert f"FAIL {art['file']} ({art['name']})" not in p.stdout  # after a failed signature nothing else is read
 
 
 def test_no_manifest_is_one_line_and_exit_1(tmp_path: Path):
     p = run_device("check", str(tmp_path))
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip() == f"error: {tmp_path}/manifest.json: no manifest; copy the whole export folder " \
+    assert p.stderr.strip() == f"edgeq: error: {tmp_path}/manifest.json: no manifest; copy the whole export folder " \
                                "(manifest.json included)"
 
 
@@ -415,7 +420,7 @@ def test_device_plan_refuses_a_bundle_built_for_another_target(copy: Path, tmp_p
         pytest.skip("the recipe has no targets yet: no arm64 files to refuse")
     p = run_device("plan", str(copy), "--out", str(tmp_path / "plan.json"))
     assert p.returncode == 1 and not (tmp_path / "plan.json").exists()
-    assert p.stderr.strip().splitlines()[-1] == ("error: arm64 was built for target arm64; this device is x86 (x86_64): "
+    assert p.stderr.strip().splitlines()[-1] == ("edgeq: error: arm64 was built for target arm64; this device is x86 (x86_64): "
                                                  "timings here say nothing about arm64; plan on the target, or "
                                                  "re-export with --target x86")
 

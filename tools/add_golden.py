@@ -16,13 +16,13 @@ import numpy as np
 
 
 def outputs_of(directory: Path, manifest: dict, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    from edgeq.device.check import load_onnx
+    from edgeq.runtime import load_onnx
 
     out = {}
     for a in manifest["artifacts"]:
         if a["format"] == "onnx":
-            run = load_onnx(directory / a["file"], 1, (a.get("runtime") or {}).get("session_options"), None)
-            out[a["name"]] = run(inputs)
+            runner = load_onnx(directory / a["file"], 1, (a.get("runtime") or {}).get("session_options"))
+            out[a["name"]] = runner.run(inputs)
         elif a["format"] == "torchscript":
             try:
                 import torch

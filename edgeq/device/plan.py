@@ -30,28 +30,36 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.device.check import DeviceError, file_problem, read_manifest
+from edgeq import bundle, limits
+from edgeq.device.read import AGAIN, DeviceError, read_manifest
+from edgeq.manifest import read_json
 
 ARCH_TARGET = {"x86_64": "x86", "AMD64": "x86", "aarch64": "arm64", "arm64": "arm64"}
+MAX_INPUT_BYTES = 1 << 30  # calibration or validation inputs the plan loads
 
 
 def _load_json(directory: Path, item: dict, what: str) -> dict:
-    problem = file_problem(directory, item.get("file", ""), item.get("sha256", ""), item.get("bytes"))
+    problem = bundle.file_problem(directory, item["file"], item.get("bytes"), item["sha256"], fix=AGAIN)
     if problem:
-        raise DeviceError(f"{item.get('file')}: {problem} ({what})")
-    return json.loads((directory / item["file"]).read_text(encoding="utf-8"))
+        raise DeviceError(f"{item['file']}: {problem} ({what})")
+    found = read_json(directory / item["file"], DeviceError, item["file"], what, AGAIN)
+    if not isinstance(found, dict) or not isinstance(found.get("models"), dict):
+        raise DeviceError(f"{item['file']}: not an edgeq plan (no models); {AGAIN}")
+    return found
 
 
 def _inputs(directory: Path, manifest: dict) -> tuple[np.ndarray, str]:
     data = manifest.get("dataset", {})
+    shape = manifest.get("input", {}).get("shape", [None])[1:]
     for key in ("calibration", "val"):
         item = data.get(key)
-        if isinstance(item, dict) and "file" in item:
-            problem = file_problem(directory, item["file"], item.get("sha256", ""), item.get("bytes"))
+        if isinstance(item, dict):
+            problem = bundle.file_problem(directory, item["file"], item.get("bytes"), item["sha256"], fix=AGAIN)
             if problem:
-                raise DeviceError(f"{item['file']}: {problem}; copy it again from the export")
-            with np.load(directory / item["file"], allow_pickle=False) as z:
-                return np.ascontiguousarray(z["inputs"], dtype=np.float32), f"{item['file']} ({key} split)"
+                raise DeviceError(f"{item['file']}: {problem}")
+            x, _ = bundle.read_split(directory / item["file"], item["file"], MAX_INPUT_BYTES, shape, None,
+                                     labels=False, what="the device plan allows itself")
+            return x, f"{item['file']} ({key} split)"
     raise DeviceError("manifest.json lists no calibration or validation data (val.npz): the device plan needs "
                       "inputs that are not the test split; re-export with this edgeq")
 
@@ -62,9 +70,9 @@ def _fp32_onnx(directory: Path, manifest: dict, model: str, key: str) -> Path:
     if art is None or art["format"] != "onnx" or art["precision"] != "fp32":
         raise DeviceError(f"plan.json decides layers of {name}, which manifest.json does not list as an fp32 ONNX "
                           "file; copy the whole export")
-    problem = file_problem(directory, art["file"], art["sha256"], art.get("bytes"))
+    problem = bundle.file_problem(directory, art["file"], art.get("bytes"), art["sha256"], fix=AGAIN)
     if problem:
-        raise DeviceError(f"{art['file']}: {problem}; copy it again from the export")
+        raise DeviceError(f"{art['file']}: {problem}")
     return directory / art["file"]
 
 
@@ -93,48 +101,59 @@ def _where(env: dict) -> str:
 def ship_decision(parent: Path, path: Path, inputs: dict[int, np.ndarray], threads: int, window_s: float) -> dict:
     """Time an int8 file against its parent in blocks of paired rounds until edgeq.evidence's rule
     settles it; it ships unless slower beyond the noise margin with confidence (edgeq.policy)."""
-    from edgeq import policy
-    from edgeq.device.check import load_onnx
-    from edgeq.evidence import RULE, Evidence, decide
+    from edgeq import timing
+    from edgeq.device.runners import load_onnx
+    from edgeq.evidence import RULE, decide, slower_verdict
 
-    opts = {"config_entries": {"session.intra_op.allow_spinning": "0"}} if threads > 1 else None
-    pairs = {n: (load_onnx(parent, threads, opts, None), load_onnx(path, threads, opts, None)) for n in inputs}
+    pairs = {n: (load_onnx(parent, threads, None), load_onnx(path, threads, None)) for n in inputs}
 
     def block(rounds: int) -> dict:
-        from edgeq.device.check import paired_rounds
-
-        return {n: paired_rounds(pairs[n][0], pairs[n][1], x, rounds, window_s, warmup=0)[0]
+        return {n: timing.round_ratios(*reversed(timing.timed_rounds(list(pairs[n]), x, rounds, window_s,
+                                                                     warmup_calls=0)))
                 for n, x in inputs.items()}
 
-    def slower(e: Evidence) -> bool | None:
-        if any(policy.slower(e.lo(n)) for n in inputs):
-            return True
-        return False if all(policy.not_slower(e.hi(n)) for n in inputs) else None
-
     for a, b in pairs.values():  # warm up once, untimed
-        for _ in range(3):
-            a(inputs[min(inputs)])
-            b(inputs[min(inputs)])
-    d = decide(block, slower, RULE)
+        timing.warm_up([a, b], inputs[min(inputs)], 3)
+    d = decide(block, slower_verdict(tuple(inputs)), RULE)
     return {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
             "evidence": d.summary()}
 
 
 def plan(directory: str | Path, out: str | Path, threads: int | None = None, budget_s: float | None = None,
          log=lambda s: None) -> Path:
-    """Re-measure an export's timed decisions here and write the plan to `out` (see the module doc)."""
-    from edgeq.onnx_quant import QDQConfig, quantize_onnx
-    from edgeq.precision import SearchConfig, search_precision
+    """Re-measure an export's timed decisions here and write the plan to `out` (see the module doc). Every
+    file is read from a private copy of the bundle (edgeq.bundle, as the checker does); `out` must lie
+    outside the bundle."""
+    from edgeq.device.check import private_copy, shown
 
     directory, out = Path(directory), Path(out)
-    manifest = read_manifest(directory)
-    if not isinstance(manifest.get("plan"), dict):
-        raise DeviceError(f"{directory}/manifest.json lists no plan.json; re-export with this edgeq")
-    build_plan = _load_json(directory, manifest["plan"], "the export's plan")
-    x, source = _inputs(directory, manifest)
-    here = ARCH_TARGET.get(platform.machine())
+    problem = bundle.output_problem(out, directory)
+    if problem is not None:
+        raise DeviceError(f"--out {out}: {problem}")
+    if not directory.is_dir():
+        raise DeviceError(bundle.missing_directory(directory, "pass the folder copied from the export"))
     t_start = time.perf_counter()
-    env = None
+    with bundle.private_dir("device") as root:
+        snap = private_copy(directory, root, signed=False)
+        with shown(snap):
+            build_plan = _measured(root, threads, budget_s, log)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(build_plan, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise DeviceError(f"--out {out}: cannot write ({exc.strerror}); choose a writable path") from None
+    log(f"device plan: {time.perf_counter() - t_start:.1f} s")
+    return out
+
+
+def _measured(root: Path, threads: int | None, budget_s: float | None, log) -> dict:
+    """The export's plan with its timed decisions taken here, from the bundle copied to `root`."""
+    manifest = read_manifest(root)
+    if not isinstance(manifest.get("plan"), dict):
+        raise DeviceError(f"{root}/manifest.json lists no plan.json; re-export with this edgeq")
+    build_plan = _load_json(root, manifest["plan"], "the export's plan")
+    x, source = _inputs(root, manifest)
+    here = ARCH_TARGET.get(platform.machine())
     for model, fam in build_plan["models"].items():  # refused before anything is timed or written
         target = fam["recipe"].get("target")
         if target and here and target != here:
@@ -142,45 +161,54 @@ def plan(directory: str | Path, out: str | Path, threads: int | None = None, bud
                               f"({platform.machine()}): timings here say nothing about {target}; plan on the "
                               f"target, or re-export with --target {here}")
         for key in fam["precision"]:
-            _fp32_onnx(directory, manifest, model, key)
+            _fp32_onnx(root, manifest, model, key)
+    env = None
     for model, fam in build_plan["models"].items():
-        recipe = fam["recipe"]
-        t = threads or int(recipe.get("threads", 1))
+        t = threads or min(_int(fam["recipe"].get("threads"), 1), limits.cores())
         env = _device_environment(t)
-        where = _where(env)
-        batches = tuple(int(b) for b in recipe.get("batches", (1, 256)))
-        rng = np.random.default_rng(0)
-        timing_inputs = {b: np.ascontiguousarray(x[rng.integers(0, len(x), size=b)]) for b in batches}
-        for key, rec in fam["precision"].items():
-            fp32 = _fp32_onnx(directory, manifest, model, key)
-            base = QDQConfig(**{**rec["qdq"], "exclude_nodes": ()})  # the target's format, every layer int8
-            budget = budget_s if budget_s is not None else float(recipe.get("search_budget_s", math.inf))
-            cfg = SearchConfig(batches=batches, threads=t, budget_s=budget,
-                               max_size_ratio=float(recipe.get("max_int8_size_ratio", math.inf)), qdq=base)
-            log(f"{model}: timing which {key} layers run faster in int8 here ({t} threads, batches {list(batches)})")
-            found = search_precision(fp32, [x], x[:2048], cfg, log=log)
-            fam["precision"][key] = {**rec, "qdq": asdict(found.qdq), "layers": found.layers,
-                                     "weights": found.weights,
-                                     "cost": {**found.cost, "timed_on": where, "inputs": source}}
-            for name in _int8_onnx_of(fam, model, key):
-                extra = tuple((fam.get("accuracy", {}).get(name) or {}).get("fp32_nodes_added", []))
-                acc = fam.get("accuracy", {}).get(name) or {}
-                qdq = replace(found.qdq, exclude_nodes=tuple(dict.fromkeys(found.qdq.exclude_nodes + extra)),
-                              per_channel=acc.get("per_channel", found.qdq.per_channel))
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = quantize_onnx(fp32, Path(tmp) / "int8.onnx", [x[:128]], qdq)
-                    gate = ship_decision(fp32, path, timing_inputs, t, cfg.window_s)
-                fam["ships"][name] = {**gate, "timed_on": where,
-                                      "file_timed": "quantized here with these decisions, calibrated on " + source}
-                log(f"  {name}: {'ships' if gate['ship'] else 'not shipped'} "
-                    f"({', '.join(f'{v:.2f}x at batch {b}' for b, v in gate['latency_vs_parent'].items())})")
-        _recommend(fam, model)
-        recipe["threads"] = t
+        _plan_family(root, manifest, model, fam, x, source, t, budget_s, env, log)
     build_plan["measured_on"] = env
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(build_plan, indent=2) + "\n", encoding="utf-8")
-    log(f"device plan: {time.perf_counter() - t_start:.1f} s")
-    return out
+    return build_plan
+
+
+def _int(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else default
+
+
+def _plan_family(root: Path, manifest: dict, model: str, fam: dict, x: np.ndarray, source: str, t: int,
+                 budget_s: float | None, env: dict, log) -> None:
+    """One family's precision decisions and ship decisions, timed here at `t` threads (in place in `fam`)."""
+    from edgeq.onnx_quant import QDQConfig, quantize_onnx
+    from edgeq.precision import SearchConfig, search_precision
+
+    recipe, where = fam["recipe"], _where(env)
+    batches = tuple(int(b) for b in recipe.get("batches", (1, 256)))
+    rng = np.random.default_rng(0)
+    timing_inputs = {b: np.ascontiguousarray(x[rng.integers(0, len(x), size=b)]) for b in batches}
+    for key, rec in fam["precision"].items():
+        fp32 = _fp32_onnx(root, manifest, model, key)
+        base = QDQConfig(**{**rec["qdq"], "exclude_nodes": ()})  # the target's format, every layer int8
+        budget = budget_s if budget_s is not None else float(recipe.get("search_budget_s", math.inf))
+        cfg = SearchConfig(batches=batches, threads=t, budget_s=budget,
+                           max_size_ratio=float(recipe.get("max_int8_size_ratio", math.inf)), qdq=base)
+        log(f"{model}: timing which {key} layers run faster in int8 here ({t} threads, batches {list(batches)})")
+        found = search_precision(fp32, [x], x[:2048], cfg, log=log)
+        fam["precision"][key] = {**rec, "qdq": asdict(found.qdq), "layers": found.layers, "weights": found.weights,
+                                 "cost": {**found.cost, "timed_on": where, "inputs": source}}
+        for name in _int8_onnx_of(fam, model, key):
+            acc = fam.get("accuracy", {}).get(name) or {}
+            extra = tuple(acc.get("fp32_nodes_added", []))
+            qdq = replace(found.qdq, exclude_nodes=tuple(dict.fromkeys(found.qdq.exclude_nodes + extra)),
+                          per_channel=acc.get("per_channel", found.qdq.per_channel))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = quantize_onnx(fp32, Path(tmp) / "int8.onnx", [x[:128]], qdq)
+                gate = ship_decision(fp32, path, timing_inputs, t, cfg.window_s)
+            fam["ships"][name] = {**gate, "timed_on": where,
+                                  "file_timed": "quantized here with these decisions, calibrated on " + source}
+            log(f"  {name}: {'ships' if gate['ship'] else 'not shipped'} "
+                f"({', '.join(f'{v:.2f}x at batch {b}' for b, v in gate['latency_vs_parent'].items())})")
+    _recommend(fam, model)
+    recipe["threads"] = t
 
 
 def _recommend(fam: dict, model: str) -> None:

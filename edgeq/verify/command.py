@@ -43,8 +43,9 @@ from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
               help="Fail an artifact whose load and accuracy pass, warm-up, or timing takes longer than SECONDS "
                    "(each step); the other artifacts are still verified.")
 @click.option("--memory-limit", type=float, default=None, metavar="GIB",
-              help="Address space (GiB) that artifacts may add to the verify worker process, together; an "
-                   "artifact that needs more fails. Default: half this machine's memory. Not applied with CUDA.")
+              help="Memory (GiB) that the files being run may add to the verify worker process (one file, or one "
+                   "timed row, at a time); an artifact that needs more fails. Default: half this machine's memory. "
+                   "Not applied with CUDA.")
 @click.option("--public-key", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="PUB",
               help="Check DIR's signature (edgeq.sig, from `edgeq export --sign-key`) with this PEM "
                    "elliptic-curve public key before anything else; any changed, added or removed file fails.")
@@ -78,6 +79,7 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float |
     from edgeq.verify import core, report
 
     try:
+        _outputs_outside(directory, json_path, markdown_path, plot_path)
         cfg = core.VerifyConfig(threads=threads, batch=batch, max_accuracy_drop=max_accuracy_drop,
                                 min_agreement=min_agreement, data=str(data) if data else None,
                                 fail_on_slower=fail_on_slower, time_limit_s=time_limit,
@@ -106,6 +108,20 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float |
     for line in result.failures:
         click.echo(f"FAIL {line}", err=True)
     sys.exit(0 if result.passed else 1)
+
+
+def _outputs_outside(directory: Path, json_path: Path | None, markdown_path: Path | None,
+                     plot_path: Path | None) -> None:
+    """Refuse, before anything runs, a report path inside DIR (it would overwrite the bundle being verified, its
+    manifest included), a directory, or a read-only place."""
+    from edgeq import bundle
+    from edgeq.errors import ConfigError
+
+    plots = [plot_path, plot_path.with_name(f"{plot_path.stem}-sensitivity{plot_path.suffix}")] if plot_path else []
+    for flag, path in [("--json", json_path), ("--markdown", markdown_path)] + [("--plot", p) for p in plots]:
+        problem = None if path is None else bundle.output_problem(path, directory)
+        if problem is not None:
+            raise ConfigError(f"{flag} {path}: {problem}")
 
 
 def _write_report(write, result, path: Path) -> None:

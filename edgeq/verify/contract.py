@@ -17,31 +17,28 @@ from edgeq.verify.rows import Subject
 from edgeq.verify.worker import Budget, Failed, Worker
 
 
-def measure(subjects: list[Subject], x: np.ndarray, labels: np.ndarray, worker: Worker, time_limit_s: float,
+def measure(s: Subject, x: np.ndarray, labels: np.ndarray, worker: Worker, time_limit_s: float,
             same_machine: bool = True) -> None:
-    """The validation logits of every CPU row whose accuracy pass succeeded."""
-    worker.configure(x=x)
-    for s in subjects:
-        if s.device != "cpu" or s.logits is None or s.art.contract is None:
-            continue
-        try:
-            s.val_logits = np.asarray(worker.predict(s.runner, Budget(time_limit_s)))
-        except Failed as exc:
-            s.row.fail(exc.reason(s.art.file, f"accuracy on the {len(x)} validation samples"))
-            continue
-        finally:
-            worker.drop(s.runner)
-        if s.val_logits.shape != (len(x), s.logits.shape[1]):
-            s.row.fail(f"{s.art.file}: output shape {list(s.val_logits.shape)} on the validation split, expected "
-                       f"[{len(x)}, {s.logits.shape[1]}]")
-            s.val_logits = None
-            continue
-        correct = correct_count(s.val_logits, labels)
-        s.row.val_accuracy = correct / len(x)
-        claimed = s.art.contract["correct"]
-        if abs(correct - claimed) > policy.claim_slack(len(x), same_machine) or s.art.contract["samples"] != len(x):
-            s.row.fail(f"{s.art.file}: {correct}/{len(x)} correct on the validation split, the manifest claims "
-                       f"{claimed}/{s.art.contract['samples']}")
+    """The validation logits of a CPU row whose accuracy pass succeeded (the worker's configured input "val"),
+    and its count of correct answers against the manifest's claim (edgeq.policy.claim_ok)."""
+    if s.device != "cpu" or s.logits is None or s.art.contract is None:
+        return
+    try:
+        s.val_logits = np.asarray(worker.predict(s.runner, Budget(time_limit_s), on="val"))
+    except Failed as exc:
+        s.row.fail(exc.reason(s.art.file, f"accuracy on the {len(x)} validation samples"))
+        return
+    if s.val_logits.shape != (len(x), s.logits.shape[1]):
+        s.row.fail(f"{s.art.file}: output shape {list(s.val_logits.shape)} on the validation split, expected "
+                   f"[{len(x)}, {s.logits.shape[1]}]")
+        s.val_logits = None
+        return
+    correct = correct_count(s.val_logits, labels)
+    s.row.val_accuracy = correct / len(x)
+    claimed = s.art.contract["correct"]
+    if not policy.claim_ok(correct, claimed, len(x), same_machine) or s.art.contract["samples"] != len(x):
+        s.row.fail(f"{s.art.file}: {correct}/{len(x)} correct on the validation split, the manifest claims "
+                   f"{claimed}/{s.art.contract['samples']}")
 
 
 def check(subjects: list[Subject], labels: np.ndarray, families: dict) -> None:
@@ -99,49 +96,64 @@ def _agreement(s: Subject, ref: Subject | None, ref_name: str) -> None:
                    f"below {policy.MIN_AGREEMENT:g}: post-training int8 must keep its parent's answers")
 
 
-def check_golden(subjects: list[Subject], directory, golden_entry: dict | None, worker: Worker,
-                 time_limit_s: float) -> None:
-    """Each CPU row run on the golden inputs, as one batch as the export ran them (dynamic int8 quantizes
-    per batch), against the golden outputs shipped for it (within the manifest's tolerances); and each
-    dense fp32 row against its model's own outputs (edgeq.policy.faithful): a file traced on one branch of
-    data-dependent control flow computes something else than its model, and this tells."""
+def golden_inputs(subjects: list[Subject], directory, golden_entry: dict | None, worker: Worker,
+                  time_limit_s: float, max_bytes: int) -> np.ndarray | None:
+    """The golden inputs, read and parsed in the worker under its memory cap (at most `max_bytes`), or None:
+    no golden entry, or they cannot be read (then every row fails saying so)."""
     from edgeq import golden
 
     if not golden_entry:
-        return
+        return None
+    item = golden_entry["input"]
     try:
-        inputs = golden.read_tensor(directory / golden_entry["input"]["file"], golden_entry["input"]["sha256"],
-                                    golden_entry["input"]["file"])
-    except (golden.GoldenError, OSError) as exc:
+        inputs = np.asarray(worker.tensor(directory, item, "the golden inputs", max_bytes, Budget(time_limit_s)))
+        if inputs.ndim < 2 or not len(inputs) or inputs.dtype != np.float32:
+            raise golden.GoldenError(f"{item['file']}: {inputs.dtype} {list(inputs.shape)} is no batch of float32 "
+                                     "inputs; re-run `edgeq export`")
+    except (Failed, golden.GoldenError) as exc:
+        why = exc.reason(item["file"], "reading it") if isinstance(exc, Failed) else str(exc)
         for s in subjects:
-            s.row.fail(f"golden outputs not checked: {exc}")
+            s.row.fail(f"golden outputs not checked: {why}")
+        return None
+    return np.ascontiguousarray(inputs)
+
+
+def check_golden(s: Subject, directory, golden_entry: dict, n: int, worker: Worker, time_limit_s: float,
+                 max_bytes: int) -> None:
+    """A CPU row run on the golden inputs (the worker's configured input "golden", `n` samples), as one batch as
+    the export ran them (dynamic int8 quantizes per batch), against the golden outputs shipped for it (within
+    the tolerances of edgeq.policy); and a dense fp32 row, at that batch and one sample at a time, against its
+    model's own outputs (edgeq.policy.faithful): a file traced on one branch of data-dependent control flow
+    computes something else than its model, and one whose outputs for a sample depend on the rest of the batch
+    fails at batch 1. Golden files are read and parsed in the worker, at most `max_bytes` each."""
+    from edgeq import golden
+
+    if s.device != "cpu" or s.logits is None:
         return
-    worker.configure(x=np.ascontiguousarray(inputs, dtype=np.float32))
-    for s in subjects:
-        if s.device != "cpu" or s.logits is None:
-            continue
-        try:
-            out = np.asarray(worker.predict(s.runner, Budget(time_limit_s)))
-        except Failed as exc:
-            s.row.fail(exc.reason(s.art.file, f"the {len(inputs)} golden inputs"))
-            continue
-        finally:
-            worker.drop(s.runner)
-        _against(s, golden, directory, out, golden_entry["outputs"].get(s.art.name),
-                 golden.tolerance(golden_entry, s.art.precision))
-        ref = golden_entry.get("reference", {}).get(s.art.model)
-        if s.art.precision == "fp32" and s.art.pruning is None and ref is not None:
-            _faithful(s, golden, directory, out, ref)
+    ref = golden_entry.get("reference", {}).get(s.art.model)
+    dense_fp32 = s.art.precision == "fp32" and s.art.pruning is None and ref is not None
+    try:
+        out = np.asarray(worker.predict(s.runner, Budget(time_limit_s), on="golden"))
+        one = np.asarray(worker.predict(s.runner, Budget(time_limit_s), 1, on="golden")) if dense_fp32 else None
+    except Failed as exc:
+        s.row.fail(exc.reason(s.art.file, f"the {n} golden inputs"))
+        return
+    read = lambda item, what: worker.tensor(directory, item, what, max_bytes, Budget(time_limit_s))
+    _against(s, read, out, golden_entry["outputs"].get(s.art.name), golden.tolerance(golden_entry, s.art.precision))
+    if dense_fp32:
+        _faithful(s, read, out, one, ref)
 
 
-def _against(s: Subject, golden, directory, out: np.ndarray, item: dict | None, tol) -> None:
+def _against(s: Subject, read, out: np.ndarray, item: dict | None, tol) -> None:
+    from edgeq import golden
+
     if item is None:
         s.row.fail(f"{s.art.file}: no golden outputs in the manifest; re-run `edgeq export`")
         return
     try:
-        expected = golden.read_tensor(directory / item["file"], item["sha256"], item["file"])
-    except (golden.GoldenError, OSError) as exc:
-        s.row.fail(f"golden outputs: {exc}")
+        expected = np.asarray(read(item, f"golden outputs of {s.art.name}"))
+    except Failed as exc:
+        s.row.fail(f"golden outputs: {exc.reason(item['file'], 'reading it')}")
         return
     if expected.shape != out.shape:
         s.row.fail(f"{item['file']}: golden outputs {list(expected.shape)}, the file gives {list(out.shape)}")
@@ -152,14 +164,21 @@ def _against(s: Subject, golden, directory, out: np.ndarray, item: dict | None, 
                    f"(logit error {found['max_logit_error']:.2g}, top-1 agreement {found['top1_agreement']:.3f})")
 
 
-def _faithful(s: Subject, golden, directory, out: np.ndarray, item: dict) -> None:
+def _faithful(s: Subject, read, out: np.ndarray, one: np.ndarray | None, item: dict) -> None:
+    """The file against its model's own outputs, as one batch and one sample at a time (`one`)."""
     try:
-        expected = golden.read_tensor(directory / item["file"], item["sha256"], item["file"])
-    except (golden.GoldenError, OSError) as exc:
-        s.row.fail(f"the model's reference outputs: {exc}")
+        expected = np.asarray(read(item, f"the reference outputs of {s.art.model}"))
+    except Failed as exc:
+        s.row.fail(f"the model's reference outputs: {exc.reason(item['file'], 'reading it')}")
         return
-    sqnr = sqnr_db(expected, out) if expected.shape == out.shape else -np.inf
-    if not policy.faithful(sqnr):
-        s.row.fail(f"{s.art.file}: does not compute what its model computed at export (logit SQNR {sqnr:.1f} dB "
+    sqnr = lambda got: sqnr_db(expected, got) if got is not None and expected.shape == got.shape else -np.inf
+    batched, alone = sqnr(out), sqnr(one)
+    if not policy.faithful(batched):
+        s.row.fail(f"{s.art.file}: does not compute what its model computed at export (logit SQNR {batched:.1f} dB "
                    f"against the model's own outputs {item['file']}, at least {policy.FP32_MIN_SQNR_DB:g} needed): "
                    "a graph traced on one branch of input-dependent control flow, or changed weights")
+    elif one is not None and not policy.faithful(alone):
+        s.row.fail(f"{s.art.file}: its outputs for one sample depend on the rest of the batch (logit SQNR "
+                   f"{alone:.1f} dB at batch 1 against the model's own outputs {item['file']}, {batched:.1f} dB as "
+                   f"one batch of {len(out)}; at least {policy.FP32_MIN_SQNR_DB:g} needed): the graph mixes samples "
+                   "(batch statistics, or a reduction over the batch); re-run `edgeq export`")

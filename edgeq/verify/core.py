@@ -20,7 +20,7 @@ import numpy as np
 
 from dataclasses import replace
 
-from edgeq import policy, runtime
+from edgeq import bundle, policy, runtime
 from edgeq.clock import timed
 from edgeq.progress import progress_bar
 from edgeq.errors import DataError, IntegrityError
@@ -55,7 +55,7 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig(), worker: Wo
             root = stack.enter_context(integrity.private_dir())
             snap, signature, manifest = integrity.checked_copy(directory, root, cfg.public_key)
             if worker is None:
-                worker = stack.enter_context(Worker(memory_gb))
+                worker = stack.enter_context(Worker(memory_gb, any(a.format == "pte" for a in manifest.artifacts)))
             else:
                 worker.reset()
             with integrity.shown_as(snap):
@@ -70,7 +70,8 @@ def verify(directory: str | Path, cfg: VerifyConfig = VerifyConfig(), worker: Wo
         from edgeq.environment import environment
 
         cfg = replace(cfg, same_machine=policy.same_machine(manifest.environment, environment()))
-        _measure(root, manifest, subjects, problems, (x, labels), val, cfg, phases, worker)
+        _measure(root, manifest, subjects, problems, (x, labels), val, cfg, phases, worker,
+                 int(memory_gb * 2**30 * integrity.EVAL_SHARE))
     rows = [s.row for s in subjects]
     for row in rows:
         gate(row, cfg)
@@ -106,26 +107,9 @@ def load_test_split(directory: Path, manifest: Manifest, data: str | Path | None
         problems = integrity.check_file(Path(directory), entry["file"], entry["bytes"], entry["sha256"])
         if problems:
             raise IntegrityError(problems[0])
-    try:
-        if max_bytes is not None:
-            integrity.check_declared(path, where, max_bytes)
-        with np.load(path, allow_pickle=False) as z:
-            x, labels = np.asarray(z["inputs"]), np.asarray(z["labels"])
-    except KeyError as exc:
-        raise DataError(f"{where}: has no array {exc}; an evaluation set holds `inputs` and `labels`") from None
-    except DataError:
-        raise
-    except Exception as exc:  # not a zip, truncated, pickled objects
-        raise DataError(f"{where}: not a readable .npz without pickles ({type(exc).__name__}); "
-                        "pass the file edgeq export wrote, or re-run it") from None
     shape = list(manifest.input["shape"][1:])
-    if x.dtype != np.float32 or list(x.shape[1:]) != shape or labels.ndim != 1 or len(labels) != len(x) or not len(x):
-        raise DataError(f"{where}: inputs {x.dtype} {list(x.shape)} and labels {list(labels.shape)} do not fit the "
-                        f"manifest's input float32 [batch, {', '.join(map(str, shape))}]; pass matching arrays")
     classes = max(len(m.get("classes", [])) for m in manifest.models.values())
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes:
-        raise DataError(f"{where}: labels must be integers in [0, {classes}); pass the matching labels")
-    return np.ascontiguousarray(x), labels.astype(np.int64)
+    return bundle.read_split(path, where, max_bytes, shape, classes)
 
 
 def _root(family: list[Artifact], fmt: str) -> Artifact | None:
@@ -173,25 +157,32 @@ def _row(art: Artifact, runtime_name: str, role: str) -> Row:
 
 def _measure(directory: Path, manifest: Manifest, subjects: list[Subject], problems: dict[str, list[str]],
              test: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], cfg: VerifyConfig,
-             phases: dict[str, float], worker: Worker) -> None:
+             phases: dict[str, float], worker: Worker, max_bytes: int) -> None:
     """Accuracy and fidelity of every subject first (references before dependants), then each file's
-    contract on the validation split, then latency."""
+    contract on the validation split and its golden outputs (each golden file at most `max_bytes`), then
+    latency."""
     active = [s for s in subjects if s.row.status != "skipped"]
     by_key = {s.row.key: s for s in active}
     refs = _references(manifest, by_key)
     x, labels = test
+    with timed(phases, "contract"):
+        gold = contract.golden_inputs(active, directory, manifest.golden, worker, cfg.time_limit_s, max_bytes)
+    worker.configure(x=x, inputs={"val": val[0], **({"golden": gold} if gold is not None else {})})
     with progress_bar(len(active), "verify: accuracy", cfg.progress, unit="run") as bar:
-        with timed(phases, "load_and_accuracy"):
-            for s in active:
-                bar.set_postfix_str(s.row.label, refresh=False)
+        for s in active:  # one file loaded at a time: the memory cap is one runner's, not the whole export's
+            bar.set_postfix_str(s.row.label, refresh=False)
+            with timed(phases, "load_and_accuracy"):
                 _accuracy(directory, manifest, s, problems[s.art.name], refs[s.row.key].get("torch_fp32"), x, labels,
                           cfg, worker)
-                bar.update()
+            with timed(phases, "contract"):
+                contract.measure(s, *val, worker, cfg.time_limit_s, cfg.same_machine)
+                if gold is not None:
+                    contract.check_golden(s, directory, manifest.golden, len(gold), worker, cfg.time_limit_s,
+                                          max_bytes)
+            worker.drop(s.runner)
+            bar.update()
         with timed(phases, "contract"):
-            contract.measure(active, *val, worker, cfg.time_limit_s, cfg.same_machine)
             contract.check(active, val[1], manifest.models)
-            contract.check_golden(active, directory, manifest.golden, worker, cfg.time_limit_s)
-            worker.configure(x=x)
         with timed(phases, "latency"):
             measure_latency(active, refs, x, cfg, bar, worker)
 
@@ -229,8 +220,6 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
     except Failed as exc:
         row.fail(exc.reason(s.art.file, f"load and accuracy on {len(x)} samples"))
         return
-    if s.device != "cpu" or s.art.contract is None:  # the contract pass runs it again, on the validation split
-        worker.drop(s.runner)  # timing loads its own runners, one per batch size (edgeq.verify.latency)
     classes = len(manifest.models.get(s.art.model, {}).get("classes", [])) or logits.shape[-1]
     if logits.shape != (len(x), classes):
         row.fail(f"{s.art.file}: output shape {list(logits.shape)}, expected [{len(x)}, {classes}]")
@@ -239,7 +228,7 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
     row.n, row.correct = len(labels), correct_count(logits, labels)
     row.accuracy = row.correct / row.n
     claimed = round(s.art.accuracy * row.n)
-    if s.device == "cpu" and abs(row.correct - claimed) > policy.claim_slack(row.n, cfg.same_machine):
+    if s.device == "cpu" and not policy.claim_ok(row.correct, claimed, row.n, cfg.same_machine):
         row.fail(f"{s.art.file}: {row.correct}/{row.n} correct, the manifest claims {claimed}/{row.n} "
                  f"({100 * s.art.accuracy:.2f}%)")
     if base is None or base.logits is None:

@@ -1,8 +1,9 @@
 """The latency phase of `verify`: every row timed in alternating windows with its references.
 
-Round r times every row once (its candidate and reference windows back to back) before round r+1
-starts, so each row's rounds are spread over the whole phase: a burst of slowness on a shared
-machine hits one of them, and the medians (of times and of per-round ratios) discard it.
+A round runs the row's candidate and reference windows back to back (the order flipped every round), so
+a ratio compares calls made within a few tens of milliseconds of each other; the medians (of times and
+of per-round ratios) discard the rounds a burst of load split. One row is timed at a time, with only its
+own runners loaded: the worker's memory stays one row's, whatever the size of the export.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeq import runtime
-from edgeq import timing
+from edgeq import evidence, policy, runtime, timing
 from edgeq.verify.rows import CUDA_RUNTIME, FP32_SLOWDOWN_LIMIT, Row, Subject, VerifyConfig
 from edgeq.verify.worker import Budget, Failed, Worker
 
@@ -39,35 +39,44 @@ def measure_latency(active: list[Subject], refs: dict[tuple[str, str], dict[str,
     """Paired latency of every loaded row at batch 1 and at cfg.batch against its references, by kind
     (refs[row key]); fills the rows' latency fields. `bar` is the caller's tqdm progress bar.
 
-    A runner that outlives its budget (cfg.time_limit_s for its warm-up, and per session for its
-    windows) or crashes fails its row; the sessions that time it go on without it.
+    One row at a time: its runners and its references' are loaded and warmed, timed in cfg.rounds
+    alternating rounds (the order flipped every round), then dropped unless the next row times them too,
+    so that the worker's memory is one row's runners, never the whole export's. A runner that outlives
+    its budget (cfg.time_limit_s for its warm-up, and per session for its windows) or crashes fails its
+    row; the sessions that time it go on without it.
     """
     worker.configure(batches={"b1": np.ascontiguousarray(x[:1]), "batch": x[np.arange(cfg.batch) % len(x)]},
                      threads=cfg.threads)  # torch threads are process-wide in the worker; onnxruntime's per session
-    ready = [s for s in active if s.logits is not None and _warm(s, cfg, worker)]
+    ready = [s for s in active if s.logits is not None]
     sessions = [_session(s, refs[s.row.key], ready, cfg) for s in ready]
-    dead: set[int] = set()  # timer handles whose row failed while timing
+    dead: set[int] = set()  # rows whose runner failed while loading or timing
     bar.set_description("verify: latency", refresh=False)
     bar.reset(total=cfg.rounds * len(sessions))
-    for r in range(cfg.rounds):
-        for t in sessions if r % 2 == 0 else reversed(sessions):
-            bar.set_postfix_str(t.subject.row.label, refresh=False)
-            if t.subject.timer not in dead:
+    for i, t in enumerate(sessions):
+        bar.set_postfix_str(t.subject.row.label, refresh=False)
+        for slot in t.slots:
+            if id(slot) not in dead and not _warm(slot, cfg, worker):
+                dead.add(id(slot))
+        if id(t.subject) not in dead:
+            for r in range(cfg.rounds):
                 for b in ("b1", "batch"):
                     t.rounds.setdefault(b, []).append(_round(t, b, r % 2 == 1, cfg, worker, dead))
-            bar.update()
-    for t in sessions:
-        if t.subject.timer not in dead:
-            _latency_figures(t, refs[t.subject.row.key], cfg, dead)
+                bar.update()
+            if id(t.subject) not in dead:
+                _latency_figures(t, refs[t.subject.row.key], cfg, dead)
+        following = {id(slot) for slot in sessions[i + 1].slots} if i + 1 < len(sessions) else set()
+        for slot in t.slots:
+            if id(slot) not in following:
+                for handle in slot.timers.values():
+                    worker.drop(handle)
 
 
 def _warm(s: Subject, cfg: VerifyConfig, worker: Worker) -> bool:
-    """Load the timing runner and warm it up at every batch size; False (row failed) if it cannot run."""
+    """Load the timing runners and warm them up at every batch size; False (row failed) if they cannot run."""
     if not s.timers:
         assert s.path is not None
         options = runtime.load_options(s.art.format, s.art.runtime)
         s.timers = {b: worker.define(s.path, s.art.format, s.device, cfg.threads, options) for b in ("b1", "batch")}
-        s.timer = s.timers["b1"]
     try:
         for b, handle in s.timers.items():
             worker.warm(handle, WARMUP_CALLS, Budget(cfg.time_limit_s), b)
@@ -83,14 +92,13 @@ def _round(t: _Session, batch: str, reverse: bool, cfg: VerifyConfig, worker: Wo
     samples: list[list[float]] = [[] for _ in t.slots]
     for i in reversed(range(len(t.slots))) if reverse else range(len(t.slots)):
         slot = t.slots[i]
-        if slot.timer in dead:
+        if id(slot) in dead:
             continue
-        assert slot.timer is not None
         try:
             samples[i] = worker.window(slot.timers[batch], batch, cfg.window_s, WARMUP_CALLS, t.budgets[i])
         except Failed as exc:
             slot.row.fail(exc.reason(slot.art.file, f"timing at batch 1 and {cfg.batch}"))
-            dead.add(slot.timer)
+            dead.add(id(slot))
     return samples
 
 
@@ -119,7 +127,7 @@ def _latency_figures(t: _Session, refs: dict[str, Subject], cfg: VerifyConfig, d
     row.p50_ms_batch = 1e3 * float(np.median(timing.flatten(samples["batch"][0])))
     row.samples_per_s = cfg.batch / (row.p50_ms_batch / 1e3)
     for kind, slot in t.kinds.items():
-        if t.slots[slot].timer in dead:
+        if id(t.slots[slot]) in dead:
             continue
         ratios = {b: timing.round_ratios(per_slot[0], per_slot[slot]) for b, per_slot in samples.items()}
         row.paired[kind] = {"reference": t.slots[slot].row.name, "runtime": t.slots[slot].row.runtime,
@@ -133,18 +141,19 @@ def _latency_figures(t: _Session, refs: dict[str, Subject], cfg: VerifyConfig, d
 
 
 def speed_flags(row: Row, cfg: VerifyConfig) -> None:
-    """The slower flags from the row's paired ratios (batch 1 or the large batch, whichever is worse).
+    """The slower flags from the row's paired ratios, by edgeq.policy's rule: the low end of the 99% interval
+    of the median ratio (edgeq.evidence) past the limit, at batch 1 or the large batch.
 
-    int8: slower than its fp32 parent by more than cfg.slower_margin. fp32 on CPU: more than
-    FP32_SLOWDOWN_LIMIT x slower than the family's fp32 checkpoint run eagerly on CPU. No rule
-    compares torch with onnxruntime (legitimately up to 5.2x apart) or CUDA with the CPU baseline.
+    int8: slower than its fp32 parent by more than cfg.slower_margin (policy.slower). fp32 on CPU: more than
+    FP32_SLOWDOWN_LIMIT x slower than the family's fp32 checkpoint run eagerly on CPU. No rule compares
+    torch with onnxruntime (legitimately up to 5.2x apart) or CUDA with the CPU baseline. Fewer rounds than
+    the interval needs (8) flag nothing: no evidence.
     """
-    def worst(kind: str) -> float:
-        if row.format == "pte":  # a program has a fixed batch, the deployment's: a large batch runs as many calls
-            return row.paired[kind]["ratio_b1"]
-        return max(row.paired[kind]["ratio_b1"], row.paired[kind]["ratio_batch"])
+    def low(kind: str) -> float:
+        keys = ("b1",) if row.format == "pte" else ("b1", "batch")  # a program's batch is fixed: the deployment's
+        return max(evidence.median_interval(row.paired[kind].get(f"rounds_{b}", []))[0] for b in keys)
 
     if row.precision == "int8" and "parent" in row.paired:
-        row.slower_than_parent = worst("parent") > 1.0 + cfg.slower_margin
+        row.slower_than_parent = policy.slower(low("parent"), cfg.slower_margin)
     if row.precision == "fp32" and row.runtime != CUDA_RUNTIME and "torch_fp32" in row.paired:
-        row.slower_than_fp32_baseline = worst("torch_fp32") > FP32_SLOWDOWN_LIMIT
+        row.slower_than_fp32_baseline = low("torch_fp32") > FP32_SLOWDOWN_LIMIT

@@ -95,7 +95,7 @@ REPORT_SCHEMA: dict = {
             "required": ["threads", "batch", "rounds", "window_s", "method"],
             "properties": {  # optional in v1
                 "time_limit_s": {"type": "number", "exclusiveMinimum": 0},
-                "memory_limit_gb": {"description": "GiB of address space the worker could add; null: not capped",
+                "memory_limit_gb": {"description": "GiB of memory (RLIMIT_DATA) the worker could add; null: not capped",
                                     "type": ["number", "null"]},
             },
         },

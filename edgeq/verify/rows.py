@@ -51,7 +51,7 @@ class VerifyConfig:
     strict: bool = False  # a file in the directory that the manifest does not list fails the run
     public_key: str | None = None  # check the directory's signature with this EC public key, first
     slower_margin: float = NOISE_MARGIN  # paired ratios up to 1 + margin are within timer noise, not "slower"
-    rounds: int = 5  # alternating timing rounds per batch size
+    rounds: int = 8  # alternating timing rounds per batch size: 8 give the median's 99% interval (edgeq.evidence)
     window_s: float = 0.015  # seconds per timing window (at least one call)
     time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per step that runs an artifact (load + accuracy, warm-up, timing)
     memory_limit_gb: float | None = None  # GiB the worker may add for all artifacts; None: half the machine's memory
@@ -156,7 +156,7 @@ class VerifyResult:
     wall_s: float
     # seconds per phase: integrity, test_split, start_worker, load_and_accuracy, latency
     phases: dict = field(default_factory=dict)
-    memory_cap_gb: float | None = None  # GiB of address space the worker could add; None: not capped (CUDA)
+    memory_cap_gb: float | None = None  # GiB of memory the worker could add; None: not capped (CUDA)
     unlisted: list[str] = field(default_factory=list)  # names in the directory the manifest does not list
     directory_problems: list[str] = field(default_factory=list)  # symlinks, special files: each fails the run
     signature: dict = field(default_factory=lambda: {"status": UNSIGNED, "file": None, "public_key": None})
@@ -199,7 +199,6 @@ class Subject:
     device: str
     path: Path | None = None  # set once integrity passed
     runner: int | None = None  # the worker's handle, threads=1: the accuracy pass
-    timer: int | None = None  # the latency pass's first handle: the row's identity while timing
     timers: dict[str, int] = field(default_factory=dict)  # batch name -> the worker's handle, cfg.threads
     logits: np.ndarray | None = None  # set when the accuracy pass gave a well-shaped result
     val_logits: np.ndarray | None = None  # the same on the validation split

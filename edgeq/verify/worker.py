@@ -9,11 +9,13 @@ timing still compares runners in one process, and importing torch happens once (
 with the parent's integrity check and test split. A call that outlives its budget kills the child;
 the next call starts a fresh one, which reloads only the runners it is asked for.
 
-The child caps its own address space (RLIMIT_AS) once torch and onnxruntime are imported, except when
-CUDA is available: the CUDA driver reserves far more virtual address space than it uses.
+The child caps its own memory (RLIMIT_DATA, edgeq.limits.cap_memory) once torch and onnxruntime (and,
+for a bundle with programs, ExecuTorch's runtime) are imported, except when CUDA is available: the CUDA
+driver maps far more than it uses. The caller loads one file at a time and drops it (verify's core and
+latency), so the cap is what one file, or one timed row, may take.
 
 POSIX only (select on pipes, resource limits). The parent starts the child as
-`python -c "...; main()" GIB|none PARENT_PID`, with edgeq's own directory first on sys.path.
+`python -c "...; main()" GIB|none PARENT_PID [pte]`, with edgeq's own directory first on sys.path.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 STARTUP_LIMIT_S = 120.0  # importing torch and onnxruntime: 1-4 s on a 2-core VM; no artifact code runs yet
-# The default memory cap, as a share of physical memory: the address space the worker may add after its
+# The default memory cap, as a share of physical memory: the memory the worker may add after its
 # imports, for all artifacts together (they stay loaded for paired timing, one runner per batch size).
 # Verifying the 36 real MLP/CNN artifacts added 1.1 GiB with one runner each; half the machine leaves
 # room for that several times over and keeps the other half for everything else.
@@ -72,7 +74,7 @@ class Failed(Exception):
             case "timeout":
                 return f"{file}: did not finish within {self.limit_s:g} s ({step}); raise --time-limit or {REEXPORT}"
             case "memory":
-                cap = f"the cap is {self.cap_gb:g} GiB of address space; raise --memory-limit or " * bool(self.cap_gb)
+                cap = f"the cap is {self.cap_gb:g} GiB of memory; raise --memory-limit or " * bool(self.cap_gb)
                 return f"{file}: ran out of memory ({step}: {self.detail}); {cap}{REEXPORT}"
             case "crash":
                 return f"{file}: crashed its runtime ({step}: {self.detail}); {REEXPORT}"
@@ -83,7 +85,9 @@ class Failed(Exception):
 
 def default_memory_limit_gb() -> float:
     """DEFAULT_MEMORY_SHARE of this machine's physical memory, in GiB."""
-    return round(DEFAULT_MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    from edgeq.limits import physical_memory_gb
+
+    return round(DEFAULT_MEMORY_SHARE * physical_memory_gb(), 1)
 
 
 class Worker:
@@ -93,8 +97,9 @@ class Worker:
     in the current child if needed, charging the load to the caller's budget.
     """
 
-    def __init__(self, memory_limit_gb: float | None) -> None:
+    def __init__(self, memory_limit_gb: float | None, programs: bool = False) -> None:
         self._memory_limit_gb = memory_limit_gb
+        self._programs = programs  # import ExecuTorch's runtime before the cap: it takes 140 MiB once
         self._proc: subprocess.Popen | None = None
         self._stderr: Any = None
         self._hello: dict | None = None
@@ -113,13 +118,14 @@ class Worker:
 
     @property
     def info(self) -> dict:
-        """What the child found: cuda (bool), cuda_name, providers, cap_gb (None: address space not capped)."""
+        """What the child found: cuda (bool), cuda_name, providers, cap_gb (None: memory not capped)."""
         self._ready()
         assert self._hello is not None
         return self._hello
 
     def configure(self, **state: Any) -> None:
-        """Set the child's inputs (x: the test split, batches: name -> array) or torch threads (threads)."""
+        """Set the child's inputs (x: the test split; inputs: name -> array, as `predict(on=name)` reads them;
+        batches: name -> array, for timing) or torch threads (threads)."""
         self._state.update(state)
         if self._hello is None:
             self._ready()  # a new child: the whole state is replayed
@@ -131,10 +137,16 @@ class Worker:
         self._specs[handle] = (str(path), fmt, device, threads, options)
         return handle
 
-    def predict(self, handle: int, budget: Budget) -> Any:
-        """Logits of the runner on the configured test split (loading it first if needed)."""
+    def predict(self, handle: int, budget: Budget, batch: int | None = None, on: str = "x") -> Any:
+        """Logits of the runner (loading it first if needed) on the configured inputs `on` ("x", or a name in
+        the configured `inputs`), in calls of `batch` samples (default: the exporter's, Runner.predict)."""
         self._load(handle, budget)
-        return self._call(("predict", handle), budget)
+        return self._call(("predict", handle, batch or 0, on), budget)
+
+    def tensor(self, root: Path, item: dict, what: str, max_bytes: int, budget: Budget) -> Any:
+        """A golden file's array (edgeq.golden.read_listed), read and parsed in the child, under its memory cap:
+        the parent reads no golden file."""
+        return self._call(("tensor", str(root), item, what, max_bytes), budget)
 
     def warm(self, handle: int, calls: int, budget: Budget, batch: str | None = None) -> None:
         """Load the runner if needed and call it `calls` times at the named configured batch (at every
@@ -177,8 +189,8 @@ class Worker:
         code = f"import sys; sys.path.insert(0, {root!r}); from edgeq.verify.worker import main; main()"
         cap = "none" if self._memory_limit_gb is None else repr(float(self._memory_limit_gb))
         self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen([sys.executable, "-c", code, cap, str(os.getpid())], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._stderr)
+        args = [sys.executable, "-c", code, cap, str(os.getpid())] + ["pte"] * self._programs
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
         self._hello = None
 
     def _ready(self) -> None:
@@ -304,56 +316,100 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from edgeq import runtime
-    from edgeq.errors import EdgeqError
-    from edgeq import timing as measure
-    from edgeq.verify.integrity import external_data
+    from edgeq import limits
 
+    if sys.argv[3:] == ["pte"]:
+        from edgeq import pte
+
+        pte.available(runtime_only=True)  # imported before the cap: the runtime, not a file, takes that memory
     cuda = torch.cuda.is_available()
-    cap_gb = None if cuda or sys.argv[1] == "none" else _cap_address_space(float(sys.argv[1]))
+    cap_gb = None if cuda or sys.argv[1] == "none" else limits.cap_memory(float(sys.argv[1]))
     send = _sender(reply_fd)
     send(("ok", {"cuda": cuda, "cuda_name": torch.cuda.get_device_name(0) if cuda else None,
                  "providers": ort.get_available_providers(), "cap_gb": cap_gb}))
-    runners: dict[int, runtime.Runner] = {}
-    state: dict[str, Any] = {"threads": 1, "batches": {}}
+    child = _Child()
+    while (request := _receive(0)) is not None:
+        try:
+            reply: tuple[str, Any] = ("ok", getattr(child, request[0])(*request[1:]))
+        except Exception as exc:
+            reply = _failure(exc)
+        send(reply)
 
-    def configure(new: dict) -> None:
-        state.update(new)
-        torch.set_num_threads(state["threads"])  # this process is verify's own: nothing to restore
 
-    def load(handle: int, path: str, fmt: str, device: str, threads: int, options: dict | None) -> None:
+class _Child:
+    """The child's runners and inputs; each public method is one request the parent may send."""
+
+    def __init__(self) -> None:
+        self.runners: dict[int, Any] = {}
+        self.state: dict[str, Any] = {"threads": 1, "batches": {}, "inputs": {}}
+
+    def configure(self, new: dict) -> None:
+        import torch
+
+        self.state.update(new)
+        torch.set_num_threads(self.state["threads"])  # this process is verify's own: nothing to restore
+
+    def load(self, handle: int, path: str, fmt: str, device: str, threads: int, options: dict | None) -> None:
+        import torch
+
+        from edgeq import runtime
+        from edgeq.errors import EdgeqError
+        from edgeq.verify.integrity import external_data
+
         if fmt == "onnx":  # parsed here, under the memory cap, never in verify's own process
             problems = external_data(Path(path), Path(path).name)
             if problems:
                 raise EdgeqError(problems[0])
-        runners[handle] = runtime.load(Path(path), fmt, device, threads=threads, options=options)
-        torch.set_num_threads(state["threads"])  # loading a torch runner sets its own
+        self.runners[handle] = runtime.load(Path(path), fmt, device, threads=threads, options=options)
+        torch.set_num_threads(self.state["threads"])  # loading a torch runner sets its own
 
-    def warm(handle: int, calls: int, batch: str | None = None) -> None:
-        if batch is not None and batch not in state["batches"]:
+    def warm(self, handle: int, calls: int, batch: str | None = None) -> None:
+        from edgeq import timing
+        from edgeq.errors import EdgeqError
+
+        if batch is not None and batch not in self.state["batches"]:
             raise EdgeqError(f"no batch named {batch!r} is configured")
-        for name, xb in state["batches"].items():
+        for name, xb in self.state["batches"].items():
             if batch is None or name == batch:
-                measure.warm_up([runners[handle].run], xb, calls)
+                timing.warm_up([self.runners[handle].run], xb, calls)
 
-    def window(handle: int, batch: str, window_s: float) -> list[float]:
-        return measure.timed_round([runners[handle].run], state["batches"][batch], window_s)[0]
+    def window(self, handle: int, batch: str, window_s: float) -> list[float]:
+        from edgeq import timing
 
-    ops = {"configure": configure, "load": load, "predict": lambda h: runners[h].predict(state["x"]),
-           "warm": warm, "window": window, "reset": runners.clear, "drop": lambda h: runners.pop(h, None) and None}
-    while (request := _receive(0)) is not None:
-        try:
-            reply: tuple[str, Any] = ("ok", ops[request[0]](*request[1:]))
-        except MemoryError:
-            reply = ("memory", "MemoryError")
-        except Exception as exc:  # EdgeqError: its message; a runtime's own: the parent names the file and step
-            found = _ALLOCATION.search(str(exc))
-            if found:  # the runtimes say so deep inside long messages
-                reply = ("memory", str(exc)[found.start():].splitlines()[0][:160])
-            else:
-                reply = ("edgeq" if isinstance(exc, EdgeqError) else "error",
-                         str(exc) if isinstance(exc, EdgeqError) else runtime.first_line(exc))
-        send(reply)
+        return timing.timed_round([self.runners[handle].run], self.state["batches"][batch], window_s)[0]
+
+    def tensor(self, root: str, item: dict, what: str, max_bytes: int):
+        """A golden file, parsed here, under the memory cap."""
+        from edgeq import golden
+
+        return golden.read_listed(Path(root), item, what, max_bytes)
+
+    def predict(self, handle: int, batch: int, on: str):
+        from edgeq import runtime
+
+        x = self.state["x"] if on == "x" else self.state["inputs"][on]
+        return self.runners[handle].predict(x, batch or runtime.PREDICT_BATCH)
+
+    def drop(self, handle: int) -> None:
+        """Unload a runner and hand the freed memory back: the cap then holds one runner's, not all of them."""
+        self.runners.pop(handle, None)
+        _release()
+
+    def reset(self) -> None:
+        self.runners.clear()
+
+
+def _failure(exc: Exception) -> tuple[str, str]:
+    """The reply for a request that raised: memory when the runtime says so, an EdgeqError's own message,
+    else a runtime's first line (the parent names the file and the step)."""
+    from edgeq.errors import EdgeqError, first_line
+
+    if isinstance(exc, MemoryError):
+        return "memory", "MemoryError"
+    found = _ALLOCATION.search(str(exc))
+    if found:  # the runtimes say so deep inside long messages
+        return "memory", str(exc)[found.start():].splitlines()[0][:160]
+    return ("edgeq", str(exc)) if isinstance(exc, EdgeqError) else ("error", first_line(exc))
 
 
 def _sender(fd: int):
@@ -385,21 +441,17 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def _cap_address_space(extra_gb: float) -> float | None:
-    """Limit this process's address space to what it uses now plus `extra_gb` GiB; None if unsupported."""
-    import resource
+def _release() -> None:
+    """Collect garbage, then return the C heap's free pages to the OS (glibc's malloc_trim): a runner's
+    buffers, once dropped, no longer count against the address-space cap."""
+    import ctypes
+    import gc
 
+    gc.collect()
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            now = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    except (OSError, StopIteration):
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = now + int(extra_gb * 2**30)
-    if soft != resource.RLIM_INFINITY and soft <= limit:
-        return round((soft - now) / 2**30, 1)  # the limit we inherited is already tighter
-    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
-    return extra_gb
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _die_with_parent(parent: int) -> None:

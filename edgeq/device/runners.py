@@ -1,0 +1,108 @@
+"""Each artifact format in its runtime on the device: edgeq.runtime's loaders, with the device's settings
+(its thread count, an optional graph optimization level), and a one-line reason when a file cannot run.
+ONNX needs onnxruntime only; TorchScript files run where torch imports, ExecuTorch programs where
+ExecuTorch's runtime does; checkpoints need the model's code and are never run here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgeq import runtime, timing
+from edgeq.errors import IntegrityError, first_line
+
+Run = Callable[[np.ndarray], np.ndarray]
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                       "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+ZIP = b"PK\x03\x04"  # a checkpoint and a TorchScript file are zip archives (torch.save, torch.jit.save)
+
+
+class CannotRun(Exception):
+    """A file its runtime refused: the message is the row's one line."""
+
+
+def session_options(threads: int, options: dict | None, optimization: str | None) -> dict:
+    """The manifest's session options for timing at `threads` (edgeq.timing: idle workers do not spin),
+    with `optimization` overriding its graph optimization level (to measure tolerances)."""
+    merged = dict(options or {})
+    merged["config_entries"] = {**(timing.ort_timing_options(threads) or {}).get("config_entries", {}),
+                                **merged.get("config_entries", {})}
+    if optimization:
+        merged["graph_optimization_level"] = OPTIMIZATION_LEVELS[optimization]
+    return merged
+
+
+def load_onnx(path: Path, threads: int, options: dict | None, optimization: str | None = None) -> Run:
+    """x -> logits for an ONNX file (edgeq.runtime's session), or CannotRun with onnxruntime's first line."""
+    try:
+        sess = runtime.ort_session(path, threads, session_options(threads, options, optimization))
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        raise CannotRun(f"onnxruntime cannot load it ({first_line(exc)})") from None
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def load_torchscript(path: Path, threads: int, engine: str | None) -> Run:
+    """A TorchScript file (edgeq.runtime); an int8 one in the quantized engine its manifest entry names,
+    set again for each call: the engine is process-wide and another file may need the other one."""
+    import torch
+
+    try:
+        runner = runtime.load_torchscript(path, "cpu", threads, {"quantized_engine": engine} if engine else None)
+    except IntegrityError as exc:
+        raise CannotRun(f"torch cannot load it ({str(exc).removeprefix(f'{path.name}: ')})") from None
+    except Exception as exc:
+        raise CannotRun(f"torch cannot load it ({first_line(exc)})") from None
+    if engine is None:
+        return runner.run
+
+    def run(x: np.ndarray) -> np.ndarray:
+        torch.backends.quantized.engine = engine
+        return runner.run(x)
+
+    return run
+
+
+def load_pte(path: Path, threads: int) -> Run:
+    """x -> logits for an ExecuTorch program (edgeq.runtime.load_pte: a batch other than the program's fixed
+    one runs as calls of it), or CannotRun in one line."""
+    try:
+        return runtime.load_pte(path, threads).run
+    except IntegrityError as exc:
+        raise CannotRun(str(exc).removeprefix(f"{path.name}: ")) from None
+    except Exception as exc:  # ExecuTorch raises its own untyped errors
+        raise CannotRun(f"ExecuTorch cannot load it ({first_line(exc)})") from None
+
+
+def executorch_missing() -> str | None:
+    """None where ExecuTorch's runtime (XNNPACK linked in) imports here; else why not, in one line with
+    the install command. Only the runtime bindings are imported, never the exporter."""
+    try:
+        from edgeq import pte
+    except ImportError as exc:  # a partial copy of the edgeq package, or no torch
+        return f"ExecuTorch's runtime cannot be imported ({first_line(exc)}): pip install 'edgeq[executorch]'"
+    return pte.available(runtime_only=True)
+
+
+def torch_importable() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def not_its_format(path: Path, fmt: str) -> str | None:
+    """Why a file that is not run here cannot be of its stated format, from its first bytes (a relabelled
+    file), or None: checkpoints and TorchScript files are zip archives."""
+    if fmt not in runtime.FORMATS:
+        return f"format {fmt!r} is not one edgeq writes ({', '.join(runtime.FORMATS)}); copy manifest.json again"
+    if fmt in ("checkpoint", "torchscript"):
+        with open(path, "rb") as f:
+            if f.read(4) != ZIP:
+                return f"not a {fmt} file (not a zip archive, as torch writes them); copy it again from the export"
+    return None
