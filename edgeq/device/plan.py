@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.target import of_machine
+
 from edgeq import bundle, limits
 from edgeq.device.read import AGAIN, DeviceError, read_manifest
 from edgeq.manifest import read_json
 
-ARCH_TARGET = {"x86_64": "x86", "AMD64": "x86", "aarch64": "arm64", "arm64": "arm64"}
 MAX_INPUT_BYTES = 1 << 30  # calibration or validation inputs the plan loads
 
 
@@ -153,7 +154,7 @@ def _measured(root: Path, threads: int | None, budget_s: float | None, log) -> d
         raise DeviceError(f"{root}/manifest.json lists no plan.json; re-export with this edgeq")
     build_plan = _load_json(root, manifest["plan"], "the export's plan")
     x, source = _inputs(root, manifest)
-    here = ARCH_TARGET.get(platform.machine())
+    here = getattr(of_machine(), "name", None)  # None: a CPU edgeq builds for no target of
     for model, fam in build_plan["models"].items():  # refused before anything is timed or written
         target = fam["recipe"].get("target")
         if target and here and target != here:
