@@ -23,14 +23,13 @@ import errno
 import json
 import os
 import shutil
-import signal
 import stat
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgeq.bundle import pid_alive, terminate_as_interrupt
 from edgeq.errors import ExportError
 from edgeq.manifest import MANIFEST_NAME
 from edgeq.signing import GITKEEP, SIGNATURE_NAME
@@ -209,16 +208,6 @@ def complete_export(path: Path) -> bool:
                if not Path(f).is_absolute() and ".." not in Path(f).parts)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def clean_stale(out: Path) -> list[Path]:
     """Restore the previous export a killed run left aside, then remove what killed runs left behind.
 
@@ -275,7 +264,7 @@ def _restore(old: Path, out: Path) -> None:
 
 def _dead_owner(out: Path, kind: str, path: Path) -> bool:
     pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
-    return pid.isdigit() and not _alive(int(pid)) and path.is_dir() and not path.is_symlink()
+    return pid.isdigit() and not pid_alive(int(pid)) and path.is_dir() and not path.is_symlink()
 
 
 def _mtime(path: Path) -> float:
@@ -299,23 +288,6 @@ def check_free_space(out: Path, expected_bytes: int) -> None:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt here, like SIGINT, so the same clean-up runs; restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _lock(out: Path):
@@ -343,7 +315,7 @@ def staging(out: Path, *, force: bool = False, expected_bytes: int = 0) -> Itera
     out = Path(out)
     check_out(out, force)
     check_free_space(out, expected_bytes)  # before the lock file is even created
-    with _sigterm_as_interrupt():
+    with terminate_as_interrupt():
         lock = _lock(out)
         try:
             clean_stale(out)  # first: a previous export a killed run left aside goes back to `out`
