@@ -132,6 +132,11 @@ class Family:
     def bars(self) -> Bars:
         return Bars(self.settings.max_accuracy_drop, self.settings.max_pruning_drop)
 
+    def contract_of(self, precision: str, pruned: bool, method: str | None) -> policy.Contract:
+        """The rule book's contract for a file of this family (edgeq.policy.contract, with its recipe's bars)."""
+        return policy.contract(precision, pruned, method, self.settings.max_accuracy_drop,
+                               self.settings.max_pruning_drop)
+
     @property
     def val(self) -> Arrays:
         return self.build.splits.val
@@ -155,8 +160,9 @@ class Family:
         recorded (its parent, the family's fp32 file of its format), and whether it meets them."""
         n, correct = len(self.val), correct_count(logits, self.val.y)
         refs = {"parent": parent, "fp32": name_of(self.name, "fp32", fmt)}
+        rules = self.contract_of(precision, pruned, method)
         bars = []
-        for ref, points in self.bars.of(precision, pruned):
+        for ref, points in rules.bars:
             ref_correct = self.val_correct(refs[ref])
             if ref_correct is None:  # its reference was not shipped: nothing to be held against
                 continue
@@ -164,10 +170,10 @@ class Family:
             bars.append({"relative_to": refs[ref], "max_drop_points": points, "drop_points": drop,
                          "met": policy.within_bar(drop, points)})
         out = {"split": "val", "samples": n, "correct": correct, "bars": bars, "agreement": None}
-        if precision == "int8" and policy.keeps_parent_weights(method) and parent in self.val_logits:
+        if rules.min_agreement is not None and parent in self.val_logits:
             value = round(agreement(self.val_logits[parent], logits), 6)
-            out["agreement"] = {"relative_to": parent, "min": policy.MIN_AGREEMENT, "value": value,
-                                "met": policy.within_agreement(value)}
+            out["agreement"] = {"relative_to": parent, "min": rules.min_agreement, "value": value,
+                                "met": policy.within_agreement(value, rules.min_agreement)}
         out["met"] = all(b["met"] for b in bars) and (out["agreement"] or {"met": True})["met"]
         return out
 

@@ -366,16 +366,13 @@ def _acceptor(fam: Family, parent: Parent, mode: str):
     the parent when it keeps the parent's weights (static)."""
     n, parent_correct = len(fam.val), parent.evaluator.parent["correct"]
     fp32_correct = fam.val_correct(name_of(fam.name, "fp32", "onnx"))
-    bars = dict(fam.bars.of("int8", parent.v.pruning is not None))
+    rules = fam.contract_of("int8", parent.v.pruning is not None, mode)
 
     def accept(s: dict) -> tuple[bool, float]:
-        drop = policy.drop_points(parent_correct, s["correct"], n)
-        met = policy.within_bar(drop, bars["parent"])
-        if "fp32" in bars and fp32_correct is not None:
-            met = met and policy.within_bar(policy.drop_points(fp32_correct, s["correct"], n), bars["fp32"])
-        if policy.keeps_parent_weights(mode):
-            met = met and policy.within_agreement(s["agreement"])
-        return met, drop
+        drops = {"parent": policy.drop_points(parent_correct, s["correct"], n)}
+        if fp32_correct is not None:
+            drops["fp32"] = policy.drop_points(fp32_correct, s["correct"], n)
+        return rules.met(drops, s["agreement"]), drops["parent"]
 
     return accept
 

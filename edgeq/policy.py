@@ -17,6 +17,7 @@ The test split is never read by a decision: its accuracy is only reported.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 # paired-ratio differences within this margin are timer noise, not a reason to act: the ship rule
 # (an int8 file slower than its parent by more), the mixed-precision search's least gain, verify's
@@ -59,13 +60,15 @@ def within_agreement(value: float, minimum: float = MIN_AGREEMENT) -> bool:
     return value >= minimum - EPS
 
 
-def slower(ratio_low: float, margin: float = NOISE_MARGIN) -> bool:
+def slower(ratio_low: float, margin: float | None = None) -> bool:
     """A candidate is slower than its reference when even the low end of its paired ratio's interval
-    is past 1 + margin."""
+    is past 1 + margin (NOISE_MARGIN, read when called)."""
+    margin = NOISE_MARGIN if margin is None else margin
     return ratio_low > 1.0 + margin
 
 
-def not_slower(ratio_high: float, margin: float = NOISE_MARGIN) -> bool:
+def not_slower(ratio_high: float, margin: float | None = None) -> bool:
+    margin = NOISE_MARGIN if margin is None else margin
     return ratio_high <= 1.0 + margin
 
 
@@ -109,6 +112,31 @@ def bars(kind: str, pruned: bool, max_accuracy_drop: float, max_pruning_drop: fl
     return out
 
 
+@dataclass(frozen=True)
+class Contract:
+    """What a file is held to on the validation split: at most `points` below each reference of `bars`
+    ("parent": its fp32 parent; "fp32": the family's fp32 file of its format), and for post-training int8
+    a top-1 agreement with its parent of at least `min_agreement` (None: no agreement rule)."""
+
+    bars: tuple[tuple[str, float], ...]
+    min_agreement: float | None
+
+    def met(self, drops: dict[str, float], agreement: float | None = None) -> bool:
+        """Whether measured drops (reference -> points; a reference not measured is not held against) and
+        agreement meet it."""
+        ok = all(within_bar(drops[ref], points) for ref, points in self.bars if ref in drops)
+        return ok and (self.min_agreement is None or (agreement is not None
+                                                      and within_agreement(agreement, self.min_agreement)))
+
+
+def contract(precision: str, pruned: bool, method: str | None, max_accuracy_drop: float,
+             max_pruning_drop: float) -> Contract:
+    """The one contract a file of this kind is shipped within (the exporter decides by it, verify and the
+    device checker check it): its bars, and the agreement rule when it keeps its parent's weights."""
+    agree = MIN_AGREEMENT if precision == "int8" and keeps_parent_weights(method) else None
+    return Contract(tuple(bars(precision, pruned, max_accuracy_drop, max_pruning_drop)), agree)
+
+
 def coarse_split(n: int, bar_points: float) -> str | None:
     """A warning when one sample of an n-sample split moves accuracy by more than the bar: then the bar
     can only mean 'not one sample lost'."""
@@ -119,11 +147,12 @@ def coarse_split(n: int, bar_points: float) -> str | None:
     return None
 
 
-def recommend(candidates: list[dict], margin: float = NOISE_MARGIN) -> str:
+def recommend(candidates: list[dict], margin: float | None = None) -> str:
     """The fastest candidate: {name, median, high (the ratio interval's upper end), accuracy, bytes,
     reference (bool)}; ratios are against the reference. A candidate counts as faster only with
     confidence (high < 1) and by more than the margin; candidates within the margin of the fastest are
     a tie, broken by accuracy, then size."""
+    margin = NOISE_MARGIN if margin is None else margin
     faster = [c for c in candidates if c["reference"] or (c["high"] < 1.0 and c["median"] < 1 - margin)]
     best = min(c["median"] for c in faster)
     tied = [c for c in faster if c["median"] <= best + margin]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.policy import NOISE_MARGIN
+from edgeq import policy
 from edgeq.evidence import RULE, Decision, Evidence, Rule, decide
 from edgeq.onnx_quant import QDQBuilder, QDQConfig
 from edgeq.runtime import load_onnx, ort_session_options
@@ -39,7 +39,7 @@ class SearchConfig:
     # what counts as faster or slower. Within one export a paired median is tight (intervals of 1-3%),
     # but between exports under a changing load it moved by up to 5% here (the CNN's per-tensor vs
     # per-channel ratio read 0.95-0.97 at batch 1 over five exports): a smaller margin let that flip.
-    min_gain: float = NOISE_MARGIN
+    min_gain: float = field(default_factory=lambda: policy.NOISE_MARGIN)
     calibration_samples: int = 128  # trial models only need realistic ranges, not the best ones
     threads: int = 1
     max_agreement_loss: float = 0.002  # per-tensor scales may change at most 0.2% of top-1 predictions

@@ -172,15 +172,14 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str, out: Lineage) -
         logits = runtime.load(path, FMT, threads=1).predict(fam.val.x.copy())
         return score(logits, fam.val.y, parent_logits)
 
+    rules = fam.contract_of("int8", v.pruning is not None, mode)
+    fp32_correct = fam.val_correct(name_of(fam.name, "fp32", FMT))
+
     def accept(s: dict) -> tuple[bool, float]:
-        drop = policy.drop_points(ref_correct, s["correct"], n)
-        met = policy.within_bar(drop, fam.settings.programs.max_accuracy_drop)
-        if v.pruning is not None and fam.val_correct(name_of(fam.name, "fp32", FMT)) is not None:
-            fp32_drop = policy.drop_points(fam.val_correct(name_of(fam.name, "fp32", FMT)), s["correct"], n)
-            met = met and policy.within_bar(fp32_drop, fam.settings.programs.max_accuracy_drop + fam.settings.programs.max_pruning_drop)
-        if policy.keeps_parent_weights(mode):
-            met = met and policy.within_agreement(s["agreement"])
-        return met, drop
+        drops = {"parent": policy.drop_points(ref_correct, s["correct"], n)}
+        if fp32_correct is not None:
+            drops["fp32"] = policy.drop_points(fp32_correct, s["correct"], n)
+        return rules.met(drops, s["agreement"]), drops["parent"]
 
     def measure() -> dict:
         cal = _calibration(fam, mode, screen)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq import policy
+from edgeq.recipe import Recipe
 from edgeq.metrics import agreement, correct_count, sqnr_db
 from edgeq.verify.rows import Subject
 from edgeq.verify.worker import Budget, Failed, Worker
@@ -42,21 +43,33 @@ def measure(s: Subject, x: np.ndarray, labels: np.ndarray, worker: Worker, time_
 
 
 def check(subjects: list[Subject], labels: np.ndarray, families: dict) -> None:
-    """Every bar and the agreement rule of each file's contract (edgeq.policy, with the family's recorded
-    bars), on the numbers measured here."""
+    """Every bar and the agreement rule of each file's contract, on the numbers measured here. The
+    references are the ones the file's recorded contract names (`relative_to`), and the recorded bars must
+    be the rule book's (edgeq.policy.contract, with the family's bars: the recipe's defaults where the
+    manifest states none), so a manifest cannot ship a file within a laxer contract than the export's."""
     by_name = {s.art.name: s for s in subjects if s.device == "cpu"}
+    defaults = Recipe()
     for s in subjects:
         if s.device != "cpu" or s.art.contract is None or s.val_logits is None:
             continue  # a CUDA run; a manifest without contracts; or its row already says why
         fam = families.get(s.art.model, {})
-        pruned = s.art.pruning is not None
-        refs = {"parent": s.art.parent, "fp32": f"{s.art.model}-fp32-{s.art.name.rsplit('-', 1)[-1]}"}
-        bars = policy.bars(s.art.precision, pruned, float(fam.get("max_accuracy_drop", 0.0)),
-                           float(fam.get("max_pruning_drop", 0.0)))
-        for ref, points in bars:
-            if refs[ref] in by_name:
-                _bar(s, by_name[refs[ref]], refs[ref], points, labels)
-        if s.art.precision == "int8" and policy.keeps_parent_weights((s.art.quantization or {}).get("method")):
+        rules = policy.contract(s.art.precision, s.art.pruning is not None, (s.art.quantization or {}).get("method"),
+                                float(fam.get("max_accuracy_drop", defaults.max_accuracy_drop)),
+                                float(fam.get("max_pruning_drop", defaults.max_pruning_drop)))
+        recorded = [(b.get("relative_to"), b.get("max_drop_points")) for b in s.art.contract.get("bars", [])]
+        kind = {ref: "parent" if ref == s.art.parent else "fp32" for ref, _ in recorded}
+        wanted = dict(rules.bars)
+        lax = [f"{ref} at {points:g}" for ref, points in recorded
+               if not isinstance(points, (int, float)) or wanted.get(kind[ref]) != points]
+        if "parent" in wanted and s.art.parent in by_name and s.art.parent not in kind:
+            lax.append(f"no bar against its parent {s.art.parent}")
+        if lax:
+            s.row.fail(f"{s.art.file}: its recorded contract ({'; '.join(lax)}) is not the rule book's "
+                       f"({', '.join(f'{r} {p:g}' for r, p in rules.bars)} points); re-run `edgeq export`")
+        for ref, points in recorded:
+            if ref in by_name and isinstance(points, (int, float)):
+                _bar(s, by_name[ref], ref, float(points), labels)
+        if rules.min_agreement is not None:
             _agreement(s, by_name.get(s.art.parent or ""), s.art.parent or "its parent")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeq.errors import ConfigError
 from edgeq.manifest import Artifact
-from edgeq.policy import NOISE_MARGIN
+from edgeq import policy
 from edgeq.signing import UNSIGNED
 
 CPU_RUNTIME = {"onnx": "onnxruntime-cpu", "torchscript": "torch-cpu", "checkpoint": "torch-cpu", "pte": "executorch-cpu"}
@@ -50,7 +50,8 @@ class VerifyConfig:
     fail_on_slower: bool = False  # the slower flags (int8 vs fp32 parent, fp32 vs baseline) fail instead of warn
     strict: bool = False  # a file in the directory that the manifest does not list fails the run
     public_key: str | None = None  # check the directory's signature with this EC public key, first
-    slower_margin: float = NOISE_MARGIN  # paired ratios up to 1 + margin are within timer noise, not "slower"
+    # paired ratios up to 1 + margin are within timer noise, not "slower" (edgeq.policy's, when made)
+    slower_margin: float = field(default_factory=lambda: policy.NOISE_MARGIN)
     rounds: int = 8  # alternating timing rounds per batch size: 8 give the median's 99% interval (edgeq.evidence)
     window_s: float = 0.015  # seconds per timing window (at least one call)
     time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per step that runs an artifact (load + accuracy, warm-up, timing)
