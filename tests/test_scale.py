@@ -39,10 +39,13 @@ def _files(directory: Path) -> dict[str, str]:
 
 
 def _decisions(directory: Path) -> dict:
-    """The plan's decisions, without what was timed (seconds, per-node profiles) and where trials ran."""
+    """The plan's untimed decisions: without the timed ones (the recommendation, measured here on each run),
+    what was timed (seconds, per-node profiles) and where trials ran."""
+    timed = ("seconds", "ran_on", "measured_on", "profile_us", "recommended")
+
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in ("seconds", "ran_on", "measured_on", "profile_us")}
+            return {k: strip(v) for k, v in value.items() if k not in timed}
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value

@@ -88,15 +88,19 @@ def speed(manifest: dict, loaded: dict, files: dict[str, FileResult], inputs: np
 
 
 def paired_ratio(ref, cand, x: np.ndarray, rounds: int, window_s: float) -> dict:
-    """Candidate / reference time (edgeq.timing's alternating windows): the median of `rounds` paired ratios,
-    its 99% interval (edgeq.evidence) and whether that makes the candidate slower (edgeq.policy.slower)."""
+    """Candidate / reference time (edgeq.timing's alternating windows), summarized by `ratio_verdict`."""
     found = timing.paired_latency(ref, cand, x, rounds, window_s)
-    lo, hi = evidence.median_interval(found["ratios"])
-    finite = lambda v: round(v, 3) if math.isfinite(v) else None
-    return {"ratio": round(float(np.median(found["ratios"])), 3), "interval": [finite(lo), finite(hi)],
-            "rounds": rounds, "slower": policy.slower(lo),
-            "parent_ms": round(float(np.median(found["ref_samples"])) * 1e3, 4),
+    return {**ratio_verdict(found["ratios"]), "parent_ms": round(float(np.median(found["ref_samples"])) * 1e3, 4),
             "ms": round(float(np.median(found["cand_samples"])) * 1e3, 4)}
+
+
+def ratio_verdict(ratios: list[float]) -> dict:
+    """Paired ratios -> their median, its 99% interval (edgeq.evidence) and whether that makes the candidate
+    slower (edgeq.policy.slower, the ship rule's test)."""
+    lo, hi = evidence.median_interval(ratios)
+    finite = lambda v: round(v, 3) if math.isfinite(v) else None  # noqa: E731
+    return {"ratio": round(float(np.median(ratios)), 3), "interval": [finite(lo), finite(hi)],
+            "rounds": len(ratios), "slower": policy.slower(lo)}
 
 
 def accuracy(root: Path, manifest: dict, loaded: dict, files: dict[str, FileResult], result: CheckResult,
