@@ -107,22 +107,31 @@ def compress(
         _review(replay, log)
     expected = sum(_expected_bytes(m, recipes[name]) for name, m in models.items())
     expected += splits.test.x[: max(r.eval_samples for r in recipes.values())].nbytes + splits.val.x.nbytes
+    decisions = Replayed(replay) if replay is not None else Measured(record)
+    with publish.staging(options.out, force=options.force, expected_bytes=expected) as tmp, threads(TRAIN_THREADS):
+        return _build(tmp, models, recipes, specs, splits, decisions, options, finetune, log,
+                      {"preprocessing": preprocessing, "dataset": dataset, "started": t0})
+
+
+def _build(tmp: Path, models: dict[str, nn.Module], recipes: dict[str, Recipe], specs: dict, splits: Splits,
+           decisions, options: Options, finetune: FinetuneFn | None, log: Callable[[str], None], about: dict) -> Manifest:
+    """Every family's files into `tmp`, then the manifest (last: a directory without one is never
+    published) and the signature over it all. The untimed trials run on one pool for the whole build."""
     workers = _workers(recipes)
-    with publish.staging(options.out, force=options.force, expected_bytes=expected) as tmp, threads(TRAIN_THREADS), \
-            Pool(workers) as pool:
+    with Pool(workers) as pool:
         if any(set(r.variants) & {"static", "qat"} for r in recipes.values()):
             pool.start()  # the workers import their runtimes while the float stage runs
-        decisions = Replayed(replay) if replay is not None else Measured(record)
         b = Build(tmp, splits, decisions, Lineage(log), finetune, options.progress, pool=pool)
         b.workers = {"backend": workers.backend, "jobs": pool.size, "ray_address": workers.ray_address}
         families = {name: _family(b, name, m, recipes[name], specs[name]) for name, m in models.items()}
-        _require_shipped(b)
-        manifest = _manifest(b, families, min(r.eval_samples for r in recipes.values()), preprocessing, dataset)
-        manifest.golden = _golden(b, models)
-        b.timings["total_s"] = round(time.perf_counter() - t0, 2)
-        manifest.write(tmp)  # last: a directory without a manifest is never published
-        if options.sign_key is not None:  # after the manifest: the signature covers every file
-            signing.sign_directory(tmp, options.sign_key)
+    _require_shipped(b)
+    manifest = _manifest(b, families, min(r.eval_samples for r in recipes.values()), about["preprocessing"],
+                         about["dataset"])
+    manifest.golden = _golden(b, models)
+    b.timings["total_s"] = round(time.perf_counter() - about["started"], 2)
+    manifest.write(tmp)
+    if options.sign_key is not None:  # after the manifest: the signature covers every file
+        signing.sign_directory(tmp, options.sign_key)
     return manifest
 
 

@@ -292,72 +292,92 @@ def _describe(fam: Family, plan: Plan, bar: dict, base: QDQConfig, mode: str, ca
     return quant
 
 
+@dataclass
+class BarTrials:
+    """The trials of one int8 ONNX file's accuracy bar: the file of a set of fp32 nodes, on the validation
+    rows asked (all: the file left at `path`), or many independent ones at once on the build's pool."""
+
+    ev: object  # the parent's edgeq.sensitivity.Evaluator
+    base: QDQConfig
+    names: dict | None  # a QAT twin's names for the parent's nodes
+    calib: list[np.ndarray]
+    source: Path
+    path: Path
+
+    def qdq(self, nodes, per_channel: bool) -> QDQConfig:
+        mapped = tuple(self.names[x] for x in nodes if x in self.names) if self.names else tuple(nodes)
+        return replace(self.base, per_channel=per_channel, exclude_nodes=mapped)
+
+    def run(self, per_channel: bool):
+        def run(nodes: tuple[str, ...], rows: np.ndarray | None = None):
+            return self.ev.trial(self.qdq(nodes, per_channel), self.calib, self.source,
+                                 keep=self.path if rows is None else None, rows=rows)
+        return run
+
+    def many(self, per_channel: bool):
+        def many(requests: list, left: float) -> list:
+            return self.ev.many([(self.qdq(n, per_channel), self.calib, rows) for n, rows in requests], self.source,
+                                left)
+        return many
+
+
 def accuracy_bar(fam: Family, parent: Parent, art_name: str, mode: str, source: Path, base: QDQConfig,
                  names: dict | None, calib: list[np.ndarray], path: Path) -> dict:
     """Whether (and with which quantizer groups in fp32) the int8 file meets the contract: measured on the
-    file as exported, groups moved to fp32 op type first, then one by one, ranked on the validation
+    file as exported, groups moved to fp32 op type first, then by ranked prefix, ranked on the validation
     samples int8 gets most wrong (edgeq.sensitivity.meet_bar_groups; per-tensor scales give way to
     per-channel first); or replayed: the plan's nodes built once and the result measured again, never
     copied. Either way the file the decision accepts is left at `path`."""
-    from edgeq.groups import find
-    from edgeq.sensitivity import meet_bar_groups
-
-    ev, speed_nodes = parent.evaluator, parent.plan.qdq.exclude_nodes
-    accept = _acceptor(fam, parent, mode)
-
-    def build(per_channel: bool):
-        def run(nodes: tuple[str, ...], rows: np.ndarray | None = None):
-            mapped = tuple(names[x] for x in nodes if x in names) if names else nodes
-            qdq = replace(base, per_channel=per_channel, exclude_nodes=mapped)
-            return ev.trial(qdq, calib, source, keep=path if rows is None else None, rows=rows)
-        return run
-
-    def measure() -> dict:
-        per_channel, first = base.per_channel, []
-        if not per_channel:  # per-tensor scales (faster) first; per-channel before any group leaves int8
-            met, drop = accept(build(False)(tuple(speed_nodes))[0])
-            first = [{"fp32_groups": [], "drop_points": drop, "per_channel": False, "met": met}]
-            if met:
-                return {"met": True, "bar_points": fam.settings.int8.max_accuracy_drop, "drop_points": drop,
-                        "fp32_nodes_added": [], "fp32_groups": [], "best_drop_points": drop, "steps": first,
-                        "per_channel": False, "ptq": policy.keeps_parent_weights(mode)}
-            per_channel = True
-        groups = [g for g in find(fam.path(parent.v.key, "onnx"))
-                  if names is None or all(n in names for n in g.nodes)]  # a QAT twin: the groups it has too
-        budget = fam.budgets["accuracy"]
-        share, t0 = budget.share(), time.perf_counter()
-        def many(requests: list, left: float) -> list:
-            qdqs = [replace(base, per_channel=per_channel,
-                            exclude_nodes=tuple(names[x] for x in n if x in names) if names else tuple(n))
-                    for n, _ in requests]
-            return ev.many([(q, calib, rows) for q, (_, rows) in zip(qdqs, requests)], source, left)
-
-        since = dict(ev.nodes)
-        try:
-            result = meet_bar_groups(build(per_channel), tuple(speed_nodes), groups, accept,
-                                     fam.settings.int8.max_accuracy_drop, ev.ref, ev.labels, share, run_many=many)
-        finally:
-            budget.spend(time.perf_counter() - t0)
-        if ran_on := ev.ran_on(since):
-            result["ran_on"] = ran_on  # the Ray nodes its ranking trials ran on
-        result["steps"] = first + result["steps"]
-        result["best_drop_points"] = min(st["drop_points"] for st in result["steps"])
-        return {**result, "per_channel": per_channel, "ptq": policy.keeps_parent_weights(mode)}
+    trials = BarTrials(parent.evaluator, base, names, calib, source, path)
+    accept, speed_nodes = _acceptor(fam, parent, mode), tuple(parent.plan.qdq.exclude_nodes)
 
     def replay(rec: dict) -> dict:
         if not rec["met"]:
             return rec
-        met, drop = accept(build(rec["per_channel"])(tuple(speed_nodes) + tuple(rec["fp32_nodes_added"]))[0])
+        met, drop = accept(trials.run(rec["per_channel"])(speed_nodes + tuple(rec["fp32_nodes_added"]))[0])
         return {**rec, "met": met, "drop_points": drop}
 
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
         result = fam.build.decisions.decide(fam.plan.accuracy, art_name, f"accuracy decision for {art_name}",
-                                            measure, replay)
+                                            lambda: _measure_bar(fam, parent, mode, trials, accept), replay)
     if result["fp32_nodes_added"]:
         kept = [g["group"] for g in result.get("fp32_groups", [])] or result["fp32_nodes_added"]
         fam.build.log(f"  {art_name}: {len(kept)} group(s) in fp32 to meet the bar of "
-                      f"{fam.settings.int8.max_accuracy_drop:g} pts: {', '.join(kept)} (drop {result['drop_points']:.2f} pts)")
+                      f"{fam.settings.int8.max_accuracy_drop:g} pts: {', '.join(kept)} "
+                      f"(drop {result['drop_points']:.2f} pts)")
     return result
+
+
+def _measure_bar(fam: Family, parent: Parent, mode: str, trials: BarTrials, accept) -> dict:
+    """The bar measured: per-tensor scales (when the speed plan chose them) first, then per-channel with
+    quantizer groups moved to fp32 (edgeq.sensitivity.meet_bar_groups) within the accuracy budget."""
+    from edgeq.groups import find
+    from edgeq.sensitivity import meet_bar_groups
+
+    ev, speed_nodes, bar = parent.evaluator, tuple(parent.plan.qdq.exclude_nodes), fam.settings.int8.max_accuracy_drop
+    per_channel, first = trials.base.per_channel, []
+    if not per_channel:  # per-tensor scales (faster) first; per-channel before any group leaves int8
+        met, drop = accept(trials.run(False)(speed_nodes)[0])
+        first = [{"fp32_groups": [], "drop_points": drop, "per_channel": False, "met": met}]
+        if met:
+            return {"met": True, "bar_points": bar, "drop_points": drop, "fp32_nodes_added": [], "fp32_groups": [],
+                    "best_drop_points": drop, "steps": first, "per_channel": False,
+                    "ptq": policy.keeps_parent_weights(mode)}
+        per_channel = True
+    groups = [g for g in find(fam.path(parent.v.key, "onnx"))
+              if trials.names is None or all(n in trials.names for n in g.nodes)]  # a QAT twin: the groups it has
+    budget, since = fam.budgets["accuracy"], dict(ev.nodes)
+    share, t0 = budget.share(), time.perf_counter()
+    try:
+        result = meet_bar_groups(trials.run(per_channel), speed_nodes, groups, accept, bar, ev.ref, ev.labels, share,
+                                 run_many=trials.many(per_channel))
+    finally:
+        budget.spend(time.perf_counter() - t0)
+    if ran_on := ev.ran_on(since):
+        result["ran_on"] = ran_on  # the Ray nodes its ranking trials ran on
+    result["steps"] = first + result["steps"]
+    result["best_drop_points"] = min(st["drop_points"] for st in result["steps"])
+    return {**result, "per_channel": per_channel, "ptq": policy.keeps_parent_weights(mode)}
 
 
 def _acceptor(fam: Family, parent: Parent, mode: str):

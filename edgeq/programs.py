@@ -135,100 +135,112 @@ def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: flo
             "steps": steps}
 
 
-def _int8(fam: Family, v: FloatVariant, variant: str, mode: str, out: Lineage) -> None:
-    name, parent = name_of(fam.name, variant, FMT), name_of(fam.name, v.key, FMT)
-    path, parent_logits = fam.path(variant, FMT), fam.val_logits[parent]
-    ft = fam.build.finetuner(fam.settings.programs.qat, fam.settings.programs.seed + 2, f"{fam.name}: QAT {v.key} .pte") if mode == "qat" \
-        else None
-    n, ref_correct = len(fam.val), fam.val_correct(parent)
-    model, cut = cropped(fam, v)
-    infos: dict = {}
-    held: dict = {}  # the last quantized model: a screened candidate that passes is lowered, not quantized again
+class ProgramTrials:
+    """The candidates of one int8 program: quantized once per setting (PT2E), scored in torch before
+    lowering (`screen`), and lowered and scored from the file (`build`) only when worth it."""
 
-    def quantized(nodes: tuple[str, ...], cal: dict):
+    def __init__(self, fam: Family, v: FloatVariant, variant: str, mode: str):
+        self.fam, self.v, self.mode = fam, v, mode
+        self.name, self.parent = name_of(fam.name, variant, FMT), name_of(fam.name, v.key, FMT)
+        self.path, self.parent_logits = fam.path(variant, FMT), fam.val_logits[self.parent]
+        s = fam.settings.programs
+        self.ft = fam.build.finetuner(s.qat, s.seed + 2, f"{fam.name}: QAT {v.key} .pte") if mode == "qat" else None
+        self.model, self.cut = cropped(fam, v)
+        self.rules = fam.contract_of("int8", v.pruning is not None, mode)
+        self.info: dict = {}
+        self._held: dict = {}  # the last quantized model: a screened candidate that passes is lowered, not redone
+
+    def quantized(self, nodes: tuple[str, ...], cal: dict):
         key = (tuple(nodes), cal["observer"], cal["samples"])
-        if key not in held:
-            held.clear()
-            held[key] = pte.quantize(model, fam.example, first_samples(fam.calibration, cal["samples"]), mode,
-                                     exclude=nodes, finetune=(lambda m: ft(m)) if ft else None,
-                                     observer=cal["observer"])
-        return held[key]
+        if key not in self._held:
+            self._held.clear()
+            fam, ft = self.fam, self.ft
+            self._held[key] = pte.quantize(self.model, fam.example, first_samples(fam.calibration, cal["samples"]),
+                                           self.mode, exclude=nodes, finetune=(lambda m: ft(m)) if ft else None,
+                                           observer=cal["observer"])
+        return self._held[key]
 
-    def screen(nodes: tuple[str, ...], cal: dict) -> dict:
+    def screen(self, nodes: tuple[str, ...], cal: dict) -> dict:
         """The candidate scored in torch before lowering (edgeq.pte.predict): cheap, and close to the program."""
-        return score(pte.predict(quantized(nodes, cal), fam.val.x), fam.val.y, parent_logits)
+        return score(pte.predict(self.quantized(nodes, cal), self.fam.val.x), self.fam.val.y, self.parent_logits)
 
-    def build(nodes: tuple[str, ...], cal: dict | None = None, screened: bool = False) -> dict:
+    def build(self, nodes: tuple[str, ...], cal: dict | None = None, screened: bool = False) -> dict:
         """The program, lowered and scored from its file; with `screened`, only when the PT2E model meets
         the contract first (a candidate that misses it in torch is not worth a lowering)."""
-        cal = cal or {"observer": pte.OBSERVERS[0], "samples": sum(map(len, fam.calibration))}
-        if screened:
-            s = screen(nodes, cal)
-            if not accept(s)[0]:
-                return {**s, "screened": True}
-        infos["last"] = pte.lower_int8(quantized(nodes, cal), deployment_example(fam), path)
         from edgeq import runtime
 
-        logits = runtime.load(path, FMT, threads=1).predict(fam.val.x.copy())
-        return score(logits, fam.val.y, parent_logits)
+        cal = cal or {"observer": pte.OBSERVERS[0], "samples": sum(map(len, self.fam.calibration))}
+        if screened:
+            s = self.screen(nodes, cal)
+            if not self.accept(s)[0]:
+                return {**s, "screened": True}
+        self.info = pte.lower_int8(self.quantized(nodes, cal), deployment_example(self.fam), self.path)
+        logits = runtime.load(self.path, FMT, threads=1).predict(self.fam.val.x.copy())
+        return score(logits, self.fam.val.y, self.parent_logits)
 
-    rules = fam.contract_of("int8", v.pruning is not None, mode)
-    fp32_correct = fam.val_correct(name_of(fam.name, "fp32", FMT))
-
-    def accept(s: dict) -> tuple[bool, float]:
-        drops = {"parent": policy.drop_points(ref_correct, s["correct"], n)}
+    def accept(self, s: dict) -> tuple[bool, float]:
+        fam, n = self.fam, len(self.fam.val)
+        drops = {"parent": policy.drop_points(fam.val_correct(self.parent), s["correct"], n)}
+        fp32_correct = fam.val_correct(name_of(fam.name, "fp32", FMT))
         if fp32_correct is not None:
             drops["fp32"] = policy.drop_points(fp32_correct, s["correct"], n)
-        return rules.met(drops, s["agreement"]), drops["parent"]
+        return self.rules.met(drops, s["agreement"]), drops["parent"]
 
-    def measure() -> dict:
-        cal = _calibration(fam, mode, screen)
-        # a QAT program is trained once: leaving modules out would train it again for each trial
-        units = _fallback_units(fam, v, model) if mode == "static" else []
-        return {**_fallback(lambda nodes: build(nodes, cal, screened=mode == "static"), units, accept,
-                            fam.settings.programs.max_accuracy_drop, [n for n, m in model.named_modules() if _is_layer(m)]),
-                "per_channel": True, "ptq": policy.keeps_parent_weights(mode), "calibration": cal,
-                "padding_crop": cut}
+    def measure(self) -> dict:
+        cal = _calibration(self.fam, self.mode, self.screen)
+        static = self.mode == "static"  # a QAT program is trained once: leaving modules out would train it again
+        units = _fallback_units(self.fam, self.v, self.model) if static else []
+        layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
+        found = _fallback(lambda nodes: self.build(nodes, cal, screened=static), units, self.accept,
+                          self.fam.settings.programs.max_accuracy_drop, layers)
+        return {**found, "per_channel": True, "ptq": policy.keeps_parent_weights(self.mode), "calibration": cal,
+                "padding_crop": self.cut}
 
-    def replay(rec: dict) -> dict:
+    def replay(self, rec: dict) -> dict:
         if not rec["met"]:
             return rec
-        met, drop = accept(build(tuple(rec["fp32_nodes_added"]), rec.get("calibration")))
+        met, drop = self.accept(self.build(tuple(rec["fp32_nodes_added"]), rec.get("calibration")))
         return {**rec, "met": met, "drop_points": drop}
 
+
+def _int8(fam: Family, v: FloatVariant, variant: str, mode: str, out: Lineage) -> None:
+    t = ProgramTrials(fam, v, variant, mode)
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
-        bar = fam.build.decisions.decide(fam.plan.accuracy, name, f"accuracy decision for {name}", measure, replay)
+        bar = fam.build.decisions.decide(fam.plan.accuracy, t.name, f"accuracy decision for {t.name}", t.measure,
+                                         t.replay)
     if not bar["met"]:
-        path.unlink(missing_ok=True)
-        seen = [st["agreement"] for st in bar["steps"] if st.get("agreement") is not None]
-        ptq = policy.keeps_parent_weights(mode)
-        agreement_rule = f", top-1 agreement at least {policy.MIN_AGREEMENT:g}" if ptq else ""
-        best_agreement = f" and the best agreement {max(seen):.3f}" if ptq and seen else ""
-        out.skipped.append({
-            "name": name, "kind": "below_accuracy_bar", "best_drop_points": bar["best_drop_points"],
-            "steps": bar["steps"],
-            "reason": (f"no int8 program meets its contract against {parent} on the validation split (bar "
-                       f"{fam.settings.programs.max_accuracy_drop:g} points{agreement_rule}): the best drop reached is "
-                       f"{bar['best_drop_points']:.2f} points{best_agreement} with squeeze-excitation gates, then "
-                       "layers stem and head first, left in fp32; not shipped")})
+        t.path.unlink(missing_ok=True)
+        out.skipped.append(_not_met(fam, t, bar))
         return
-    info = infos["last"]
     quant = {"method": mode, "runtime": "executorch", "format": "PT2E, XNNPACKQuantizer", "weights": "int8",
              "activations": "int8", "per_channel": True, "symmetric": True,
              "calibration": _describe(bar.get("calibration")) or f"{sum(map(len, fam.calibration))} training samples",
              "fp32_modules": list(bar["fp32_nodes_added"]), "fp32_groups": list(bar.get("fp32_groups", [])),
-             "padding_crop": list(bar.get("padding_crop", [])), "delegation": info["delegation"],
+             "padding_crop": list(bar.get("padding_crop", [])), "delegation": t.info["delegation"],
              "accuracy_bar": {"max_drop_points": bar["bar_points"], "drop_points": bar["drop_points"],
                               "measured_on": "the validation split, the program as exported"},
              "timed_at": timed_at(fam)}
 
     def ship() -> bool:
-        gate = ships(fam, name, FMT, fam.path(v.key, FMT), path)
+        gate = ships(fam, t.name, FMT, fam.path(v.key, FMT), t.path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
-        return drop_slower(fam, out, name, parent, path, gate)
+        return drop_slower(fam, out, t.name, t.parent, t.path, gate)
 
-    fam.record(out, v, variant, FMT, precision="int8", parent=parent, quantization=quant,
-               runtime_info={**_info(info, "int8"), "delegation": info["delegation"]}, ship=ship)
+    fam.record(out, v, variant, FMT, precision="int8", parent=t.parent, quantization=quant,
+               runtime_info={**_info(t.info, "int8"), "delegation": t.info["delegation"]}, ship=ship)
+
+
+def _not_met(fam: Family, t: ProgramTrials, bar: dict) -> dict:
+    seen = [st["agreement"] for st in bar["steps"] if st.get("agreement") is not None]
+    ptq = policy.keeps_parent_weights(t.mode)
+    agreement_rule = f", top-1 agreement at least {policy.MIN_AGREEMENT:g}" if ptq else ""
+    best_agreement = f" and the best agreement {max(seen):.3f}" if ptq and seen else ""
+    return {"name": t.name, "kind": "below_accuracy_bar", "best_drop_points": bar["best_drop_points"],
+            "steps": bar["steps"],
+            "reason": (f"no int8 program meets its contract against {t.parent} on the validation split (bar "
+                       f"{fam.settings.programs.max_accuracy_drop:g} points{agreement_rule}): the best drop reached "
+                       f"is {bar['best_drop_points']:.2f} points{best_agreement} with squeeze-excitation gates, then "
+                       "layers stem and head first, left in fp32; not shipped")}
 
 
 def _calibration(fam: Family, mode: str, screen) -> dict:

@@ -306,102 +306,138 @@ def meet_bar_groups(run: Callable[[tuple[str, ...], np.ndarray | None], tuple[di
        gates, residual adds, pooling, concat, ...) is moved to fp32 as a whole and scored on the
        ranking set; the kinds that help are validated in rank order, each kept when it helps on the
        whole split, until the contract is met.
-    4. Then single groups (compute layers included), ranked the same way, moved one at a time in rank
-       order and validated until it is met; at least one compute layer stays int8.
+    4. Then single groups (compute layers included), ranked by sensitivity both ways (`_rank_singles`):
+       the shortest prefix of the ranking that meets the contract is searched by doubling its length,
+       then bisecting (a few validations, not one per group); at least one compute layer stays int8.
     The contract is always judged on the whole split. A trial that would end past `budget_s` is not
     run: what was not tried is recorded. Returns the decision and its evidence (the plan records it).
     """
-    from edgeq.groups import nodes_of
+    search = _GroupSearch(run, run_many, tuple(start), groups, accept, ref, labels, budget_s, ranking_samples)
+    return search.result(bar_points)
 
-    t0, trials = time.perf_counter(), 0
-    by_name = {g.name: g for g in groups}
-    movable = [g for g in groups if not set(g.nodes) <= set(start)]
-    compute = [g.name for g in movable if g.kind == "compute"]
-    nodes = lambda names: tuple(dict.fromkeys(tuple(start) + nodes_of(groups, names)))  # noqa: E731
-    steps: list[dict] = []
-    not_tried: list[str] = []
 
-    def past_budget() -> bool:
-        spent = time.perf_counter() - t0
-        return trials and spent + spent / trials > budget_s
+class _GroupSearch:
+    """One accuracy bar's search over quantizer groups (see meet_bar_groups): its trials and their record."""
 
-    def full(names: list[str]) -> tuple[bool, float, dict]:
-        nonlocal trials
-        trials += 1
-        s, logits = run(nodes(names), None)
-        met, drop = accept(s)
-        steps.append({"fp32_groups": list(names), "drop_points": drop, "agreement": s.get("agreement"), "met": met})
-        return met, drop, {**s, "logits": logits}
+    def __init__(self, run, run_many, start: tuple[str, ...], groups: list, accept, ref: np.ndarray,
+                 labels: np.ndarray, budget_s: float, ranking_samples: int):
+        self.run, self.run_many, self.start, self.groups, self.accept = run, run_many, start, groups, accept
+        self.ref, self.labels, self.budget_s, self.ranking_samples = ref, labels, budget_s, ranking_samples
+        self.t0, self.trials = time.perf_counter(), 0
+        self.by_name = {g.name: g for g in groups}
+        self.movable = [g for g in groups if not set(g.nodes) <= set(start)]
+        self.steps: list[dict] = []
+        self.not_tried: list[str] = []
+        self.ranking: dict = {}
+        self.fp32: list[str] = []
+        self.accepted: list[str] | None = None
 
-    def ranked(candidates: dict[str, list[str]], base: list[str], rows: np.ndarray) -> list[tuple[str, dict]]:
-        nonlocal trials
+    def nodes(self, names: list[str]) -> tuple[str, ...]:
+        from edgeq.groups import nodes_of
+
+        return tuple(dict.fromkeys(self.start + nodes_of(self.groups, names)))
+
+    def past_budget(self) -> bool:
+        spent = time.perf_counter() - self.t0
+        return bool(self.trials) and spent + spent / self.trials > self.budget_s
+
+    def full(self, names: list[str]) -> tuple[bool, dict]:
+        """Validate the file with `names` in fp32 on the whole split; the step is recorded."""
+        self.trials += 1
+        s, logits = self.run(self.nodes(names), None)
+        met, drop = self.accept(s)
+        self.steps.append({"fp32_groups": list(names), "drop_points": drop, "agreement": s.get("agreement"),
+                           "met": met})
+        if met and self.accepted is None:
+            self.accepted = list(names)
+        return met, {**s, "logits": logits}
+
+    def ranked(self, candidates: dict[str, list[str]], base: list[str], rows: np.ndarray) -> list[tuple[str, dict]]:
+        """Each candidate (groups moved to fp32 on top of `base`) scored on the ranking rows, best first."""
         keys = list(candidates)
-        left = budget_s - (time.perf_counter() - t0)
-        if run_many is not None:
-            scores = run_many([(nodes(base + candidates[k]), rows) for k in keys], left)
+        if self.run_many is not None:
+            left = self.budget_s - (time.perf_counter() - self.t0)
+            scores = self.run_many([(self.nodes(base + candidates[k]), rows) for k in keys], left)
         else:
-            scores = []
-            for k in keys:
-                scores.append(None if past_budget() else run(nodes(base + candidates[k]), rows)[0])
-        trials += sum(s is not None for s in scores)
-        not_tried.extend(f"ranking {k}" for k, s in zip(keys, scores) if s is None)
-        scored = [(k, s) for k, s in zip(keys, scores) if s is not None]
-        return sorted(scored, key=lambda item: _rank_key(item[1]), reverse=True)
+            scores = [None if self.past_budget() else self.run(self.nodes(base + candidates[k]), rows)[0]
+                      for k in keys]
+        self.trials += sum(s is not None for s in scores)
+        self.not_tried.extend(f"ranking {k}" for k, s in zip(keys, scores) if s is None)
+        return sorted([(k, s) for k, s in zip(keys, scores) if s is not None], key=lambda i: _rank_key(i[1]),
+                      reverse=True)
 
-    fp32: list[str] = []
-    met, drop, best = full(fp32)
-    accepted = list(fp32) if met else None
-    ranking: dict = {}
-    if not met and movable:
-        rows = worst_rows(ref, best["logits"], ranking_samples)
-        here = score(best["logits"][rows], labels[rows], ref[rows])
-        ranking["samples"] = int(len(rows))
-        kinds = {}
-        for g in movable:
+    def worst(self, best: dict) -> tuple[np.ndarray, dict]:
+        rows = worst_rows(self.ref, best["logits"], self.ranking_samples)
+        return rows, score(best["logits"][rows], self.labels[rows], self.ref[rows])
+
+    def kinds(self, best: dict) -> dict:
+        """Step 3: whole kinds of groups, best first, each kept when it helps on the whole split."""
+        rows, here = self.worst(best)
+        self.ranking["samples"] = int(len(rows))
+        kinds: dict[str, list[str]] = {}
+        for g in self.movable:
             if g.kind != "compute":
                 kinds.setdefault(g.kind, []).append(g.name)
-        by_kind = ranked(kinds, fp32, rows)
-        ranking["kinds"] = {k: _brief(s) for k, s in by_kind}
+        by_kind = self.ranked(kinds, self.fp32, rows)
+        self.ranking["kinds"] = {k: _brief(s) for k, s in by_kind}
         for kind, s in by_kind:
-            if met or _rank_key(s) <= _rank_key(here):
+            if self.accepted is not None or _rank_key(s) <= _rank_key(here):
                 continue
-            if past_budget():
-                not_tried.append(f"kind {kind}")
+            if self.past_budget():
+                self.not_tried.append(f"kind {kind}")
                 continue
-            met, drop, result = full(fp32 + kinds[kind])
+            met, result = self.full(self.fp32 + kinds[kind])
             if met or _rank_key(result) > _rank_key(best):
-                fp32, best = fp32 + kinds[kind], result
-            if met:
-                accepted = list(fp32)
-        if not met:
-            rows = worst_rows(ref, best["logits"], ranking_samples)
-            here = score(best["logits"][rows], labels[rows], ref[rows])
-            left = [g.name for g in movable if g.name not in fp32]
-            by_group = _rank_singles(ranked, left, fp32, [g.name for g in movable], here, rows)
-            ranking["groups"] = by_group
-            for name in sorted(by_group, key=lambda n: by_group[n]["sensitivity"], reverse=True):
-                if by_group[name]["sensitivity"] <= 0:
-                    break  # moving it changes nothing on the ranking samples
-                if by_name[name].kind == "compute" and not [c for c in compute if c not in fp32 and c != name]:
-                    continue  # the last int8 compute layer: no int8 file is left
-                if past_budget():
-                    not_tried.append(name)
-                    continue
-                fp32 = fp32 + [name]
-                met, drop, best = full(fp32)
-                if met:
-                    accepted = list(fp32)
-                    break
-    if accepted is not None and steps[-1]["fp32_groups"] != accepted:
-        full(accepted)  # leave the accepted file where the caller keeps it
-        drop = steps[-1]["drop_points"]
-    added = [n for n in nodes(accepted or []) if n not in start]
-    return {"met": accepted is not None, "bar_points": bar_points, "drop_points": drop,
-            "fp32_nodes_added": added if accepted is not None else [],
-            "fp32_groups": [by_name[n].describe() for n in (accepted or [])],
-            "best_drop_points": min(st["drop_points"] for st in steps), "steps": steps, "ranking": ranking,
-            "not_tried": not_tried, "budget_s": None if math.isinf(budget_s) else budget_s,
-            "trials": trials, "seconds": round(time.perf_counter() - t0, 2)}
+                self.fp32, best = self.fp32 + kinds[kind], result
+        return best
+
+    def singles(self, best: dict) -> None:
+        """Step 4: the shortest prefix of the single groups' ranking that meets the contract."""
+        rows, here = self.worst(best)
+        left = [g.name for g in self.movable if g.name not in self.fp32]
+        by_group = _rank_singles(self.ranked, left, self.fp32, [g.name for g in self.movable], here, rows)
+        self.ranking["groups"] = by_group
+        order = [n for n in by_group if by_group[n]["sensitivity"] > 0]  # the rest change nothing ranked
+        compute = [g.name for g in self.movable if g.kind == "compute"]
+        while order and not [c for c in compute if c not in self.fp32 and c not in order]:
+            order.pop()  # the last int8 compute layer stays: a file without one is no int8 file
+        met_at, missed_at, k = None, 0, 1
+        while k <= len(order) and met_at is None:  # double the prefix until it meets the contract
+            if self.past_budget():
+                self.not_tried.extend(order[missed_at:])
+                return
+            if self.full(self.fp32 + order[:k])[0]:
+                met_at = k
+            else:
+                missed_at, k = k, min(2 * k, len(order)) if k < len(order) else k + 1
+        while met_at is not None and met_at - missed_at > 1 and not self.past_budget():  # then bisect
+            mid = (met_at + missed_at) // 2
+            if self.full(self.fp32 + order[:mid])[0]:
+                met_at = mid
+            else:
+                missed_at = mid
+        if met_at is not None:
+            self.accepted = self.fp32 + order[:met_at]
+
+    def result(self, bar_points: float) -> dict:
+        met, best = self.full(self.fp32)
+        if not met and self.movable:
+            best = self.kinds(best)
+            if self.accepted is None:
+                self.singles(best)
+        if self.accepted is not None and self.steps[-1]["fp32_groups"] != self.accepted:
+            self.full(self.accepted)  # leave the accepted file where the caller keeps it
+        accepted = self.accepted
+        drop = next((st["drop_points"] for st in reversed(self.steps) if st["fp32_groups"] == accepted),
+                    self.steps[-1]["drop_points"]) if accepted is not None else self.steps[-1]["drop_points"]
+        added = [n for n in self.nodes(accepted or []) if n not in self.start]
+        return {"met": accepted is not None, "bar_points": bar_points, "drop_points": drop,
+                "fp32_nodes_added": added if accepted is not None else [],
+                "fp32_groups": [self.by_name[n].describe() for n in (accepted or [])],
+                "best_drop_points": min(st["drop_points"] for st in self.steps), "steps": self.steps,
+                "ranking": self.ranking, "not_tried": self.not_tried,
+                "budget_s": None if math.isinf(self.budget_s) else self.budget_s, "trials": self.trials,
+                "seconds": round(time.perf_counter() - self.t0, 2)}
 
 
 def _rank_singles(ranked, left: list[str], fp32: list[str], every: list[str], here: dict,

@@ -30,6 +30,7 @@ docs/scale.md has the figures and how to start a cluster.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import pickle
@@ -40,7 +41,7 @@ import tempfile
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -214,8 +215,9 @@ class Pool:
         runtimes while this process works on (building the fp32 file, say)."""
         if self.workers.backend == "pool":
             executor = self._start()
-            for _ in range(self.size):
-                executor.submit(os.getpid)
+            with _main_not_rerun():
+                for _ in range(self.size):
+                    executor.submit(os.getpid)
         return self
 
     def close(self) -> None:
@@ -260,11 +262,12 @@ class Pool:
         try:
             while pending or running:
                 executor = self._start()
-                while pending and len(running) < n and not (pending[0] in suspects and running):
-                    i = pending.popleft()
-                    running[executor.submit(_pool_call, fn, str(values), items[i])] = i
-                    if i in suspects:
-                        break  # a suspect runs alone
+                with _main_not_rerun():  # a new worker process may start on a submit
+                    while pending and len(running) < n and not (pending[0] in suspects and running):
+                        i = pending.popleft()
+                        running[executor.submit(_pool_call, fn, str(values), items[i])] = i
+                        if i in suspects:
+                            break  # a suspect runs alone
                 display(done, len(running))
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 if any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
@@ -300,6 +303,28 @@ class Pool:
             raise
         finally:
             values.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """While worker processes start: the caller's main script is not run again in them.
+
+    A spawned process re-runs the parent's `__main__` file (as `__mp_main__`) to find what it may need:
+    a user's script that calls `edgeq.compress` at its top level, without an `if __name__ == "__main__"`
+    guard, would export again in every worker. Trials are module-level functions of edgeq, so the
+    workers need nothing from it: its file and spec are hidden from multiprocessing while processes
+    start, and put back after."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            if "__spec__" in saved:
+                main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 # ---------------------------------------------------------------------------------------------------

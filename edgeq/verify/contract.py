@@ -57,15 +57,15 @@ def check(subjects: list[Subject], labels: np.ndarray, families: dict) -> None:
                                 float(fam.get("max_accuracy_drop", defaults.max_accuracy_drop)),
                                 float(fam.get("max_pruning_drop", defaults.max_pruning_drop)))
         recorded = [(b.get("relative_to"), b.get("max_drop_points")) for b in s.art.contract.get("bars", [])]
-        kind = {ref: "parent" if ref == s.art.parent else "fp32" for ref, _ in recorded}
-        wanted = dict(rules.bars)
-        lax = [f"{ref} at {points:g}" for ref, points in recorded
-               if not isinstance(points, (int, float)) or wanted.get(kind[ref]) != points]
-        if "parent" in wanted and s.art.parent in by_name and s.art.parent not in kind:
-            lax.append(f"no bar against its parent {s.art.parent}")
+        root = next((o.art.name for o in by_name.values() if o.art.model == s.art.model and o.art.format == s.art.format
+                     and o.art.precision == "fp32" and o.art.parent is None), None)
+        refs = {"parent": s.art.parent, "fp32": root}  # the references the rule book's bars are held against
+        wanted = {refs[kind]: points for kind, points in rules.bars if refs[kind] is not None}
+        lax = [f"{ref} at {points}" for ref, points in recorded if wanted.get(ref) != points]
+        lax += [f"no bar against {ref}" for ref in wanted if ref in by_name and ref not in dict(recorded)]
         if lax:
             s.row.fail(f"{s.art.file}: its recorded contract ({'; '.join(lax)}) is not the rule book's "
-                       f"({', '.join(f'{r} {p:g}' for r, p in rules.bars)} points); re-run `edgeq export`")
+                       f"({', '.join(f'{r} {p:g}' for r, p in wanted.items())} points); re-run `edgeq export`")
         for ref, points in recorded:
             if ref in by_name and isinstance(points, (int, float)):
                 _bar(s, by_name[ref], ref, float(points), labels)
