@@ -163,7 +163,7 @@ def tuning(fam: Family, parent: Parent) -> dict:
         return parent.tuned
     onnx_parent = fam.path(parent.v.key, "onnx")
     parent.evaluator = Evaluator(onnx_parent, np.array(fam.val.x), np.asarray(fam.val.y), fam.calibration,
-                                 fam.build.dir, pool=fam.build.pool)
+                                 fam.build.dir, pool=fam.build.pool, progress=fam.build.progress)
     rec = fam.plan.precision[parent.v.key]
     d = fam.build.decisions
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
@@ -317,7 +317,7 @@ class BarTrials:
     def many(self, per_channel: bool):
         def many(requests: list, left: float) -> list:
             return self.ev.many([(self.qdq(n, per_channel), self.calib, rows) for n, rows in requests], self.source,
-                                left)
+                                left, what="accuracy bar: ranking groups")
         return many
 
 

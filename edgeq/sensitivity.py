@@ -36,7 +36,7 @@ class Evaluator:
     """Quantizes an fp32 ONNX parent with given settings and scores the result on the evaluation data."""
 
     def __init__(self, fp32_path: Path, x: np.ndarray, labels: np.ndarray, calibration: list[np.ndarray],
-                 tmp_parent: Path | None = None, pool=None):
+                 tmp_parent: Path | None = None, pool=None, progress: bool = False):
         self.fp32_path, self.x, self.labels, self.calibration = fp32_path, x, labels, calibration
         self.ref = load_onnx(fp32_path, 1).predict(x)
         self.parent = score(self.ref, labels, self.ref)
@@ -44,6 +44,7 @@ class Evaluator:
         self._builders: dict[Path, QDQBuilder] = {}  # per source file: its pre-processing and ranges, made once
         self.pool = pool  # an edgeq.trials.Pool: independent trials run on its workers, results in order
         self.nodes: dict[str, int] = {}  # Ray node id -> trials it ran (a local pool records nothing: no file differs)
+        self.progress = progress  # trials done / total and workers busy: a bar on a terminal, a line in a log
         self.runs = 0
 
     def close(self) -> None:
@@ -78,25 +79,29 @@ class Evaluator:
                 path.unlink()
 
     def many(self, requests: list[tuple[QDQConfig, list[np.ndarray], np.ndarray | None]],
-             source: Path | None = None, budget_s: float = math.inf) -> list[dict | None]:
+             source: Path | None = None, budget_s: float = math.inf, what: str = "int8 trials") -> list[dict | None]:
         """Scores of independent trials (config, calibration batches, validation rows or None), in the order
         given: on the pool's workers when there is a pool (each quantizes from the same bytes, at one thread:
         the same scores as here), else one after the other here. Trials are started in waves as wide as
         the pool while a wave would end within `budget_s`; the ones never started are None."""
+        from edgeq.progress import progress_bar
+
         t0, out = time.perf_counter(), [None] * len(requests)
         width = 1 if self.pool is None or self.pool.workers.backend == "serial" else max(1, self.pool.size)
-        for first in range(0, len(requests), width):
-            spent = time.perf_counter() - t0
-            if budget_s <= 0 or (first and spent + spent / (first // width) > budget_s):
-                break  # a wave would end past the budget
-            wave = requests[first : first + width]
-            if width == 1:
-                out[first] = self.trial(*wave[0][:2], source, rows=wave[0][2])[0]
-                continue
-            out[first : first + len(wave)] = self._on_pool(wave, source or self.fp32_path)
+        with progress_bar(len(requests), what, self.progress and len(requests) > 1, unit="trials") as bar:
+            for first in range(0, len(requests), width):
+                spent = time.perf_counter() - t0
+                if budget_s <= 0 or (first and spent + spent / (first // width) > budget_s):
+                    break  # a wave would end past the budget
+                wave = requests[first : first + width]
+                if width == 1:
+                    out[first] = self.trial(*wave[0][:2], source, rows=wave[0][2])[0]
+                else:
+                    out[first : first + len(wave)] = self._on_pool(wave, source or self.fp32_path, bar)
+                bar.update(len(wave))
         return out
 
-    def _on_pool(self, wave: list, source: Path) -> list[dict]:
+    def _on_pool(self, wave: list, source: Path, bar) -> list[dict]:
         cals, rows, items = {}, {}, []
         for qdq, calibration, idx in wave:
             ck = next((k for k, v in cals.items() if v is calibration), len(cals))
@@ -108,7 +113,8 @@ class Evaluator:
         shared = {"source": source.read_bytes(), "x": self.x, "y": self.labels, "ref": self.ref,
                   "calibration": cals, "rows": rows}
         self.runs += len(items)
-        done = self.pool.run(score_trial, items, shared, progress=False, what="int8 trials")
+        busy = lambda p: bar.set_postfix(workers=f"{p.busy}/{p.workers} busy") if p.busy else None  # noqa: E731
+        done = self.pool.run(score_trial, items, shared, progress=busy, what="int8 trials")
         for t in done:
             if t.node:
                 self.nodes[t.node] = self.nodes.get(t.node, 0) + 1
@@ -171,7 +177,8 @@ def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], 
             if not any(r["method"] == method and r["samples"] == n for r in rows):
                 rows.append({"method": method, "samples": n})
     sets = {n: first_samples(ev.calibration, n) for n in {r["samples"] for r in rows}}
-    scores = ev.many([(replace(qdq, calibrate_method=r["method"]), sets[r["samples"]], None) for r in rows])
+    scores = ev.many([(replace(qdq, calibrate_method=r["method"]), sets[r["samples"]], None) for r in rows],
+                     what="calibration candidates")
     rows = [{**r, **s} for r, s in zip(rows, scores)]
     best = most_accurate(rows)
     return {"method": rows[best]["method"], "samples": rows[best]["samples"], "candidates": rows,
@@ -215,7 +222,7 @@ def layer_sensitivity(ev: Evaluator, qdq: QDQConfig, samples: int, nodes: list[t
     for node, _ in order:
         requests += [(replace(qdq, exclude_nodes=tuple(n for n in names if n != node)), calibration, None),
                      (replace(qdq, exclude_nodes=(node,)), calibration, None)]
-    scores = ev.many(requests, budget_s=budget_s)
+    scores = ev.many(requests, budget_s=budget_s, what="per-layer sensitivity")
     full, rows = scores[0], []
     if full is None:
         return []
