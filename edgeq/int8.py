@@ -27,7 +27,7 @@ from edgeq.export import export_onnx, write_torchscript
 from edgeq.lineage import FloatVariant, Lineage, attempt, name_of, runtime_info
 from edgeq.onnx_quant import QDQConfig
 from edgeq.plan import check_layers
-from edgeq.precision import Plan, compute_nodes, inspect_runtime_graph, search_precision
+from edgeq.precision import Plan, compute_nodes, float_ops, inspect_runtime_graph, search_precision
 from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
 from edgeq.recipe import MODES
 from edgeq.speed import cross_target, drop_slower, search_config, ships, timed_at
@@ -252,7 +252,7 @@ def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module
         gate = ships(fam, art_name, "onnx", onnx_parent, path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
         quant["ship_rule"] = {k: gate[k] for k in ("rule", "timed_on") if k in gate} or "timed here (plan.json)"
-        return drop_slower(fam, out, art_name, parent_name, path, gate)
+        return drop_slower(fam, out, art_name, parent_name, path, gate, float_ops(quant["optimized_ops"]))
 
     art = fam.record(out, v, variant, "onnx", precision="int8", parent=parent_name, quantization=quant,
                      runtime_info=runtime_info("onnx", "int8"), ship=ship)

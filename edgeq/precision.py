@@ -127,6 +127,20 @@ def inspect_runtime_graph(onnx_path: Path, threads: int = 1) -> dict:
             "dequantize_nodes": boundaries}
 
 
+# what onnxruntime's optimized int8 graph holds besides float compute: the quantized kernels, the
+# (de)quantization steps and the ops that only move data
+_NOT_FLOAT = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Transpose", "Reshape", "Flatten",
+              "Squeeze", "Unsqueeze", "Identity", "Shape", "Gather", "Concat", "Slice", "MaxPool", "ReorderInput",
+              "ReorderOutput")
+
+
+def float_ops(optimized: dict[str, int]) -> dict[str, int]:
+    """The op types (with counts) an optimized int8 graph (`optimized_ops`) runs in fp32: everything but its
+    quantized kernels (QLinear*, QGemm, ...), its (de)quantization steps and the ops that only move data."""
+    return {op: n for op, n in optimized.items()
+            if not (op.startswith("QLinear") or op.startswith("Q") and op[1:2].isupper() or op in _NOT_FLOAT)}
+
+
 def _score(ratios: dict[int, float]) -> float:
     """Geometric mean of the ratios over the batch sizes: one number to minimise."""
     return math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))

@@ -80,9 +80,12 @@ def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarr
             "evidence": d.summary()}
 
 
-def drop_slower(fam: Family, out: Lineage, name: str, parent: str, path: Path, gate: dict) -> bool:
+def drop_slower(fam: Family, out: Lineage, name: str, parent: str, path: Path, gate: dict,
+                float_ops: dict[str, int] | None = None) -> bool:
     """An int8 file shown slower than its fp32 parent is not shipped: it is deleted and listed under
-    `skipped` (of `out`, its stage's lineage) with the measured ratios. True when it ships."""
+    `skipped` (of `out`, its stage's lineage) with the measured ratios and, for an ONNX file, the ops its
+    runtime runs in fp32 between its int8 ones (`float_ops`: op type -> count), which is what usually makes
+    it slower. True when it ships."""
     if gate["ship"]:
         return True
     path.unlink()
@@ -90,10 +93,18 @@ def drop_slower(fam: Family, out: Lineage, name: str, parent: str, path: Path, g
     out.skipped.append({
         "name": name, "kind": "slower_than_parent",
         "reason": f"int8 is slower than its fp32 parent {parent} on this CPU ({ratios}, paired, confirmed by a "
-                  "second block of rounds); not shipped",
-        "latency_vs_parent": gate["latency_vs_parent"]})
+                  f"second block of rounds){_float_ops(float_ops)}; not shipped",
+        "latency_vs_parent": gate["latency_vs_parent"], **({"float_ops": float_ops} if float_ops else {})})
     fam.build.log(f"  {name}: not shipped, slower than {parent} ({ratios})")
     return False
+
+
+def _float_ops(ops: dict[str, int] | None) -> str:
+    if not ops:
+        return ""
+    listed = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1]))
+    return (f"; onnxruntime runs {sum(ops.values())} ops in fp32 between its int8 layers ({listed}), each behind a "
+            "DequantizeLinear and before a QuantizeLinear")
 
 
 def recommend(fam: Family) -> dict:
