@@ -94,3 +94,15 @@ def ray_cluster(ray_cluster_session):
         ray_cluster_session.start_worker()
     with ray_cluster_session.connected_env():
         yield ray_cluster_session
+
+
+RAY_MODULES = ("test_trials", "test_scale")  # one Ray cluster for the run: these share a worker
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), each test module runs whole on one worker, so its module
+    fixtures (an export, a trained model) are built once; the modules that start Ray share one worker,
+    so the run starts one cluster."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+        item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module))
