@@ -47,6 +47,8 @@ class QDQConfig:
     relu_before_pool: bool = True  # int8 Conv->MaxPool->Relu becomes Conv->Relu->MaxPool (max and relu commute)
     float_outputs: bool = True  # logits leave the last int8 layer as float, not re-quantized to uint8
     crop_padding: bool = True  # conv kernel taps that only ever see zero padding at the input size are cut (exact in fp32)
+    # each int8-weight layer's bias corrected by the mean shift its rounded weights cause (edgeq.bias)
+    bias_correction: bool = False
 
     def describe(self) -> dict:
         return {
@@ -55,7 +57,7 @@ class QDQConfig:
             "calibration": f"{self.calibrate_method}", "per_channel": self.per_channel,
             "reduce_range": self.reduce_range, "fp32_nodes": list(self.exclude_nodes),
             "relu_before_pool": self.relu_before_pool, "float_outputs": self.float_outputs,
-            "crop_padding": self.crop_padding,
+            "crop_padding": self.crop_padding, **({"bias_correction": True} if self.bias_correction else {}),
         }
 
 
@@ -101,20 +103,27 @@ class QDQBuilder:
     calibration method and the calibration samples. So each distinct graph is pre-processed once, and
     calibrated once per (method, samples): onnxruntime's own calibration cache
     (`quantize_static(calibration_cache_path=...)`) then quantizes every trial from those ranges. The
-    files are the bytes `quantize_onnx` writes for the same settings.
+    files are the bytes `quantize_onnx` writes for the same settings. With `bias_correction`, the
+    pre-processed graph's biases are corrected (edgeq.bias) once per weight format, fp32 layers and
+    samples, and quantized with the ranges of the uncorrected graph: the int8 file approximates the
+    original fp32 model, whose activations those ranges are.
     """
 
     def __init__(self, fp32_path: Path, work: Path):
         self.fp32_path, self.work = Path(fp32_path), Path(work)
         self._prepared: dict[tuple, Path] = {}
         self._ranges: dict[tuple, Path] = {}
+        self._corrected: dict[tuple, tuple[Path, dict]] = {}
         self.calibrations = 0  # calibration passes run (each is a run of the augmented graph on the samples)
 
     def build(self, path: Path, calibration: list[np.ndarray], cfg: QDQConfig) -> Path:
         """The int8 file of `cfg`, written to `path` and checked with onnx.checker."""
         with quiet_quantization(), disk_full_as_enospc(Path(path).parent):
             pre = self.prepared(cfg)
-            self._quantize(pre, Path(path), self.ranges(pre, calibration, cfg.calibrate_method), cfg)
+            ranges = self.ranges(pre, calibration, cfg.calibrate_method)
+            if cfg.bias_correction:
+                pre = self.corrected(pre, calibration, cfg)[0]
+            self._quantize(pre, Path(path), ranges, cfg)
         check_onnx(path)
         return path
 
@@ -145,18 +154,11 @@ class QDQBuilder:
 
     def ranges(self, pre: Path, calibration: list[np.ndarray], method: str) -> Path:
         """onnxruntime's calibration cache of a pre-processed graph for `method` on `calibration`."""
-        import hashlib
-
         from onnxruntime.quantization import CalibrationMethod
         from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-        digest = hashlib.sha256()
-        for batch in calibration:
-            a = np.ascontiguousarray(batch)
-            digest.update(f"{a.dtype.str}|{a.shape}|".encode())
-            digest.update(memoryview(a).cast("B"))
-        key = (pre, method, digest.hexdigest())
+        key = (pre, method, _digest(calibration))
         if key not in self._ranges:
             cache = self.work / f"ranges-{len(self._ranges)}.json"
             with tempfile.TemporaryDirectory(dir=self.work) as tmp:
@@ -170,6 +172,17 @@ class QDQBuilder:
             self.calibrations += 1
             self._ranges[key] = cache
         return self._ranges[key]
+
+    def corrected(self, pre: Path, calibration: list[np.ndarray], cfg: QDQConfig) -> tuple[Path, dict]:
+        """The pre-processed graph `pre` with its biases corrected for `cfg`'s int8 weights on `calibration`
+        (edgeq.bias.correct_prepared), and the record of the correction; made once per setting."""
+        from edgeq.bias import correct_prepared
+
+        key = (pre, cfg.per_channel, cfg.reduce_range, tuple(sorted(cfg.exclude_nodes)), _digest(calibration))
+        if key not in self._corrected:
+            out = self.work / f"corrected-{len(self._corrected)}.onnx"
+            self._corrected[key] = (out, correct_prepared(pre, out, calibration, cfg))
+        return self._corrected[key]
 
     @staticmethod
     def _quantize(pre: Path, path: Path, ranges: Path, cfg: QDQConfig) -> None:
@@ -189,6 +202,18 @@ class QDQBuilder:
             model = onnx.load(str(path))
             if float_outputs(model):
                 onnx.save(model, str(path))
+
+
+def _digest(calibration: list[np.ndarray]) -> str:
+    """sha256 of calibration batches: their dtypes, shapes and bytes, in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for batch in calibration:
+        a = np.ascontiguousarray(batch)
+        digest.update(f"{a.dtype.str}|{a.shape}|".encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
 
 
 def _cropped(fp32_path: Path) -> bytes | None:

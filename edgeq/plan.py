@@ -43,7 +43,7 @@ _QDQ = {  # edgeq.onnx_quant.QDQConfig, field by field: it is rebuilt with QDQCo
                    "activations": {"enum": ["uint8", "int8"]}, "calibrate_method": _METHOD,
                    "exclude_nodes": {"type": "array", "items": {"type": "string"}},
                    "relu_before_pool": {"type": "boolean"}, "float_outputs": {"type": "boolean"},
-                   "crop_padding": {"type": "boolean"}},
+                   "crop_padding": {"type": "boolean"}, "bias_correction": {"type": "boolean"}},
 }
 _CANDIDATE = {"type": "object", "required": ["method", "samples"],
               "properties": {"method": _METHOD, "samples": {"type": "integer", "minimum": 1},
