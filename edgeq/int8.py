@@ -182,7 +182,7 @@ def _calibration(fam: Family, parent: Parent) -> dict:
                   f"{len(fam.val)} validation samples")
     since = dict(parent.evaluator.nodes)
     cal = choose_calibration(parent.evaluator, parent.plan.qdq, fam.settings.int8.calibration_methods,
-                             fam.settings.int8.calibration_sizes)
+                             fam.settings.int8.calibration_sizes, fam.settings.int8.bias_correction)
     measured = [c for c in cal["candidates"] if "accuracy" in c]
     if ran_on := parent.evaluator.ran_on(since):
         cal["ran_on"] = ran_on
@@ -201,7 +201,8 @@ def _sensitivity(fam: Family, parent: Parent, cal: dict) -> dict:
         share = budget.share()
         t0 = time.perf_counter()
         try:
-            rows = layer_sensitivity(parent.evaluator, replace(parent.plan.qdq, calibrate_method=cal["method"]),
+            rows = layer_sensitivity(parent.evaluator, replace(parent.plan.qdq, calibrate_method=cal["method"],
+                                                               bias_correction=cal.get("bias_correction", False)),
                                      cal["samples"], nodes, share)
         finally:
             budget.spend(time.perf_counter() - t0)
@@ -228,13 +229,15 @@ def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module
     with tempfile.TemporaryDirectory(dir=fam.build.dir) as tmp:
         if mode == "static":
             source, names = onnx_parent, None
-            base = replace(plan.qdq, calibrate_method=cal["method"], exclude_nodes=())
+            base = replace(plan.qdq, calibrate_method=cal["method"], exclude_nodes=(),
+                           bias_correction=cal.get("bias_correction", False))
         else:
             # the QAT weights were learned on torch's per-channel grid: kept per channel whatever the
             # search chose for the static twin, so the coarser per-tensor grid never overrides them
             source = export_onnx(qat_float(q), Path(tmp) / "qat-float.onnx", fam.example)
             names = _node_names(onnx_parent, source)
-            base = replace(plan.qdq, per_channel=True, calibrate_method=cal["method"], exclude_nodes=())
+            base = replace(plan.qdq, per_channel=True, calibrate_method=cal["method"], exclude_nodes=(),
+                           bias_correction=cal.get("bias_correction", False))
         bar = accuracy_bar(fam, parent, art_name, mode, source, base, names, calib, path)
     if not bar["met"]:
         path.unlink(missing_ok=True)

@@ -111,6 +111,8 @@ class Recipe:
     # onnxruntime calibration candidates, measured on the evaluation data; the most accurate is kept
     calibration_methods: tuple[str, ...] = ("MinMax", "Entropy", "Percentile")
     calibration_sizes: tuple[int, ...] = (128, 512)  # samples (at most calibration_samples are drawn)
+    # each calibration candidate without and with bias correction of the int8 weights (edgeq.bias), measured
+    bias_correction: tuple[bool, ...] = (False, True)
     max_accuracy_drop: float = 0.5  # points below its fp32 parent an int8 file may lose; more: layers go fp32
     # points below the family's fp32 model a pruned file may lose (on the validation split, after its
     # fine-tune): the pruning amount is searched down from the one asked until it holds, else not shipped
@@ -157,6 +159,7 @@ class Recipe:
         object.__setattr__(self, "calibration_methods", tuple(self.calibration_methods))
         object.__setattr__(self, "calibration_sizes", tuple(int(n) for n in self.calibration_sizes))
         object.__setattr__(self, "pte_observers", tuple(self.pte_observers))
+        object.__setattr__(self, "bias_correction", tuple(bool(b) for b in self.bias_correction))
         for v in self.variants:
             _check(v in VARIANTS, f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
         _check(len(set(self.variants)) == len(self.variants), f"variants list one twice: {list(self.variants)}")
@@ -172,6 +175,8 @@ class Recipe:
             _check(o in PTE_OBSERVERS, f"unknown pte_observers entry {o!r}: choose from {', '.join(PTE_OBSERVERS)}")
         _check(bool(self.pte_observers) and len(set(self.pte_observers)) == len(self.pte_observers),
                f"pte_observers needs at least one entry, each once, got {list(self.pte_observers)}")
+        _check(bool(self.bias_correction) and len(set(self.bias_correction)) == len(self.bias_correction),
+               f"bias_correction lists the candidates (false, true) each once, got {list(self.bias_correction)}")
         _check(bool(self.calibration_methods) and bool(self.calibration_sizes) and min(self.calibration_sizes) >= 1,
                "calibration_methods and calibration_sizes need at least one entry each, sizes >= 1")
         _check(math.isfinite(self.max_accuracy_drop) and 0 <= self.max_accuracy_drop <= 100,
@@ -204,7 +209,7 @@ class Recipe:
         d = dataclasses.asdict(self)
         for key in EXECUTION:
             del d[key]
-        for key in ("variants", "batches", "calibration_methods", "calibration_sizes", "pte_observers"):
+        for key in ("variants", "batches", "calibration_methods", "calibration_sizes", "pte_observers", "bias_correction"):
             d[key] = list(d[key])
         return d
 
@@ -256,6 +261,7 @@ class Int8Settings:
     calibration_samples: int
     calibration_methods: tuple[str, ...]
     calibration_sizes: tuple[int, ...]
+    bias_correction: tuple[bool, ...]
     max_accuracy_drop: float
     sensitivity: bool
     max_int8_size_ratio: float
@@ -310,7 +316,8 @@ def narrow(r: "Recipe") -> Settings:
                              r.max_pruning_drop, r.pruning_steps, r.pruning_budget_s, r.sensitivity,
                              r.deployment_batch, r.seed),
         int8=Int8Settings(modes, r.target_spec, r.qat, r.calibration_samples, r.calibration_methods,
-                          r.calibration_sizes, r.max_accuracy_drop, r.sensitivity, r.max_int8_size_ratio, r.seed),
+                          r.calibration_sizes, r.bias_correction, r.max_accuracy_drop, r.sensitivity,
+                          r.max_int8_size_ratio, r.seed),
         programs=ProgramSettings(r.executorch, tuple(m for m in ("static", "qat") if m in r.variants), r.qat,
                                  r.pte_observers, r.calibration_sizes, r.max_accuracy_drop, r.max_pruning_drop,
                                  r.deployment_batch, r.seed),

@@ -162,26 +162,27 @@ def score_trial(shared: dict, item: tuple) -> dict:
         return score(load_onnx(path, 1).predict(x), y, ref)
 
 
-def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], sizes: tuple[int, ...]) -> dict:
-    """Measure every method x size on the graph the speed plan ships (`qdq`: its fp32 layers and weight
-    scales); the best wins."""
+def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], sizes: tuple[int, ...],
+                       bias: tuple[bool, ...] = (False,)) -> dict:
+    """Measure every method x size (x without and with bias correction, edgeq.bias) on the graph the speed
+    plan ships (`qdq`: its fp32 layers and weight scales); the best wins."""
     available = sum(map(len, ev.calibration))
-    if len(methods) * len(sizes) == 1:
-        return {"method": methods[0], "samples": min(sizes[0], available),
-                "candidates": [{"method": methods[0], "samples": min(sizes[0], available)}],
-                "rule": "the recipe's only candidate: nothing to measure"}
     rows = []
     for method in methods:
         for n in sizes:
-            n = min(n, available)
-            if not any(r["method"] == method and r["samples"] == n for r in rows):
-                rows.append({"method": method, "samples": n})
+            for corrected in bias:
+                row = {"method": method, "samples": min(n, available), **({"bias_correction": True} if corrected else {})}
+                if row not in rows:
+                    rows.append(row)
+    if len(rows) == 1:
+        return {**rows[0], "candidates": list(rows), "rule": "the recipe's only candidate: nothing to measure"}
     sets = {n: first_samples(ev.calibration, n) for n in {r["samples"] for r in rows}}
-    scores = ev.many([(replace(qdq, calibrate_method=r["method"]), sets[r["samples"]], None) for r in rows],
-                     what="calibration candidates")
+    scores = ev.many([(replace(qdq, calibrate_method=r["method"], bias_correction=r.get("bias_correction", False)),
+                       sets[r["samples"]], None) for r in rows], what="calibration candidates")
     rows = [{**r, **s} for r, s in zip(rows, scores)]
     best = most_accurate(rows)
-    return {"method": rows[best]["method"], "samples": rows[best]["samples"], "candidates": rows,
+    return {"method": rows[best]["method"], "samples": rows[best]["samples"],
+            **({"bias_correction": True} if rows[best].get("bias_correction") else {}), "candidates": rows,
             "measured_on": f"{len(ev.labels)} evaluation samples, the speed plan's graph "
                            f"({len(qdq.exclude_nodes)} layer(s) fp32)",
             "rule": "most accurate; ties: higher agreement with fp32, higher SQNR, then the earlier candidate"}

@@ -19,7 +19,7 @@ import pytest
 # ExecuTorch programs (tests of their own cover each of these). The bars are the defaults, so what
 # ships must pass `edgeq verify` with its default options. Tests override fields with {**PINNED, ...}.
 PINNED = dict(search_budget_s=1e-6, ship_rule="always", executorch=False, batches=(1, 8),
-              calibration_methods=("MinMax",), calibration_sizes=(512,), sensitivity=False)
+              calibration_methods=("MinMax",), calibration_sizes=(512,), bias_correction=(False,), sensitivity=False)
 
 
 def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
@@ -42,7 +42,8 @@ def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Cal
 MLP_ARTIFACTS = dict(models=("mlp",), epochs=2,
                      recipe_overrides={**PINNED, "variants": ("static",), "max_accuracy_drop": 2.0,
                                        "calibration_methods": ("MinMax", "Entropy", "Percentile"),
-                                       "calibration_sizes": (128, 512), "sensitivity": True},
+                                       "calibration_sizes": (128, 512), "bias_correction": (False, True),
+                                       "sensitivity": True},
                      progress=False, log=lambda _: None)
 
 
