@@ -11,6 +11,9 @@ Without ExecuTorch installed every `.pte` variant is listed under `skipped` with
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from torch import nn
 
 from edgeq import policy, pte
@@ -193,14 +196,75 @@ class ProgramTrials:
         layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
         found = _fallback(lambda nodes: self.build(nodes, cal, screened=static), units, self.accept,
                           self.fam.settings.programs.max_accuracy_drop, layers)
+        if found["met"] and static:
+            found = self.faster(found, cal, layers)
         return {**found, "per_channel": True, "ptq": policy.keeps_parent_weights(self.mode), "calibration": cal,
                 "padding_crop": self.cut}
+
+    def faster(self, found: dict, cal: dict, layers: list[str]) -> dict:
+        """The speed step: the squeeze-excitation gates, then the stem, each left out of int8 where the program
+        is measured faster so (the ONNX search's rule: edgeq.precision.layer_verdict, paired rounds against
+        the current program and the fp32 program) and still meets the contract. int8 activations between
+        small layers cost more in conversions than they save; which way it goes is measured, on this CPU
+        only when it is the target's, within the model's search budget."""
+        from edgeq.speed import cross_target
+
+        fam, budget = self.fam, self.fam.budgets["search"]
+        gates = pte.gate_modules(self.model, fam.example)
+        units = [(u, names) for u, names in (("gates", gates), ("stem", layers[:1]))
+                 if names and not set(names) <= set(found["fp32_nodes_added"])]
+        if not units or cross_target(fam) or budget.share() < 1.0:
+            return {**found, "speed": {"units": [], "reason": "not timed: another target's CPU, or no search budget"
+                                       if units else "nothing to leave out of int8"}}
+        t0 = time.perf_counter()
+        try:
+            return _faster(self, found, cal, units, layers)
+        finally:
+            budget.spend(time.perf_counter() - t0)
 
     def replay(self, rec: dict) -> dict:
         if not rec["met"]:
             return rec
         met, drop = self.accept(self.build(tuple(rec["fp32_nodes_added"]), rec.get("calibration")))
         return {**rec, "met": met, "drop_points": drop}
+
+
+def _faster(t: ProgramTrials, found: dict, cal: dict, units: list[tuple[str, list[str]]], layers: list[str]) -> dict:
+    import shutil
+    import tempfile
+
+    from edgeq import runtime
+    from edgeq.evidence import decide
+    from edgeq.precision import layer_verdict, three_way
+    from edgeq.speed import search_config, timing_inputs
+
+    fam, cfg = t.fam, search_config(t.fam)
+    inputs = {b: x for b, x in timing_inputs(fam).items() if b == fam.settings.timing.deployment_batch}
+    with tempfile.TemporaryDirectory(dir=fam.build.dir) as tmp:
+        kept = Path(tmp) / "best.pte"
+        shutil.copy(t.path, kept)
+        load = lambda p: runtime.load(p, FMT, threads=cfg.threads)  # noqa: E731
+        parent, best, nodes, tried = load(fam.path(t.v.key, FMT)), load(kept), list(found["fp32_nodes_added"]), []
+        for unit, names in units:
+            trial = nodes + [n for n in names if n not in nodes]
+            if not [layer for layer in layers if layer not in trial]:
+                continue
+            s = t.build(tuple(trial), cal)  # lowered to t.path
+            if not t.accept(s)[0]:
+                tried.append({"unit": unit, "kept": False, "reason": "misses the contract in fp32"})
+                continue
+            cand = Path(tmp) / f"{unit}.pte"
+            shutil.copy(t.path, cand)
+            d = decide(three_way(parent, best, load(cand), inputs, cfg), layer_verdict(tuple(inputs), cfg.min_gain),
+                       cfg.rule)
+            tried.append({"unit": unit, "modules": names, "kept": d.depart, "evidence": d.summary()})
+            if d.depart:
+                nodes, best = trial, load(cand)
+                shutil.copy(cand, kept)
+        met, drop = t.accept(t.build(tuple(nodes), cal))  # the program the decision keeps, at t.path, scored again
+    groups = list(found.get("fp32_groups", [])) + [u["unit"] for u in tried if u["kept"]]
+    return {**found, "met": met, "fp32_nodes_added": nodes, "fp32_groups": groups, "drop_points": drop,
+            "speed": {"units": tried, "batch": list(inputs), "rule": "edgeq.precision.layer_verdict"}}
 
 
 def _int8(fam: Family, v: FloatVariant, variant: str, mode: str, out: Lineage) -> None:
