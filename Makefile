@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: setup export verify test bench bench-arm clean arm64
+.PHONY: setup export verify test test-fast bench bench-arm clean arm64
 
 # The virtual environment is (re)built whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -29,8 +29,13 @@ arm64: $(STAMP)
 	NUMPY_VERSION=$$($(BIN)/python -c "import numpy; print(numpy.__version__)") \
 	PIP="$(BIN)/python -m pip" bash tools/arm64-env.sh $(ARM64_ROOTFS)
 
+# the whole suite on every core (pytest-xdist: each test module runs whole on one worker); DEVELOPMENT.md
 test: $(STAMP) arm64
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadgroup
+
+# the inner loop: everything but the end-to-end MNIST export, emulated ARM and Ray clusters
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --json reports/bench.json

@@ -25,6 +25,8 @@ import pytest
 
 from test_device import ROOT
 
+pytestmark = pytest.mark.slow  # left out of `make test-fast`
+
 ROOTFS = Path(os.environ.get("ARM64_ROOTFS", ROOT / ".arm64" / "rootfs"))
 CPUS = ("cortex-a72", "neoverse-n1")
 # the ISA flags each emulated CPU must show the checker (from the auxiliary vector, as onnxruntime reads them)

@@ -25,6 +25,8 @@ from edgeq.runtime import load
 
 from conftest import PINNED
 
+pytestmark = pytest.mark.slow  # left out of `make test-fast`
+
 def export(out, **overrides):
     """The MLP example, a short training run, pinned (conftest.PINNED: nothing timed changes a file);
     `overrides` set recipe fields."""

@@ -22,6 +22,8 @@ from edgeq.recipe import Recipe
 from conftest import PINNED
 from test_groups import digits, outlier_gate  # noqa: F401  (module fixtures)
 
+pytestmark = pytest.mark.slow  # left out of `make test-fast`
+
 RECIPE = {**PINNED, "variants": ("static",), "calibration_methods": ("MinMax", "Entropy"),
           "calibration_sizes": (128, 256), "sensitivity": True}
 

@@ -209,6 +209,7 @@ def test_scratch_of_a_killed_process_is_removed_by_the_next_one():
     assert not second.exists()
 
 
+@pytest.mark.slow
 def test_ray_missing_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where it is not installed
     with pytest.raises(ConfigError, match=r"^--ray local: Ray is not installed; pip install 'edgeq\[ray\]'$"):
@@ -244,12 +245,14 @@ def test_workers_from_env_reads_ray_address(monkeypatch):
 # --------------------------------------------------------------------------------------------------- Ray
 
 
+@pytest.mark.slow
 def test_ray_trials_run_on_both_nodes_with_the_local_results(ray_cluster, shared, expected):
     out = trials.run(trials.qdq_accuracy, CONFIGS, shared, Workers(ray_address=ray_cluster.address), progress=False)
     assert [t.value for t in out] == expected
     assert {t.node for t in out} == {ray_cluster.head_node, ray_cluster.worker_node}
 
 
+@pytest.mark.slow
 def test_ray_trials_needing_a_label_run_on_the_labelled_node(ray_cluster, shared, expected):
     labelled = Workers(ray_address=ray_cluster.address, resources={"target:test": 1})
     out = trials.run(trials.qdq_accuracy, CONFIGS[:2], shared, labelled, progress=False)
@@ -259,6 +262,7 @@ def test_ray_trials_needing_a_label_run_on_the_labelled_node(ray_cluster, shared
                    progress=False)
 
 
+@pytest.mark.slow
 def test_ray_worker_node_killed_mid_trial_still_gives_the_local_results(ray_cluster, shared, expected, tmp_path):
     worker_sid = ray_cluster.worker_sid
     items = [{"index": i, "cfg": cfg, "log": str(tmp_path), "kill_on": ray_cluster.worker_node}
@@ -283,12 +287,14 @@ def test_ray_worker_node_killed_mid_trial_still_gives_the_local_results(ray_clus
     assert not ray_cluster.worker_alive() and worker_sid == ray_cluster.worker_sid  # none of its processes left
 
 
+@pytest.mark.slow
 def test_ray_trial_that_raises_stops_the_run_with_its_own_error(ray_cluster):
     with pytest.raises(ValueError, match="item 3 is bad") as err:
         trials.run(fails_on_three, [1, 2, 3, 4], None, Workers(ray_address=ray_cluster.address), progress=False)
     assert "in trial 3 of 4 (3)" in getattr(err.value, "__notes__", [])
 
 
+@pytest.mark.slow
 def test_ray_stopping_a_node_leaves_none_of_its_processes(ray_cluster):
     from ray_cluster import _sessions_of
 
