@@ -136,17 +136,27 @@ def _build(tmp: Path, models: dict[str, nn.Module], recipes: dict[str, Recipe], 
 
 
 def _workers(recipes: dict[str, Recipe]) -> Workers:
-    """Where the untimed trials run: the recipe's `jobs` worker processes (0: every core; one core: in this
-    process) or its Ray cluster (`ray_address`, else RAY_ADDRESS). One setting for the whole export."""
+    """Where the untimed trials run: the recipe's `jobs` worker processes (0: EDGEQ_JOBS when set, else every
+    core; 1: in this process) or its Ray cluster (`ray_address`, else RAY_ADDRESS). One setting for the
+    whole export."""
     settings = {(r.jobs, r.ray_address) for r in recipes.values()}
     if len(settings) > 1:
         raise ConfigError(f"the recipes ask for different workers {sorted(settings)}: jobs and ray_address are one "
                           "setting for the whole export; give every model the same")
     jobs, address = settings.pop()
-    jobs = jobs or available_cores()
+    jobs = jobs or _env_jobs() or available_cores()
     if jobs > 1 or address or os.environ.get("RAY_ADDRESS"):
         return Workers.from_env(jobs=jobs, ray_address=address or None)
     return Workers(jobs=1)
+
+
+def _env_jobs() -> int:
+    """EDGEQ_JOBS: the default worker count where something else already uses the cores (a parallel test
+    run, a batch scheduler's slot); 0 when unset."""
+    value = os.environ.get("EDGEQ_JOBS", "")
+    if value and not (value.isdigit() and int(value) >= 1):
+        raise ConfigError(f"EDGEQ_JOBS={value!r}: a whole number of worker processes >= 1; unset it for every core")
+    return int(value or 0)
 
 
 def _require_shipped(b: Build) -> None:

@@ -97,6 +97,13 @@ def ray_cluster(ray_cluster_session):
         yield ray_cluster_session
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist the test workers already use every core: an export's own trial pool would only
+    oversubscribe them, so exports here run their trials in-process unless a test asks otherwise."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("EDGEQ_JOBS", "1")
+
+
 RAY_MODULES = ("test_trials", "test_scale")  # one Ray cluster for the run: these share a worker
 
 
