@@ -444,8 +444,7 @@ class _GroupSearch:
                 "fp32_groups": [self.by_name[n].describe() for n in (accepted or [])],
                 "best_drop_points": min(st["drop_points"] for st in self.steps), "steps": self.steps,
                 "ranking": self.ranking, "not_tried": self.not_tried,
-                "budget_s": None if math.isinf(self.budget_s) else self.budget_s, "trials": self.trials,
-                "seconds": round(time.perf_counter() - self.t0, 2)}
+                "budget_s": None if math.isinf(self.budget_s) else self.budget_s, "trials": self.trials}
 
 
 def _rank_singles(ranked, left: list[str], fp32: list[str], every: list[str], here: dict,
