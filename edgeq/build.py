@@ -144,10 +144,10 @@ def _workers(recipes: dict[str, Recipe]) -> Workers:
         raise ConfigError(f"the recipes ask for different workers {sorted(settings)}: jobs and ray_address are one "
                           "setting for the whole export; give every model the same")
     jobs, address = settings.pop()
-    jobs = jobs or _env_jobs() or available_cores()
-    if jobs > 1 or address or os.environ.get("RAY_ADDRESS"):
-        return Workers.from_env(jobs=jobs, ray_address=address or None)
-    return Workers(jobs=1)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # the cluster decides how many run at once, unless the recipe caps it
+        return Workers(jobs=jobs or None, ray_address=address)
+    return Workers(jobs=jobs or _env_jobs() or available_cores())
 
 
 def _env_jobs() -> int:

@@ -211,10 +211,11 @@ def _sensitivity(fam: Family, parent: Parent, cal: dict) -> dict:
                           f"{r['only_this_int8']['sqnr_db']} dB); alone in fp32 {r['gain_points']:+.2f} pts vs all-int8")
     measured = {r["node"] for r in rows}
     where = {"ran_on": parent.evaluator.ran_on(since)} if parent.evaluator.ran_on(since) else {}
-    return {**where, "layers": rows, "ranking": ranking(rows) if rows else [],
-            "not_measured": [n for n, _ in nodes if n not in measured] if fam.settings.int8.sensitivity else [],
-            "budget_s": share, "measured_on": f"{len(fam.val)} validation samples, against the fp32 parent "
-                                              f"{name_of(fam.name, parent.v.key, 'onnx')}"}
+    not_measured = [n for n, _ in nodes if n not in measured] if fam.settings.int8.sensitivity else []
+    return {**where, "layers": rows, "ranking": ranking(rows) if rows else [], "not_measured": not_measured,
+            "budget_s": share if not_measured else None,  # a figure of the run's timing: recorded where it bound
+            "measured_on": f"{len(fam.val)} validation samples, against the fp32 parent "
+                           f"{name_of(fam.name, parent.v.key, 'onnx')}"}
 
 
 def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module, out: Lineage) -> None:

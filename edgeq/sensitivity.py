@@ -87,14 +87,16 @@ class Evaluator:
         from edgeq.progress import progress_bar
 
         t0, out = time.perf_counter(), [None] * len(requests)
-        width = 1 if self.pool is None or self.pool.workers.backend == "serial" else max(1, self.pool.size)
+        backend = "serial" if self.pool is None else self.pool.workers.backend
+        # waves as wide as the workers (a Ray cluster's are not known here: wider waves, Ray schedules them)
+        width = {"serial": 1, "pool": max(1, getattr(self.pool, "size", 1))}.get(backend, 8)
         with progress_bar(len(requests), what, self.progress and len(requests) > 1, unit="trials") as bar:
             for first in range(0, len(requests), width):
                 spent = time.perf_counter() - t0
                 if budget_s <= 0 or (first and spent + spent / (first // width) > budget_s):
                     break  # a wave would end past the budget
                 wave = requests[first : first + width]
-                if width == 1:
+                if backend == "serial":
                     out[first] = self.trial(*wave[0][:2], source, rows=wave[0][2])[0]
                 else:
                     out[first : first + len(wave)] = self._on_pool(wave, source or self.fp32_path, bar)
@@ -444,7 +446,9 @@ class _GroupSearch:
                 "fp32_groups": [self.by_name[n].describe() for n in (accepted or [])],
                 "best_drop_points": min(st["drop_points"] for st in self.steps), "steps": self.steps,
                 "ranking": self.ranking, "not_tried": self.not_tried,
-                "budget_s": None if math.isinf(self.budget_s) else self.budget_s, "trials": self.trials}
+                # the budget is a figure of the run's timing: recorded where it bound (something was not tried)
+                "budget_s": self.budget_s if self.not_tried and not math.isinf(self.budget_s) else None,
+                "trials": self.trials}
 
 
 def _rank_singles(ranked, left: list[str], fp32: list[str], every: list[str], here: dict,

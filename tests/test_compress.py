@@ -139,8 +139,17 @@ FAMILIES = {"resdw": (ResidualDepthwise, 6, 1e-2, ("unstructured", "structured",
             "mobilenet": (mobilenet, 1, 3e-3, ("static",), "digits", {})}
 
 
+_BUILT: dict[str, tuple] = {}  # each family built once per run, though pytest may set the fixture up again
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def built(request, tmp_path_factory):
+    if request.param not in _BUILT:
+        _BUILT[request.param] = _build(request, tmp_path_factory)
+    return _BUILT[request.param]
+
+
+def _build(request, tmp_path_factory):
     make, epochs, lr, variants, data, overrides = FAMILIES[request.param]
     train, test = request.getfixturevalue(data)
     model = trained(make(), train, epochs, lr)

@@ -91,10 +91,10 @@ def test_a_worker_node_killed_mid_export_changes_no_file(ray_cluster, local, out
     """The worker node is killed while it runs one of the export's trials: the trial runs again on the
     head node and the export finishes with the local files."""
     killed: list[bool] = []
+    done = threading.Event()
 
     def kill_when_busy() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not killed:
+        while not done.is_set():
             if any("ray::_ray_call" in cmd for pid, cmd in ray_cluster.processes().items()
                    if ray_cluster.on_worker(pid)):
                 ray_cluster.kill_worker()
@@ -104,8 +104,11 @@ def test_a_worker_node_killed_mid_export_changes_no_file(ray_cluster, local, out
 
     killer = threading.Thread(target=kill_when_busy, daemon=True)
     killer.start()
-    out = _export(outlier_gate, digits, tmp_path / "art", ray_address=ray_cluster.address)
-    killer.join(timeout=5)
+    try:
+        out = _export(outlier_gate, digits, tmp_path / "art", ray_address=ray_cluster.address)
+    finally:
+        done.set()  # the watcher stops with the export: it must not kill a later test's node
+        killer.join(timeout=30)
     assert killed, "the worker node never ran a trial"
     assert not ray_cluster.worker_alive()
     assert _files(out) == _files(local) and _decisions(out) == _decisions(local)
