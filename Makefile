@@ -29,13 +29,13 @@ arm64: $(STAMP)
 	NUMPY_VERSION=$$($(BIN)/python -c "import numpy; print(numpy.__version__)") \
 	PIP="$(BIN)/python -m pip" bash tools/arm64-env.sh $(ARM64_ROOTFS)
 
-# the whole suite on every core (pytest-xdist: each test module runs whole on one worker); DEVELOPMENT.md
+# the whole suite on every core (pytest-xdist: each test file runs whole on one worker); DEVELOPMENT.md
 test: $(STAMP) arm64
-	$(BIN)/python -m pytest -n auto --dist loadgroup
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 # the inner loop: everything but the end-to-end MNIST export, emulated ARM and Ray clusters
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --json reports/bench.json

@@ -102,15 +102,3 @@ def pytest_configure(config) -> None:
     oversubscribe them, so exports here run their trials in-process unless a test asks otherwise."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault("EDGEQ_JOBS", "1")
-
-
-RAY_MODULES = ("test_trials", "test_scale")  # one Ray cluster for the run: these share a worker
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (`--dist loadgroup`), each test module runs whole on one worker, so its module
-    fixtures (an export, a trained model) are built once; the modules that start Ray share one worker,
-    so the run starts one cluster."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-        item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module))
