@@ -253,7 +253,8 @@ def test_no_decision_reads_the_test_split(tmp_path):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     model = fit(model, train, Finetune(epochs=8, lr=1e-2), progress=False)
     recipe = Recipe(variants=("structured", "static"), search_budget_s=1e-6, ship_rule="always", batches=(1, 8),
-                    calibration_sizes=(128,), finetune_structured=Finetune(epochs=2, lr=1e-3), pruning_steps=2)
+                    calibration_sizes=(128,), finetune_structured=Finetune(epochs=1, lr=1e-3), pruning_steps=2,
+                    jobs=1)
     outs = {}
     for case, labels in (("right", test.y), ("wrong", (test.y + 1) % 10)):
         outs[case] = tmp_path / case
