@@ -186,8 +186,11 @@ def _calibration(fam: Family, parent: Parent) -> dict:
     measured = [c for c in cal["candidates"] if "accuracy" in c]
     if ran_on := parent.evaluator.ran_on(since):
         cal["ran_on"] = ran_on
-    fam.build.log(f"  calibration: {cal['method']} on {cal['samples']} samples" + (" (" + ", ".join(
-        f"{c['method']}/{c['samples']} {100 * c['accuracy']:.2f}%" for c in measured) + ")") * bool(measured))
+    bc = lambda c: "+bias" if c.get("bias_correction") else ""  # noqa: E731
+    fam.build.log(f"  calibration: {cal['method']} on {cal['samples']} samples"
+                  f"{', bias corrected' if cal.get('bias_correction') else ''}" + (" (" + ", ".join(
+                      f"{c['method']}/{c['samples']}{bc(c)} {100 * c['accuracy']:.2f}%" for c in measured) + ")")
+                  * bool(measured))
     return cal
 
 
