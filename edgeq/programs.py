@@ -151,12 +151,13 @@ class ProgramTrials:
         self.model, self.cut = cropped(fam, v)
         self.rules = fam.contract_of("int8", v.pruning is not None, mode)
         self.info: dict = {}
-        self._held: dict = {}  # the last quantized model: a screened candidate that passes is lowered, not redone
+        self._held: dict = {}  # the last quantized models: a screened candidate that passes is lowered, not redone
 
     def quantized(self, nodes: tuple[str, ...], cal: dict):
         key = (tuple(nodes), cal["observer"], cal["samples"])
         if key not in self._held:
-            self._held.clear()
+            while len(self._held) >= 4:  # the calibration candidates, so that the one kept is lowered, not redone
+                self._held.pop(next(iter(self._held)))
             fam, ft = self.fam, self.ft
             self._held[key] = pte.quantize(self.model, fam.example, first_samples(fam.calibration, cal["samples"]),
                                            self.mode, exclude=nodes, finetune=(lambda m: ft(m)) if ft else None,

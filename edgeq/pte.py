@@ -271,6 +271,13 @@ def quantize(model: torch.nn.Module, example: torch.Tensor, calibration: Sequenc
     op traced inside them is left unannotated). `observer`: static int8's activation observer
     (OBSERVERS). Returns the converted torch model (a GraphModule with quantize/dequantize ops), ready
     for `lower_int8`."""
+    from edgeq.pt2e_cache import traced_once
+
+    with traced_once():  # PT2E's pattern graphs traced once per process, not on every call
+        return _quantize(model, example, calibration, mode, exclude, finetune, observer)
+
+
+def _quantize(model, example, calibration, mode, exclude, finetune, observer):
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from torchao.quantization.pt2e import move_exported_model_to_eval

@@ -284,3 +284,33 @@ def test_unavailable_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch", None)
     reason = pte.available()
     assert reason is not None and "pip install 'edgeq[executorch]'" in reason and "\n" not in reason
+
+
+def test_pattern_graphs_traced_once_change_no_byte(built, digits, tmp_path, monkeypatch):
+    """edgeq.pt2e_cache: PT2E's pattern graphs reused across calls give the same programs, byte for byte,
+    as tracing them on every call (static and QAT, a model with batch norm, a layer excluded)."""
+    import contextlib
+
+    from edgeq import pt2e_cache
+    from torchao.quantization.pt2e import utils as pt2e_utils
+
+    b = built["cnn"]
+    original = pt2e_utils._get_aten_graph_module_for_pattern
+
+    def programs(tag: str) -> list[bytes]:
+        out = []
+        for mode, exclude in (("static", ()), ("static", ("fc",)), ("qat", ())):
+            torch.manual_seed(0)
+            tune = (lambda m: fit(m, digits["train"], Finetune(epochs=1, lr=1e-3, batch_size=64), progress=False)) \
+                if mode == "qat" else None
+            converted = pte.quantize(b["model"], b["example"], b["calibration"], mode, exclude=exclude, finetune=tune)
+            path = tmp_path / f"{tag}-{mode}-{len(exclude)}.pte"
+            pte.lower_int8(converted, b["example"], path)
+            out.append(path.read_bytes())
+        return out
+
+    cached = programs("cached")
+    assert pt2e_cache._graphs, "no pattern graph was kept"
+    assert pt2e_utils._get_aten_graph_module_for_pattern is original  # restored after each call
+    monkeypatch.setattr(pt2e_cache, "traced_once", contextlib.nullcontext)
+    assert programs("traced") == cached
