@@ -85,8 +85,6 @@ def int8_weights(w: np.ndarray, axis: int | None, reduce_range: bool) -> np.ndar
 def find_layers(model, cfg: QDQConfig) -> tuple[list[Layer], dict[str, str]]:
     """The layers of `model` (the graph quantize_static is handed) whose weights it quantizes under `cfg`,
     and the compute nodes left alone with the reason."""
-    from onnx import helper, numpy_helper
-
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     users: dict[str, list] = {}
@@ -94,66 +92,65 @@ def find_layers(model, cfg: QDQConfig) -> tuple[list[Layer], dict[str, str]]:
         for name in n.input:
             users.setdefault(name, []).append(n)
     outputs = {o.name for o in graph.output}
-    excluded = set(cfg.exclude_nodes)
     layers, skipped = [], {}
     for n in graph.node:
         if n.op_type not in OPS:
             continue
-        key = n.name or n.output[0]
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if not n.name:
-            skipped[key] = "unnamed node"
-            continue
-        if n.name in excluded:
-            skipped[key] = "kept fp32"
-            continue
-        if len(n.input) < 2 or n.input[1] not in inits or n.input[0] in inits:
-            skipped[key] = "weights are not an initializer"
-            continue
-        w = numpy_helper.to_array(inits[n.input[1]])
-        if w.dtype != np.float32:
-            skipped[key] = f"{w.dtype} weights"
-            continue
-        bias, add, to_bias, axis = None, None, 1.0, None
-        if n.op_type == "Conv":
-            axis = 0
-        elif n.op_type == "Gemm":
-            if attrs.get("transA", 0) or w.ndim != 2:
-                skipped[key] = "transposed input"
-                continue
-            axis = 0 if attrs.get("transB", 0) else 1
-            beta = float(attrs.get("beta", 1.0))
-            if beta == 0.0:
-                skipped[key] = "beta = 0: no bias term"
-                continue
-            to_bias = float(attrs.get("alpha", 1.0)) / beta
-        else:  # MatMul: x @ W (+ b in the one Add that reads it)
-            if w.ndim != 2:
-                skipped[key] = "weights of rank != 2"
-                continue
-            axis = 1
-            after = users.get(n.output[0], [])
-            if len(after) == 1 and after[0].op_type == "Add" and n.output[0] not in outputs:
-                other = [i for i in after[0].input if i != n.output[0]]
-                if len(other) == 1 and other[0] in inits:
-                    bias, add = other[0], after[0].name
-            if bias is None:
-                skipped[key] = "no Add of a constant bias"
-                continue
-        if n.op_type != "MatMul" and len(n.input) > 2 and n.input[2]:
-            bias = n.input[2]
-            if bias not in inits:
-                skipped[key] = "bias is not an initializer"
-                continue
-        if bias is not None:
-            b = numpy_helper.to_array(inits[bias])
-            if len(users.get(bias, [])) != 1 or b.dtype != np.float32 or b.size != w.shape[axis] or (
-                    b.ndim and b.shape[-1] != b.size):
-                skipped[key] = "bias shared or not one value per output channel"
-                continue
-        delta = int8_weights(w, axis if cfg.per_channel else None, cfg.reduce_range) - w
-        layers.append(Layer(n.name, n.op_type, n.input[0], n.input[1], bias, add, delta, to_bias))
+        found = _layer(n, inits, users, outputs, cfg)
+        if isinstance(found, str):
+            skipped[n.name or n.output[0]] = found
+        else:
+            layers.append(found)
     return layers, skipped
+
+
+def _layer(n, inits: dict, users: dict, outputs: set, cfg: QDQConfig) -> Layer | str:
+    """One compute node as a Layer whose bias can be corrected, or why it cannot."""
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    if not n.name:
+        return "unnamed node"
+    if n.name in set(cfg.exclude_nodes):
+        return "kept fp32"
+    if len(n.input) < 2 or n.input[1] not in inits or n.input[0] in inits:
+        return "weights are not an initializer"
+    w = numpy_helper.to_array(inits[n.input[1]])
+    if w.dtype != np.float32:
+        return f"{w.dtype} weights"
+    bias, add, to_bias, axis = None, None, 1.0, None
+    if n.op_type == "Conv":
+        axis = 0
+    elif n.op_type == "Gemm":
+        if attrs.get("transA", 0) or w.ndim != 2:
+            return "transposed input"
+        axis = 0 if attrs.get("transB", 0) else 1
+        beta = float(attrs.get("beta", 1.0))
+        if beta == 0.0:
+            return "beta = 0: no bias term"
+        to_bias = float(attrs.get("alpha", 1.0)) / beta
+    else:  # MatMul: x @ W (+ b in the one Add that reads it)
+        if w.ndim != 2:
+            return "weights of rank != 2"
+        axis = 1
+        after = users.get(n.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add" and n.output[0] not in outputs:
+            other = [i for i in after[0].input if i != n.output[0]]
+            if len(other) == 1 and other[0] in inits:
+                bias, add = other[0], after[0].name
+        if bias is None:
+            return "no Add of a constant bias"
+    if n.op_type != "MatMul" and len(n.input) > 2 and n.input[2]:
+        bias = n.input[2]
+        if bias not in inits:
+            return "bias is not an initializer"
+    if bias is not None:
+        b = numpy_helper.to_array(inits[bias])
+        if len(users.get(bias, [])) != 1 or b.dtype != np.float32 or b.size != w.shape[axis] or (
+                b.ndim and b.shape[-1] != b.size):
+            return "bias shared or not one value per output channel"
+    delta = int8_weights(w, axis if cfg.per_channel else None, cfg.reduce_range) - w
+    return Layer(n.name, n.op_type, n.input[0], n.input[1], bias, add, delta, to_bias)
 
 
 def _opset(model) -> int:
@@ -167,14 +164,21 @@ def output_shifts(model, layers: list[Layer], calibration: list[np.ndarray], met
     graph optimizations: the same sums on every machine) over a copy of the graph that also reduces, per
     layer, the input to its channel means ("analytic") or conv(input, W_q - W) to its channel means
     ("empirical", convolutions only)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     if method not in METHODS:
         raise ValueError(f"bias correction method {method!r}: choose one of {', '.join(METHODS)}")
     if not layers:
         return {}
+    aug, reads = _augmented(model, layers, method)
+    nodes = {n.name: n for n in model.graph.node}
+    return {layer.node: _shift(layer, total / count, method, nodes)
+            for layer, (total, count) in zip(layers, _sums(aug, reads, calibration))}
+
+
+def _augmented(model, layers: list[Layer], method: str):
+    """A copy of `model` whose outputs are, per layer, the channel means `output_shifts` reads."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     aug = onnx.ModelProto()
     aug.CopyFrom(model)
     graph, opset = aug.graph, _opset(aug)
@@ -227,34 +231,41 @@ def output_shifts(model, layers: list[Layer], calibration: list[np.ndarray], met
             out = mean(flat, [0], f"{base}/mean")
         graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
         reads.append(out)
+    return aug, reads
+
+
+def _sums(aug, reads: list[str], calibration: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+    """Per output of `aug`, its sum over the calibration samples (float64) and the sample count."""
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     sess = ort.InferenceSession(aug.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feed = sess.get_inputs()[0].name
-    sums, count = [None] * len(layers), 0
+    sums, count = [None] * len(reads), 0
     for batch in calibration:
         got = sess.run(reads, {feed: batch})
         sums = [g.astype(np.float64) * len(batch) + (0.0 if s is None else s) for g, s in zip(got, sums)]
         count += len(batch)
-    shifts = {}
-    for layer, total in zip(layers, sums):
-        m, d = total / count, layer.delta.astype(np.float64)
-        if layer.op == "Conv" and method == "empirical":
-            shift = m
-        elif layer.op == "Conv":  # (W_q - W) summed over the taps, times the channel means, per group
-            per_group = d.shape[1]
-            groups = m.size // per_group
-            taps = d.reshape(groups, d.shape[0] // groups, per_group, -1).sum(axis=3)
-            shift = np.einsum("goi,gi->go", taps, m.reshape(groups, per_group)).reshape(-1)
-        elif layer.op == "Gemm":
-            transposed = {a.name: a.i for a in nodes[layer.node].attribute}.get("transB", 0)
-            shift = d @ m if transposed else m @ d
-        else:
-            shift = m @ d
-        shifts[layer.node] = shift
-    return shifts
+    return [(total, count) for total in sums]
+
+
+def _shift(layer: Layer, m: np.ndarray, method: str, nodes: dict) -> np.ndarray:
+    """A layer's output shift per channel from its channel means `m`."""
+    d = layer.delta.astype(np.float64)
+    if layer.op == "Conv" and method == "empirical":
+        return m
+    if layer.op == "Conv":  # (W_q - W) summed over the taps, times the channel means, per group
+        per_group = d.shape[1]
+        groups = m.size // per_group
+        taps = d.reshape(groups, d.shape[0] // groups, per_group, -1).sum(axis=3)
+        return np.einsum("goi,gi->go", taps, m.reshape(groups, per_group)).reshape(-1)
+    if layer.op == "Gemm":
+        transposed = {a.name: a.i for a in nodes[layer.node].attribute}.get("transB", 0)
+        return d @ m if transposed else m @ d
+    return m @ d
 
 
 def apply_corrections(model, layers: list[Layer], shifts: dict[str, np.ndarray]) -> dict[str, dict]:
