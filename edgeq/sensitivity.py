@@ -101,6 +101,8 @@ class Evaluator:
                 else:
                     out[first : first + len(wave)] = self._on_pool(wave, source or self.fp32_path, bar)
                 bar.update(len(wave))
+            if backend != "serial":  # the closing line names the pool, not the last wave's busy count
+                bar.set_postfix(workers=width if backend == "pool" else "Ray")
         return out
 
     def _on_pool(self, wave: list, source: Path, bar) -> list[dict]:
