@@ -294,6 +294,10 @@ def _quantize(model, example, calibration, mode, exclude, finetune, observer):
         raise ExportError(f"pte quantize: exclude names modules the model does not have: {', '.join(missing)}")
     qat = mode == "qat"
     float_model = copy.deepcopy(model).train(qat)  # QAT captures training-mode batch norm, to fold it while training
+    if qat:  # and nothing else in training mode: dropout and stochastic depth would be traced as random ops
+        for module in float_model.modules():  # (torchvision's StochasticDepth leaves aten.bernoulli, which no
+            if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # program can hold)
+                module.training = False
     graph = capture(float_model, example, dynamic_batch=True).module()
     quantizer = XNNPACKQuantizer().set_global(quantization_config(qat, observer))
     if exclude:
