@@ -469,8 +469,10 @@ def _copies(tmpdir: Path, kind: str, pid: int | None = None) -> list[Path]:
 def _start(kind: str, art: Path, tmpdir: Path, python: Path) -> subprocess.Popen:
     cmd = ([str(python), "-m", "edgeq", "verify", str(art), "--quiet"] if kind == "verify" else
            [str(python), "-m", "edgeq.device", "check", str(art), "--rounds", "1000"])
+    # SIGINT as a terminal delivers it, whatever this run inherited: a shell starts background jobs with SIGINT
+    # ignored, and a child that starts with it ignored rightly keeps ignoring it
     return subprocess.Popen(cmd, env={**env(), "TMPDIR": str(tmpdir)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
