@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import ExportError
+from edgeq.plan import data_sha256
 from edgeq.publish import disk_full_as_enospc
 from edgeq.runtime import INPUT_NAME
 
@@ -158,7 +159,7 @@ class QDQBuilder:
         from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-        key = (pre, method, _digest(calibration))
+        key = (pre, method, data_sha256(*calibration))
         if key not in self._ranges:
             cache = self.work / f"ranges-{len(self._ranges)}.json"
             with tempfile.TemporaryDirectory(dir=self.work) as tmp:
@@ -178,7 +179,7 @@ class QDQBuilder:
         (edgeq.bias.correct_prepared), and the record of the correction; made once per setting."""
         from edgeq.bias import correct_prepared
 
-        key = (pre, cfg.per_channel, cfg.reduce_range, tuple(sorted(cfg.exclude_nodes)), _digest(calibration))
+        key = (pre, cfg.per_channel, cfg.reduce_range, tuple(sorted(cfg.exclude_nodes)), data_sha256(*calibration))
         if key not in self._corrected:
             out = self.work / f"corrected-{len(self._corrected)}.onnx"
             self._corrected[key] = (out, correct_prepared(pre, out, calibration, cfg))
@@ -202,18 +203,6 @@ class QDQBuilder:
             model = onnx.load(str(path))
             if float_outputs(model):
                 onnx.save(model, str(path))
-
-
-def _digest(calibration: list[np.ndarray]) -> str:
-    """sha256 of calibration batches: their dtypes, shapes and bytes, in order."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for batch in calibration:
-        a = np.ascontiguousarray(batch)
-        digest.update(f"{a.dtype.str}|{a.shape}|".encode())
-        digest.update(memoryview(a).cast("B"))
-    return digest.hexdigest()
 
 
 def _cropped(fp32_path: Path) -> bytes | None:
