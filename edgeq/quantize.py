@@ -132,6 +132,8 @@ def quantize(
         work = copy.deepcopy(model)
         prepare = quantize_fx.prepare_qat_fx if cfg.mode == "qat" else quantize_fx.prepare_fx
         work.train(cfg.mode == "qat")
+        if cfg.mode == "qat":
+            _trace_in_eval(work)
         try:
             prepared = prepare(work, cfg.qconfig_mapping(), (example,))
         except Exception as exc:
@@ -226,6 +228,20 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, freeze: bool = True)
         raise ExportError(f"the TorchScript trace of {name} does not reproduce it on a batch of {len(batch)}: its "
                           "forward depends on the batch size or on input values in Python code; make it traceable")
     return frozen
+
+
+def _trace_in_eval(model: nn.Module) -> None:
+    """QAT trains the traced graph, so what FX traces through is fixed at trace time: a module it
+    traces through (not a leaf: torchvision's StochasticDepth, a user's block) has its `self.training`
+    branches baked in. Those are traced as in eval mode, or stochastic depth would drop rows at
+    inference in every QAT file. Leaf modules (nn.Dropout, nn.BatchNorm2d, the Conv/BN/ReLU that FX fuses,
+    which must share a mode) keep their flag, which the fine-tune switches."""
+    from torch.fx import Tracer
+
+    tracer = Tracer()
+    for name, module in model.named_modules():
+        if not tracer.is_leaf_module(module, name):
+            module.training = False
 
 
 def _qat_schedule(model: nn.Module, epoch: int) -> None:

@@ -323,3 +323,46 @@ def test_to_torchscript_refuses_a_trace_that_bakes_in_the_batch():
 
     with pytest.raises(ExportError, match="batch"):
         to_torchscript(Fixed(), torch.randn(4, 1, 28, 28))
+
+
+def test_qat_traces_stochastic_depth_as_at_inference(digits):
+    """torchvision's StochasticDepth is traced through by FX: traced in training mode it would drop
+    rows at random in the int8 model and its float twin (the QAT ONNX file). Both are deterministic and
+    agree with the float model; the fine-tune still trains batch norm (its running mean moves)."""
+    from torchvision.ops import StochasticDepth
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+            self.drop_path, self.dropout = StochasticDepth(0.5, "row"), nn.Dropout(0.2)
+            self.fc = nn.Linear(8 * 28 * 28, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.drop_path(self.block(x))
+            return self.fc(self.dropout(x.flatten(1)))
+
+    split, train_x, test_x, _ = digits
+    torch.manual_seed(0)
+    part = Arrays(PRE.apply(split.images[:256]), split.labels[:256])
+    model = fit(Residual(), part, Finetune(epochs=1, lr=3e-3, batch_size=64), progress=False).eval()
+    means = []
+
+    def finetune(prepared, on_epoch):
+        def running_means(m):
+            return [v.clone() for k, v in m.state_dict().items() if k.endswith("running_mean")]
+
+        means.append(running_means(prepared))
+        trained = fit(prepared, part, Finetune(epochs=1, lr=3e-5, batch_size=64, weight_decay=0.0), seed=1,
+                      progress=False, on_epoch=on_epoch, copy_model=False)
+        means.append(running_means(trained))
+        return trained
+
+    q = quantize(model, QuantConfig("qat"), torch.from_numpy(train_x[:8]), None, finetune)
+    for m in (q, qat_float(q)):
+        first, second = logits(m, test_x[:64]), logits(m, test_x[:64])
+        assert torch.equal(first, second)  # no row dropped at random
+        assert (first.argmax(1) == logits(model, test_x[:64]).argmax(1)).float().mean() >= 0.9
+    assert means[0] and any(not torch.equal(a, b) for a, b in zip(*means, strict=True))  # batch norm trained
