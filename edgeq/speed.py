@@ -49,15 +49,56 @@ def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
     """
     if fam.settings.timing.ship_rule == "always":
         return {"ship": True, "latency_vs_parent": {}, "rule": "always (recipe.ship_rule): not timed"}
-    if cross_target(fam):
+    nodes = target_nodes(fam)
+    if nodes is None and cross_target(fam):
         return {"ship": True, "latency_vs_parent": {},
                 "rule": f"not timed: built for {fam.settings.timing.target.name} on {here().name}, whose timings say nothing "
-                        "about the target; check it there (python -m edgeq.device check)"}
+                        "about the target; check it there (python -m edgeq.device check), or export on a Ray cluster "
+                        f"with a node labelled {target_resource(fam)}"}
 
     def measure() -> dict:
+        if nodes is not None:
+            return _ship_on(nodes, parent, path, fmt, timing_inputs(fam), search_config(fam))
         return ship_decision(parent, path, fmt, timing_inputs(fam), search_config(fam))
 
     return fam.build.decisions.decide(fam.plan.ships, name, f"ship decision for {name}", measure)
+
+
+def target_resource(fam: Family) -> str:
+    return f"target:{fam.settings.timing.target.name}"
+
+
+def target_nodes(fam: Family):
+    """Where the ship decisions are timed when the build's trials run on a Ray cluster that has nodes
+    labelled with the target (`ray start --num-cpus=0 --resources '{"target:arm64": 1}'`: a device farm's
+    boards): one decision at a time on such a node, alone on it. None: on this process, as without Ray."""
+    from edgeq import trials
+
+    pool = fam.build.pool
+    workers = getattr(pool, "workers", None)
+    if workers is None or workers.ray_address is None or not trials.offers(workers, target_resource(fam)):
+        return None
+    return trials.Workers(jobs=1, ray_address=workers.ray_address, resources={target_resource(fam): 1}, cpus=0,
+                          retries=workers.retries)
+
+
+def _ship_on(nodes, parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict:
+    """`ship_decision` as a trial on a labelled Ray node: the two files travel as bytes; the record names
+    the node it was timed on."""
+    from edgeq import trials
+
+    shared = {"parent": parent.read_bytes(), "file": path.read_bytes(), "inputs": inputs}
+    item = {"fmt": fmt, "suffixes": (parent.suffix, path.suffix), "cfg": cfg}
+    t = trials.run(_ship_trial, [item], shared, nodes, progress=False)[0]
+    return {**t.value, "timed_on": {"node": t.node, "host": t.host, "resource": next(iter(nodes.resources))}}
+
+
+def _ship_trial(shared, item: dict) -> dict:
+    from edgeq.trials import shared_file
+
+    parent = shared_file(shared["parent"], item["suffixes"][0])
+    path = shared_file(shared["file"], item["suffixes"][1])
+    return ship_decision(parent, path, item["fmt"], dict(shared["inputs"]), item["cfg"])
 
 
 def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict:

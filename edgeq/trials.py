@@ -526,6 +526,14 @@ def _check_reachable(address: str) -> None:
                           f"cluster there with `ray start --head --port={port}`, or use --ray local") from None
 
 
+def offers(workers: Workers, resource: str) -> bool:
+    """Whether the Ray cluster of `workers` has a node labelled with `resource` (`ray start --resources`);
+    False without Ray. Connects, as a run would."""
+    if workers.ray_address is None:
+        return False
+    return _connect(workers).cluster_resources().get(resource, 0) >= 1
+
+
 def _check_resources(ray, workers: Workers) -> None:
     """Trials the cluster can never place would wait forever: say so now."""
     total = ray.cluster_resources()

@@ -29,9 +29,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import edgeq
+import edgeq.target
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
-WORKER_RESOURCES = '{"target:test": 1}'  # a label, as a device farm's nodes carry their target
+# labels, as a device farm's nodes carry their target: one no export asks for, and this machine's target
+WORKER_RESOURCES = json.dumps({"target:test": 1, f"target:{edgeq.target.here().name}": 1})
 OBJECT_STORE_BYTES = 256 * 1024 * 1024  # per node; /dev/shm may be small
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 5.0  # SIGTERM first; gcs_server and raylet may need SIGKILL after it
