@@ -37,7 +37,35 @@ def _csv(choices: tuple[str, ...]):
     return convert
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """click's usage errors (a bad option value, a missing argument) as edgeq's other refusals are: one line
+    naming the option and where the help is, exit 1, no usage block."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            if not standalone_mode:
+                raise
+            where = exc.ctx.command_path if exc.ctx is not None else "edgeq"
+            click.echo(f"edgeq: error: {exc.format_message().rstrip('.')}; see `{where} --help`", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            if not standalone_mode:
+                raise
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            if not standalone_mode:
+                raise
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgeq")
 def main() -> None:
     """edgeq: compress a PyTorch model into verified edge artifacts.

@@ -451,6 +451,25 @@ def test_report_paths_inside_the_bundle_or_that_are_folders_are_refused(tiny: Pa
     assert snapshot_of(art) == before
 
 
+def test_a_usage_error_is_one_line_naming_the_option(tiny: Path, tmp_path: Path) -> None:
+    """click's own refusals (a folder where a report file goes, a missing argument, an unknown option) are one
+    `edgeq: error:` line and exit 1 like edgeq's, not click's usage block, and nothing is written."""
+    from edgeq.cli import main
+
+    before = snapshot_of(tiny)
+    for option in ("--markdown", "--json", "--plot"):
+        one_line_error(CliRunner().invoke(main, ["verify", str(tiny), "--quiet", option, f"{tmp_path}/"]),
+                       f"'{option}'", "is a directory", "verify --help`")
+    one_line_error(CliRunner().invoke(main, ["verify"]), "Missing argument 'DIR'")
+    one_line_error(CliRunner().invoke(main, ["verify", str(tiny), "--rounds", "3"]), "--rounds")
+    one_line_error(CliRunner().invoke(main, ["export", "--recipe", str(tmp_path)]), "'--recipe'", "is a directory")
+    assert snapshot_of(tiny) == before and not any(tmp_path.iterdir())
+    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", "--threads", "0", str(tiny)], capture_output=True,
+                       text=True, env=env())
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
+    assert p.stderr.startswith("edgeq: error: Invalid value for '--threads'"), p.stderr
+
+
 def test_a_report_on_a_read_only_file_system_is_one_line_before_any_work(tiny: Path, tmp_path: Path,
                                                                          device_py: Path) -> None:
     with mounted(tmp_path / "ro", "ro,size=1m") as ro:
