@@ -344,3 +344,25 @@ def test_qat_of_a_model_with_stochastic_depth_and_dropout_lowers(digits, tmp_pat
     fp32 = predict_logits(model.eval(), digits["x"])
     qat = runtime.load(tmp_path / "qat.pte", "pte").predict(digits["x"])
     assert accuracy(qat, digits["y"]) >= accuracy(fp32, digits["y"]) - 0.05
+
+
+def test_the_calibration_kept_is_lowered_as_screened_not_quantized_again(digits, built, tmp_path, monkeypatch):
+    """Each static calibration candidate is quantized once, to be screened in torch; the one kept is the
+    program lowered (ProgramTrials keeps the screened models), so the bar's first step costs no quantization."""
+    import json
+
+    import edgeq
+    from edgeq.recipe import Recipe
+
+    calls = []
+    real = pte.quantize
+    monkeypatch.setattr(pte, "quantize", lambda *a, **k: calls.append(k.get("observer")) or real(*a, **k))
+    train = digits["train"]
+    recipe = Recipe(variants=("static",), ship_rule="always", search_budget_s=1e-6, batches=(1, 8), sensitivity=False,
+                    calibration_methods=("MinMax",), calibration_sizes=(128, 256), pte_observers=("histogram", "minmax"),
+                    bias_correction=(False,), jobs=1)
+    edgeq.compress({"mlp": built["mlp"]["model"]}, train=(train.x, train.y), test=(digits["x"], digits["y"]),
+                   out=tmp_path / "art", recipe=recipe, progress=False, log=lambda s: None)
+    bar = json.loads((tmp_path / "art" / "plan.json").read_text())["models"]["mlp"]["accuracy"]["mlp-static-pte"]
+    assert len(bar["calibration"]["candidates"]) == 4 and bar["met"] and len(bar["steps"]) == 1
+    assert sorted(calls) == ["histogram", "histogram", "minmax", "minmax"]  # four screens, no fifth to lower
