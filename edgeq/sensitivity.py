@@ -82,32 +82,29 @@ class Evaluator:
              source: Path | None = None, budget_s: float = math.inf, what: str = "int8 trials") -> list[dict | None]:
         """Scores of independent trials (config, calibration batches, validation rows or None), in the order
         given: on the pool's workers when there is a pool (each quantizes from the same bytes, at one thread:
-        the same scores as here), else one after the other here. Trials are started in waves as wide as
-        the pool while a wave would end within `budget_s`; the ones never started are None."""
+        the same scores as here), in one run, else one after the other here. A trial is started while, by the
+        mean time of those finished, it would end within `budget_s`; the ones never started are None."""
         from edgeq.progress import progress_bar
 
-        t0, out = time.perf_counter(), [None] * len(requests)
         backend = "serial" if self.pool is None else self.pool.workers.backend
-        # waves as wide as the workers (a Ray cluster's are not known here: wider waves, Ray schedules them)
-        width = {"serial": 1, "pool": max(1, getattr(self.pool, "size", 1))}.get(backend, 8)
         with progress_bar(len(requests), what, self.progress and len(requests) > 1, unit="trials") as bar:
-            for first in range(0, len(requests), width):
-                spent = time.perf_counter() - t0
-                if budget_s <= 0 or (first and spent + spent / (first // width) > budget_s):
-                    break  # a wave would end past the budget
-                wave = requests[first : first + width]
-                if backend == "serial":
-                    out[first] = self.trial(*wave[0][:2], source, rows=wave[0][2])[0]
-                else:
-                    out[first : first + len(wave)] = self._on_pool(wave, source or self.fp32_path, bar)
-                bar.update(len(wave))
-            if backend != "serial":  # the closing line names the pool, not the last wave's busy count
-                bar.set_postfix(workers=width if backend == "pool" else "Ray")
+            if backend == "serial":
+                t0, out = time.perf_counter(), [None] * len(requests)
+                for i, (qdq, calibration, rows) in enumerate(requests):
+                    spent = time.perf_counter() - t0
+                    if budget_s <= 0 or (i and spent + spent / i > budget_s):
+                        break  # the next trial would end past the budget
+                    out[i] = self.trial(qdq, calibration, source, rows=rows)[0]
+                    bar.update(1)
+                return out
+            out = self._on_pool(requests, source or self.fp32_path, bar, budget_s)
+            # the closing line names the pool, not the last busy count
+            bar.set_postfix(workers=getattr(self.pool, "size", 1) if backend == "pool" else "Ray")
         return out
 
-    def _on_pool(self, wave: list, source: Path, bar) -> list[dict]:
+    def _on_pool(self, requests: list, source: Path, bar, budget_s: float) -> list[dict | None]:
         cals, rows, items = {}, {}, []
-        for qdq, calibration, idx in wave:
+        for qdq, calibration, idx in requests:
             ck = next((k for k, v in cals.items() if v is calibration), len(cals))
             cals.setdefault(ck, calibration)
             rk = None if idx is None else next((k for k, v in rows.items() if v is idx), len(rows))
@@ -116,13 +113,20 @@ class Evaluator:
             items.append((qdq, ck, rk))
         shared = {"source": source.read_bytes(), "x": self.x, "y": self.labels, "ref": self.ref,
                   "calibration": cals, "rows": rows}
-        self.runs += len(items)
-        busy = lambda p: bar.set_postfix(workers=f"{p.busy}/{p.workers} busy") if p.busy else None  # noqa: E731
-        done = self.pool.run(score_trial, items, shared, progress=busy, what="int8 trials")
+        shown = [0]
+
+        def show(p) -> None:
+            bar.update(p.done - shown[0])
+            shown[0] = p.done
+            if p.busy:
+                bar.set_postfix(workers=f"{p.busy}/{p.workers} busy")
+
+        done = self.pool.run(score_trial, items, shared, progress=show, what="int8 trials", budget_s=budget_s)
+        self.runs += sum(t is not None for t in done)
         for t in done:
-            if t.node:
+            if t is not None and t.node:
                 self.nodes[t.node] = self.nodes.get(t.node, 0) + 1
-        return [t.value for t in done]
+        return [None if t is None else t.value for t in done]
 
     def ran_on(self, since: dict[str, int]) -> dict[str, int]:
         """Trials per Ray node since the counts `since` (a copy of `nodes` taken before): evidence of where a

@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import math
 import os
 import pickle
 import shutil
@@ -149,7 +150,7 @@ ProgressFn = Callable[[Progress], None]
 
 
 def run(fn: TrialFn, items: Sequence[Any], shared: Mapping[str, Any] | None = None, workers: Workers = Workers(),
-        *, progress: bool | ProgressFn = True, what: str = "trials") -> list[Trial]:
+        *, progress: bool | ProgressFn = True, what: str = "trials", budget_s: float = math.inf) -> list[Trial | None]:
     """Every `fn(shared, item)`, on `workers` -> one `Trial` per item, in the order of `items`.
 
     `shared` reaches each worker once, read-only. A trial that raises stops the run: its exception is
@@ -157,11 +158,14 @@ def run(fn: TrialFn, items: Sequence[Any], shared: Mapping[str, Any] | None = No
     again, up to `workers.retries` times; then TrialError names it. progress: True shows trials done / total and
     workers busy (a bar on a terminal, a line every 30 s and one at the end elsewhere), False nothing, a
     function receives a `Progress` after every change. For untimed trials only (the module says why).
+    budget_s: a trial is not started when, by the mean time of the trials finished so far, it would end
+    past `budget_s` seconds from the call (the first ones, one per worker, always start unless the budget
+    is 0); its place in the list is None, and so is every later trial's.
     The workers start and stop with the call; `Pool` keeps them for several runs.
     """
     items = list(items)
     with Pool(workers, _most=len(items)) as pool:
-        return pool.run(fn, items, shared, progress=progress, what=what)
+        return pool.run(fn, items, shared, progress=progress, what=what, budget_s=budget_s)
 
 
 class Pool:
@@ -187,7 +191,7 @@ class Pool:
         self._runs = 0
 
     def run(self, fn: TrialFn, items: Sequence[Any], shared: Mapping[str, Any] | None = None, *,
-            progress: bool | ProgressFn = True, what: str = "trials") -> list[Trial]:
+            progress: bool | ProgressFn = True, what: str = "trials", budget_s: float = math.inf) -> list[Trial | None]:
         """As `run` (the module function), on this pool's workers."""
         items = list(items)
         shared = MappingProxyType(dict(shared or {}))
@@ -196,18 +200,20 @@ class Pool:
         match self.workers.backend:
             case "serial":
                 with _Display(progress, what, len(items), 1) as display:
-                    return _serial(fn, items, shared, display)
+                    return _serial(fn, items, shared, display, _Clock(budget_s))
             case "pool":
                 _check_picklable(fn)
                 with _Display(progress, what, len(items), min(self.size, len(items))) as display:
-                    return self._local(fn, items, shared, display)
+                    return self._local(fn, items, shared, display, _Clock(budget_s))
             case "ray":
                 ray = _connect(self.workers)
                 _check_resources(ray, self.workers)
                 slots = int(ray.cluster_resources().get("CPU", 0) // self.workers.cpus) if self.workers.cpus else 0
                 busy = min(self.workers.jobs or len(items), slots or len(items), len(items))
+                # with a budget, no more in flight than the cluster runs at once: a queued trial cannot be unstarted
+                limit = busy if math.isfinite(budget_s) else (self.workers.jobs or len(items))
                 with _Display(progress, what, len(items), busy) as display:
-                    return _ray(ray, fn, items, shared, self.workers, display)
+                    return _ray(ray, fn, items, shared, self.workers, display, _Clock(budget_s), limit)
         raise AssertionError(self.workers.backend)  # pragma: no cover
 
     def start(self) -> Pool:
@@ -244,7 +250,8 @@ class Pool:
                                                  initializer=_init_worker, initargs=(THREADS_PER_WORKER,))
         return self._executor
 
-    def _local(self, fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Display) -> list[Trial]:
+    def _local(self, fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Display,
+               clock: _Clock) -> list[Trial | None]:
         """Trials on the spawned processes. When a worker dies every trial in flight fails with it; those
         run again, each alone, so that a second death is charged to the trial that caused it."""
         from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -264,7 +271,11 @@ class Pool:
                 executor = self._start()
                 with _main_not_rerun():  # a new worker process may start on a submit
                     while pending and len(running) < n and not (pending[0] in suspects and running):
+                        if not (pending[0] in clock.started or clock.may_start()):
+                            pending.clear()  # past the budget: this trial and every later one stay None
+                            break
                         i = pending.popleft()
+                        clock.start(i)
                         running[executor.submit(_pool_call, fn, str(values), items[i])] = i
                         if i in suspects:
                             break  # a suspect runs alone
@@ -279,6 +290,7 @@ class Pool:
                     if exc is None:
                         value, pid = future.result()
                         results[i], done = Trial(i, value, host, pid), done + 1
+                        clock.finish(i)
                     elif isinstance(exc, BrokenProcessPool):
                         lost.append(i)
                     else:
@@ -391,18 +403,46 @@ def _sweep_scratch() -> None:
 # In this process
 
 
-def _serial(fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Display) -> list[Trial]:
-    host, pid, out = socket.gethostname(), os.getpid(), []
+def _serial(fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Display,
+            clock: _Clock) -> list[Trial | None]:
+    host, pid, out = socket.gethostname(), os.getpid(), [None] * len(items)
     for i, item in enumerate(items):
+        if not clock.may_start():
+            break
         display(i, 1)
+        clock.start(i)
         try:
             value = fn(shared, item)
         except Exception as exc:
             _noted(exc, i, items)
             raise
-        out.append(Trial(i, value, host, pid))
-    display(len(items), 0)
+        out[i] = Trial(i, value, host, pid)
+        clock.finish(i)
+    display(sum(t is not None for t in out), 0)
     return out
+
+
+class _Clock:
+    """A run's budget: whether a trial started now would end past it, by the mean time of the trials
+    finished so far. With none finished yet every trial may start (one per worker, in practice), unless the
+    budget is 0. Once a trial may not start, none may."""
+
+    def __init__(self, budget_s: float = math.inf) -> None:
+        self.budget_s, self.t0, self.closed = budget_s, time.perf_counter(), budget_s <= 0
+        self.started: dict[int, float] = {}
+        self.seconds: list[float] = []
+
+    def may_start(self) -> bool:
+        if not self.closed and self.seconds:
+            mean = sum(self.seconds) / len(self.seconds)
+            self.closed = time.perf_counter() - self.t0 + mean > self.budget_s
+        return not self.closed
+
+    def start(self, i: int) -> None:
+        self.started.setdefault(i, time.perf_counter())
+
+    def finish(self, i: int) -> None:
+        self.seconds.append(time.perf_counter() - self.started[i])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -547,7 +587,8 @@ def _check_resources(ray, workers: Workers) -> None:
                               f"label one with `ray start --address=HEAD --resources '{{\"{name}\": 1}}'`")
 
 
-def _ray(ray, fn: TrialFn, items: list, shared: Mapping[str, Any], workers: Workers, display: _Display) -> list[Trial]:
+def _ray(ray, fn: TrialFn, items: list, shared: Mapping[str, Any], workers: Workers, display: _Display,
+         clock: _Clock, limit: int) -> list[Trial | None]:
     """Trials as Ray tasks, `shared` put once, SPREAD over the nodes; Ray re-runs a task whose worker
     or node died (max_retries), never one whose trial raised."""
     from ray.exceptions import RayTaskError
@@ -556,12 +597,15 @@ def _ray(ray, fn: TrialFn, items: list, shared: Mapping[str, Any], workers: Work
     task = ray.remote(_ray_call).options(
         num_cpus=workers.cpus, resources=dict(workers.resources) or None, max_retries=workers.retries,
         retry_exceptions=False, scheduling_strategy="SPREAD")
-    limit = workers.jobs or len(items)
     threads = int(workers.cpus) if workers.cpus >= 1 else 0  # cpus=0: a timed trial sets its own
-    results, running, next_i = [None] * len(items), {}, 0
+    results, running, next_i, end = [None] * len(items), {}, 0, len(items)
     try:
-        while next_i < len(items) or running:
-            while next_i < len(items) and len(running) < limit:
+        while next_i < end or running:
+            while next_i < end and len(running) < limit:
+                if not clock.may_start():
+                    end = next_i  # past the budget: this trial and every later one stay None
+                    break
+                clock.start(next_i)
                 running[task.remote(fn, box, items[next_i], threads)] = next_i
                 next_i += 1
             display(next_i - len(running), len(running))
@@ -576,7 +620,8 @@ def _ray(ray, fn: TrialFn, items: list, shared: Mapping[str, Any], workers: Work
                     raise TrialError(f"{_name(i, items)}: lost on Ray {workers.retries + 1} times "
                                      f"({first_line(exc, 160)})") from None
                 results[i] = Trial(i, value, host, pid, node)
-        display(len(items), 0)
+                clock.finish(i)
+        display(end, 0)
         return results
     finally:
         for ref in running:

@@ -84,6 +84,11 @@ def dies_once(shared, item):
     return trials.qdq_accuracy(shared, cfg)
 
 
+def nap(shared, item):
+    time.sleep(item)
+    return item
+
+
 def always_dies(shared, item):
     if item == "die":
         os._exit(3)
@@ -164,6 +169,17 @@ def test_a_trial_that_raises_stops_the_run_with_its_own_error(jobs):
     with pytest.raises(ValueError, match="item 3 is bad") as err:
         trials.run(fails_on_three, [1, 2, 3, 4], None, Workers(jobs=jobs), progress=False)
     assert "in trial 3 of 4 (3)" in getattr(err.value, "__notes__", [])
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_budget_starts_no_trial_that_would_end_past_it(jobs):
+    """Every trial naps 0.3 s: once one has finished, the time spent plus the mean trial is at least 0.6 s,
+    past the 0.5 s budget on any machine, so only the trials started before that (one per worker) run, and
+    the rest are None in their places. A budget of 0 starts none."""
+    out = trials.run(nap, [0.3] * 5, None, Workers(jobs=jobs), progress=False, budget_s=0.5)
+    assert [t is not None for t in out] == [True] * jobs + [False] * (5 - jobs)
+    assert [t.value for t in out[:jobs]] == [0.3] * jobs
+    assert trials.run(nap, [0.3] * 3, None, Workers(jobs=jobs), progress=False, budget_s=0) == [None] * 3
 
 
 def test_progress_reports_done_total_and_busy_workers():
