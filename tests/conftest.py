@@ -22,6 +22,28 @@ PINNED = dict(search_budget_s=1e-6, ship_rule="always", executorch=False, batche
               calibration_methods=("MinMax",), calibration_sizes=(512,), bias_correction=(False,), sensitivity=False)
 
 
+def stochastic_residual(side: int, p: float):
+    """A small residual network with torchvision's StochasticDepth (drop probability `p`, as in EfficientNet)
+    on its residual branch and a Dropout before its head, for `side` x `side` one-channel inputs."""
+    from torch import nn
+    from torchvision.ops import StochasticDepth
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+            self.drop_path, self.dropout = StochasticDepth(p, "row"), nn.Dropout(0.2)
+            self.fc = nn.Linear(8 * side * side, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.drop_path(self.block(x))
+            return self.fc(self.dropout(x.flatten(1)))
+
+    return Residual()
+
+
 def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
     """`build(out)` once per test run, whatever the number of xdist workers: the first worker builds
     under a lock, the others wait and read what it built. Read-only for the tests: copy it first."""

@@ -319,23 +319,10 @@ def test_pattern_graphs_traced_once_change_nothing(built, digits, monkeypatch):
 def test_qat_of_a_model_with_stochastic_depth_and_dropout_lowers(digits, tmp_path):
     """QAT captures batch norm in training mode and nothing else: torchvision's StochasticDepth (as in
     EfficientNet) traced in training mode leaves aten.bernoulli, which no ExecuTorch program can hold."""
-    from torchvision.ops import StochasticDepth
-
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
-            self.drop_path, self.dropout = StochasticDepth(0.2, "row"), nn.Dropout(0.2)
-            self.fc = nn.Linear(8 * 8 * 8, 10)
-
-        def forward(self, x):
-            x = self.stem(x)
-            x = x + self.drop_path(self.block(x))
-            return self.fc(self.dropout(x.flatten(1)))
+    from conftest import stochastic_residual
 
     torch.manual_seed(0)
-    model = fit(Residual(), digits["train"], Finetune(epochs=1, lr=1e-2, batch_size=64), progress=False)
+    model = fit(stochastic_residual(8, 0.2), digits["train"], Finetune(epochs=1, lr=1e-2, batch_size=64), progress=False)
     example, calibration = torch.from_numpy(digits["x"][:1]), [digits["train"].x[:64]]
     converted = pte.quantize(model, example, calibration, "qat", finetune=lambda m: fit(
         m, digits["train"], Finetune(epochs=1, lr=1e-3, batch_size=64), progress=False))

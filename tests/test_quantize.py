@@ -329,25 +329,12 @@ def test_qat_traces_stochastic_depth_as_at_inference(digits):
     """torchvision's StochasticDepth is traced through by FX: traced in training mode it would drop
     rows at random in the int8 model and its float twin (the QAT ONNX file). Both are deterministic and
     agree with the float model; the fine-tune still trains batch norm (its running mean moves)."""
-    from torchvision.ops import StochasticDepth
-
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-            self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
-            self.drop_path, self.dropout = StochasticDepth(0.5, "row"), nn.Dropout(0.2)
-            self.fc = nn.Linear(8 * 28 * 28, 10)
-
-        def forward(self, x):
-            x = self.stem(x)
-            x = x + self.drop_path(self.block(x))
-            return self.fc(self.dropout(x.flatten(1)))
+    from conftest import stochastic_residual
 
     split, train_x, test_x, _ = digits
     torch.manual_seed(0)
     part = Arrays(PRE.apply(split.images[:256]), split.labels[:256])
-    model = fit(Residual(), part, Finetune(epochs=1, lr=3e-3, batch_size=64), progress=False).eval()
+    model = fit(stochastic_residual(28, 0.5), part, Finetune(epochs=1, lr=3e-3, batch_size=64), progress=False).eval()
     means = []
 
     def finetune(prepared, on_epoch):
