@@ -171,14 +171,18 @@ class ProgramTrials:
     def build(self, nodes: tuple[str, ...], cal: dict | None = None, screened: bool = False) -> dict:
         """The program, lowered and scored from its file; with `screened`, only when the PT2E model meets
         the contract first (a candidate that misses it in torch is not worth a lowering)."""
-        from edgeq import runtime
-
         cal = cal or {"observer": pte.OBSERVERS[0], "samples": sum(map(len, self.fam.calibration))}
         if screened:
             s = self.screen(nodes, cal)
             if not self.accept(s)[0]:
                 return {**s, "screened": True}
         self.info = pte.lower_int8(self.quantized(nodes, cal), deployment_example(self.fam), self.path)
+        return self.scored()
+
+    def scored(self) -> dict:
+        """The program at `path`, scored from its file on the validation split."""
+        from edgeq import runtime
+
         logits = runtime.load(self.path, FMT, threads=1).predict(self.fam.val.x.copy())
         return score(logits, self.fam.val.y, self.parent_logits)
 
@@ -242,7 +246,7 @@ def _faster(t: ProgramTrials, found: dict, cal: dict, units: list[tuple[str, lis
     fam, cfg = t.fam, search_config(t.fam)
     inputs = {b: x for b, x in timing_inputs(fam).items() if b == fam.settings.timing.deployment_batch}
     with tempfile.TemporaryDirectory(dir=fam.build.dir) as tmp:
-        kept = Path(tmp) / "best.pte"
+        kept, kept_info = Path(tmp) / "best.pte", t.info
         shutil.copy(t.path, kept)
         load = lambda p: runtime.load(p, FMT, threads=cfg.threads)  # noqa: E731
         parent, best, nodes, tried = load(fam.path(t.v.key, FMT)), load(kept), list(found["fp32_nodes_added"]), []
@@ -260,9 +264,13 @@ def _faster(t: ProgramTrials, found: dict, cal: dict, units: list[tuple[str, lis
                        cfg.rule)
             tried.append({"unit": unit, "modules": names, "kept": d.depart, "evidence": d.summary()})
             if d.depart:
-                nodes, best = trial, load(cand)
+                nodes, best, kept_info = trial, load(cand), t.info
                 shutil.copy(cand, kept)
-        met, drop = t.accept(t.build(tuple(nodes), cal))  # the program the decision keeps, at t.path, scored again
+        # the program the decision keeps, back at t.path (lowering is deterministic: the bytes a lowering of it
+        # would give again, and a replay gives), scored again from the file
+        shutil.copy(kept, t.path)
+        t.info = kept_info
+        met, drop = t.accept(t.scored())
     groups = list(found.get("fp32_groups", [])) + [u["unit"] for u in tried if u["kept"]]
     return {**found, "met": met, "fp32_nodes_added": nodes, "fp32_groups": groups, "drop_points": drop,
             "speed": {"units": tried, "batch": list(inputs), "rule": "edgeq.precision.layer_verdict"}}

@@ -353,3 +353,35 @@ def test_the_calibration_kept_is_lowered_as_screened_not_quantized_again(digits,
     bar = json.loads((tmp_path / "art" / "plan.json").read_text())["models"]["mlp"]["accuracy"]["mlp-static-pte"]
     assert len(bar["calibration"]["candidates"]) == 4 and bar["met"] and len(bar["steps"]) == 1
     assert sorted(calls) == ["histogram", "histogram", "minmax", "minmax"]  # four screens, no fifth to lower
+
+
+def test_the_speed_step_lowers_each_candidate_once_and_ships_the_one_it_keeps(digits, built, tmp_path, monkeypatch):
+    """The speed step lowers the program with each unit in fp32 once; the program it keeps is put back from
+    its own file, not lowered again. What it keeps is timed here and not asserted: only that the shipped file
+    is a program it lowered, scored as recorded."""
+    import hashlib
+    import json
+
+    import edgeq
+    from edgeq.recipe import Recipe
+
+    lowered = []
+    real = pte.lower_int8
+
+    def counted(*args, **kwargs):
+        info = real(*args, **kwargs)
+        lowered.append(hashlib.sha256(Path(args[2]).read_bytes()).hexdigest())
+        return info
+
+    monkeypatch.setattr(pte, "lower_int8", counted)
+    train = digits["train"]
+    recipe = Recipe(variants=("static",), ship_rule="always", search_budget_s=1000.0, batches=(1, 8),
+                    sensitivity=False, calibration_methods=("MinMax",), calibration_sizes=(256,),
+                    pte_observers=("histogram",), bias_correction=(False,), jobs=1)
+    edgeq.compress({"mlp": built["mlp"]["model"]}, train=(train.x, train.y), test=(digits["x"], digits["y"]),
+                   out=tmp_path / "art", recipe=recipe, progress=False, log=lambda s: None)
+    bar = json.loads((tmp_path / "art" / "plan.json").read_text())["models"]["mlp"]["accuracy"]["mlp-static-pte"]
+    assert bar["met"] and [u["unit"] for u in bar["speed"]["units"]] == ["stem"]
+    assert len(lowered) == 1 + len(bar["speed"]["units"])  # the all-int8 program, then the stem in fp32: no third
+    assert hashlib.sha256((tmp_path / "art" / "mlp-static.pte").read_bytes()).hexdigest() in lowered
+    assert bar["fp32_nodes_added"] == (["fc1"] if bar["speed"]["units"][0]["kept"] else [])
