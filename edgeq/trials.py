@@ -296,15 +296,7 @@ class Pool:
                     else:
                         raise _noted(exc, i, items)
                 if lost:
-                    self._executor.shutdown(wait=True)
-                    self._executor = None  # the next round starts fresh processes
-                    if len(lost) == 1:  # it ran alone, or it was the only one in flight: its own death
-                        i = lost[0]
-                        deaths[i] += 1
-                        if deaths[i] > self.workers.retries:
-                            raise TrialError(f"{_name(i, items)}: the worker process running it died {deaths[i]} "
-                                             "times (a crash in native code, a kill or out of memory); run it with "
-                                             "jobs=1 to see the crash") from None
+                    self._lost(lost, items, deaths)
                     suspects.update(lost)
                     pending.extendleft(sorted(lost, reverse=True))
             display(done, 0)
@@ -315,6 +307,19 @@ class Pool:
             raise
         finally:
             values.unlink(missing_ok=True)
+
+
+    def _lost(self, lost: list[int], items: list, deaths: list[int]) -> None:
+        """Trials whose worker died: the pool starts fresh processes; a trial that died alone (or was the
+        only one in flight) is charged with the death, and past `retries` deaths it is named."""
+        self._executor.shutdown(wait=True)
+        self._executor = None  # the next round starts fresh processes
+        if len(lost) == 1:
+            i = lost[0]
+            deaths[i] += 1
+            if deaths[i] > self.workers.retries:
+                raise TrialError(f"{_name(i, items)}: the worker process running it died {deaths[i]} times (a crash "
+                                 "in native code, a kill or out of memory); run it with jobs=1 to see the crash") from None
 
 
 @contextlib.contextmanager
