@@ -24,7 +24,7 @@ from edgeq.errors import EdgeqError
 from edgeq.export import export_onnx, save_checkpoint, write_torchscript
 from edgeq.lineage import FORMATS, FloatVariant, Lineage, attempt, file_of, name_of, runtime_info
 from edgeq.metrics import correct_count, score, sqnr_db
-from edgeq.prune import PruneConfig, PruneResult, prune_model
+from edgeq.prune import PruneConfig, PruneResult, prune_model, weight_sparsity
 from edgeq.quantize import to_torchscript
 from edgeq.train import predict_logits
 
@@ -79,19 +79,30 @@ def prune_to_bar(fam: Family, kind: str, base: FloatVariant, out: Lineage) -> Fl
     base_correct = correct_count(predict_logits(base.model, x), y)
     spec = rec.finetune_unstructured if kind == "unstructured" else rec.finetune_structured
     kept: dict[float, tuple[PruneConfig, PruneResult]] = {}  # amount -> the pruned model that met the bar
+    seen: list[tuple[dict, dict, PruneResult]] = []  # structured: (channels removed, step, result) of each trial
 
     def trial(amount: float) -> dict:
         t0 = time.perf_counter()
         pc = _config(fam, kind, amount)
         ft = fam.build.finetuner(spec, rec.seed + 1, f"{fam.name}: fine-tune {kind} {amount:g}")
-        r = prune_model(base.model, fam.example, pc, ft)
+        if kind == "structured":  # pruned first: amounts whose rounding removes the same channels share a fine-tune
+            r = prune_model(base.model, fam.example, pc)
+            same = next(((st, res) for removed, st, res in seen if removed == r.removed), None)
+            if same is not None:
+                return _same_channels(fam, kind, amount, pc, same, kept, t0)
+            r = _finetuned(r, ft)
+        else:
+            r = prune_model(base.model, fam.example, pc, ft)
         drop = policy.drop_points(base_correct, correct_count(predict_logits(r.model, x), y), len(y))
         met = policy.within_bar(drop, rec.max_pruning_drop)
         fam.build.log(f"  {kind} {amount:g}: {drop:+.2f} pts on val after fine-tune ({'meets' if met else 'over'} "
                       f"the bar of {rec.max_pruning_drop:g})")
         if met:
             kept[amount] = (pc, r)
-        return {"amount": amount, "drop_points": drop, "met": met, "seconds": round(time.perf_counter() - t0, 2)}
+        step = {"amount": amount, "drop_points": drop, "met": met, "seconds": round(time.perf_counter() - t0, 2)}
+        if kind == "structured":
+            seen.append((r.removed, step, r))
+        return step
 
     def search() -> dict:
         asked = rec.unstructured.amount if kind == "unstructured" else rec.structured.amount
@@ -106,24 +117,49 @@ def prune_to_bar(fam: Family, kind: str, base: FloatVariant, out: Lineage) -> Fl
     decision = fam.build.decisions.decide(fam.plan.pruning, kind, f"pruning amount for {fam.name}'s {kind} variant",
                                           search, replay)
     if not decision["met"]:
-        best = min(s["drop_points"] for s in decision["steps"]) if decision["steps"] else None
-        tried = ", ".join(f"{s['amount']:g}: {s['drop_points']:+.2f}" for s in decision["steps"])
-        for fmt in FORMATS:
-            out.skip(name_of(fam.name, kind, fmt), (
-                f"no {kind} pruning amount tried keeps within {rec.max_pruning_drop:g} points of the fp32 model on "
-                f"the validation split after fine-tuning (amount: drop in points {tried}); not shipped"),
-                "below_accuracy_bar", best_drop_points=best, steps=decision["steps"])
-        if kind == "structured":  # the int8 files of a parent that was not shipped are not built either
-            from edgeq.recipe import MODES
-
-            for mode in (m for m in MODES if m in rec.variants):
-                for fmt in ("torchscript", "onnx"):
-                    out.skip(name_of(fam.name, f"{kind}-{mode}", fmt),
-                             f"its fp32 parent {name_of(fam.name, kind, fmt)} was not shipped (pruning bar)")
+        _not_met(fam, kind, decision["steps"], out)
         return None
     pc, r = kept[decision["amount"]]
     search_record = {k: decision[k] for k in ("steps", "rule", "replayed_drop_points") if k in decision}
     return FloatVariant.of(kind, r.model, _describe(fam, kind, pc, r, search_record), fam.example)
+
+
+def _not_met(fam: Family, kind: str, steps: list[dict], out: Lineage) -> None:
+    """No amount met the bar: the variant's files, and the int8 files of a structured parent, are skipped."""
+    rec = fam.settings.floats
+    best = min(s["drop_points"] for s in steps) if steps else None
+    tried = ", ".join(f"{s['amount']:g}: {s['drop_points']:+.2f}" for s in steps)
+    for fmt in FORMATS:
+        out.skip(name_of(fam.name, kind, fmt), (
+            f"no {kind} pruning amount tried keeps within {rec.max_pruning_drop:g} points of the fp32 model on "
+            f"the validation split after fine-tuning (amount: drop in points {tried}); not shipped"),
+            "below_accuracy_bar", best_drop_points=best, steps=steps)
+    if kind == "structured":  # the int8 files of a parent that was not shipped are not built either
+        from edgeq.recipe import MODES
+
+        for mode in (m for m in MODES if m in rec.variants):
+            for fmt in ("torchscript", "onnx"):
+                out.skip(name_of(fam.name, f"{kind}-{mode}", fmt),
+                         f"its fp32 parent {name_of(fam.name, kind, fmt)} was not shipped (pruning bar)")
+
+
+def _finetuned(r: PruneResult, ft) -> PruneResult:
+    """A structured pruning result fine-tuned, as prune_model(..., finetune) returns it."""
+    model = ft(r.model).eval()
+    return replace(r, model=model, sparsity=weight_sparsity(model))
+
+
+def _same_channels(fam: Family, kind: str, amount: float, pc: PruneConfig, same: tuple[dict, PruneResult],
+                   kept: dict, t0: float) -> dict:
+    """An amount whose rounded widths remove the channels an amount already tried removed: the same model,
+    so the same fine-tune and the same drop; recorded as such, not fine-tuned again."""
+    step, r = same
+    fam.build.log(f"  {kind} {amount:g}: removes the channels {step['amount']:g} removed (widths round down to "
+                  f"multiples of {pc.round_to}): {step['drop_points']:+.2f} pts, not fine-tuned again")
+    if step["met"]:
+        kept[amount] = (pc, r)
+    return {"amount": amount, "drop_points": step["drop_points"], "met": step["met"],
+            "same_channels_as": step["amount"], "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def search_amount(trial, asked: float, steps: int, budget_s: float, bar: float) -> dict:

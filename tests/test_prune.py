@@ -421,3 +421,44 @@ def test_sensitivity_allocation_prunes_by_the_ratios_it_is_given() -> None:
     assert "features.0.conv" not in r.removed and {"features.1.conv", "fc1"} <= set(r.removed), r.removed
     uniform = prune_model(model, example, PruneConfig("l2_structured", 0.5))
     assert "features.0.conv" in uniform.removed
+
+
+def test_amounts_that_remove_the_same_channels_share_one_fine_tune(tmp_path):
+    """Kept widths round down to multiples of 8, so on 16 and 32 channels the amounts 0.25, 0.125 and 0.062
+    remove the same channels: the amount search fine-tunes that model once and records the others as the
+    same channels, with the same drop. (A fine-tune that changes nothing and a bar of 0 points make every
+    pruning that removes a channel miss the bar, so the search visits them all.)"""
+    import json
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    import edgeq
+    from edgeq.data import Arrays, holdout
+    from edgeq.recipe import Finetune, Recipe, Structured
+    from edgeq.train import fit
+
+    d = load_digits()
+    data = Arrays((d.images[:, None] / 16.0).astype(np.float32), d.target.astype(np.int64))
+    train, test = holdout(data, 0.2, 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model = fit(model, train, Finetune(epochs=6, lr=1e-2), progress=False)
+    tuned = []
+
+    def finetune(m, data, epochs):
+        tuned.append({n: p.shape[0] for n, p in m.named_parameters() if n.endswith("weight")})
+        return m
+
+    recipe = Recipe(variants=("structured",), structured=Structured(amount=0.25), pruning_steps=4,
+                    max_pruning_drop=0.0, sensitivity=False, executorch=False, ship_rule="always", batches=(1, 8),
+                    jobs=1)
+    edgeq.compress({"m": model}, train=(train.x, train.y), test=(test.x, test.y), out=tmp_path / "art",
+                   recipe=recipe, finetune=finetune, progress=False, log=lambda s: None)
+    steps = json.loads((tmp_path / "art" / "plan.json").read_text())["models"]["m"]["pruning"]["structured"]["steps"]
+    assert [s["amount"] for s in steps][:3] == [0.25, 0.125, 0.062]
+    assert [s.get("same_channels_as") for s in steps[1:3]] == [0.25, 0.25]
+    assert steps[1]["drop_points"] == steps[2]["drop_points"] == steps[0]["drop_points"] > 0
+    assert len(tuned) == len([s for s in steps if "same_channels_as" not in s])  # one fine-tune per distinct model
+    assert tuned[0]["0.weight"] == 8 and tuned[0]["2.weight"] == 24
