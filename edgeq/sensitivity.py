@@ -30,6 +30,7 @@ import numpy as np
 from edgeq.data import first_samples
 from edgeq.onnx_quant import QDQBuilder, QDQConfig
 from edgeq.runtime import load_onnx
+from edgeq.trials import Clock
 from edgeq.metrics import drop_points, score
 
 class Evaluator:
@@ -88,13 +89,14 @@ class Evaluator:
 
         backend = "serial" if self.pool is None else self.pool.workers.backend
         with progress_bar(len(requests), what, self.progress and len(requests) > 1, unit="trials") as bar:
-            if backend == "serial":
-                t0, out = time.perf_counter(), [None] * len(requests)
+            if backend == "serial":  # here, with this evaluator's builders; the pool's budget rule
+                clock, out = Clock(budget_s), [None] * len(requests)
                 for i, (qdq, calibration, rows) in enumerate(requests):
-                    spent = time.perf_counter() - t0
-                    if budget_s <= 0 or (i and spent + spent / i > budget_s):
+                    if not clock.may_start():
                         break  # the next trial would end past the budget
+                    clock.start(i)
                     out[i] = self.trial(qdq, calibration, source, rows=rows)[0]
+                    clock.finish(i)
                     bar.update(1)
                 return out
             out = self._on_pool(requests, source or self.fp32_path, bar, budget_s)

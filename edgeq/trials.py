@@ -200,11 +200,11 @@ class Pool:
         match self.workers.backend:
             case "serial":
                 with _Display(progress, what, len(items), 1) as display:
-                    return _serial(fn, items, shared, display, _Clock(budget_s))
+                    return _serial(fn, items, shared, display, Clock(budget_s))
             case "pool":
                 _check_picklable(fn)
                 with _Display(progress, what, len(items), min(self.size, len(items))) as display:
-                    return self._local(fn, items, shared, display, _Clock(budget_s))
+                    return self._local(fn, items, shared, display, Clock(budget_s))
             case "ray":
                 ray = _connect(self.workers)
                 _check_resources(ray, self.workers)
@@ -213,7 +213,7 @@ class Pool:
                 # with a budget, no more in flight than the cluster runs at once: a queued trial cannot be unstarted
                 limit = busy if math.isfinite(budget_s) else (self.workers.jobs or len(items))
                 with _Display(progress, what, len(items), busy) as display:
-                    return _ray(ray, fn, items, shared, self.workers, display, _Clock(budget_s), limit)
+                    return _ray(ray, fn, items, shared, self.workers, display, Clock(budget_s), limit)
         raise AssertionError(self.workers.backend)  # pragma: no cover
 
     def start(self) -> Pool:
@@ -251,7 +251,7 @@ class Pool:
         return self._executor
 
     def _local(self, fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Display,
-               clock: _Clock) -> list[Trial | None]:
+               clock: Clock) -> list[Trial | None]:
         """Trials on the spawned processes. When a worker dies every trial in flight fails with it; those
         run again, each alone, so that a second death is charged to the trial that caused it."""
         from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -409,7 +409,7 @@ def _sweep_scratch() -> None:
 
 
 def _serial(fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Display,
-            clock: _Clock) -> list[Trial | None]:
+            clock: Clock) -> list[Trial | None]:
     host, pid, out = socket.gethostname(), os.getpid(), [None] * len(items)
     for i, item in enumerate(items):
         if not clock.may_start():
@@ -427,9 +427,9 @@ def _serial(fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Displ
     return out
 
 
-class _Clock:
-    """A run's budget: whether a trial started now would end past it, by the mean time of the trials
-    finished so far. With none finished yet every trial may start (one per worker, in practice), unless the
+class Clock:
+    """A budget of trials (a run's, or a caller's own serial loop): whether a trial started now would end
+    past it, by the mean time of the trials finished so far. With none finished yet every trial may start (one per worker, in practice), unless the
     budget is 0. Once a trial may not start, none may."""
 
     def __init__(self, budget_s: float = math.inf) -> None:
@@ -593,7 +593,7 @@ def _check_resources(ray, workers: Workers) -> None:
 
 
 def _ray(ray, fn: TrialFn, items: list, shared: Mapping[str, Any], workers: Workers, display: _Display,
-         clock: _Clock, limit: int) -> list[Trial | None]:
+         clock: Clock, limit: int) -> list[Trial | None]:
     """Trials as Ray tasks, `shared` put once, SPREAD over the nodes; Ray re-runs a task whose worker
     or node died (max_retries), never one whose trial raised."""
     from ray.exceptions import RayTaskError
