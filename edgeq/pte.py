@@ -52,9 +52,7 @@ def available(runtime_only: bool = False) -> str | None:
     import takes seconds)."""
     try:
         with _quiet():  # a deprecation warning at import (PYTHONWARNINGS=error) is not a missing package
-            import executorch  # noqa: F401
-            from executorch.extension.pybindings import portable_lib
-
+            portable_lib = bindings()
             if not runtime_only:
                 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
     except Exception as exc:  # ImportError, or a binary that does not load against this torch
@@ -62,6 +60,21 @@ def available(runtime_only: bool = False) -> str | None:
     if not portable_lib._is_available(BACKEND):
         return f"this ExecuTorch runtime has no XNNPACK backend: {INSTALL}"
     return None
+
+
+def bindings():
+    """ExecuTorch's runtime bindings (the module `executorch.extension.pybindings.portable_lib`
+    re-exports). Its compiled module is imported directly: `portable_lib` also imports all of
+    `executorch.exir`, the exporter (4 s here), for an ExperimentalWarning; running a `.pte` needs
+    none of it. Where the compiled module is not where this ExecuTorch keeps it, `portable_lib`."""
+    import executorch  # noqa: F401
+    import torch  # noqa: F401  (the bindings link against libtorch: it must be loaded first)
+
+    try:
+        from executorch.extension.pybindings import _C
+    except ImportError:
+        from executorch.extension.pybindings import portable_lib as _C
+    return _C
 
 
 def versions() -> dict:
@@ -465,8 +478,7 @@ class _quiet:
 def set_threads(threads: int) -> int:
     """Size ExecuTorch's process-wide XNNPACK threadpool to `threads` (the caller's thread included);
     returns the count in effect. A no-op when it is already that size."""
-    from executorch.extension.pybindings import portable_lib
-
+    portable_lib = bindings()
     if threads < 1:
         raise IntegrityError(f"ExecuTorch threads must be >= 1, got {threads}")
     if portable_lib._threadpool_get_thread_count() != threads:
@@ -506,8 +518,8 @@ def open_program(path: Path, threads: int = 1):
     subgraphs now, so a damaged delegate fails here, not on the first call) ->
     (forward, input shape, info). `forward` maps a float32 array of the input shape to the output. IntegrityError in one line for a file ExecuTorch refuses."""
     import torch
-    from executorch.extension.pybindings import portable_lib
 
+    portable_lib = bindings()
     path = Path(path)
     data = path.read_bytes()
     check_header(path, data)
@@ -546,7 +558,8 @@ def profile(path: Path, x: np.ndarray, calls: int = 50, threads: int = 1) -> dic
 
     import torch
     from executorch.devtools import Inspector
-    from executorch.extension.pybindings import portable_lib
+
+    portable_lib = bindings()
 
     path = Path(path)
     data = path.read_bytes()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -278,6 +279,17 @@ def test_threads_set_xnnpack_threadpool(built):
         assert os_threads() == three - 2
     finally:
         pte.set_threads(1)
+
+
+def test_running_a_program_imports_no_exporter(built):
+    """Running a `.pte` (verify's worker, the device checker) needs only the runtime: ExecuTorch's exporter,
+    `executorch.exir`, is seconds of import, and no process that only runs a program imports it."""
+    code = ("import sys, numpy as np; from edgeq import pte; assert pte.available(runtime_only=True) is None; "
+            f"forward, shape, _ = pte.open_program({str(built['mlp']['int8'])!r}); forward(np.zeros(shape, np.float32)); "
+            "print(sorted(m for m in sys.modules if m.startswith('executorch.exir')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_unavailable_names_the_install_command(monkeypatch):
