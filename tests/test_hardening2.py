@@ -172,7 +172,7 @@ def test_a_kill_between_the_publish_renames_keeps_the_previous_export(user: Path
     out = copy(tiny, tmp_path / "art")
     before = (out / "manifest.json").read_bytes()
     flag = tmp_path / "paused"
-    proc = subprocess.Popen([sys.executable, "-m", "edgeq", *export_args(user, out, "wide")],
+    proc = subprocess.Popen([sys.executable, "-m", "edgeq", *export_args(user, out, "wide", "--no-executorch")],
                             env={**env(), publish.PAUSE_ENV: str(flag)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:

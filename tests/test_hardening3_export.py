@@ -163,7 +163,8 @@ def export_process(user: Path, out: Path, *extra: str, model: str = "build",
 
 def kill_between_renames(user: Path, out: Path, flag: Path) -> None:
     """A real export SIGKILLed between `out -> .out.old-<pid>` and `tmp -> out` (its own pause hook)."""
-    proc = export_process(user, out, model="wide", environment={**env(), publish.PAUSE_ENV: str(flag)})
+    proc = export_process(user, out, "--no-executorch", model="wide",  # publishing is the subject, not programs
+                          environment={**env(), publish.PAUSE_ENV: str(flag)})
     try:
         wait_for(lambda: flag.exists() or proc.poll() is not None)
         assert flag.exists(), proc.communicate()
@@ -205,7 +206,8 @@ def test_a_sigterm_between_the_renames_puts_the_previous_export_back(user: Path,
     out = copy(tiny, tmp_path / "art")
     before = (out / "manifest.json").read_bytes()
     flag = tmp_path / "paused"
-    proc = export_process(user, out, model="wide", environment={**env(), publish.PAUSE_ENV: str(flag)})
+    proc = export_process(user, out, "--no-executorch", model="wide",  # publishing is the subject, not programs
+                          environment={**env(), publish.PAUSE_ENV: str(flag)})
     try:
         wait_for(lambda: flag.exists() or proc.poll() is not None)
         proc.send_signal(signal.SIGTERM)
