@@ -83,6 +83,19 @@ def mlp_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mlp_every_format(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MLP example (3 epochs) with every variant in every format, ExecuTorch programs included, and the
+    default bars; pinned. Built once for the run (tests/test_mnist_example.py, verify's memory cap in
+    tests/test_hardening3.py). Read-only: copy it before damaging files."""
+    from edgeq.examples import mnist
+    from edgeq.recipe import Recipe
+
+    return shared_build(tmp_path_factory, "mlp-every-format", lambda out: mnist.export(
+        out, models=("mlp",), epochs=3, recipe_overrides={**PINNED, "executorch": True, "variants": Recipe().variants},
+        progress=False, log=lambda _: None))
+
+
+@pytest.fixture(scope="session")
 def verify_worker():
     """One verify worker process for the session's `verify()` calls: it imports torch once, not per call."""
     from edgeq.verify.worker import Worker, default_memory_limit_gb

@@ -612,27 +612,14 @@ def test_verify_fails_an_fp32_file_whose_outputs_depend_on_the_rest_of_the_batch
 # 7. verify's memory limit: one file at a time ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mnist_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The MNIST example's CNN (its larger model), fp32 and static int8 in every format (ExecuTorch programs
-    included), one epoch."""
-    from edgeq.examples import mnist
-
-    out = tmp_path_factory.mktemp("mnist") / "art"
-    mnist.export(out, models=("cnn",), epochs=1, recipe_overrides={"variants": ("static",), "max_accuracy_drop": 5.0,
-                                                  "sensitivity": False, "calibration_methods": ("MinMax",),
-                                                  "calibration_sizes": (128,), "search_budget_s": 0.01,
-                                                  "ship_rule": "always"},
-                 progress=False, log=lambda _: None)
-    return out
-
-
-def test_verify_passes_the_mnist_export_under_half_a_gib(mnist_small: Path) -> None:
+def test_verify_passes_the_mnist_export_under_half_a_gib(mlp_every_format: Path) -> None:
     """Each file is run, then dropped, and each row timed with only its own runners loaded: the cap holds one
-    file's memory, not the whole export's (it used to fail intact files: MemoryError, "re-run edgeq export")."""
-    names = {a["format"] for a in manifest(mnist_small)["artifacts"]}
+    file's memory, not the whole export's (it used to fail intact files: MemoryError, "re-run edgeq export").
+    The export: the MNIST MLP with every variant in every format."""
+    names = {a["format"] for a in manifest(mlp_every_format)["artifacts"]}
     assert {"onnx", "torchscript", "checkpoint", "pte"} <= names
-    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(mnist_small), "--quiet", "--memory-limit", "0.5"],
+    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(mlp_every_format), "--quiet", "--memory-limit",
+                        "0.5"],
                        capture_output=True, text=True, env=env(), timeout=600)
     assert p.returncode == 0 and "ran out of memory" not in p.stderr, p.stderr[-3000:]
 

@@ -36,10 +36,9 @@ def export(out, **overrides):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Every variant of every format, ExecuTorch programs included, with the default bars."""
-    out = tmp_path_factory.mktemp("e2e") / "art"
-    return out, export(out, epochs=3, executorch=True, variants=Recipe().variants)
+def exported(mlp_every_format):
+    """Every variant of every format, ExecuTorch programs included, with the default bars (conftest)."""
+    return mlp_every_format, read(mlp_every_format)
 
 
 def _below_its_bar(entry: dict) -> bool:
