@@ -247,7 +247,7 @@ class Pool:
 
         if self._executor is None:
             self._executor = ProcessPoolExecutor(self.size, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_init_worker, initargs=(THREADS_PER_WORKER,))
+                                                 initializer=set_process_threads, initargs=(THREADS_PER_WORKER,))
         return self._executor
 
     def _local(self, fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Display,
@@ -457,8 +457,10 @@ class Clock:
 _WORKER_SHARED: dict[str, Mapping[str, Any]] = {}
 
 
-def _init_worker(threads: int) -> None:
-    """A pool worker's start: its thread counts, before any trial imports a runtime."""
+def set_process_threads(threads: int) -> None:
+    """This process's intra-op thread counts, before it imports a runtime or whatever it imported already:
+    the OpenMP/BLAS variables, torch's, and onnxruntime's default session options. For a process that
+    shares the cores with others: a pool worker (`threads` 1, its start), a test worker under pytest-xdist."""
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
     if "torch" in sys.modules:  # imported already by the parent's __main__, which spawn re-imports

@@ -133,7 +133,12 @@ def ray_cluster(ray_cluster_session):
 
 
 def pytest_configure(config) -> None:
-    """Under pytest-xdist the test workers already use every core: an export's own trial pool would only
-    oversubscribe them, so exports here run their trials in-process unless a test asks otherwise."""
+    """Under pytest-xdist the test workers already use every core: an export's own trial pool, or a runtime's
+    threads, would only oversubscribe them (on 2 cores, 2 workers with 2 torch threads each took 1.25x the time
+    of one thread each), so exports here run their trials in-process and each worker (and the processes it
+    starts) one intra-op thread, as edgeq's own pool workers do, unless a test asks otherwise."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        from edgeq.trials import set_process_threads
+
         os.environ.setdefault("EDGEQ_JOBS", "1")
+        set_process_threads(1)
