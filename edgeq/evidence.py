@@ -70,6 +70,15 @@ def median_interval(values: list[float], confidence: float = RULE.confidence) ->
     return xs[k - 1], xs[n - k]
 
 
+def fewest_rounds(confidence: float = RULE.confidence) -> int:
+    """The fewest paired values whose median has a bounded interval at `confidence` (8 at 99%): with fewer,
+    no rule that reads the interval can find anything."""
+    n = 1
+    while math.isinf(median_interval([0.0] * n, confidence)[0]):
+        n += 1
+    return n
+
+
 @dataclass
 class Evidence:
     """Paired ratios per key (a batch size, or ('cand_vs_best', batch)), and what they support."""

@@ -355,7 +355,7 @@ def test_a_sparse_file_posing_as_a_checkpoint_costs_verify_no_memory(tiny: Path,
     with open(ckpt, "r+b") as f:
         f.truncate(512 << 20)  # 512 MiB, almost all of it a hole: read whole, it would break the bound
     rehash(art, ckpt.name)
-    r, peak = tree_peak_rss([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32",
+    r, peak = tree_peak_rss([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32", "--rounds", "1",
                              "--memory-limit", str(LIMIT_GB)])
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "FAIL user-fp32-ckpt" in r.stderr or "user-fp32.ckpt.pt" in r.stderr, r.stderr
@@ -639,7 +639,7 @@ def test_verify_while_an_export_replaces_the_directory_says_read_not_write(tiny:
                 verify(art, FAST, verify_worker)
             except EdgeqError as exc:  # a directory caught mid-swap: one line, never an OSError
                 assert "write" not in str(exc), exc
-        r = CliRunner().invoke(verify_command, [str(art), "--quiet", "--batch", "32"])
+        r = CliRunner().invoke(verify_command, [str(art), "--quiet", "--batch", "32", "--rounds", "1"])
         assert "Traceback" not in r.output and "cannot write" not in r.output, r.output
     finally:
         proc.kill()

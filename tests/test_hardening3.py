@@ -246,7 +246,7 @@ def test_a_sparse_golden_file_costs_verify_and_the_device_checker_no_memory(tiny
     m = manifest(art)
     rehash_entry(art, m["golden"]["input"])
     save(art, m)
-    r, peak = tree_peak_rss([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32",
+    r, peak = tree_peak_rss([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32", "--rounds", "1",
                              "--memory-limit", str(LIMIT_GB)], timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "golden/input_0.pb: 512.0 MiB, over the 128.0 MiB a golden tensor may take here" in r.stderr, r.stderr
@@ -461,7 +461,7 @@ def test_a_usage_error_is_one_line_naming_the_option(tiny: Path, tmp_path: Path)
         one_line_error(CliRunner().invoke(main, ["verify", str(tiny), "--quiet", option, f"{tmp_path}/"]),
                        f"'{option}'", "is a directory", "verify --help`")
     one_line_error(CliRunner().invoke(main, ["verify"]), "Missing argument 'DIR'")
-    one_line_error(CliRunner().invoke(main, ["verify", str(tiny), "--rounds", "3"]), "--rounds")
+    one_line_error(CliRunner().invoke(main, ["verify", str(tiny), "--repeats", "3"]), "--repeats")
     one_line_error(CliRunner().invoke(main, ["export", "--recipe", str(tmp_path)]), "'--recipe'", "is a directory")
     assert snapshot_of(tiny) == before and not any(tmp_path.iterdir())
     p = subprocess.run([sys.executable, "-m", "edgeq", "verify", "--threads", "0", str(tiny)], capture_output=True,
@@ -567,7 +567,7 @@ def test_a_golden_fifo_is_one_line_not_a_hang(tiny: Path, tmp_path: Path, device
     art = copy(tiny, tmp_path / "art")
     (art / "golden" / "input_0.pb").unlink()
     os.mkfifo(art / "golden" / "input_0.pb")  # nothing ever writes to it: an open for reading would block
-    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32"],
+    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32", "--rounds", "1"],
                        capture_output=True, text=True, env=env(), timeout=300)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert "golden/input_0.pb: not a regular file or directory (a socket, pipe or device?)" in p.stderr, p.stderr
@@ -618,8 +618,8 @@ def test_verify_passes_the_mnist_export_under_half_a_gib(mlp_every_format: Path)
     The export: the MNIST MLP with every variant in every format."""
     names = {a["format"] for a in manifest(mlp_every_format)["artifacts"]}
     assert {"onnx", "torchscript", "checkpoint", "pte"} <= names
-    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(mlp_every_format), "--quiet", "--memory-limit",
-                        "0.5"],
+    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(mlp_every_format), "--quiet", "--rounds", "1",
+                        "--memory-limit", "0.5"],
                        capture_output=True, text=True, env=env(), timeout=600)
     assert p.returncode == 0 and "ran out of memory" not in p.stderr, p.stderr[-3000:]
 

@@ -164,6 +164,28 @@ def test_cli_writes_reports_and_exits_0(mlp_artifacts: Path, tmp_path: Path) -> 
     assert (out / "v.png").read_bytes()[:4] == b"\x89PNG" and (out / "v.md").read_text().startswith("# edgeq")
 
 
+def test_fewer_rounds_report_latency_and_look_for_no_slower_file(mlp_artifacts: Path, tmp_path: Path) -> None:
+    """--rounds 2: every row is timed (2 rounds recorded), no slow flag is set, and the report says none was
+    looked for; --fail-on-slower with too few rounds to bound the interval is one line, exit 1."""
+    from edgeq import evidence
+
+    report = tmp_path / "v.json"
+    quick = cli(str(mlp_artifacts), "--batch", "32", "--quiet", "--rounds", "2", "--json", str(report))
+    assert quick.exit_code == 0, quick.output
+    data = json.loads(report.read_text())
+    assert data["measurement"]["rounds"] == 2
+    timed = [r for r in data["rows"] if r["status"] == "ok"]
+    assert timed and all(r["p50_ms_b1"] is not None for r in timed)
+    assert all(len(p["rounds_b1"]) == 2 for r in timed for p in r["paired"].values())
+    assert not any(r["slower_than_parent"] or r["slower_than_fp32_baseline"] for r in timed)
+    assert f"2 timing rounds (the slow flags need {evidence.fewest_rounds()}: none was looked for)" in \
+        " ".join(quick.stdout.split())
+    refused = cli(str(mlp_artifacts), "--quiet", "--rounds", "2", "--fail-on-slower")
+    assert refused.exit_code == 1 and refused.stderr.splitlines() == [
+        f"edgeq: error: --fail-on-slower needs --rounds {evidence.fewest_rounds()} or more: the slower rule reads "
+        f"the {evidence.RULE.confidence:.0%} interval of the paired ratios' median, which 2 rounds cannot bound"]
+
+
 def test_help_has_an_example() -> None:
     result = cli("--help")
     assert result.exit_code == 0 and "Example:" in result.output and "edgeq verify artifacts --threads 2" in result.output
@@ -211,7 +233,7 @@ def test_gate_slower_than_parent_warns_or_fails() -> None:
     gate(warned, FAST)
     assert warned.status == "ok" and "slower than its fp32 parent m-fp32-onnx" in warned.warnings[0]
     failed = replace(r, reasons=[], warnings=[])
-    gate(failed, replace(FAST, fail_on_slower=True))
+    gate(failed, replace(FAST, rounds=8, fail_on_slower=True))
     assert failed.status == "FAIL" and "2.00x at batch 256" in failed.reasons[0]
 
 
@@ -376,7 +398,7 @@ def test_unlisted_file_warns_and_fails_under_strict(mlp_artifacts: Path, tmp_pat
     shutil.copy(art / "mlp-static.onnx", art / "extra.onnx")
     (art / ".gitkeep").touch()  # ours: the exporter keeps a git-tracked artifacts/.gitkeep
     report = tmp_path / "v.json"
-    lenient = cli(str(art), "--quiet", "--batch", "32", "--json", str(report))
+    lenient = cli(str(art), "--quiet", "--batch", "32", "--rounds", "1", "--json", str(report))
     assert lenient.exit_code == 0, lenient.output
     assert lenient.stderr.splitlines() == ["warning: extra.onnx: in the artifacts directory but not in manifest.json, "
                                            "so not verified; remove it, or pass --strict to fail on it"]
@@ -384,7 +406,7 @@ def test_unlisted_file_warns_and_fails_under_strict(mlp_artifacts: Path, tmp_pat
     jsonschema.validate(data, REPORT_SCHEMA)
     assert data["unlisted"] == ["extra.onnx"] and data["passed"] is True
 
-    strict = cli(str(art), "--quiet", "--batch", "32", "--strict")
+    strict = cli(str(art), "--quiet", "--batch", "32", "--rounds", "1", "--strict")
     assert strict.exit_code == 1 and "Traceback" not in strict.output
     assert strict.stderr.splitlines() == ["FAIL extra.onnx: in the artifacts directory but not in manifest.json, "
                                           "so not verified (--strict); remove it, or re-run `edgeq export`"]
@@ -419,7 +441,7 @@ def test_cli_names_the_failing_row_and_exits_1(mlp_artifacts: Path, tmp_path: Pa
     art = copy(mlp_artifacts, tmp_path)
     (art / "mlp-static.ts.pt").write_bytes(b"garbage")
     rehash(art, "mlp-static-ts")
-    result = cli(str(art), "--quiet", "--batch", "32")
+    result = cli(str(art), "--quiet", "--batch", "32", "--rounds", "1")
     assert result.exit_code == 1 and "Traceback" not in result.output
     fails = [line for line in result.stderr.splitlines() if line.startswith("FAIL ")]
     assert len(fails) == 1 and fails[0].startswith("FAIL mlp-static-ts: mlp-static.ts.pt: not a TorchScript module")

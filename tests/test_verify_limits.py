@@ -174,7 +174,7 @@ def test_a_file_that_never_finishes_fails_its_row_within_the_limit(mlp_artifacts
 def test_cli_time_limit_fails_the_row_and_exits_1(mlp_artifacts: Path, tmp_path: Path) -> None:
     art, file = _replace(mlp_artifacts, tmp_path, "mlp-static-onnx", endless_loop_onnx)
     proc = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(art), "--time-limit", f"{LIMIT_S:g}",
-                           "--quiet", "--batch", "32"], capture_output=True, text=True, timeout=WALL_S)
+                           "--quiet", "--batch", "32", "--rounds", "1"], capture_output=True, text=True, timeout=WALL_S)
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     fails = [line for line in proc.stderr.splitlines() if line.startswith("FAIL ")]
     assert fails == [f"FAIL mlp-static-onnx: {file}: did not finish within {LIMIT_S:g} s (load and accuracy on 1000 "
@@ -236,7 +236,7 @@ def test_fp32_slowdown_warns_or_fails() -> None:
     r = replace(_row(torch_fp32=(3.0, 1.5)), slower_than_fp32_baseline=True)
     warned, failed = replace(r, reasons=[], warnings=[]), replace(r, reasons=[], warnings=[])
     gate(warned, FAST)
-    gate(failed, replace(FAST, fail_on_slower=True))
+    gate(failed, replace(FAST, rounds=8, fail_on_slower=True))
     assert warned.status == "ok" and warned.warnings[0].startswith(f"fp32 is more than {FP32_SLOWDOWN_LIMIT:g}x slower")
     assert failed.status == "FAIL" and "3.00x at batch 1, 1.50x at batch 256" in failed.reasons[0]
 
@@ -256,7 +256,7 @@ def test_a_slowed_fp32_onnx_is_flagged(mlp_artifacts: Path, tmp_path: Path, veri
     assert report["gates"]["fp32_slowdown_limit"] == FP32_SLOWDOWN_LIMIT
     assert report["measurement"]["time_limit_s"] == FAST.time_limit_s
     failed = replace(slowed, warnings=[])
-    gate(failed, replace(FAST, fail_on_slower=True))
+    gate(failed, replace(FAST, rounds=8, fail_on_slower=True))
     assert failed.status == "FAIL"
 
 

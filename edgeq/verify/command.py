@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from edgeq.errors import EdgeqError
-from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
+from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT, VerifyConfig
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,6 +42,10 @@ from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
 @click.option("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, show_default=True, metavar="SECONDS",
               help="Fail an artifact whose load and accuracy pass, warm-up, or timing takes longer than SECONDS "
                    "(each step); the other artifacts are still verified.")
+@click.option("--rounds", type=click.IntRange(min=1), default=VerifyConfig.rounds, show_default=True,
+              help="Alternating timing rounds per row and batch size. The slower flags read the 99% interval of "
+                   f"the paired ratios, which needs {VerifyConfig.rounds}; with fewer, latencies are reported and "
+                   "nothing is flagged slower (a quicker check of everything else).")
 @click.option("--memory-limit", type=float, default=None, metavar="GIB",
               help="Memory (GiB) that the files being run may add to the verify worker process (one file, or one "
                    "timed row, at a time); an artifact that needs more fails. Default: half this machine's memory. "
@@ -54,8 +58,8 @@ from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float | None, min_agreement: float | None,
            json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, data: Path | None,
-           fail_on_slower: bool, time_limit: float, memory_limit: float | None, public_key: Path | None,
-           strict: bool, quiet: bool) -> None:
+           fail_on_slower: bool, time_limit: float, rounds: int, memory_limit: float | None,
+           public_key: Path | None, strict: bool, quiet: bool) -> None:
     """Check every artifact in DIR: signature, integrity, accuracy, fidelity, size and speed.
 
     With --public-key, the signature over every file in DIR is checked first. Files are then
@@ -82,7 +86,7 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float |
         _outputs_outside(directory, json_path, markdown_path, plot_path)
         cfg = core.VerifyConfig(threads=threads, batch=batch, max_accuracy_drop=max_accuracy_drop,
                                 min_agreement=min_agreement, data=str(data) if data else None,
-                                fail_on_slower=fail_on_slower, time_limit_s=time_limit,
+                                fail_on_slower=fail_on_slower, time_limit_s=time_limit, rounds=rounds,
                                 memory_limit_gb=memory_limit, strict=strict,
                                 public_key=str(public_key) if public_key else None, progress=not quiet)
         try:

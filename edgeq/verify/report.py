@@ -12,6 +12,7 @@ import textwrap
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from edgeq import evidence
 from edgeq.clock import profile
 from edgeq.signing import STATUSES, describe
 from edgeq.verify.rows import FP32_SLOWDOWN_LIMIT, REFERENCES, UNLISTED, Row, VerifyResult
@@ -239,7 +240,10 @@ def table(result: VerifyResult) -> str:
         f"fp32 parent (paired, batch 1 or {cfg.batch}); slowbase: fp32 more than {FP32_SLOWDOWN_LIMIT:g}x slower "
         f"than base (same); barB:D: built to lose at most B points against its parent on the validation split, loses "
         f"D here (the row fails on any bar of its contract it breaks). "
-        f"Threads: {cfg.threads}; time limit {cfg.time_limit_s:g} s per step."
+        f"Threads: {cfg.threads}; time limit {cfg.time_limit_s:g} s per step; {cfg.rounds} timing "
+        f"round{'s' * (cfg.rounds != 1)}"
+        + (f" (the slow flags need {evidence.fewest_rounds()}: none was looked for)."
+           if cfg.rounds < evidence.fewest_rounds() else ".")
     )
     counts = {s: sum(r.status == s for r in result.rows) for s in ("ok", "FAIL", "skipped")}
     directory = len(result.directory_failures)

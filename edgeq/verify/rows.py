@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeq.errors import ConfigError
 from edgeq.manifest import Artifact
-from edgeq import policy
+from edgeq import evidence, policy
 from edgeq.signing import UNSIGNED
 
 CPU_RUNTIME = {"onnx": "onnxruntime-cpu", "torchscript": "torch-cpu", "checkpoint": "torch-cpu", "pte": "executorch-cpu"}
@@ -70,6 +70,10 @@ class VerifyConfig:
              f"max_accuracy_drop must be >= 0 points, got {self.max_accuracy_drop}"),
             (self.slower_margin >= 0.0, f"slower_margin must be >= 0, got {self.slower_margin}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (not self.fail_on_slower or self.rounds >= evidence.fewest_rounds(),
+             f"--fail-on-slower needs --rounds {evidence.fewest_rounds()} or more: the slower rule reads the "
+             f"{evidence.RULE.confidence:.0%} "
+             f"interval of the paired ratios' median, which {self.rounds} rounds cannot bound"),
             (self.window_s > 0.0, f"window_s must be > 0, got {self.window_s}"),
             (math.isfinite(self.time_limit_s) and self.time_limit_s > 0,
              f"time limit must be a number of seconds > 0 (--time-limit), got {self.time_limit_s:g}"),
