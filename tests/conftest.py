@@ -85,8 +85,7 @@ def mlp_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def mlp_every_format(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The MLP example (3 epochs) with every variant in every format, ExecuTorch programs included, and the
-    default bars; pinned. Built once for the run (tests/test_mnist_example.py, verify's memory cap in
-    tests/test_hardening3.py). Read-only: copy it before damaging files."""
+    default bars; pinned. Built once for the run. Read-only: copy it before damaging files."""
     from edgeq.examples import mnist
     from edgeq.recipe import Recipe
 

@@ -347,6 +347,9 @@ def test_the_device_memory_limit_caps_what_a_file_may_allocate(tiny: Path, tmp_p
     assert device("check", art, "--rounds", "0", "--memory-limit", "4", python=device_py).exit_code == 0  # the control
 
 
+# 7. verify's memory limit, one file at a time: tests/test_mnist_example.py, on the example's export in every format
+
+
 # 8. the device checker: one rule book with verify ---------------------------------------------------------------
 
 
@@ -607,21 +610,6 @@ def test_verify_fails_an_fp32_file_whose_outputs_depend_on_the_rest_of_the_batch
     assert any("its outputs for one sample depend on the rest of the batch" in reason and "at batch 1" in reason
                for reason in onnx_row.reasons), onnx_row.reasons
     assert all(r.status != "FAIL" for r in result.rows if r.name != "user-fp32-onnx"), result.failures
-
-
-# 7. verify's memory limit: one file at a time ------------------------------------------------------------------
-
-
-def test_verify_passes_the_mnist_export_under_half_a_gib(mlp_every_format: Path) -> None:
-    """Each file is run, then dropped, and each row timed with only its own runners loaded: the cap holds one
-    file's memory, not the whole export's (it used to fail intact files: MemoryError, "re-run edgeq export").
-    The export: the MNIST MLP with every variant in every format."""
-    names = {a["format"] for a in manifest(mlp_every_format)["artifacts"]}
-    assert {"onnx", "torchscript", "checkpoint", "pte"} <= names
-    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(mlp_every_format), "--quiet", "--rounds", "1",
-                        "--memory-limit", "0.5"],
-                       capture_output=True, text=True, env=env(), timeout=600)
-    assert p.returncode == 0 and "ran out of memory" not in p.stderr, p.stderr[-3000:]
 
 
 def test_the_device_checker_imports_no_torch() -> None:

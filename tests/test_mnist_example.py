@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -81,6 +83,16 @@ def test_the_example_passes_default_verify_with_executorch_rows(exported):
         d = a.runtime["delegation"]
         assert held["delegates"] == {"XnnpackBackend": d["subgraphs"]}, (a.name, held, d)
         assert not d["outside_ops"] and d["delegated_nodes"] == d["total_nodes"] > 0, (a.name, d)
+
+
+def test_verify_passes_the_example_under_half_a_gib(exported):
+    """Each file is run, then dropped, and each row timed with only its own runners loaded: the cap holds one
+    file's memory, not the whole export's (it used to fail intact files: MemoryError, "re-run edgeq export")."""
+    out, manifest = exported
+    assert {"onnx", "torchscript", "checkpoint", "pte"} <= {a.format for a in manifest.artifacts}
+    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(out), "--quiet", "--rounds", "1",
+                        "--memory-limit", "0.5"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "ran out of memory" not in p.stderr, p.stderr[-3000:]
 
 
 def test_pte_calibration_is_measured_on_validation_and_the_best_kept(exported):
