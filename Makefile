@@ -21,7 +21,7 @@ export: $(STAMP)
 verify: $(STAMP)
 	$(BIN)/edgeq verify artifacts --json reports/verify.json --markdown reports/verify.md --plot reports/verify.png
 
-# An emulated arm64 Debian (qemu-user + debootstrap) with onnxruntime's aarch64 build, for the device
+# An emulated arm64 Debian (qemu-user + mmdebstrap) with onnxruntime's aarch64 build, for the device
 # checker on ARM kernels (tests/test_arm.py). Idempotent; needs root; docs/device.md.
 ARM64_ROOTFS := .arm64/rootfs
 arm64: $(STAMP)

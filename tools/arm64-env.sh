@@ -6,9 +6,11 @@
 #
 # Idempotent: each step is skipped when its result is already there, so a re-run takes about a second.
 # Versions: ORT_VERSION and NUMPY_VERSION (the Makefile passes pyproject.toml's onnxruntime pin and the
-# build venv's numpy). The aarch64 wheels are downloaded on the host (pip --platform) and installed inside
-# the rootfs from that folder, so the emulated pip needs no network. The host's /sys is never bound into
-# the rootfs: onnxruntime's cpuinfo reads the x86 topology there and crashes at import.
+# build venv's numpy). Nothing is installed under emulation: mmdebstrap unpacks Debian's arm64 python3
+# and the libraries it and the wheels need (no maintainer scripts run), and the host's pip downloads the
+# aarch64 wheels (pip --platform) and installs them into the rootfs venv (pip --target): about 30 s in
+# all, where a debootstrap and an emulated pip took 3 minutes. The host's /sys is never bound into the
+# rootfs: onnxruntime's cpuinfo reads the x86 topology there and crashes at import.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,14 +31,15 @@ cannot() {
     if [ -n "${CI:-}" ]; then echo "arm64-env: $*" >&2; exit 1; fi
     echo "arm64-env: skipped: $*" >&2; exit 0
 }
-[ "$(id -u)" = 0 ] || cannot "needs root (apt-get, debootstrap, chroot); run \`sudo make arm64\`"
+[ "$(id -u)" = 0 ] || cannot "needs root (apt-get, mmdebstrap, chroot); run \`sudo make arm64\`"
 
-# 1. qemu-user-static and debootstrap from Debian's archive
-if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null; then
-    say "installing qemu-user-static debootstrap"
+# 1. qemu-user-static and mmdebstrap (with arch-test, its check of a foreign architecture) from Debian's archive
+packages="qemu-user-static mmdebstrap arch-test"
+if ! command -v qemu-aarch64-static >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v arch-test >/dev/null; then
+    say "installing $packages"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends qemu-user-static debootstrap >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends qemu-user-static debootstrap >/dev/null; }
+    apt-get install -y -q --no-install-recommends $packages >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $packages >/dev/null; }
 fi
 
 # 2. aarch64 binaries run through qemu: binfmt_misc mounted and qemu-aarch64 registered with the F flag
@@ -62,31 +65,38 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 
-# 3. a minimal Debian arm64 rootfs with python3 and venv
-if [ ! -x "$root/usr/bin/python3" ] || [ ! -f "$root/.edgeq-debootstrap-done" ]; then
-    say "debootstrap $suite arm64 into $root (a few minutes)"
+# 3. Debian's arm64 python3 (with venv) and libstdc++ (the wheels' C++ runtime), with what they depend on,
+#    unpacked without running a maintainer script (mmdebstrap's extract variant): no emulated dpkg
+if [ ! -x "$root/usr/bin/python3" ] || [ ! -f "$root/.edgeq-base-done" ]; then
+    say "unpacking Debian $suite arm64 python3 into $root"
     rm -rf "$root"
-    mkdir -p "$root"
-    debootstrap --variant=minbase --arch=arm64 --include=python3,python3-venv "$suite" "$root" "$mirror" >"$root.debootstrap.log" 2>&1 \
-        || { tail -20 "$root.debootstrap.log" >&2; echo "arm64-env: debootstrap failed (log: $root.debootstrap.log)" >&2; exit 1; }
-    touch "$root/.edgeq-debootstrap-done"
+    mkdir -p "$(dirname "$root")"
+    mmdebstrap --variant=extract --architectures=arm64 --include=python3,python3-venv,libstdc++6 "$suite" "$root" \
+        "$mirror" >"$root.mmdebstrap.log" 2>&1 \
+        || { tail -20 "$root.mmdebstrap.log" >&2; echo "arm64-env: mmdebstrap failed (log: $root.mmdebstrap.log)" >&2; exit 1; }
+    mkdir -p "$root/tmp" "$root/proc"
+    chmod 1777 "$root/tmp"
+    touch "$root/.edgeq-base-done"
 fi
 
-# 4. numpy and onnxruntime aarch64 wheels (with their dependencies), installed into a venv inside
+# 4. numpy and onnxruntime aarch64 wheels (with their dependencies), downloaded and installed by the
+#    host's pip into a venv inside (its python is the rootfs's: the same 3.x as --python-version)
 pyver="$(chroot "$root" /usr/bin/python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 wheels="$root/opt/wheels"
 mkdir -p "$wheels"
 say "downloading aarch64 wheels for python $pyver: onnxruntime==$ort numpy==$np"
 pip="${PIP:-python3 -m pip}"
+platforms=(--platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux2014_aarch64
+           --platform manylinux_2_17_aarch64 --platform linux_aarch64)
 $pip download -q --disable-pip-version-check -d "$wheels" --only-binary=:all: --python-version "$pyver" \
-    --platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux2014_aarch64 \
-    --platform manylinux_2_17_aarch64 --platform linux_aarch64 \
-    "onnxruntime==$ort" "numpy==$np" 2>&1 | grep -v "^WARNING: Location" || true
+    "${platforms[@]}" "onnxruntime==$ort" "numpy==$np" 2>&1 | grep -v "^WARNING: Location" || true
 ls "$wheels"/onnxruntime-"$ort"-*.whl >/dev/null 2>&1 || { echo "arm64-env: no aarch64 wheel of onnxruntime $ort for python $pyver" >&2; exit 1; }
-say "installing them inside the rootfs (emulated pip)"
-chroot "$root" /usr/bin/python3 -m venv "$venv"
-chroot "$root" "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-index --find-links /opt/wheels \
-    "onnxruntime==$ort" "numpy==$np"
+say "installing them into $venv inside the rootfs"
+rm -rf "${root:?}$venv"
+chroot "$root" /usr/bin/python3 -m venv --without-pip "$venv"
+$pip install -q --disable-pip-version-check --no-index --find-links "$wheels" --only-binary=:all: \
+    --python-version "$pyver" --implementation cp "${platforms[@]}" --target "$root$venv/lib/python$pyver/site-packages" \
+    "onnxruntime==$ort" "numpy==$np" 2>&1 | grep -v "^WARNING: Location" || true
 QEMU_CPU=cortex-a72 chroot "$root" "$venv/bin/python" -c "import numpy, onnxruntime; print('arm64-env: numpy', numpy.__version__, 'onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 echo "$want" > "$stamp"
 say "ready: $root ($want), set up in $(( $(date +%s) - t0 )) s"
