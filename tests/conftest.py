@@ -141,3 +141,17 @@ def pytest_configure(config) -> None:
 
         os.environ.setdefault("EDGEQ_JOBS", "1")
         set_process_threads(1)
+
+
+# The longest files first (their test time in a 2-core run, most first): under `--dist loadfile` xdist hands
+# out files in collection order, so a long file started last keeps one worker busy while the other idles.
+# A scheduling hint only: a file not named here runs after these, in its usual order.
+LONGEST_FIRST = ("test_compress.py", "test_pte.py", "test_verify.py", "test_hardening.py", "test_hardening3.py",
+                 "test_trials.py", "test_mnist_example.py", "test_hardening3_export.py", "test_verify_limits.py",
+                 "test_plan.py", "test_arm.py", "test_hardening2.py", "test_scale.py", "test_contract.py",
+                 "test_quantize.py", "test_device.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
