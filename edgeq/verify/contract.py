@@ -22,12 +22,13 @@ def measure(s: Subject, x: np.ndarray, labels: np.ndarray, worker: Worker, time_
             same_machine: bool = True) -> None:
     """The validation logits of a CPU row whose accuracy pass succeeded (the worker's configured input "val"),
     and its count of correct answers against the manifest's claim (edgeq.policy.claim_ok)."""
-    if s.device != "cpu" or s.logits is None or s.art.contract is None:
+    if s.device != "cpu" or s.logits is None or s.stopped or s.art.contract is None:
         return
     try:
         s.val_logits = np.asarray(worker.predict(s.runner, Budget(time_limit_s), on="val"))
     except Failed as exc:
         s.row.fail(exc.reason(s.art.file, f"accuracy on the {len(x)} validation samples"))
+        s.stopped = True
         return
     if s.val_logits.shape != (len(x), s.logits.shape[1]):
         s.row.fail(f"{s.art.file}: output shape {list(s.val_logits.shape)} on the validation split, expected "
@@ -141,7 +142,7 @@ def check_golden(s: Subject, directory, golden_entry: dict, n: int, worker: Work
     fails at batch 1. Golden files are read and parsed in the worker, at most `max_bytes` each."""
     from edgeq import golden
 
-    if s.device != "cpu" or s.logits is None:
+    if s.device != "cpu" or s.logits is None or s.stopped:
         return
     ref = golden_entry.get("reference", {}).get(s.art.model)
     dense_fp32 = s.art.precision == "fp32" and s.art.pruning is None and ref is not None
@@ -150,6 +151,7 @@ def check_golden(s: Subject, directory, golden_entry: dict, n: int, worker: Work
         one = np.asarray(worker.predict(s.runner, Budget(time_limit_s), 1, on="golden")) if dense_fp32 else None
     except Failed as exc:
         s.row.fail(exc.reason(s.art.file, f"the {n} golden inputs"))
+        s.stopped = True
         return
     read = lambda item, what: worker.tensor(directory, item, what, max_bytes, Budget(time_limit_s))
     _against(s, read, out, golden_entry["outputs"].get(s.art.name), golden.tolerance(golden_entry, s.art.precision))

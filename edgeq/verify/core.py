@@ -219,6 +219,7 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
         logits = np.asarray(worker.predict(s.runner, Budget(cfg.time_limit_s)))  # the exporter's batch: bit for bit
     except Failed as exc:
         row.fail(exc.reason(s.art.file, f"load and accuracy on {len(x)} samples"))
+        s.stopped = True
         return
     classes = len(manifest.models.get(s.art.model, {}).get("classes", [])) or logits.shape[-1]
     if logits.shape != (len(x), classes):

@@ -47,7 +47,7 @@ def measure_latency(active: list[Subject], refs: dict[tuple[str, str], dict[str,
     """
     worker.configure(batches={"b1": np.ascontiguousarray(x[:1]), "batch": x[np.arange(cfg.batch) % len(x)]},
                      threads=cfg.threads)  # torch threads are process-wide in the worker; onnxruntime's per session
-    ready = [s for s in active if s.logits is not None]
+    ready = [s for s in active if s.logits is not None and not s.stopped]  # a file verify had to stop runs no more
     sessions = [_session(s, refs[s.row.key], ready, cfg) for s in ready]
     dead: set[int] = set()  # rows whose runner failed while loading or timing
     bar.set_description("verify: latency", refresh=False)

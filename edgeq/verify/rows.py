@@ -206,4 +206,7 @@ class Subject:
     runner: int | None = None  # the worker's handle, threads=1: the accuracy pass
     timers: dict[str, int] = field(default_factory=dict)  # batch name -> the worker's handle, cfg.threads
     logits: np.ndarray | None = None  # set when the accuracy pass gave a well-shaped result
+    # a step of it outlived its time limit, ran out of memory or crashed its runtime: its row has failed, and
+    # nothing runs it again (each later step would spend another time limit and restart the worker)
+    stopped: bool = False
     val_logits: np.ndarray | None = None  # the same on the validation split
