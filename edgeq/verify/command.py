@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from edgeq import evidence
 from edgeq.errors import EdgeqError
 from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT, VerifyConfig
 
@@ -43,9 +44,10 @@ from edgeq.verify.rows import DEFAULT_TIME_LIMIT_S, FP32_SLOWDOWN_LIMIT, VerifyC
               help="Fail an artifact whose load and accuracy pass, warm-up, or timing takes longer than SECONDS "
                    "(each step); the other artifacts are still verified.")
 @click.option("--rounds", type=click.IntRange(min=1), default=VerifyConfig.rounds, show_default=True,
-              help="Alternating timing rounds per row and batch size. The slower flags read the 99% interval of "
-                   f"the paired ratios, which needs {VerifyConfig.rounds}; with fewer, latencies are reported and "
-                   "nothing is flagged slower (a quicker check of everything else).")
+              help=f"Alternating timing rounds per row and batch size. The slower flags read the "
+                   f"{evidence.RULE.confidence:.0%} interval of the paired ratios, which needs "
+                   f"{evidence.fewest_rounds()}; with fewer, latencies are reported and nothing is flagged slower "
+                   "(a quicker check of everything else).")
 @click.option("--memory-limit", type=float, default=None, metavar="GIB",
               help="Memory (GiB) that the files being run may add to the verify worker process (one file, or one "
                    "timed row, at a time); an artifact that needs more fails. Default: half this machine's memory. "
