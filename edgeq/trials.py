@@ -318,8 +318,9 @@ class Pool:
             i = lost[0]
             deaths[i] += 1
             if deaths[i] > self.workers.retries:
-                raise TrialError(f"{_name(i, items)}: the worker process running it died {deaths[i]} times (a crash "
-                                 "in native code, a kill or out of memory); run it with jobs=1 to see the crash") from None
+                raise TrialError(f"{_name(i, items)}: the worker process running it died {deaths[i]} times (a "
+                                 "crash in native code, a kill or out of memory); run it with jobs=1 to see the "
+                                 "crash") from None
 
 
 @contextlib.contextmanager
@@ -429,8 +430,8 @@ def _serial(fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Displ
 
 class Clock:
     """A budget of trials (a run's, or a caller's own serial loop): whether a trial started now would end
-    past it, by the mean time of the trials finished so far. With none finished yet every trial may start (one per worker, in practice), unless the
-    budget is 0. Once a trial may not start, none may."""
+    past it, by the mean time of the trials finished so far. With none finished yet every trial may start
+    (one per worker, in practice), unless the budget is 0. Once a trial may not start, none may."""
 
     def __init__(self, budget_s: float = math.inf) -> None:
         self.budget_s, self.t0, self.closed = budget_s, time.perf_counter(), budget_s <= 0

@@ -355,8 +355,8 @@ def test_a_sparse_file_posing_as_a_checkpoint_costs_verify_no_memory(tiny: Path,
     with open(ckpt, "r+b") as f:
         f.truncate(512 << 20)  # 512 MiB, almost all of it a hole: read whole, it would break the bound
     rehash(art, ckpt.name)
-    r, peak = tree_peak_rss([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32", "--rounds", "1",
-                             "--memory-limit", str(LIMIT_GB)])
+    r, peak = tree_peak_rss([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32",
+                             "--rounds", "1", "--memory-limit", str(LIMIT_GB)])
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "FAIL user-fp32-ckpt" in r.stderr or "user-fp32.ckpt.pt" in r.stderr, r.stderr
     assert peak < ALLOWED, f"verify and its worker peaked at {peak / 2**20:.0f} MiB: {r.at_peak}"

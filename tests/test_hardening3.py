@@ -246,8 +246,8 @@ def test_a_sparse_golden_file_costs_verify_and_the_device_checker_no_memory(tiny
     m = manifest(art)
     rehash_entry(art, m["golden"]["input"])
     save(art, m)
-    r, peak = tree_peak_rss([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32", "--rounds", "1",
-                             "--memory-limit", str(LIMIT_GB)], timeout=300)
+    r, peak = tree_peak_rss([sys.executable, "-m", "edgeq", "verify", str(art), "--quiet", "--batch", "32",
+                             "--rounds", "1", "--memory-limit", str(LIMIT_GB)], timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "golden/input_0.pb: 512.0 MiB, over the 128.0 MiB a golden tensor may take here" in r.stderr, r.stderr
     assert peak < ALLOWED, f"verify and its worker peaked at {peak / 2**20:.0f} MiB: {r.at_peak}"

@@ -285,7 +285,8 @@ def test_running_a_program_imports_no_exporter(built):
     """Running a `.pte` (verify's worker, the device checker) needs only the runtime: ExecuTorch's exporter,
     `executorch.exir`, is seconds of import, and no process that only runs a program imports it."""
     code = ("import sys, numpy as np; from edgeq import pte; assert pte.available(runtime_only=True) is None; "
-            f"forward, shape, _ = pte.open_program({str(built['mlp']['int8'])!r}); forward(np.zeros(shape, np.float32)); "
+            f"forward, shape, _ = pte.open_program({str(built['mlp']['int8'])!r}); "
+            "forward(np.zeros(shape, np.float32)); "
             "print(sorted(m for m in sys.modules if m.startswith('executorch.exir')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -150,7 +150,7 @@ def test_tampered_onnx_with_a_rehashed_manifest_fails_only_on_the_signature(
     assert after[0] == before[0] and after[1] != before[1]  # same on a clean input, hijacked by the trigger
     rehash(signed, "mlp-fp32.onnx")
 
-    unchecked = cli(signed, "--quiet", "--batch", "32", "--rounds", "1")  # manifest and files agree: only a key can tell
+    unchecked = cli(signed, "--quiet", "--batch", "32", "--rounds", "1")  # manifest and files agree: a key can tell
     assert "signature: signed (not checked: pass --public-key)." in unchecked.stdout
     assert unchecked.exit_code == 0, unchecked.output
 
