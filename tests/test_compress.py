@@ -348,7 +348,7 @@ def write_user_files(tmp_path: Path) -> Path:
         "def load():\n    ds, pre = load_data(), Preprocessing()\n"
         "    return (pre.apply(ds.train.images[:256]), ds.train.labels[:256]), (pre.apply(ds.test.images[:100]), ds.test.labels[:100])\n"
         "def broken():\n    raise RuntimeError('checkpoint not found')\n")
-    (tmp_path / "recipe.toml").write_text('variants = ["structured"]\nsearch_budget_s = 0.001\n'
+    (tmp_path / "recipe.toml").write_text('variants = ["structured"]\nsearch_budget_s = 0.001\nexecutorch = false\n'
                                           '[finetune_structured]\nepochs = 1\n')
     return src
 

@@ -36,7 +36,7 @@ from edgeq.progress import StageLine, progress_bar
 from edgeq.verify import VerifyConfig, verify
 from edgeq.verify.command import verify as verify_command
 
-QUICK = ["--model", "mlp", "--variants", "none", "--epochs", "1", "--quiet"]  # fp32 only: seconds
+QUICK = ["--model", "mlp", "--variants", "none", "--epochs", "1", "--no-executorch", "--quiet"]  # fp32 only: seconds
 FAST_VERIFY = VerifyConfig(batch=32, rounds=2, window_s=0.003, progress=False)
 
 
@@ -79,8 +79,8 @@ def work(monkeypatch) -> list[str]:
 
 
 def quick_export(out: Path, force: bool = False) -> None:
-    mnist.export(out, models=("mlp",), epochs=1, recipe_overrides={"variants": ()}, force=force, progress=False,
-                 log=lambda s: None)
+    mnist.export(out, models=("mlp",), epochs=1, recipe_overrides={"variants": (), "executorch": False}, force=force,
+                 progress=False, log=lambda s: None)
 
 
 def hashes(directory: Path) -> dict[str, str]:
@@ -211,7 +211,7 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
 def _start_export(out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "edgeq", "export", "--out", str(out), "--model", "mlp",
-                             "--variants", "static", "--epochs", "1", "--quiet"],
+                             "--variants", "static", "--epochs", "1", "--no-executorch", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
