@@ -159,5 +159,26 @@ def recommend(candidates: list[dict], margin: float | None = None) -> str:
     return max(tied, key=lambda c: (c["accuracy"], -c["bytes"]))["name"]
 
 
+def in_contention(candidates: list[dict], margin: float | None = None) -> list[str]:
+    """The candidates (as for `recommend`, with `low`: the interval's lower end) that more rounds could still
+    make the pick, the reference aside (it is what the others are timed against). Out is one whose interval
+    rules it out with confidence: its low end is not below 1 - margin (it cannot be faster by more than the
+    margin), or lies more than the margin above the high end of a candidate that is faster with confidence
+    (it cannot tie with the fastest)."""
+    margin = NOISE_MARGIN if margin is None else margin
+    sure = [c["high"] for c in candidates if not c["reference"] and c["high"] < 1 - margin]
+    tie_bound = min(sure, default=math.inf) + margin
+    return [c["name"] for c in candidates if not c["reference"] and c["low"] < 1 - margin and c["low"] <= tie_bound]
+
+
+def recommend_settled(candidates: list[dict], margin: float | None = None) -> bool:
+    """True when more rounds cannot change `recommend`'s pick (with confidence): no candidate is in
+    contention (the reference is the pick), or one is and it is faster than the reference with confidence
+    and by more than the margin (the pick: nothing ties with it)."""
+    margin = NOISE_MARGIN if margin is None else margin
+    left = in_contention(candidates, margin)
+    return not left or (len(left) == 1 and next(c for c in candidates if c["name"] == left[0])["high"] < 1 - margin)
+
+
 def geometric_mean(ratios: list[float]) -> float:
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))

@@ -180,18 +180,15 @@ def _pick(fam: Family, artifacts: list[Artifact]) -> dict:
     # every shipped file a CPU runtime without torch runs, onnxruntime's and ExecuTorch's alike
     eligible = [base] + [a for a in artifacts if a.format in ("onnx", "pte") and a is not base]
     smallest = min(eligible, key=lambda a: (a.bytes, -(a.val_accuracy or 0))).name
+    quality = {a.name: (a.val_accuracy or 0.0, a.bytes) for a in eligible}  # recommend's tie-breaks
     cfg = search_config(fam)
     with threads(cfg.threads):
-        runners = [runtime.load(fam.build.dir / a.file, a.format, threads=cfg.threads,
-                                options=ort_timing_options(cfg.threads) if a.format == "onnx" else None)
-                   for a in eligible]
-        x = timing_inputs(fam)[fam.settings.timing.deployment_batch]
-        rounds = timed_rounds([r.run for r in runners], x, 2 * cfg.rule.block_rounds, cfg.window_s)
-    ratios = {a.name: round_ratios(rounds[i], rounds[0]) for i, a in enumerate(eligible)}
-    stats = {n: (float(np.median(r)), *median_interval(r, cfg.rule.confidence)) for n, r in ratios.items()}
-    fastest = policy.recommend([{"name": a.name, "median": stats[a.name][0], "high": stats[a.name][2],
-                                 "accuracy": a.val_accuracy or 0.0, "bytes": a.bytes, "reference": a is base}
-                                for a in eligible])
+        runners = {a.name: runtime.load(fam.build.dir / a.file, a.format, threads=cfg.threads,
+                                        options=ort_timing_options(cfg.threads) if a.format == "onnx" else None).run
+                   for a in eligible}
+        ratios = _race(runners, timing_inputs(fam)[fam.settings.timing.deployment_batch], cfg, base.name, quality)
+    stats = _stats(ratios, cfg.rule.confidence)
+    fastest = policy.recommend(_candidates(stats, base.name, quality))
     g = policy.NOISE_MARGIN
     return {"fastest": fastest, "smallest": smallest, "relative_to": base.name,
             "deployment": {"batch": fam.settings.timing.deployment_batch, "threads": fam.settings.timing.threads},
@@ -200,6 +197,35 @@ def _pick(fam: Family, artifacts: list[Artifact]) -> dict:
             "evidence": {n: {"median": round(s[0], 3), "interval": [round(s[1], 3), round(s[2], 3)],
                              "rounds": len(ratios[n])} for n, s in stats.items()},
             "rule": (f"fastest: lowest median paired ratio to the fp32 ONNX file among the ONNX and .pte files shipped "
-                     f"(each within "
-                     f"its bars) and faster than it with confidence and by more than {g:.0%}; files whose median is "
-                     f"within {g:.0%} of it are a tie, broken by validation accuracy, then size. smallest: fewest bytes")}
+                     f"(each within its bars) and faster than it with confidence and by more than {g:.0%}; files whose "
+                     f"median is within {g:.0%} of it are a tie, broken by validation accuracy, then size. Timed in "
+                     f"up to two blocks of {cfg.rule.block_rounds} rounds: a file whose interval after the first block "
+                     "rules it out (edgeq.policy.in_contention) is not timed again, and no second block is taken "
+                     "when the first settles the pick. smallest: fewest bytes")}
+
+
+def _stats(ratios: dict[str, list[float]], confidence: float) -> dict[str, tuple[float, float, float]]:
+    """name -> (median, interval low, interval high) of its paired ratios."""
+    return {n: (float(np.median(r)), *median_interval(r, confidence)) for n, r in ratios.items()}
+
+
+def _candidates(stats: dict[str, tuple], base: str, quality: dict[str, tuple]) -> list[dict]:
+    return [{"name": n, "median": s[0], "low": s[1], "high": s[2], "accuracy": quality[n][0], "bytes": quality[n][1],
+             "reference": n == base} for n, s in stats.items()]
+
+
+def _race(runners: dict, x: np.ndarray, cfg: SearchConfig, base: str, quality: dict[str, tuple]) -> dict[str, list]:
+    """Each file's paired ratios to `base` at input `x`, in alternating rounds of all the files still in
+    contention: a first block of every file, then a second of those the first did not rule out, unless it
+    settled the pick (edgeq.policy)."""
+    ratios: dict[str, list[float]] = {n: [] for n in runners}
+    timed = list(runners)  # base first
+    for block in range(2):
+        rounds = timed_rounds([runners[n] for n in timed], x, cfg.rule.block_rounds, cfg.window_s)
+        for i, n in enumerate(timed):
+            ratios[n] += round_ratios(rounds[i], rounds[0])
+        candidates = _candidates(_stats(ratios, cfg.rule.confidence), base, quality)
+        if block or policy.recommend_settled(candidates):
+            break
+        timed = [base, *policy.in_contention(candidates)]
+    return ratios

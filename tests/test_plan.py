@@ -26,6 +26,7 @@ from edgeq.plan import PLAN_NAME, BuildPlan, PlanError, differences, model_sha25
 from edgeq.recipe import Finetune
 from edgeq.train import fit
 from edgeq.data import Arrays
+from edgeq.evidence import RULE
 
 # every timed decision measured (the layer search, the ship rule, the recommendation); the command line of
 # `_export` below builds the same recipe
@@ -94,10 +95,16 @@ def test_the_plan_holds_every_timed_decision_with_its_evidence(timed):
     # the recommendation, recomputed from the recorded ratios with the rule book's own function
     rec, by = fam.recommended, {a.name: a for a in manifest.artifacts}
     assert set(rec["evidence"]) == {a.name for a in manifest.artifacts if a.format in ("onnx", "pte")}
-    candidates = [{"name": n, "median": e["median"], "high": e["interval"][1] if e["interval"][1] is not None
-                   else float("inf"), "accuracy": by[n].val_accuracy or 0.0, "bytes": by[n].bytes,
-                   "reference": n == rec["relative_to"]} for n, e in rec["evidence"].items()]
+    candidates = [{"name": n, "median": e["median"], "low": e["interval"][0], "high": e["interval"][1]
+                   if e["interval"][1] is not None else float("inf"), "accuracy": by[n].val_accuracy or 0.0,
+                   "bytes": by[n].bytes, "reference": n == rec["relative_to"]} for n, e in rec["evidence"].items()]
     assert rec["fastest"] == policy.recommend(candidates)
+    # timed in one block of rounds, or two for the files the first left in contention (the reference in both)
+    rounds = {n: e["rounds"] for n, e in rec["evidence"].items()}
+    assert set(rounds.values()) <= {RULE.block_rounds, 2 * RULE.block_rounds}
+    assert rounds[rec["relative_to"]] == max(rounds.values())
+    if max(rounds.values()) == RULE.block_rounds:  # one block: it settled the pick
+        assert policy.recommend_settled(candidates)
     assert [a.name for a in manifest.artifacts if a.recommended] == [rec["fastest"]]
     assert rec["smallest"] == min((a for a in manifest.artifacts if a.format in ("onnx", "pte")),
                                   key=lambda a: a.bytes).name

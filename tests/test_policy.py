@@ -85,3 +85,26 @@ def test_verify_refuses_a_contract_laxer_than_the_rule_book(mlp_artifacts: Path,
     [row] = [r for r in result.rows if r.name == "mlp-static-onnx" and r.runtime == "onnxruntime-cpu"]
     assert row.status == "FAIL" and any("not the rule book's" in r for r in row.reasons), row.reasons
     assert [r.name for r in result.rows if r.status == "FAIL"] == ["mlp-static-onnx"]
+
+
+def _timed(name: str, low: float, median: float, high: float) -> dict:
+    return {"name": name, "low": low, "median": median, "high": high, "accuracy": 0.9, "bytes": 1, "reference": False}
+
+
+def test_the_recommendation_times_again_only_the_files_that_could_still_be_picked(monkeypatch) -> None:
+    """After the first block of rounds, a file whose interval rules it out is not timed again: one that
+    cannot be faster than the reference by more than the margin, and one that cannot tie with a file that
+    is faster with confidence. The rest, or nothing when the pick is settled, get a second block."""
+    ref = {**_timed("ref", 1.0, 1.0, 1.0), "reference": True}
+    fast = _timed("fast", 0.68, 0.70, 0.72)  # faster with confidence, by more than the margin
+    near = _timed("near", 0.75, 0.78, 0.90)  # could still tie with `fast` (0.75 <= 0.72 + margin)
+    far = _timed("far", 0.80, 0.82, 0.84)  # cannot tie with `fast`: 0.80 > 0.72 + margin
+    flat = _timed("flat", 0.95, 0.99, 1.03)  # cannot be faster by more than the margin
+    assert policy.in_contention([ref, fast, near, far, flat]) == ["fast", "near"]
+    assert not policy.recommend_settled([ref, fast, near, far, flat])
+    assert policy.recommend_settled([ref, fast, far, flat])  # `fast` alone: it is the pick
+    assert policy.recommend([ref, fast, far, flat]) == "fast"
+    assert policy.recommend_settled([ref, flat])  # nothing beats the reference: it is the pick
+    assert not policy.recommend_settled([ref, _timed("unsure", 0.80, 0.90, 0.97)])  # faster, not surely by 5 %
+    monkeypatch.setattr(policy, "NOISE_MARGIN", 0.25)  # the rule book's margin, read at each call
+    assert policy.in_contention([ref, fast, near, far, flat]) == ["fast"]
