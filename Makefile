@@ -31,11 +31,11 @@ arm64: $(STAMP)
 
 # the whole suite on every core (pytest-xdist: each test file runs whole on one worker); DEVELOPMENT.md
 test: $(STAMP) arm64
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # the inner loop: everything but the end-to-end MNIST export, emulated ARM and Ray clusters
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --json reports/bench.json
