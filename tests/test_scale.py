@@ -86,6 +86,22 @@ def test_an_export_on_a_ray_cluster_runs_on_both_nodes_with_the_local_files(
                                                   "ray_address": ray_cluster.address}
 
 
+def test_ship_decisions_are_timed_on_the_node_labelled_with_the_target(ray_cluster, outlier_gate, digits,  # noqa: F811
+                                                                      tmp_path) -> None:
+    """A cluster with a node labelled `target:<the build's target>` times the ship decisions there, and the
+    plan names the node. Which way each decision went is this machine's timing: not asserted."""
+    from edgeq.target import here
+
+    out = _export(outlier_gate, digits, tmp_path / "art", ray_address=ray_cluster.address, ship_rule="timed")
+    ships = json.loads((out / "plan.json").read_text())["models"]["se"]["ships"]
+    assert "se-static-onnx" in ships  # the int8 TorchScript file may miss its bar before any timing
+    for rec in ships.values():
+        assert rec["timed_on"]["node"] == ray_cluster.worker_node, rec  # the labelled node, not the head
+        assert rec["timed_on"]["resource"] == f"target:{here().name}"
+        assert rec["evidence"]["blocks"] >= 1 and set(rec["latency_vs_parent"]) == {"1", "8"}
+
+
+# Last: it ends the worker node, which the test after it would have to start again (4 s).
 def test_a_worker_node_killed_mid_export_changes_no_file(ray_cluster, local, outlier_gate, digits,  # noqa: F811
                                                          tmp_path) -> None:
     """The worker node is killed while it runs one of the export's trials: the trial runs again on the
@@ -112,18 +128,3 @@ def test_a_worker_node_killed_mid_export_changes_no_file(ray_cluster, local, out
     assert killed, "the worker node never ran a trial"
     assert not ray_cluster.worker_alive()
     assert _files(out) == _files(local) and _decisions(out) == _decisions(local)
-
-
-def test_ship_decisions_are_timed_on_the_node_labelled_with_the_target(ray_cluster, outlier_gate, digits,  # noqa: F811
-                                                                      tmp_path) -> None:
-    """A cluster with a node labelled `target:<the build's target>` times the ship decisions there, and the
-    plan names the node. Which way each decision went is this machine's timing: not asserted."""
-    from edgeq.target import here
-
-    out = _export(outlier_gate, digits, tmp_path / "art", ray_address=ray_cluster.address, ship_rule="timed")
-    ships = json.loads((out / "plan.json").read_text())["models"]["se"]["ships"]
-    assert "se-static-onnx" in ships  # the int8 TorchScript file may miss its bar before any timing
-    for rec in ships.values():
-        assert rec["timed_on"]["node"] == ray_cluster.worker_node, rec  # the labelled node, not the head
-        assert rec["timed_on"]["resource"] == f"target:{here().name}"
-        assert rec["evidence"]["blocks"] >= 1 and set(rec["latency_vs_parent"]) == {"1", "8"}
