@@ -27,8 +27,7 @@ def measure(s: Subject, x: np.ndarray, labels: np.ndarray, worker: Worker, time_
     try:
         s.val_logits = np.asarray(worker.predict(s.runner, Budget(time_limit_s), on="val"))
     except Failed as exc:
-        s.row.fail(exc.reason(s.art.file, f"accuracy on the {len(x)} validation samples"))
-        s.stopped = True
+        s.stop(exc.reason(s.art.file, f"accuracy on the {len(x)} validation samples"))
         return
     if s.val_logits.shape != (len(x), s.logits.shape[1]):
         s.row.fail(f"{s.art.file}: output shape {list(s.val_logits.shape)} on the validation split, expected "
@@ -150,8 +149,7 @@ def check_golden(s: Subject, directory, golden_entry: dict, n: int, worker: Work
         out = np.asarray(worker.predict(s.runner, Budget(time_limit_s), on="golden"))
         one = np.asarray(worker.predict(s.runner, Budget(time_limit_s), 1, on="golden")) if dense_fp32 else None
     except Failed as exc:
-        s.row.fail(exc.reason(s.art.file, f"the {n} golden inputs"))
-        s.stopped = True
+        s.stop(exc.reason(s.art.file, f"the {n} golden inputs"))
         return
     read = lambda item, what: worker.tensor(directory, item, what, max_bytes, Budget(time_limit_s))
     _against(s, read, out, golden_entry["outputs"].get(s.art.name), golden.tolerance(golden_entry, s.art.precision))

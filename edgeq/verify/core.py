@@ -218,8 +218,7 @@ def _accuracy(directory: Path, manifest: Manifest, s: Subject, problems: list[st
     try:
         logits = np.asarray(worker.predict(s.runner, Budget(cfg.time_limit_s)))  # the exporter's batch: bit for bit
     except Failed as exc:
-        row.fail(exc.reason(s.art.file, f"load and accuracy on {len(x)} samples"))
-        s.stopped = True
+        s.stop(exc.reason(s.art.file, f"load and accuracy on {len(x)} samples"))
         return
     classes = len(manifest.models.get(s.art.model, {}).get("classes", [])) or logits.shape[-1]
     if logits.shape != (len(x), classes):

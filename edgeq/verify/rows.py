@@ -210,3 +210,8 @@ class Subject:
     # nothing runs it again (each later step would spend another time limit and restart the worker)
     stopped: bool = False
     val_logits: np.ndarray | None = None  # the same on the validation split
+
+    def stop(self, reason: str) -> None:
+        """Fail the row with `reason` (a step the worker had to stop) and run the file no more."""
+        self.row.fail(reason)
+        self.stopped = True
