@@ -108,3 +108,15 @@ def test_the_recommendation_times_again_only_the_files_that_could_still_be_picke
     assert not policy.recommend_settled([ref, _timed("unsure", 0.80, 0.90, 0.97)])  # faster, not surely by 5 %
     monkeypatch.setattr(policy, "NOISE_MARGIN", 0.25)  # the rule book's margin, read at each call
     assert policy.in_contention([ref, fast, near, far, flat]) == ["fast"]
+
+
+def test_the_fewest_rounds_are_the_first_whose_median_interval_is_bounded() -> None:
+    """At confidence c the interval [min, max] of n rounds covers the median with 1 - 2 / 2**n: 8 rounds at
+    99 % (1 - 2/256 = 0.992), 6 at 95 % (0.969); one round fewer leaves it unbounded."""
+    from edgeq.evidence import fewest_rounds, median_interval
+
+    assert fewest_rounds(0.99) == 8 and fewest_rounds(0.95) == 6
+    for confidence in (0.99, 0.95):
+        n = fewest_rounds(confidence)
+        assert median_interval([1.0] * (n - 1), confidence) == (float("-inf"), float("inf"))
+        assert median_interval([0.9] + [1.0] * (n - 2) + [1.1], confidence) == (0.9, 1.1)
