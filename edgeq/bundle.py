@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -300,22 +301,61 @@ def private_dir(kind: str) -> Iterator[Path]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+_SIGNALS: list[int] = []  # every SIGTERM / SIGINT a terminate_as_interrupt block received, in order
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (what `timeout`, CI and `docker stop` send) raises KeyboardInterrupt in the block, as SIGINT
-    does, so that the same clean-up runs; the previous handler is restored after. Main thread only."""
+    does, so that the same clean-up runs; the previous handlers are restored after. Main thread only.
+
+    The exception lands wherever the process is, and some libraries swallow it there (an import that
+    fails halfway and is caught as an ImportError, a callback whose errors are logged): every signal is
+    also recorded, and a block that received one ends in KeyboardInterrupt however it ended, so a
+    swallowed interrupt never lets the work it stopped count as finished (`raise_if_interrupted` checks
+    it mid-block, before a publish). SIGINT keeps being ignored where this process started with it
+    ignored (a shell's background job)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum, frame):
+        _SIGNALS.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    seen = len(_SIGNALS)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig, handler in previous.items():
+        if sig == signal.SIGTERM or handler is signal.default_int_handler:
+            signal.signal(sig, interrupt)
     try:
         yield
+        raise_if_interrupted(seen)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def raise_if_interrupted(seen: int = 0) -> None:
+    """KeyboardInterrupt when a signal was recorded after the first `seen`: a swallowed interrupt still stops."""
+    if len(_SIGNALS) > seen:
+        raise KeyboardInterrupt(f"signal {_SIGNALS[-1]}")
+
+
+def signals_received() -> int:
+    """How many signals the terminate_as_interrupt blocks have recorded so far (a mark for raise_if_interrupted)."""
+    return len(_SIGNALS)
+
+
+def end_interrupted(message: str) -> int:
+    """Print the one line an interrupted command ends with; returns its exit code, 130. A signal that
+    arrives from here on is ignored: a second Ctrl-C or SIGTERM during the interpreter's shutdown would
+    otherwise turn the exit into a death by signal, halfway through the clean-up."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    print(message, file=sys.stderr, flush=True)
+    return 130
 
 
 def snapshot(directory: Path, root: Path, full: Callable[[str], bool], only: Iterable[str] | None = None,

@@ -165,8 +165,9 @@ def export(out, force, models, data_spec, recipe_file, variants, prune_amount, p
     except EdgeqError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        click.echo(f"edgeq: interrupted; {out} is unchanged", err=True)
-        sys.exit(130)
+        from edgeq.bundle import end_interrupted
+
+        sys.exit(end_interrupted(f"edgeq: interrupted; {out} is unchanged"))
     click.echo(summary(manifest))
     click.echo(stage_profile(manifest))
     click.echo(f"wrote {len(manifest.artifacts)} artifacts and manifest.json to {out} "

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgeq.bundle import pid_alive, terminate_as_interrupt
+from edgeq.bundle import pid_alive, raise_if_interrupted, signals_received, terminate_as_interrupt
 from edgeq.errors import ExportError
 from edgeq.manifest import MANIFEST_NAME
 from edgeq.signing import GITKEEP, SIGNATURE_NAME
@@ -316,6 +316,7 @@ def staging(out: Path, *, force: bool = False, expected_bytes: int = 0) -> Itera
     check_out(out, force)
     check_free_space(out, expected_bytes)  # before the lock file is even created
     with terminate_as_interrupt():
+        seen = signals_received()
         lock = _lock(out)
         try:
             clean_stale(out)  # first: a previous export a killed run left aside goes back to `out`
@@ -328,6 +329,7 @@ def staging(out: Path, *, force: bool = False, expected_bytes: int = 0) -> Itera
                     f"--out {out}: cannot write in {out.parent} ({exc.strerror}); choose a writable --out") from None
             try:
                 yield tmp
+                raise_if_interrupted(seen)  # a signal some library swallowed mid-build: nothing is published
                 _publish(tmp, out)
             except Exception as exc:
                 error = _disk_error(out, exc)

@@ -202,6 +202,46 @@ def test_a_kill_between_the_renames_then_mkdir_then_sigterm_keeps_the_previous_e
     assert leftovers(tmp_path, "art") == []
 
 
+SWALLOWS = """
+import os, signal, sys, time
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import edgeq
+from user import build, load
+
+
+def finetune(model, data, epochs):  # a caller's code that catches everything, a KeyboardInterrupt too
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler's KeyboardInterrupt lands here
+    except BaseException:
+        print("swallowed", file=sys.stderr)
+    return model
+
+
+train, test = load()
+try:
+    edgeq.compress(build(), train, test, sys.argv[2], recipe=edgeq.Recipe(variants=("unstructured",), executorch=False),
+                   finetune=finetune, log=lambda _: None)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_sigterm_whose_interrupt_is_swallowed_still_stops_the_export(user: Path, tiny: Path, tmp_path: Path) -> None:
+    """The SIGTERM's KeyboardInterrupt lands in code that swallows it (here the caller's finetune; in the
+    wild an import that fails halfway and is caught as an ImportError): the export goes on, but
+    publishes nothing and ends interrupted."""
+    out = copy(tiny, tmp_path / "art")
+    before = {p.relative_to(out).as_posix(): sha256_file(p) for p in out.rglob("*") if p.is_file()}
+    script = tmp_path / "swallows.py"
+    script.write_text(SWALLOWS)
+    proc = subprocess.run([sys.executable, str(script), str(user), str(out)], env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert "swallowed" in proc.stderr and proc.returncode == 130, proc.stderr
+    assert {p.relative_to(out).as_posix(): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
+    assert leftovers(tmp_path, "art") == []
+
+
 def test_a_sigterm_between_the_renames_puts_the_previous_export_back(user: Path, tiny: Path, tmp_path: Path) -> None:
     out = copy(tiny, tmp_path / "art")
     before = (out / "manifest.json").read_bytes()

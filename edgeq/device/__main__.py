@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgeq: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("edgeq: interrupted", file=sys.stderr)
-        return 130
+        from edgeq.bundle import end_interrupted
+
+        return end_interrupted("edgeq: interrupted")
 
 
 if __name__ == "__main__":

@@ -103,8 +103,9 @@ def verify(directory: Path, threads: int, batch: int, max_accuracy_drop: float |
     except EdgeqError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        click.echo("edgeq: interrupted", err=True)
-        sys.exit(130)
+        from edgeq.bundle import end_interrupted
+
+        sys.exit(end_interrupted("edgeq: interrupted"))
     click.echo(report.table(result))
     for warning in result.directory_warnings:
         click.echo(f"warning: {warning}", err=True)
