@@ -6,7 +6,12 @@ they trace with `torch.export` on every call: about 1.7 s of a 2 s `prepare_pt2e
 fixed cost that does not depend on the model. A pattern's graph depends only on its code, the values
 it closes over and its example inputs' shapes, so `traced_once()` keeps each graph the first time it
 is traced and hands out a copy afterwards. The programs are byte-identical with and without it
-(tests/test_pte.py checks it)."""
+(tests/test_pte.py checks it).
+
+QAT's `convert_pt2e` folds batch norm into the convolutions of four kinds (conv1d, conv2d and their
+transposes), each against 12 pattern pairs it traces: 48 traces, about 17 s, the first time in a process.
+Within the block a kind the graph has no call of is not traced: its patterns could not match, and the
+fold does to the graph what it does when none matches (`_fold_without_patterns`)."""
 
 from __future__ import annotations
 
@@ -20,6 +25,11 @@ from typing import Any
 _USERS = ("torchao.quantization.pt2e.utils", "torchao.quantization.pt2e.qat_utils",
           "executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils")
 _NAME = "_get_aten_graph_module_for_pattern"
+_QAT_UTILS, _FOLD = "torchao.quantization.pt2e.qat_utils", "_fold_conv_bn_qat_helper"
+# the convolutions the fold has patterns for, by the name of the aten op their pattern traces to; a graph
+# with a generic aten.convolution could match any of them, so it is never shortcut
+_CONVS = {"conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"}
+_GENERIC = {"convolution", "_convolution"}
 _graphs: dict[tuple, Any] = {}
 
 
@@ -68,11 +78,56 @@ def traced_once() -> Iterator[None]:
             _graphs[key] = original(pattern, example_inputs, is_cuda, **kwargs)
         return copy.deepcopy(_graphs[key])  # callers edit the graph they get (dead code, recompile)
 
-    saved = [(m, getattr(m, _NAME)) for m in modules]
-    for m, _ in saved:
-        setattr(m, _NAME, cached)
+    saved = [(m, _NAME, getattr(m, _NAME)) for m in modules]
+    qat_utils = next((m for m in modules if m.__name__ == _QAT_UTILS), None)
+    if qat_utils is not None and callable(getattr(qat_utils, _FOLD, None)):
+        saved.append((qat_utils, _FOLD, getattr(qat_utils, _FOLD)))
+    patched = {_NAME: cached, _FOLD: _fold_present_only(qat_utils) if qat_utils is not None else None}
+    for m, name, _ in saved:
+        setattr(m, name, patched[name])
     try:
         yield
     finally:
-        for m, fn in saved:
-            setattr(m, _NAME, fn)
+        for m, name, fn in saved:
+            setattr(m, name, fn)
+
+
+def _ops_called(graph) -> set[str]:
+    """The names of the aten ops a graph calls (aten.conv2d.default -> "conv2d")."""
+    names = set()
+    for node in graph.nodes:
+        packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+        if packet is not None:
+            names.add(getattr(packet, "__name__", "").rpartition(".")[2])
+    return names
+
+
+def _fold_present_only(qat_utils):
+    """torchao's `_fold_conv_bn_qat_helper(m, conv_fn, example_inputs, is_cuda)`, which traces its patterns
+    only for a kind of convolution the graph calls."""
+    original = getattr(qat_utils, _FOLD)
+
+    def fold(m, conv_fn, example_inputs, is_cuda):
+        kind = getattr(conv_fn, "__name__", None)
+        called = _ops_called(m.graph)
+        if kind in _CONVS and kind not in called and not called & _GENERIC:
+            return _fold_without_patterns(qat_utils, m)
+        return original(m, conv_fn, example_inputs, is_cuda)
+
+    return fold
+
+
+def _fold_without_patterns(qat_utils, m):
+    """What `_fold_conv_bn_qat_helper` does to `m` when none of its patterns matches, step for step: dead code
+    out, dequantize nodes duplicated, then each `replace_pattern_with_filters` that finds nothing recompiles
+    and drops unused submodules, the duplicates are merged back, dead code out."""
+    m.graph.eliminate_dead_code()
+    m.recompile()
+    qat_utils._duplicate_dequantize_node(m)
+    m.recompile()
+    m.delete_all_unused_submodules()
+    m.recompile()
+    qat_utils._remove_extra_dequantize(m)
+    m.graph.eliminate_dead_code()
+    m.recompile()
+    return m

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -327,6 +328,39 @@ def test_pattern_graphs_traced_once_change_nothing(built, digits, monkeypatch):
         assert code == code2 and state.keys() == state2.keys()
         assert all(torch.equal(state[k], state2[k]) for k in state)
         np.testing.assert_array_equal(out, out2)
+
+
+def test_qat_folds_batch_norm_tracing_only_the_convolutions_the_model_has(built, digits, monkeypatch):
+    """edgeq.pt2e_cache: QAT's batch-norm fold traces its 12 pattern pairs per kind of convolution only for
+    the kinds the graph calls (here conv2d); for another kind (conv1d) it does to the graph exactly what
+    torchao's fold does when none of that kind's patterns matches: same code, weights, modules, outputs."""
+    import torch.nn.functional as F
+
+    from edgeq import pt2e_cache
+    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e import quantize_pt2e as qp
+
+    b, folded = built["cnn"], []
+    fold = qp._fold_conv_bn_qat
+    monkeypatch.setattr(qp, "_fold_conv_bn_qat", lambda m: folded.append(copy.deepcopy(m)) or fold(m))
+    helper, traced_kinds = qat_utils._fold_conv_bn_qat_helper, []
+
+    def spy(m, conv_fn, example_inputs, is_cuda):  # torchao's fold of one kind, patterns traced
+        traced_kinds.append(conv_fn.__name__)
+        return helper(m, conv_fn, example_inputs, is_cuda)
+
+    monkeypatch.setattr(qat_utils, "_fold_conv_bn_qat_helper", spy)
+    pte.quantize(b["model"], b["example"], b["calibration"], "qat")
+    assert set(traced_kinds) == {"conv2d"} and len(folded) == 1  # (twice on a machine with CUDA)
+    ours = pt2e_cache._fold_without_patterns(qat_utils, copy.deepcopy(folded[0]))
+    inputs = (torch.randn(1, 1, 3), torch.randn(1, 1, 1), *(torch.randn(1) for _ in range(4)))
+    theirs = helper(copy.deepcopy(folded[0]), F.conv1d, inputs, is_cuda=False)
+    assert ours.code == theirs.code
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    state, state2 = ours.state_dict(), theirs.state_dict()
+    assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
+    x = torch.from_numpy(digits["x"][:32])
+    assert torch.equal(ours(x), theirs(x))
 
 
 def test_qat_of_a_model_with_stochastic_depth_and_dropout_lowers(digits, tmp_path):
