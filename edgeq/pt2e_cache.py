@@ -78,13 +78,13 @@ def traced_once() -> Iterator[None]:
             _graphs[key] = original(pattern, example_inputs, is_cuda, **kwargs)
         return copy.deepcopy(_graphs[key])  # callers edit the graph they get (dead code, recompile)
 
-    saved = [(m, _NAME, getattr(m, _NAME)) for m in modules]
+    patches = [(m, _NAME, cached) for m in modules]
     qat_utils = next((m for m in modules if m.__name__ == _QAT_UTILS), None)
     if qat_utils is not None and callable(getattr(qat_utils, _FOLD, None)):
-        saved.append((qat_utils, _FOLD, getattr(qat_utils, _FOLD)))
-    patched = {_NAME: cached, _FOLD: _fold_present_only(qat_utils) if qat_utils is not None else None}
-    for m, name, _ in saved:
-        setattr(m, name, patched[name])
+        patches.append((qat_utils, _FOLD, _fold_present_only(qat_utils)))
+    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
+    for m, name, fn in patches:
+        setattr(m, name, fn)
     try:
         yield
     finally:
@@ -118,9 +118,10 @@ def _fold_present_only(qat_utils):
 
 
 def _fold_without_patterns(qat_utils, m):
-    """What `_fold_conv_bn_qat_helper` does to `m` when none of its patterns matches, step for step: dead code
-    out, dequantize nodes duplicated, then each `replace_pattern_with_filters` that finds nothing recompiles
-    and drops unused submodules, the duplicates are merged back, dead code out."""
+    """What torchao's `_fold_conv_bn_qat_helper` does to `m` when none of its patterns matches, step for step:
+    dead code out, dequantize nodes duplicated, then each `replace_pattern_with_filters` that finds nothing
+    recompiles and drops unused submodules, the duplicates are merged back, dead code out. tests/test_pte.py
+    compares it with the installed torchao's own helper on a graph where nothing matches."""
     m.graph.eliminate_dead_code()
     m.recompile()
     qat_utils._duplicate_dequantize_node(m)
