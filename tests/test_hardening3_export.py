@@ -211,7 +211,7 @@ from user import build, load
 
 def finetune(model, data, epochs):  # a caller's code that catches everything, a KeyboardInterrupt too
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), int(sys.argv[3]))
         time.sleep(30)  # the handler's KeyboardInterrupt lands here
     except BaseException:
         print("swallowed", file=sys.stderr)
@@ -227,19 +227,36 @@ except KeyboardInterrupt:
 """
 
 
-def test_a_sigterm_whose_interrupt_is_swallowed_still_stops_the_export(user: Path, tiny: Path, tmp_path: Path) -> None:
-    """The SIGTERM's KeyboardInterrupt lands in code that swallows it (here the caller's finetune; in the
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_whose_interrupt_is_swallowed_still_stops_the_export(user: Path, tiny: Path, tmp_path: Path,
+                                                                      sig) -> None:
+    """The signal's KeyboardInterrupt lands in code that swallows it (here the caller's finetune; in the
     wild an import that fails halfway and is caught as an ImportError): the export goes on, but
     publishes nothing and ends interrupted."""
     out = copy(tiny, tmp_path / "art")
     before = {p.relative_to(out).as_posix(): sha256_file(p) for p in out.rglob("*") if p.is_file()}
     script = tmp_path / "swallows.py"
     script.write_text(SWALLOWS)
-    proc = subprocess.run([sys.executable, str(script), str(user), str(out)], env=env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(user), str(out), str(int(sig))], env=env(),
+                          capture_output=True, text=True, timeout=300,  # SIGINT as a terminal delivers it
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "swallowed" in proc.stderr and proc.returncode == 130, proc.stderr
     assert {p.relative_to(out).as_posix(): sha256_file(p) for p in out.rglob("*") if p.is_file()} == before
     assert leftovers(tmp_path, "art") == []
+
+
+def test_after_the_interrupted_line_further_signals_do_not_change_the_exit_code(tmp_path: Path) -> None:
+    """A second Ctrl-C or SIGTERM while an interrupted command shuts down leaves its exit code at 130."""
+    script = ("import os, signal, sys, time\n"
+              "from edgeq.bundle import end_interrupted\n"
+              "code = end_interrupted('edgeq: interrupted')\n"
+              "for sig in (signal.SIGINT, signal.SIGTERM):\n"
+              "    os.kill(os.getpid(), sig)\n"
+              "time.sleep(0.2)\n"
+              "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 130 and proc.stderr == "edgeq: interrupted\n", proc.stderr
 
 
 def test_a_sigterm_between_the_renames_puts_the_previous_export_back(user: Path, tiny: Path, tmp_path: Path) -> None:
