@@ -207,17 +207,16 @@ class ProgramTrials:
                 "padding_crop": self.cut}
 
     def faster(self, found: dict, cal: dict, layers: list[str]) -> dict:
-        """The speed step: the squeeze-excitation gates, then the stem, each left out of int8 where the program
-        is measured faster so (the ONNX search's rule: edgeq.precision.layer_verdict, paired rounds against
-        the current program and the fp32 program) and still meets the contract. int8 activations between
-        small layers cost more in conversions than they save; which way it goes is measured, on this CPU
-        only when it is the target's, within the model's search budget."""
+        """The speed step: the squeeze-excitation gates, then the depthwise convolutions, then the stem, each
+        left out of int8 where the program is measured faster so (the ONNX search's rule:
+        edgeq.precision.layer_verdict, paired rounds against the current program and the fp32 program) and
+        still meets the contract. int8 activations between small layers cost more in conversions than they
+        save; which way it goes is measured, on this CPU only when it is the target's, within the model's
+        search budget."""
         from edgeq.speed import cross_target
 
         fam, budget = self.fam, self.fam.budgets["search"]
-        gates = pte.gate_modules(self.model, fam.example)
-        units = [(u, names) for u, names in (("gates", gates), ("stem", layers[:1]))
-                 if names and not set(names) <= set(found["fp32_nodes_added"])]
+        units = speed_units(self.model, fam.example, layers, found["fp32_nodes_added"])
         if not units or cross_target(fam) or budget.share() < 1.0:
             return {**found, "speed": {"units": [], "reason": "not timed: another target's CPU, or no search budget"
                                        if units else "nothing to leave out of int8"}}
@@ -232,6 +231,15 @@ class ProgramTrials:
             return rec
         met, drop = self.accept(self.build(tuple(rec["fp32_nodes_added"]), rec.get("calibration")))
         return {**rec, "met": met, "drop_points": drop}
+
+
+def speed_units(model: nn.Module, example, layers: list[str], fp32: list[str]) -> list[tuple[str, list[str]]]:
+    """What the speed step tries to leave out of int8, in order, each unit as a whole: every squeeze-excitation
+    gate, every depthwise convolution, the stem; a unit already wholly in fp32 (the accuracy bar's) is not
+    tried again."""
+    units = (("gates", pte.gate_modules(model, example)), ("depthwise", pte.depthwise_modules(model)),
+             ("stem", layers[:1]))
+    return [(u, names) for u, names in units if names and not set(names) <= set(fp32)]
 
 
 def _faster(t: ProgramTrials, found: dict, cal: dict, units: list[tuple[str, list[str]]], layers: list[str]) -> dict:

@@ -402,6 +402,43 @@ def test_the_calibration_kept_is_lowered_as_screened_not_quantized_again(digits,
     assert sorted(calls) == ["histogram", "histogram", "minmax", "minmax"]  # four screens, no fifth to lower
 
 
+def test_the_speed_step_tries_gates_then_depthwise_convolutions_then_the_stem():
+    """The `.pte` speed step's units on an MBConv-like model: its squeeze-excitation gate, its depthwise
+    convolutions (groups == in_channels; not the grouped one), its stem, in that order; a unit the accuracy
+    bar already left in fp32 is not tried again. The MNIST CNN has no depthwise convolution: its units, and so
+    its plans, are what they were."""
+    from edgeq.programs import _layers, speed_units
+
+    class Gate(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+    class MBConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 16, 3, padding=1)
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+            self.dw1d = nn.Conv1d(16, 16, 3, padding=1, groups=16)
+            self.se = Gate(16)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.se(self.grouped(torch.relu(self.dw(torch.relu(self.stem(x))))))
+            return self.head(self.dw1d(x.mean(3)).mean(2))
+
+    model, example = MBConv().eval(), torch.zeros(1, 1, 8, 8)
+    layers = _layers(model)
+    assert speed_units(model, example, layers, []) == [("gates", ["se"]), ("depthwise", ["dw", "dw1d"]),
+                                                       ("stem", ["stem"])]
+    assert [u for u, _ in speed_units(model, example, layers, ["dw", "dw1d", "stem"])] == ["gates"]
+    assert [u for u, _ in speed_units(CNN().eval(), example, _layers(CNN()), [])] == ["stem"]
+
+
 def test_the_speed_step_lowers_each_candidate_once_and_ships_the_one_it_keeps(digits, built, tmp_path, monkeypatch):
     """The speed step lowers the program with each unit in fp32 once; the program it keeps is put back from
     its own file, not lowered again. What it keeps is timed here and not asserted: only that the shipped file
