@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(manifest))
         print(stage_profile(manifest))
         groups = fp32_groups(manifest)
+        kept = "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in groups.items()) or "no int8 file shipped"
         print(f"{name}: accuracy stage {manifest.timings.get(f'{name}.accuracy_s', 0):.0f} s; quantizer groups kept "
-              "fp32 for the contract: " + ("; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in groups.items())
-                                           or "no int8 file shipped"))
+              f"fp32 (for the contract, or by the .pte speed step): {kept}")
         for s in manifest.skipped:
             if s["name"].startswith(f"{name}-") and s["kind"] != "not_built":
                 print(f"  skipped {s['name']}: {s['reason'][:300]}")
