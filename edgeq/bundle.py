@@ -348,12 +348,19 @@ def signals_received() -> int:
 
 
 def end_interrupted(message: str) -> int:
-    """Print the one line an interrupted command ends with; returns its exit code, 130. A signal that
-    arrives from here on is ignored: a second Ctrl-C or SIGTERM during the interpreter's shutdown would
-    otherwise turn the exit into a death by signal, halfway through the clean-up."""
+    """Print the one line an interrupted command ends with; returns its exit code, 130, which the process
+    then exits with:
+    - A signal that arrives from here on is ignored: a second Ctrl-C or SIGTERM during the interpreter's
+      shutdown would otherwise turn the exit into a death by signal, halfway through the clean-up.
+    - CPython marks the interrupt unhandled when its KeyboardInterrupt left an `exec` or `eval` of a string
+      on the way out (libraries run such strings to define dataclasses and named tuples, so an interrupt
+      that lands during an import can), even though it was handled here; under `python -m edgeq` it then
+      ends the process by SIGINT instead of exiting 130. A string exec that completes clears the mark
+      (CPython 3.10-3.13 reset it at the start of every such exec)."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+    exec("")  # noqa: S102  (clears CPython's "unhandled KeyboardInterrupt" mark; see above)
     print(message, file=sys.stderr, flush=True)
     return 130
 

@@ -259,6 +259,23 @@ def test_after_the_interrupted_line_further_signals_do_not_change_the_exit_code(
     assert proc.returncode == 130 and proc.stderr == "edgeq: interrupted\n", proc.stderr
 
 
+def test_an_interrupt_that_left_a_string_exec_still_exits_130_under_python_m(tmp_path: Path) -> None:
+    """The SIGTERM's KeyboardInterrupt leaves an exec of a string (as it does when it lands while a library
+    defines a dataclass during an import); CPython then marks it unhandled although it is handled, and a
+    `python -m` process would end by SIGINT (-2) instead of exiting 130."""
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import sys\n"
+        "from edgeq.bundle import end_interrupted, terminate_as_interrupt\n"
+        "try:\n"
+        "    with terminate_as_interrupt():\n"
+        "        exec('import os, signal, time\\nos.kill(os.getpid(), signal.SIGTERM)\\ntime.sleep(30)')\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(end_interrupted('edgeq: interrupted'))\n")
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr == "edgeq: interrupted\n", (proc.returncode, proc.stderr)
+
+
 def test_a_sigterm_between_the_renames_puts_the_previous_export_back(user: Path, tiny: Path, tmp_path: Path) -> None:
     out = copy(tiny, tmp_path / "art")
     before = (out / "manifest.json").read_bytes()
