@@ -356,7 +356,7 @@ def end_interrupted(message: str) -> int:
       on the way out (libraries run such strings to define dataclasses and named tuples, so an interrupt
       that lands during an import can), even though it was handled here; under `python -m edgeq` it then
       ends the process by SIGINT instead of exiting 130. A string exec that completes clears the mark
-      (CPython 3.10-3.13 reset it at the start of every such exec)."""
+      (CPython 3.10-3.13 reset it at the start of every such exec; 3.14 does not, gh-128130)."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
