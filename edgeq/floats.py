@@ -195,7 +195,7 @@ def pruning_sensitivity(fam: Family, model: nn.Module, pc: PruneConfig) -> None:
     x, y = np.array(fam.val.x), np.asarray(fam.val.y)
     ref = predict_logits(model, x)
     base = score(ref, y, ref)
-    with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
+    with timed(fam.build.timings, f"{fam.name}.sensitivity_s"):
         try:
             rows = group_sensitivity(model, fam.example, pc, lambda m: score(predict_logits(m, x), y, ref))
         except EdgeqError as exc:

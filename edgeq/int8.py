@@ -169,8 +169,9 @@ def tuning(fam: Family, parent: Parent) -> dict:
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
         d.decide(rec, "calibration", f"calibration decision for {fam.name}'s {parent.v.key} parent",
                  lambda: _calibration(fam, parent))
-        d.decide(rec, "sensitivity", f"sensitivity of {fam.name}'s {parent.v.key} parent",
-                 lambda: _sensitivity(fam, parent, rec["calibration"]))
+        with timed(fam.build.timings, f"{fam.name}.sensitivity_s"):  # a table for the reader, with its own budget
+            d.decide(rec, "sensitivity", f"sensitivity of {fam.name}'s {parent.v.key} parent",
+                     lambda: _sensitivity(fam, parent, rec["calibration"]))
     parent.tuned = rec
     return rec
 

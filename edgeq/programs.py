@@ -11,6 +11,7 @@ Without ExecuTorch installed every `.pte` variant is listed under `skipped` with
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -109,10 +110,14 @@ def _fallback_units(fam: Family, v: FloatVariant, model: nn.Module) -> list[tupl
     return ([("gates", gates)] if gates else []) + [(n, [n]) for n in _layers(model)[:MAX_FALLBACK_TRIALS]]
 
 
-def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: float, layers: list[str]) -> dict:
+def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: float, layers: list[str],
+              budget_s: float = math.inf) -> dict:
     """The program with every layer int8, then units left in fp32 one after the other until it meets the
-    contract; the gates unit is kept only where it helps. At least one Conv/Linear layer stays int8."""
+    contract; the gates unit is kept only where it helps. At least one Conv/Linear layer stays int8. A step
+    that would end past `budget_s` (at the mean cost of the steps so far) is not taken: the units left are
+    recorded as not tried."""
     steps: list[dict] = []
+    t0 = time.perf_counter()
 
     def step(names: list[str]) -> tuple[bool, float, dict]:
         s = build(tuple(names))
@@ -124,8 +129,13 @@ def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: flo
     fp32: list[str] = []
     met, drop, best = step(fp32)
     groups: list[str] = []
-    for unit, names in units:
+    not_tried: list[str] = []
+    for i, (unit, names) in enumerate(units):
         if met:
+            break
+        spent = time.perf_counter() - t0
+        if spent + spent / len(steps) > budget_s:
+            not_tried = [u for u, _ in units[i:]]
             break
         trial = fp32 + [n for n in names if n not in fp32]
         if not [layer for layer in layers if layer not in trial]:
@@ -135,7 +145,7 @@ def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: flo
             fp32, best, groups = trial, s, groups + [unit]
     return {"met": met, "bar_points": bar_points, "drop_points": drop, "fp32_nodes_added": fp32 if met else [],
             "fp32_groups": groups if met else [], "best_drop_points": min(st["drop_points"] for st in steps),
-            "steps": steps}
+            "steps": steps, **({"not_tried": not_tried, "budget_s": round(budget_s, 2)} if not_tried else {})}
 
 
 class ProgramTrials:
@@ -152,6 +162,7 @@ class ProgramTrials:
         self.rules = fam.contract_of("int8", v.pruning is not None, mode)
         self.info: dict = {}
         self._held: dict = {}  # the last quantized models: a screened candidate that passes is lowered, not redone
+        self._graph = None  # the model's captured graph: every candidate of a static program is prepared from a copy
 
     def quantized(self, nodes: tuple[str, ...], cal: dict):
         key = (tuple(nodes), cal["observer"], cal["samples"])
@@ -159,9 +170,11 @@ class ProgramTrials:
             while len(self._held) >= 4:  # the calibration candidates, so that the one kept is lowered, not redone
                 self._held.pop(next(iter(self._held)))
             fam, ft = self.fam, self.ft
+            if self._graph is None and self.mode == "static":
+                self._graph = pte.graph_for(self.model, fam.example, self.mode)
             self._held[key] = pte.quantize(self.model, fam.example, first_samples(fam.calibration, cal["samples"]),
                                            self.mode, exclude=nodes, finetune=(lambda m: ft(m)) if ft else None,
-                                           observer=cal["observer"])
+                                           observer=cal["observer"], captured=self._graph)
         return self._held[key]
 
     def screen(self, nodes: tuple[str, ...], cal: dict) -> dict:
@@ -199,12 +212,24 @@ class ProgramTrials:
         static = self.mode == "static"  # a QAT program is trained once: leaving modules out would train it again
         units = _fallback_units(self.fam, self.v, self.model) if static else []
         layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
-        found = _fallback(lambda nodes: self.build(nodes, cal, screened=static), units, self.accept,
-                          self.fam.settings.programs.max_accuracy_drop, layers)
+        found = self._fallback(cal, units, layers)
         if found["met"] and static:
             found = self.faster(found, cal, layers)
         return {**found, "per_channel": True, "ptq": policy.keeps_parent_weights(self.mode), "calibration": cal,
                 "padding_crop": self.cut}
+
+    def _fallback(self, cal: dict, units: list[tuple[str, list[str]]], layers: list[str]) -> dict:
+        """The bar's units tried within the model's accuracy budget (shared with its int8 ONNX files' bars);
+        a program without units (QAT: trained once) takes no share."""
+        static, bar = self.mode == "static", self.fam.settings.programs.max_accuracy_drop
+        build = lambda nodes: self.build(nodes, cal, screened=static)  # noqa: E731
+        if not units:
+            return _fallback(build, units, self.accept, bar, layers)
+        budget, t0 = self.fam.budgets["accuracy"], time.perf_counter()
+        try:
+            return _fallback(build, units, self.accept, bar, layers, budget.share())
+        finally:
+            budget.spend(time.perf_counter() - t0)
 
     def faster(self, found: dict, cal: dict, layers: list[str]) -> dict:
         """The speed step: the squeeze-excitation gates, then the depthwise convolutions, then the stem, each
@@ -222,7 +247,8 @@ class ProgramTrials:
                                        if units else "nothing to leave out of int8"}}
         t0 = time.perf_counter()
         try:
-            return _faster(self, found, cal, units, layers)
+            with timed(fam.build.timings, f"{fam.name}.precision_search_s"):  # timed work: the speed search's stage
+                return _faster(self, found, cal, units, layers)
         finally:
             budget.spend(time.perf_counter() - t0)
 
@@ -321,7 +347,12 @@ def _not_met(fam: Family, t: ProgramTrials, bar: dict) -> dict:
             "reason": (f"no int8 program meets its contract against {t.parent} on the validation split (bar "
                        f"{fam.settings.programs.max_accuracy_drop:g} points{agreement_rule}): the best drop reached "
                        f"is {bar['best_drop_points']:.2f} points{best_agreement} with squeeze-excitation gates, then "
-                       "layers stem and head first, left in fp32; not shipped")}
+                       f"layers stem and head first, left in fp32{_not_tried(bar)}; not shipped")}
+
+
+def _not_tried(bar: dict) -> str:
+    left = bar.get("not_tried") or []
+    return (f" (not tried within the accuracy budget of {bar['budget_s']:g} s: {', '.join(left)})" if left else "")
 
 
 def _calibration(fam: Family, mode: str, screen) -> dict:

@@ -286,21 +286,38 @@ def quantization_config(qat: bool, observer: str = OBSERVERS[0]):
 
 def quantize(model: torch.nn.Module, example: torch.Tensor, calibration: Sequence[np.ndarray], mode: Mode,
              exclude: Collection[str] = (), finetune: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-             observer: str = OBSERVERS[0]) -> torch.nn.Module:
+             observer: str = OBSERVERS[0], captured: torch.fx.GraphModule | None = None) -> torch.nn.Module:
     """PT2E int8 of a copy of `model` with XNNPACK's quantizer (symmetric, per-channel weights):
     prepare (`prepare_pt2e`, or `prepare_qat_pt2e` for mode "qat"), `finetune` (QAT only: it trains
     the prepared model and returns it; it may call .train()/.eval() on it), calibrate on each batch
     of `calibration`, `convert_pt2e`. `exclude`: module names (e.g. "features.0") left in fp32 (every
     op traced inside them is left unannotated). `observer`: static int8's activation observer
     (OBSERVERS). Returns the converted torch model (a GraphModule with quantize/dequantize ops), ready
-    for `lower_int8`."""
+    for `lower_int8`. `captured`: `model`'s graph from `graph_for(model, example, mode)`, for callers that
+    quantize one model many ways (a copy of it is prepared: the same graph a capture gives, without one)."""
     from edgeq.pt2e_cache import traced_once
 
     with traced_once():  # PT2E's pattern graphs traced once per process, not on every call
-        return _quantize(model, example, calibration, mode, exclude, finetune, observer)
+        return _quantize(model, example, calibration, mode, exclude, finetune, observer, captured)
 
 
-def _quantize(model, example, calibration, mode, exclude, finetune, observer):
+def graph_for(model: torch.nn.Module, example: torch.Tensor, mode: Mode) -> torch.fx.GraphModule:
+    """The graph `quantize` prepares: `model` captured with a dynamic batch, in training mode for QAT
+    (batch norm only: it folds into the convolutions while it trains; dropout and stochastic depth would
+    be traced as random ops, and torchvision's StochasticDepth leaves aten.bernoulli, which no program
+    can hold)."""
+    import torch
+
+    qat = mode == "qat"
+    float_model = copy.deepcopy(model).train(qat)
+    if qat:
+        for module in float_model.modules():
+            if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.training = False
+    return capture(float_model, example, dynamic_batch=True).module()
+
+
+def _quantize(model, example, calibration, mode, exclude, finetune, observer, captured):
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from torchao.quantization.pt2e import move_exported_model_to_eval
@@ -316,12 +333,7 @@ def _quantize(model, example, calibration, mode, exclude, finetune, observer):
     if missing:
         raise ExportError(f"pte quantize: exclude names modules the model does not have: {', '.join(missing)}")
     qat = mode == "qat"
-    float_model = copy.deepcopy(model).train(qat)  # QAT captures training-mode batch norm, to fold it while training
-    if qat:  # and nothing else in training mode: dropout and stochastic depth would be traced as random ops
-        for module in float_model.modules():  # (torchvision's StochasticDepth leaves aten.bernoulli, which no
-            if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # program can hold)
-                module.training = False
-    graph = capture(float_model, example, dynamic_batch=True).module()
+    graph = copy.deepcopy(captured) if captured is not None else graph_for(model, example, mode)
     quantizer = XNNPACKQuantizer().set_global(quantization_config(qat, observer))
     if exclude:
         # XNNPACKQuantizer 1.5.1 refuses set_module_name(name, None) ("not supported yet"); its filter

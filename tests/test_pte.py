@@ -388,9 +388,10 @@ def test_the_calibration_kept_is_lowered_as_screened_not_quantized_again(digits,
     import edgeq
     from edgeq.recipe import Recipe
 
-    calls = []
-    real = pte.quantize
+    calls, captures = [], []
+    real, real_graph = pte.quantize, pte.graph_for
     monkeypatch.setattr(pte, "quantize", lambda *a, **k: calls.append(k.get("observer")) or real(*a, **k))
+    monkeypatch.setattr(pte, "graph_for", lambda *a, **k: captures.append(a[2]) or real_graph(*a, **k))
     train = digits["train"]
     recipe = Recipe(variants=("static",), ship_rule="always", search_budget_s=1e-6, batches=(1, 8), sensitivity=False,
                     calibration_methods=("MinMax",), calibration_sizes=(128, 256), pte_observers=("histogram", "minmax"),
@@ -400,6 +401,43 @@ def test_the_calibration_kept_is_lowered_as_screened_not_quantized_again(digits,
     bar = json.loads((tmp_path / "art" / "plan.json").read_text())["models"]["mlp"]["accuracy"]["mlp-static-pte"]
     assert len(bar["calibration"]["candidates"]) == 4 and bar["met"] and len(bar["steps"]) == 1
     assert sorted(calls) == ["histogram", "histogram", "minmax", "minmax"]  # four screens, no fifth to lower
+    assert captures == ["static"]  # the model captured once: each candidate prepares a copy of its graph
+
+
+def test_a_copy_of_the_captured_graph_gives_the_program_a_capture_gives(built, tmp_path):
+    """`quantize(captured=graph_for(...))` prepares a copy of one capture: the same program, byte for byte, as
+    quantizing with a fresh capture, and the graph it was given is left as it was, for the next candidate."""
+    b = built["cnn"]
+    graph = pte.graph_for(b["model"], b["example"], "static")
+    before = graph.code
+    fresh = pte.quantize(b["model"], b["example"], b["calibration"], "static", exclude={"features.0"})
+    for i in range(2):
+        copied = pte.quantize(b["model"], b["example"], b["calibration"], "static", exclude={"features.0"},
+                              captured=graph)
+        pte.lower_int8(copied, b["example"], tmp_path / f"copy{i}.pte")
+    pte.lower_int8(fresh, b["example"], tmp_path / "fresh.pte")
+    assert graph.code == before
+    assert (tmp_path / "copy0.pte").read_bytes() == (tmp_path / "fresh.pte").read_bytes()
+    assert (tmp_path / "copy1.pte").read_bytes() == (tmp_path / "fresh.pte").read_bytes()
+
+
+def test_the_program_bar_stops_at_its_budget_and_records_what_it_did_not_try():
+    """The static `.pte` bar's units are tried within the accuracy budget: none past a zero budget (the
+    all-int8 program is always built), every one without a budget, and the units left are recorded."""
+    from edgeq.programs import _fallback
+
+    units = [("gates", ["se"]), ("stem", ["stem"]), ("head", ["head"])]
+    layers = ["stem", "mid", "head"]
+
+    def run(budget_s: float):
+        built = []
+        build = lambda nodes: built.append(nodes) or {"correct": 90, "agreement": 0.9}  # noqa: E731
+        return _fallback(build, units, lambda s: (False, 1.0), 0.5, layers, budget_s), built
+
+    bar, built = run(0.0)
+    assert built == [()] and bar["not_tried"] == ["gates", "stem", "head"] and bar["budget_s"] == 0
+    bar, built = run(float("inf"))
+    assert len(built) == 4 and "not_tried" not in bar and not bar["met"]
 
 
 def test_the_speed_step_tries_gates_then_depthwise_convolutions_then_the_stem():
