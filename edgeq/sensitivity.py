@@ -370,8 +370,10 @@ class _GroupSearch:
             self.accepted = list(names)
         return met, {**s, "logits": logits}
 
-    def ranked(self, candidates: dict[str, list[str]], base: list[str], rows: np.ndarray) -> list[tuple[str, dict]]:
-        """Each candidate (groups moved to fp32 on top of `base`) scored on the ranking rows, best first."""
+    def ranked(self, candidates: dict[str, list[str]], base: list[str], rows: np.ndarray,
+               what: str = "ranking") -> list[tuple[str, dict]]:
+        """Each candidate (groups moved to fp32 on top of `base`) scored on the ranking rows, best first; one
+        the budget left out is recorded as not tried, as `what` and its name."""
         keys = list(candidates)
         if self.run_many is not None:
             left = self.budget_s - (time.perf_counter() - self.t0)
@@ -380,7 +382,7 @@ class _GroupSearch:
             scores = [None if self.past_budget() else self.run(self.nodes(base + candidates[k]), rows)[0]
                       for k in keys]
         self.trials += sum(s is not None for s in scores)
-        self.not_tried.extend(f"ranking {k}" for k, s in zip(keys, scores) if s is None)
+        self.not_tried.extend(f"{what} {k}" for k, s in zip(keys, scores) if s is None)
         return sorted([(k, s) for k, s in zip(keys, scores) if s is not None], key=lambda i: _rank_key(i[1]),
                       reverse=True)
 
@@ -467,8 +469,8 @@ def _rank_singles(ranked, left: list[str], fp32: list[str], every: list[str], he
     (an outlier activation breaks the layer that consumes it, and only when its producer quantizes it
     too). Agreement with fp32 on the ranking samples, in points; sensitivity is the larger of the two."""
     n = len(rows)
-    gained = dict(ranked({name: [name] for name in left}, fp32, rows))
-    alone = dict(ranked({name: [o for o in every if o != name] for name in left}, [], rows))
+    gained = dict(ranked({name: [name] for name in left}, fp32, rows, "ranking in fp32"))
+    alone = dict(ranked({name: [o for o in every if o != name] for name in left}, [], rows, "ranking alone in int8"))
     out = {}
     for name in left:
         if name not in gained or name not in alone:

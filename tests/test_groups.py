@@ -126,3 +126,26 @@ def test_the_bar_moves_the_gate_group_to_fp32_and_the_file_ships(tmp_path: Path,
     assert plan["steps"][0]["met"] is False and plan["steps"][-1]["met"] is True  # all-int8 failed, then mended
     assert plan["ranking"]["kinds"] and "gate" in plan["ranking"]["kinds"]
     assert edgeq.verify(tmp_path / "art", rounds=1, window_s=0.002, batch=8, progress=False).passed
+
+
+def test_ranking_trials_the_budget_left_out_are_recorded_once_each_way() -> None:
+    """A group is ranked both ways (alone in fp32, alone in int8): a budget that leaves both out records two
+    entries that say which, not the same line twice."""
+    from edgeq.groups import Group
+    from edgeq.sensitivity import meet_bar_groups
+
+    rng = np.random.default_rng(0)
+    ref, labels = rng.normal(size=(40, 3)), rng.integers(0, 3, 40)
+    logits = ref + rng.normal(scale=2.0, size=ref.shape)  # int8 far from fp32: the bar is missed
+    found = [Group("compute:a", "compute", ("a",)), Group("compute:b", "compute", ("b",))]
+
+    def run(nodes, rows):
+        from edgeq.metrics import score
+
+        out = logits if rows is None else logits[rows]
+        return score(out, labels if rows is None else labels[rows], ref if rows is None else ref[rows]), out
+
+    bar = meet_bar_groups(run, (), found, lambda s: (False, 5.0), 0.5, ref, labels, 1e9, 20,
+                          run_many=lambda requests, left: [None] * len(requests))
+    assert sorted(bar["not_tried"]) == ["ranking alone in int8 compute:a", "ranking alone in int8 compute:b",
+                                        "ranking in fp32 compute:a", "ranking in fp32 compute:b"]
