@@ -346,13 +346,12 @@ def _family(b: Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) 
     b.lineage.extend(pruned)
     fam.calibration = batches(sample(b.splits.train, recipe.calibration_samples, recipe.seed))
     # the int8 files' fp32 parents (the dense and the channel-pruned models) share the model's budgets; the
-    # accuracy bars are those of the int8 ONNX files and of the static .pte programs (a QAT program has none)
+    # accuracy budget is shared by the int8 ONNX files' bars, and the static .pte programs' bars spend what
+    # they leave (edgeq.programs)
     parents = [v for v in variants if v.key != "unstructured"]
     n = len(parents) if set(recipe.variants) & {"static", "qat"} else 0
-    bars = len(set(recipe.variants) & {"static", "qat"}) + int(fam.settings.programs.enabled and
-                                                                "static" in fam.settings.programs.modes)
     fam.budgets = {"search": Budget(recipe.search_budget_s, n), "sensitivity": Budget(recipe.sensitivity_budget_s, n),
-                   "accuracy": Budget(recipe.accuracy_budget_s, n * bars)}
+                   "accuracy": Budget(recipe.accuracy_budget_s, n * len(set(recipe.variants) & {"static", "qat"}))}
     shipped = {}
     for v in variants:
         shipped[v.key], files = floats.export_files(fam, v)

@@ -224,8 +224,9 @@ class ProgramTrials:
                 "padding_crop": self.cut}
 
     def _fallback(self, cal: dict, units: list[tuple[str, list[str]]], layers: list[str]) -> dict:
-        """The bar's units tried within the model's accuracy budget (shared with its int8 ONNX files' bars);
-        a program without units (QAT: trained once) takes no share."""
+        """The bar's units tried within what the model's int8 ONNX bars left of its accuracy budget (they are
+        measured first, and the budget has no share set aside for a program); a program without units (QAT:
+        trained once) spends none."""
         static, bar = self.mode == "static", self.fam.settings.programs.max_accuracy_drop
         build = lambda nodes: self.build(nodes, cal, screened=static)  # noqa: E731
         if not units:
