@@ -102,11 +102,10 @@ def _layers(model: nn.Module) -> list[str]:
     return [n for n, _ in ends_first(names)]
 
 
-def _fallback_units(fam: Family, v: FloatVariant, model: nn.Module) -> list[tuple[str, list[str]]]:
+def _fallback_units(gates: list[str], model: nn.Module) -> list[tuple[str, list[str]]]:
     """What a static program's bar may leave out of XNNPACK's quantizer, in order: every
-    squeeze-excitation gate at once (edgeq.pte.gate_modules, found by structure), then single layers stem
-    and head first (MAX_FALLBACK_TRIALS at most)."""
-    gates = pte.gate_modules(model, fam.example)
+    squeeze-excitation gate at once (`gates`: edgeq.pte.gate_modules, found by structure), then single layers
+    stem and head first (MAX_FALLBACK_TRIALS at most)."""
     return ([("gates", gates)] if gates else []) + [(n, [n]) for n in _layers(model)[:MAX_FALLBACK_TRIALS]]
 
 
@@ -163,6 +162,7 @@ class ProgramTrials:
         self.info: dict = {}
         self._held: dict = {}  # the last quantized models: a screened candidate that passes is lowered, not redone
         self._graph = None  # the model's captured graph: every candidate of a static program is prepared from a copy
+        self._gates: list[str] | None = None
 
     def quantized(self, nodes: tuple[str, ...], cal: dict):
         key = (tuple(nodes), cal["observer"], cal["samples"])
@@ -170,12 +170,23 @@ class ProgramTrials:
             while len(self._held) >= 4:  # the calibration candidates, so that the one kept is lowered, not redone
                 self._held.pop(next(iter(self._held)))
             fam, ft = self.fam, self.ft
-            if self._graph is None and self.mode == "static":
-                self._graph = pte.graph_for(self.model, fam.example, self.mode)
             self._held[key] = pte.quantize(self.model, fam.example, first_samples(fam.calibration, cal["samples"]),
                                            self.mode, exclude=nodes, finetune=self._trained if ft else None,
-                                           observer=cal["observer"], captured=self._graph)
+                                           observer=cal["observer"],
+                                           captured=self.graph() if self.mode == "static" else None)
         return self._held[key]
+
+    def graph(self):
+        """The model's graph, captured once (pte.graph_for): every static candidate is prepared from a copy,
+        and the gates are found in it."""
+        if self._graph is None:
+            self._graph = pte.graph_for(self.model, self.fam.example, "static")
+        return self._graph
+
+    def gates(self) -> list[str]:
+        if self._gates is None:
+            self._gates = pte.gate_modules(self.model, self.fam.example, self.graph())
+        return self._gates
 
     def _trained(self, model: nn.Module) -> nn.Module:
         """QAT's fine-tune: quantization work, timed with the int8 ONNX files' (not an accuracy trial)."""
@@ -215,7 +226,7 @@ class ProgramTrials:
     def measure(self) -> dict:
         cal = _calibration(self.fam, self.mode, self.screen)
         static = self.mode == "static"  # a QAT program is trained once: leaving modules out would train it again
-        units = _fallback_units(self.fam, self.v, self.model) if static else []
+        units = _fallback_units(self.gates(), self.model) if static else []
         layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
         found = self._fallback(cal, units, layers)
         if found["met"] and static:
@@ -247,7 +258,7 @@ class ProgramTrials:
         from edgeq.speed import cross_target
 
         fam, budget = self.fam, self.fam.budgets["search"]
-        units = speed_units(self.model, fam.example, layers, found["fp32_nodes_added"])
+        units = speed_units(self.model, fam.example, layers, found["fp32_nodes_added"], self.gates())
         if not units or cross_target(fam) or budget.share() < 1.0:
             return {**found, "speed": {"units": [], "reason": "not timed: another target's CPU, or no search budget"
                                        if units else "nothing to leave out of int8"}}
@@ -265,12 +276,13 @@ class ProgramTrials:
         return {**rec, "met": met, "drop_points": drop}
 
 
-def speed_units(model: nn.Module, example, layers: list[str], fp32: list[str]) -> list[tuple[str, list[str]]]:
+def speed_units(model: nn.Module, example, layers: list[str], fp32: list[str],
+                gates: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """What the speed step tries to leave out of int8, in order, each unit as a whole: every squeeze-excitation
-    gate, every depthwise convolution, the stem; a unit already wholly in fp32 (the accuracy bar's) is not
-    tried again."""
-    units = (("gates", pte.gate_modules(model, example)), ("depthwise", pte.depthwise_modules(model)),
-             ("stem", layers[:1]))
+    gate (`gates`, found when not given), every depthwise convolution, the stem; a unit already wholly in fp32
+    (the accuracy bar's) is not tried again."""
+    gates = pte.gate_modules(model, example) if gates is None else gates
+    units = (("gates", gates), ("depthwise", pte.depthwise_modules(model)), ("stem", layers[:1]))
     return [(u, names) for u, names in units if names and not set(names) <= set(fp32)]
 
 

@@ -208,12 +208,13 @@ def depthwise_modules(model: torch.nn.Module) -> list[str]:
             if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) and m.groups > 1 and m.groups == m.in_channels]
 
 
-def gate_modules(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
+def gate_modules(model: torch.nn.Module, example: torch.Tensor, graph: torch.fx.GraphModule | None = None) -> list[str]:
     """The modules that hold a squeeze-excitation gate, x * sigmoid|hardsigmoid(f(mean(x))), found in the
     captured graph by structure (edgeq.groups does the same on ONNX): for each such mul, the innermost
     module whose forward traced the whole gate (its pooling, its convolutions, the gate and the mul).
-    Leaving one out of XNNPACK's quantizer keeps the gate's activations fp32."""
-    graph = capture(copy.deepcopy(model).eval(), example).graph
+    Leaving one out of XNNPACK's quantizer keeps the gate's activations fp32. `graph`: the model's graph from
+    `graph_for(model, example, "static")` when the caller has it (read, not changed), else it is captured."""
+    graph = graph.graph if graph is not None else capture(copy.deepcopy(model).eval(), example).graph
     squeeze = ("adaptive_avg_pool2d", "mean")
     gates = ("sigmoid", "hardsigmoid")
     found: list[str] = []

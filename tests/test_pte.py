@@ -440,7 +440,7 @@ def test_the_program_bar_stops_at_its_budget_and_records_what_it_did_not_try():
     assert len(built) == 4 and "not_tried" not in bar and not bar["met"]
 
 
-def test_the_speed_step_tries_gates_then_depthwise_convolutions_then_the_stem():
+def test_the_speed_step_tries_gates_then_depthwise_convolutions_then_the_stem(monkeypatch):
     """The `.pte` speed step's units on an MBConv-like model: its squeeze-excitation gate, its depthwise
     convolutions (groups == in_channels; not the grouped one), its stem, in that order; a unit the accuracy
     bar already left in fp32 is not tried again. The MNIST CNN has no depthwise convolution: its units, and so
@@ -475,6 +475,10 @@ def test_the_speed_step_tries_gates_then_depthwise_convolutions_then_the_stem():
                                                        ("stem", ["stem"])]
     assert [u for u, _ in speed_units(model, example, layers, ["dw", "dw1d", "stem"])] == ["gates"]
     assert [u for u, _ in speed_units(CNN().eval(), example, _layers(CNN()), [])] == ["stem"]
+    # the gates found in the graph every static candidate is prepared from: the same, and no capture more
+    graph = pte.graph_for(model, example, "static")
+    monkeypatch.setattr(pte, "capture", lambda *a, **k: pytest.fail("gate_modules captured the model again"))
+    assert pte.gate_modules(model, example, graph) == ["se"]
 
 
 def test_the_speed_step_lowers_each_candidate_once_and_ships_the_one_it_keeps(digits, built, tmp_path, monkeypatch):
