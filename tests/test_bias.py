@@ -228,3 +228,21 @@ def test_trained_cnn_with_and_without_correction(cnn, calibration, digits, tmp_p
 def test_off_is_the_default_and_on_is_recorded():
     assert QDQConfig().bias_correction is False and "bias_correction" not in QDQConfig().describe()
     assert QDQConfig(bias_correction=True).describe()["bias_correction"] is True
+
+
+def test_entropy_calibration_is_not_minmax(tmp_path):
+    """onnxruntime's Entropy calibrator with its default bins has one threshold to try, the whole range: MinMax's
+    ranges under another name. edgeq's Entropy searches a 2048-bin histogram, so a rare outlier is clipped."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    fp32 = one_layer(tmp_path / "fp32.onnx", "Gemm", X86)
+    x = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
+    x[0, 0] = 60.0  # one value in 16,384, far out
+    builder = QDQBuilder(fp32, tmp_path)
+    pre = builder.prepared(X86)
+    ranges = {m: load_tensors_data(builder.ranges(pre, batches(x, 64), m)).data[INPUT_NAME].range_value
+              for m in ("MinMax", "Entropy")}
+    lo, hi = (float(np.asarray(v).ravel()[0]) for v in ranges["MinMax"])
+    assert (lo, hi) == (float(x.min()), 60.0)
+    e_lo, e_hi = (float(np.asarray(v).ravel()[0]) for v in ranges["Entropy"])
+    assert lo <= e_lo and e_hi < hi / 2  # the outlier is left out of the int8 range

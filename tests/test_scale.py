@@ -24,7 +24,7 @@ from test_groups import digits, outlier_gate  # noqa: F401  (module fixtures)
 
 pytestmark = pytest.mark.slow  # left out of `make test-fast`
 
-RECIPE = {**PINNED, "variants": ("static",), "calibration_methods": ("MinMax", "Entropy"),
+RECIPE = {**PINNED, "variants": ("static",), "calibration_methods": ("MinMax", "Percentile"),
           "calibration_sizes": (128, 256), "sensitivity": True}
 
 
