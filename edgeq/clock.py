@@ -26,6 +26,13 @@ def timed(store: dict[str, float], key: str) -> Iterator[None]:
             _open[-1][0] += elapsed
 
 
+def past_budget(t0: float, done: int, budget_s: float) -> bool:
+    """Whether one more step of a serial search that started at `t0` (time.perf_counter) and has done `done`
+    steps would end past `budget_s` seconds, at the mean wall time of its steps so far. Before any step: no."""
+    spent = time.perf_counter() - t0
+    return done > 0 and spent + spent / done > budget_s
+
+
 def profile(seconds: dict[str, float]) -> str:
     """'time (s): a 12.3, b 4.5, ...', largest first."""
     parts = [f"{k} {v:.1f}" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])]

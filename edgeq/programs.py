@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from edgeq import policy, pte
-from edgeq.clock import timed
+from edgeq.clock import past_budget, timed
 from edgeq.context import Family, fidelity
 from edgeq.data import first_samples
 from edgeq.lineage import FloatVariant, Lineage, attempt, name_of
@@ -132,8 +132,7 @@ def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: flo
     for i, (unit, names) in enumerate(units):
         if met:
             break
-        spent = time.perf_counter() - t0
-        if spent + spent / len(steps) > budget_s:
+        if past_budget(t0, len(steps), budget_s):
             not_tried = [u for u, _ in units[i:]]
             break
         trial = fp32 + [n for n in names if n not in fp32]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.clock import past_budget
 from edgeq.data import first_samples
 from edgeq.onnx_quant import QDQBuilder, QDQConfig
 from edgeq.runtime import load_onnx
@@ -356,8 +357,7 @@ class _GroupSearch:
         return tuple(dict.fromkeys(self.start + nodes_of(self.groups, names)))
 
     def past_budget(self) -> bool:
-        spent = time.perf_counter() - self.t0
-        return bool(self.trials) and spent + spent / self.trials > self.budget_s
+        return past_budget(self.t0, self.trials, self.budget_s)
 
     def full(self, names: list[str]) -> tuple[bool, dict]:
         """Validate the file with `names` in fp32 on the whole split; the step is recorded."""
