@@ -373,8 +373,17 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
                 "size_ratio": round(s.best_bytes / parent_bytes, 3),
                 "tried_in_order_of": "profiled int8 minus fp32 time per layer (onnxruntime's per-node profile)",
                 "profile_us": [{"node": n, **ranking[n]} for n, _ in nodes]}
-        log(f"  search: {s.tried} of {len(nodes)} layers tried in {cost['seconds']:.1f} s")
+        log(f"  search: {s.tried} of {len(nodes)} layers tried in {cost['seconds']:.1f} s{_why_not_tried(layers, cfg)}")
     return Plan(s.best_cfg, layers, weights, cost)
+
+
+def _why_not_tried(layers: list[dict], cfg: SearchConfig) -> str:
+    """' (N over the size limit of Rx, M past the search budget)' for the log line; '' when every layer was tried."""
+    size = sum(d["reason"].startswith("not tried: in fp32 it would make") for d in layers)
+    budget = sum(d["reason"].startswith("not tried: a trial would end past") for d in layers)
+    why = ([f"{size} over the size limit of {cfg.max_size_ratio:g}x its parent"] if size else []) + \
+          ([f"{budget} past the search budget"] if budget else [])
+    return f" ({', '.join(why)})" if why else ""
 
 
 def _layer_search(s: _Search, nodes: list[tuple[str, str]], parent_bytes: int, log) -> list[dict]:

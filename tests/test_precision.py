@@ -235,10 +235,16 @@ def test_a_layer_that_would_take_the_file_past_the_size_limit_is_never_timed(cnn
     # the limit sits just below what keeping the largest layer in fp32 would cost: that layer is refused
     # by arithmetic, before any timing; every smaller one is timed as usual
     largest = max(elements, key=elements.get)
-    plan0 = search_precision(cnn_onnx, calib, PRE.apply(ds.train.images[:64]), replace(FAST, budget_s=1e-9))
+    lines0, lines = [], []
+    plan0 = search_precision(cnn_onnx, calib, PRE.apply(ds.train.images[:64]), replace(FAST, budget_s=1e-9),
+                             log=lines0.append)
     int8_ratio = plan0.cost["size_ratio"]
     limit = int8_ratio + 3 * elements[largest] / parent - 0.02  # graph overhead moves the size by ~0.005
-    plan = search_precision(cnn_onnx, calib, PRE.apply(ds.train.images[:64]), replace(FAST, max_size_ratio=limit))
+    plan = search_precision(cnn_onnx, calib, PRE.apply(ds.train.images[:64]), replace(FAST, max_size_ratio=limit),
+                            log=lines.append)
+    # the summary line says why layers were not tried
+    assert lines0[-1].endswith(f"({len(elements)} past the search budget)"), lines0[-1]
+    assert f"(1 over the size limit of {limit:g}x its parent)" in lines[-1], lines[-1]
     by_node = {d["node"]: d for d in plan.layers}
     assert by_node[largest]["precision"] == "int8" and "over the limit" in by_node[largest]["reason"]
     assert "evidence" not in by_node[largest]
