@@ -110,7 +110,7 @@ class Recipe:
     calibration_samples: int = 512  # training samples run through the observers (static int8)
     # onnxruntime calibration candidates, measured on the evaluation data; the most accurate is kept.
     # Entropy (KL divergence on a 2048-bin histogram, edgeq.onnx_quant.ENTROPY_OPTIONS) is offered, not a
-    # default: it costs seconds per tensor (docs/calibration.md)
+    # default: it costs about half a second per tensor (docs/calibration.md)
     calibration_methods: tuple[str, ...] = ("MinMax", "Percentile")
     calibration_sizes: tuple[int, ...] = (128, 512)  # samples (at most calibration_samples are drawn)
     # each calibration candidate without and with bias correction of the int8 weights (edgeq.bias), measured
