@@ -377,10 +377,13 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
     return Plan(s.best_cfg, layers, weights, cost)
 
 
+_OVER_SIZE, _PAST_BUDGET = "not tried: in fp32 it would make", "not tried: a trial would end past"  # reasons' starts
+
+
 def _why_not_tried(layers: list[dict], cfg: SearchConfig) -> str:
     """' (N over the size limit of Rx, M past the search budget)' for the log line; '' when every layer was tried."""
-    size = sum(d["reason"].startswith("not tried: in fp32 it would make") for d in layers)
-    budget = sum(d["reason"].startswith("not tried: a trial would end past") for d in layers)
+    size = sum(d["reason"].startswith(_OVER_SIZE) for d in layers)
+    budget = sum(d["reason"].startswith(_PAST_BUDGET) for d in layers)
     why = ([f"{size} over the size limit of {cfg.max_size_ratio:g}x its parent"] if size else []) + \
           ([f"{budget} past the search budget"] if budget else [])
     return f" ({', '.join(why)})" if why else ""
@@ -395,12 +398,12 @@ def _layer_search(s: _Search, nodes: list[tuple[str, str]], parent_bytes: int, l
         would_be = (s.best_bytes + 3 * elements[node]) / parent_bytes
         if elements[node] and would_be > cfg.max_size_ratio:  # a layer without stored weights costs no bytes
             layers.append({"node": node, "op": op, "precision": "int8",
-                           "reason": f"not tried: in fp32 it would make the file about {would_be:.2f}x its fp32 "
+                           "reason": f"{_OVER_SIZE} the file about {would_be:.2f}x its fp32 "
                                      f"parent's size, over the limit of {cfg.max_size_ratio:g}x"})
             continue
         if s.past_budget():
             layers.append({"node": node, "op": op, "precision": "int8",
-                           "reason": f"not tried: a trial would end past the search budget of {cfg.budget_s:.3g} s"})
+                           "reason": f"{_PAST_BUDGET} the search budget of {cfg.budget_s:.3g} s"})
             continue
         s.tried += 1
         started = time.perf_counter()

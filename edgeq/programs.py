@@ -257,7 +257,7 @@ class ProgramTrials:
         from edgeq.speed import cross_target
 
         fam, budget = self.fam, self.fam.budgets["search"]
-        units = speed_units(self.model, fam.example, layers, found["fp32_nodes_added"], self.gates())
+        units = speed_units(self.model, self.gates(), layers, found["fp32_nodes_added"])
         if not units or cross_target(fam) or budget.share() < 1.0:
             return {**found, "speed": {"units": [], "reason": "not timed: another target's CPU, or no search budget"
                                        if units else "nothing to leave out of int8"}}
@@ -275,12 +275,10 @@ class ProgramTrials:
         return {**rec, "met": met, "drop_points": drop}
 
 
-def speed_units(model: nn.Module, example, layers: list[str], fp32: list[str],
-                gates: list[str] | None = None) -> list[tuple[str, list[str]]]:
+def speed_units(model: nn.Module, gates: list[str], layers: list[str], fp32: list[str]) -> list[tuple[str, list[str]]]:
     """What the speed step tries to leave out of int8, in order, each unit as a whole: every squeeze-excitation
-    gate (`gates`, found when not given), every depthwise convolution, the stem; a unit already wholly in fp32
-    (the accuracy bar's) is not tried again."""
-    gates = pte.gate_modules(model, example) if gates is None else gates
+    gate (`gates`: edgeq.pte.gate_modules), every depthwise convolution, the stem; a unit already wholly in
+    fp32 (the accuracy bar's) is not tried again."""
     units = (("gates", gates), ("depthwise", pte.depthwise_modules(model)), ("stem", layers[:1]))
     return [(u, names) for u, names in units if names and not set(names) <= set(fp32)]
 

@@ -471,10 +471,12 @@ def test_the_speed_step_tries_gates_then_depthwise_convolutions_then_the_stem(mo
 
     model, example = MBConv().eval(), torch.zeros(1, 1, 8, 8)
     layers = _layers(model)
-    assert speed_units(model, example, layers, []) == [("gates", ["se"]), ("depthwise", ["dw", "dw1d"]),
-                                                       ("stem", ["stem"])]
-    assert [u for u, _ in speed_units(model, example, layers, ["dw", "dw1d", "stem"])] == ["gates"]
-    assert [u for u, _ in speed_units(CNN().eval(), example, _layers(CNN()), [])] == ["stem"]
+    gates = pte.gate_modules(model, example)
+    assert speed_units(model, gates, layers, []) == [("gates", ["se"]), ("depthwise", ["dw", "dw1d"]),
+                                                     ("stem", ["stem"])]
+    assert [u for u, _ in speed_units(model, gates, layers, ["dw", "dw1d", "stem"])] == ["gates"]
+    cnn = CNN().eval()
+    assert [u for u, _ in speed_units(cnn, pte.gate_modules(cnn, example), _layers(cnn), [])] == ["stem"]
     # the gates found in the graph every static candidate is prepared from: the same, and no capture more
     graph = pte.graph_for(model, example, "static")
     monkeypatch.setattr(pte, "capture", lambda *a, **k: pytest.fail("gate_modules captured the model again"))
