@@ -47,6 +47,8 @@ class SearchConfig:
     # a layer is tried in fp32 only while the file stays within this fraction of its fp32 parent's bytes
     max_size_ratio: float = math.inf
     qdq: QDQConfig = QDQConfig()  # the target's format (edgeq.target): the default every layer starts from
+    # a layer whose profile shows fp32 cannot win (`fp32_could_win`) is not timed
+    profile_screen: bool = True
 
 
 def compute_nodes(onnx_path: Path) -> list[tuple[str, str]]:
@@ -231,43 +233,105 @@ def _medians(e: Evidence, what: str, batches: tuple[int, ...]) -> dict[int, floa
     return {b: e.median((what, b)) for b in batches}
 
 
-PROFILE_CALLS = 20  # calls profiled per graph to rank the layers: enough to average out the first call
+PROFILE_CALLS = 20  # calls profiled per graph and batch size: enough to outvote the first call
+PROFILE_MIN_CALLS, PROFILE_SECONDS = 5, 1.0  # at a large batch: fewer calls, once they take this long
+# what keeping one layer in fp32 can take out of the int8 graph besides its kernel: the steps at its edges
+BOUNDARY_OPS = ("QuantizeLinear", "DequantizeLinear", "Transpose", "ReorderInput", "ReorderOutput")
 
 
-def node_times(onnx_path: Path, x: np.ndarray, threads: int, names: list[str],
-               aliases: dict[str, str] | None = None) -> dict[str, float]:
-    """Microseconds per call spent in each named node of the graph onnxruntime runs (its per-node
-    profile); an optimized node counts for the original whose name it carries ('fused X', 'X_token_5'),
-    or whose output tensor it is named after (`aliases`: tensor name -> node name)."""
+def _profiled_runs(paths: list[Path], x: np.ndarray, threads: int) -> list[list[list[dict]]]:
+    """onnxruntime's per-node profile of each graph on `x`, the graphs called in turn (a burst of load
+    falls on all of them alike): per graph, per call, its node events."""
+    import bisect
     import json
     import os
 
     import onnxruntime as ort
 
-    so = ort_session_options(threads, timing_options(threads))
-    so.enable_profiling = True
-    so.profile_file_prefix = str(onnx_path.with_suffix(""))
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(PROFILE_CALLS):
-        sess.run(None, feed)
-    trace = sess.end_profiling()
-    try:
-        with open(trace, encoding="utf-8") as f:
-            events = json.load(f)
-    finally:
-        os.remove(trace)
-    out = dict.fromkeys(names, 0.0)
-    owners = {**(aliases or {}), **{n: n for n in names}}
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        node = e["name"][: -len("_kernel_time")].removeprefix("fused ")
-        # the name itself, or the name and an optimizer's suffix ('_nchwc', '_token_5'): never 'input.40' for 'input.4'
-        key = max((k for k in owners if node == k or node.startswith(k + "_")), key=len, default=None)
-        if key is not None:
-            out[owners[key]] += e["dur"] / PROFILE_CALLS
+    sessions = []
+    for i, path in enumerate(paths):
+        so = ort_session_options(threads, timing_options(threads))
+        so.enable_profiling = True
+        so.profile_file_prefix = str(path.with_suffix("")) + f"-{i}"
+        sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+    feeds = [{sess.get_inputs()[0].name: x} for sess in sessions]
+    started, calls = time.perf_counter(), 0
+    while calls < PROFILE_CALLS and (calls < PROFILE_MIN_CALLS or time.perf_counter() - started < PROFILE_SECONDS):
+        for sess, feed in zip(sessions, feeds):
+            sess.run(None, feed)
+        calls += 1
+    out = []
+    for sess in sessions:
+        trace = sess.end_profiling()
+        try:
+            with open(trace, encoding="utf-8") as f:
+                events = json.load(f)
+        finally:
+            os.remove(trace)
+        starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+        runs: list[list[dict]] = [[] for _ in starts]
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                runs[max(bisect.bisect_right(starts, e["ts"]) - 1, 0)].append(e)
+        out.append(runs)
     return out
+
+
+def _per_call_us(runs: list[list[dict]], names: list[str], aliases: dict[str, str] | None = None) -> dict:
+    """Median microseconds per call in each named node (an optimized node counts for the original whose name
+    it carries, 'fused X', 'X_token_5', or whose output tensor it is named after: `aliases`, tensor -> node),
+    and in the graph's boundary steps (BOUNDARY_OPS) together, under the key None."""
+    owners = {**(aliases or {}), **{n: n for n in names}}
+    per_run = []
+    for events in runs:
+        t = dict.fromkeys([*names, None], 0.0)
+        for e in events:
+            node = e["name"][: -len("_kernel_time")].removeprefix("fused ")
+            # the name itself, or the name and an optimizer's suffix ('_nchwc', '_token_5'): never 'input.40' for 'input.4'
+            key = max((k for k in owners if node == k or node.startswith(k + "_")), key=len, default=None)
+            if key is not None:
+                t[owners[key]] += e["dur"]
+            elif e.get("args", {}).get("op_name") in BOUNDARY_OPS:
+                t[None] += e["dur"]
+        per_run.append(t)
+    return {k: float(np.median([t[k] for t in per_run])) for k in [*names, None]}
+
+
+def rank_by_profile(fp32_path: Path, int8_path: Path, nodes: list[tuple[str, str]],
+                    inputs: dict[int, np.ndarray], threads: int) -> dict[str, dict]:
+    """Per compute layer, from onnxruntime's per-node profile of the fp32 and the int8 graph at each batch
+    size: its time in both and the gain expected from keeping it in fp32 at the smallest batch (int8 minus
+    fp32: the search's order), and whether fp32 could make the model faster at all (`fp32_could_win`).
+    A screen and an order only: a layer kept in fp32 is still confirmed by paired whole-model timing. When
+    profiling fails every layer may win and the graph's order is kept."""
+    names = [n for n, _ in nodes]
+    try:
+        aliases = fused_aliases(fp32_path, names)
+        prof = {}
+        for b, x in sorted(inputs.items()):
+            fp32_runs, int8_runs = _profiled_runs([fp32_path, int8_path], x, threads)
+            prof[b] = (_per_call_us(fp32_runs, names, aliases), _per_call_us(int8_runs, names))
+    except Exception:  # a profiler hiccup must not stop the search
+        return {n: {"int8_us": None, "fp32_us": None, "gain_us": 0.0, "fp32_could_win": True} for n in names}
+    first = min(prof)
+    out = {}
+    for n in names:
+        at = {str(b): {"int8_us": round(i8[n], 1), "fp32_us": round(f32[n], 1), "boundaries_us": round(i8[None], 1)}
+              for b, (f32, i8) in prof.items()}
+        out[n] = {"int8_us": at[str(first)]["int8_us"], "fp32_us": at[str(first)]["fp32_us"],
+                  "gain_us": round(prof[first][1][n] - prof[first][0][n], 1),
+                  "fp32_could_win": fp32_could_win(at.values()), "by_batch": at}
+    return out
+
+
+def fp32_could_win(profiles) -> bool:
+    """Whether keeping a layer in fp32 could make the model faster, from its profile at each batch size
+    ({int8_us, fp32_us, boundaries_us}). In fp32 it runs its fp32 kernel and removes at most its int8
+    kernel and boundary steps (every one of the int8 graph's, `boundaries_us`, a bound): when that sum is
+    below the fp32 kernel's time at every batch size, it cannot win. Unknown (a node the profile did not
+    find) counts as could."""
+    return any(not p["int8_us"] or not p["fp32_us"] or p["fp32_us"] < p["int8_us"] + p["boundaries_us"]
+               for p in profiles)
 
 
 FUSED_AFTER = ("Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "BatchNormalization")
@@ -293,21 +357,6 @@ def fused_aliases(onnx_path: Path, names: list[str]) -> dict[str, str]:
     return out
 
 
-def rank_by_profile(fp32_path: Path, int8_path: Path, nodes: list[tuple[str, str]], x: np.ndarray,
-                    threads: int) -> dict[str, dict]:
-    """Per compute layer: its time in the all-int8 and the fp32 graph, and the gain expected from
-    keeping it in fp32 (int8 minus fp32). A ranking only: every decision is still confirmed by
-    paired whole-model timing. All zero when profiling fails (graph order is kept)."""
-    names = [n for n, _ in nodes]
-    try:
-        aliases = fused_aliases(fp32_path, names)
-        fp32, int8 = (node_times(p, x, threads, names, aliases) for p in (fp32_path, int8_path))
-    except Exception:  # a profiler hiccup must not stop the search
-        return {n: {"int8_us": None, "fp32_us": None, "gain_us": 0.0} for n in names}
-    return {n: {"int8_us": round(int8[n], 1), "fp32_us": round(fp32[n], 1), "gain_us": round(int8[n] - fp32[n], 1)}
-            for n in names}
-
-
 @dataclass
 class _Search:
     """One search's trial files, timing inputs and the best configuration so far."""
@@ -325,6 +374,8 @@ class _Search:
     tried: int = 0
     per_trial: float = 0.0  # what a trial has cost so far: the budget stops the search before one would end past it
     builder: QDQBuilder | None = None  # every trial's pre-processing and calibration, made once
+    profile: dict = field(default_factory=dict)  # rank_by_profile of the best graph so far: the screen
+    best_path: Path | None = None
 
     def build(self, qdq: QDQConfig, tag: str):
         path = self.tmp / f"trial-{tag}.onnx"
@@ -339,7 +390,8 @@ class _Search:
 
     def take(self, qdq: QDQConfig, runner, tag: str) -> None:
         self.best_cfg, self.best = qdq, runner
-        self.best_bytes = (self.tmp / f"trial-{tag}.onnx").stat().st_size
+        self.best_path = self.tmp / f"trial-{tag}.onnx"
+        self.best_bytes = self.best_path.stat().st_size
 
 
 def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.ndarray,
@@ -360,7 +412,7 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
         s.take(cfg.qdq, s.build(cfg.qdq, "int8"), "int8")
         nodes = compute_nodes(fp32_path)
         order = {node: i for i, (node, _) in enumerate(nodes)}
-        ranking = rank_by_profile(fp32_path, s.tmp / "trial-int8.onnx", nodes, inputs[min(inputs)], cfg.threads)
+        ranking = s.profile = rank_by_profile(fp32_path, s.best_path, nodes, inputs, cfg.threads)
         nodes = sorted(nodes, key=lambda n: -ranking[n[0]]["gain_us"])  # most to gain from fp32 first
         parent_bytes = fp32_path.stat().st_size
         layers = _layer_search(s, nodes, parent_bytes, log)
@@ -372,21 +424,38 @@ def search_precision(fp32_path: Path, calibration: list[np.ndarray], check: np.n
                 "max_size_ratio": None if math.isinf(cfg.max_size_ratio) else cfg.max_size_ratio,
                 "size_ratio": round(s.best_bytes / parent_bytes, 3),
                 "tried_in_order_of": "profiled int8 minus fp32 time per layer (onnxruntime's per-node profile)",
+                "screen": ("a layer is timed only when onnxruntime's per-node profile says fp32 could win (fp32 "
+                           "kernel faster than its int8 kernel plus every boundary step of the int8 graph at some "
+                           "batch size)" if cfg.profile_screen else "none: every layer within the limits is timed"),
                 "profile_us": [{"node": n, **ranking[n]} for n, _ in nodes]}
         log(f"  search: {s.tried} of {len(nodes)} layers tried in {cost['seconds']:.1f} s{_why_not_tried(layers, cfg)}")
     return Plan(s.best_cfg, layers, weights, cost)
 
 
-_OVER_SIZE, _PAST_BUDGET = "not tried: in fp32 it would make", "not tried: a trial would end past"  # reasons' starts
+# how the reasons of the layers not tried start
+_OVER_SIZE, _PAST_BUDGET = "not tried: in fp32 it would make", "not tried: a trial would end past"
+_PROFILED = "not tried: onnxruntime's profile shows fp32 cannot win"
 
 
 def _why_not_tried(layers: list[dict], cfg: SearchConfig) -> str:
-    """' (N over the size limit of Rx, M past the search budget)' for the log line; '' when every layer was tried."""
+    """' (N over the size limit of Rx, M past the search budget, K ruled out by the profile)' for the log line;
+    '' when every layer was tried."""
     size = sum(d["reason"].startswith(_OVER_SIZE) for d in layers)
     budget = sum(d["reason"].startswith(_PAST_BUDGET) for d in layers)
+    profiled = sum(d["reason"].startswith(_PROFILED) for d in layers)
     why = ([f"{size} over the size limit of {cfg.max_size_ratio:g}x its parent"] if size else []) + \
-          ([f"{budget} past the search budget"] if budget else [])
+          ([f"{budget} past the search budget"] if budget else []) + \
+          ([f"{profiled} ruled out by onnxruntime's profile"] if profiled else [])
     return f" ({', '.join(why)})" if why else ""
+
+
+def _screened(node: str, op: str, profile: dict) -> dict:
+    """A layer not timed: at every batch size its fp32 kernel took longer than its int8 kernel and the int8
+    graph's boundary steps together."""
+    at = "; ".join(f"batch {b}: {p['fp32_us']:g} us in fp32 against {p['int8_us']:g} + {p['boundaries_us']:g}"
+                   for b, p in profile["by_batch"].items())
+    return {"node": node, "op": op, "precision": "int8", "profile_us": profile["by_batch"],
+            "reason": f"{_PROFILED} ({at} us for its int8 kernel and every boundary step of the int8 graph)"}
 
 
 def _layer_search(s: _Search, nodes: list[tuple[str, str]], parent_bytes: int, log) -> list[dict]:
@@ -405,6 +474,10 @@ def _layer_search(s: _Search, nodes: list[tuple[str, str]], parent_bytes: int, l
             layers.append({"node": node, "op": op, "precision": "int8",
                            "reason": f"{_PAST_BUDGET} the search budget of {cfg.budget_s:.3g} s"})
             continue
+        if cfg.profile_screen and not s.profile[node]["fp32_could_win"]:
+            layers.append(_screened(node, op, s.profile[node]))
+            log(f"  {node}: int8 (not timed: in fp32 it cannot be faster, by onnxruntime's profile)")
+            continue
         s.tried += 1
         started = time.perf_counter()
         cand_cfg = replace(s.best_cfg, exclude_nodes=s.best_cfg.exclude_nodes + (node,))
@@ -421,8 +494,9 @@ def _layer_search(s: _Search, nodes: list[tuple[str, str]], parent_bytes: int, l
                        "no measurable gain from keeping this layer in fp32" + _unsettled(d)),
         })
         log(f"  {node}: {layers[-1]['precision']} ({layers[-1]['reason']})")
-        if d.depart:
+        if d.depart:  # the graph changed around the other layers: the screen profiles it again
             s.take(cand_cfg, cand, str(i))
+            s.profile = rank_by_profile(s.fp32_path, s.best_path, nodes, s.inputs, cfg.threads)
         trial_s += time.perf_counter() - started
         s.per_trial = trial_s / s.tried
     return layers

@@ -13,8 +13,8 @@ from edgeq.export import export_onnx
 from edgeq.onnx_quant import QDQConfig, float_outputs, quantize_onnx, relu_before_maxpool
 from edgeq.examples.mnist import CNN, Preprocessing, load_data
 from edgeq.evidence import Evidence, Rule, decide, median_interval
-from edgeq.precision import (SearchConfig, compute_nodes, inspect_runtime_graph, layer_verdict, optimized_ops,
-                             search_precision)
+from edgeq.precision import (SearchConfig, compute_nodes, fp32_could_win, inspect_runtime_graph, layer_verdict,
+                             optimized_ops, search_precision)
 from edgeq.runtime import load_onnx
 from edgeq.recipe import Finetune
 from edgeq.train import fit
@@ -204,8 +204,13 @@ def test_search_decides_every_layer_and_the_weight_scales_by_measurement(cnn_onn
     assert [d["node"] for d in plan.layers] == [n for n, _ in compute_nodes(cnn_onnx)]
     for d in plan.layers:
         assert d["precision"] in ("fp32", "int8") and d["reason"]
+        if "profile_us" in d:  # not timed: its profile, recorded, says fp32 cannot win at either batch size
+            assert d["precision"] == "int8" and set(d["profile_us"]) == {"1", "64"}
+            assert not fp32_could_win(d["profile_us"].values()) and "evidence" not in d
+            continue
         assert set(d["with_node_fp32_over_int8"]) == {"1", "64"}
         assert all(r > 0 for r in d["int8_over_fp32_parent"].values())
+    assert plan.cost["layers_tried"] == sum("evidence" in d for d in plan.layers)
     assert plan.qdq.exclude_nodes == tuple(d["node"] for d in plan.layers if d["precision"] == "fp32")
     w = plan.weights
     assert w["chosen"] == ("per-channel" if plan.qdq.per_channel else "per-tensor") and w["reason"]
@@ -240,8 +245,8 @@ def test_a_layer_that_would_take_the_file_past_the_size_limit_is_never_timed(cnn
                              log=lines0.append)
     int8_ratio = plan0.cost["size_ratio"]
     limit = int8_ratio + 3 * elements[largest] / parent - 0.02  # graph overhead moves the size by ~0.005
-    plan = search_precision(cnn_onnx, calib, PRE.apply(ds.train.images[:64]), replace(FAST, max_size_ratio=limit),
-                            log=lines.append)
+    plan = search_precision(cnn_onnx, calib, PRE.apply(ds.train.images[:64]),
+                            replace(FAST, max_size_ratio=limit, profile_screen=False), log=lines.append)
     # the summary line says why layers were not tried
     assert lines0[-1].endswith(f"({len(elements)} past the search budget)"), lines0[-1]
     assert f"(1 over the size limit of {limit:g}x its parent)" in lines[-1], lines[-1]
@@ -294,5 +299,26 @@ def test_the_profile_credits_a_conv_fused_with_its_activation_to_that_conv(tmp_p
     fp32 = export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 28, 28))
     int8 = quantize_onnx(fp32, tmp_path / "q.onnx", calib, QDQConfig())
     nodes = compute_nodes(fp32)
-    ranking = rank_by_profile(fp32, int8, nodes, calib[0][:1], 1)
+    ranking = rank_by_profile(fp32, int8, nodes, {1: calib[0][:1], 4: calib[0][:4]}, 1)
     assert all(ranking[n]["fp32_us"] > 0 and ranking[n]["int8_us"] > 0 for n, _ in nodes), ranking
+    assert all(set(ranking[n]["by_batch"]) == {"1", "4"} for n, _ in nodes)
+
+
+def test_a_layer_is_screened_out_only_when_fp32_cannot_win_at_any_batch_size():
+    """Keeping a layer in fp32 adds its fp32 kernel and removes at most its int8 kernel and the int8 graph's
+    boundary steps: only when that sum is below the fp32 kernel at every batch size can it not win."""
+    def at(fp32, int8, boundaries):
+        return {"fp32_us": fp32, "int8_us": int8, "boundaries_us": boundaries}
+
+    assert not fp32_could_win([at(44.6, 16.2, 3.0), at(9000.0, 2500.0, 400.0)])  # int8 far ahead at both sizes
+    assert fp32_could_win([at(44.6, 16.2, 3.0), at(2800.0, 2500.0, 400.0)])  # the boundaries could pay at batch 256
+    assert fp32_could_win([at(10.0, 8.0, 3.0)])  # kernel alone is faster in int8, not with its boundaries
+    assert fp32_could_win([at(10.0, 0.0, 3.0)]) and fp32_could_win([at(0.0, 5.0, 1.0)])  # a node not found: unknown
+
+
+def test_the_search_without_its_screen_times_every_layer(cnn_onnx, calib, ds):
+    lines = []
+    plan = search_precision(cnn_onnx, calib, PRE.apply(ds.train.images[:64]), replace(FAST, profile_screen=False),
+                            log=lines.append)
+    assert all("evidence" in d for d in plan.layers) and plan.cost["layers_tried"] == len(plan.layers)
+    assert "none" in plan.cost["screen"] and "ruled out" not in lines[-1]
