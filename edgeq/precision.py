@@ -26,6 +26,7 @@ from edgeq import policy
 from edgeq.evidence import RULE, Decision, Evidence, Rule, decide
 from edgeq.onnx_quant import QDQBuilder, QDQConfig
 from edgeq.runtime import load_onnx, ort_session_options
+from edgeq.timing import WINDOW_S
 from edgeq.timing import ort_timing_options as timing_options
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
@@ -35,7 +36,7 @@ COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 class SearchConfig:
     batches: tuple[int, ...] = (1, 256)
     rule: Rule = RULE  # when a timing may depart from the default (edgeq.evidence)
-    window_s: float = 0.04
+    window_s: float = WINDOW_S
     # what counts as faster or slower. Within one export a paired median is tight (intervals of 1-3%),
     # but between exports under a changing load it moved by up to 5% here (the CNN's per-tensor vs
     # per-channel ratio read 0.95-0.97 at batch 1 over five exports): a smaller margin let that flip.

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeq import bundle, golden, limits, policy
+from edgeq import bundle, golden, limits, policy, timing
 from edgeq.device import measure, runners
 from edgeq.device.read import AGAIN, DeviceError, extra_files, listed, read_manifest
 from edgeq.device.report import CheckResult, FileResult
@@ -44,7 +44,7 @@ class CheckConfig:
     accuracy: bool = False  # run eval.npz in full
     threads: int | None = None  # None: the thread count of the model's recipe (the deployment's), else 1
     rounds: int = 8  # paired timing rounds per int8 file; 0 skips timing
-    window_s: float = 0.04
+    window_s: float = timing.WINDOW_S
     batches: tuple[int, ...] = (1,)
     optimization: str | None = None  # override the manifest's graph optimization level (measurement only)
     memory_limit_gb: float | None = None  # memory the check may add after its imports; None: no cap

@@ -14,6 +14,7 @@ import numpy as np
 from edgeq.errors import ConfigError
 from edgeq.manifest import Artifact
 from edgeq import evidence, policy
+from edgeq.timing import WINDOW_S
 from edgeq.signing import UNSIGNED
 
 CPU_RUNTIME = {"onnx": "onnxruntime-cpu", "torchscript": "torch-cpu", "checkpoint": "torch-cpu", "pte": "executorch-cpu"}
@@ -53,7 +54,7 @@ class VerifyConfig:
     # paired ratios up to 1 + margin are within timer noise, not "slower" (edgeq.policy's, when made)
     slower_margin: float = field(default_factory=lambda: policy.NOISE_MARGIN)
     rounds: int = 8  # alternating timing rounds per batch size: 8 give the median's 99% interval (edgeq.evidence)
-    window_s: float = 0.015  # seconds per timing window (at least one call)
+    window_s: float = WINDOW_S  # seconds per timing window (at least one call)
     time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per step that runs an artifact (load + accuracy, warm-up, timing)
     memory_limit_gb: float | None = None  # GiB the worker may add for all artifacts; None: half the machine's memory
     # set by verify: True where it runs on the export's machine and runtimes (claims exact), False elsewhere
