@@ -249,26 +249,25 @@ def _profiled_runs(paths: list[Path], x: np.ndarray, threads: int) -> list[list[
 
     import onnxruntime as ort
 
-    sessions = []
-    for i, path in enumerate(paths):
-        so = ort_session_options(threads, timing_options(threads))
-        so.enable_profiling = True
-        so.profile_file_prefix = str(path.with_suffix("")) + f"-{i}"
-        sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
-    feeds = [{sess.get_inputs()[0].name: x} for sess in sessions]
-    started, calls = time.perf_counter(), 0
-    while calls < PROFILE_CALLS and (calls < PROFILE_MIN_CALLS or time.perf_counter() - started < PROFILE_SECONDS):
-        for sess, feed in zip(sessions, feeds):
-            sess.run(None, feed)
-        calls += 1
+    with tempfile.TemporaryDirectory() as tmp:  # the traces never land beside the files profiled
+        sessions = []
+        for i, path in enumerate(paths):
+            so = ort_session_options(threads, timing_options(threads))
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, f"graph-{i}")
+            sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+        feeds = [{sess.get_inputs()[0].name: x} for sess in sessions]
+        started, calls = time.perf_counter(), 0
+        while calls < PROFILE_CALLS and (calls < PROFILE_MIN_CALLS or time.perf_counter() - started < PROFILE_SECONDS):
+            for sess, feed in zip(sessions, feeds):
+                sess.run(None, feed)
+            calls += 1
+        traces = []
+        for sess in sessions:
+            with open(sess.end_profiling(), encoding="utf-8") as f:
+                traces.append(json.load(f))
     out = []
-    for sess in sessions:
-        trace = sess.end_profiling()
-        try:
-            with open(trace, encoding="utf-8") as f:
-                events = json.load(f)
-        finally:
-            os.remove(trace)
+    for events in traces:
         starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
         runs: list[list[dict]] = [[] for _ in starts]
         for e in events:
