@@ -322,3 +322,19 @@ def test_the_search_without_its_screen_times_every_layer(cnn_onnx, calib, ds):
                             log=lines.append)
     assert all("evidence" in d for d in plan.layers) and plan.cost["layers_tried"] == len(plan.layers)
     assert "none" in plan.cost["screen"] and "ruled out" not in lines[-1]
+
+
+def test_a_profile_that_fails_leaves_no_trace_beside_the_files_and_every_layer_may_win(tmp_path, calib):
+    """onnxruntime writes a profiling session's trace when the session ends, even when a call failed: beside the
+    fp32 parent (the export's staging directory) that would be a stray file in the published export."""
+    from edgeq.precision import rank_by_profile
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 28 * 28, 10)).eval()
+    fp32 = export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 28, 28))
+    int8 = quantize_onnx(fp32, tmp_path / "q.onnx", calib, QDQConfig())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    wrong = np.zeros((1, 3, 5, 5), np.float32)  # not the models' input shape: every call raises
+    ranking = rank_by_profile(fp32, int8, compute_nodes(fp32), {1: wrong}, 1)
+    assert all(r["fp32_could_win"] and r["gain_us"] == 0.0 for r in ranking.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
