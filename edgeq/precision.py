@@ -282,15 +282,23 @@ def _per_call_us(runs: list[list[dict]], names: list[str], aliases: dict[str, st
     it carries, 'fused X', 'X_token_5', or whose output tensor it is named after: `aliases`, tensor -> node),
     and in the graph's boundary steps (BOUNDARY_OPS) together, under the key None."""
     owners = {**(aliases or {}), **{n: n for n in names}}
+    owner_of: dict[str, str | None] = {}  # event name -> owner: every call repeats the same nodes, matched once
+
+    def owner(event: str) -> str | None:
+        if event not in owner_of:
+            node = event[: -len("_kernel_time")].removeprefix("fused ")
+            # the name itself, or the name and an optimizer's suffix ('_nchwc', '_token_5'): never 'input.40' for 'input.4'
+            key = max((k for k in owners if node == k or node.startswith(k + "_")), key=len, default=None)
+            owner_of[event] = owners[key] if key is not None else None
+        return owner_of[event]
+
     per_run = []
     for events in runs:
         t = dict.fromkeys([*names, None], 0.0)
         for e in events:
-            node = e["name"][: -len("_kernel_time")].removeprefix("fused ")
-            # the name itself, or the name and an optimizer's suffix ('_nchwc', '_token_5'): never 'input.40' for 'input.4'
-            key = max((k for k in owners if node == k or node.startswith(k + "_")), key=len, default=None)
-            if key is not None:
-                t[owners[key]] += e["dur"]
+            found = owner(e["name"])
+            if found is not None:
+                t[found] += e["dur"]
             elif e.get("args", {}).get("op_name") in BOUNDARY_OPS:
                 t[None] += e["dur"]
         per_run.append(t)
