@@ -338,3 +338,13 @@ def test_a_profile_that_fails_leaves_no_trace_beside_the_files_and_every_layer_m
     ranking = rank_by_profile(fp32, int8, compute_nodes(fp32), {1: wrong}, 1)
     assert all(r["fp32_could_win"] and r["gain_us"] == 0.0 for r in ranking.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_the_exporter_the_verifier_and_the_device_checker_time_in_one_window_length():
+    """One window length for every timed decision and every check of it (the device checker's was 40 ms, the
+    verifier's 15 ms): a ratio the verifier re-measures is measured as the export decided it."""
+    from edgeq import timing
+    from edgeq.device.check import CheckConfig
+    from edgeq.verify.rows import VerifyConfig
+
+    assert {SearchConfig().window_s, VerifyConfig().window_s, CheckConfig().window_s} == {timing.WINDOW_S}
