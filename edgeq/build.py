@@ -346,7 +346,7 @@ def _family(b: Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) 
     b.lineage.extend(pruned)
     fam.calibration = batches(sample(b.splits.train, recipe.calibration_samples, recipe.seed))
     # the int8 files' fp32 parents (the dense and the channel-pruned models) share the model's budgets; the
-    # accuracy budget is shared by the int8 ONNX files' bars, and the static .pte programs' bars spend what
+    # accuracy budget is shared by the int8 ONNX files' bars, and the static .pte programs' bars share what
     # they leave (edgeq.programs)
     parents = [v for v in variants if v.key != "unstructured"]
     n = len(parents) if set(recipe.variants) & {"static", "qat"} else 0

@@ -66,6 +66,11 @@ class Budget:
     def spend(self, seconds: float) -> None:
         self.seconds, self.parents = max(self.seconds - seconds, 0.0), max(self.parents - 1, 0)
 
+    def reshare(self, parts: int) -> None:
+        """What is left, shared from now on by `parts` (the bars of a stage that runs after the last of the
+        parents it was set for): none of them takes what the others after it would need."""
+        self.parents = parts
+
 
 @dataclass
 class Build:

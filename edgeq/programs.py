@@ -37,6 +37,7 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
     if not fam.settings.programs.enabled:
         return out
     missing = pte.available()
+    budget = _program_bars_share(fam, variants, modes)
     for v in variants:
         names = [v.key] + ([f"{'' if v.key == 'fp32' else v.key + '-'}{m}" for m in modes]
                            if v.key != "unstructured" else [])
@@ -48,12 +49,27 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
             shipped = _fp32(fam, v, out)
             for mode in modes if v.key != "unstructured" else []:
                 variant = f"{'' if v.key == 'fp32' else v.key + '-'}{mode}"
+                parts = budget.parents if budget is not None else 0
                 if shipped:
                     attempt(out, name_of(fam.name, variant, FMT), lambda: _int8(fam, v, variant, mode, out))
                 else:
                     out.skip(name_of(fam.name, variant, FMT),
                              f"its fp32 parent {name_of(fam.name, v.key, FMT)} was not shipped")
+                if mode == "static" and budget is not None and budget.parents == parts:
+                    budget.spend(0.0)  # a bar that did not run (or failed first) leaves its share to the next
     return out
+
+
+def _program_bars_share(fam: Family, variants: list[FloatVariant], modes: list[str]):
+    """The accuracy budget's seconds the int8 ONNX bars left (they are measured first), shared from here by
+    the static programs' bars (one per parent), so that the first cannot spend what the next needs: a
+    program that misses its contract whatever it tries would otherwise leave the next none. QAT programs
+    are trained once and spend none. None when there is no static program or budget."""
+    budget = fam.budgets.get("accuracy")
+    if budget is None or "static" not in modes:
+        return None
+    budget.reshare(sum(v.key != "unstructured" for v in variants))
+    return budget
 
 
 def deployment_example(fam: Family):
@@ -234,9 +250,9 @@ class ProgramTrials:
                 "padding_crop": self.cut}
 
     def _fallback(self, cal: dict, units: list[tuple[str, list[str]]], layers: list[str]) -> dict:
-        """The bar's units tried within what the model's int8 ONNX bars left of its accuracy budget (they are
-        measured first, and the budget has no share set aside for a program); a program without units (QAT:
-        trained once) spends none."""
+        """The bar's units tried within this program's share of what the model's int8 ONNX bars left of its
+        accuracy budget (they are measured first; the static programs share the rest: `_program_bars_share`);
+        a program without units (QAT: trained once) spends none."""
         static, bar = self.mode == "static", self.fam.settings.programs.max_accuracy_drop
         build = lambda nodes: self.build(nodes, cal, screened=static)  # noqa: E731
         if not units:

@@ -404,6 +404,35 @@ def test_the_calibration_kept_is_lowered_as_screened_not_quantized_again(digits,
     assert captures == ["static"]  # the model captured once: each candidate prepares a copy of its graph
 
 
+def test_the_static_programs_share_what_the_onnx_bars_left_of_the_accuracy_budget(digits, built, tmp_path,
+                                                                                 monkeypatch):
+    """With a dense and a channel-pruned parent, each static program's bar gets an equal part of what the int8
+    ONNX bars left of the accuracy budget, and the last what is left: the first cannot spend the part of the
+    next (a dense program that misses its contract whatever it tries left the pruned one 0.09 s of 54 s)."""
+    import edgeq
+    from edgeq import programs
+    from edgeq.recipe import Recipe
+
+    seen, real = [], programs.ProgramTrials._fallback
+
+    def spy(self, cal, units, layers):
+        budget = self.fam.budgets["accuracy"]
+        seen.append((self.name, budget.seconds, budget.parents, budget.share()))
+        return real(self, cal, units, layers)
+
+    monkeypatch.setattr(programs.ProgramTrials, "_fallback", spy)
+    train = digits["train"]
+    recipe = Recipe(variants=("structured", "static"), ship_rule="always", search_budget_s=1e-6, batches=(1, 8),
+                    sensitivity=False, calibration_methods=("MinMax",), calibration_sizes=(128,),
+                    pte_observers=("minmax",), bias_correction=(False,), jobs=1)
+    edgeq.compress({"mlp": built["mlp"]["model"]}, train=(train.x, train.y), test=(digits["x"], digits["y"]),
+                   out=tmp_path / "art", recipe=recipe, progress=False, log=lambda s: None)
+    assert [name for name, *_ in seen] == ["mlp-static-pte", "mlp-structured-static-pte"]
+    (_, left, parts, share), (_, left2, parts2, share2) = seen
+    assert parts == 2 and share == pytest.approx(left / 2) and 0 < left <= recipe.accuracy_budget_s
+    assert parts2 == 1 and share2 == left2 > 0
+
+
 def test_a_copy_of_the_captured_graph_gives_the_program_a_capture_gives(built, tmp_path):
     """`quantize(captured=graph_for(...))` prepares a copy of one capture: the same program, byte for byte, as
     quantizing with a fresh capture, and the graph it was given is left as it was, for the next candidate."""
