@@ -8,7 +8,8 @@ contract (edgeq.policy) on the validation split, and either records it or delete
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,17 @@ class Budget:
         """What is left, shared from now on by `parts` (the bars of a stage that runs after the last of the
         parents it was set for): none of them takes what the others after it would need."""
         self.parents = parts
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[Budget]:
+        """One parent's turn: what the block spends is charged as usual; a turn that spends nothing (its bar
+        did not run, or failed before it measured) is closed with nothing spent, so its part passes on."""
+        parts = self.parents
+        try:
+            yield self
+        finally:
+            if self.parents == parts:
+                self.spend(0.0)
 
 
 @dataclass

@@ -216,6 +216,21 @@ def test_a_models_budget_is_shared_by_its_parents_and_what_one_leaves_carries_ov
     assert b.share() == 0.0 and b.parents == 0
 
 
+def test_a_turn_at_the_budget_that_spends_nothing_passes_its_part_on_and_one_that_spends_is_charged_once() -> None:
+    from edgeq.context import Budget
+
+    b = Budget(90.0, 3)
+    with b.turn():  # a bar that did not run
+        pass
+    assert b.parents == 2 and b.share() == 45.0
+    with b.turn() as t:  # a bar that spent 30 s of its 45
+        t.spend(30.0)
+    assert b.parents == 1 and b.share() == 60.0
+    with pytest.raises(RuntimeError), b.turn():  # a bar that failed before it measured
+        raise RuntimeError("lowering failed")
+    assert b.parents == 0 and b.seconds == 60.0
+
+
 def test_the_search_budget_is_the_models_and_sizes_are_checked(built) -> None:
     name, _, _, manifest = built
     names = {a.name for a in manifest.artifacts}
