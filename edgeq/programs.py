@@ -6,7 +6,9 @@ one when the recipe asks for QAT. An int8 program that misses its bars gets laye
 quantization (module names, stem and head first) until it meets them, measured on the validation
 split; replayed, the plan's layers are built and measured again. Every program is checked against
 its model, judged by edgeq.policy, and timed against its fp32 program before it ships (edgeq.speed).
-Without ExecuTorch installed every `.pte` variant is listed under `skipped` with the install command.
+A QAT program is trained before the static program's bar and, on a local pool, lowered on a worker while
+the bar runs (lowering is one thread; the bar's screens use the rest; edgeq.pte.lower_int8_beside): the
+same bytes as lowered here. Without ExecuTorch installed every `.pte` variant is listed under `skipped` with the install command.
 """
 
 from __future__ import annotations
@@ -48,16 +50,30 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
             continue
         with timed(fam.build.timings, f"{fam.name}.pte_s"):
             shipped = _fp32(fam, v, out)
+            trials = _started(fam, v, modes) if shipped and v.key != "unstructured" else {}
             for mode in modes if v.key != "unstructured" else []:
                 variant = f"{'' if v.key == 'fp32' else v.key + '-'}{mode}"
                 # a static bar's turn at the budget, closed even when the bar does not run
                 with budget.turn() if mode == "static" and budget is not None else contextlib.nullcontext():
                     if shipped:
-                        attempt(out, name_of(fam.name, variant, FMT), lambda: _int8(fam, v, variant, mode, out))
+                        attempt(out, name_of(fam.name, variant, FMT),
+                                lambda: _int8(fam, v, variant, mode, out, trials.get(mode)))
                     else:
                         out.skip(name_of(fam.name, variant, FMT),
                                  f"its fp32 parent {name_of(fam.name, v.key, FMT)} was not shipped")
     return out
+
+
+def _started(fam: Family, v: FloatVariant, modes: list[str]) -> dict[str, ProgramTrials]:
+    """The QAT program trained and sent to be lowered on a pool worker before the static program's bar
+    runs: the bar's screens and the lowering then share the cores (ProgramTrials.start)."""
+    if "qat" not in modes:
+        return {}
+    variant = f"{'' if v.key == 'fp32' else v.key + '-'}qat"
+    t = ProgramTrials(fam, v, variant, "qat")
+    with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
+        t.start()
+    return {"qat": t}
 
 
 def _program_bars_share(fam: Family, variants: list[FloatVariant], modes: list[str]):
@@ -178,9 +194,26 @@ class ProgramTrials:
         self._held: dict = {}  # the last quantized models: a screened candidate that passes is lowered, not redone
         self._graph = None  # the model's captured graph: every candidate of a static program is prepared from a copy
         self._gates: list[str] | None = None
+        self._lowering: tuple | None = None  # (candidate, edgeq.pte.Lowering or the exception it raised): `start`
+
+    def start(self) -> None:
+        """The program's one candidate (QAT: trained once, nothing left out) quantized now and lowered on a
+        pool worker beside this process (edgeq.pte.lower_int8_beside; here, now, without one); `build`
+        takes it. A failure is raised where the program is built, as it would have been there."""
+        cal = _calibration(self.fam, self.mode, self.screen)
+        key = self._key((), cal)
+        try:
+            self._lowering = key, pte.lower_int8_beside(self.quantized((), cal), deployment_example(self.fam),
+                                                        self.path, self.fam.build.pool)
+        except Exception as exc:  # noqa: BLE001 - raised again by `build`
+            self._lowering = key, exc
+
+    @staticmethod
+    def _key(nodes: tuple[str, ...], cal: dict) -> tuple:
+        return tuple(nodes), cal["observer"], cal["samples"]
 
     def quantized(self, nodes: tuple[str, ...], cal: dict):
-        key = (tuple(nodes), cal["observer"], cal["samples"])
+        key = self._key(nodes, cal)
         if key not in self._held:
             while len(self._held) >= 4:  # the calibration candidates, so that the one kept is lowered, not redone
                 self._held.pop(next(iter(self._held)))
@@ -220,7 +253,13 @@ class ProgramTrials:
             s = self.screen(nodes, cal)
             if not self.accept(s)[0]:
                 return {**s, "screened": True}
-        self.info = pte.lower_int8(self.quantized(nodes, cal), deployment_example(self.fam), self.path)
+        started, self._lowering = self._lowering, None
+        if started is not None and started[0] == self._key(nodes, cal):
+            if isinstance(started[1], Exception):
+                raise started[1]
+            self.info = started[1].result()
+        else:
+            self.info = pte.lower_int8(self.quantized(nodes, cal), deployment_example(self.fam), self.path)
         return self.scored()
 
     def scored(self) -> dict:
@@ -341,8 +380,9 @@ def _faster(t: ProgramTrials, found: dict, cal: dict, units: list[tuple[str, lis
             "speed": {"units": tried, "batch": list(inputs), "rule": "edgeq.precision.layer_verdict"}}
 
 
-def _int8(fam: Family, v: FloatVariant, variant: str, mode: str, out: Lineage) -> None:
-    t = ProgramTrials(fam, v, variant, mode)
+def _int8(fam: Family, v: FloatVariant, variant: str, mode: str, out: Lineage,
+          started: ProgramTrials | None = None) -> None:
+    t = started or ProgramTrials(fam, v, variant, mode)
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
         bar = fam.build.decisions.decide(fam.plan.accuracy, t.name, f"accuracy decision for {t.name}", t.measure,
                                          t.replay)

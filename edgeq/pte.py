@@ -402,6 +402,73 @@ def lower_int8(converted: torch.nn.Module, example: torch.Tensor, path: Path) ->
     return lower(capture(converted, example), path)
 
 
+# A program of fewer ops is lowered in this process: a pool worker's first lowering imports ExecuTorch (about
+# 10 s on a 2-core Xeon), more than such a program takes to lower (the MNIST models, 12 and 34 ops: 2-5 s);
+# resnet18 (144 ops) and efficientnet_b0 (728) lower in 15-45 s. Where it runs never changes its bytes.
+BESIDE_FROM_OPS = 100
+
+
+def lower_int8_beside(converted: torch.nn.Module, example: torch.Tensor, path: Path, pool=None) -> Lowering:
+    """`lower_int8`, run on a worker of `pool` (an edgeq.trials.Pool) while this process works on: the
+    captured program travels as `torch.export.save` bytes and the worker sends the program's bytes back
+    (the same bytes: lowering is deterministic, in any process). `Lowering.result()` waits for it, writes
+    `path` and returns what `lower_int8` returns. Without a local pool (one job, or Ray), or for a program
+    of fewer than BESIDE_FROM_OPS ops, it is lowered here, now. Lowering is untimed work: edgeq.timing
+    waits for it before any timed round."""
+    import io
+
+    import torch
+
+    program = capture(converted, example)
+    ops = sum(n.op == "call_function" for n in program.graph.nodes)
+    if pool is None or pool.workers.backend != "pool" or ops < BESIDE_FROM_OPS:
+        return Lowering(None, path, lower(program, path))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    item = {"program": buffer.getvalue()}
+    return Lowering((pool, item, pool.beside(lowered_program, item)), path,
+                    {"input_shape": [int(d) for d in _user_input(program).meta["val"].shape],
+                     "versions": versions(), "threads": THREADS_HOW})
+
+
+class Lowering:
+    """A program being lowered beside this process (`lower_int8_beside`), or lowered already."""
+
+    def __init__(self, job, path: Path, info: dict) -> None:
+        self._job, self.path, self._info = job, Path(path), info
+        self.pid = os.getpid()  # the process that lowered it, once `result` returned
+
+    def result(self) -> dict:
+        """Wait for the worker, write the program (atomically) and return its manifest information; the
+        worker's ExportError is raised here. A worker that died has the program lowered here instead."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self._job is not None:
+            (pool, item, future), self._job = self._job, None
+            try:
+                done = future.result()
+            except BrokenProcessPool:
+                pool.restart()
+                done = lowered_program({}, item)
+            _write(self.path, done["buffer"])
+            self.pid = done["pid"]
+            self._info = {"delegation": done["delegation"], **self._info}
+        return self._info
+
+
+def lowered_program(shared, item: dict) -> dict:
+    """A pool task (edgeq.trials): the ExportedProgram saved in `item["program"]` -> the program's bytes
+    and its delegation counts."""
+    import io
+
+    import torch
+    from executorch.exir import to_edge_transform_and_lower  # noqa: F401  (registers the ops a saved program calls)
+    from torchao.quantization.pt2e import quantize_pt2e  # noqa: F401  (quantized_decomposed)
+
+    buffer, counted = _lowered(torch.export.load(io.BytesIO(item["program"])))
+    return {"buffer": buffer, "delegation": counted, "pid": os.getpid()}
+
+
 def lower(program, path: Path) -> dict:
     """ExportedProgram -> XNNPACK-partitioned edge program -> ExecuTorch program written to `path`.
 
@@ -409,6 +476,14 @@ def lower(program, path: Path) -> dict:
     left to ExecuTorch's portable kernels), `input_shape` (the program's fixed input shape),
     `versions` and `threads` (how the thread count is set). ExportError in one line if lowering fails.
     """
+    buffer, counted = _lowered(program)
+    _write(Path(path), buffer)
+    shape = [int(d) for d in _user_input(program).meta["val"].shape]
+    return {"delegation": counted, "input_shape": shape,
+            "versions": versions(), "threads": THREADS_HOW}
+
+
+def _lowered(program) -> tuple[bytes, dict]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -416,17 +491,16 @@ def lower(program, path: Path) -> dict:
         with _quiet():
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             counted = delegation(edge.exported_program().graph_module)  # before to_executorch rewrites it
-            buffer = edge.to_executorch().buffer
+            return edge.to_executorch().buffer, counted
     except Exception as exc:
         raise ExportError(f"ExecuTorch/XNNPACK lowering failed ({type(exc).__name__}: {first_line(exc, 160)}); "
                           "the .pte variant is skipped") from None
-    path = Path(path)
+
+
+def _write(path: Path, buffer: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(buffer)
     os.replace(tmp, path)
-    shape = [int(d) for d in _user_input(program).meta["val"].shape]
-    return {"delegation": counted, "input_shape": shape,
-            "versions": versions(), "threads": THREADS_HOW}
 
 
 def _user_input(program):

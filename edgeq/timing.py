@@ -7,6 +7,8 @@ within a few tens of milliseconds of each other, and the median over rounds disc
 burst split. Shared by the exporter's timed decisions, the verifier and the benchmarks.
 
 `threads(n)` runs a block at torch's thread count n and restores the previous count after it.
+Nothing this process started runs beside a timed round: work sent to a pool worker to run while the
+export goes on (`beside`: edgeq.trials.Pool.beside) is waited for before the round starts (`alone`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,24 @@ def ort_timing_options(n: int) -> dict | None:
     return {"config_entries": {"session.intra_op.allow_spinning": "0"}} if n > 1 else None
 
 
+_BESIDE: list = []  # futures of untimed work this process started on other cores (edgeq.trials.Pool.beside)
+
+
+def beside(future) -> None:
+    """Untimed work now running beside this process: the next timed round waits for it to finish."""
+    _BESIDE.append(future)
+
+
+def alone() -> None:
+    """Wait for the work started beside this process (`beside`): a timed round shares no core with it.
+    Its outcome (a result or an exception) stays with its future for the caller that started it."""
+    from concurrent.futures import wait
+
+    if _BESIDE:
+        wait(list(_BESIDE))
+        _BESIDE.clear()
+
+
 def timed_round(fns: Sequence[Fn], x: np.ndarray, window_s: float, reverse: bool = False,
                 min_calls: int = 1) -> list[list[float]]:
     """One round: a window per function, back to back -> per-call seconds, indexed like `fns`.
@@ -53,7 +73,9 @@ def timed_round(fns: Sequence[Fn], x: np.ndarray, window_s: float, reverse: bool
     A window lasts at least `window_s` and `min_calls` calls. `reverse` runs the functions in
     reverse order (alternate it between rounds so that none always follows the same neighbour).
     The garbage collector is paused so that a collection is not charged to the call it interrupts.
+    Work this process started beside it (`beside`) is waited for first.
     """
+    alone()
     samples: list[list[float]] = [[] for _ in fns]
     order = reversed(range(len(fns))) if reverse else range(len(fns))
     gc_was_enabled = gc.isenabled()

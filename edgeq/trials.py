@@ -25,6 +25,10 @@ other, so a latency measured inside one is noise. Timed trials stay serial on th
 on Ray nodes that do nothing else (`Workers(resources={"target:arm64": 1}, cpus=0)` against nodes
 started with `--num-cpus=0 --resources '{"target:arm64": 1}'`: one trial at a time per node).
 docs/scale.md has the figures and how to start a cluster.
+
+`Pool.beside(fn, item)` runs one job on a local worker while the caller works on (a program lowered
+while the next one is screened) and returns its future; edgeq.timing waits for such jobs before a
+timed round.
 """
 
 from __future__ import annotations
@@ -225,6 +229,27 @@ class Pool:
                 for _ in range(self.size):
                     executor.submit(os.getpid)
         return self
+
+    def beside(self, fn: TrialFn, item: Any):
+        """One untimed job, `fn({}, item)`, on a worker of this pool while this process works on -> its
+        concurrent.futures.Future; None without local workers (one job, or Ray): the caller runs it itself.
+        edgeq.timing waits for it before a timed round (nothing runs beside one). A worker that dies
+        fails the future with BrokenProcessPool: call `restart` before running it again."""
+        if self.workers.backend != "pool":
+            return None
+        _check_picklable(fn)
+        with _main_not_rerun():
+            future = self._start().submit(fn, {}, item)
+        from edgeq import timing
+
+        timing.beside(future)
+        return future
+
+    def restart(self) -> None:
+        """After a worker died under `beside`: the next job or run starts fresh processes."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def close(self) -> None:
         """Stop the local worker processes (they finish the trial they run) and remove the run files."""

@@ -542,3 +542,59 @@ def test_the_speed_step_lowers_each_candidate_once_and_ships_the_one_it_keeps(di
     assert len(lowered) == 1 + len(bar["speed"]["units"])  # the all-int8 program, then the stem in fp32: no third
     assert hashlib.sha256((tmp_path / "art" / "mlp-static.pte").read_bytes()).hexdigest() in lowered
     assert bar["fp32_nodes_added"] == (["fc1"] if bar["speed"]["units"][0]["kept"] else [])
+
+
+def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, tmp_path, monkeypatch):
+    """`lower_int8_beside` sends the captured program to a pool worker, which sends the program's bytes back:
+    the file, written when its result is taken, is the one `lower_int8` wrote here, with the same manifest
+    information. A program of fewer than BESIDE_FROM_OPS ops is lowered here, at once."""
+    from edgeq.trials import Pool, Workers
+
+    b = built["cnn"]
+    with Pool(Workers(jobs=2)) as pool:
+        here = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "small.pte", pool)
+        assert (tmp_path / "small.pte").exists() and here.pid == os.getpid()  # 34 ops: below the default
+        monkeypatch.setattr(pte, "BESIDE_FROM_OPS", 0)
+        lowering = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "beside.pte", pool)
+        assert not (tmp_path / "beside.pte").exists()  # written by `result`, not before
+        info = lowering.result()
+    assert lowering.pid != os.getpid()  # lowered on the worker
+    assert (tmp_path / "beside.pte").read_bytes() == b["int8"].read_bytes()
+    assert info == b["int8_info"] and here.result() == b["int8_info"]
+
+
+def test_the_qat_program_lowers_on_a_worker_while_the_static_program_is_screened(digits, built, tmp_path,
+                                                                                  monkeypatch):
+    """With two jobs, the QAT program is trained and sent to a pool worker to be lowered before the static
+    program's bar runs; the program it ships is, byte for byte, the one its quantized model lowers to here."""
+    import json
+
+    import edgeq
+    from edgeq import programs
+    from edgeq.recipe import Recipe
+
+    monkeypatch.setattr(pte, "BESIDE_FROM_OPS", 0)
+    real, sent, order = pte.lower_int8_beside, [], []
+
+    def keep(converted, example, path, pool=None):
+        order.append(("qat sent", Path(path).name))
+        sent.append((converted, example, Path(path)))
+        return real(converted, example, path, pool)
+
+    monkeypatch.setattr(pte, "lower_int8_beside", keep)
+    real_screen = programs.ProgramTrials.screen
+    monkeypatch.setattr(programs.ProgramTrials, "screen",
+                        lambda self, *a: order.append(("screen", self.name)) or real_screen(self, *a))
+    train = digits["train"]
+    recipe = Recipe(variants=("static", "qat"), ship_rule="always", search_budget_s=1e-6, batches=(1, 8),
+                    sensitivity=False, calibration_methods=("MinMax",), calibration_sizes=(128,),
+                    pte_observers=("minmax", "histogram"), bias_correction=(False,), jobs=2)
+    edgeq.compress({"mlp": built["mlp"]["model"]}, train=(train.x, train.y), test=(digits["x"], digits["y"]),
+                   out=tmp_path / "art", recipe=recipe, progress=False, log=lambda s: None)
+    assert order[0] == ("qat sent", "mlp-qat.pte") and ("screen", "mlp-static-pte") in order[1:]
+    (converted, example, path), = sent
+    info = pte.lower_int8(converted, example, tmp_path / "here.pte")
+    assert path.name == "mlp-qat.pte" and (tmp_path / "art" / path.name).read_bytes() == (tmp_path / "here.pte").read_bytes()
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    art = next(a for a in manifest["artifacts"] if a["name"] == "mlp-qat-pte")
+    assert art["runtime"]["delegation"] == info["delegation"]

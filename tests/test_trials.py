@@ -201,6 +201,31 @@ def test_a_pool_needs_module_level_functions():
         trials.run(lambda shared, item: item, [1, 2], None, Workers(jobs=2), progress=False)
 
 
+def test_a_timed_round_waits_for_work_started_beside_it():
+    """A job run beside this process (Pool.beside) shares no core with a timed round: the round starts
+    after it ends (the worker starts and naps for a second; the round's window is a millisecond)."""
+    from edgeq import timing
+
+    with Pool(Workers(jobs=2)) as pool:
+        job = pool.beside(nap, 1.0)
+        timing.timed_round([lambda x: None], np.zeros(1), 0.001)
+        assert job.done() and job.result() == 1.0
+
+
+def test_a_job_beside_runs_on_a_worker_and_one_whose_worker_died_leaves_a_pool_that_restarts():
+    from concurrent.futures.process import BrokenProcessPool
+
+    assert Pool(Workers(jobs=1)).beside(echo, 1) is None  # no local worker: the caller runs it
+    with Pool(Workers(jobs=2)) as pool:
+        assert pool.beside(echo, "x").result() == "x"
+        job = pool.beside(always_dies, "die")
+        with pytest.raises(BrokenProcessPool):
+            job.result()
+        pool.restart()
+        assert [t.value for t in pool.run(echo, [1, 2], None, progress=False)] == [1, 2]
+        assert pool.beside(echo, "y").result() == "y"
+
+
 def test_shared_file_writes_bytes_once_per_content():
     a, b = b"model one", b"model two"
     path = trials.shared_file(a, ".onnx")
