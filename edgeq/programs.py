@@ -195,6 +195,7 @@ class ProgramTrials:
         self._graph = None  # the model's captured graph: every candidate of a static program is prepared from a copy
         self._gates: list[str] | None = None
         self._lowering: tuple | None = None  # (candidate, edgeq.pte.Lowering or the exception it raised): `start`
+        self._screens: dict = {}  # candidate -> its screen's scores
 
     def start(self) -> None:
         """The program's one candidate (QAT: trained once, nothing left out) quantized now and lowered on a
@@ -242,8 +243,13 @@ class ProgramTrials:
             return self.ft(model)
 
     def screen(self, nodes: tuple[str, ...], cal: dict) -> dict:
-        """The candidate scored in torch before lowering (edgeq.pte.predict): cheap, and close to the program."""
-        return score(pte.predict(self.quantized(nodes, cal), self.fam.val.x), self.fam.val.y, self.parent_logits)
+        """The candidate scored in torch before lowering (edgeq.pte.predict): cheap, and close to the program.
+        Once per candidate: the calibration kept is the bar's first step, screened already."""
+        key = self._key(nodes, cal)
+        if key not in self._screens:
+            self._screens[key] = score(pte.predict(self.quantized(nodes, cal), self.fam.val.x), self.fam.val.y,
+                                       self.parent_logits)
+        return self._screens[key]
 
     def build(self, nodes: tuple[str, ...], cal: dict | None = None, screened: bool = False) -> dict:
         """The program, lowered and scored from its file; with `screened`, only when the PT2E model meets

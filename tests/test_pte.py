@@ -381,17 +381,19 @@ def test_qat_of_a_model_with_stochastic_depth_and_dropout_lowers(digits, tmp_pat
 
 
 def test_the_calibration_kept_is_lowered_as_screened_not_quantized_again(digits, built, tmp_path, monkeypatch):
-    """Each static calibration candidate is quantized once, to be screened in torch; the one kept is the
-    program lowered (ProgramTrials keeps the screened models), so the bar's first step costs no quantization."""
+    """Each static calibration candidate is quantized and screened in torch once; the one kept is the
+    program lowered (ProgramTrials keeps the screened models and their scores), so the bar's first step
+    costs no quantization and no screen."""
     import json
 
     import edgeq
     from edgeq.recipe import Recipe
 
-    calls, captures = [], []
-    real, real_graph = pte.quantize, pte.graph_for
+    calls, captures, screens = [], [], []
+    real, real_graph, real_predict = pte.quantize, pte.graph_for, pte.predict
     monkeypatch.setattr(pte, "quantize", lambda *a, **k: calls.append(k.get("observer")) or real(*a, **k))
     monkeypatch.setattr(pte, "graph_for", lambda *a, **k: captures.append(a[2]) or real_graph(*a, **k))
+    monkeypatch.setattr(pte, "predict", lambda *a, **k: screens.append(1) or real_predict(*a, **k))
     train = digits["train"]
     recipe = Recipe(variants=("static",), ship_rule="always", search_budget_s=1e-6, batches=(1, 8), sensitivity=False,
                     calibration_methods=("MinMax",), calibration_sizes=(128, 256), pte_observers=("histogram", "minmax"),
@@ -401,6 +403,7 @@ def test_the_calibration_kept_is_lowered_as_screened_not_quantized_again(digits,
     bar = json.loads((tmp_path / "art" / "plan.json").read_text())["models"]["mlp"]["accuracy"]["mlp-static-pte"]
     assert len(bar["calibration"]["candidates"]) == 4 and bar["met"] and len(bar["steps"]) == 1
     assert sorted(calls) == ["histogram", "histogram", "minmax", "minmax"]  # four screens, no fifth to lower
+    assert len(screens) == 4  # the bar's first step is the candidate kept, not screened again
     assert captures == ["static"]  # the model captured once: each candidate prepares a copy of its graph
 
 
