@@ -204,10 +204,14 @@ class ProgramTrials:
         cal = _calibration(self.fam, self.mode, self.screen)
         key = self._key((), cal)
         try:
-            self._lowering = key, pte.lower_int8_beside(self.quantized((), cal), deployment_example(self.fam),
-                                                        self.path, self.fam.build.pool)
+            lowering = pte.lower_int8_beside(self.quantized((), cal), deployment_example(self.fam), self.path,
+                                             self.fam.build.pool)
         except Exception as exc:  # noqa: BLE001 - raised again by `build`
             self._lowering = key, exc
+            return
+        self._lowering = key, lowering
+        if lowering.pending:
+            self.fam.build.log(f"  {self.name}: lowering on a pool worker while the next bar runs")
 
     @staticmethod
     def _key(nodes: tuple[str, ...], cal: dict) -> tuple:

@@ -438,6 +438,11 @@ class Lowering:
         self._job, self.path, self._info = job, Path(path), info
         self.pid = os.getpid()  # the process that lowered it, once `result` returned
 
+    @property
+    def pending(self) -> bool:
+        """Sent to a worker, and not taken yet."""
+        return self._job is not None
+
     def result(self) -> dict:
         """Wait for the worker, write the program (atomically) and return its manifest information; the
         worker's ExportError is raised here. A worker that died has the program lowered here instead."""

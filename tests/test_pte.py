@@ -556,11 +556,12 @@ def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, t
     b = built["cnn"]
     with Pool(Workers(jobs=2)) as pool:
         here = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "small.pte", pool)
-        assert (tmp_path / "small.pte").exists() and here.pid == os.getpid()  # 34 ops: below the default
+        assert (tmp_path / "small.pte").exists() and here.pid == os.getpid() and not here.pending  # 34 ops
         monkeypatch.setattr(pte, "BESIDE_FROM_OPS", 0)
         lowering = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "beside.pte", pool)
-        assert not (tmp_path / "beside.pte").exists()  # written by `result`, not before
+        assert lowering.pending and not (tmp_path / "beside.pte").exists()  # written by `result`, not before
         info = lowering.result()
+        assert not lowering.pending
     assert lowering.pid != os.getpid()  # lowered on the worker
     assert (tmp_path / "beside.pte").read_bytes() == b["int8"].read_bytes()
     assert info == b["int8_info"] and here.result() == b["int8_info"]
