@@ -48,12 +48,14 @@ def ort_timing_options(n: int) -> dict | None:
     return {"config_entries": {"session.intra_op.allow_spinning": "0"}} if n > 1 else None
 
 
-_BESIDE: list = []  # futures of untimed work this process started on other cores (edgeq.trials.Pool.beside)
+_BESIDE: set = set()  # futures of untimed work this process started on other cores (edgeq.trials.Pool.beside)
 
 
 def beside(future) -> None:
-    """Untimed work now running beside this process: the next timed round waits for it to finish."""
-    _BESIDE.append(future)
+    """Untimed work now running beside this process: the next timed round waits for it to finish. A future
+    leaves the set when it is done (nothing here holds its result)."""
+    _BESIDE.add(future)
+    future.add_done_callback(_BESIDE.discard)
 
 
 def alone() -> None:
@@ -63,7 +65,6 @@ def alone() -> None:
 
     if _BESIDE:
         wait(list(_BESIDE))
-        _BESIDE.clear()
 
 
 def timed_round(fns: Sequence[Fn], x: np.ndarray, window_s: float, reverse: bool = False,

@@ -210,6 +210,7 @@ def test_a_timed_round_waits_for_work_started_beside_it():
         job = pool.beside(nap, 1.0)
         timing.timed_round([lambda x: None], np.zeros(1), 0.001)
         assert job.done() and job.result() == 1.0
+        assert job not in timing._BESIDE  # a finished job is not kept (nor the result it holds)
 
 
 def test_a_job_beside_runs_on_a_worker_and_one_whose_worker_died_leaves_a_pool_that_restarts():
