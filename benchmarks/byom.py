@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--window-s", type=float, default=0.1)
     ap.add_argument("--compare-only", action="store_true", help="time the peers on an existing --out")
+    ap.add_argument("--pinned", action="store_true",
+                    help="no timed decision (the speed search tries nothing, every file that meets its contract "
+                         "ships): the files depend on no timing, so runs with different EDGEQ_JOBS compare")
     ap.add_argument("--cache", type=Path, default=None, metavar="DIR",
                     help="keep each trained model here (NAME-eEPOCHS.pt) and reuse it: training is excluded from "
                          "every figure, and it is the slow part")
@@ -322,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                                               else args.channel_amount, allocation=PRUNE[name][2], cap=0.75),
                         finetune_structured=Finetune(epochs=PRUNE[name][1] if args.finetune_epochs is None
                                                      else args.finetune_epochs, lr=1e-3, shift=2),
-                        qat=Finetune(epochs=1, lr=2e-5, weight_decay=0.0, shift=2))
+                        qat=Finetune(epochs=1, lr=2e-5, weight_decay=0.0, shift=2),
+                        **({"search_budget_s": 1e-6, "ship_rule": "always"} if args.pinned else {}))
         t0 = time.perf_counter()
         manifest = edgeq.compress({name: model}, train=(train.x, train.y), val=(val.x, val.y), test=(test.x, test.y),
                                   out=args.out / name, recipe=recipe, force=True)
