@@ -50,30 +50,30 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
             continue
         with timed(fam.build.timings, f"{fam.name}.pte_s"):
             shipped = _fp32(fam, v, out)
-            trials = _started(fam, v, modes) if shipped and v.key != "unstructured" else {}
+            qat = _started(fam, v, modes) if shipped and v.key != "unstructured" else None
             for mode in modes if v.key != "unstructured" else []:
                 variant = f"{'' if v.key == 'fp32' else v.key + '-'}{mode}"
                 # a static bar's turn at the budget, closed even when the bar does not run
                 with budget.turn() if mode == "static" and budget is not None else contextlib.nullcontext():
                     if shipped:
                         attempt(out, name_of(fam.name, variant, FMT),
-                                lambda: _int8(fam, v, variant, mode, out, trials.get(mode)))
+                                lambda: _int8(fam, v, variant, mode, out, qat if mode == "qat" else None))
                     else:
                         out.skip(name_of(fam.name, variant, FMT),
                                  f"its fp32 parent {name_of(fam.name, v.key, FMT)} was not shipped")
     return out
 
 
-def _started(fam: Family, v: FloatVariant, modes: list[str]) -> dict[str, ProgramTrials]:
+def _started(fam: Family, v: FloatVariant, modes: list[str]) -> ProgramTrials | None:
     """The QAT program trained and sent to be lowered on a pool worker before the static program's bar
     runs: the bar's screens and the lowering then share the cores (ProgramTrials.start)."""
     if "qat" not in modes:
-        return {}
+        return None
     variant = f"{'' if v.key == 'fp32' else v.key + '-'}qat"
     t = ProgramTrials(fam, v, variant, "qat")
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
         t.start()
-    return {"qat": t}
+    return t
 
 
 def _program_bars_share(fam: Family, variants: list[FloatVariant], modes: list[str]):

@@ -426,9 +426,7 @@ def lower_int8_beside(converted: torch.nn.Module, example: torch.Tensor, path: P
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     item = {"program": buffer.getvalue()}
-    return Lowering((pool, item, pool.beside(lowered_program, item)), path,
-                    {"input_shape": [int(d) for d in _user_input(program).meta["val"].shape],
-                     "versions": versions(), "threads": THREADS_HOW})
+    return Lowering((pool, item, pool.beside(lowered_program, item)), path, _about(program))
 
 
 class Lowering:
@@ -457,7 +455,7 @@ class Lowering:
                 done = lowered_program({}, item)
             _write(self.path, done["buffer"])
             self.pid = done["pid"]
-            self._info = {"delegation": done["delegation"], **self._info}
+            self._info = {"delegation": done["delegation"], **self._info}  # as `lower` orders it
         return self._info
 
 
@@ -483,9 +481,14 @@ def lower(program, path: Path) -> dict:
     """
     buffer, counted = _lowered(program)
     _write(Path(path), buffer)
-    shape = [int(d) for d in _user_input(program).meta["val"].shape]
-    return {"delegation": counted, "input_shape": shape,
-            "versions": versions(), "threads": THREADS_HOW}
+    return {"delegation": counted, **_about(program)}
+
+
+def _about(program) -> dict:
+    """What the manifest records of a program besides its delegation: its fixed input shape, the versions,
+    how its threads are set."""
+    return {"input_shape": [int(d) for d in _user_input(program).meta["val"].shape], "versions": versions(),
+            "threads": THREADS_HOW}
 
 
 def _lowered(program) -> tuple[bytes, dict]:
