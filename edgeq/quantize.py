@@ -31,6 +31,7 @@ from edgeq.recipe import MODES
 
 ENGINES = ("x86", "fbgemm", "qnnpack")
 _TWIN = "edgeq.qat_float"  # key of the QAT float twin in the int8 GraphModule's `meta`
+_ENGINE = "edgeq.quantized_engine"  # key of the engine an int8 GraphModule was built in, in its `meta`
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -43,14 +44,25 @@ def quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _engine(name: str) -> Iterator[None]:
-    """Select the quantized engine (process-wide in torch) for this call only."""
+def engine(name: str | None) -> Iterator[None]:
+    """Select torch's quantized engine (process-wide in torch) for this block only; None keeps it.
+
+    An int8 model runs in the engine it was built in: its packed weights and its activations'
+    quantization follow the engine, so the same model gives other outputs in another one.
+    """
     previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
+    if name is not None and name != previous:
+        torch.backends.quantized.engine = name
     try:
         yield
     finally:
-        torch.backends.quantized.engine = previous
+        if torch.backends.quantized.engine != previous:
+            torch.backends.quantized.engine = previous
+
+
+def built_in(model: nn.Module) -> str | None:
+    """The quantized engine an int8 model from `quantize` was built in (None for any other model)."""
+    return getattr(model, "meta", {}).get(_ENGINE)
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,8 @@ def quantize(
     checked to run on it. static needs `calibration` (float batches, at most
     `cfg.calibration_samples` samples are used); qat needs `finetune(prepared, on_epoch=...)`, which
     trains the prepared fake-quant model in place and returns it. A qat result also carries its
-    float twin for ONNX: see `qat_float`.
+    float twin for ONNX: see `qat_float`. The result records `cfg.engine` (`built_in`): run it inside
+    `engine(built_in(q))`; `to_torchscript` traces it there.
     """
     match cfg.mode:
         case "static" if not calibration:
@@ -128,7 +141,7 @@ def quantize(
             raise ConfigError("quantization-aware training needs a fine-tuning function")
     from torch.ao.quantization import quantize_fx
 
-    with quiet(), _engine(cfg.engine):
+    with quiet(), engine(cfg.engine):
         work = copy.deepcopy(model)
         prepare = quantize_fx.prepare_qat_fx if cfg.mode == "qat" else quantize_fx.prepare_fx
         work.train(cfg.mode == "qat")
@@ -156,6 +169,7 @@ def quantize(
         with torch.no_grad():
             _run(qmodel, example, "the int8 model",
                  "that op cannot take int8 input: quantize this model in dynamic mode, or keep that op in fp32")
+    qmodel.meta[_ENGINE] = cfg.engine
     if twin is not None:
         qmodel.meta[_TWIN] = twin
     return qmodel
@@ -202,14 +216,15 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, freeze: bool = True)
     Freezing makes weights constants and inlines submodule code: smaller files. Unfrozen, the
     parameters keep their names (a checkpoint's state dict loads into it). The frozen module
     is checked against the model on the example batch plus one more row, where a batch size or a
-    branch baked into the trace would show. `model`'s train/eval flag is restored.
+    branch baked into the trace would show. `model`'s train/eval flag is restored. An int8 model
+    from `quantize` is traced and checked in the quantized engine it was built in.
     """
     name = type(model).__name__
     batch = torch.cat([example, example[:1]])
     was_training = model.training
     model.eval()
     try:
-        with quiet(), torch.no_grad():
+        with quiet(), torch.no_grad(), engine(built_in(model)):
             try:
                 with fresh_types() as unit:  # type names independent of what this process traced before
                     traced = torch.jit.trace(model, example, check_trace=False, _compilation_unit=unit,

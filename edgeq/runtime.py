@@ -75,25 +75,33 @@ def load_onnx(path: Path, threads: int = 1, options: dict | None = None) -> Runn
 
 
 def load_torchscript(path: Path, device: str = "cpu", threads: int = 1, options: dict | None = None) -> Runner:
-    """A TorchScript file; an int8 one runs in the quantized engine it was built for (`options`:
-    {"quantized_engine": "x86" | "qnnpack"}, from its manifest entry)."""
+    """A TorchScript file; an int8 one is loaded and run in the quantized engine it was built for
+    (`options`: {"quantized_engine": "x86" | "qnnpack"}, from its manifest entry). The engine is
+    process-wide in torch: it is selected for each load and call and restored after it, so no
+    other model in the process runs in another engine than it was built in."""
     import torch
 
-    from edgeq.quantize import quiet
+    from edgeq.quantize import engine, quiet
 
     torch.set_num_threads(threads)
-    engine = (options or {}).get("quantized_engine")
-    if engine is not None:
-        if engine not in torch.backends.quantized.supported_engines:
-            raise IntegrityError(f"{path.name}: built for the {engine} quantized engine, which this torch does not "
-                                 f"have ({', '.join(torch.backends.quantized.supported_engines)})")
-        torch.backends.quantized.engine = engine
+    name = (options or {}).get("quantized_engine")
+    if name is not None and name not in torch.backends.quantized.supported_engines:
+        raise IntegrityError(f"{path.name}: built for the {name} quantized engine, which this torch does not "
+                             f"have ({', '.join(torch.backends.quantized.supported_engines)})")
     try:
-        with quiet():
+        with quiet(), engine(name):
             module = torch.jit.load(str(path), map_location=device).eval()
     except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors for non-TorchScript files
         raise IntegrityError(f"{path.name}: not a TorchScript module ({first_line(exc)}); re-run `edgeq export`") from None
-    return Runner(path.name, f"torch-{device}", _torch_run(module, device))
+    forward = _torch_run(module, device)
+    if name is None:
+        return Runner(path.name, f"torch-{device}", forward)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with engine(name):
+            return forward(x)
+
+    return Runner(path.name, f"torch-{device}", run)
 
 
 def load_pte(path: Path, threads: int = 1) -> Runner:

@@ -9,6 +9,7 @@ built once per session, and once for all pytest-xdist workers (a file lock guard
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,6 +93,19 @@ def mlp_every_format(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_build(tmp_path_factory, "mlp-every-format", lambda out: mnist.export(
         out, models=("mlp",), epochs=3, recipe_overrides={**PINNED, "executorch": True, "variants": Recipe().variants},
         progress=False, log=lambda _: None))
+
+
+@pytest.fixture(autouse=True)
+def quantized_engine_kept():
+    """Every test leaves torch's quantized engine (process-wide) as it found it. Tests share a process
+    (a pytest-xdist worker runs whole files one after another), and an int8 model run in another
+    engine than it was built in gives other outputs: a leak shows here, in the test that leaked it."""
+    torch = sys.modules.get("torch")
+    before = torch.backends.quantized.engine if torch is not None else None
+    yield
+    if before is not None:
+        after = sys.modules["torch"].backends.quantized.engine
+        assert after == before, f"the test left torch's quantized engine at {after!r} (it was {before!r})"
 
 
 @pytest.fixture(scope="session")

@@ -314,6 +314,39 @@ def test_quantized_engine_is_restored():
         torch.backends.quantized.engine = previous
 
 
+def test_an_int8_file_runs_in_the_engine_it_was_built_for_and_leaves_the_process_in_its_own(trained_models,
+                                                                                           digits, tmp_path):
+    """An arm64 target's int8 TorchScript is built in qnnpack. Loading and running it selects qnnpack for
+    the call only: an int8 model of the process's own engine, traced and loaded after it, still gives
+    its own outputs (in qnnpack it would not)."""
+    from edgeq import runtime
+    from edgeq.quantize import built_in, engine
+
+    example, test_x = torch.from_numpy(digits[1][:8]), torch.from_numpy(digits[2][:64])
+    fmodel = trained_models("mlp")
+    arm = quantize(fmodel, QuantConfig("dynamic", engine="qnnpack"), example)
+    host = quantize(fmodel, QuantConfig("dynamic"), example)
+    own = torch.backends.quantized.engine
+    assert (built_in(arm), built_in(host), own) == ("qnnpack", "x86", "x86")
+
+    def round_trip(m: nn.Module) -> torch.Tensor:  # traced, saved and loaded in the process's engine
+        buffer = io.BytesIO()
+        torch.jit.save(to_torchscript(m, example), buffer)
+        buffer.seek(0)
+        return logits(torch.jit.load(buffer), test_x.numpy())
+
+    host_want = logits(host, test_x.numpy())
+    with engine("qnnpack"):
+        arm_want = logits(arm, test_x.numpy())
+        assert not torch.allclose(round_trip(host), host_want, rtol=0, atol=1e-3), "no engine effect: proves nothing"
+    path = tmp_path / "arm.pt"
+    torch.jit.save(to_torchscript(arm, example), str(path))  # traced in qnnpack, though the process is in x86
+    got = runtime.load_torchscript(path, options={"quantized_engine": "qnnpack"}).run(test_x.numpy())
+    assert torch.backends.quantized.engine == own
+    torch.testing.assert_close(torch.from_numpy(got), arm_want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(round_trip(host), host_want, rtol=0, atol=1e-6)
+
+
 def test_to_torchscript_refuses_a_trace_that_bakes_in_the_batch():
     class Fixed(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

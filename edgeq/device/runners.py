@@ -46,24 +46,13 @@ def load_onnx(path: Path, threads: int, options: dict | None, optimization: str 
 
 
 def load_torchscript(path: Path, threads: int, engine: str | None) -> Run:
-    """A TorchScript file (edgeq.runtime); an int8 one in the quantized engine its manifest entry names,
-    set again for each call: the engine is process-wide and another file may need the other one."""
-    import torch
-
+    """A TorchScript file (edgeq.runtime); an int8 one in the quantized engine its manifest entry names."""
     try:
-        runner = runtime.load_torchscript(path, "cpu", threads, {"quantized_engine": engine} if engine else None)
+        return runtime.load_torchscript(path, "cpu", threads, {"quantized_engine": engine} if engine else None).run
     except IntegrityError as exc:
         raise CannotRun(f"torch cannot load it ({str(exc).removeprefix(f'{path.name}: ')})") from None
     except Exception as exc:
         raise CannotRun(f"torch cannot load it ({first_line(exc)})") from None
-    if engine is None:
-        return runner.run
-
-    def run(x: np.ndarray) -> np.ndarray:
-        torch.backends.quantized.engine = engine
-        return runner.run(x)
-
-    return run
 
 
 def load_pte(path: Path, threads: int) -> Run:
