@@ -26,6 +26,7 @@ from edgeq.manifest import Artifact, sha256_file
 from edgeq.metrics import agreement, correct_count, finite, sqnr_db
 from edgeq.plan import FamilyPlan
 from edgeq.recipe import Finetune, Recipe, Settings, narrow
+from edgeq.timing import threads
 from edgeq.train import fit, predict_logits
 
 DEPLOYED_SAMPLES = 32  # validation inputs each float file also runs at the deployment batch
@@ -204,22 +205,21 @@ class Family:
         second on `deployed_inputs`, run at the deployment batch), or it breaks the
         contract; then `ship()` (the speed rule) has the last word."""
         b, path, name = self.build, self.path(variant, fmt), name_of(self.name, variant, fmt)
-        try:
-            runner = runtime.load(path, fmt, threads=1, options=runtime.load_options(fmt, runtime_info))
-        except EdgeqError as exc:  # written, but its runtime refuses it: that file alone is not shipped
-            path.unlink(missing_ok=True)
-            cause = str(exc).removeprefix(f"{path.name}: ").removesuffix("; re-run `edgeq export`")
-            out.skip(name, f"{path.name} was written, but its runtime cannot load it back ({cause}); "
-                                 "not shipped, the other formats are built")
-            return None
-        with_threads = torch.get_num_threads()
-        try:  # one thread, as `edgeq verify` measures it: the same sums, the same predictions
+        # one thread, as `edgeq verify` measures it: the same sums, the same predictions. A torch runner sets
+        # torch's process-wide count as it loads: the build's own (its fine-tunes') is restored after the block
+        with threads(1):
+            try:
+                runner = runtime.load(path, fmt, threads=1, options=runtime.load_options(fmt, runtime_info))
+            except EdgeqError as exc:  # written, but its runtime refuses it: that file alone is not shipped
+                path.unlink(missing_ok=True)
+                cause = str(exc).removeprefix(f"{path.name}: ").removesuffix("; re-run `edgeq export`")
+                out.skip(name, f"{path.name} was written, but its runtime cannot load it back ({cause}); "
+                                     "not shipped, the other formats are built")
+                return None
             val_logits = runner.predict(np.array(self.val.x))  # writable copies: torch warns on read-only
             test_logits = runner.predict(np.array(b.splits.test.x))
             deployed = (runner.predict(self.deployed_inputs(), batch=self.settings.timing.deployment_batch)
                         if fidelity is not None else None)
-        finally:
-            torch.set_num_threads(with_threads)
         why = None if finite(val_logits) and finite(test_logits) else "its outputs hold NaN or Inf"
         why = why or nonfinite_weights(path, fmt)
         why = why or (fidelity(val_logits, deployed) if fidelity is not None else None)

@@ -276,6 +276,36 @@ def test_the_input_model_is_not_changed(digits, tmp_path: Path) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_every_fine_tune_of_an_export_runs_at_the_builds_thread_count(digits, tmp_path: Path, monkeypatch) -> None:
+    """Float sums depend on torch's thread count, so an export's fine-tunes run at a fixed one
+    (build.TRAIN_THREADS) whatever ran before them: measuring a TorchScript file (one thread, as verify
+    does) must not leave the process at one thread for the QAT fine-tune after it."""
+    import edgeq.context
+    from edgeq.build import TRAIN_THREADS
+    from edgeq.timing import threads
+
+    train, test = digits
+    seen: list[tuple[str, int]] = []
+    real = edgeq.context.fit
+
+    def observed(*args, **kwargs):  # the real fine-tune, with the thread count it ran at noted
+        seen.append((kwargs.get("desc") or "", torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edgeq.context, "fit", observed)
+    x, y = train
+    recipe = Recipe(variants=("structured", "qat"), finetune_structured=QUICK, qat=Finetune(epochs=1, lr=1e-4),
+                    **{**PINNED, "pruning_steps": 1})
+    with threads(1):  # the caller's count, which the export's own replaces and then restores
+        manifest = edgeq.compress(SmallResNet().eval(), train=(x[:600], y[:600]), test=test, out=tmp_path / "art",
+                                  progress=False, log=lambda s: None, recipe=recipe)
+        assert torch.get_num_threads() == 1
+    names = {a.name for a in manifest.artifacts}
+    assert "model-fp32-ts" in names, "no TorchScript file was measured before the fine-tunes: proves nothing"
+    assert any("QAT" in desc for desc, _ in seen) and any("structured" in desc for desc, _ in seen), seen
+    assert TRAIN_THREADS != 1 and {n for _, n in seen} == {TRAIN_THREADS}, seen
+
+
 # bad input: one line, before any training or writing ---------------------------------------------------
 
 
