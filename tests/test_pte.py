@@ -567,6 +567,28 @@ def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, t
     assert info == b["int8_info"] and here.result() == b["int8_info"]
 
 
+def test_a_program_whose_worker_dies_while_lowering_it_is_lowered_here(built, tmp_path, monkeypatch):
+    """A worker killed in the middle of a lowering (the out-of-memory killer, a crash in native code): taking
+    the result lowers the program in this process instead, to the same bytes, and the pool restarts."""
+    import signal
+
+    from edgeq.trials import Pool, Workers
+
+    b = built["cnn"]
+    monkeypatch.setattr(pte, "BESIDE_FROM_OPS", 0)
+    with Pool(Workers(jobs=2)) as pool:
+        lowering = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "beside.pte", pool)
+        future = lowering._job[2]
+        workers = list(pool._executor._processes.values())
+        assert workers and not future.done(), "the worker finished first: the test would prove nothing"
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGKILL)
+        info = lowering.result()
+        assert pool._executor is None  # restarted: the next job starts a new set of workers
+    assert lowering.pid == os.getpid() and not lowering.pending
+    assert (tmp_path / "beside.pte").read_bytes() == b["int8"].read_bytes() and info == b["int8_info"]
+
+
 def test_the_qat_program_lowers_on_a_worker_while_the_static_program_is_screened(digits, built, tmp_path,
                                                                                   monkeypatch):
     """With two jobs, the QAT program is trained and sent to a pool worker to be lowered before the static
