@@ -81,15 +81,21 @@ class Evaluator:
                 path.unlink()
 
     def many(self, requests: list[tuple[QDQConfig, list[np.ndarray], np.ndarray | None]],
-             source: Path | None = None, budget_s: float = math.inf, what: str = "int8 trials") -> list[dict | None]:
+             source: Path | None = None, budget_s: float = math.inf, what: str = "int8 trials",
+             together: list[list[int]] | None = None) -> list[dict | None]:
         """Scores of independent trials (config, calibration batches, validation rows or None), in the order
         given: on the pool's workers when there is a pool (each quantizes from the same bytes, at one thread:
         the same scores as here), in one run, else one after the other here. A trial is started while, by the
-        mean time of those finished, it would end within `budget_s`; the ones never started are None."""
+        mean time of those finished, it would end within `budget_s`; the ones never started are None.
+        `together`: groups of request indices (each once) that a pool runs on one worker, one after the
+        other, as one task: trials that share calibration ranges or a bias correction, so that one worker
+        computes them once, not every worker that draws one of them. The budget and progress count tasks."""
         from edgeq.progress import progress_bar
 
         backend = "serial" if self.pool is None else self.pool.workers.backend
-        with progress_bar(len(requests), what, self.progress and len(requests) > 1, unit="trials") as bar:
+        tasks = len(together) if together and backend != "serial" else len(requests)
+        with progress_bar(tasks, what, self.progress and len(requests) > 1,
+                          unit="trials" if tasks == len(requests) else "tasks") as bar:
             if backend == "serial":  # here, with this evaluator's builders; the pool's budget rule
                 clock, out = Clock(budget_s), [None] * len(requests)
                 for i, (qdq, calibration, rows) in enumerate(requests):
@@ -100,12 +106,14 @@ class Evaluator:
                     clock.finish(i)
                     bar.update(1)
                 return out
-            out = self._on_pool(requests, source or self.fp32_path, bar, budget_s)
+            out = self._on_pool(requests, source or self.fp32_path, bar, budget_s, together)
             # the closing line names the pool, not the last busy count
-            bar.set_postfix(workers=getattr(self.pool, "size", 1) if backend == "pool" else "Ray")
+            bar.set_postfix(workers=getattr(self.pool, "size", 1) if backend == "pool" else "Ray",
+                            **({"trials": len(requests)} if tasks != len(requests) else {}))
         return out
 
-    def _on_pool(self, requests: list, source: Path, bar, budget_s: float) -> list[dict | None]:
+    def _on_pool(self, requests: list, source: Path, bar, budget_s: float,
+                 together: list[list[int]] | None = None) -> list[dict | None]:
         cals, rows, items = {}, {}, []
         for qdq, calibration, idx in requests:
             ck = next((k for k, v in cals.items() if v is calibration), len(cals))
@@ -124,12 +132,21 @@ class Evaluator:
             if p.busy:
                 bar.set_postfix(workers=f"{p.busy}/{p.workers} busy")
 
-        done = self.pool.run(score_trial, items, shared, progress=show, what="int8 trials", budget_s=budget_s)
-        self.runs += sum(t is not None for t in done)
-        for t in done:
-            if t is not None and t.node:
-                self.nodes[t.node] = self.nodes.get(t.node, 0) + 1
-        return [None if t is None else t.value for t in done]
+        groups = together or [[i] for i in range(len(items))]
+        if sorted(i for g in groups for i in g) != list(range(len(items))):
+            raise ValueError(f"together: groups must cover the {len(items)} requests once each, got {groups}")
+        done = self.pool.run(score_trials, [[items[i] for i in g] for g in groups], shared, progress=show,
+                             what="int8 trials", budget_s=budget_s)
+        out: list[dict | None] = [None] * len(items)
+        for g, t in zip(groups, done):
+            if t is None:
+                continue
+            self.runs += len(g)
+            if t.node:
+                self.nodes[t.node] = self.nodes.get(t.node, 0) + len(g)
+            for i, value in zip(g, t.value):
+                out[i] = value
+        return out
 
     def ran_on(self, since: dict[str, int]) -> dict[str, int]:
         """Trials per Ray node since the counts `since` (a copy of `nodes` taken before): evidence of where a
@@ -173,6 +190,12 @@ def score_trial(shared: dict, item: tuple) -> dict:
         return score(load_onnx(path, 1).predict(x), y, ref)
 
 
+def score_trials(shared: dict, items: list[tuple]) -> list[dict]:
+    """Several trials on one pool or Ray worker, in order (`score_trial` each): one task, so that what they
+    share (calibration ranges, a bias correction) is computed once on that worker."""
+    return [score_trial(shared, item) for item in items]
+
+
 def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], sizes: tuple[int, ...],
                        bias: tuple[bool, ...] = (False,)) -> dict:
     """Measure every method x size (x without and with bias correction, edgeq.bias) on the graph the speed
@@ -188,8 +211,11 @@ def choose_calibration(ev: Evaluator, qdq: QDQConfig, methods: tuple[str, ...], 
     if len(rows) == 1:
         return {**rows[0], "candidates": list(rows), "rule": "the recipe's only candidate: nothing to measure"}
     sets = {n: first_samples(ev.calibration, n) for n in {r["samples"] for r in rows}}
+    # a method x size's ranges are calibrated once: its candidates with and without bias correction share a worker
+    ranges = [(r["method"], r["samples"]) for r in rows]
+    together = [[i for i, k in enumerate(ranges) if k == key] for key in dict.fromkeys(ranges)]
     scores = ev.many([(replace(qdq, calibrate_method=r["method"], bias_correction=r.get("bias_correction", False)),
-                       sets[r["samples"]], None) for r in rows], what="calibration candidates")
+                       sets[r["samples"]], None) for r in rows], what="calibration candidates", together=together)
     rows = [{**r, **s} for r, s in zip(rows, scores)]
     best = most_accurate(rows)
     return {"method": rows[best]["method"], "samples": rows[best]["samples"],

@@ -165,6 +165,29 @@ def test_sensitivity_takes_stem_and_head_first_and_stops_at_its_budget(hard, dig
     assert [r["node"] for r in rows] == [n for n, _ in nodes]  # reported in graph order
 
 
+def test_a_pool_calibrates_each_method_and_size_once_with_the_scores_it_gives_serially(hard, digits, tmp_path,
+                                                                                         monkeypatch):
+    """The calibration candidates with and without bias correction share their ranges: on a pool they run on one
+    worker, so each method x size is calibrated once in all (each calibration leaves onnxruntime's cache file in
+    the worker's scratch folder), and every candidate gets the score it gets here."""
+    from edgeq.onnx_quant import QDQConfig
+    from edgeq.sensitivity import Evaluator, choose_calibration
+    from edgeq.trials import Pool, Workers
+
+    out, _ = hard
+    train, test = digits
+    args = (out / "hard-fp32.onnx", test[0][:200], test[1][:200], [train[0][:64], train[0][64:128]])
+    choose = lambda ev: choose_calibration(ev, QDQConfig(), ("MinMax", "Percentile"), (64, 128), (False, True))  # noqa: E731
+    with Evaluator(*args) as ev:
+        here = choose(ev)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' scratch folders (they start after this)
+    with Pool(Workers(jobs=2)) as pool, Evaluator(*args, pool=pool) as ev:
+        pooled = choose(ev)
+        calibrated = sorted(tmp_path.glob("**/ranges-*.json"))
+    assert len(here["candidates"]) == 8 and pooled == here
+    assert len(calibrated) == 4, calibrated
+
+
 def test_a_spent_sensitivity_budget_leaves_the_bar_its_own_ranking(hard_model, digits, tmp_path):
     """The per-layer table is a report: with its budget spent it measures nothing, and the bar still finds the
     two layers the outlier breaks by ranking groups on the validation samples int8 gets most wrong."""
