@@ -6,9 +6,10 @@ one when the recipe asks for QAT. An int8 program that misses its bars gets laye
 quantization (module names, stem and head first) until it meets them, measured on the validation
 split; replayed, the plan's layers are built and measured again. Every program is checked against
 its model, judged by edgeq.policy, and timed against its fp32 program before it ships (edgeq.speed).
-A QAT program is trained before the static program's bar and, on a local pool, lowered on a worker while
-the bar runs (lowering is one thread; the bar's screens use the rest; edgeq.pte.lower_int8_beside): the
-same bytes as lowered here. Without ExecuTorch installed every `.pte` variant is listed under `skipped` with the install command.
+A QAT program is trained before its fp32 program is lowered and, on a local pool, lowered on a worker while
+the fp32 program is lowered here and the static program's bar runs (lowering is one thread; the bar's screens
+use the rest; edgeq.pte.lower_int8_beside): the same bytes as lowered here. Without ExecuTorch installed
+every `.pte` variant is listed under `skipped` with the install command.
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
                 out.skip(name_of(fam.name, variant, FMT), missing)
             continue
         with timed(fam.build.timings, f"{fam.name}.pte_s"):
+            # the QAT program first: trained, then lowered on a pool worker while the fp32 program is lowered
+            # here and the static program's bar runs (lowering is one thread: no core waits for the other)
+            qat = _started(fam, v, modes) if v.key != "unstructured" else None
             shipped = _fp32(fam, v, out)
-            qat = _started(fam, v, modes) if shipped and v.key != "unstructured" else None
+            if qat is not None and not shipped:
+                qat.abandon()
             for mode in modes if v.key != "unstructured" else []:
                 variant = f"{'' if v.key == 'fp32' else v.key + '-'}{mode}"
                 # a static bar's turn at the budget, closed even when the bar does not run
@@ -65,8 +70,8 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
 
 
 def _started(fam: Family, v: FloatVariant, modes: list[str]) -> ProgramTrials | None:
-    """The QAT program trained and sent to be lowered on a pool worker before the static program's bar
-    runs: the bar's screens and the lowering then share the cores (ProgramTrials.start)."""
+    """The QAT program trained and sent to be lowered on a pool worker before the fp32 program is lowered
+    and the static program's bar runs: they and the lowering then share the cores (ProgramTrials.start)."""
     if "qat" not in modes:
         return None
     variant = f"{'' if v.key == 'fp32' else v.key + '-'}qat"
@@ -185,7 +190,7 @@ class ProgramTrials:
     def __init__(self, fam: Family, v: FloatVariant, variant: str, mode: str):
         self.fam, self.v, self.mode = fam, v, mode
         self.name, self.parent = name_of(fam.name, variant, FMT), name_of(fam.name, v.key, FMT)
-        self.path, self.parent_logits = fam.path(variant, FMT), fam.val_logits[self.parent]
+        self.path = fam.path(variant, FMT)
         s = fam.settings.programs
         self.ft = fam.build.finetuner(s.qat, s.seed + 2, f"{fam.name}: QAT {v.key} .pte") if mode == "qat" else None
         self.model, self.cut = cropped(fam, v)
@@ -197,6 +202,11 @@ class ProgramTrials:
         self._lowering: tuple | None = None  # (candidate, edgeq.pte.Lowering or the exception it raised): `start`
         self._screens: dict = {}  # candidate -> its screen's scores
 
+    @property
+    def parent_logits(self):
+        """The fp32 program's validation logits: a program is scored only once its parent is recorded."""
+        return self.fam.val_logits[self.parent]
+
     def start(self) -> None:
         """The program's one candidate (QAT: trained once, nothing left out) quantized now and lowered on a
         pool worker beside this process (edgeq.pte.lower_int8_beside; here, now, without one); `build`
@@ -204,14 +214,23 @@ class ProgramTrials:
         cal = _calibration(self.fam, self.mode, self.screen)
         key = self._key((), cal)
         try:
-            lowering = pte.lower_int8_beside(self.quantized((), cal), deployment_example(self.fam), self.path,
-                                             self.fam.build.pool)
+            # QAT's prepare, fine-tune and convert are quantization work, timed as the int8 ONNX and
+            # TorchScript files' (edgeq.int8): the accuracy stage holds the trials that decide
+            with timed(self.fam.build.timings, f"{self.fam.name}.quantize_s"):
+                converted = self.quantized((), cal)
+            lowering = pte.lower_int8_beside(converted, deployment_example(self.fam), self.path, self.fam.build.pool)
         except Exception as exc:  # noqa: BLE001 - raised again by `build`
             self._lowering = key, exc
             return
         self._lowering = key, lowering
         if lowering.pending:
-            self.fam.build.log(f"  {self.name}: lowering on a pool worker while the next bar runs")
+            self.fam.build.log(f"  {self.name}: lowering on a pool worker while the work after it runs")
+
+    def abandon(self) -> None:
+        """The started program is not built (its fp32 parent did not ship): a lowering on a worker is never
+        taken (its bytes are not written), one done here is removed."""
+        self._lowering = None
+        self.path.unlink(missing_ok=True)
 
     @staticmethod
     def _key(nodes: tuple[str, ...], cal: dict) -> tuple:
@@ -242,7 +261,8 @@ class ProgramTrials:
         return self._gates
 
     def _trained(self, model: nn.Module) -> nn.Module:
-        """QAT's fine-tune: quantization work, timed with the int8 ONNX files' (not an accuracy trial)."""
+        """QAT's fine-tune: quantization work, timed with the int8 ONNX files' (not an accuracy trial), also
+        where it is not `start`ed."""
         with timed(self.fam.build.timings, f"{self.fam.name}.quantize_s"):
             return self.ft(model)
 

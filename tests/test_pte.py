@@ -589,10 +589,11 @@ def test_a_program_whose_worker_dies_while_lowering_it_is_lowered_here(built, tm
     assert (tmp_path / "beside.pte").read_bytes() == b["int8"].read_bytes() and info == b["int8_info"]
 
 
-def test_the_qat_program_lowers_on_a_worker_while_the_static_program_is_screened(digits, built, tmp_path,
-                                                                                  monkeypatch):
-    """With two jobs, the QAT program is trained and sent to a pool worker to be lowered before the static
-    program's bar runs; the program it ships is, byte for byte, the one its quantized model lowers to here."""
+def test_the_qat_program_lowers_on_a_worker_while_the_fp32_program_is_lowered_and_the_static_one_screened(
+        digits, built, tmp_path, monkeypatch):
+    """With two jobs, the QAT program is trained and sent to a pool worker to be lowered before the fp32
+    program is lowered here and the static program's bar runs; the program it ships is, byte for byte, the one
+    its quantized model lowers to here."""
     import json
 
     import edgeq
@@ -608,6 +609,9 @@ def test_the_qat_program_lowers_on_a_worker_while_the_static_program_is_screened
         return real(converted, example, path, pool)
 
     monkeypatch.setattr(pte, "lower_int8_beside", keep)
+    real_fp32 = pte.export_fp32
+    monkeypatch.setattr(pte, "export_fp32", lambda m, e, path: order.append(("fp32", Path(path).name))
+                        or real_fp32(m, e, path))
     real_screen = programs.ProgramTrials.screen
     monkeypatch.setattr(programs.ProgramTrials, "screen",
                         lambda self, *a: order.append(("screen", self.name)) or real_screen(self, *a))
@@ -617,10 +621,38 @@ def test_the_qat_program_lowers_on_a_worker_while_the_static_program_is_screened
                     pte_observers=("minmax", "histogram"), bias_correction=(False,), jobs=2)
     edgeq.compress({"mlp": built["mlp"]["model"]}, train=(train.x, train.y), test=(digits["x"], digits["y"]),
                    out=tmp_path / "art", recipe=recipe, progress=False, log=lambda s: None)
-    assert order[0] == ("qat sent", "mlp-qat.pte") and ("screen", "mlp-static-pte") in order[1:]
+    assert order[:2] == [("qat sent", "mlp-qat.pte"), ("fp32", "mlp-fp32.pte")]
+    assert ("screen", "mlp-static-pte") in order[2:]
     (converted, example, path), = sent
     info = pte.lower_int8(converted, example, tmp_path / "here.pte")
     assert path.name == "mlp-qat.pte" and (tmp_path / "art" / path.name).read_bytes() == (tmp_path / "here.pte").read_bytes()
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     art = next(a for a in manifest["artifacts"] if a["name"] == "mlp-qat-pte")
     assert art["runtime"]["delegation"] == info["delegation"]
+
+
+def test_a_qat_program_started_before_its_fp32_program_failed_is_not_left_behind(digits, built, tmp_path,
+                                                                                 monkeypatch):
+    """The QAT program is started before its fp32 program is lowered; when the fp32 program then fails, the
+    QAT one is not shipped, its file is not left, and `skipped` says why."""
+    import json
+
+    import edgeq
+    from edgeq.recipe import Recipe
+
+    def refuse(model, example, path):
+        raise ExportError("lowering refused for this test")
+
+    monkeypatch.setattr(pte, "export_fp32", refuse)
+    train = digits["train"]
+    for jobs in (1, 2):
+        recipe = Recipe(variants=("qat",), ship_rule="always", search_budget_s=1e-6, batches=(1,), sensitivity=False,
+                        calibration_methods=("MinMax",), calibration_sizes=(128,), bias_correction=(False,), jobs=jobs)
+        out = tmp_path / f"art{jobs}"
+        edgeq.compress({"mlp": built["mlp"]["model"]}, train=(train.x, train.y), test=(digits["x"], digits["y"]),
+                       out=out, recipe=recipe, progress=False, log=lambda s: None)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert not list(out.glob("*.pte")) and not [a for a in manifest["artifacts"] if a["format"] == "pte"]
+        skipped = {s["name"]: s["reason"] for s in manifest["skipped"]}
+        assert "lowering refused for this test" in skipped["mlp-fp32-pte"]
+        assert skipped["mlp-qat-pte"] == "its fp32 parent mlp-fp32-pte was not shipped"
