@@ -308,29 +308,25 @@ class ProgramTrials:
         return self.rules.met(drops, s["agreement"]), drops["parent"]
 
     def measure(self) -> dict:
-        cal = _calibration(self.fam, self.mode, self.screen)
         static = self.mode == "static"  # a QAT program is trained once: leaving modules out would train it again
-        units = _fallback_units(self.gates(), self.model) if static else []
-        layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
-        found = self._fallback(cal, units, layers)
+        budget = self.fam.budgets.get("accuracy") if static else None
+        # a static program's bar spends its share of the accuracy budget on its calibration candidates, then
+        # on its units (`_fallback`); a QAT program is trained once and spends none
+        share, t0 = (budget.share() if budget is not None else math.inf), time.perf_counter()
+        try:
+            cal = _calibration(self.fam, self.mode, self.screen, share)
+            units = _fallback_units(self.gates(), self.model) if static else []
+            layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
+            found = _fallback(lambda nodes: self.build(nodes, cal, screened=static), units, self.accept,
+                              self.fam.settings.programs.max_accuracy_drop, layers,
+                              max(share - (time.perf_counter() - t0), 0.0))
+        finally:
+            if budget is not None:
+                budget.spend(time.perf_counter() - t0)
         if found["met"] and static:
             found = self.faster(found, cal, layers)
         return {**found, "per_channel": True, "ptq": policy.keeps_parent_weights(self.mode), "calibration": cal,
                 "padding_crop": self.cut}
-
-    def _fallback(self, cal: dict, units: list[tuple[str, list[str]]], layers: list[str]) -> dict:
-        """The bar's units tried within this program's share of what the model's int8 ONNX bars left of its
-        accuracy budget (they are measured first; the static programs share the rest: `_program_bars_share`);
-        a program without units (QAT: trained once) spends none."""
-        static, bar = self.mode == "static", self.fam.settings.programs.max_accuracy_drop
-        build = lambda nodes: self.build(nodes, cal, screened=static)  # noqa: E731
-        if not units:
-            return _fallback(build, units, self.accept, bar, layers)
-        budget, t0 = self.fam.budgets["accuracy"], time.perf_counter()
-        try:
-            return _fallback(build, units, self.accept, bar, layers, budget.share())
-        finally:
-            budget.spend(time.perf_counter() - t0)
 
     def faster(self, found: dict, cal: dict, layers: list[str]) -> dict:
         """The speed step: the squeeze-excitation gates, then the depthwise convolutions, then the stem, each
@@ -452,16 +448,20 @@ def _not_met(fam: Family, t: ProgramTrials, bar: dict) -> dict:
 
 
 def _not_tried(bar: dict) -> str:
-    left = bar.get("not_tried") or []
-    return (f" (not tried within the accuracy budget of {bar['budget_s']:g} s: {', '.join(left)})" if left else "")
+    cal = bar.get("calibration") or {}
+    left = [f"calibration {c['observer']}/{c['samples']}" for c in cal.get("not_tried", [])] + list(bar.get("not_tried") or [])
+    budget = cal.get("budget_s", bar.get("budget_s"))
+    return (f" (not tried within the accuracy budget of {budget:g} s: {', '.join(left)})" if left else "")
 
 
-def _calibration(fam: Family, mode: str, screen) -> dict:
+def _calibration(fam: Family, mode: str, screen, budget_s: float = math.inf) -> dict:
     """Static int8: every activation observer x calibration size of the recipe, each scored on the
     validation split as its PT2E model in torch (`screen`: quantized, not lowered, so a candidate costs
     a calibration, not a program); the most accurate is kept (ties: higher agreement with the fp32
     program, higher SQNR, then the earlier candidate), as for the ONNX files' calibration, and only it
-    is lowered."""
+    is lowered. The first candidate is always measured; a later one only while, at the mean time of those
+    measured, it would end within `budget_s` (the bar's share of the accuracy budget): the rest are
+    recorded as not tried."""
     available = sum(map(len, fam.calibration))
     if mode != "static":
         return {"observer": pte.OBSERVERS[0], "samples": available,
@@ -474,14 +474,21 @@ def _calibration(fam: Family, mode: str, screen) -> dict:
                 candidates.append(c)
     if len(candidates) == 1:
         return {**candidates[0], "rule": "the recipe's only candidate: nothing to measure"}
-    rows = [{**c, **{k: s[k] for k in ("correct", "accuracy", "agreement", "sqnr_db") if k in s}}
-            for c in candidates for s in [screen((), c)]]
+    rows, t0 = [], time.perf_counter()
+    for c in candidates:
+        if past_budget(t0, len(rows), budget_s):
+            break
+        s = screen((), c)
+        rows.append({**c, **{k: s[k] for k in ("correct", "accuracy", "agreement", "sqnr_db") if k in s}})
     from edgeq.sensitivity import most_accurate
 
-    best = most_accurate(rows)
+    best, left = most_accurate(rows), candidates[len(rows):]
+    not_tried = f"; not tried within the accuracy budget of {budget_s:.3g} s: " + ", ".join(
+        f"{c['observer']}/{c['samples']}" for c in left) if left else ""
     fam.build.log(f"  .pte calibration: {rows[best]['observer']} on {rows[best]['samples']} samples (" + ", ".join(
-        f"{r['observer']}/{r['samples']} {100 * r['accuracy']:.2f}%" for r in rows) + ")")
+        f"{r['observer']}/{r['samples']} {100 * r['accuracy']:.2f}%" for r in rows) + not_tried + ")")
     return {"observer": rows[best]["observer"], "samples": rows[best]["samples"], "candidates": rows,
+            **({"not_tried": left, "budget_s": round(budget_s, 2)} if left else {}),
             "measured_on": (f"{len(fam.val)} validation samples, every layer int8, each candidate's PT2E model run in "
                             "torch before lowering; only the one kept is lowered"),
             "rule": "most accurate; ties: higher agreement with the fp32 program, higher SQNR, then the earlier candidate"}
@@ -490,5 +497,6 @@ def _calibration(fam: Family, mode: str, screen) -> dict:
 def _describe(cal: dict | None) -> str | None:
     if not cal:
         return None
-    how = "measured best of the recipe's candidates on the validation split" if "candidates" in cal else cal["rule"]
+    how = cal["rule"] if "candidates" not in cal else "measured best of the recipe's candidates on the validation split" \
+        + (f" ({len(cal['not_tried'])} not tried within the accuracy budget)" if cal.get("not_tried") else "")
     return f"{cal['observer']} observer on {cal['samples']} training samples ({how})"

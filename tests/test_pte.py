@@ -416,14 +416,15 @@ def test_the_static_programs_share_what_the_onnx_bars_left_of_the_accuracy_budge
     from edgeq import programs
     from edgeq.recipe import Recipe
 
-    seen, real = [], programs.ProgramTrials._fallback
+    seen, real = [], programs._calibration
 
-    def spy(self, cal, units, layers):
-        budget = self.fam.budgets["accuracy"]
-        seen.append((self.name, budget.seconds, budget.parents, budget.share()))
-        return real(self, cal, units, layers)
+    def spy(fam, mode, screen, budget_s=float("inf")):  # a static bar's first step: the share it is given
+        budget = fam.budgets["accuracy"]
+        seen.append((screen.__self__.name, budget.seconds, budget.parents, budget.share()))
+        assert budget_s == budget.share()
+        return real(fam, mode, screen, budget_s)
 
-    monkeypatch.setattr(programs.ProgramTrials, "_fallback", spy)
+    monkeypatch.setattr(programs, "_calibration", spy)
     train = digits["train"]
     recipe = Recipe(variants=("structured", "static"), ship_rule="always", search_budget_s=1e-6, batches=(1, 8),
                     sensitivity=False, calibration_methods=("MinMax",), calibration_sizes=(128,),
@@ -434,6 +435,35 @@ def test_the_static_programs_share_what_the_onnx_bars_left_of_the_accuracy_budge
     (_, left, parts, share), (_, left2, parts2, share2) = seen
     assert parts == 2 and share == pytest.approx(left / 2) and 0 < left <= recipe.accuracy_budget_s
     assert parts2 == 1 and share2 == left2 > 0
+
+
+def test_a_static_bars_calibration_candidates_stop_at_its_share_and_record_what_was_not_tried():
+    """The calibration candidates are the static bar's first steps and spend its share of the accuracy budget:
+    the first is always measured; with nothing left (the int8 ONNX bars spent it) no other is, and the plan
+    says which were not; without a budget every candidate is measured and the most accurate kept."""
+    import time
+    from types import SimpleNamespace
+
+    from edgeq import programs
+
+    settings = SimpleNamespace(programs=SimpleNamespace(pte_observers=("histogram", "minmax"), calibration_sizes=(128, 512)))
+    fam = SimpleNamespace(calibration=[np.zeros((64, 4), np.float32)] * 8, val=[0] * 10, settings=settings,
+                          build=SimpleNamespace(log=lambda s: None))
+    screened = []
+
+    def screen(nodes, c):
+        screened.append((c["observer"], c["samples"]))
+        time.sleep(0.01)
+        return {"correct": len(screened), "accuracy": len(screened) / 10, "agreement": 0.9, "sqnr_db": 10.0}
+
+    cal = programs._calibration(fam, "static", screen, budget_s=0.0)
+    assert screened == [("histogram", 128)] and (cal["observer"], cal["samples"]) == ("histogram", 128)
+    assert cal["not_tried"] == [{"observer": "histogram", "samples": 512}, {"observer": "minmax", "samples": 128},
+                                {"observer": "minmax", "samples": 512}] and cal["budget_s"] == 0.0
+    assert "3 not tried within the accuracy budget" in programs._describe(cal)
+    screened.clear()
+    cal = programs._calibration(fam, "static", screen)
+    assert len(screened) == 4 and "not_tried" not in cal and (cal["observer"], cal["samples"]) == ("minmax", 512)
 
 
 def test_a_copy_of_the_captured_graph_gives_the_program_a_capture_gives(built, tmp_path):
