@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import logging
 import tempfile
@@ -122,6 +123,7 @@ class QDQBuilder:
         self._ranges: dict[tuple, Path] = {}
         self._corrected: dict[tuple, tuple[Path, dict]] = {}
         self.calibrations = 0  # calibration passes run (each is a run of the augmented graph on the samples)
+        self.weights = WeightMemo()  # every trial quantizes the same weights
 
     def build(self, path: Path, calibration: list[np.ndarray], cfg: QDQConfig) -> Path:
         """The int8 file of `cfg`, written to `path` and checked with onnx.checker."""
@@ -130,7 +132,8 @@ class QDQBuilder:
             ranges = self.ranges(pre, calibration, cfg.calibrate_method)
             if cfg.bias_correction:
                 pre = self.corrected(pre, calibration, cfg)[0]
-            self._quantize(pre, Path(path), ranges, cfg)
+            with self.weights.installed():
+                self._quantize(pre, Path(path), ranges, cfg)
         check_onnx(path)
         return path
 
@@ -210,6 +213,66 @@ class QDQBuilder:
             model = onnx.load(str(path))
             if float_outputs(model):
                 onnx.save(model, str(path))
+
+
+class WeightMemo:
+    """onnxruntime's weight quantization, computed once per weight for every trial of a parent.
+
+    `quantize_static` computes a per-channel weight's scales one channel at a time in Python and quantizes
+    it one channel at a time: about half of an efficientnet_b0 trial's build, the same for every trial,
+    which changes only which nodes stay fp32. Both steps are pure functions of the weight's values and the
+    settings, so while `installed`, onnxruntime's QDQ quantizer calls them through this memo, keyed by a
+    digest of those values and every argument: the files are the bytes it writes without it
+    (tests/test_onnx_quant.py). Per-tensor weights are quantized in one vectorized call and are not kept."""
+
+    def __init__(self) -> None:
+        self._params: dict[tuple, tuple] = {}
+        self._tensors: dict[tuple, bytes] = {}
+        self.hits = self.misses = 0
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        from onnxruntime.quantization import qdq_quantizer
+
+        params, tensor = qdq_quantizer.compute_data_quant_params, qdq_quantizer.quantize_onnx_initializer
+        qdq_quantizer.compute_data_quant_params = functools.partial(self._param, params)
+        qdq_quantizer.quantize_onnx_initializer = functools.partial(self._tensor, tensor)
+        try:
+            yield
+        finally:
+            qdq_quantizer.compute_data_quant_params, qdq_quantizer.quantize_onnx_initializer = params, tensor
+
+    def _param(self, compute, data, *args, **kwargs):
+        key = (_digest(data), args, tuple(sorted(kwargs.items())))
+        if key not in self._params:
+            self.misses += 1
+            self._params[key] = compute(data, *args, **kwargs)
+        else:
+            self.hits += 1
+        return tuple(a.copy() for a in self._params[key])
+
+    def _tensor(self, quantize, weight, quant_type, zero_point, scale, axis=None, quant_weight_name=None,
+                block_size=0):
+        import onnx
+
+        if axis is None or block_size:
+            return quantize(weight, quant_type, zero_point, scale, axis, quant_weight_name, block_size)
+        key = (hashlib.blake2b(weight.SerializeToString(), digest_size=20).digest(), quant_type, _digest(zero_point),
+               _digest(scale), axis, quant_weight_name)
+        if key not in self._tensors:
+            self.misses += 1
+            self._tensors[key] = quantize(weight, quant_type, zero_point, scale, axis, quant_weight_name,
+                                          block_size).SerializeToString()
+        else:
+            self.hits += 1
+        out = onnx.TensorProto()
+        out.ParseFromString(self._tensors[key])
+        return out
+
+
+def _digest(a: np.ndarray) -> tuple:
+    a = np.ascontiguousarray(a)
+    return hashlib.blake2b(a.tobytes(), digest_size=20).digest(), a.dtype.str, a.shape
 
 
 def _cropped(fp32_path: Path) -> bytes | None:

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.bias import correct_biases, find_layers
 from edgeq.data import batches, sample
-from edgeq.onnx_quant import QDQBuilder, QDQConfig, quantize_onnx
+from edgeq.onnx_quant import QDQBuilder, QDQConfig, WeightMemo, quantize_onnx
 from edgeq.runtime import INPUT_NAME, OUTPUT_NAME, load_onnx
 
 X86, ARM64 = QDQConfig(), QDQConfig(activations="int8", reduce_range=False)
@@ -246,3 +246,30 @@ def test_entropy_calibration_is_not_minmax(tmp_path):
     assert (lo, hi) == (float(x.min()), 60.0)
     e_lo, e_hi = (float(np.asarray(v).ravel()[0]) for v in ranges["Entropy"])
     assert lo <= e_lo and e_hi < hi / 2  # the outlier is left out of the int8 range
+
+
+
+def test_a_builder_quantizes_each_weight_once_and_writes_the_bytes_onnxruntime_writes_alone(cnn, calibration, tmp_path,
+                                                                                          monkeypatch):
+    """Every trial of a parent quantizes the same weights: a builder computes each weight's scales and int8
+    values once (WeightMemo), and each file is the bytes onnxruntime's quantizer writes without the memo."""
+    import contextlib
+
+    first_conv = next(n.name for n in onnx.load(str(cnn)).graph.node if n.op_type == "Conv")
+    settings = [X86, replace(X86, exclude_nodes=(first_conv,)), ARM64, replace(X86, per_channel=False),
+                replace(X86, reduce_range=not X86.reduce_range), replace(X86, bias_correction=True)]
+    (tmp_path / "shared").mkdir()
+    builder = QDQBuilder(cnn, tmp_path / "shared")
+    built, misses = [], []
+    for i, cfg in enumerate(settings):
+        built.append(builder.build(tmp_path / f"shared-{i}.onnx", calibration[:2], cfg).read_bytes())
+        misses.append(builder.weights.misses)
+    assert misses[0] > 0 and misses[1] == misses[0]  # one layer fewer in int8: nothing computed again
+    assert misses[2] > misses[1] and misses[3] > misses[2]  # other weight formats: computed for themselves
+    assert misses[4] == misses[3]  # x86 without reduce_range has ARM64's int8 weights (its activations differ)
+    assert builder.weights.hits > 0
+    monkeypatch.setattr(WeightMemo, "installed", lambda self: contextlib.nullcontext())
+    for i, cfg in enumerate(settings):
+        (tmp_path / f"alone-{i}").mkdir()
+        alone = QDQBuilder(cnn, tmp_path / f"alone-{i}").build(tmp_path / f"alone-{i}.onnx", calibration[:2], cfg)
+        assert alone.read_bytes() == built[i], cfg
