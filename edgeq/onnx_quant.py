@@ -132,7 +132,7 @@ class QDQBuilder:
             ranges = self.ranges(pre, calibration, cfg.calibrate_method)
             if cfg.bias_correction:
                 pre = self.corrected(pre, calibration, cfg)[0]
-            with self.weights.installed():
+            with self.weights.installed() if cfg.per_channel else contextlib.nullcontext():
                 self._quantize(pre, Path(path), ranges, cfg)
         check_onnx(path)
         return path
@@ -223,7 +223,8 @@ class WeightMemo:
     which changes only which nodes stay fp32. Both steps are pure functions of the weight's values and the
     settings, so while `installed`, onnxruntime's QDQ quantizer calls them through this memo, keyed by a
     digest of those values and every argument: the files are the bytes it writes without it
-    (tests/test_onnx_quant.py). Per-tensor weights are quantized in one vectorized call and are not kept."""
+    (tests/test_bias.py). Per-tensor weights are quantized in vectorized calls that cost about what a digest
+    of the weight does: `QDQBuilder` installs the memo for per-channel builds only (benchmarks/builds.py)."""
 
     def __init__(self) -> None:
         self._params: dict[tuple, tuple] = {}
