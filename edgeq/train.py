@@ -9,8 +9,9 @@ instead; this loop is then never used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,6 +42,12 @@ def fit(
     model = copy.deepcopy(model) if copy_model else model
     if spec.epochs == 0:
         return model.eval()
+    with fast_layout(model, np.asarray(data.x[:2])):
+        return _fit(model, data, spec, seed, desc, progress, on_epoch)
+
+
+def _fit(model: nn.Module, data: Arrays, spec: Finetune, seed: int, desc: str, progress: bool,
+         on_epoch: Callable[[nn.Module, int], None] | None) -> nn.Module:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise NothingToTrain(f"{desc}: the model has no trainable parameters, so there is nothing to train; "
@@ -81,9 +88,56 @@ def fit(
 def predict_logits(model: nn.Module, x: np.ndarray, batch: int = 500) -> np.ndarray:
     """Logits of an in-memory model on preprocessed input, in inference mode."""
     model.eval()
-    with torch.inference_mode():
+    with fast_layout(model, x[:2]), torch.inference_mode():
         return np.concatenate([model(torch.from_numpy(np.array(x[i : i + batch]))).float().numpy()
                                for i in range(0, len(x), batch)])
+
+
+def has_depthwise(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels for m in model.modules())
+
+
+@contextlib.contextmanager
+def fast_layout(model: nn.Module, probe: np.ndarray) -> Iterator[None]:
+    """A model with depthwise convolutions runs in channels-last memory within the block, and is put back in
+    the usual layout after it (the same values: files and checkpoints are written from the usual layout).
+
+    Eager PyTorch on CPU runs depthwise convolutions several times faster with channels-last weights (their
+    activations follow): efficientnet_b0 at 3x32x32 on an Intel Xeon, 2 threads, 0.57 -> 0.18 s a training
+    step of 64 and 1.8 -> 0.4 s for 800 validation samples (benchmarks/layout.py). The results are the same
+    computation in another summation order (logits within 3e-4 of the usual layout's there). Models without
+    one, dense convolutions or none (the MNIST examples, resnet18), are left as they are: measured no faster
+    (resnet18), and their results stay bit for bit what they were. So is a model whose forward cannot run in
+    that layout (a `.view` of a feature map needs contiguous memory): it is tried on `probe` (a few inputs, in
+    eval mode, without gradients) first, on copies of its parameters and buffers, so that nothing the model
+    keeps (batch-norm statistics, a QAT observer's ranges) sees the try."""
+    if not has_depthwise(model) or np.ndim(probe) != 4 or not _runs_channels_last(model, probe):
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _runs_channels_last(model: nn.Module, probe: np.ndarray) -> bool:
+    from torch.func import functional_call
+
+    def copied(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone(memory_format=torch.channels_last if t.dim() == 4 else torch.preserve_format)
+
+    tensors = {**{k: copied(v) for k, v in model.named_parameters()}, **{k: copied(v) for k, v in model.named_buffers()}}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            functional_call(model.eval(), tensors, (torch.from_numpy(np.array(probe)),))
+    except RuntimeError:
+        return False
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return True
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
