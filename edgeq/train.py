@@ -103,11 +103,11 @@ def fast_layout(model: nn.Module, probe: np.ndarray) -> Iterator[None]:
     the usual layout after it (the same values: files and checkpoints are written from the usual layout).
 
     Eager PyTorch on CPU runs depthwise convolutions several times faster with channels-last weights (their
-    activations follow): efficientnet_b0 at 3x32x32 on an Intel Xeon, 2 threads, 0.57 -> 0.18 s a training
-    step of 64 and 1.8 -> 0.4 s for 800 validation samples (benchmarks/layout.py). The results are the same
-    computation in another summation order (logits within 3e-4 of the usual layout's there). Models without
-    one, dense convolutions or none (the MNIST examples, resnet18), are left as they are: measured no faster
-    (resnet18), and their results stay bit for bit what they were. So is a model whose forward cannot run in
+    activations follow): trained efficientnet_b0 at 3x32x32 on an Intel Xeon, 2 threads, 0.35 -> 0.15 s a
+    training step of 64 and 1.3 -> 0.23 s for 800 validation samples (benchmarks/layout.py). The results are
+    the same computation in another summation order (logits within 3e-4 of the usual layout's there). Models
+    without one, dense convolutions or none (the MNIST examples, resnet18), are left as they are: resnet18
+    measured no faster, and their results stay bit for bit what they were. So is a model whose forward cannot run in
     that layout (a `.view` of a feature map needs contiguous memory): it is tried on `probe` (a few inputs, in
     eval mode, without gradients) first, on copies of its parameters and buffers, so that nothing the model
     keeps (batch-norm statistics, a QAT observer's ranges) sees the try."""
