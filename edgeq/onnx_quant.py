@@ -245,6 +245,10 @@ class WeightMemo:
 
     def _param(self, compute, data, *args, **kwargs):
         key = (_digest(data), args, tuple(sorted(kwargs.items())))
+        try:
+            hash(key)
+        except TypeError:  # an array among the arguments (a range override): computed, not kept
+            return compute(data, *args, **kwargs)
         if key not in self._params:
             self.misses += 1
             self._params[key] = compute(data, *args, **kwargs)

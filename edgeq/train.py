@@ -88,9 +88,14 @@ def _fit(model: nn.Module, data: Arrays, spec: Finetune, seed: int, desc: str, p
 def predict_logits(model: nn.Module, x: np.ndarray, batch: int = 500) -> np.ndarray:
     """Logits of an in-memory model on preprocessed input, in inference mode."""
     model.eval()
-    with fast_layout(model, x[:2]), torch.inference_mode():
+    # a few samples (the per-sample check runs 32 of them one at a time) cost less than the layout's probe
+    layout = fast_layout(model, x[:2]) if len(x) >= FAST_LAYOUT_FROM else contextlib.nullcontext()
+    with layout, torch.inference_mode():
         return np.concatenate([model(torch.from_numpy(np.array(x[i : i + batch]))).float().numpy()
                                for i in range(0, len(x), batch)])
+
+
+FAST_LAYOUT_FROM = 64  # samples: predict_logits on fewer runs the model in the layout it has
 
 
 def has_depthwise(model: nn.Module) -> bool:
