@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 import onnx
 
 from edgeq.data import batches
+from edgeq.environment import cpu_info
 from edgeq.export import export_onnx
 from edgeq.onnx_quant import QDQBuilder, QDQConfig, WeightMemo
 
@@ -39,10 +39,9 @@ import byom  # noqa: E402  (the models and data of benchmarks/byom.py)
 
 
 def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    """The CPU's model and the int8 instruction sets it has (edgeq.environment, as manifests record it)."""
+    info = cpu_info()
+    return f"{info['model']} ({', '.join(k for k, v in info['isa'].items() if v) or 'no AVX2'})"
 
 
 def window(builder: QDQBuilder, out: Path, calibration, settings: list[QDQConfig]) -> tuple[float, list[bytes]]:

@@ -244,7 +244,7 @@ class WeightMemo:
             qdq_quantizer.compute_data_quant_params, qdq_quantizer.quantize_onnx_initializer = params, tensor
 
     def _param(self, compute, data, *args, **kwargs):
-        key = (_digest(data), args, tuple(sorted(kwargs.items())))
+        key = (data_sha256(data), args, tuple(sorted(kwargs.items())))
         try:
             hash(key)
         except TypeError:  # an array among the arguments (a range override): computed, not kept
@@ -262,8 +262,8 @@ class WeightMemo:
 
         if axis is None or block_size:
             return quantize(weight, quant_type, zero_point, scale, axis, quant_weight_name, block_size)
-        key = (hashlib.blake2b(weight.SerializeToString(), digest_size=20).digest(), quant_type, _digest(zero_point),
-               _digest(scale), axis, quant_weight_name)
+        key = (hashlib.sha256(weight.SerializeToString()).digest(), quant_type, data_sha256(zero_point),
+               data_sha256(scale), axis, quant_weight_name)
         if key not in self._tensors:
             self.misses += 1
             self._tensors[key] = quantize(weight, quant_type, zero_point, scale, axis, quant_weight_name,
@@ -273,11 +273,6 @@ class WeightMemo:
         out = onnx.TensorProto()
         out.ParseFromString(self._tensors[key])
         return out
-
-
-def _digest(a: np.ndarray) -> tuple:
-    a = np.ascontiguousarray(a)
-    return hashlib.blake2b(a.tobytes(), digest_size=20).digest(), a.dtype.str, a.shape
 
 
 def _cropped(fp32_path: Path) -> bytes | None:
