@@ -99,30 +99,7 @@ FAST_LAYOUT_FROM = 64  # samples: predict_logits on fewer runs the model in the 
 
 
 def has_depthwise(model: nn.Module) -> bool:
-    """A depthwise Conv2d module, or (a captured graph: PT2E's) a 2-D convolution call of one input channel per
-    group."""
-    return any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels
-               or isinstance(m, torch.fx.GraphModule) and any(_depthwise_call(m, n) for n in m.graph.nodes)
-               for m in model.modules())
-
-
-def _depthwise_call(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """An aten.conv2d call with groups > 1 whose weight (a parameter, through the fake quantizers and batch-norm
-    scaling QAT puts in front of it: first arguments followed back) has one input channel per group."""
-    if node.op != "call_function" or node.target is not torch.ops.aten.conv2d.default:
-        return False
-    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    if not isinstance(groups, int) or groups < 2:
-        return False
-    weight = node.args[1]
-    while isinstance(weight, torch.fx.Node) and weight.op != "get_attr" and weight.args:
-        weight = weight.args[0]
-    if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
-        return False
-    tensor = gm
-    for part in str(weight.target).split("."):
-        tensor = getattr(tensor, part, None)
-    return isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.shape[1] == 1
+    return any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -137,9 +114,8 @@ def fast_layout(model: nn.Module, probe: np.ndarray) -> Iterator[None]:
     without one, dense convolutions or none (the MNIST examples, resnet18), are left as they are: resnet18
     measured no faster, and their results stay bit for bit what they were. So is a model whose forward cannot run in
     that layout (a `.view` of a feature map needs contiguous memory): it is tried on `probe` (a few inputs, in
-    eval mode, without gradients) first, on copies of its parameters and buffers and with the random state put
-    back after, so that nothing the model keeps (batch-norm statistics, a QAT observer's ranges) or draws sees
-    the try."""
+    eval mode, without gradients) first, on copies of its parameters and buffers, so that nothing the model
+    keeps (batch-norm statistics, a QAT observer's ranges) sees the try."""
     if not has_depthwise(model) or np.ndim(probe) != 4 or not _runs_channels_last(model, probe):
         yield
         return
@@ -159,7 +135,7 @@ def _runs_channels_last(model: nn.Module, probe: np.ndarray) -> bool:
     tensors = {**{k: copied(v) for k, v in model.named_parameters()}, **{k: copied(v) for k, v in model.named_buffers()}}
     modes = {m: m.training for m in model.modules()}
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a captured graph's dropout draws in any mode
+        with torch.no_grad():
             functional_call(model.eval(), tensors, (torch.from_numpy(np.array(probe)),))
     except RuntimeError:
         return False

@@ -6,7 +6,7 @@ from torch import nn
 
 from edgeq.data import Arrays
 from edgeq.recipe import Finetune
-from edgeq.train import fast_layout, fit, has_depthwise, predict_logits
+from edgeq.train import fast_layout, fit, predict_logits
 
 
 class Depthwise(nn.Module):
@@ -68,21 +68,3 @@ def test_a_fine_tune_trains_channels_last_and_returns_the_usual_layout():
     assert trained.layouts and all(trained.layouts[-4:])  # the training steps
     assert all(p.is_contiguous() for p in trained.parameters())
     assert not torch.equal(trained.pw.weight, model.pw.weight)  # it trained (a copy: the model is unchanged)
-
-
-def test_a_captured_graph_with_depthwise_convolutions_is_found_through_its_quantizers():
-    """PT2E's graphs hold convolutions as aten.conv2d calls: a QAT-prepared one (fake quantizers in front of
-    the weights) is found depthwise; a dense one is not."""
-    from edgeq import pte
-    from edgeq.examples import mnist
-
-    found = []
-
-    def look(prepared):  # the fine-tune's view: the graph QAT trains (converted in place after it)
-        found.append(has_depthwise(prepared))
-        return prepared
-
-    pte.quantize(Depthwise().eval(), torch.zeros(1, 4, 8, 8), [data(8).x], "qat", finetune=look)
-    assert found == [True] and not has_depthwise(nn.Sequential(nn.Conv2d(4, 4, 3)))
-    dense = pte.graph_for(mnist.build_model("cnn").eval(), torch.zeros(1, 1, 28, 28), "qat")
-    assert not has_depthwise(dense)
