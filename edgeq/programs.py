@@ -218,7 +218,10 @@ class ProgramTrials:
             # TorchScript files' (edgeq.int8): the accuracy stage holds the trials that decide
             with timed(self.fam.build.timings, f"{self.fam.name}.quantize_s"):
                 converted = self.quantized((), cal)
-            lowering = pte.lower_int8_beside(converted, deployment_example(self.fam), self.path, self.fam.build.pool)
+            # its one program's lowering is building the file, as the fp32 program's is: no trial of a bar
+            with timed(self.fam.build.timings, f"{self.fam.name}.pte_s"):
+                lowering = pte.lower_int8_beside(converted, deployment_example(self.fam), self.path,
+                                                 self.fam.build.pool)
         except Exception as exc:  # noqa: BLE001 - raised again by `build`
             self._lowering = key, exc
             return
@@ -287,7 +290,8 @@ class ProgramTrials:
         if started is not None and started[0] == self._key(nodes, cal):
             if isinstance(started[1], Exception):
                 raise started[1]
-            self.info = started[1].result()
+            with timed(self.fam.build.timings, f"{self.fam.name}.pte_s"):  # waiting for it, as `start` says
+                self.info = started[1].result()
         else:
             self.info = pte.lower_int8(self.quantized(nodes, cal), deployment_example(self.fam), self.path)
         return self.scored()
