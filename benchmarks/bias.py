@@ -30,6 +30,7 @@ import torch
 
 from edgeq.bias import correct_biases
 from edgeq.data import Arrays, batches, holdout, sample
+from edgeq.environment import cpu_info
 from edgeq.export import export_onnx
 from edgeq.metrics import score
 from edgeq.onnx_quant import QDQBuilder, QDQConfig, quantize_onnx
@@ -128,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2, help="training epochs of the MNIST CNN")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
+    cpu = cpu_info()["model"]
     print(f"CPU: {cpu}\n| model | format | variant | val acc % | val agreement | val SQNR dB | test acc % | "
           "test agreement | test SQNR dB |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     result = {"cpu": cpu, "models": measure(args.models.split(","), args.cache, args.epochs)}

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from edgeq import trials
+from edgeq.environment import cpu_info
 from edgeq.trials import Pool, Workers
 
 CALIBRATION = 256  # training digits, in batches of 64
@@ -46,13 +46,6 @@ def qdq_timed(shared, cfg):
     wall, cpu = time.perf_counter(), time.process_time()
     trials.qdq_accuracy(shared, cfg)
     return time.process_time() - cpu, time.perf_counter() - wall
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def load() -> str:
@@ -100,7 +93,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
 
-    fig: dict = {"cpu": cpu_model(), "cores": trials.available_cores(), "jobs": args.jobs, "load_before": load()}
+    fig: dict = {"cpu": cpu_info()["model"], "cores": trials.available_cores(), "jobs": args.jobs, "load_before": load()}
     print(f"cpu: {fig['cpu']}, {fig['cores']} cores; load average {fig['load_before']}")
     with tempfile.TemporaryDirectory() as tmp:
         shared = build_shared(Path(tmp))
