@@ -202,10 +202,9 @@ def depthwise_modules(model: torch.nn.Module) -> list[str]:
     """The depthwise convolutions (one filter per input channel: groups == in_channels > 1), by module name.
     XNNPACK's int8 depthwise kernel can be slower than its fp32 one on small maps (the MBConv network's
     first depthwise convolution: 34 us int8 against 29 us fp32 at batch 1 on an AVX2 EPYC)."""
-    import torch
+    from edgeq.train import is_depthwise
 
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) and m.groups > 1 and m.groups == m.in_channels]
+    return [name for name, m in model.named_modules() if is_depthwise(m)]
 
 
 def gate_modules(model: torch.nn.Module, example: torch.Tensor, graph: torch.fx.GraphModule | None = None) -> list[str]:

@@ -98,8 +98,14 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch: int = 500) -> np.ndar
 FAST_LAYOUT_FROM = 64  # samples: predict_logits on fewer runs the model in the layout it has
 
 
+def is_depthwise(m: nn.Module) -> bool:
+    """A depthwise convolution: one filter per input channel (groups == in_channels > 1)."""
+    return isinstance(m, (nn.Conv1d, nn.Conv2d)) and 1 < m.groups == m.in_channels
+
+
 def has_depthwise(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels for m in model.modules())
+    """A 2-D depthwise convolution: what channels-last memory speeds up (`fast_layout`)."""
+    return any(isinstance(m, nn.Conv2d) and is_depthwise(m) for m in model.modules())
 
 
 @contextlib.contextmanager
