@@ -247,11 +247,23 @@ def against_peers(directory: Path, name: str, manifest, train: Arrays, test: Arr
     for key, prof in profiles.items():
         print(f"  ExecuTorch profile (ETDump), {key}: {prof['wall_per_call_us']:.0f} us per call from Python, "
               f"method {prof['method_us']:.0f} us, XNNPACK delegate {prof['delegate_us']:.0f} us; slowest ops: "
-              + ", ".join(f"{o['op']} {o['us']:.0f}" for o in sorted(prof["ops"], key=lambda o: -o["us"])[:4]))
+              + ", ".join(f"{o['op']} {o['us']:.0f}" for o in sorted(prof["ops"], key=lambda o: -o["us"])[:4])
+              + "; by kind: " + ", ".join(f"{k} {us:.0f} us x{n}" for k, (us, n) in by_kind(prof["ops"])[:6]))
     for t in targets:
         mark = "    " if t["pass"] is None else "ok  " if t["pass"] else "MISS"
         print(f"  {mark} {t['target']}: {t['value']}" + (f" (<= {t['limit']})" if t["limit"] is not None else ""))
     return out
+
+
+def by_kind(ops: list[dict]) -> list[tuple[str, tuple[float, int]]]:
+    """An ETDump profile's operators summed by kind (the name before its parameters: 'Sigmoid', 'Convert',
+    'Fully Connected'), most time first: kind -> (microseconds, operators)."""
+    kinds: dict[str, list] = {}
+    for o in ops:
+        k = kinds.setdefault(o["op"].split(" (")[0].split(" #")[0], [0.0, 0])
+        k[0] += o["us"]
+        k[1] += 1
+    return sorted(((k, (us, n)) for k, (us, n) in kinds.items()), key=lambda kv: -kv[1][0])
 
 
 def fp32_groups(manifest) -> dict[str, list[str]]:
