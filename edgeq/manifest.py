@@ -46,6 +46,7 @@ _SPLIT_FILE = {  # eval.npz, val.npz: a file of samples
 
 _GOLDEN = {  # edgeq.golden: inputs and each file's outputs, for a device
     "type": ["object", "null"],
+    "required": ["input", "outputs"],
     "properties": {
         "input": _FILE,
         "outputs": {"type": "object", "additionalProperties": _FILE},
@@ -75,6 +76,8 @@ SCHEMA: dict = {
                     "architecture": {"type": "object", "required": ["class"]},
                     "classes": {"type": "array", "items": {"type": "string"}, "minItems": 2},
                     "recipe": {"type": "object"},
+                    "max_accuracy_drop": {"type": "number", "minimum": 0},
+                    "max_pruning_drop": {"type": "number", "minimum": 0},
                 },
             },
         },
@@ -95,7 +98,7 @@ SCHEMA: dict = {
                 "calibration": _SPLIT_FILE,  # calibration inputs, where an export ships them (the device plan)
             },
         },
-        "environment": {"type": "object"},
+        "environment": {"type": "object", "properties": {"cpu": {"type": "object"}}},
         "artifacts": {
             "type": "array",
             "minItems": 1,
@@ -122,7 +125,10 @@ SCHEMA: dict = {
                                                 "correct": {"type": "integer", "minimum": 0},
                                                 "bars": {"type": "array", "items": {
                                                     "type": "object",
-                                                    "required": ["relative_to", "max_drop_points", "drop_points"]}}}},
+                                                    "required": ["relative_to", "max_drop_points", "drop_points"],
+                                                    "properties": {"relative_to": {"type": "string"},
+                                                                   "max_drop_points": {"type": "number"},
+                                                                   "drop_points": {"type": ["number", "null"]}}}}}},
                 },
             },
         },

@@ -81,7 +81,10 @@ def same_machine(built: dict, here: dict) -> bool:
     """Whether a verifier runs where the files were built: the same CPU (model, ISA flags) and runtimes.
     There, a file's answers are bit for bit the export's; elsewhere they may move within CLAIM_SLACK."""
     keys = ("torch", "onnxruntime")
-    cpu = lambda env: (env.get("cpu", {}).get("model"), env.get("cpu", {}).get("arch"), env.get("cpu", {}).get("isa"))
+    def cpu(env: dict) -> tuple:
+        c = env.get("cpu") if isinstance(env.get("cpu"), dict) else {}  # a manifest is input: any value may be there
+        return c.get("model"), c.get("arch"), c.get("isa")
+
     return cpu(built) == cpu(here) and all(built.get(k) == here.get(k) for k in keys)
 
 

@@ -37,9 +37,43 @@ class Runner:
         return np.concatenate([self.run(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
+# The onnxruntime session settings a manifest may carry (an artifact's runtime.session_options), and the values
+# each may take: what edgeq itself sets. A manifest is input: onnxruntime's other config entries include ones that
+# write files where they name (session.collect_node_memory_stats_to_file), so no other entry reaches a session.
+SESSION_CONFIG_ENTRIES = {"session.intra_op.allow_spinning": ("0", "1"), "session.inter_op.allow_spinning": ("0", "1")}
+OPTIMIZATION_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+SESSION_OPTIONS = ("config_entries", "graph_optimization_level")
+
+
+def session_options_problem(options) -> str | None:
+    """Why onnxruntime session settings (a manifest's runtime.session_options) are refused, or None: only the
+    keys and values of SESSION_CONFIG_ENTRIES and OPTIMIZATION_LEVELS are taken."""
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        return "session_options is not an object"
+    if unknown := sorted(set(options) - set(SESSION_OPTIONS), key=str):
+        return f"session_options holds {unknown[0]!r}, which edgeq never sets"
+    entries = options.get("config_entries") or {}
+    if not isinstance(entries, dict):
+        return "session_options.config_entries is not an object"
+    for key, value in entries.items():
+        if str(value) not in SESSION_CONFIG_ENTRIES.get(key, ()):
+            return (f"session_options.config_entries sets {str(key)[:80]!r} to {str(value)[:80]!r}; only "
+                    f"{', '.join(SESSION_CONFIG_ENTRIES)} ('0' or '1') are taken")
+    level = options.get("graph_optimization_level")
+    if level is not None and level not in OPTIMIZATION_LEVELS:
+        return f"session_options.graph_optimization_level is {str(level)[:80]!r}, not one of {', '.join(OPTIMIZATION_LEVELS)}"
+    return None
+
+
 def ort_session_options(threads: int = 1, options: dict | None = None):
+    """onnxruntime's SessionOptions at `threads`, with the settings of `options` (SESSION_OPTIONS; IntegrityError
+    in one line for any setting `session_options_problem` refuses, before onnxruntime sees it)."""
     import onnxruntime as ort
 
+    if why := session_options_problem(options):
+        raise IntegrityError(f"{why}: the manifest's onnxruntime settings are refused")
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -62,6 +96,8 @@ def ort_session(path: Path, threads: int = 1, options: dict | None = None):
 
 
 def load_onnx(path: Path, threads: int = 1, options: dict | None = None) -> Runner:
+    if why := session_options_problem(options):
+        raise IntegrityError(f"{path.name}: {why}: the manifest's onnxruntime settings are refused")
     try:
         sess = ort_session(path, threads, options)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
@@ -81,18 +117,15 @@ def load_torchscript(path: Path, device: str = "cpu", threads: int = 1, options:
     other model in the process runs in another engine than it was built in."""
     import torch
 
-    from edgeq.quantize import engine, quiet
+    from edgeq.quantize import engine
 
     torch.set_num_threads(threads)
     name = (options or {}).get("quantized_engine")
     if name is not None and name not in torch.backends.quantized.supported_engines:
         raise IntegrityError(f"{path.name}: built for the {name} quantized engine, which this torch does not "
                              f"have ({', '.join(torch.backends.quantized.supported_engines)})")
-    try:
-        with quiet(), engine(name):
-            module = torch.jit.load(str(path), map_location=device).eval()
-    except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors for non-TorchScript files
-        raise IntegrityError(f"{path.name}: not a TorchScript module ({first_line(exc)}); re-run `edgeq export`") from None
+    with engine(name):
+        module = jit_load(path, device, path.name)
     forward = _torch_run(module, device)
     if name is None:
         return Runner(path.name, f"torch-{device}", forward)
@@ -161,6 +194,27 @@ def load_state_dict(path: Path) -> dict:
     return state
 
 
+def jit_load(path: Path, device: str, label: str):
+    """`torch.jit.load` of a TorchScript file held to what edgeq.scripted allows, checked before it loads and
+    before anything calls it: IntegrityError in one line, naming `label`, otherwise."""
+    import torch
+
+    from edgeq import scripted
+    from edgeq.quantize import quiet
+
+    refused = "; refused: a TorchScript file is a program, and this one does more than a traced model does"
+    if why := scripted.archive_problem(path):
+        raise IntegrityError(f"{label}: {why}{refused}")
+    try:
+        with quiet():
+            module = torch.jit.load(str(path), map_location=device).eval()
+    except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors for non-TorchScript files
+        raise IntegrityError(f"{label}: not a TorchScript module ({first_line(exc)}); re-run `edgeq export`") from None
+    if why := scripted.graph_problem(module):
+        raise IntegrityError(f"{label}: {why}{refused}")
+    return module
+
+
 def load_checkpoint(path: Path, device: str = "cpu", threads: int = 1, options: dict | None = None) -> Runner:
     """Run a checkpoint from files alone: its tensors loaded (weights-only) into the TorchScript graph
     the manifest names (`options["graph"]`, a file beside it, traced from the same model unfrozen).
@@ -179,13 +233,7 @@ def load_checkpoint(path: Path, device: str = "cpu", threads: int = 1, options: 
         raise IntegrityError(f"{path.name}: its graph {graph} is missing; re-run `edgeq export`")
     state = load_state_dict(path)
     torch.set_num_threads(threads)
-    from edgeq.quantize import quiet
-
-    try:
-        with quiet():
-            module = torch.jit.load(str(twin), map_location=device).eval()
-    except Exception as exc:
-        raise IntegrityError(f"{graph}: not a TorchScript module ({first_line(exc)}); re-run `edgeq export`") from None
+    module = jit_load(twin, device, graph)
     want = module.state_dict()
     if set(want) != set(state) or any(want[k].shape != state[k].shape for k in want):
         raise IntegrityError(f"{path.name}: its tensors do not match the graph {graph} (names or shapes differ); "

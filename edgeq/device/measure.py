@@ -111,7 +111,7 @@ def accuracy(root: Path, manifest: dict, loaded: dict, files: dict[str, FileResu
     if not isinstance(item, dict) or any(p.startswith(f"{item.get('file')}:") for p in result.bundle_problems):
         result.bundle_problems.append("--accuracy: eval.npz is missing or not the manifest's; copy it again")
         return
-    shape = manifest.get("input", {}).get("shape", [None])[1:]
+    shape = (manifest.get("input", {}).get("shape") or [None])[1:]
     n_classes = max((classes(manifest, a) or 0 for a in manifest["artifacts"]), default=0) or None
     try:
         x, y = bundle.read_split(root / item["file"], item["file"], max_bytes, shape, n_classes,

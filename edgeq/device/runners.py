@@ -37,6 +37,8 @@ def session_options(threads: int, options: dict | None, optimization: str | None
 
 def load_onnx(path: Path, threads: int, options: dict | None, optimization: str | None = None) -> Run:
     """x -> logits for an ONNX file (edgeq.runtime's session), or CannotRun with onnxruntime's first line."""
+    if why := runtime.session_options_problem(options):
+        raise CannotRun(f"{why}: the manifest's onnxruntime settings are refused")
     try:
         sess = runtime.ort_session(path, threads, session_options(threads, options, optimization))
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
