@@ -285,9 +285,13 @@ def clean_stale() -> list[Path]:
 
 
 @contextlib.contextmanager
-def private_dir(kind: str) -> Iterator[Path]:
+def private_dir(kind: str, hard_stop: bool = False) -> Iterator[Path]:
     """A new directory only this user can enter (0700) in TMPDIR, named with this process's pid, removed
-    with everything in it afterwards, on SIGTERM and SIGINT too. Stale copies of dead runs go first."""
+    with everything in it afterwards, on SIGTERM and SIGINT too. Stale copies of dead runs go first.
+
+    `hard_stop`, for a process that runs models itself (the device checker): a runtime busy in its own code
+    (an ONNX Loop of 10^15 steps) never lets the KeyboardInterrupt of a signal be raised, so a signal that the
+    block has not answered within STOP_GRACE_S removes the directory and ends the process (`_stop_watch`)."""
     clean_stale()
     with terminate_as_interrupt():  # before the folder exists: a SIGTERM from here on removes it
         try:
@@ -296,9 +300,48 @@ def private_dir(kind: str) -> Iterator[Path]:
             raise IntegrityError(f"TMPDIR {tempfile.gettempdir()}: cannot create {kind}'s private copy there "
                                  f"({exc.strerror}); point TMPDIR at a writable directory") from None
         try:
-            yield root
+            with _stop_watch(root) if hard_stop else contextlib.nullcontext():
+                yield root
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+STOP_GRACE_S = 3.0
+
+
+@contextlib.contextmanager
+def _stop_watch(root: Path) -> Iterator[None]:
+    """A thread that hears SIGTERM and SIGINT as they arrive (Python's wake-up fd, written by the C-level
+    handler even while the main thread is inside a runtime) and, when the block has not ended STOP_GRACE_S
+    later, removes `root` and exits 130 with the one line an interrupted command ends with."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    done = threading.Event()
+
+    def watch() -> None:
+        try:
+            while os.read(r, 1):
+                if not done.wait(STOP_GRACE_S):
+                    shutil.rmtree(root, ignore_errors=True)
+                    os.write(2, b"edgeq: interrupted (a runtime was busy in its own code: stopped)\n")
+                    os._exit(130)
+        except OSError:
+            pass
+
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    thread = threading.Thread(target=watch, name="edgeq-stop-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous)
+        os.close(w)  # the thread's read ends
+        thread.join(timeout=STOP_GRACE_S)
+        os.close(r)
 
 
 _SIGNALS: list[int] = []  # every SIGTERM / SIGINT a terminate_as_interrupt block received, in order
@@ -475,12 +518,37 @@ def _copy_file(src: Path, name: str, parent: int, dst: Path) -> None:
             os.mkfifo(dst, 0o600)
             return
         with open(dst, "xb") as out:
-            while chunk := f.read(CHUNK):
-                if chunk == _ZEROS[: len(chunk)]:
-                    out.seek(len(chunk), os.SEEK_CUR)
-                else:
-                    out.write(chunk)
-            out.truncate()
+            for start, end in _data_extents(f.fileno()):
+                f.seek(start)
+                out.seek(start)
+                while (left := end - f.tell()) > 0 and (chunk := f.read(min(CHUNK, left))):
+                    if chunk == _ZEROS[: len(chunk)]:
+                        out.seek(len(chunk), os.SEEK_CUR)
+                    else:
+                        out.write(chunk)
+            out.truncate(os.fstat(f.fileno()).st_size)
+
+
+def _data_extents(fd: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the parts of a file that hold data: its holes are never read, so a sparse file of any
+    apparent size (`truncate -s 100G`) costs what it holds (SEEK_DATA / SEEK_HOLE; the whole file where the
+    filesystem does not tell)."""
+    size = os.fstat(fd).st_size
+    if not hasattr(os, "SEEK_DATA"):
+        yield 0, size
+        return
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                return
+            yield pos, size  # the filesystem cannot tell: read it all
+            return
+        yield start, min(end, size)
+        pos = end
 
 
 def _placeholder(dst: Path, size: int) -> None:

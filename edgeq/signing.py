@@ -213,6 +213,7 @@ def verify_signature(directory: str | Path, public_key: str | Path, key_data: by
     where = f"(signature {SIGNATURE_NAME}, key {public_key.name})"
     try:
         with key_copy(data) as key:
+            _names_first(directory, key, where)
             verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(_hashing()).verify(
                 directory, sig)
     except InvalidSignature:
@@ -228,6 +229,25 @@ def verify_signature(directory: str | Path, public_key: str | Path, key_data: by
     files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
                    if p.is_file() and p.relative_to(directory).as_posix() not in UNSIGNED_BY_DESIGN)
     return {"status": VERIFIED, "file": SIGNATURE_NAME, "public_key": str(public_key), "files": files}
+
+
+def _names_first(directory: Path, key: Path, where: str) -> None:
+    """A file the signed statement does not name, or a signed one that is gone, refused before model_signing
+    hashes every file (a sparse file of any apparent size, added beside the signed ones, would be read
+    whole): the statement's envelope is checked with the key first (edgeq.device.signature). Anything else,
+    a bad envelope included, is left to model_signing's verification and its messages."""
+    from edgeq.device import signature as envelope
+
+    try:
+        signed, unhashed = envelope.statement(directory, key)
+    except SignatureError:
+        return
+    links = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_symlink()}
+    files = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - links
+    found = {name: "added after it was signed" for name in files - set(signed) - unhashed}  # links: model_signing's
+    found |= {name: "removed after it was signed" for name in set(signed) - files - links}
+    if found:
+        raise SignatureError(f"{'; '.join(f'{n}: {w}' for n, w in sorted(found.items()))} {where}: {RESIGN}")
 
 
 def signature_status(directory: str | Path, public_key: str | Path | None = None) -> dict:

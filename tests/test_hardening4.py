@@ -8,7 +8,10 @@ writes (edgeq.runtime.SESSION_CONFIG_ENTRIES) and run only TorchScript a traced 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import torch
 from edgeq import runtime
 from edgeq.errors import IntegrityError
 from edgeq.verify import verify
-from test_hardening2 import FAST, cli, copy, one_line_error, rehash, tiny, user  # noqa: F401
+from test_hardening2 import ROOT, FAST, cli, copy, env, keys, one_line_error, rehash, tiny, user, wait_for  # noqa: F401
 from test_hardening3 import device, device_py, manifest, no_traceback, save  # noqa: F401
 
 
@@ -152,3 +155,81 @@ def test_hostile_manifest_values_are_one_line_not_a_traceback(tiny: Path, tmp_pa
     assert where in one_line_error(cli("verify", art, "--quiet", "--rounds", "1"))
     for python in (device_py, sys.executable):  # without torch, as on a device, and with it
         no_traceback(device("check", art, "--rounds", "0", "--accuracy", python=python))
+
+
+def _endless(path: Path) -> None:
+    """The ONNX file's logits plus 0 * (a Loop of 10^15 steps): the same answers, after forever."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    out = g.output[0].name
+    for node in g.node:
+        node.output[:] = [f"{out}_base" if o == out else o for o in node.output]
+    scalar = lambda name, kind: helper.make_tensor_value_info(name, kind, [])  # noqa: E731
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body", [scalar("i", TensorProto.INT64), scalar("cond_in", TensorProto.BOOL), scalar("v_in", TensorProto.FLOAT)],
+        [scalar("cond_out", TensorProto.BOOL), scalar("v_out", TensorProto.FLOAT)],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    g.initializer.extend([numpy_helper.from_array(np.array(10**15, np.int64), "trips"),
+                          numpy_helper.from_array(np.array(True), "go"),
+                          numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    g.node.extend([helper.make_node("ReduceSum", [g.input[0].name], ["s"], keepdims=0),
+                   helper.make_node("Loop", ["trips", "go", "s"], ["v"], body=body),
+                   helper.make_node("Mul", ["v", "zero"], ["nothing"]),
+                   helper.make_node("Add", [f"{out}_base", "nothing"], [out])])
+    del g.value_info[:]
+    onnx.save(model, str(path))
+
+
+def test_sigterm_stops_the_device_checker_inside_a_runtime_that_never_returns(
+        tiny: Path, tmp_path: Path, device_py: Path) -> None:
+    """onnxruntime runs the Loop in its own code, where Python's handler for the signal never gets to raise:
+    the checker still stops, exits 130 with its one line and leaves no private copy behind."""
+    art, tmpdir = copy(tiny, tmp_path / "art"), tmp_path / "tmp"
+    tmpdir.mkdir()
+    _endless(art / "user-fp32.onnx")
+    rehash(art, "user-fp32.onnx")
+    p = subprocess.Popen([str(device_py), "-m", "edgeq.device", "check", str(art), "--rounds", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**env(), "TMPDIR": str(tmpdir)}, cwd=ROOT)
+    try:
+        wait_for(lambda: any(tmpdir.glob("edgeq-device-*/user-fp32.onnx")))  # copied: it runs the files next
+        time.sleep(1.0)  # into the Loop (were the signal earlier, the usual KeyboardInterrupt ends it the same way)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)  # without the watch it never ends
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.strip().splitlines()[-1].startswith("edgeq: interrupted"), out + err
+    assert "Traceback" not in err and not list(tmpdir.glob("edgeq-device-*"))
+
+
+def _bytes_read() -> int:
+    """What this process has read so far through read(2) (Linux's /proc/self/io `rchar`): a count, not a time."""
+    line = next(x for x in Path("/proc/self/io").read_text().splitlines() if x.startswith("rchar:"))
+    return int(line.split()[1])
+
+
+def test_a_sparse_file_beside_a_signed_export_is_refused_without_reading_it(
+        tiny: Path, keys: dict[str, Path], tmp_path: Path, verify_worker, device_py: Path) -> None:
+    """1 TiB that occupies nothing: the private copy skips its holes, and the signed statement's names are
+    compared before anything is hashed, so it costs neither tool a read of its apparent size."""
+    from dataclasses import replace
+
+    from edgeq.errors import SignatureError
+    from edgeq.signing import sign_directory
+
+    art = copy(tiny, tmp_path / "art")
+    sign_directory(art, keys["key"])
+    with open(art / "zzz.bin", "wb") as f:
+        f.truncate(1 << 40)
+    before = _bytes_read()
+    with pytest.raises(SignatureError, match=r"zzz\.bin: added after it was signed"):
+        verify(art, replace(FAST, public_key=str(keys["pub"])), verify_worker)
+    assert _bytes_read() - before < 1 << 30
+    r = device("check", art, "--public-key", keys["pub"], "--rounds", "0", python=device_py)
+    no_traceback(r)
+    assert r.exit_code == 1 and "zzz.bin: not covered by the signature" in r.output, r.output

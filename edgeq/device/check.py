@@ -78,7 +78,7 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log: Callable
         raise DeviceError(bundle.missing_directory(directory, "pass the folder copied from the export")
                           if not directory.exists() else f"{directory}: not a directory; pass the export folder")
     t_start = time.perf_counter()
-    with bundle.private_dir("device") as root:
+    with bundle.private_dir("device", hard_stop=True) as root:
         snap = private_copy(directory, root, cfg.public_key is not None)
         with shown(snap):
             result = _check_copy(snap, cfg, log)

@@ -30,6 +30,28 @@ def _pae(payload_type: str, payload: bytes) -> bytes:
 def verify(directory: Path, public_key: Path) -> dict:
     """Raise SignatureError (one line) unless `directory`'s signature verifies with `public_key` and
     every file matches it; return {status, file, public_key, files}."""
+    directory, public_key = Path(directory), Path(public_key)
+    resources, ignored = statement(directory, public_key)
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                   if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() not in ignored)
+    for name in files:  # every name first: a file the signature does not cover is refused before anything is read
+        if name not in resources:
+            raise SignatureError(f"{name}: not covered by the signature (added after signing); remove it or re-sign")
+    for name in files:
+        if (directory / name).is_symlink():
+            raise SignatureError(f"{name}: a symbolic link; signed exports hold regular files only")
+        if sha256_file(directory / name) != resources[name]:
+            raise SignatureError(f"{name}: changed since signing (sha256 differs); restore it or re-sign")
+    missing = sorted(set(resources) - set(files))
+    if missing:
+        raise SignatureError(f"{missing[0]}: signed but missing; restore it or re-sign")
+    return {"status": "verified", "file": SIGNATURE_NAME, "public_key": str(public_key), "files": files}
+
+
+def statement(directory: Path, public_key: Path) -> tuple[dict[str, str], set[str]]:
+    """The signed statement's files (name -> sha256) and the names it leaves unhashed, once its envelope
+    verifies with `public_key` (SignatureError in one line otherwise). Reads only the signature and the key:
+    what the files must be is known before any of them is read."""
     try:
         from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
         from cryptography.hazmat.primitives import hashes, serialization
@@ -74,16 +96,4 @@ def verify(directory: Path, public_key: Path) -> dict:
     else:
         raise SignatureError(f"{sig}: does not verify with {public_key} (another key signed it, or the signature "
                              "was edited); pass the public key of the signing key, or re-sign")
-    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                   if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() not in ignored)
-    for name in files:
-        if name not in resources:
-            raise SignatureError(f"{name}: not covered by the signature (added after signing); remove it or re-sign")
-        if (directory / name).is_symlink():
-            raise SignatureError(f"{name}: a symbolic link; signed exports hold regular files only")
-        if sha256_file(directory / name) != resources[name]:
-            raise SignatureError(f"{name}: changed since signing (sha256 differs); restore it or re-sign")
-    missing = sorted(set(resources) - set(files))
-    if missing:
-        raise SignatureError(f"{missing[0]}: signed but missing; restore it or re-sign")
-    return {"status": "verified", "file": SIGNATURE_NAME, "public_key": str(public_key), "files": files}
+    return resources, ignored
