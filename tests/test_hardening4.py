@@ -233,3 +233,20 @@ def test_a_sparse_file_beside_a_signed_export_is_refused_without_reading_it(
     r = device("check", art, "--public-key", keys["pub"], "--rounds", "0", python=device_py)
     no_traceback(r)
     assert r.exit_code == 1 and "zzz.bin: not covered by the signature" in r.output, r.output
+
+
+def test_the_device_checker_stops_an_onnx_call_past_its_time_limit_and_goes_on(
+        tiny: Path, tmp_path: Path, device_py: Path) -> None:
+    """onnxruntime's RunOptions.terminate, set by the checker's watch when a call outlives --time-limit: the
+    file fails in one line, the others are still checked, and the check ends by itself."""
+    art = copy(tiny, tmp_path / "art")
+    _endless(art / "user-fp32.onnx")
+    rehash(art, "user-fp32.onnx")
+    r = device("check", art, "--rounds", "0", "--time-limit", "2", python=device_py, timeout=600)
+    no_traceback(r)
+    fails = [line for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert r.exit_code == 1 and len(fails) == 1 and fails[0].startswith("FAIL user-fp32.onnx") and \
+        "did not finish within 2 s (--time-limit)" in fails[0], r.output
+    assert "terminate flag" not in r.output  # the one line, not onnxruntime's log of it
+    bad = device("check", art, "--time-limit", "-1", python=device_py)
+    assert bad.exit_code == 1 and "--time-limit" in bad.stderr and "Traceback" not in bad.output, bad.output

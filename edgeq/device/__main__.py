@@ -57,6 +57,16 @@ def gib(text: str) -> float:
     return value
 
 
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from edgeq.device.check import MAX_BATCH, MAX_ROUNDS
     from edgeq.limits import cores
@@ -81,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--memory-limit", type=gib, metavar="GIB",
                    help=f"memory (GiB) the check may add after its imports (default: {DEFAULT_MEMORY_SHARE:g} of "
                         "this device's memory); a file that needs more fails")
+    c.add_argument("--time-limit", type=seconds, default=120.0, metavar="SECONDS",
+                   help="an ONNX call that takes longer is stopped and fails its file (default: 120)")
     c.add_argument("--json", type=Path, dest="json_path", help="write the JSON report here (outside DIR)")
     c.add_argument("--quiet", action="store_true", help="print only failures and the verdict")
     pl = sub.add_parser("plan", help="time the mixed-precision search here and write a plan to replay",
@@ -109,7 +121,8 @@ def _check(args: argparse.Namespace) -> int:
         _output(args.json_path, args.directory, "--json")
     memory = args.memory_limit or round(DEFAULT_MEMORY_SHARE * physical_memory_gb(), 2)
     cfg = CheckConfig(public_key=args.public_key, accuracy=args.accuracy, threads=args.threads, rounds=args.rounds,
-                      batches=tuple(args.batch or (1,)), optimization=args.optimization, memory_limit_gb=memory)
+                      batches=tuple(args.batch or (1,)), optimization=args.optimization, memory_limit_gb=memory,
+                      time_limit_s=args.time_limit)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     result = check(args.directory, cfg, log)
     if not args.quiet:

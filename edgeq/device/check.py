@@ -48,6 +48,7 @@ class CheckConfig:
     batches: tuple[int, ...] = (1,)
     optimization: str | None = None  # override the manifest's graph optimization level (measurement only)
     memory_limit_gb: float | None = None  # memory the check may add after its imports; None: no cap
+    time_limit_s: float = 120.0  # an ONNX call that outlives it is stopped and fails its file (verify's default)
 
     def __post_init__(self) -> None:
         cores = limits.cores()
@@ -242,7 +243,8 @@ def _load(path: Path, a: dict, threads: int, cfg: CheckConfig) -> runners.Run:
     match a["format"]:
         case "onnx":
             options = rt.get("session_options")
-            return runners.load_onnx(path, threads, options if isinstance(options, dict) else None, cfg.optimization)
+            return runners.load_onnx(path, threads, options if isinstance(options, dict) else None, cfg.optimization,
+                                     cfg.time_limit_s)
         case "torchscript":
             engine = rt.get("quantized_engine")
             return runners.load_torchscript(path, threads, engine if isinstance(engine, str) else None)

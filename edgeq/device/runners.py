@@ -6,7 +6,11 @@ ExecuTorch's runtime does; checkpoints need the model's code and are never run h
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +39,13 @@ def session_options(threads: int, options: dict | None, optimization: str | None
     return merged
 
 
-def load_onnx(path: Path, threads: int, options: dict | None, optimization: str | None = None) -> Run:
-    """x -> logits for an ONNX file (edgeq.runtime's session), or CannotRun with onnxruntime's first line."""
+def load_onnx(path: Path, threads: int, options: dict | None, optimization: str | None = None,
+              time_limit_s: float | None = None) -> Run:
+    """x -> logits for an ONNX file (edgeq.runtime's session), or CannotRun with onnxruntime's first line.
+    A call that outlives `time_limit_s` is stopped by onnxruntime (RunOptions.terminate, set by `_Watch`) and
+    raises TimeLimit."""
+    import onnxruntime as ort
+
     if why := runtime.session_options_problem(options):
         raise CannotRun(f"{why}: the manifest's onnxruntime settings are refused")
     try:
@@ -44,7 +53,66 @@ def load_onnx(path: Path, threads: int, options: dict | None, optimization: str 
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise CannotRun(f"onnxruntime cannot load it ({first_line(exc)})") from None
     name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})[0]
+    if time_limit_s is None:
+        return lambda x: sess.run(None, {name: x})[0]
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # a stopped call is the row's one line, not onnxruntime's error log too
+    call = _Call(options, time_limit_s)
+    _WATCH.add(call)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        call.started = time.monotonic()  # two assignments a call: nothing a timing window would see
+        try:
+            return sess.run(None, {name: x}, call.options)[0]
+        except Exception:
+            if call.options.terminate:
+                call.options.terminate = False
+                raise TimeLimit(f"did not finish within {time_limit_s:g} s (--time-limit); a file that runs "
+                                "forever is stopped, not waited for") from None
+            raise
+        finally:
+            call.started = None
+
+    return run
+
+
+class TimeLimit(Exception):
+    """A call its time limit stopped."""
+
+
+@dataclass(eq=False)
+class _Call:
+    options: object  # onnxruntime.RunOptions: its terminate flag stops the call
+    limit_s: float
+    started: float | None = None  # time.monotonic() of the call under way, or None
+
+
+class _Watch:
+    """One daemon thread for the process: every POLL_S it stops each call that has run past its limit."""
+
+    POLL_S = 0.25
+
+    def __init__(self) -> None:
+        self.calls: weakref.WeakSet = weakref.WeakSet()
+        self.thread: threading.Thread | None = None
+
+    def add(self, call: _Call) -> None:
+        self.calls.add(call)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="edgeq-time-limit", daemon=True)
+            self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.POLL_S)
+            now = time.monotonic()
+            for call in list(self.calls):
+                started = call.started
+                if started is not None and now - started > call.limit_s:
+                    call.options.terminate = True
+
+
+_WATCH = _Watch()
 
 
 def load_torchscript(path: Path, threads: int, engine: str | None) -> Run:
