@@ -232,10 +232,10 @@ def verify_signature(directory: str | Path, public_key: str | Path, key_data: by
 
 
 def _names_first(directory: Path, key: Path, where: str) -> None:
-    """A file the signed statement does not name, or a signed one that is gone, refused before model_signing
-    hashes every file (a sparse file of any apparent size, added beside the signed ones, would be read
-    whole): the statement's envelope is checked with the key first (edgeq.device.signature). Anything else,
-    a bad envelope included, is left to model_signing's verification and its messages."""
+    """A file the signed statement does not name, a signed one that is gone, or one whose size is not the
+    signed manifest's, refused before model_signing hashes every file (a sparse file of any apparent size
+    would be read whole): the statement's envelope is checked with the key first (edgeq.device.signature).
+    Anything else, a bad envelope included, is left to model_signing's verification and its messages."""
     from edgeq.device import signature as envelope
 
     try:
@@ -246,6 +246,7 @@ def _names_first(directory: Path, key: Path, where: str) -> None:
     files = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - links
     found = {name: "added after it was signed" for name in files - set(signed) - unhashed}  # links: model_signing's
     found |= {name: "removed after it was signed" for name in set(signed) - files - links}
+    found |= {name: "changed since it was signed" for name in envelope.resized(directory, signed)}
     if found:
         raise SignatureError(f"{'; '.join(f'{n}: {w}' for n, w in sorted(found.items()))} {where}: {RESIGN}")
 

@@ -250,3 +250,26 @@ def test_the_device_checker_stops_an_onnx_call_past_its_time_limit_and_goes_on(
     assert "terminate flag" not in r.output  # the one line, not onnxruntime's log of it
     bad = device("check", art, "--time-limit", "-1", python=device_py)
     assert bad.exit_code == 1 and "--time-limit" in bad.stderr and "Traceback" not in bad.output, bad.output
+
+
+def test_a_signed_file_replaced_by_a_sparse_one_is_refused_without_reading_it(
+        tiny: Path, keys: dict[str, Path], tmp_path: Path, verify_worker, device_py: Path) -> None:
+    """The same name, 1 TiB that occupies nothing: the signed manifest gives every file's size, so the file is
+    refused from its size, before it would be hashed."""
+    from dataclasses import replace
+
+    from edgeq.errors import SignatureError
+    from edgeq.signing import sign_directory
+
+    art = copy(tiny, tmp_path / "art")
+    sign_directory(art, keys["key"])
+    (art / "user-fp32.onnx").unlink()
+    with open(art / "user-fp32.onnx", "wb") as f:
+        f.truncate(1 << 40)
+    before = _bytes_read()
+    with pytest.raises(SignatureError, match=r"user-fp32\.onnx: changed since it was signed"):
+        verify(art, replace(FAST, public_key=str(keys["pub"])), verify_worker)
+    assert _bytes_read() - before < 1 << 30
+    r = device("check", art, "--public-key", keys["pub"], "--rounds", "0", python=device_py)
+    no_traceback(r)
+    assert r.exit_code == 1 and "user-fp32.onnx: changed since signing" in r.output, r.output

@@ -37,6 +37,9 @@ def verify(directory: Path, public_key: Path) -> dict:
     for name in files:  # every name first: a file the signature does not cover is refused before anything is read
         if name not in resources:
             raise SignatureError(f"{name}: not covered by the signature (added after signing); remove it or re-sign")
+    for name in sorted(resized(directory, resources)):  # then sizes: a file is hashed only at its signed size
+        raise SignatureError(f"{name}: changed since signing (its size is not the signed manifest's); restore it "
+                             "or re-sign")
     for name in files:
         if (directory / name).is_symlink():
             raise SignatureError(f"{name}: a symbolic link; signed exports hold regular files only")
@@ -97,3 +100,41 @@ def statement(directory: Path, public_key: Path) -> tuple[dict[str, str], set[st
         raise SignatureError(f"{sig}: does not verify with {public_key} (another key signed it, or the signature "
                              "was edited); pass the public key of the signing key, or re-sign")
     return resources, ignored
+
+
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def resized(directory: Path, resources: dict[str, str]) -> list[str]:
+    """The signed files whose size on disk is not the one the manifest gives them, once manifest.json itself
+    matches its signed sha256 (small: hashed first). A file replaced by another of any size, a sparse one
+    that occupies nothing included, is then refused without reading it. [] when the manifest is not the
+    signed one or cannot be read: the hashes decide."""
+    path = directory / "manifest.json"
+    if "manifest.json" not in resources or path.is_symlink() or not path.is_file() or \
+            path.stat().st_size > MAX_MANIFEST_BYTES or sha256_file(path) != resources["manifest.json"]:
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return []
+    out = []
+    for item in _sized_entries(data):
+        name, size = item.get("file"), item.get("bytes")
+        if isinstance(name, str) and name in resources and isinstance(size, int) and not isinstance(size, bool):
+            p = directory / name
+            if not p.is_symlink() and p.is_file() and p.stat().st_size != size:
+                out.append(name)
+    return out
+
+
+def _sized_entries(data: object) -> list[dict]:
+    """Every entry of a manifest that gives a file and its bytes: artifacts, data sets, the plan, golden files."""
+    if not isinstance(data, dict):
+        return []
+    as_dict = lambda v: v if isinstance(v, dict) else {}  # noqa: E731
+    golden, dataset = as_dict(data.get("golden")), as_dict(data.get("dataset"))
+    items = list(data.get("artifacts") or []) if isinstance(data.get("artifacts"), list) else []
+    items += [dataset.get(k) for k in ("eval", "val", "calibration")] + [data.get("plan"), golden.get("input")]
+    items += list(as_dict(golden.get("outputs")).values()) + list(as_dict(golden.get("reference")).values())
+    return [i for i in items if isinstance(i, dict)]
