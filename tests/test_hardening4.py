@@ -153,8 +153,7 @@ def test_hostile_manifest_values_are_one_line_not_a_traceback(tiny: Path, tmp_pa
     edit(m)
     save(art, m)
     assert where in one_line_error(cli("verify", art, "--quiet", "--rounds", "1"))
-    for python in (device_py, sys.executable):  # without torch, as on a device, and with it
-        no_traceback(device("check", art, "--rounds", "0", "--accuracy", python=python))
+    no_traceback(device("check", art, "--rounds", "0", "--accuracy", python=device_py))
 
 
 def _endless(path: Path) -> None:
