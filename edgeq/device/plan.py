@@ -134,7 +134,7 @@ def plan(directory: str | Path, out: str | Path, threads: int | None = None, bud
     if not directory.is_dir():
         raise DeviceError(bundle.missing_directory(directory, "pass the folder copied from the export"))
     t_start = time.perf_counter()
-    with bundle.private_dir("device") as root:
+    with bundle.private_dir("device", hard_stop=True) as root:  # it runs the files here too: a signal always stops it
         snap = private_copy(directory, root, signed=False)
         with shown(snap):
             build_plan = _measured(root, threads, budget_s, log)
