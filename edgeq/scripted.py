@@ -9,8 +9,8 @@ to what a traced classifier needs, and refused in one line otherwise:
 - before loading (`archive_problem`): its pickles name only tensor storages, torch's tensor rebuilders,
   TorchScript modules (`__torch__.*`) and the quantized packed parameters (`torch.classes.quantized`); its
   code defines no `__setstate__`;
-- after loading, before any call (`graph_problem`): every method of every submodule, with the functions it
-  calls inlined, runs only operators of the `aten`, `prim` and `quantized` namespaces, none of DENIED, and
+- after loading, before any call (`graph_problem`): every method of the module, with the submodule methods
+  and functions it calls inlined, runs only operators of the `aten`, `prim` and `quantized` namespaces, none of DENIED, and
   calls no method left un-inlined but those of the quantized packed parameters.
 """
 
@@ -84,12 +84,13 @@ def graph_problem(module) -> str | None:
     """Why a loaded TorchScript module is refused before it is called, or None (see the module docstring)."""
     import torch
 
-    for sub in module.modules():
-        for method in sub._c._method_names():
-            graph = sub._c._get_method(method).graph.copy()
-            torch._C._jit_pass_inline(graph)
-            if why := _block_problem(graph.block()):
-                return f"its {method} runs {why}, which no traced model runs"
+    # the module's own methods, with every submodule method and function they call inlined: what any call into
+    # it can run (a submodule's method nobody calls never runs; a call left un-inlined is refused below)
+    for method in module._c._method_names():
+        graph = module._c._get_method(method).graph.copy()
+        torch._C._jit_pass_inline(graph)
+        if why := _block_problem(graph.block()):
+            return f"its {method} runs {why}, which no traced model runs"
     return None
 
 
