@@ -242,8 +242,9 @@ def _names_first(directory: Path, key: Path, where: str) -> None:
         signed, unhashed = envelope.statement(directory, key)
     except SignatureError:
         return
-    links = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_symlink()}
-    files = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - links
+    entries = list(directory.rglob("*"))
+    links = {p.relative_to(directory).as_posix() for p in entries if p.is_symlink()}
+    files = {p.relative_to(directory).as_posix() for p in entries if p.is_file()} - links
     found = {name: "added after it was signed" for name in files - set(signed) - unhashed}  # links: model_signing's
     found |= {name: "removed after it was signed" for name in set(signed) - files - links}
     found |= {name: "changed since it was signed" for name in envelope.resized(directory, signed)}

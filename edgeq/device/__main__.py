@@ -47,24 +47,21 @@ def whole(low: int, high: int):
     return parse
 
 
-def gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB > 0")
-    return value
+def positive(unit: str):
+    """An argparse type: a finite number > 0 of `unit`, refused in one line otherwise."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit} > 0")
+        return value
+
+    return parse
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
-    return value
+gib, seconds = positive("GiB"), positive("seconds")
 
 
 def _parser() -> argparse.ArgumentParser:
