@@ -297,6 +297,7 @@ def _environment(cfg: VerifyConfig, worker_info: dict) -> dict:
         "threads": cfg.threads,
         "providers": worker_info["providers"],
         "cuda": worker_info["cuda_name"],
+        "worker_confinement": worker_info["confinement"],
         "claims": ("exact: this is the machine and runtimes the export was built with, so each file's counts of "
                    "correct answers must equal the manifest's" if cfg.same_machine else
                    f"within {policy.CLAIM_SLACK:.1%} of the samples (at least one): another CPU or runtime than the "

@@ -251,9 +251,19 @@ def table(result: VerifyResult) -> str:
                f"{counts['skipped']} skipped{f', {directory} directory FAIL' * bool(directory)}; "
                f"verified in {result.wall_s:.1f} s")
     claims = textwrap.fill(f"claims checked: {result.environment.get('claims', 'exact')}.", WIDTH)
-    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), claims, *_families(result.families),
+    sandbox = textwrap.fill(confinement(result.environment), WIDTH)
+    return "\n".join([*lines, "", textwrap.fill(legend, WIDTH), claims, sandbox, *_families(result.families),
                       *_not_built(result.not_built),
                       *_directory(result), verdict, *_profile(result.phases)])
+
+
+def confinement(environment: dict) -> str:
+    """One sentence: what the worker that ran the files could not do (edgeq.limits.confine)."""
+    c = environment.get("worker_confinement") or {"landlock": None, "why": "not recorded"}
+    if not c.get("landlock"):
+        return f"sandbox: none ({c['why']}); the files ran with this user's rights."
+    return (f"sandbox: the files ran in a worker confined by Landlock (ABI {c['landlock']}): files {c['files']}; "
+            f"network: {c['network']}; signals: {c['signals']}" + (f" ({c['checked']})." if c.get("checked") else "."))
 
 
 def _families(families: dict) -> list[str]:
@@ -332,6 +342,8 @@ def markdown(result: VerifyResult) -> str:
         f"`{result.dataset['eval']}` ({result.dataset['description'] or result.dataset['source']}). Latency: batch 1 and "
         f"batch {cfg.batch}, each artifact timed in alternating windows with its references; speed-ups are "
         "paired ratios.",
+        "",
+        "S" + confinement(env)[1:],
     ]
     for model in dict.fromkeys(r.model for r in result.rows):
         rows = [r for r in result.rows if r.model == model]

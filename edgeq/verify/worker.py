@@ -119,7 +119,8 @@ class Worker:
 
     @property
     def info(self) -> dict:
-        """What the child found: cuda (bool), cuda_name, providers, cap_gb (None: memory not capped)."""
+        """What the child found: cuda (bool), cuda_name, providers, cap_gb (None: memory not capped), confinement
+        (edgeq.limits.confine's account of what the child may no longer do)."""
         self._ready()
         assert self._hello is not None
         return self._hello
@@ -202,8 +203,9 @@ class Worker:
         if self._hello is None:
             try:
                 kind, value = self._recv(STARTUP_LIMIT_S)
-            except (TimeoutError, EOFError) as exc:
-                detail = self._died() if isinstance(exc, EOFError) else f"no answer in {STARTUP_LIMIT_S:g} s"
+            except (TimeoutError, EOFError, NotData) as exc:
+                detail = (self._died() if isinstance(exc, EOFError) else str(exc) if isinstance(exc, NotData)
+                          else f"no answer in {STARTUP_LIMIT_S:g} s")
                 self._kill()
                 from edgeq.errors import EdgeqError
 
@@ -236,6 +238,9 @@ class Worker:
             detail = self._died()
             self._forget()
             raise Failed("crash", detail, limit, cap) from None
+        except NotData as exc:  # the child no longer runs edgeq's code: it is not asked anything again
+            self._kill()
+            raise Failed("crash", str(exc), limit, cap) from None
         finally:
             if budget is not None:
                 budget.spent += time.monotonic() - t0
@@ -267,7 +272,7 @@ class Worker:
             buf += chunk
             if need == _HEADER.size and len(buf) >= need:
                 need += _HEADER.unpack_from(buf)[0]
-        return pickle.loads(bytes(buf[_HEADER.size:need]))
+        return _reply(bytes(buf[_HEADER.size:need]))
 
     def _died(self) -> str:
         """How the child ended: its signal or exit code, and the last line it wrote to stderr."""
@@ -307,17 +312,62 @@ class Worker:
 # -- the child ---------------------------------------------------------------------------------------
 
 
+# What a reply may hold besides Python's own containers, numbers and strings: numpy arrays, scalars and dtypes
+# (numpy 2 names, then numpy 1's). Replies are read with nothing else, so that a child a file took over cannot
+# make this process run code by what it sends back (pickle calls any global it names).
+_DATA_GLOBALS = frozenset({("numpy", "dtype"), ("numpy", "ndarray"), ("numpy._core.multiarray", "scalar"),
+                           ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
+                           ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
+                           ("numpy.core.numeric", "_frombuffer")})
+_KINDS = frozenset({"ok", "timeout", "memory", "crash", "edgeq", "error"})
+
+
+class NotData(Exception):
+    """A reply that is not what edgeq's child sends: the child was taken over, or its output damaged."""
+
+
+class _DataOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DATA_GLOBALS:
+            return super().find_class(module, name)
+        raise NotData(f"the worker's reply names {module}.{name}, which edgeq's worker never sends; the worker was "
+                      "stopped (a file may have taken it over)")
+
+
+def _reply(payload: bytes) -> tuple[str, Any]:
+    """A reply from the child: `(kind, value)`, read with `_DataOnly`; NotData for anything else."""
+    import io
+
+    try:
+        reply = _DataOnly(io.BytesIO(payload)).load()
+    except NotData:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged stream: anything the unpickler raises
+        raise NotData(f"the worker's reply could not be read ({type(exc).__name__}); the worker was stopped") from None
+    if not (isinstance(reply, tuple) and len(reply) == 2 and reply[0] in _KINDS
+            and (reply[0] == "ok" or isinstance(reply[1], str))):
+        raise NotData("the worker's reply is not one edgeq's worker sends; the worker was stopped")
+    return reply
+
+
 def main() -> None:
     """The child: replies on a private copy of stdout; whatever a runtime prints goes to stderr."""
     reply_fd = os.dup(1)
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
     _die_with_parent(int(sys.argv[2]))
+    from edgeq import limits
+
+    # while this process has one thread, before any runtime is imported: what no file may make a runtime do
+    tmp = tempfile.gettempdir()  # found (by writing a file there) before writes are refused
+    confinement = limits.confine(("/dev/null",), files=not _nvidia_devices())
+    if confinement["landlock"] and confinement["files"] != "not confined":  # seen to hold, not only asked for
+        refused = limits.refused_write(tmp)
+        confinement["checked"] = (f"creating a file in {tmp} was refused: {refused}" if refused
+                                  else f"NOT confined: a file could be created in {tmp}")
     import onnx  # noqa: F401  (parsed before each ONNX load: imported now, not on an artifact's time)
     import onnxruntime as ort
     import torch
-
-    from edgeq import limits
 
     if sys.argv[3:] == ["pte"]:
         from edgeq import pte
@@ -331,7 +381,8 @@ def main() -> None:
     cap_gb = None if cuda or sys.argv[1] == "none" else limits.cap_memory(float(sys.argv[1]))
     send = _sender(reply_fd)
     send(("ok", {"cuda": cuda, "cuda_name": torch.cuda.get_device_name(0) if cuda else None,
-                 "providers": ort.get_available_providers(), "cap_gb": cap_gb}))
+                 "providers": ort.get_available_providers(), "cap_gb": cap_gb,
+                 "confinement": confinement}))
     child = _Child()
     while (request := _receive(0)) is not None:
         try:
@@ -456,6 +507,12 @@ def _release() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def _nvidia_devices() -> bool:
+    """An NVIDIA device here: the CUDA driver opens and writes device files and caches that the file-system
+    rules do not model (no GPU machine to test them on), so the worker's files are left unconfined there."""
+    return any(name.startswith("nvidia") for name in (os.listdir("/dev") if os.path.isdir("/dev") else ()))
 
 
 def _die_with_parent(parent: int) -> None:

@@ -1,0 +1,156 @@
+"""The verify worker runs files confined (edgeq.limits.confine: Linux Landlock), and verify reads its replies as
+data only. Real kernel rules, a real worker process, real pipes: nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeq import limits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A confined child that tries, after confine(), what a file that took over a runtime would try.
+ATTEMPTS = r"""
+import json, os, socket, sys
+from edgeq import limits
+inside, outside, victim, port, parent = sys.argv[1:6]
+out = {"confined": limits.confine(("/dev/null", inside))}
+def attempt(name, fn):
+    try:
+        fn(); out[name] = "done"
+    except OSError as exc:
+        out[name] = exc.errno
+attempt("create outside", lambda: open(os.path.join(outside, "new"), "w").close())
+attempt("truncate outside", lambda: open(victim, "r+").truncate(0))
+attempt("append outside", lambda: open(victim, "a").write("x"))
+attempt("remove outside", lambda: os.unlink(victim))
+attempt("rename outside", lambda: os.rename(victim, victim + ".moved"))
+attempt("make a directory outside", lambda: os.mkdir(os.path.join(outside, "dir")))
+attempt("create inside", lambda: open(os.path.join(inside, "new"), "w").write("x"))
+attempt("write /dev/null", lambda: open("/dev/null", "w").write("x"))
+attempt("read outside", lambda: open(victim).read())
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", int(port)), timeout=5).close())
+attempt("signal the parent", lambda: os.kill(int(parent), 0))
+import numpy as np, onnx, onnxruntime as ort
+from onnx import helper, TensorProto
+g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+s = ort.InferenceSession(helper.make_model(g).SerializeToString(), providers=["CPUExecutionProvider"])
+out["onnxruntime"] = s.run(None, {"x": np.array([-1.0, 2.0], np.float32)})[0].tolist()
+print(json.dumps(out))
+"""
+
+
+def _landlock_or_skip() -> None:
+    probe = subprocess.run([sys.executable, "-c", "from edgeq import limits; print(limits.confine(())['landlock'])"],
+                           capture_output=True, text=True, cwd=ROOT, check=True)
+    if probe.stdout.strip() == "None":
+        pytest.skip("this kernel has no Landlock: edgeq.limits.confine leaves the process as it is")
+
+
+def test_a_confined_process_writes_only_where_allowed_connects_nowhere_and_signals_no_one(tmp_path: Path) -> None:
+    _landlock_or_skip()
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir(), outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("keep me")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        p = subprocess.run([sys.executable, "-c", ATTEMPTS, str(inside), str(outside), str(victim),
+                            str(server.getsockname()[1]), str(os.getpid())],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    abi = out["confined"]["landlock"]
+    for refused in ("create outside", "append outside", "remove outside", "rename outside", "make a directory outside"):
+        assert out[refused] == 13, (refused, out)  # EACCES
+    if abi >= 3:
+        assert out["truncate outside"] == 13, out
+    if abi >= 4:
+        assert out["connect"] == 13, out
+    if abi >= 6:
+        assert out["signal the parent"] == 1, out  # EPERM
+    assert out["create inside"] == out["write /dev/null"] == out["read outside"] == "done", out
+    assert out["onnxruntime"] == [0.0, 2.0]
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"] and victim.read_text() == "keep me"
+    assert (inside / "new").read_text() == "x"
+
+
+def test_the_verify_worker_is_confined_and_the_report_says_so(mlp_artifacts: Path, tmp_path: Path) -> None:
+    """The worker confines itself before it imports a runtime, checks that it can no longer create a file,
+    and the report carries both."""
+    _landlock_or_skip()
+    from edgeq.verify.worker import Worker
+
+    with Worker(2.0) as worker:
+        confinement = worker.info["confinement"]
+        assert confinement["files"] == "none written outside /dev/null", confinement
+        assert confinement["checked"].endswith("was refused: Permission denied (errno 13)"), confinement
+        pid = worker._proc.pid
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "NoNewPrivs:\t1" in status  # Landlock's precondition, set in the worker only
+    assert "NoNewPrivs:\t0" in Path("/proc/self/status").read_text()  # verify's own process is untouched
+    report = tmp_path / "report.json"
+    p = subprocess.run([sys.executable, "-m", "edgeq", "verify", str(mlp_artifacts), "--rounds", "1",
+                        "--json", str(report)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "sandbox: the files ran in a worker confined by Landlock" in " ".join(p.stdout.split())
+    assert json.loads(report.read_text())["environment"]["worker_confinement"]["landlock"] >= 1
+
+
+class _Makes:
+    """Unpickled, it would create a directory: what a taken-over worker could send back."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+# A child that speaks the worker's protocol but sends a hostile pickle as its hello.
+HOSTILE_CHILD = r"""
+import os, struct, sys
+payload = bytes.fromhex(sys.argv[1])
+os.write(1, struct.pack(">Q", len(payload)) + payload)
+sys.stdin.read()
+"""
+
+
+def test_verify_reads_the_workers_replies_as_data_only(tmp_path: Path, monkeypatch) -> None:
+    import numpy as np
+
+    from edgeq.errors import EdgeqError
+    from edgeq.verify import worker as w
+
+    made = tmp_path / "made-by-the-reply"
+    hostile = pickle.dumps(("ok", {"cuda": False, "x": _Makes(made)}), protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(w.NotData, match="os.makedirs"):
+        w._reply(hostile)
+    arrays = ("ok", {"logits": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.int64(3), "t": [0.5, 1.5]})
+    back = w._reply(pickle.dumps(arrays, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back[1]["logits"].tolist() == arrays[1]["logits"].tolist() and back[1]["n"] == 3
+    for odd in (b"not a pickle", pickle.dumps("ok"), pickle.dumps(("shell", "x")), pickle.dumps(("error", 3))):
+        with pytest.raises(w.NotData):
+            w._reply(odd)
+
+    def start(self) -> None:  # the real pipes and framing, a child that answers with the hostile pickle
+        self._proc = subprocess.Popen([sys.executable, "-c", HOSTILE_CHILD, hostile.hex()], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._hello = None
+
+    monkeypatch.setattr(w.Worker, "_start", start)
+    with w.Worker(1.0) as worker, pytest.raises(EdgeqError, match="did not start .*os.makedirs") as err:
+        worker.info
+    assert "\n" not in str(err.value)
+    assert not made.exists()
