@@ -63,7 +63,7 @@ def _rights(table: dict, abi: int, names=None) -> int:
     return sum(bit for name, (bit, since) in table.items() if since <= abi and (names is None or name in names))
 
 
-def confine(writable: tuple[str, ...] = ("/dev/null",), files: bool = True) -> dict:
+def confine(writable: tuple[str, ...] = ("/dev/null",), files: bool = True, probe: str | None = None) -> dict:
     """Take from this process, for good, what a hostile file would need to reach the machine through a runtime:
     with Linux's Landlock, no file may be written, created, removed, renamed or truncated except beneath
     `writable` (what is already open stays usable), no TCP port bound or connected, and (Landlock ABI 6+) no
@@ -74,7 +74,8 @@ def confine(writable: tuple[str, ...] = ("/dev/null",), files: bool = True) -> d
     Only this thread and the threads and processes it starts afterwards are confined: call it while the process
     has one thread, before the runtimes are imported. Returns what was confined, for the report: `landlock`
     (the kernel's ABI version) and the rules, or `landlock: None` and `why` where the kernel or platform has no
-    Landlock (the process then runs unconfined, as before)."""
+    Landlock (the process then runs unconfined, as before). With `probe`, a directory outside `writable`, the
+    file rules are then tried there (`checked`: the refusal seen, or that a file could be created)."""
     import ctypes
     import struct
     import sys
@@ -85,7 +86,7 @@ def confine(writable: tuple[str, ...] = ("/dev/null",), files: bool = True) -> d
     libc.syscall.restype = ctypes.c_long
     abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # _VERSION
     if abi < 1:
-        return {"landlock": None, "why": f"the kernel has no Landlock ({os.strerror(ctypes.get_errno())})"}
+        return {"landlock": None, "why": f"no Landlock here ({os.strerror(ctypes.get_errno())})"}
     fs = _rights(_FS_WRITES, abi) if files else 0
     net, scoped = _rights(_NET, abi), _rights(_SCOPES, abi)
     attr = struct.pack("=QQQ", fs, net, scoped)[:8 if abi < 4 else 16 if abi < 6 else 24]
@@ -98,11 +99,25 @@ def confine(writable: tuple[str, ...] = ("/dev/null",), files: bool = True) -> d
             return {"landlock": None, "why": f"Landlock was refused ({os.strerror(ctypes.get_errno())})"}
     finally:
         os.close(ruleset)
-    return {"landlock": abi,
-            "files": ("none written outside " + ", ".join(allowed) if allowed else "none written") if fs
-            else "not confined",
-            "network": "no TCP port bound or connected" if net else "not confined (Landlock ABI < 4)",
-            "signals": "only to this process and its children" if scoped else "not confined (Landlock ABI < 6)"}
+    out = {"landlock": abi,
+           "files": ("none written outside " + ", ".join(allowed) if allowed else "none written") if fs
+           else "not confined",
+           "network": "no TCP port bound or connected" if net else "not confined (Landlock ABI < 4)",
+           "signals": "only to this process and its children" if scoped else "not confined (Landlock ABI < 6)"}
+    if probe and fs:  # seen to hold, not only asked for
+        refused = refused_write(probe)
+        out["checked"] = (f"creating a file in {probe} was refused: {refused}" if refused
+                          else f"NOT confined: a file could be created in {probe}")
+    return out
+
+
+def describe(confinement: dict | None, who: str) -> str:
+    """One sentence for a report: what `who` (say "the files ran in a worker") could not do, per `confine`."""
+    c = confinement or {"landlock": None, "why": "not recorded"}
+    if not c.get("landlock"):
+        return f"sandbox: none ({c['why']}); the files ran with this user's rights."
+    return (f"sandbox: {who} confined by Landlock (ABI {c['landlock']}): files {c['files']}; network: {c['network']}; "
+            f"signals: {c['signals']}" + (f" ({c['checked']})." if c.get("checked") else "."))
 
 
 def _allow_beneath(libc, ruleset: int, path: str, abi: int) -> bool:
@@ -126,6 +141,16 @@ def _allow_beneath(libc, ruleset: int, path: str, abi: int) -> bool:
         os.close(fd)
 
 
+def temp_dir() -> str | None:
+    """The temp directory, found (by writing a file there) before writes are refused; None when none is writable."""
+    import tempfile
+
+    try:
+        return tempfile.gettempdir()
+    except OSError:
+        return None
+
+
 def refused_write(directory: str) -> str | None:
     """Whether a confined process really may not create a file in `directory` (a place outside its rules):
     the error that refused it, or None when the file could be created (it is removed again)."""
@@ -136,3 +161,153 @@ def refused_write(directory: str) -> str | None:
         return f"{os.strerror(exc.errno)} (errno {exc.errno})" if exc.errno else str(exc)
     os.unlink(path)
     return None
+
+
+MAX_REPLY_BYTES = 64 * 2**20  # what a confined child may send back (a device check's report is some KiB)
+
+
+def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null",)) -> dict:
+    """`fn(confinement)` run in a forked child that first confines itself (`confine`): -> the JSON-able dict it
+    returns. For a process that must keep its own rights (to write its report, to remove its private copy)
+    while files it did not write run. An EdgeqError or ModuleNotFoundError the child raises is raised here
+    again, same class and message; a child that dies (a runtime crashed, a signal) is a one-line EdgeqError. Without fork (not
+    POSIX) `fn` runs here, unconfined, and says so. The reply is JSON, never pickle: this process runs no code
+    the child sends."""
+    from edgeq.errors import EdgeqError
+
+    if not hasattr(os, "fork"):
+        return fn({"landlock": None, "why": "this platform cannot fork a confined child"})
+    r, w = os.pipe()
+    pid = _fork()
+    if pid == 0:  # pragma: no cover - the child; its coverage is the tests' subprocesses
+        os.close(r)
+        _child(fn, w, writable)
+    os.close(w)
+    try:
+        reply = _read_reply(r)
+    finally:
+        os.close(r)
+        _reap(pid)
+    if reply is None:
+        raise EdgeqError(f"the checking process died ({_died(pid)}) before it reported: a file may have crashed a "
+                         "runtime or outgrown the memory limit; check the files one by one to find it")
+    if "error" in reply:
+        message = str(reply["error"].get("message"))
+        if reply["error"].get("type") == "ModuleNotFoundError":
+            raise ModuleNotFoundError(message, name=str(reply["error"].get("name")))
+        try:
+            error = _error_class(reply["error"].get("type"))(message)
+        except TypeError:  # a class with other arguments
+            error = EdgeqError(message)
+        raise error
+    return reply["value"]
+
+
+def _fork() -> int:
+    import warnings
+
+    with warnings.catch_warnings():  # Python 3.12+ warns when a threaded process forks: the child runs no thread
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+def _child(fn, w: int, writable: tuple[str, ...]) -> None:  # pragma: no cover - runs in the forked child
+    import json
+    import signal
+    import sys
+    import traceback
+
+    from edgeq.errors import EdgeqError
+
+    code = 0
+    try:
+        signal.set_wakeup_fd(-1)  # the parent's stop watch listens there; this child's signals are not its
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)  # the parent cleans up and kills this child
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive it
+        probe = temp_dir()
+        try:
+            reply = {"value": fn(confine(writable, probe=probe))}
+        except EdgeqError as exc:
+            reply = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        except ModuleNotFoundError as exc:  # a runtime not installed here: the caller prints its pip line
+            reply = {"error": {"type": "ModuleNotFoundError", "message": str(exc), "name": exc.name}}
+        data = json.dumps(reply).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view):]
+    except BaseException:  # noqa: BLE001 - anything else: shown as the parent would have shown it, no reply
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _read_reply(r: int) -> dict | None:
+    import json
+
+    from edgeq.errors import EdgeqError
+
+    chunks, size = [], 0
+    while chunk := os.read(r, 1 << 16):
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise EdgeqError(f"the checking process sent more than {MAX_REPLY_BYTES >> 20} MiB back; it was stopped "
+                             "(a file may have taken it over)")
+        chunks.append(chunk)
+    if not chunks:
+        return None
+    try:
+        reply = json.loads(b"".join(chunks))
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict) or not ("value" in reply or isinstance(reply.get("error"), dict)):
+        raise EdgeqError("the checking process sent back something it never sends; it was stopped (a file may "
+                         "have taken it over)")
+    return reply
+
+
+_STATUS: dict[int, int] = {}  # pid -> wait status, for the message about a child that died
+
+
+def _reap(pid: int) -> None:
+    """The child stopped for good: killed if it still runs (an interrupted parent), then waited for."""
+    import signal
+
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            done, status = os.waitpid(pid, 0)
+        _STATUS[pid] = status
+    except ChildProcessError:
+        pass
+
+
+def _died(pid: int) -> str:
+    import signal
+
+    status = _STATUS.pop(pid, None)
+    if status is None:
+        return "unknown status"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"signal {signal.Signals(sig).name}" if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def _error_class(name: object) -> type:
+    """The EdgeqError subclass of that name (the child raised it), else EdgeqError itself."""
+    from edgeq.errors import EdgeqError
+
+    seen, todo = {}, [EdgeqError]
+    while todo:
+        cls = todo.pop()
+        seen.setdefault(cls.__name__, cls)
+        todo += cls.__subclasses__()
+    return seen.get(name, EdgeqError) if isinstance(name, str) else EdgeqError

@@ -154,3 +154,52 @@ def test_verify_reads_the_workers_replies_as_data_only(tmp_path: Path, monkeypat
         worker.info
     assert "\n" not in str(err.value)
     assert not made.exists()
+
+
+def _write_outside(path: str):
+    def fn(confinement: dict) -> dict:
+        try:
+            open(path, "w").close()
+            return {"errno": 0, "confinement": confinement}
+        except OSError as exc:
+            return {"errno": exc.errno, "confinement": confinement}
+    return fn
+
+
+def test_a_confined_child_returns_json_and_its_errors_and_its_death_are_one_line(tmp_path: Path) -> None:
+    import signal
+
+    from edgeq.device.read import DeviceError
+    from edgeq.errors import EdgeqError
+
+    _landlock_or_skip()
+    outside = tmp_path / "outside.txt"
+    got = limits.in_confined_child(_write_outside(str(outside)))
+    assert got["errno"] == 13 and not outside.exists(), got  # refused in the child
+    open(outside, "w").close()  # and still allowed here: only the child gave its rights up
+    assert got["confinement"]["checked"].endswith("Permission denied (errno 13)")
+
+    def raises(_):
+        raise DeviceError("manifest.json: damaged; copy the export again")
+
+    with pytest.raises(DeviceError, match="^manifest.json: damaged; copy the export again$"):
+        limits.in_confined_child(raises)
+    with pytest.raises(EdgeqError, match=r"died \(signal SIGKILL\) before it reported"):  # the OOM killer's
+        limits.in_confined_child(lambda _: os.kill(os.getpid(), signal.SIGKILL))
+    with pytest.raises(EdgeqError, match="more than 64 MiB"):
+        limits.in_confined_child(lambda _: {"x": "y" * (limits.MAX_REPLY_BYTES + 1)})
+
+
+def test_the_device_checker_runs_the_files_in_a_confined_child(mlp_artifacts: Path, tmp_path: Path) -> None:
+    """The checker's own process keeps its rights (it writes the report, removes its copy); the files run in a
+    child that gave up writing, connecting and signalling, and the report says so."""
+    _landlock_or_skip()
+    report = tmp_path / "check.json"
+    p = subprocess.run([sys.executable, "-m", "edgeq.device", "check", str(mlp_artifacts), "--rounds", "0",
+                        "--json", str(report)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "sandbox: the files ran in a child process confined by Landlock" in p.stdout
+    r = json.loads(report.read_text())
+    assert r["passed"] and r["runtime"]["confinement"]["files"] == "none written outside /dev/null"
+    assert r["runtime"]["confinement"]["checked"].endswith("was refused: Permission denied (errno 13)")
+    assert sum(f["status"] == "ok" for f in r["files"]) >= 4  # the MLP's ONNX and TorchScript files ran in it

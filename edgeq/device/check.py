@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeq import bundle, golden, limits, policy, timing
@@ -82,11 +82,24 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log: Callable
     with bundle.private_dir("device", hard_stop=True) as root:
         snap = private_copy(directory, root, cfg.public_key is not None)
         with shown(snap):
-            result = _check_copy(snap, cfg, log)
+            result = _result(limits.in_confined_child(lambda confinement: _checked(snap, cfg, log, confinement)))
     result.files = [_shown_file(snap, f) for f in result.files]
     result.bundle_problems = [snap.shown(p) for p in result.bundle_problems]
     result.seconds = round(time.perf_counter() - t_start, 2)
     return result
+
+
+def _checked(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None], confinement: dict) -> dict:
+    """The check of the copy, in the confined child that runs the files (edgeq.limits.in_confined_child): this
+    process keeps the rights to write its report and remove its copy, the files' runtimes do not."""
+    result = _check_copy(snap, cfg, log)
+    result.runtime["confinement"] = confinement
+    return asdict(result)
+
+
+def _result(d: dict) -> CheckResult:
+    """A CheckResult from the child's JSON."""
+    return CheckResult(**{**d, "files": [FileResult(**f) for f in d["files"]]})
 
 
 def private_copy(directory: Path, root: Path, signed: bool) -> bundle.Snapshot:

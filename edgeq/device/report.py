@@ -77,7 +77,10 @@ def summary(result: CheckResult) -> list[str]:
         if f.note:
             parts.append(f.note)
         lines.append("  " + "; ".join(parts))
-    return lines + [f"note: {n}" for n in result.notes]
+    from edgeq.limits import describe
+
+    sandbox = describe(result.runtime.get("confinement"), "the files ran in a child process")
+    return lines + [f"note: {n}" for n in result.notes] + [sandbox]
 
 
 def verdict(result: CheckResult) -> str:

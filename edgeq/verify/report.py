@@ -259,11 +259,9 @@ def table(result: VerifyResult) -> str:
 
 def confinement(environment: dict) -> str:
     """One sentence: what the worker that ran the files could not do (edgeq.limits.confine)."""
-    c = environment.get("worker_confinement") or {"landlock": None, "why": "not recorded"}
-    if not c.get("landlock"):
-        return f"sandbox: none ({c['why']}); the files ran with this user's rights."
-    return (f"sandbox: the files ran in a worker confined by Landlock (ABI {c['landlock']}): files {c['files']}; "
-            f"network: {c['network']}; signals: {c['signals']}" + (f" ({c['checked']})." if c.get("checked") else "."))
+    from edgeq.limits import describe
+
+    return describe(environment.get("worker_confinement"), "the files ran in a worker")
 
 
 def _families(families: dict) -> list[str]:

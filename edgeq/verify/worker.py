@@ -359,15 +359,7 @@ def main() -> None:
     from edgeq import limits
 
     # while this process has one thread, before any runtime is imported: what no file may make a runtime do
-    try:
-        tmp = tempfile.gettempdir()  # found (by writing a file there) before writes are refused
-    except OSError:
-        tmp = None  # none writable: nothing to try the rules on
-    confinement = limits.confine(("/dev/null",), files=not _nvidia_devices())
-    if tmp and confinement["landlock"] and confinement["files"] != "not confined":  # seen to hold, not only asked for
-        refused = limits.refused_write(tmp)
-        confinement["checked"] = (f"creating a file in {tmp} was refused: {refused}" if refused
-                                  else f"NOT confined: a file could be created in {tmp}")
+    confinement = limits.confine(("/dev/null",), files=not _nvidia_devices(), probe=limits.temp_dir())
     import onnx  # noqa: F401  (parsed before each ONNX load: imported now, not on an artifact's time)
     import onnxruntime as ort
     import torch
