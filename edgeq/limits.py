@@ -63,61 +63,119 @@ def _rights(table: dict, abi: int, names=None) -> int:
     return sum(bit for name, (bit, since) in table.items() if since <= abi and (names is None or name in names))
 
 
-def confine(writable: tuple[str, ...] = ("/dev/null",), files: bool = True, probe: str | None = None) -> dict:
+def confine(writable: tuple[str, ...] = ("/dev/null", "/dev/shm"), files: bool = True,
+            probe: str | None = None, sockets: bool = True) -> dict:
     """Take from this process, for good, what a hostile file would need to reach the machine through a runtime:
     with Linux's Landlock, no file may be written, created, removed, renamed or truncated except beneath
     `writable` (what is already open stays usable), no TCP port bound or connected, and (Landlock ABI 6+) no
-    signal sent and no abstract unix socket reached outside this process and its children. Unprivileged;
-    nothing else changes (reads, execution, memory). `files=False` leaves the file system out (the network and
-    signal rules stay).
+    signal sent and no abstract unix socket reached outside this process and its children; with a seccomp
+    filter, no socket of any kind opened (unix sockets with a path, UDP and netlink are outside Landlock).
+    Unprivileged; nothing else changes (reads, execution, memory). `files=False` leaves the file system out,
+    `sockets=False` the seccomp filter.
+    `/dev/shm` is writable by default: OpenMP runtimes register themselves there and abort when they cannot.
 
     Only this thread and the threads and processes it starts afterwards are confined: call it while the process
     has one thread, before the runtimes are imported. Returns what was confined, for the report: `landlock`
-    (the kernel's ABI version) and the rules, or `landlock: None` and `why` where the kernel or platform has no
-    Landlock (the process then runs unconfined, as before). With `probe`, a directory outside `writable`, the
-    file rules are then tried there (`checked`: the refusal seen, or that a file could be created)."""
-    import ctypes
-    import struct
+    (the kernel's ABI version) and the rules, or `landlock: None` and `why` where there is no Landlock (the
+    files then run with the user's rights, as before), and `sockets`. With `probe`, a directory outside
+    `writable`, the file rules are then tried there (`checked`)."""
     import sys
 
-    if not sys.platform.startswith("linux"):
-        return {"landlock": None, "why": f"Landlock is Linux's; this is {sys.platform}"}
+    if not sys.platform.startswith("linux") or hasattr(sys, "getandroidapilevel"):
+        # Android's app seccomp policy kills a process that makes a system call it does not list
+        return {"landlock": None, "why": f"not confined on {sys.platform}", "sockets": "not confined"}
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:  # what both need from an unprivileged process
+        return {"landlock": None, "why": f"no_new_privs was refused ({os.strerror(ctypes.get_errno())})",
+                "sockets": "not confined"}
+    out = _landlock(libc, writable, files)
+    if out["landlock"] and probe and out["files"] != "not confined":  # seen to hold, not only asked for
+        out["checked"] = _probe(probe)
+    return {**out, "sockets": _no_sockets(libc) if sockets else "not confined"}
+
+
+def _landlock(libc, writable: tuple[str, ...], files: bool) -> dict:
+    import ctypes
+    import struct
+
     abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # _VERSION
     if abi < 1:
-        return {"landlock": None, "why": f"no Landlock here ({os.strerror(ctypes.get_errno())})"}
+        return {"landlock": None, "why": os.strerror(ctypes.get_errno())}
     fs = _rights(_FS_WRITES, abi) if files else 0
     net, scoped = _rights(_NET, abi), _rights(_SCOPES, abi)
+    if not (fs or net or scoped):
+        return {"landlock": None, "why": f"Landlock ABI {abi} has no rule for the network or signals, and the "
+                                         "file system is left out here"}
     attr = struct.pack("=QQQ", fs, net, scoped)[:8 if abi < 4 else 16 if abi < 6 else 24]
     ruleset = libc.syscall(_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if ruleset < 0:
         return {"landlock": None, "why": f"a Landlock ruleset was refused ({os.strerror(ctypes.get_errno())})"}
     try:
         allowed = [path for path in writable if fs and _allow_beneath(libc, ruleset, path, abi)]
-        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
+        if libc.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
             return {"landlock": None, "why": f"Landlock was refused ({os.strerror(ctypes.get_errno())})"}
+    except OSError as exc:
+        return {"landlock": None, "why": str(exc)}
     finally:
         os.close(ruleset)
-    out = {"landlock": abi,
-           "files": ("none written outside " + ", ".join(allowed) if allowed else "none written") if fs
-           else "not confined",
-           "network": "no TCP port bound or connected" if net else "not confined (Landlock ABI < 4)",
-           "signals": "only to this process and its children" if scoped else "not confined (Landlock ABI < 6)"}
-    if probe and fs:  # seen to hold, not only asked for
-        refused = refused_write(probe)
-        out["checked"] = (f"creating a file in {probe} was refused: {refused}" if refused
-                          else f"NOT confined: a file could be created in {probe}")
-    return out
+    writes = "written, created, removed or renamed" + (", or truncated by path," if abi < 3 else "")
+    return {"landlock": abi,
+            "files": (f"none {writes} outside " + ", ".join(allowed) if allowed else f"none {writes}") if fs
+            else "not confined",
+            "network": "no TCP port bound or connected" if net else "not confined (Landlock ABI < 4)",
+            "signals": "only to this process and its children" if scoped else "not confined (Landlock ABI < 6)"}
+
+
+def _probe(directory: str) -> str:
+    refused = refused_write(directory)
+    if refused is None:
+        return f"NOT confined: a file could be created in {directory}"
+    if refused.endswith("(errno 13)"):  # EACCES: what Landlock answers
+        return f"creating a file in {directory} was refused: {refused}"
+    return f"inconclusive: creating a file in {directory} failed for another reason: {refused}"
+
+
+# seccomp: (AUDIT_ARCH_*, (socket, socketpair)) of the machines edgeq's device checker runs on
+_SECCOMP_ARCH = {"x86_64": (0xC000003E, (41, 53)), "aarch64": (0xC00000B7, (198, 199))}
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+
+
+def _no_sockets(libc) -> str:
+    """A seccomp filter: socket(2) and socketpair(2) fail with EPERM (and every system call of another ABI: a
+    32-bit or x32 call would go around the numbers). Sockets already open stay usable."""
+    import ctypes
+    import struct
+
+    machine = os.uname().machine
+    if machine not in _SECCOMP_ARCH:
+        return f"not confined (no filter for {machine})"
+    arch, (socket_nr, pair_nr) = _SECCOMP_ARCH[machine]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    program = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, deny), (ld, 0, 0, 0), (jge, 3, 0, 0x40000000),
+               (jeq, 2, 0, socket_nr), (jeq, 1, 0, pair_nr), (ret, 0, 0, allow), (ret, 0, 0, deny)]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in program))
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Program(len(program), ctypes.addressof(code))
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        return f"not confined (seccomp was refused: {os.strerror(ctypes.get_errno())})"
+    return "none opened (seccomp)"
 
 
 def describe(confinement: dict | None, who: str) -> str:
     """One sentence for a report: what `who` (say "the files ran in a worker") could not do, per `confine`."""
     c = confinement or {"landlock": None, "why": "not recorded"}
+    sockets = f"; sockets: {c['sockets']}" if c.get("sockets") else ""
     if not c.get("landlock"):
-        return f"sandbox: none ({c['why']}); the files ran with this user's rights."
+        return f"sandbox: no Landlock ({c['why']}){sockets}; the files ran with this user's rights."
     return (f"sandbox: {who} confined by Landlock (ABI {c['landlock']}): files {c['files']}; network: {c['network']}; "
-            f"signals: {c['signals']}" + (f" ({c['checked']})." if c.get("checked") else "."))
+            f"signals: {c['signals']}{sockets}" + (f" ({c['checked']})." if c.get("checked") else "."))
 
 
 def _allow_beneath(libc, ruleset: int, path: str, abi: int) -> bool:
@@ -166,31 +224,50 @@ def refused_write(directory: str) -> str | None:
 MAX_REPLY_BYTES = 64 * 2**20  # what a confined child may send back (a device check's report is some KiB)
 
 
-def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null",)) -> dict:
+def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm")) -> dict:
     """`fn(confinement)` run in a forked child that first confines itself (`confine`): -> the JSON-able dict it
     returns. For a process that must keep its own rights (to write its report, to remove its private copy)
     while files it did not write run. An EdgeqError or ModuleNotFoundError the child raises is raised here
-    again, same class and message; a child that dies (a runtime crashed, a signal) is a one-line EdgeqError. Without fork (not
-    POSIX) `fn` runs here, unconfined, and says so. The reply is JSON, never pickle: this process runs no code
-    the child sends."""
+    again, same class and message; a child that dies (a runtime crashed, a signal) is a one-line EdgeqError.
+    Off Linux `fn` runs here, unconfined, and says so. The reply is JSON, never pickle: this process runs no
+    code the child sends.
+
+    The child starts its own session (no controlling terminal to type into), reads nothing from stdin, keeps
+    no other inherited descriptor than stdout, stderr and its reply pipe, and dies with this process."""
+    import signal
+    import sys
+
     from edgeq.errors import EdgeqError
 
-    if not hasattr(os, "fork"):
-        return fn({"landlock": None, "why": "this platform cannot fork a confined child"})
+    if not sys.platform.startswith("linux"):
+        return fn({"landlock": None, "why": f"not confined on {sys.platform}", "sockets": "not confined"})
+    sys.stdout.flush()
+    sys.stderr.flush()  # or the child writes what is buffered here a second time
     r, w = os.pipe()
-    pid = _fork()
+    stops = {signal.SIGINT, signal.SIGTERM}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # until the child has its own handlers
+    try:
+        pid = _fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(r), os.close(w)
+        raise
     if pid == 0:  # pragma: no cover - the child; its coverage is the tests' subprocesses
-        os.close(r)
-        _child(fn, w, writable)
+        try:
+            _child(fn, r, w, writable, blocked)
+        finally:
+            os._exit(1)  # never back into the caller's code
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     os.close(w)
     try:
-        reply = _read_reply(r)
+        reply = _read_reply(r, pid)
     finally:
         os.close(r)
         _reap(pid)
     if reply is None:
         raise EdgeqError(f"the checking process died ({_died(pid)}) before it reported: a file may have crashed a "
                          "runtime or outgrown the memory limit; check the files one by one to find it")
+    _STATUS.pop(pid, None)
     if "error" in reply:
         message = str(reply["error"].get("message"))
         if reply["error"].get("type") == "ModuleNotFoundError":
@@ -211,7 +288,7 @@ def _fork() -> int:
         return os.fork()
 
 
-def _child(fn, w: int, writable: tuple[str, ...]) -> None:  # pragma: no cover - runs in the forked child
+def _child(fn, r: int, w: int, writable: tuple[str, ...], mask) -> None:  # pragma: no cover - the forked child
     import json
     import signal
     import sys
@@ -221,13 +298,22 @@ def _child(fn, w: int, writable: tuple[str, ...]) -> None:  # pragma: no cover -
 
     code = 0
     try:
-        signal.set_wakeup_fd(-1)  # the parent's stop watch listens there; this child's signals are not its
+        os.close(r)
+        signal.set_wakeup_fd(-1)  # the parent's stop watch listens there (closed below with the rest)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)  # the parent cleans up and kills this child
-        if sys.platform.startswith("linux"):
-            import ctypes
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive it
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the parent
+        if os.getppid() == 1:  # it died before the line above
+            os._exit(1)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.closerange(3, w)
+        os.closerange(w + 1, _max_fd())
         probe = temp_dir()
         try:
             reply = {"value": fn(confine(writable, probe=probe))}
@@ -235,26 +321,50 @@ def _child(fn, w: int, writable: tuple[str, ...]) -> None:  # pragma: no cover -
             reply = {"error": {"type": type(exc).__name__, "message": str(exc)}}
         except ModuleNotFoundError as exc:  # a runtime not installed here: the caller prints its pip line
             reply = {"error": {"type": "ModuleNotFoundError", "message": str(exc), "name": exc.name}}
-        data = json.dumps(reply).encode()
-        view = memoryview(data)
+        view = memoryview(json.dumps(reply).encode())
         while view:
             view = view[os.write(w, view):]
     except BaseException:  # noqa: BLE001 - anything else: shown as the parent would have shown it, no reply
-        traceback.print_exc()
         code = 1
+        with _quiet():
+            traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with _quiet():
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
 
 
-def _read_reply(r: int) -> dict | None:
+def _quiet():
+    import contextlib
+
+    return contextlib.suppress(BaseException)
+
+
+def _max_fd() -> int:
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if 0 < soft < 1 << 20 else 1 << 16
+
+
+def _read_reply(r: int, pid: int) -> dict | None:
+    """The child's JSON, read until the pipe closes, or until the child has ended and sent nothing more for a
+    second (something it started may still hold the pipe open)."""
     import json
+    import select
 
     from edgeq.errors import EdgeqError
 
     chunks, size = [], 0
-    while chunk := os.read(r, 1 << 16):
+    while True:
+        if not select.select([r], [], [], 1.0)[0]:
+            if _ended(pid):
+                break
+            continue
+        chunk = os.read(r, 1 << 16)
+        if not chunk:
+            break
         size += len(chunk)
         if size > MAX_REPLY_BYTES:
             raise EdgeqError(f"the checking process sent more than {MAX_REPLY_BYTES >> 20} MiB back; it was stopped "
@@ -264,12 +374,22 @@ def _read_reply(r: int) -> dict | None:
         return None
     try:
         reply = json.loads(b"".join(chunks))
-    except ValueError:
+    except (ValueError, RecursionError):
         reply = None
     if not isinstance(reply, dict) or not ("value" in reply or isinstance(reply.get("error"), dict)):
         raise EdgeqError("the checking process sent back something it never sends; it was stopped (a file may "
                          "have taken it over)")
     return reply
+
+
+def _ended(pid: int) -> bool:
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    if done:
+        _STATUS[pid] = status
+    return bool(done)
 
 
 _STATUS: dict[int, int] = {}  # pid -> wait status, for the message about a child that died
@@ -279,6 +399,8 @@ def _reap(pid: int) -> None:
     """The child stopped for good: killed if it still runs (an interrupted parent), then waited for."""
     import signal
 
+    if pid in _STATUS:
+        return
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
         if not done:

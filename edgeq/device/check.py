@@ -98,8 +98,15 @@ def _checked(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None]
 
 
 def _result(d: dict) -> CheckResult:
-    """A CheckResult from the child's JSON."""
-    return CheckResult(**{**d, "files": [FileResult(**f) for f in d["files"]]})
+    """A CheckResult from the child's JSON; one DeviceError line when it is not one."""
+    try:
+        result = CheckResult(**{**d, "files": [FileResult(**f) for f in d["files"]]})
+        if isinstance(result.cpu, dict) and isinstance(result.runtime, dict) and all(
+                isinstance(f.problems, list) for f in result.files):
+            return result
+    except (TypeError, KeyError):
+        pass
+    raise DeviceError("the checking process sent back a result it never sends; a file may have taken it over")
 
 
 def private_copy(directory: Path, root: Path, signed: bool) -> bundle.Snapshot:

@@ -98,7 +98,7 @@ class _Watch:
 
     def add(self, call: _Call) -> None:
         self.calls.add(call)
-        if self.thread is None:
+        if self.thread is None or not self.thread.is_alive():  # a forked child has none of its parent's threads
             self.thread = threading.Thread(target=self._loop, name="edgeq-time-limit", daemon=True)
             self.thread.start()
 

@@ -192,7 +192,9 @@ class Worker:
         cap = "none" if self._memory_limit_gb is None else repr(float(self._memory_limit_gb))
         self._stderr = tempfile.TemporaryFile()
         args = [sys.executable, "-c", code, cap, str(os.getpid())] + ["pte"] * self._programs
-        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+        # its own session: no controlling terminal a file could type into (TIOCSTI)
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                      start_new_session=True)
         self._hello = None
 
     def _ready(self) -> None:
@@ -266,12 +268,16 @@ class Worker:
                 raise TimeoutError
             if not select.select([fd], [], [], left)[0]:
                 raise TimeoutError
-            chunk = os.read(fd, need - len(buf))
+            chunk = os.read(fd, min(need - len(buf), 1 << 20))
             if not chunk:
                 raise EOFError
             buf += chunk
             if need == _HEADER.size and len(buf) >= need:
-                need += _HEADER.unpack_from(buf)[0]
+                announced = _HEADER.unpack_from(buf)[0]
+                need += announced
+                if announced > _MAX_REPLY:
+                    raise NotData(f"the worker announced a reply of {announced} bytes, more than this machine's "
+                                  "memory; the worker was stopped (a file may have taken it over)")
         return _reply(bytes(buf[_HEADER.size:need]))
 
     def _died(self) -> str:
@@ -320,6 +326,7 @@ _DATA_GLOBALS = frozenset({("numpy", "dtype"), ("numpy", "ndarray"), ("numpy._co
                            ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
                            ("numpy.core.numeric", "_frombuffer")})
 _KINDS = frozenset({"ok", "timeout", "memory", "crash", "edgeq", "error"})
+_MAX_REPLY = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) if hasattr(os, "sysconf") else 1 << 40
 
 
 class NotData(Exception):
@@ -359,7 +366,8 @@ def main() -> None:
     from edgeq import limits
 
     # while this process has one thread, before any runtime is imported: what no file may make a runtime do
-    confinement = limits.confine(("/dev/null",), files=not _nvidia_devices(), probe=limits.temp_dir())
+    gpu = _gpu_devices()
+    confinement = limits.confine(files=not gpu, sockets=not gpu, probe=limits.temp_dir())
     import onnx  # noqa: F401  (parsed before each ONNX load: imported now, not on an artifact's time)
     import onnxruntime as ort
     import torch
@@ -504,10 +512,15 @@ def _release() -> None:
         pass
 
 
-def _nvidia_devices() -> bool:
-    """An NVIDIA device here: the CUDA driver opens and writes device files and caches that the file-system
-    rules do not model (no GPU machine to test them on), so the worker's files are left unconfined there."""
-    return any(name.startswith("nvidia") for name in (os.listdir("/dev") if os.path.isdir("/dev") else ()))
+GPU_DEVICES = ("nvidia", "nvhost", "nvmap", "kfd", "dxg")  # NVIDIA, Jetson, ROCm, WSL2
+
+
+def _gpu_devices() -> bool:
+    """A GPU device node here: its driver opens device files read-write, calls their ioctls, writes caches and
+    may reach a daemon over a unix socket (CUDA MPS), none of which the rules model (no GPU machine to test
+    them on), so the worker's files and sockets are left unconfined there; the TCP and signal rules stay."""
+    names = os.listdir("/dev") if os.path.isdir("/dev") else ()
+    return any(name.startswith(GPU_DEVICES) for name in names)
 
 
 def _die_with_parent(parent: int) -> None:
