@@ -435,6 +435,9 @@ def test_device_plan_round_trip(copy: Path, tmp_path: Path):
     out = tmp_path / "device-plan.json"
     p = run_device("plan", str(copy), "--threads", "2", "--budget", "0.5", "--out", str(out))
     assert p.returncode == 0, p.stderr[-2000:]
+    # timed and quantized in a confined child, its files in its scratch folder (docs/security.md)
+    assert "sandbox: the files were timed in a child process confined by Landlock" in p.stderr or \
+        "sandbox: no Landlock" in p.stderr, p.stderr[-2000:]
     plan = json.loads(out.read_text())
     assert plan["measured_on"]["by"] == "python -m edgeq.device plan" and plan["measured_on"]["threads"] == 2
     fam = plan["models"][family]

@@ -136,8 +136,12 @@ def plan(directory: str | Path, out: str | Path, threads: int | None = None, bud
     t_start = time.perf_counter()
     with bundle.private_dir("device", hard_stop=True) as root:  # it runs the files here too: a signal always stops it
         snap = private_copy(directory, root, signed=False)
+        scratch = tempfile.mkdtemp(prefix=".scratch-", dir=root)  # the only place the confined child may write
         with shown(snap):
-            build_plan = _measured(root, threads, budget_s, log)
+            measured = limits.in_confined_child(lambda c: _confined(root, scratch, threads, budget_s, log, c),
+                                                writable=("/dev/null", "/dev/shm", scratch))
+    build_plan = measured["plan"]
+    log(limits.describe(measured["confinement"], "the files were timed in a child process"))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(build_plan, indent=2) + "\n", encoding="utf-8")
@@ -145,6 +149,12 @@ def plan(directory: str | Path, out: str | Path, threads: int | None = None, bud
         raise DeviceError(f"--out {out}: cannot write ({exc.strerror}); choose a writable path") from None
     log(f"device plan: {time.perf_counter() - t_start:.1f} s")
     return out
+
+
+def _confined(root: Path, scratch: str, threads: int | None, budget_s: float | None, log, confinement: dict) -> dict:
+    """`_measured` in the confined child (edgeq.limits.in_confined_child): its quantizer's files go to `scratch`."""
+    tempfile.tempdir = scratch
+    return {"plan": _measured(root, threads, budget_s, log), "confinement": confinement}
 
 
 def _measured(root: Path, threads: int | None, budget_s: float | None, log) -> dict:
