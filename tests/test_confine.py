@@ -223,3 +223,46 @@ def test_the_device_checker_runs_the_files_in_a_confined_child(mlp_artifacts: Pa
     assert r["passed"] and r["runtime"]["confinement"]["files"].startswith("none written"), r["runtime"]
     assert r["runtime"]["confinement"]["checked"].endswith("was refused: Permission denied (errno 13)")
     assert sum(f["status"] == "ok" for f in r["files"]) >= 4  # the MLP's ONNX and TorchScript files ran in it
+
+
+# A child that says hello as the worker does, then never answers again (a runtime's teardown that never ends).
+SILENT_CHILD = r"""
+import os, pickle, sys
+hello = pickle.dumps(("ok", {"cuda": False, "cuda_name": None, "providers": ["CPUExecutionProvider"],
+                             "cap_gb": None, "confinement": {"landlock": None, "why": "test"}}))
+os.write(1, len(hello).to_bytes(8, "big") + hello)
+sys.stdin.buffer.read()
+"""
+
+
+def test_a_worker_that_stops_answering_cannot_hold_verify(monkeypatch) -> None:
+    """configure, drop and reset run no file's computation, but a runtime's teardown or a taken-over child can
+    still never answer them: they have a limit, the child is stopped, and the next call gets a fresh one."""
+    import threading
+
+    import numpy as np
+
+    from edgeq.verify import worker as w
+
+    monkeypatch.setattr(w, "HOUSEKEEPING_LIMIT_S", 0.5)
+    started = []
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-c", SILENT_CHILD], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._hello = None
+        started.append(self._proc)
+
+    monkeypatch.setattr(w.Worker, "_start", start)
+    done = []
+    with w.Worker(1.0) as worker:
+        def housekeeping() -> None:
+            worker.info  # hello
+            worker.configure(x=np.zeros((2, 3), np.float32))  # never answered: stopped after the limit
+            done.append(worker._proc)
+
+        thread = threading.Thread(target=housekeeping, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "configure waited on a child that never answers"
+    assert done == [None] and len(started) == 1 and started[0].poll() is not None  # stopped, not replaced yet

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+HOUSEKEEPING_LIMIT_S = 120.0  # new inputs (the test split), a runner dropped: seconds at most, unless a file hangs it
 STARTUP_LIMIT_S = 120.0  # importing torch and onnxruntime: 1-4 s on a 2-core VM; no artifact code runs yet
 # The default memory cap, as a share of physical memory: the memory the worker may add after its
 # imports, for all artifacts together (they stay loaded for paired timing, one runner per batch size).
@@ -132,7 +133,7 @@ class Worker:
         if self._hello is None:
             self._ready()  # a new child: the whole state is replayed
         else:
-            self._call(("configure", state), None)
+            self._housekeeping(("configure", state))
 
     def define(self, path: Path, fmt: str, device: str, threads: int, options: dict | None) -> int:
         handle = len(self._specs)
@@ -166,17 +167,28 @@ class Worker:
     def drop(self, handle: int) -> None:
         """Unload one runner in the child (it is loaded again if used again)."""
         if handle in self._loaded:
-            self._call(("drop", handle), None)
+            self._housekeeping(("drop", handle))
             self._loaded.discard(handle)
             self._warm.discard(handle)
 
     def reset(self) -> None:
         """Forget every runner (for the next verify run on this worker); the child keeps its imports."""
         if self._hello is not None:
-            self._call(("reset",), None)
+            self._housekeeping(("reset",))
         self._specs.clear()
         self._loaded.clear()
         self._warm.clear()
+
+    def _housekeeping(self, request: tuple) -> None:
+        """A request that runs no file's computation (new inputs, a runner dropped, all dropped): given
+        HOUSEKEEPING_LIMIT_S, so that a runtime whose teardown never ends, or a child a file took over, cannot
+        hold verify. A child that does not answer is stopped; the next call starts a fresh one, which gets the
+        whole state again and loads only the runners it is asked for."""
+        try:
+            self._call(request, Budget(HOUSEKEEPING_LIMIT_S))
+        except Failed as exc:
+            if exc.kind not in ("timeout", "crash"):  # a stopped or dead child is replaced by the next call
+                raise
 
     def close(self) -> None:
         """Stop the child. Killed at once: it holds nothing worth a clean exit, and may be mid-import."""
@@ -215,7 +227,7 @@ class Worker:
                                  f"`{sys.executable} -c 'import torch, onnxruntime'` works") from None
             self._hello = value
             if self._state:
-                self._call(("configure", self._state), None)
+                self._call(("configure", self._state), Budget(HOUSEKEEPING_LIMIT_S))
 
     def _load(self, handle: int, budget: Budget) -> None:
         if handle not in self._loaded:
