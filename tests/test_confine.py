@@ -266,3 +266,34 @@ def test_a_worker_that_stops_answering_cannot_hold_verify(monkeypatch) -> None:
         thread.join(timeout=60)
         assert not thread.is_alive(), "configure waited on a child that never answers"
     assert done == [None] and len(started) == 1 and started[0].poll() is not None  # stopped, not replaced yet
+
+
+def test_with_the_settings_allowlist_off_the_confined_child_still_stops_the_memory_stats_attack(
+        mlp_artifacts: Path, tmp_path: Path, monkeypatch) -> None:
+    """Defence in depth: round 4's onnxruntime attack (a setting that makes it write the file it names), with
+    edgeq.runtime's allowlist switched off so that onnxruntime gets the setting. Unconfined, the file is
+    written; in the device checker's confined child, it is not."""
+    import shutil
+
+    from edgeq import runtime
+    from edgeq.device.check import CheckConfig, check
+
+    _landlock_or_skip()
+    art = tmp_path / "art"
+    shutil.copytree(mlp_artifacts, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    victims = {}
+    for a in manifest["artifacts"]:
+        if a["format"] == "onnx":
+            victims[a["name"]] = tmp_path / f"victim-{a['name']}.txt"
+            a["runtime"]["session_options"] = {"config_entries": {
+                "session.collect_node_memory_stats_to_file": str(victims[a["name"]])}}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(runtime, "session_options_problem", lambda options: None)  # the allowlist, off
+
+    check(art, CheckConfig(rounds=0))  # confined
+    assert victims and not any(v.exists() for v in victims.values())
+
+    monkeypatch.setattr(limits, "confine", lambda *a, **k: {"landlock": None, "why": "switched off"})
+    check(art, CheckConfig(rounds=0))  # the same check, unconfined: the attack is real
+    assert all(v.exists() for v in victims.values()), victims
