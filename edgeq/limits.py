@@ -222,6 +222,29 @@ def refused_write(directory: str) -> str | None:
 
 
 MAX_REPLY_BYTES = 64 * 2**20  # what a confined child may send back (a device check's report is some KiB)
+_REPLY_FD: list[int] = []  # in a confined child: its reply pipe (give_up)
+
+
+class GaveUp(Exception):
+    """The confined child gave up (`give_up`): `value` says why, for the caller to run it again differently."""
+
+    def __init__(self, value: dict) -> None:
+        super().__init__(str(value))
+        self.value = value
+
+
+def give_up(value: dict) -> None:
+    """In a confined child (any thread, while the main one is stuck in a runtime): end the child now, and have
+    `in_confined_child` raise GaveUp(value) in the parent. Does nothing outside such a child."""
+    import json
+
+    if not _REPLY_FD:
+        return
+    with _quiet():
+        view = memoryview(json.dumps({"gave_up": value}).encode())
+        while view:
+            view = view[os.write(_REPLY_FD[0], view):]
+    os._exit(0)
 
 
 def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm")) -> dict:
@@ -268,6 +291,8 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"))
         raise EdgeqError(f"the checking process died ({_died(pid)}) before it reported: a file may have crashed a "
                          "runtime or outgrown the memory limit; check the files one by one to find it")
     _STATUS.pop(pid, None)
+    if "gave_up" in reply:
+        raise GaveUp(reply["gave_up"])
     if "error" in reply:
         message = str(reply["error"].get("message"))
         if reply["error"].get("type") == "ModuleNotFoundError":
@@ -314,6 +339,7 @@ def _child(fn, r: int, w: int, writable: tuple[str, ...], mask) -> None:  # prag
         os.close(null)
         os.closerange(3, w)
         os.closerange(w + 1, _max_fd())
+        _REPLY_FD[:] = [w]
         probe = temp_dir()
         try:
             reply = {"value": fn(confine(writable, probe=probe))}
@@ -376,7 +402,8 @@ def _read_reply(r: int, pid: int) -> dict | None:
         reply = json.loads(b"".join(chunks))
     except (ValueError, RecursionError):
         reply = None
-    if not isinstance(reply, dict) or not ("value" in reply or isinstance(reply.get("error"), dict)):
+    if not isinstance(reply, dict) or not ("value" in reply or isinstance(reply.get("error"), dict)
+                                           or isinstance(reply.get("gave_up"), dict)):
         raise EdgeqError("the checking process sent back something it never sends; it was stopped (a file may "
                          "have taken it over)")
     return reply

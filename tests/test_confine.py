@@ -297,3 +297,46 @@ def test_with_the_settings_allowlist_off_the_confined_child_still_stops_the_memo
     monkeypatch.setattr(limits, "confine", lambda *a, **k: {"landlock": None, "why": "switched off"})
     check(art, CheckConfig(rounds=0))  # the same check, unconfined: the attack is real
     assert all(v.exists() for v in victims.values()), victims
+
+
+class _Endless(__import__("torch").nn.Module):
+    """A TorchScript program edgeq.scripted lets through (aten and prim operators only) that never returns."""
+
+    def forward(self, x):
+        y = x
+        while bool(y.sum() > -1.0):
+            y = y + 1.0
+        return y
+
+
+def test_a_torchscript_file_that_never_returns_fails_its_row_and_the_others_are_checked(
+        mlp_artifacts: Path, tmp_path: Path) -> None:
+    """TorchScript cannot stop a call. The checker's confined child gives up past --time-limit and names the
+    file; the check runs again without it, and every other file is checked."""
+    import hashlib
+    import shutil
+
+    import torch
+
+    art = tmp_path / "art"
+    shutil.copytree(mlp_artifacts, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    ts = next(a for a in manifest["artifacts"] if a["format"] == "torchscript" and a["precision"] == "fp32")
+    torch.jit.save(torch.jit.script(_Endless()), str(art / ts["file"]))
+    data = (art / ts["file"]).read_bytes()
+    ts["bytes"], ts["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    report = tmp_path / "check.json"
+    p = subprocess.run([sys.executable, "-m", "edgeq.device", "check", str(art), "--rounds", "0", "--time-limit", "2",
+                        "--json", str(report)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    r = json.loads(report.read_text())
+    files = {f["name"]: f for f in r["files"]}
+    hung = files[ts["name"]]
+    assert hung["status"] == "failed", hung
+    assert "did not finish within 2 s (a call; --time-limit)" in hung["problems"][0], hung
+    others = [f for name, f in files.items() if name != ts["name"] and f["format"] in ("onnx", "torchscript")]
+    assert others and all(f["status"] == "ok" for f in others if f["format"] == "onnx"), others
+    assert [line for line in p.stdout.splitlines() if line.startswith("FAIL")] == \
+        [f"FAIL {ts['file']} ({ts['name']}): {hung['problems'][0]}"], p.stdout

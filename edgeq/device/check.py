@@ -82,19 +82,43 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log: Callable
     with bundle.private_dir("device", hard_stop=True) as root:
         snap = private_copy(directory, root, cfg.public_key is not None)
         with shown(snap):
-            result = _result(limits.in_confined_child(lambda confinement: _checked(snap, cfg, log, confinement)))
+            result = _result(_in_child(snap, cfg, log))
     result.files = [_shown_file(snap, f) for f in result.files]
     result.bundle_problems = [snap.shown(p) for p in result.bundle_problems]
     result.seconds = round(time.perf_counter() - t_start, 2)
     return result
 
 
-def _checked(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None], confinement: dict) -> dict:
-    """The check of the copy, in the confined child that runs the files (edgeq.limits.in_confined_child): this
-    process keeps the rights to write its report and remove its copy, the files' runtimes do not."""
-    result = _check_copy(snap, cfg, log)
+def _in_child(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None]) -> dict:
+    """The check of the copy in a confined child (edgeq.limits.in_confined_child): this process keeps the rights
+    to write its report and remove its copy, the files' runtimes do not. A TorchScript or ExecuTorch file whose
+    load or call outlives --time-limit (their runtimes cannot stop one) ends the child; the check then runs
+    again in a new one, that file failed and not run."""
+    hung: dict[str, str] = {}
+    files = sum(1 for p in snap.root.rglob("*") if p.is_file())  # a file hangs once: at most this many runs
+    while True:
+        try:
+            return limits.in_confined_child(lambda confinement: _checked(snap, cfg, log, confinement, hung))
+        except limits.GaveUp as stop:
+            file, step = str(stop.value.get("file")), str(stop.value.get("step"))
+            if file in hung or len(hung) >= files:
+                raise DeviceError(f"{file}: the check could not go on without it; check the files one by one") from None
+            hung[file] = (f"did not finish within {cfg.time_limit_s:g} s ({step}; --time-limit); its runtime cannot "
+                          "stop a call, so the check ran again without it")
+            log(f"{file}: {hung[file]}")
+
+
+def _checked(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None], confinement: dict,
+             hung: dict[str, str]) -> dict:
+    runners.HUNG = _hung
+    result = _check_copy(snap, cfg, log, hung)
     result.runtime["confinement"] = confinement
     return asdict(result)
+
+
+def _hung(file: str, limit_s: float, step: str) -> None:
+    """runners.HUNG in the child: it ends, reporting the file (edgeq.limits.give_up)."""
+    limits.give_up({"file": file, "limit_s": limit_s, "step": step})
 
 
 def _result(d: dict) -> CheckResult:
@@ -134,7 +158,8 @@ def _shown_file(snap: bundle.Snapshot, f: FileResult) -> FileResult:
     return f
 
 
-def _check_copy(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None]) -> CheckResult:
+def _check_copy(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None],
+                hung: dict[str, str] | None = None) -> CheckResult:
     from edgeq.device import cpu
 
     root = snap.root
@@ -148,8 +173,8 @@ def _check_copy(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], No
     for a in arts:  # 1. every listed file: path, size and sha256
         problem = snap.unreadable.get(a["file"]) or bundle.file_problem(root, a["file"], a.get("bytes"), a["sha256"],
                                                                          fix=AGAIN)
-        if problem:
-            files[a["name"]].fail(problem.removeprefix(f"{a['file']}: "))
+        if problem or a["file"] in (hung or {}):
+            files[a["name"]].fail(problem.removeprefix(f"{a['file']}: ") if problem else hung[a["file"]])
         else:
             files[a["name"]].bytes, files[a["name"]].sha256 = (root / a["file"]).stat().st_size, a["sha256"]
     for item in extra_files(manifest):
@@ -267,5 +292,6 @@ def _load(path: Path, a: dict, threads: int, cfg: CheckConfig) -> runners.Run:
                                      cfg.time_limit_s)
         case "torchscript":
             engine = rt.get("quantized_engine")
-            return runners.load_torchscript(path, threads, engine if isinstance(engine, str) else None)
-    return runners.load_pte(path, threads)
+            return runners.load_torchscript(path, threads, engine if isinstance(engine, str) else None,
+                                            cfg.time_limit_s)
+    return runners.load_pte(path, threads, cfg.time_limit_s)

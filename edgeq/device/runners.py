@@ -6,6 +6,7 @@ ExecuTorch's runtime does; checkpoints need the model's code and are never run h
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -57,16 +58,16 @@ def load_onnx(path: Path, threads: int, options: dict | None, optimization: str 
         return lambda x: sess.run(None, {name: x})[0]
     options = ort.RunOptions()
     options.log_severity_level = 4  # a stopped call is the row's one line, not onnxruntime's error log too
-    call = _Call(options, time_limit_s)
+    call = _Call(lambda: setattr(options, "terminate", True), time_limit_s)
     _WATCH.add(call)
 
     def run(x: np.ndarray) -> np.ndarray:
         call.started = time.monotonic()  # two assignments a call: nothing a timing window would see
         try:
-            return sess.run(None, {name: x}, call.options)[0]
+            return sess.run(None, {name: x}, options)[0]
         except Exception:
-            if call.options.terminate:
-                call.options.terminate = False
+            if options.terminate:
+                options.terminate = False
                 raise TimeLimit(f"did not finish within {time_limit_s:g} s (--time-limit); a file that runs "
                                 "forever is stopped, not waited for") from None
             raise
@@ -82,9 +83,48 @@ class TimeLimit(Exception):
 
 @dataclass(eq=False)
 class _Call:
-    options: object  # onnxruntime.RunOptions: its terminate flag stops the call
+    stop: Callable[[], None]  # stops the call under way: onnxruntime's terminate flag, or HUNG
     limit_s: float
     started: float | None = None  # time.monotonic() of the call under way, or None
+
+
+# What ends a call past its limit where the runtime cannot stop one (TorchScript, ExecuTorch): set by the
+# checker's confined child (edgeq.device.check), which then ends and reports the file; the check runs again
+# without it. None (in-process): such calls have no limit.
+HUNG: Callable[[str, float, str], None] | None = None
+
+
+def _limited(run: Run, file: str, time_limit_s: float | None) -> Run:
+    """`run`, with HUNG called (file, limit, "a call") when a call outlives `time_limit_s`."""
+    if time_limit_s is None or HUNG is None:
+        return run
+    hung = HUNG
+    call = _Call(lambda: hung(file, time_limit_s, "a call"), time_limit_s)
+    _WATCH.add(call)
+
+    def limited(x: np.ndarray) -> np.ndarray:
+        call.started = time.monotonic()
+        try:
+            return run(x)
+        finally:
+            call.started = None
+
+    return limited
+
+
+@contextlib.contextmanager
+def _loading(file: str, time_limit_s: float | None):
+    """The load itself under the limit (a file can make its runtime's loader run for ever too)."""
+    if time_limit_s is None or HUNG is None:
+        yield
+        return
+    hung = HUNG
+    call = _Call(lambda: hung(file, time_limit_s, "loading it"), time_limit_s, time.monotonic())
+    _WATCH.add(call)
+    try:
+        yield
+    finally:
+        call.started = None
 
 
 class _Watch:
@@ -109,27 +149,32 @@ class _Watch:
             for call in list(self.calls):
                 started = call.started
                 if started is not None and now - started > call.limit_s:
-                    call.options.terminate = True
+                    call.stop()
 
 
 _WATCH = _Watch()
 
 
-def load_torchscript(path: Path, threads: int, engine: str | None) -> Run:
-    """A TorchScript file (edgeq.runtime); an int8 one in the quantized engine its manifest entry names."""
+def load_torchscript(path: Path, threads: int, engine: str | None, time_limit_s: float | None = None) -> Run:
+    """A TorchScript file (edgeq.runtime); an int8 one in the quantized engine its manifest entry names. Its
+    load and calls are limited where HUNG is set."""
     try:
-        return runtime.load_torchscript(path, "cpu", threads, {"quantized_engine": engine} if engine else None).run
+        with _loading(path.name, time_limit_s):
+            run = runtime.load_torchscript(path, "cpu", threads, {"quantized_engine": engine} if engine else None).run
+        return _limited(run, path.name, time_limit_s)
     except IntegrityError as exc:
         raise CannotRun(f"torch cannot load it ({str(exc).removeprefix(f'{path.name}: ')})") from None
     except Exception as exc:
         raise CannotRun(f"torch cannot load it ({first_line(exc)})") from None
 
 
-def load_pte(path: Path, threads: int) -> Run:
+def load_pte(path: Path, threads: int, time_limit_s: float | None = None) -> Run:
     """x -> logits for an ExecuTorch program (edgeq.runtime.load_pte: a batch other than the program's fixed
-    one runs as calls of it), or CannotRun in one line."""
+    one runs as calls of it), or CannotRun in one line. Its load and calls are limited where HUNG is set."""
     try:
-        return runtime.load_pte(path, threads).run
+        with _loading(path.name, time_limit_s):
+            run = runtime.load_pte(path, threads).run
+        return _limited(run, path.name, time_limit_s)
     except IntegrityError as exc:
         raise CannotRun(str(exc).removeprefix(f"{path.name}: ")) from None
     except Exception as exc:  # ExecuTorch raises its own untyped errors
