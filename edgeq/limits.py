@@ -251,7 +251,8 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"))
     """`fn(confinement)` run in a forked child that first confines itself (`confine`): -> the JSON-able dict it
     returns. For a process that must keep its own rights (to write its report, to remove its private copy)
     while files it did not write run. An EdgeqError or ModuleNotFoundError the child raises is raised here
-    again, same class and message; a child that dies (a runtime crashed, a signal) is a one-line EdgeqError.
+    again, same class and message; a child that dies (a runtime crashed, a signal) is a one-line EdgeqError;
+    one that called `give_up(value)` is GaveUp(value).
     Off Linux `fn` runs here, unconfined, and says so. The reply is JSON, never pickle: this process runs no
     code the child sends.
 
