@@ -222,37 +222,66 @@ def refused_write(directory: str) -> str | None:
 
 
 MAX_REPLY_BYTES = 64 * 2**20  # what a confined child may send back (a device check's report is some KiB)
-_REPLY_FD: list[int] = []  # in a confined child: its reply pipe (give_up)
-
-
 class GaveUp(Exception):
-    """The confined child gave up (`give_up`): `value` says why, for the caller to run it again differently."""
+    """The confined child was stopped because a watched step (`Watch`) outlived its limit: `value` names it
+    (file, limit_s, step), for the caller to run it again without that file."""
 
     def __init__(self, value: dict) -> None:
         super().__init__(str(value))
         self.value = value
 
 
-def give_up(value: dict) -> None:
-    """In a confined child (any thread, while the main one is stuck in a runtime): end the child now, and have
-    `in_confined_child` raise GaveUp(value) in the parent. Does nothing outside such a child."""
-    import json
+class Watch:
+    """A page shared with the confined child (created before the fork): the child marks the step under way
+    (`begin`: a file's name, its limit, what it does; `end`), and `in_confined_child`, in the parent, stops the
+    child when a step outlives its limit. The parent needs no lock the child holds, so this reaches a runtime
+    that keeps Python's lock for a whole call (ExecuTorch's binding does)."""
 
-    if not _REPLY_FD:
-        return
-    with _quiet():
-        view = memoryview(json.dumps({"gave_up": value}).encode())
-        while view:
-            view = view[os.write(_REPLY_FD[0], view):]
-    os._exit(0)
+    _HEAD = "=ddii"  # started (time.monotonic, 0: none), limit_s, step (0: loading it, 1: a call), name length
+    STEPS = ("loading it", "a call")
+
+    def __init__(self) -> None:
+        import mmap
+
+        self.page = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS: the child writes, the parent reads
+
+    def name(self, file: str) -> bytes:
+        return file.encode("utf-8", "replace")[:4000]
+
+    def begin(self, name: bytes, limit_s: float, step: int) -> None:
+        import struct
+        import time
+
+        self.page[24:24 + len(name)] = name
+        struct.pack_into(self._HEAD, self.page, 0, time.monotonic(), limit_s, step, len(name))
+
+    def end(self) -> None:
+        import struct
+
+        struct.pack_into("=d", self.page, 0, 0.0)
+
+    def overdue(self) -> dict | None:
+        """The step past its limit, or None."""
+        import struct
+        import time
+
+        started, limit_s, step, n = struct.unpack_from(self._HEAD, self.page, 0)
+        if not started or time.monotonic() - started <= limit_s:
+            return None
+        name = bytes(self.page[24:24 + max(0, min(n, 4000))]).decode("utf-8", "replace")
+        return {"file": name, "limit_s": limit_s, "step": self.STEPS[step] if step in (0, 1) else "a step"}
 
 
-def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm")) -> dict:
+WATCH: list[Watch] = []  # in a confined child that was given one: its Watch
+
+
+def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"), watch: Watch | None = None) -> dict:
     """`fn(confinement)` run in a forked child that first confines itself (`confine`): -> the JSON-able dict it
     returns. For a process that must keep its own rights (to write its report, to remove its private copy)
     while files it did not write run. An EdgeqError or ModuleNotFoundError the child raises is raised here
     again, same class and message; a child that dies (a runtime crashed, a signal) is a one-line EdgeqError;
-    one that called `give_up(value)` is GaveUp(value).
+    with `watch`, a step the child marks there (`WATCH[0]` in the child) that outlives its limit stops the
+    child: GaveUp.
     Off Linux `fn` runs here, unconfined, and says so. The reply is JSON, never pickle: this process runs no
     code the child sends.
 
@@ -278,13 +307,14 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"))
         raise
     if pid == 0:  # pragma: no cover - the child; its coverage is the tests' subprocesses
         try:
+            WATCH[:] = [watch] if watch is not None else []
             _child(fn, r, w, writable, blocked)
         finally:
             os._exit(1)  # never back into the caller's code
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     os.close(w)
     try:
-        reply = _read_reply(r, pid)
+        reply = _read_reply(r, pid, watch)
     finally:
         os.close(r)
         _reap(pid)
@@ -292,7 +322,7 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"))
         raise EdgeqError(f"the checking process died ({_died(pid)}) before it reported: a file may have crashed a "
                          "runtime or outgrown the memory limit; check the files one by one to find it")
     _STATUS.pop(pid, None)
-    if "gave_up" in reply:
+    if "gave_up" in reply:  # written by _read_reply, never by the child
         raise GaveUp(reply["gave_up"])
     if "error" in reply:
         message = str(reply["error"].get("message"))
@@ -340,7 +370,6 @@ def _child(fn, r: int, w: int, writable: tuple[str, ...], mask) -> None:  # prag
         os.close(null)
         os.closerange(3, w)
         os.closerange(w + 1, _max_fd())
-        _REPLY_FD[:] = [w]
         probe = temp_dir()
         try:
             reply = {"value": fn(confine(writable, probe=probe))}
@@ -375,9 +404,10 @@ def _max_fd() -> int:
     return soft if 0 < soft < 1 << 20 else 1 << 16
 
 
-def _read_reply(r: int, pid: int) -> dict | None:
-    """The child's JSON, read until the pipe closes, or until the child has ended and sent nothing more for a
-    second (something it started may still hold the pipe open)."""
+def _read_reply(r: int, pid: int, watch: Watch | None = None) -> dict | None:
+    """The child's JSON, read until the pipe closes, or until the child has ended and sent nothing more (something
+    it started may still hold the pipe open); `{"gave_up": ...}` when `watch` shows a step past its limit (the
+    child is then stopped by the caller's `_reap`)."""
     import json
     import select
 
@@ -385,7 +415,10 @@ def _read_reply(r: int, pid: int) -> dict | None:
 
     chunks, size = [], 0
     while True:
-        if not select.select([r], [], [], 1.0)[0]:
+        ready = select.select([r], [], [], 0.25)[0]
+        if watch is not None and (late := watch.overdue()):
+            return {"gave_up": late}
+        if not ready:
             if _ended(pid):
                 break
             continue
@@ -403,8 +436,8 @@ def _read_reply(r: int, pid: int) -> dict | None:
         reply = json.loads(b"".join(chunks))
     except (ValueError, RecursionError):
         reply = None
-    if not isinstance(reply, dict) or not ("value" in reply or isinstance(reply.get("error"), dict)
-                                           or isinstance(reply.get("gave_up"), dict)):
+    if not isinstance(reply, dict) or "gave_up" in reply or not ("value" in reply
+                                                               or isinstance(reply.get("error"), dict)):
         raise EdgeqError("the checking process sent back something it never sends; it was stopped (a file may "
                          "have taken it over)")
     return reply

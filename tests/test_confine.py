@@ -197,6 +197,16 @@ def test_a_confined_child_returns_json_and_its_errors_and_its_death_are_one_line
         limits.in_confined_child(raises)
     with pytest.raises(EdgeqError, match=r"died \(signal SIGKILL\) before it reported"):  # the OOM killer's
         limits.in_confined_child(lambda _: os.kill(os.getpid(), signal.SIGKILL))
+    def holds_the_lock(_):  # an ExecuTorch call keeps Python's lock as this does: no thread of the child runs
+        import ctypes
+
+        limits.WATCH[0].begin(limits.WATCH[0].name("model.pte"), 0.5, 1)
+        ctypes.PyDLL(None).sleep(60)
+        return {}
+
+    with pytest.raises(limits.GaveUp) as gave_up:  # the parent stops it, from the page they share
+        limits.in_confined_child(holds_the_lock, watch=limits.Watch())
+    assert gave_up.value.value == {"file": "model.pte", "limit_s": 0.5, "step": "a call"}
     with pytest.raises(EdgeqError, match="more than 64 MiB"):
         limits.in_confined_child(lambda _: {"x": "y" * (limits.MAX_REPLY_BYTES + 1)})
     for i, odd in enumerate((b"[" * 200_000, b'{"value": 1', b'["value"]')):  # what a taken-over child could send

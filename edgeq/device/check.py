@@ -92,13 +92,15 @@ def check(directory: str | Path, cfg: CheckConfig = CheckConfig(), log: Callable
 def _in_child(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None]) -> dict:
     """The check of the copy in a confined child (edgeq.limits.in_confined_child): this process keeps the rights
     to write its report and remove its copy, the files' runtimes do not. A TorchScript or ExecuTorch file whose
-    load or call outlives --time-limit (their runtimes cannot stop one) ends the child; the check then runs
-    again in a new one, that file failed and not run."""
+    load or call outlives --time-limit (their runtimes cannot stop one) is seen on the child's watch page
+    (edgeq.limits.Watch), and the child is stopped; the check then runs again in a new one, that file failed
+    and not run."""
     hung: dict[str, str] = {}
     files = sum(1 for p in snap.root.rglob("*") if p.is_file())  # a file hangs once: at most this many runs
     while True:
         try:
-            return limits.in_confined_child(lambda confinement: _checked(snap, cfg, log, confinement, hung))
+            return limits.in_confined_child(lambda confinement: _checked(snap, cfg, log, confinement, hung),
+                                            watch=limits.Watch())
         except limits.GaveUp as stop:
             file, step = str(stop.value.get("file")), str(stop.value.get("step"))
             if file in hung or len(hung) >= files:
@@ -110,15 +112,9 @@ def _in_child(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None
 
 def _checked(snap: bundle.Snapshot, cfg: CheckConfig, log: Callable[[str], None], confinement: dict,
              hung: dict[str, str]) -> dict:
-    runners.HUNG = _hung
     result = _check_copy(snap, cfg, log, hung)
     result.runtime["confinement"] = confinement
     return asdict(result)
-
-
-def _hung(file: str, limit_s: float, step: str) -> None:
-    """runners.HUNG in the child: it ends, reporting the file (edgeq.limits.give_up)."""
-    limits.give_up({"file": file, "limit_s": limit_s, "step": step})
 
 
 def _result(d: dict) -> CheckResult:

@@ -83,31 +83,27 @@ class TimeLimit(Exception):
 
 @dataclass(eq=False)
 class _Call:
-    stop: Callable[[], None]  # stops the call under way: onnxruntime's terminate flag, or HUNG
+    stop: Callable[[], None]  # stops the call under way: onnxruntime's terminate flag
     limit_s: float
     started: float | None = None  # time.monotonic() of the call under way, or None
 
 
-# What ends a call past its limit where the runtime cannot stop one (TorchScript, ExecuTorch): set by the
-# checker's confined child (edgeq.device.check), which then ends and reports the file; the check runs again
-# without it. None (in-process): such calls have no limit.
-HUNG: Callable[[str, float, str], None] | None = None
-
-
 def _limited(run: Run, file: str, time_limit_s: float | None) -> Run:
-    """`run`, with HUNG called (file, limit, "a call") when a call outlives `time_limit_s`."""
-    if time_limit_s is None or HUNG is None:
+    """`run`, each call marked on the confined child's watch page (edgeq.limits.Watch), where the checker's own
+    process stops the child if it outlives `time_limit_s`: for runtimes that cannot stop a call themselves
+    (TorchScript, ExecuTorch). Outside such a child, calls have no limit."""
+    from edgeq import limits
+
+    if time_limit_s is None or not limits.WATCH:
         return run
-    hung = HUNG
-    call = _Call(lambda: hung(file, time_limit_s, "a call"), time_limit_s)
-    _WATCH.add(call)
+    watch, name = limits.WATCH[0], limits.WATCH[0].name(file)
 
     def limited(x: np.ndarray) -> np.ndarray:
-        call.started = time.monotonic()
+        watch.begin(name, time_limit_s, 1)
         try:
             return run(x)
         finally:
-            call.started = None
+            watch.end()
 
     return limited
 
@@ -115,16 +111,17 @@ def _limited(run: Run, file: str, time_limit_s: float | None) -> Run:
 @contextlib.contextmanager
 def _loading(file: str, time_limit_s: float | None):
     """The load itself under the limit (a file can make its runtime's loader run for ever too)."""
-    if time_limit_s is None or HUNG is None:
+    from edgeq import limits
+
+    if time_limit_s is None or not limits.WATCH:
         yield
         return
-    hung = HUNG
-    call = _Call(lambda: hung(file, time_limit_s, "loading it"), time_limit_s, time.monotonic())
-    _WATCH.add(call)
+    watch = limits.WATCH[0]
+    watch.begin(watch.name(file), time_limit_s, 0)
     try:
         yield
     finally:
-        call.started = None
+        watch.end()
 
 
 class _Watch:
@@ -157,7 +154,7 @@ _WATCH = _Watch()
 
 def load_torchscript(path: Path, threads: int, engine: str | None, time_limit_s: float | None = None) -> Run:
     """A TorchScript file (edgeq.runtime); an int8 one in the quantized engine its manifest entry names. Its
-    load and calls are limited where HUNG is set."""
+    load and calls are limited in the checker's confined child (`_limited`)."""
     try:
         with _loading(path.name, time_limit_s):
             run = runtime.load_torchscript(path, "cpu", threads, {"quantized_engine": engine} if engine else None).run
@@ -170,7 +167,8 @@ def load_torchscript(path: Path, threads: int, engine: str | None, time_limit_s:
 
 def load_pte(path: Path, threads: int, time_limit_s: float | None = None) -> Run:
     """x -> logits for an ExecuTorch program (edgeq.runtime.load_pte: a batch other than the program's fixed
-    one runs as calls of it), or CannotRun in one line. Its load and calls are limited where HUNG is set."""
+    one runs as calls of it), or CannotRun in one line. Its load and calls are limited in the checker's
+    confined child (`_limited`)."""
     try:
         with _loading(path.name, time_limit_s):
             run = runtime.load_pte(path, threads).run
