@@ -299,6 +299,7 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"),
     r, w = os.pipe()
     stops = {signal.SIGINT, signal.SIGTERM}
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # until the child has its own handlers
+    parent = os.getpid()
     try:
         pid = _fork()
     except OSError:
@@ -308,7 +309,7 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"),
     if pid == 0:  # pragma: no cover - the child; its coverage is the tests' subprocesses
         try:
             WATCH[:] = [watch] if watch is not None else []
-            _child(fn, r, w, writable, blocked)
+            _child(fn, r, w, writable, blocked, parent)
         finally:
             os._exit(1)  # never back into the caller's code
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -344,7 +345,21 @@ def _fork() -> int:
         return os.fork()
 
 
-def _child(fn, r: int, w: int, writable: tuple[str, ...], mask) -> None:  # pragma: no cover - the forked child
+def die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent (pid `parent`) dies, so that no runaway child outlives a
+    killed verify or device check; ends now if the parent is already gone."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(0)
+
+
+def _child(fn, r: int, w: int, writable: tuple[str, ...], mask, parent: int) -> None:  # pragma: no cover
     import json
     import signal
     import sys
@@ -359,11 +374,7 @@ def _child(fn, r: int, w: int, writable: tuple[str, ...], mask) -> None:  # prag
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)  # the parent cleans up and kills this child
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the parent
-        if os.getppid() == 1:  # it died before the line above
-            os._exit(1)
+        die_with_parent(parent)
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)

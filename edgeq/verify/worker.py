@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeq.limits import physical_memory_gb
+
 HOUSEKEEPING_LIMIT_S = 120.0  # new inputs (the test split), a runner dropped: seconds at most, unless a file hangs it
 STARTUP_LIMIT_S = 120.0  # importing torch and onnxruntime: 1-4 s on a 2-core VM; no artifact code runs yet
 # The default memory cap, as a share of physical memory: the memory the worker may add after its
@@ -87,8 +89,6 @@ class Failed(Exception):
 
 def default_memory_limit_gb() -> float:
     """DEFAULT_MEMORY_SHARE of this machine's physical memory, in GiB."""
-    from edgeq.limits import physical_memory_gb
-
     return round(DEFAULT_MEMORY_SHARE * physical_memory_gb(), 1)
 
 
@@ -287,7 +287,7 @@ class Worker:
             if need == _HEADER.size and len(buf) >= need:
                 announced = _HEADER.unpack_from(buf)[0]
                 need += announced
-                if announced > _MAX_REPLY:
+                if announced > physical_memory_gb() * 2**30:
                     raise NotData(f"the worker announced a reply of {announced} bytes, more than this machine's "
                                   "memory; the worker was stopped (a file may have taken it over)")
         return _reply(bytes(buf[_HEADER.size:need]))
@@ -338,7 +338,6 @@ _DATA_GLOBALS = frozenset({("numpy", "dtype"), ("numpy", "ndarray"), ("numpy._co
                            ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
                            ("numpy.core.numeric", "_frombuffer")})
 _KINDS = frozenset({"ok", "timeout", "memory", "crash", "edgeq", "error"})
-_MAX_REPLY = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) if hasattr(os, "sysconf") else 1 << 40
 
 
 class NotData(Exception):
@@ -374,8 +373,9 @@ def main() -> None:
     reply_fd = os.dup(1)
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
-    _die_with_parent(int(sys.argv[2]))
     from edgeq import limits
+
+    limits.die_with_parent(int(sys.argv[2]))
 
     # while this process has one thread, before any runtime is imported: what no file may make a runtime do
     gpu = _gpu_devices()
@@ -533,16 +533,6 @@ def _gpu_devices() -> bool:
     them on), so the worker's files and sockets are left unconfined there; the TCP and signal rules stay."""
     names = os.listdir("/dev") if os.path.isdir("/dev") else ()
     return any(name.startswith(GPU_DEVICES) for name in names)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: SIGKILL this process when the parent dies, so that a killed verify leaves no runaway child."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # it died before the line above
-            os._exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover
