@@ -68,6 +68,11 @@ class Budget:
     def spend(self, seconds: float) -> None:
         self.seconds, self.parents = max(self.seconds - seconds, 0.0), max(self.parents - 1, 0)
 
+    def charge(self, seconds: float) -> None:
+        """Seconds spent on work every turn needs before any turn starts (a parent's calibration candidates),
+        taken from what the turns share: no turn is used up."""
+        self.seconds = max(self.seconds - seconds, 0.0)
+
     def reshare(self, parts: int) -> None:
         """What is left, shared from now on by `parts` (the bars of a stage that runs after the last of the
         parents it was set for): none of them takes what the others after it would need."""

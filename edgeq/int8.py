@@ -167,8 +167,11 @@ def tuning(fam: Family, parent: Parent) -> dict:
     rec = fam.plan.precision[parent.v.key]
     d = fam.build.decisions
     with timed(fam.build.timings, f"{fam.name}.accuracy_s"):
+        t0 = time.perf_counter()
         d.decide(rec, "calibration", f"calibration decision for {fam.name}'s {parent.v.key} parent",
                  lambda: _calibration(fam, parent))
+        if "accuracy" in fam.budgets:  # every candidate is measured; the bars after it share what is left
+            fam.budgets["accuracy"].charge(time.perf_counter() - t0)
         with timed(fam.build.timings, f"{fam.name}.sensitivity_s"):  # a table for the reader, with its own budget
             d.decide(rec, "sensitivity", f"sensitivity of {fam.name}'s {parent.v.key} parent",
                      lambda: _sensitivity(fam, parent, rec["calibration"]))
@@ -420,7 +423,8 @@ def _below_bar(fam: Family, out: Lineage, art_name: str, parent: str, bar: dict)
 
 def _not_tried(bar: dict) -> str:
     left = bar.get("not_tried") or []
-    return f"; {len(left)} not tried within the budget of {bar['budget_s']:g} s" if left and bar.get("budget_s") else ""
+    budget = bar.get("budget_s")  # 0 when the calibration candidates spent the whole budget
+    return f"; {len(left)} not tried within the budget of {budget:g} s" if left and budget is not None else ""
 
 
 def _agreement_rule(bar: dict) -> str:

@@ -133,9 +133,10 @@ class Recipe:
     # wall time of the per-layer quantization sensitivity per model, shared by its fp32 parents (about
     # two int8 builds per layer: resnet18 at 32x32 measures ~12 of its 21 layers per parent in 60 s)
     sensitivity_budget_s: float = 120.0
-    # wall time of the accuracy bar's search per model (quantizer groups ranked and moved to fp32), shared by
-    # its int8 ONNX files; its static .pte programs' bars (calibration candidates, then units left out of
-    # int8) share what those leave;
+    # wall time of the accuracy stage's measuring per model: each fp32 parent's ONNX calibration candidates
+    # (every one measured, their time taken off first), then the accuracy bars' search (quantizer groups ranked
+    # and moved to fp32), shared by its int8 ONNX files; its static .pte programs' bars (calibration
+    # candidates, then units left out of int8) share what those leave;
     # what a trial would end past it is not tried, and the plan says so
     accuracy_budget_s: float = 120.0
     threads: int = 1  # the deployment's thread count: int8 decisions are timed at it

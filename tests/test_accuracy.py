@@ -202,6 +202,34 @@ def test_a_spent_sensitivity_budget_leaves_the_bar_its_own_ranking(hard_model, d
     assert list(bar["ranking"]["groups"])[:2] == [g["group"] for g in bar["fp32_groups"]]
 
 
+def test_the_calibration_candidates_are_charged_to_the_accuracy_budget_before_the_bars_share_it(
+        hard_model, digits, tmp_path, monkeypatch):
+    """The accuracy stage's measuring stays within `accuracy_budget_s`: the bars share what the parent's
+    calibration candidates (every one measured) left, not the whole budget again."""
+    import time
+
+    from edgeq import int8
+
+    real_cal, real_bar, seen = int8._calibration, int8._measure_bar, []
+
+    def slow_calibration(fam, parent):  # candidates that take at least a second
+        time.sleep(1.0)
+        return real_cal(fam, parent)
+
+    def bar(fam, *args, **kwargs):
+        budget = fam.budgets["accuracy"]
+        seen.append((budget.seconds, budget.parents, budget.share()))
+        return real_bar(fam, *args, **kwargs)
+
+    monkeypatch.setattr(int8, "_calibration", slow_calibration)
+    monkeypatch.setattr(int8, "_measure_bar", bar)
+    _compress(hard_model, digits, tmp_path / "art", accuracy_budget_s=30.0, variants=("static",), sensitivity=False)
+    (left, parts, share), = seen  # one parent, one bar
+    assert parts == 1 and share == left and left <= 30.0 - 1.0
+    cal = BuildPlan.read(tmp_path / "art" / "plan.json").models["hard"].precision["fp32"]["calibration"]
+    assert len([c for c in cal["candidates"] if "accuracy" in c]) == 4  # every candidate measured all the same
+
+
 def test_a_spent_accuracy_budget_is_recorded_and_ships_nothing_it_did_not_measure(hard_model, digits, tmp_path):
     manifest = _compress(hard_model, digits, tmp_path / "art", accuracy_budget_s=1e-9, variants=("static",),
                          sensitivity=False)
