@@ -24,10 +24,13 @@ works without ExecuTorch installed (`available()` then says how to install it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import os
-from collections.abc import Callable, Collection, Sequence
+import re
+import sys
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -585,9 +588,42 @@ def set_threads(threads: int) -> int:
     portable_lib = bindings()
     if threads < 1:
         raise IntegrityError(f"ExecuTorch threads must be >= 1, got {threads}")
-    if portable_lib._threadpool_get_thread_count() != threads:
-        portable_lib._unsafe_reset_threadpool(threads)
-    return portable_lib._threadpool_get_thread_count()
+    with runtime_info_dropped():
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+        return portable_lib._threadpool_get_thread_count()
+
+
+_RUNTIME_INFO = re.compile(rb"\[(cpuinfo_utils|threadpool)\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def runtime_info_dropped() -> Iterator[None]:
+    """ExecuTorch's runtime writes what it reads of the CPU when it creates its threadpool, and every
+    resize, to the process's stderr at its info level (six lines in every export and check on x86):
+    those lines are dropped; anything else written to stderr meanwhile passes through, after the block.
+    Held in an anonymous in-memory file (memfd: no path, so a confined process may make one too); where
+    there is none, nothing is filtered."""
+    try:
+        held = os.memfd_create("edgeq-stderr")
+    except (AttributeError, OSError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(held, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        with os.fdopen(held, "rb") as f:
+            f.seek(0)
+            kept = b"".join(line for line in f if not _RUNTIME_INFO.match(line))
+        view = memoryview(kept)
+        while view:
+            view = view[os.write(2, view):]
 
 
 def check_header(path: Path, data: bytes) -> None:

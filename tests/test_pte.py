@@ -292,6 +292,18 @@ def test_running_a_program_imports_no_exporter(built):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+    # the runtime's info lines on its threadpool (what it reads of the CPU, each resize) are not the user's
+    assert "cpuinfo_utils.cpp" not in out.stderr and "threadpool.cpp" not in out.stderr, out.stderr
+
+
+def test_the_runtimes_info_lines_are_dropped_and_anything_else_on_stderr_passes(capfd):
+    with pte.runtime_info_dropped():
+        os.write(2, b"[cpuinfo_utils.cpp:125] CPU info and manual query on # of cpus dont match.\n"
+                    b"E 00:00:00.000 executorch:method.cpp:1 a real error\n[threadpool.cpp:66] Resetting threadpool\n")
+        print("from Python", file=sys.stderr)
+    print("after", file=sys.stderr)
+    err = capfd.readouterr().err.splitlines()
+    assert sorted(err) == ["E 00:00:00.000 executorch:method.cpp:1 a real error", "after", "from Python"], err
 
 
 def test_unavailable_names_the_install_command(monkeypatch):
