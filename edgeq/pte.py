@@ -609,13 +609,20 @@ def runtime_info_dropped() -> Iterator[None]:
     except (AttributeError, OSError):
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)  # no stderr to filter (closed): nothing to do
+    except OSError:
+        os.close(held)
+        yield
+        return
+    if sys.stderr is not None:
+        sys.stderr.flush()
     os.dup2(held, 2)
     try:
         yield
     finally:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         with os.fdopen(held, "rb") as f:
