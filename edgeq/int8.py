@@ -266,7 +266,7 @@ def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module
         return drop_slower(fam, out, art_name, parent_name, path, gate, float_ops(quant["optimized_ops"]))
 
     art = fam.record(out, v, variant, "onnx", precision="int8", parent=parent_name, quantization=quant,
-                     runtime_info=runtime_info("onnx", "int8"), ship=ship)
+                     runtime_info=runtime_info("onnx", "int8", activations=quant.get("activations")), ship=ship)
     if art is not None:
         group_of = {n: g["group"] for g in bar.get("fp32_groups", []) for n in g["nodes"]}
         art.decisions = plan.layers + [{"node": n, "precision": "fp32", "group": group_of.get(n),

@@ -87,9 +87,13 @@ def attempt(out: Lineage, name: str, build):
         return None
 
 
-def runtime_info(fmt: str, precision: str = "fp32", graph: str | None = None, engine: str | None = None) -> dict:
+def runtime_info(fmt: str, precision: str = "fp32", graph: str | None = None, engine: str | None = None,
+                 activations: str | None = None) -> dict:
     if fmt == "onnx":
-        info = {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"], "session_options": {}}
+        from edgeq.runtime import int8_session
+
+        options = int8_session(activations) if precision == "int8" else {}
+        info = {"engine": "onnxruntime", "providers": ["CPUExecutionProvider"], "session_options": options}
         if precision == "int8":
             info["graph"] = ("portable QDQ; onnxruntime's default optimizations (ORT_ENABLE_ALL) fuse it into the "
                              "int8 kernels listed in quantization.optimized_ops when the session loads. The optimized "

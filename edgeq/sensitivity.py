@@ -30,7 +30,7 @@ import numpy as np
 from edgeq.clock import past_budget
 from edgeq.data import first_samples
 from edgeq.onnx_quant import QDQBuilder, QDQConfig
-from edgeq.runtime import load_onnx
+from edgeq.runtime import int8_session, load_onnx
 from edgeq.trials import Clock
 from edgeq.metrics import drop_points, score
 
@@ -74,7 +74,7 @@ class Evaluator:
         x, labels, ref = (self.x, self.labels, self.ref) if rows is None else \
             (self.x[rows], self.labels[rows], self.ref[rows])
         try:
-            logits = load_onnx(path, 1).predict(x)
+            logits = load_onnx(path, 1, int8_session(qdq.activations)).predict(x)
             return score(logits, labels, ref), logits
         finally:
             if keep is None:
@@ -187,7 +187,7 @@ def score_trial(shared: dict, item: tuple) -> dict:
         (shared["x"][rows], shared["y"][rows], shared["ref"][rows])
     with _tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
         path = builder.build(Path(tmp) / "int8.onnx", list(shared["calibration"][cal_key]), qdq)
-        return score(load_onnx(path, 1).predict(x), y, ref)
+        return score(load_onnx(path, 1, int8_session(qdq.activations)).predict(x), y, ref)
 
 
 def score_trials(shared: dict, items: list[tuple]) -> list[dict]:

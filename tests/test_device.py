@@ -222,6 +222,27 @@ def test_compare_counts_a_flip_only_outside_the_logit_tolerance():
 # --- the checker -----------------------------------------------------------------------------------------
 
 
+def test_a_signed_int8_onnx_file_ships_with_onnxruntimes_exact_kernels_for_x86_and_its_golden_outputs(
+        device_bundle: Path):
+    """An S8S8 file (the arm64 format) runs on x86 through onnxruntime's U8S8 kernels, whose pair sums saturate
+    on a CPU without VNNI: its session options ask for the exact kernels there (a no-op on VNNI and ARM), so its
+    golden outputs, accuracy and checks are what its QDQ graph means, run unfused, on any build machine."""
+    from edgeq import runtime
+
+    manifest = json.loads((device_bundle / "manifest.json").read_text())
+    int8 = [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "int8"]
+    signed = [a for a in int8 if a["quantization"]["activations"] == "int8"]
+    assert signed and len(signed) < len(int8)
+    for a in int8:
+        options = a["runtime"]["session_options"]
+        assert options == (runtime.SIGNED_INT8_SESSION if a in signed else {}), a["name"]
+        inputs, outputs = golden.read(device_bundle, manifest["golden"], a["name"])
+        unfused = runtime.load(device_bundle / a["file"], "onnx", options={"graph_optimization_level": "ORT_ENABLE_BASIC"})
+        expected = unfused.predict(inputs.copy())
+        scale = np.abs(expected).max()
+        assert np.abs(outputs[a["name"]] - expected).max() <= 1e-5 * scale, a["name"]
+
+
 def test_the_device_venv_has_no_torch(device_venv: Path):
     for module in ("torch", "click", "matplotlib", "jsonschema", "model_signing"):
         p = subprocess.run([str(device_venv), "-c", f"import {module}"], capture_output=True, text=True)
