@@ -727,10 +727,10 @@ def qdq_accuracy(shared: Mapping[str, Any], cfg: Any) -> dict:
     validation inputs, "y" their labels, "ref" the fp32 model's logits on "x"."""
     from edgeq.metrics import score
     from edgeq.onnx_quant import quantize_onnx
-    from edgeq.runtime import load_onnx
+    from edgeq.runtime import int8_session, load_onnx
 
     fp32 = shared_file(shared["fp32"], ".onnx")
     with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
         path = quantize_onnx(fp32, Path(tmp) / "int8.onnx", list(shared["calibration"]), cfg)
-        logits = load_onnx(path, threads=THREADS_PER_WORKER).predict(shared["x"])
+        logits = load_onnx(path, THREADS_PER_WORKER, int8_session(cfg.activations)).predict(shared["x"])
     return score(logits, shared["y"], shared["ref"])
