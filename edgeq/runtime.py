@@ -47,13 +47,13 @@ SESSION_CONFIG_ENTRIES = {"session.intra_op.allow_spinning": ("0", "1"), "sessio
 # other answers than ARM's kernels (0.13 of the logits' scale on the MNIST CNN). This setting makes onnxruntime
 # use its exact U8U8 kernels on those CPUs only; elsewhere (VNNI, ARM) it changes nothing.
 SIGNED_INT8_SESSION = {"config_entries": {"session.x64quantprecision": "1"}}
+OPTIMIZATION_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+SESSION_OPTIONS = ("config_entries", "graph_optimization_level")
 
 
 def int8_session(activations: str | None) -> dict:
     """The session options an int8 ONNX file of these activations is shipped and measured with."""
     return {k: dict(v) for k, v in SIGNED_INT8_SESSION.items()} if activations == "int8" else {}
-OPTIMIZATION_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
-SESSION_OPTIONS = ("config_entries", "graph_optimization_level")
 
 
 def session_options_problem(options) -> str | None:
