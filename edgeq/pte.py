@@ -467,8 +467,10 @@ def lowered_program(shared, item: dict) -> dict:
     import io
 
     import torch
-    from executorch.exir import to_edge_transform_and_lower  # noqa: F401  (registers the ops a saved program calls)
-    from torchao.quantization.pt2e import quantize_pt2e  # noqa: F401  (quantized_decomposed)
+
+    with _quiet():  # a worker's first import of torchao logs a torch deprecation line to stderr
+        from executorch.exir import to_edge_transform_and_lower  # noqa: F401  (registers the ops a saved program calls)
+        from torchao.quantization.pt2e import quantize_pt2e  # noqa: F401  (quantized_decomposed)
 
     buffer, counted = _lowered(torch.export.load(io.BytesIO(item["program"])))
     return {"buffer": buffer, "delegation": counted, "pid": os.getpid()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -589,10 +590,11 @@ def test_the_speed_step_lowers_each_candidate_once_and_ships_the_one_it_keeps(di
     assert bar["fp32_nodes_added"] == (["fc1"] if bar["speed"]["units"][0]["kept"] else [])
 
 
-def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, tmp_path, monkeypatch):
+def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, tmp_path, monkeypatch, capfd):
     """`lower_int8_beside` sends the captured program to a pool worker, which sends the program's bytes back:
     the file, written when its result is taken, is the one `lower_int8` wrote here, with the same manifest
-    information. A program of fewer than BESIDE_FROM_OPS ops is lowered here, at once."""
+    information. A program of fewer than BESIDE_FROM_OPS ops is lowered here, at once. The worker writes
+    nothing to the export's stderr (its first torchao import logged a torch deprecation line there)."""
     from edgeq.trials import Pool, Workers
 
     b = built["cnn"]
@@ -607,6 +609,7 @@ def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, t
     assert lowering.pid != os.getpid()  # lowered on the worker
     assert (tmp_path / "beside.pte").read_bytes() == b["int8"].read_bytes()
     assert info == b["int8_info"] and here.result() == b["int8_info"]
+    assert not re.findall(r"(?m)^[DIWEF]\d{4} .*$", capfd.readouterr().err)  # torch's log lines (glog's prefix)
 
 
 def test_a_program_whose_worker_dies_while_lowering_it_is_lowered_here(built, tmp_path, monkeypatch):
