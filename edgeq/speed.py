@@ -140,6 +140,18 @@ def drop_slower(fam: Family, out: Lineage, name: str, parent: str, path: Path, g
     return False
 
 
+def not_faster(gate: dict, float_ops: dict[str, int] | None = None) -> str:
+    """The note of a shipped int8 file that its timing showed no faster than its fp32 parent at some batch size
+    (a median ratio of 1 or more, within the noise margin, so not refused): the ratios and, for an ONNX file, the
+    ops its runtime runs in fp32 between its int8 ones. "" for a file faster at every batch size."""
+    slow = {b: r for b, r in gate.get("latency_vs_parent", {}).items() if r >= 1.0}
+    if not gate.get("ship") or not slow:
+        return ""
+    ratios = ", ".join(f"{r:.2f}x at batch {b}" for b, r in slow.items())
+    return (f"not faster than its fp32 parent on this CPU ({ratios}, paired); shipped, as it is not shown slower "
+            f"beyond the {policy.NOISE_MARGIN:.0%} noise margin{_float_ops(float_ops)}")
+
+
 def _float_ops(ops: dict[str, int] | None) -> str:
     if not ops:
         return ""

@@ -112,6 +112,11 @@ def _with(value, sample=3):
     return (x, y), test
 
 
+def hard():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Hardsigmoid(), nn.Linear(16, 3)).eval()
+
+
 def huge():
     return _with(3e38)
 
@@ -453,6 +458,35 @@ def test_a_ship_decision_against_its_own_evidence_is_refused_on_load(user: Path,
 ])
 def test_ship_decisions_the_rule_supports_still_load(tiny: Path, tmp_path: Path, gate: dict) -> None:
     BuildPlan.read(_plan_with(tiny, tmp_path, lambda fam: fam["ships"].update({"user-static-onnx": gate})))
+
+
+def test_a_shipped_int8_file_no_faster_than_its_parent_says_so_and_names_the_ops_it_runs_in_fp32(
+        models: Path, tmp_path: Path) -> None:
+    """An int8 file whose ship decision read no faster than its parent (within the noise margin: shipped) carries
+    a note with the ratio and, for ONNX, the ops onnxruntime runs in fp32 between its int8 layers (here the
+    HardSigmoid it has no int8 kernel for); a file read faster carries none. The decisions are replayed from
+    an edited plan: no timing of this run decides anything here."""
+    first = tmp_path / "first"
+    r = cli(*export_args(models, first, "hard"), "--variants", "static")
+    assert r.exit_code == 0, r.output
+    plan = json.loads((first / "plan.json").read_text())
+    ships = plan["models"]["models"]["ships"]
+    assert {"models-static-onnx", "models-static-ts", "models-static-pte"} <= set(ships)
+    ships["models-static-onnx"] = ships["models-static-pte"] = _ship(True, [0.97, 1.04], "ruled out", 1.0, 1.02)
+    ships["models-static-ts"] = _ship(True, [0.75, 0.85], "ruled out", 0.8, 0.8)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    out = tmp_path / "art"
+    r = cli(*export_args(models, out, "hard", "--plan", path), "--variants", "static")
+    assert r.exit_code == 0, r.output
+    arts = {a["name"]: a for a in manifest_of(out)["artifacts"]}
+    note = arts["models-static-onnx"]["notes"]
+    assert "not faster than its fp32 parent" in note and "1.02x at batch 1" in note, note
+    assert "HardSigmoid x1" in note and "between its int8 layers" in note, note
+    assert arts["models-static-onnx"]["quantization"]["optimized_ops"].get("HardSigmoid") == 1
+    assert "not faster than its fp32 parent" in arts["models-static-pte"]["notes"]  # an ExecuTorch program too
+    assert "1.02x at batch 1" in arts["models-static-pte"]["notes"]
+    assert arts["models-static-ts"]["notes"] == ""  # read faster: nothing to say
 
 
 # item 5 of round 2, left over: (a) a custom autograd.Function, (b) a full TMPDIR, (c) warnings as errors -------
