@@ -350,3 +350,45 @@ def test_a_torchscript_file_that_never_returns_fails_its_row_and_the_others_are_
     assert others and all(f["status"] == "ok" for f in others if f["format"] == "onnx"), others
     assert [line for line in p.stdout.splitlines() if line.startswith("FAIL")] == \
         [f"FAIL {ts['file']} ({ts['name']}): {hung['problems'][0]}"], p.stdout
+
+
+def test_a_file_that_prints_without_end_costs_verify_neither_disk_nor_memory(tmp_path: Path) -> None:
+    """A TorchScript file may `print` (to the worker's stdout, which the worker sends to its stderr). That stderr
+    went to a temporary file, as large as the file printed for as long as its row ran, and was read whole into
+    verify's memory when the worker died. It is a pipe now, drained into its last STDERR_TAIL bytes: the line
+    that says how the worker died is still there."""
+    import signal
+    import stat
+    import tracemalloc
+
+    import numpy as np
+    import torch
+
+    from edgeq.verify.worker import STDERR_TAIL, Budget, Failed, Worker
+
+    class Prints(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i in range(20000):  # about 2 MB a call
+                print("printed by the file", i, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx")
+            return torch.zeros(x.shape[0], 10)
+
+    path = tmp_path / "prints.pt"
+    torch.jit.save(torch.jit.script(Prints()), str(path))
+    with Worker(None) as worker:
+        worker.configure(x=np.zeros((2, 1, 28, 28), np.float32))
+        handle = worker.define(path, "torchscript", "cpu", 1, None)
+        for _ in range(5):
+            assert worker.predict(handle, Budget(120.0)).shape == (2, 10)
+        pid = worker._proc.pid
+        stderr = os.stat(f"/proc/{pid}/fd/2")
+        assert stat.S_ISFIFO(stderr.st_mode), f"the worker's stderr is a file of {stderr.st_size} bytes"
+        os.kill(pid, signal.SIGKILL)  # dies as the out-of-memory killer would stop it
+        tracemalloc.start()
+        try:
+            with pytest.raises(Failed) as died:
+                worker.predict(handle, Budget(120.0))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert died.value.kind == "crash" and died.value.detail.startswith("killed by SIGKILL: printed by the file")
+    assert peak < 16 * STDERR_TAIL, f"{peak} bytes to read how the worker died"  # about 10 MB were printed

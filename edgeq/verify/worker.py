@@ -29,7 +29,7 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from edgeq.limits import physical_memory_gb
 
 HOUSEKEEPING_LIMIT_S = 120.0  # new inputs (the test split), a runner dropped: seconds at most, unless a file hangs it
 STARTUP_LIMIT_S = 120.0  # importing torch and onnxruntime: 1-4 s on a 2-core VM; no artifact code runs yet
+STDERR_TAIL = 64 * 1024  # bytes of the child's stderr kept: its last lines say how it died
 # The default memory cap, as a share of physical memory: the memory the worker may add after its
 # imports, for all artifacts together (they stay loaded for paired timing, one runner per batch size).
 # Verifying the 36 real MLP/CNN artifacts added 1.1 GiB with one runner each; half the machine leaves
@@ -202,11 +203,11 @@ class Worker:
         root = str(Path(edgeq.__file__).resolve().parents[1])  # the child imports the parent's edgeq
         code = f"import sys; sys.path.insert(0, {root!r}); from edgeq.verify.worker import main; main()"
         cap = "none" if self._memory_limit_gb is None else repr(float(self._memory_limit_gb))
-        self._stderr = tempfile.TemporaryFile()
         args = [sys.executable, "-c", code, cap, str(os.getpid())] + ["pte"] * self._programs
         # its own session: no controlling terminal a file could type into (TIOCSTI)
-        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       start_new_session=True)
+        self._stderr = _Tail(self._proc.stderr)
         self._hello = None
 
     def _ready(self) -> None:
@@ -301,8 +302,8 @@ class Worker:
             self._proc.kill()
             code = self._proc.wait()
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        self._stderr.seek(0)
-        lines = [line.strip() for line in self._stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        tail = self._stderr.text() if self._stderr is not None else ""
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
         return f"{how}: {lines[-1][:200]}" if lines else how
 
     def _kill(self) -> None:
@@ -325,6 +326,41 @@ class Worker:
         self._proc, self._stderr, self._hello = None, None, None
         self._loaded.clear()
         self._warm.clear()
+
+
+class _Tail:
+    """The child's stderr (what its runtimes print: a TorchScript file's `print` included), drained by a thread
+    as it is written and kept only as its last STDERR_TAIL bytes: a file that prints without end costs the
+    verifier neither disk nor memory (it went to a temporary file, read whole when the child died)."""
+
+    def __init__(self, pipe) -> None:
+        self._pipe, self._kept, self._lock = pipe, bytearray(), threading.Lock()
+        self._thread = threading.Thread(target=self._drain, name="edgeq-verify-worker-stderr", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        fd = self._pipe.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            if not chunk:  # the child and everything that shares its stderr are gone
+                return
+            with self._lock:
+                self._kept += chunk
+                del self._kept[:-STDERR_TAIL]
+
+    def text(self, wait_s: float = 2.0) -> str:
+        """The tail, once the child's last writes are drained (at most `wait_s` after it died)."""
+        self._thread.join(wait_s)
+        with self._lock:
+            return self._kept.decode(errors="replace")
+
+    def close(self) -> None:
+        self._thread.join(2.0)
+        if not self._thread.is_alive():  # never closed under a read that is still running
+            self._pipe.close()
 
 
 # -- the child ---------------------------------------------------------------------------------------
