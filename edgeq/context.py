@@ -203,12 +203,13 @@ class Family:
     def record(self, out: Lineage, v: FloatVariant, variant: str, fmt: str, *, precision: str, parent: str | None,
                quantization: dict | None, runtime_info: dict, notes: str = "",
                fidelity: Callable[[np.ndarray, np.ndarray], str | None] | None = None,
-               ship: Callable[[], bool] | None = None) -> Artifact | None:
+               ship: Callable[[], str | None] | None = None) -> Artifact | None:
         """Measure a written file from disk and record it in `out` (its stage's lineage), or delete it and record
         why in `out` when its outputs are not finite, it
         is not faithful to what it was built from (`fidelity(val_logits, deployed_logits)` returns why: the
         second on `deployed_inputs`, run at the deployment batch), or it breaks the
-        contract; then `ship()` (the speed rule) has the last word."""
+        contract; then `ship()` (the speed rule) has the last word: None drops the file, a string is added to
+        its notes."""
         b, path, name = self.build, self.path(variant, fmt), name_of(self.name, variant, fmt)
         # one thread, as `edgeq verify` measures it: the same sums, the same predictions. A torch runner sets
         # torch's process-wide count as it loads: the build's own (its fine-tunes') is restored after the block
@@ -240,8 +241,10 @@ class Family:
             over = [bar["drop_points"] for bar in contract["bars"] if not bar["met"]]
             out.skip(name, why, kind, contract=contract, best_drop_points=max(over) if over else None)
             return None
-        if ship is not None and not ship():  # deleted and listed under skipped by the speed rule
+        said = ship() if ship is not None else ""
+        if said is None:  # deleted and listed under skipped by the speed rule
             return None
+        notes = "; ".join(filter(None, (notes, said)))
         self.val_logits[name] = val_logits
         n_test = len(b.splits.test)
         art = Artifact(

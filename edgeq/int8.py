@@ -30,7 +30,7 @@ from edgeq.plan import check_layers
 from edgeq.precision import Plan, compute_nodes, float_ops, inspect_runtime_graph, search_precision
 from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
 from edgeq.recipe import MODES
-from edgeq.speed import cross_target, drop_slower, not_faster, search_config, ships, timed_at
+from edgeq.speed import cross_target, search_config, shipped_note, ships, timed_at
 
 
 @dataclass
@@ -105,18 +105,14 @@ def torchscript_int8(fam: Family, v: FloatVariant, variant: str, mode: str, q: n
         return
     quant = {**qc.describe(), "timed_at": timed_at(fam)}
 
-    def ship() -> bool:
-        nonlocal notes
+    def ship() -> str | None:
         gate = ships(fam, name, "torchscript", fam.path(v.key, "torchscript"), path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
         quant["ship_rule"] = {k: gate[k] for k in ("rule", "timed_on") if k in gate} or "timed here (plan.json)"
-        notes = "; ".join(filter(None, (notes, not_faster(gate))))
-        return drop_slower(fam, out, name, parent, path, gate)
+        return shipped_note(fam, out, name, parent, path, gate)
 
-    art = fam.record(out, v, variant, "torchscript", precision="int8", parent=parent, quantization=quant,
-                     runtime_info=runtime_info("torchscript", "int8", engine=qc.engine), notes=notes, ship=ship)
-    if art is not None:
-        art.notes = notes  # with what the ship decision found
+    fam.record(out, v, variant, "torchscript", precision="int8", parent=parent, quantization=quant,
+               runtime_info=runtime_info("torchscript", "int8", engine=qc.engine), notes=notes, ship=ship)
 
 
 def target_qdq(fam: Family) -> QDQConfig:
@@ -263,20 +259,15 @@ def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module
     if not graph["clean"]:
         fam.build.log(f"  {art_name}: onnxruntime runs it with {graph}")
 
-    notes = ""
-
-    def ship() -> bool:
-        nonlocal notes
+    def ship() -> str | None:
         gate = ships(fam, art_name, "onnx", onnx_parent, path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
         quant["ship_rule"] = {k: gate[k] for k in ("rule", "timed_on") if k in gate} or "timed here (plan.json)"
-        notes = not_faster(gate, float_ops(quant["optimized_ops"]))
-        return drop_slower(fam, out, art_name, parent_name, path, gate, float_ops(quant["optimized_ops"]))
+        return shipped_note(fam, out, art_name, parent_name, path, gate, float_ops(quant["optimized_ops"]))
 
     art = fam.record(out, v, variant, "onnx", precision="int8", parent=parent_name, quantization=quant,
                      runtime_info=runtime_info("onnx", "int8", activations=quant.get("activations")), ship=ship)
     if art is not None:
-        art.notes = notes  # with what the ship decision found
         group_of = {n: g["group"] for g in bar.get("fp32_groups", []) for n in g["nodes"]}
         art.decisions = plan.layers + [{"node": n, "precision": "fp32", "group": group_of.get(n),
                                         "reason": "kept in fp32 to meet the accuracy bar of "

@@ -27,7 +27,7 @@ from edgeq.context import Family, fidelity
 from edgeq.data import first_samples
 from edgeq.lineage import FloatVariant, Lineage, attempt, name_of
 from edgeq.metrics import score
-from edgeq.speed import drop_slower, not_faster, ships, timed_at
+from edgeq.speed import shipped_note, ships, timed_at
 
 FMT = "pte"
 MAX_FALLBACK_TRIALS = 8  # int8 programs built per variant to meet the bar (each is a capture, PT2E and lowering)
@@ -429,19 +429,13 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str, out: Lineage,
                               "measured_on": "the validation split, the program as exported"},
              "timed_at": timed_at(fam)}
 
-    notes = ""
-
-    def ship() -> bool:
-        nonlocal notes
+    def ship() -> str | None:
         gate = ships(fam, t.name, FMT, fam.path(v.key, FMT), t.path)
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
-        notes = not_faster(gate)
-        return drop_slower(fam, out, t.name, t.parent, t.path, gate)
+        return shipped_note(fam, out, t.name, t.parent, t.path, gate)
 
-    art = fam.record(out, v, variant, FMT, precision="int8", parent=t.parent, quantization=quant,
-                     runtime_info={**_info(t.info, "int8"), "delegation": t.info["delegation"]}, ship=ship)
-    if art is not None:
-        art.notes = notes  # with what the ship decision found
+    fam.record(out, v, variant, FMT, precision="int8", parent=t.parent, quantization=quant,
+               runtime_info={**_info(t.info, "int8"), "delegation": t.info["delegation"]}, ship=ship)
 
 
 def _not_met(fam: Family, t: ProgramTrials, bar: dict) -> dict:

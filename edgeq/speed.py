@@ -140,6 +140,13 @@ def drop_slower(fam: Family, out: Lineage, name: str, parent: str, path: Path, g
     return False
 
 
+def shipped_note(fam: Family, out: Lineage, name: str, parent: str, path: Path, gate: dict,
+                 float_ops: dict[str, int] | None = None) -> str | None:
+    """The speed rule for a recorded int8 file (`drop_slower`): None when it is dropped, else the note it ships
+    with (`not_faster`: "" when it is faster at every batch size)."""
+    return not_faster(gate, float_ops) if drop_slower(fam, out, name, parent, path, gate, float_ops) else None
+
+
 def not_faster(gate: dict, float_ops: dict[str, int] | None = None) -> str:
     """The note of a shipped int8 file that its timing showed no faster than its fp32 parent at some batch size
     (a median ratio of 1 or more, within the noise margin, so not refused): the ratios and, for an ONNX file, the
