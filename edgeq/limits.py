@@ -272,6 +272,69 @@ class Watch:
         return {"file": name, "limit_s": limit_s, "step": self.STEPS[step] if step in (0, 1) else "a step"}
 
 
+OUTPUT_FORWARDED = 1 << 20  # bytes of a confined child's output passed on as they come (its log lines)
+OUTPUT_TAIL = 64 * 1024  # past that, only its last bytes are kept, and passed on when it ends
+
+
+class OutputTail:
+    """A child's output (what its runtimes print, a TorchScript file's `print` included), drained from `pipe` by a
+    thread as it is written: the first `forward_limit` bytes are passed on to `forward` as they come, the rest is
+    kept only as its last `tail` bytes. A file that prints without end costs the reader neither disk nor memory,
+    and fills no log or terminal. `finish` passes the kept tail on, after a line saying what was left out."""
+
+    def __init__(self, pipe, forward=None, forward_limit: int = 0, tail: int = OUTPUT_TAIL) -> None:
+        import threading
+
+        self._pipe, self._forward, self._room, self._tail = pipe, forward, forward_limit if forward else 0, tail
+        self._kept, self._dropped, self._lock = bytearray(), 0, threading.Lock()
+        self._thread = threading.Thread(target=self._drain, name="edgeq-child-output", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        fd = self._pipe.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            if not chunk:  # the child and everything that shares its output are gone
+                return
+            with self._lock:
+                now, chunk = chunk[: self._room], chunk[self._room:]
+                self._room -= len(now)
+                if now:
+                    self._pass_on(now)
+                self._kept += chunk
+                self._dropped += max(0, len(self._kept) - self._tail)
+                del self._kept[: -self._tail]
+
+    def _pass_on(self, data: bytes) -> None:
+        try:
+            self._forward.write(data.decode(errors="replace"))
+            self._forward.flush()
+        except (OSError, ValueError):  # a closed stream: nothing to show it on
+            pass
+
+    def text(self, wait_s: float = 2.0) -> str:
+        """The kept tail, once the child's last writes are drained (at most `wait_s` after it ended)."""
+        self._thread.join(wait_s)
+        with self._lock:
+            return self._kept.decode(errors="replace")
+
+    def finish(self, what: str = "the checking process") -> None:
+        """Pass the kept tail on (with a line saying how much was left out before it), then close."""
+        tail = self.text()
+        if self._forward is not None and tail:
+            left_out = f"[{self._dropped} bytes of {what}'s output left out; its last {len(tail.encode())} follow]\n"
+            self._pass_on(((left_out if self._dropped else "") + tail).encode())
+        self.close()
+
+    def close(self) -> None:
+        self._thread.join(2.0)
+        if not self._thread.is_alive():  # never closed under a read that is still running
+            self._pipe.close()
+
+
 WATCH: list[Watch] = []  # in a confined child that was given one: its Watch
 
 
@@ -286,7 +349,9 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"),
     code the child sends.
 
     The child starts its own session (no controlling terminal to type into), reads nothing from stdin, keeps
-    no other inherited descriptor than stdout, stderr and its reply pipe, and dies with this process."""
+    no other inherited descriptor than its reply pipe and its output pipe, and dies with this process. Its stdout
+    and stderr are that one pipe: what it prints reaches this process's stderr, never its stdout (a report
+    written there), and only its first OUTPUT_FORWARDED bytes and last OUTPUT_TAIL (OutputTail)."""
     import signal
     import sys
 
@@ -297,6 +362,7 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"),
     sys.stdout.flush()
     sys.stderr.flush()  # or the child writes what is buffered here a second time
     r, w = os.pipe()
+    out_r, out_w = os.pipe()  # the child's stdout and stderr: passed on here, bounded (OutputTail)
     stops = {signal.SIGINT, signal.SIGTERM}
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # until the child has its own handlers
     parent = os.getpid()
@@ -304,21 +370,28 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"),
         pid = _fork()
     except OSError:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(r), os.close(w)
+        for fd in (r, w, out_r, out_w):
+            os.close(fd)
         raise
     if pid == 0:  # pragma: no cover - the child; its coverage is the tests' subprocesses
         try:
             WATCH[:] = [watch] if watch is not None else []
+            for fd, name in ((1, "stdout"), (2, "stderr")):  # Python's streams too, whatever the parent's were
+                os.dup2(out_w, fd)
+                setattr(sys, name, open(fd, "w", buffering=1, errors="replace", closefd=False))  # noqa: SIM115
             _child(fn, r, w, writable, blocked, parent)
         finally:
             os._exit(1)  # never back into the caller's code
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     os.close(w)
+    os.close(out_w)
+    output = OutputTail(os.fdopen(out_r, "rb", buffering=0), sys.stderr, OUTPUT_FORWARDED)
     try:
         reply = _read_reply(r, pid, watch)
     finally:
         os.close(r)
         _reap(pid)
+        output.finish()
     if reply is None:
         raise EdgeqError(f"the checking process died ({_died(pid)}) before it reported: a file may have crashed a "
                          "runtime or outgrown the memory limit; check the files one by one to find it")

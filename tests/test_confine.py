@@ -220,6 +220,44 @@ def test_a_confined_child_returns_json_and_its_errors_and_its_death_are_one_line
             os.close(r)
 
 
+def test_what_a_confined_child_prints_reaches_stderr_only_and_bounded(capfd) -> None:
+    """The device checker's child runs files that may print without end (a TorchScript `print`, a runtime's
+    log): its stdout and stderr are one pipe the checker drains, passing on the first OUTPUT_FORWARDED bytes as
+    they come and, at the end, the last OUTPUT_TAIL. Nothing reaches the checker's stdout, where its report goes;
+    before, the child wrote straight to both."""
+    import signal
+
+    from edgeq.errors import EdgeqError
+
+    flood = limits.OUTPUT_FORWARDED + 8 * limits.OUTPUT_TAIL
+
+    def prints(_):
+        print("a log line", flush=True)  # the child's stdout
+        view = memoryview(b"x" * flood)
+        while view:  # as a file that prints without end: far more than is passed on
+            view = view[os.write(2, view):]
+        os.write(1, b"last words\n")
+        return {"value": 7}
+
+    assert limits.in_confined_child(prints) == {"value": 7}
+    out, err = capfd.readouterr()
+    assert out == "", out[:200]
+    assert err.startswith("a log line\n") and err.endswith("x" * 1000 + "last words\n"), (err[:100], err[-100:])
+    left_out = flood + len("a log line\nlast words\n") - limits.OUTPUT_FORWARDED - limits.OUTPUT_TAIL
+    assert f"[{left_out} bytes of the checking process's output left out; its last {limits.OUTPUT_TAIL} follow]" in err
+    assert len(err) == limits.OUTPUT_FORWARDED + limits.OUTPUT_TAIL + len(
+        f"[{left_out} bytes of the checking process's output left out; its last {limits.OUTPUT_TAIL} follow]\n")
+
+    def dies(_):
+        os.write(2, b"what it said before it died\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.raises(EdgeqError, match=r"died \(signal SIGKILL\)"):
+        limits.in_confined_child(dies)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "what it said before it died\n", (out, err)
+
+
 def test_the_device_checker_runs_the_files_in_a_confined_child(mlp_artifacts: Path, tmp_path: Path) -> None:
     """The checker's own process keeps its rights (it writes the report, removes its copy); the files run in a
     child that gave up writing, connecting and signalling, and the report says so."""

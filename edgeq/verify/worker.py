@@ -29,17 +29,16 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeq.limits import physical_memory_gb
+from edgeq.limits import OUTPUT_TAIL, OutputTail, physical_memory_gb
 
 HOUSEKEEPING_LIMIT_S = 120.0  # new inputs (the test split), a runner dropped: seconds at most, unless a file hangs it
 STARTUP_LIMIT_S = 120.0  # importing torch and onnxruntime: 1-4 s on a 2-core VM; no artifact code runs yet
-STDERR_TAIL = 64 * 1024  # bytes of the child's stderr kept: its last lines say how it died
+STDERR_TAIL = OUTPUT_TAIL  # bytes of the child's stderr kept (edgeq.limits.OutputTail): its last lines say how it died
 # The default memory cap, as a share of physical memory: the memory the worker may add after its
 # imports, for all artifacts together (they stay loaded for paired timing, one runner per batch size).
 # Verifying the 36 real MLP/CNN artifacts added 1.1 GiB with one runner each; half the machine leaves
@@ -207,7 +206,7 @@ class Worker:
         # its own session: no controlling terminal a file could type into (TIOCSTI)
         self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       start_new_session=True)
-        self._stderr = _Tail(self._proc.stderr)
+        self._stderr = OutputTail(self._proc.stderr, tail=STDERR_TAIL)  # nothing passed on: kept for _died
         self._hello = None
 
     def _ready(self) -> None:
@@ -326,41 +325,6 @@ class Worker:
         self._proc, self._stderr, self._hello = None, None, None
         self._loaded.clear()
         self._warm.clear()
-
-
-class _Tail:
-    """The child's stderr (what its runtimes print: a TorchScript file's `print` included), drained by a thread
-    as it is written and kept only as its last STDERR_TAIL bytes: a file that prints without end costs the
-    verifier neither disk nor memory (it went to a temporary file, read whole when the child died)."""
-
-    def __init__(self, pipe) -> None:
-        self._pipe, self._kept, self._lock = pipe, bytearray(), threading.Lock()
-        self._thread = threading.Thread(target=self._drain, name="edgeq-verify-worker-stderr", daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        fd = self._pipe.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except OSError:
-                return
-            if not chunk:  # the child and everything that shares its stderr are gone
-                return
-            with self._lock:
-                self._kept += chunk
-                del self._kept[:-STDERR_TAIL]
-
-    def text(self, wait_s: float = 2.0) -> str:
-        """The tail, once the child's last writes are drained (at most `wait_s` after it died)."""
-        self._thread.join(wait_s)
-        with self._lock:
-            return self._kept.decode(errors="replace")
-
-    def close(self) -> None:
-        self._thread.join(2.0)
-        if not self._thread.is_alive():  # never closed under a read that is still running
-            self._pipe.close()
 
 
 # -- the child ---------------------------------------------------------------------------------------
