@@ -283,10 +283,13 @@ class OutputTail:
     and fills no log or terminal. `finish` passes the kept tail on, after a line saying what was left out."""
 
     def __init__(self, pipe, forward=None, forward_limit: int = 0, tail: int = OUTPUT_TAIL) -> None:
+        import codecs
         import threading
 
         self._pipe, self._forward, self._room, self._tail = pipe, forward, forward_limit if forward else 0, tail
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split between reads
         self._kept, self._dropped, self._lock = bytearray(), 0, threading.Lock()
+        self._line_ended = True  # what was passed on last ended a line
         self._thread = threading.Thread(target=self._drain, name="edgeq-child-output", daemon=True)
         self._thread.start()
 
@@ -308,25 +311,33 @@ class OutputTail:
                 self._dropped += max(0, len(self._kept) - self._tail)
                 del self._kept[: -self._tail]
 
-    def _pass_on(self, data: bytes) -> None:
+    def _pass_on(self, data: bytes, final: bool = False) -> None:
+        self._line_ended = data.endswith(b"\n")
         try:
-            self._forward.write(data.decode(errors="replace"))
+            self._forward.write(self._text.decode(data, final))
             self._forward.flush()
         except (OSError, ValueError):  # a closed stream: nothing to show it on
             pass
 
-    def text(self, wait_s: float = 2.0) -> str:
+    def kept(self, wait_s: float = 2.0) -> bytes:
         """The kept tail, once the child's last writes are drained (at most `wait_s` after it ended)."""
         self._thread.join(wait_s)
         with self._lock:
-            return self._kept.decode(errors="replace")
+            return bytes(self._kept)
+
+    def text(self, wait_s: float = 2.0) -> str:
+        return self.kept(wait_s).decode(errors="replace")
 
     def finish(self, what: str = "the checking process") -> None:
-        """Pass the kept tail on (with a line saying how much was left out before it), then close."""
-        tail = self.text()
+        """Pass the kept tail on (after a line saying how much was left out before it, if anything was), then
+        close."""
+        tail = self.kept()
         if self._forward is not None and tail:
-            left_out = f"[{self._dropped} bytes of {what}'s output left out; its last {len(tail.encode())} follow]\n"
-            self._pass_on(((left_out if self._dropped else "") + tail).encode())
+            if self._dropped:  # the tail starts where the passing on stopped being whole
+                self._pass_on(f"{'' if self._line_ended else chr(10)}[{self._dropped} bytes of {what}'s output left out; its last {len(tail)} "
+                              "follow]\n".encode(), final=True)
+                self._text.reset()
+            self._pass_on(tail, final=True)
         self.close()
 
     def close(self) -> None:

@@ -244,9 +244,9 @@ def test_what_a_confined_child_prints_reaches_stderr_only_and_bounded(capfd) -> 
     assert out == "", out[:200]
     assert err.startswith("a log line\n") and err.endswith("x" * 1000 + "last words\n"), (err[:100], err[-100:])
     left_out = flood + len("a log line\nlast words\n") - limits.OUTPUT_FORWARDED - limits.OUTPUT_TAIL
-    assert f"[{left_out} bytes of the checking process's output left out; its last {limits.OUTPUT_TAIL} follow]" in err
-    assert len(err) == limits.OUTPUT_FORWARDED + limits.OUTPUT_TAIL + len(
-        f"[{left_out} bytes of the checking process's output left out; its last {limits.OUTPUT_TAIL} follow]\n")
+    said = f"\n[{left_out} bytes of the checking process's output left out; its last {limits.OUTPUT_TAIL} follow]\n"
+    assert err[limits.OUTPUT_FORWARDED:].startswith(said)  # on a line of its own, right after what was passed on
+    assert len(err) == limits.OUTPUT_FORWARDED + len(said) + limits.OUTPUT_TAIL
 
     def dies(_):
         os.write(2, b"what it said before it died\n")
