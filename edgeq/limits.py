@@ -407,6 +407,13 @@ def in_confined_child(fn, writable: tuple[str, ...] = ("/dev/null", "/dev/shm"),
         raise EdgeqError(f"the checking process died ({_died(pid)}) before it reported: a file may have crashed a "
                          "runtime or outgrown the memory limit; check the files one by one to find it")
     _STATUS.pop(pid, None)
+    return _value(reply)
+
+
+def _value(reply: dict) -> dict:
+    """The child's value, or what it raised (or `_read_reply`'s GaveUp) raised here again."""
+    from edgeq.errors import EdgeqError
+
     if "gave_up" in reply:  # written by _read_reply, never by the child
         raise GaveUp(reply["gave_up"])
     if "error" in reply:
