@@ -316,8 +316,8 @@ class OutputTail:
         try:
             self._forward.write(self._text.decode(data, final))
             self._forward.flush()
-        except (OSError, ValueError):  # a closed stream: nothing to show it on
-            pass
+        except Exception:  # noqa: BLE001 - a stream that cannot take it (closed, another encoding): the drain goes
+            pass  # on, or the child would block on a full pipe
 
     def kept(self, wait_s: float = 2.0) -> bytes:
         """The kept tail, once the child's last writes are drained (at most `wait_s` after it ended)."""
