@@ -302,11 +302,11 @@ class OutputTail:
                 return
             if not chunk:  # the child and everything that shares its output are gone
                 return
+            now, chunk = chunk[: self._room], chunk[self._room:]
+            self._room -= len(now)
+            if now:  # outside the lock: a stream that stalls never holds `kept`
+                self._pass_on(now)
             with self._lock:
-                now, chunk = chunk[: self._room], chunk[self._room:]
-                self._room -= len(now)
-                if now:
-                    self._pass_on(now)
                 self._kept += chunk
                 self._dropped += max(0, len(self._kept) - self._tail)
                 del self._kept[: -self._tail]
@@ -334,8 +334,8 @@ class OutputTail:
         tail = self.kept()
         if self._forward is not None and tail:
             if self._dropped:  # the tail starts where the passing on stopped being whole
-                self._pass_on(f"{'' if self._line_ended else chr(10)}[{self._dropped} bytes of {what}'s output left out; its last {len(tail)} "
-                              "follow]\n".encode(), final=True)
+                said = f"[{self._dropped} bytes of {what}'s output left out; its last {len(tail)} follow]\n"
+                self._pass_on(("" if self._line_ended else "\n").encode() + said.encode(), final=True)
                 self._text.reset()
             self._pass_on(tail, final=True)
         self.close()
