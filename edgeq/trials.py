@@ -191,6 +191,7 @@ class Pool:
         if _most:  # a one-shot run needs no more processes than it has trials
             self.size = max(1, min(self.size, _most))
         self._executor = None
+        self._ready = None  # released once by each worker process at the end of its start (`_worker_start`)
         self._folder: Path | None = None
         self._runs = 0
 
@@ -222,12 +223,16 @@ class Pool:
 
     def start(self) -> Pool:
         """Start the local worker processes now rather than at the first run, so that they import their
-        runtimes while this process works on (building the fp32 file, say)."""
-        if self.workers.backend == "pool":
+        runtimes while this process works on (building the fp32 file, say). Their start is work beside this
+        process: edgeq.timing waits for it to end before a timed round."""
+        if self.workers.backend == "pool" and self._executor is None:
             executor = self._start()
             with _main_not_rerun():
                 for _ in range(self.size):
                     executor.submit(os.getpid)
+            from edgeq import timing
+
+            timing.beside(_started(self._ready, self.size))
         return self
 
     def beside(self, fn: TrialFn, item: Any):
@@ -271,8 +276,10 @@ class Pool:
         from concurrent.futures import ProcessPoolExecutor
 
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(self.size, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=set_process_threads, initargs=(THREADS_PER_WORKER,))
+            context = multiprocessing.get_context("spawn")
+            self._ready = context.Semaphore(0)
+            self._executor = ProcessPoolExecutor(self.size, mp_context=context, initializer=_worker_start,
+                                                 initargs=(THREADS_PER_WORKER, self._ready))
         return self._executor
 
     def _local(self, fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Display,
@@ -346,6 +353,35 @@ class Pool:
                 raise TrialError(f"{_name(i, items)}: the worker process running it died {deaths[i]} times (a "
                                  "crash in native code, a kill or out of memory); run it with jobs=1 to see the "
                                  "crash") from None
+
+
+WORKER_START_S = 120.0  # the longest a timed round waits for a pool's workers to start (one that never does)
+
+
+def _worker_start(threads: int, ready) -> None:
+    """A pool worker's initializer: its thread counts (`set_process_threads`), then `ready` released: its start,
+    imports included, is over."""
+    set_process_threads(threads)
+    ready.release()
+
+
+def _started(ready, workers: int):
+    """A future done once `workers` processes have released `ready` (`_worker_start`), or after WORKER_START_S
+    for one that has not (a worker that died starting fails the pool's next job instead)."""
+    import threading
+    from concurrent.futures import Future
+
+    future: Future = Future()
+
+    def wait() -> None:
+        deadline = time.monotonic() + WORKER_START_S
+        for _ in range(workers):
+            if not ready.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+                break
+        future.set_result(None)
+
+    threading.Thread(target=wait, name="edgeq-pool-start", daemon=True).start()
+    return future
 
 
 @contextlib.contextmanager

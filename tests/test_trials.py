@@ -213,6 +213,23 @@ def test_a_timed_round_waits_for_work_started_beside_it():
         assert job not in timing._BESIDE  # a finished job is not kept (nor the result it holds)
 
 
+def test_a_timed_round_waits_for_the_workers_a_pool_started():
+    """Starting a pool's workers (Pool.start, at an export's beginning) is work beside this process too: a timed
+    round starts once every worker has started, its imports done (onnxruntime's library mapped), not while
+    they spawn. A second start starts nothing and adds no wait."""
+    from edgeq import timing
+
+    with Pool(Workers(jobs=2)) as pool:
+        pool.start()
+        timing.timed_round([lambda x: None], np.zeros(1), 0.001)
+        workers = list(pool._executor._processes)
+        assert len(workers) == 2
+        for pid in workers:
+            assert "onnxruntime_pybind11_state" in Path(f"/proc/{pid}/maps").read_text(), pid
+        pool.start()
+        assert not timing._BESIDE and list(pool._executor._processes) == workers
+
+
 def test_a_job_beside_runs_on_a_worker_and_one_whose_worker_died_leaves_a_pool_that_restarts():
     from concurrent.futures.process import BrokenProcessPool
 
