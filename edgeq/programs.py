@@ -8,8 +8,10 @@ split; replayed, the plan's layers are built and measured again. Every program i
 its model, judged by edgeq.policy, and timed against its fp32 program before it ships (edgeq.speed).
 A QAT program is trained before its fp32 program is lowered and, on a local pool, lowered on a worker while
 the fp32 program is lowered here and the static program's bar runs (lowering is one thread; the bar's screens
-use the rest; edgeq.pte.lower_int8_beside): the same bytes as lowered here. Without ExecuTorch installed
-every `.pte` variant is listed under `skipped` with the install command.
+use the rest; edgeq.pte.lower_int8_beside): the same bytes as lowered here. So is, for a program of
+edgeq.pte.BESIDE_FROM_OPS ops or more, the static program's speed step's first candidate, while the program
+its bar keeps is lowered here (`ProgramTrials._lower_ahead`). Without ExecuTorch installed every `.pte` variant
+is listed under `skipped` with the install command.
 """
 
 from __future__ import annotations
@@ -201,6 +203,10 @@ class ProgramTrials:
         self._gates: list[str] | None = None
         self._lowering: tuple | None = None  # (candidate, edgeq.pte.Lowering or the exception it raised): `start`
         self._screens: dict = {}  # candidate -> its screen's scores
+        # the speed step's first candidate, lowered on a pool worker while the bar's program is lowered here
+        # (`_lower_ahead`): candidate -> edgeq.pte.Lowering; at most one; only while `_ahead_ok`
+        self._ahead: dict = {}
+        self._ahead_ok = False
 
     @property
     def parent_logits(self):
@@ -286,15 +292,54 @@ class ProgramTrials:
             s = self.screen(nodes, cal)
             if not self.accept(s)[0]:
                 return {**s, "screened": True}
+        key = self._key(nodes, cal)
         started, self._lowering = self._lowering, None
-        if started is not None and started[0] == self._key(nodes, cal):
+        ahead = self._ahead.pop(key, None)
+        if started is not None and started[0] == key:
             if isinstance(started[1], Exception):
                 raise started[1]
             with timed(self.fam.build.timings, f"{self.fam.name}.pte_s"):  # waiting for it, as `start` says
                 self.info = started[1].result()
+        elif ahead is not None:
+            with timed(self.fam.build.timings, f"{self.fam.name}.pte_s"):  # waiting for it: building the file
+                self.info = ahead.result()
         else:
-            self.info = pte.lower_int8(self.quantized(nodes, cal), deployment_example(self.fam), self.path)
+            converted = self.quantized(nodes, cal)
+            if screened:  # a candidate of the bar that passed its screen: likely the program the speed step starts from
+                self._lower_ahead(nodes, cal, converted)
+            self.info = pte.lower_int8(converted, deployment_example(self.fam), self.path)
         return self.scored()
+
+    def _may_lower_ahead(self) -> bool:
+        """Whether the speed step's first candidate may be lowered on a pool worker ahead of the step: a local pool,
+        and a speed step that will run (this CPU is the target's, and the search budget has a second left)."""
+        from edgeq.speed import cross_target
+
+        pool, fam = self.fam.build.pool, self.fam
+        return not (pool is None or pool.workers.backend != "pool" or cross_target(fam)
+                    or fam.budgets["search"].share() < 1.0)
+
+    def _lower_ahead(self, nodes: tuple[str, ...], cal: dict, converted: nn.Module) -> None:
+        """The speed step's first candidate from the bar's program `nodes` (`speed_units`' first unit also left out
+        of int8), quantized here and sent to a pool worker to be lowered while the bar's program (`converted`) is
+        lowered here: the step takes it (`build`) if the bar keeps `nodes`; else it is never taken, nor its file
+        written. The same bytes as lowered here (edgeq.pte.lower_int8_beside). Only for a program a worker would
+        lower (edgeq.pte.BESIDE_FROM_OPS, counted on `converted`: its captured program has the same ops)."""
+        if not self._ahead_ok or sum(n.op == "call_function" for n in converted.graph.nodes) < pte.BESIDE_FROM_OPS:
+            return
+        layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
+        units = speed_units(self.model, self.gates(), layers, list(nodes))
+        trial = list(nodes) + [n for n in (units[0][1] if units else []) if n not in nodes]
+        key = self._key(tuple(trial), cal)
+        if not units or not [layer for layer in layers if layer not in trial] or key in self._ahead:
+            return
+        self._ahead.clear()  # one at a time: a bar's earlier candidate was not kept
+        lowering = pte.lower_int8_ahead(self.quantized(tuple(trial), cal), deployment_example(self.fam), self.path,
+                                        self.fam.build.pool)
+        if lowering is not None:
+            self._ahead[key] = lowering
+            self.fam.build.log(f"  {self.name}: the speed step's first candidate ({units[0][0]} in fp32) lowering on "
+                               "a pool worker while this program is lowered")
 
     def scored(self) -> dict:
         """The program at `path`, scored from its file on the validation split."""
@@ -319,6 +364,7 @@ class ProgramTrials:
         share, t0 = (budget.share() if budget is not None else math.inf), time.perf_counter()
         try:
             cal = _calibration(self.fam, self.mode, self.screen, share)
+            self._ahead_ok = static and self._may_lower_ahead()
             units = _fallback_units(self.gates(), self.model) if static else []
             layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
             found = _fallback(lambda nodes: self.build(nodes, cal, screened=static), units, self.accept,

@@ -417,14 +417,29 @@ def lower_int8_beside(converted: torch.nn.Module, example: torch.Tensor, path: P
     `path` and returns what `lower_int8` returns. Without a local pool (one job, or Ray), or for a program
     of fewer than BESIDE_FROM_OPS ops, it is lowered here, now. Lowering is untimed work: edgeq.timing
     waits for it before any timed round."""
+    program = capture(converted, example)
+    return _sent(program, path, pool) or Lowering(None, path, lower(program, path))
+
+
+def lower_int8_ahead(converted: torch.nn.Module, example: torch.Tensor, path: Path, pool=None) -> Lowering | None:
+    """`lower_int8_beside` for a program that may be wanted later (the speed step's first candidate, lowered
+    while the program it starts from is lowered here): sent to a worker, or None, with nothing lowered or
+    written, where `lower_int8_beside` would lower it here now. `path` is written when its result is taken."""
+    if pool is None or pool.workers.backend != "pool":
+        return None
+    return _sent(capture(converted, example), path, pool)
+
+
+def _sent(program, path: Path, pool) -> Lowering | None:
+    """The captured program sent to a worker of `pool` to be lowered, or None (no local pool, or a program of
+    fewer than BESIDE_FROM_OPS ops)."""
     import io
 
     import torch
 
-    program = capture(converted, example)
     ops = sum(n.op == "call_function" for n in program.graph.nodes)
     if pool is None or pool.workers.backend != "pool" or ops < BESIDE_FROM_OPS:
-        return Lowering(None, path, lower(program, path))
+        return None
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     item = {"program": buffer.getvalue()}

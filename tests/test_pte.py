@@ -638,7 +638,9 @@ def test_the_qat_program_lowers_on_a_worker_while_the_fp32_program_is_lowered_an
         digits, built, tmp_path, monkeypatch):
     """With two jobs, the QAT program is trained and sent to a pool worker to be lowered before the fp32
     program is lowered here and the static program's bar runs; the program it ships is, byte for byte, the one
-    its quantized model lowers to here."""
+    its quantized model lowers to here. The static program's speed step's first candidate (the stem in fp32) is
+    sent to a worker just before the bar's program is lowered here, and the step times the worker's program:
+    byte for byte the candidate lowered here; the step lowers nothing here again."""
     import json
 
     import edgeq
@@ -654,6 +656,24 @@ def test_the_qat_program_lowers_on_a_worker_while_the_fp32_program_is_lowered_an
         return real(converted, example, path, pool)
 
     monkeypatch.setattr(pte, "lower_int8_beside", keep)
+    real_ahead, real_here, ahead, taken = pte.lower_int8_ahead, pte.lower_int8, [], []
+
+    def ahead_sent(converted, example, path, pool=None):
+        order.append(("ahead sent", Path(path).name))
+        ahead.append((converted, example))
+        return real_ahead(converted, example, path, pool)
+
+    monkeypatch.setattr(pte, "lower_int8_ahead", ahead_sent)
+    monkeypatch.setattr(pte, "lower_int8", lambda c, e, path: order.append(("here", Path(path).name))
+                        or real_here(c, e, path))
+    real_result = pte.Lowering.result
+
+    def result(self):
+        info = real_result(self)
+        taken.append((self.path.name, self.pid, self.path.read_bytes()))  # what the step is given to time
+        return info
+
+    monkeypatch.setattr(pte.Lowering, "result", result)
     real_fp32 = pte.export_fp32
     monkeypatch.setattr(pte, "export_fp32", lambda m, e, path: order.append(("fp32", Path(path).name))
                         or real_fp32(m, e, path))
@@ -661,13 +681,24 @@ def test_the_qat_program_lowers_on_a_worker_while_the_fp32_program_is_lowered_an
     monkeypatch.setattr(programs.ProgramTrials, "screen",
                         lambda self, *a: order.append(("screen", self.name)) or real_screen(self, *a))
     train = digits["train"]
-    recipe = Recipe(variants=("static", "qat"), ship_rule="always", search_budget_s=1e-6, batches=(1, 8),
+    recipe = Recipe(variants=("static", "qat"), ship_rule="always", search_budget_s=1000.0, batches=(1, 8),
                     sensitivity=False, calibration_methods=("MinMax",), calibration_sizes=(128,),
                     pte_observers=("minmax", "histogram"), bias_correction=(False,), jobs=2)
     edgeq.compress({"mlp": built["mlp"]["model"]}, train=(train.x, train.y), test=(digits["x"], digits["y"]),
                    out=tmp_path / "art", recipe=recipe, progress=False, log=lambda s: None)
     assert order[:2] == [("qat sent", "mlp-qat.pte"), ("fp32", "mlp-fp32.pte")]
     assert ("screen", "mlp-static-pte") in order[2:]
+    static = [step for step in order if step[1] == "mlp-static.pte"]
+    assert static == [("ahead sent", "mlp-static.pte"), ("here", "mlp-static.pte")]  # nothing else lowered here
+    plan = json.loads((tmp_path / "art" / "plan.json").read_text())["models"]["mlp"]["accuracy"]["mlp-static-pte"]
+    assert [u["unit"] for u in plan["speed"]["units"]] == ["stem"]
+    (converted, example), = ahead
+    pte.lower_int8(converted, example, tmp_path / "stem-here.pte")
+    (pid, timed_bytes), = [(pid, data) for name, pid, data in taken if name == "mlp-static.pte"]
+    assert pid != os.getpid() and timed_bytes == (tmp_path / "stem-here.pte").read_bytes()  # a worker's, the same
+    assert plan["fp32_nodes_added"] == (["fc1"] if plan["speed"]["units"][0]["kept"] else [])
+    if plan["speed"]["units"][0]["kept"]:  # what ships is then the worker's program
+        assert (tmp_path / "art" / "mlp-static.pte").read_bytes() == timed_bytes
     (converted, example, path), = sent
     info = pte.lower_int8(converted, example, tmp_path / "here.pte")
     assert path.name == "mlp-qat.pte" and (tmp_path / "art" / path.name).read_bytes() == (tmp_path / "here.pte").read_bytes()
