@@ -149,11 +149,11 @@ def _fallback_units(gates: list[str], model: nn.Module) -> list[tuple[str, list[
 
 
 def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: float, layers: list[str],
-              budget_s: float = math.inf) -> dict:
+              budget_s: float = math.inf, elsewhere=lambda: 0.0) -> dict:
     """The program with every layer int8, then units left in fp32 one after the other until it meets the
     contract; the gates unit is kept only where it helps. At least one Conv/Linear layer stays int8. A step
-    that would end past `budget_s` (at the mean cost of the steps so far) is not taken: the units left are
-    recorded as not tried."""
+    that would end past `budget_s` (at the mean cost of the steps so far, less the seconds `elsewhere()` says
+    went to other work) is not taken: the units left are recorded as not tried."""
     steps: list[dict] = []
     t0 = time.perf_counter()
 
@@ -171,7 +171,7 @@ def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: flo
     for i, (unit, names) in enumerate(units):
         if met:
             break
-        if past_budget(t0, len(steps), budget_s):
+        if past_budget(t0 + elsewhere(), len(steps), budget_s):
             not_tried = [u for u, _ in units[i:]]
             break
         trial = fp32 + [n for n in names if n not in fp32]
@@ -207,6 +207,7 @@ class ProgramTrials:
         # (`_lower_ahead`): candidate -> edgeq.pte.Lowering; at most one; only while `_ahead_ok`
         self._ahead: dict = {}
         self._ahead_ok = False
+        self._ahead_s = 0.0  # seconds spent sending them: the speed step's work, not charged to the bar's budget
 
     @property
     def parent_logits(self):
@@ -333,9 +334,14 @@ class ProgramTrials:
         key = self._key(tuple(trial), cal)
         if not units or not [layer for layer in layers if layer not in trial] or key in self._ahead:
             return
-        self._ahead.clear()  # one at a time: a bar's earlier candidate was not kept
-        lowering = pte.lower_int8_ahead(self.quantized(tuple(trial), cal), deployment_example(self.fam), self.path,
-                                        self.fam.build.pool)
+        self._ahead.clear()  # one kept to be taken: a bar's earlier candidate was not kept (its job runs to its end)
+        t0 = time.perf_counter()
+        try:
+            with timed(self.fam.build.timings, f"{self.fam.name}.precision_search_s"):  # the speed step's stage
+                lowering = pte.lower_int8_ahead(self.quantized(tuple(trial), cal), deployment_example(self.fam),
+                                                self.path, self.fam.build.pool)
+        finally:
+            self._ahead_s += time.perf_counter() - t0
         if lowering is not None:
             self._ahead[key] = lowering
             self.fam.build.log(f"  {self.name}: the speed step's first candidate ({units[0][0]} in fp32) lowering on "
@@ -369,10 +375,10 @@ class ProgramTrials:
             layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
             found = _fallback(lambda nodes: self.build(nodes, cal, screened=static), units, self.accept,
                               self.fam.settings.programs.max_accuracy_drop, layers,
-                              max(share - (time.perf_counter() - t0), 0.0))
+                              max(share - (time.perf_counter() - t0), 0.0), lambda: self._ahead_s)
         finally:
-            if budget is not None:
-                budget.spend(time.perf_counter() - t0)
+            if budget is not None:  # what the speed step's candidate cost to send is not the bar's (`_lower_ahead`)
+                budget.spend(time.perf_counter() - t0 - self._ahead_s)
         if found["met"] and static:
             found = self.faster(found, cal, layers)
         return {**found, "per_channel": True, "ptq": policy.keeps_parent_weights(self.mode), "calibration": cal,

@@ -431,9 +431,10 @@ def lower_int8_ahead(converted: torch.nn.Module, example: torch.Tensor, path: Pa
 
 
 def _sent(program, path: Path, pool) -> Lowering | None:
-    """The captured program sent to a worker of `pool` to be lowered, or None (no local pool, or a program of
-    fewer than BESIDE_FROM_OPS ops)."""
+    """The captured program sent to a worker of `pool` to be lowered, or None (no local pool, a program of
+    fewer than BESIDE_FROM_OPS ops, or a pool whose worker died and that no job has restarted yet)."""
     import io
+    from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
@@ -443,7 +444,11 @@ def _sent(program, path: Path, pool) -> Lowering | None:
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     item = {"program": buffer.getvalue()}
-    return Lowering((pool, item, pool.beside(lowered_program, item)), path, _about(program))
+    try:
+        future = pool.beside(lowered_program, item)
+    except BrokenProcessPool:  # the job that saw its worker die restarts the pool (Lowering.result)
+        return None
+    return Lowering((pool, item, future), path, _about(program))
 
 
 class Lowering:

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -614,7 +615,8 @@ def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, t
 
 def test_a_program_whose_worker_dies_while_lowering_it_is_lowered_here(built, tmp_path, monkeypatch):
     """A worker killed in the middle of a lowering (the out-of-memory killer, a crash in native code): taking
-    the result lowers the program in this process instead, to the same bytes, and the pool restarts."""
+    the result lowers the program in this process instead, to the same bytes, and the pool restarts. Until
+    then the broken pool is sent nothing: a program lowered ahead is not sent (None), one beside is lowered here."""
     import signal
 
     from edgeq.trials import Pool, Workers
@@ -628,6 +630,13 @@ def test_a_program_whose_worker_dies_while_lowering_it_is_lowered_here(built, tm
         assert workers and not future.done(), "the worker finished first: the test would prove nothing"
         for worker in workers:
             os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not pool._executor._broken and time.monotonic() < deadline:  # its manager thread sees the deaths
+            time.sleep(0.05)
+        assert pool._executor._broken
+        assert pte.lower_int8_ahead(b["converted"], b["example"], tmp_path / "ahead.pte", pool) is None
+        here = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "here.pte", pool)
+        assert not here.pending and here.pid == os.getpid()
         info = lowering.result()
         assert pool._executor is None  # restarted: the next job starts a new set of workers
     assert lowering.pid == os.getpid() and not lowering.pending
