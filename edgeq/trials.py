@@ -232,7 +232,7 @@ class Pool:
                     executor.submit(os.getpid)
             from edgeq import timing
 
-            timing.beside(_started(self._ready, self.size))
+            timing.beside(_started(self._ready, self.size, executor))
         return self
 
     def beside(self, fn: TrialFn, item: Any):
@@ -365,19 +365,18 @@ def _worker_start(threads: int, ready) -> None:
     ready.release()
 
 
-def _started(ready, workers: int):
-    """A future done once `workers` processes have released `ready` (`_worker_start`), or after WORKER_START_S
-    for one that has not (a worker that died starting fails the pool's next job instead)."""
+def _started(ready, workers: int, executor):
+    """A future done once `workers` processes of `executor` have released `ready` (`_worker_start`), or once the
+    executor is broken (a worker died starting: the pool's next job says so), or after WORKER_START_S."""
     import threading
     from concurrent.futures import Future
 
     future: Future = Future()
 
     def wait() -> None:
-        deadline = time.monotonic() + WORKER_START_S
-        for _ in range(workers):
-            if not ready.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
-                break
+        deadline, released = time.monotonic() + WORKER_START_S, 0
+        while released < workers and time.monotonic() < deadline and not getattr(executor, "_broken", False):
+            released += ready.acquire(timeout=0.25)
         future.set_result(None)
 
     threading.Thread(target=wait, name="edgeq-pool-start", daemon=True).start()
