@@ -148,6 +148,14 @@ def _fallback_units(gates: list[str], model: nn.Module) -> list[tuple[str, list[
     return ([("gates", gates)] if gates else []) + [(n, [n]) for n in _layers(model)[:MAX_FALLBACK_TRIALS]]
 
 
+def with_unit(fp32: list[str], names: list[str], layers: list[str]) -> list[str] | None:
+    """The modules left in fp32 when a unit's `names` join `fp32` (in that order: the candidate's key), or None
+    when no Conv/Linear layer of `layers` would be left int8 (not an int8 program). The accuracy bar's units,
+    the speed step's and the candidate lowered ahead of it are all built by it."""
+    trial = list(fp32) + [n for n in names if n not in fp32]
+    return trial if [layer for layer in layers if layer not in trial] else None
+
+
 def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: float, layers: list[str],
               budget_s: float = math.inf, elsewhere=lambda: 0.0) -> dict:
     """The program with every layer int8, then units left in fp32 one after the other until it meets the
@@ -174,8 +182,8 @@ def _fallback(build, units: list[tuple[str, list[str]]], accept, bar_points: flo
         if past_budget(t0 + elsewhere(), len(steps), budget_s):
             not_tried = [u for u, _ in units[i:]]
             break
-        trial = fp32 + [n for n in names if n not in fp32]
-        if not [layer for layer in layers if layer not in trial]:
+        trial = with_unit(fp32, names, layers)
+        if trial is None:
             continue  # no int8 layer would be left: not an int8 program
         met, drop, s = step(trial)
         if met or unit != "gates" or (s["agreement"], s["correct"]) > (best["agreement"], best["correct"]):
@@ -204,7 +212,7 @@ class ProgramTrials:
         self._lowering: tuple | None = None  # (candidate, edgeq.pte.Lowering or the exception it raised): `start`
         self._screens: dict = {}  # candidate -> its screen's scores
         # the speed step's first candidate, lowered on a pool worker while the bar's program is lowered here
-        # (`_lower_ahead`): candidate -> edgeq.pte.Lowering; at most one; only while `_ahead_ok`
+        # (`_lower_ahead`): candidate -> edgeq.pte.Lowering; one kept to be taken; only while `_ahead_ok`
         self._ahead: dict = {}
         self._ahead_ok = False
         self._ahead_s = 0.0  # seconds spent sending them: the speed step's work, not charged to the bar's budget
@@ -285,9 +293,11 @@ class ProgramTrials:
                                        self.parent_logits)
         return self._screens[key]
 
-    def build(self, nodes: tuple[str, ...], cal: dict | None = None, screened: bool = False) -> dict:
+    def build(self, nodes: tuple[str, ...], cal: dict | None = None, screened: bool = False,
+              layers: list[str] | None = None) -> dict:
         """The program, lowered and scored from its file; with `screened`, only when the PT2E model meets
-        the contract first (a candidate that misses it in torch is not worth a lowering)."""
+        the contract first (a candidate that misses it in torch is not worth a lowering), and then the speed
+        step's first candidate from it is lowered ahead on a worker (`_lower_ahead`, over the model's `layers`)."""
         cal = cal or {"observer": pte.OBSERVERS[0], "samples": sum(map(len, self.fam.calibration))}
         if screened:
             s = self.screen(nodes, cal)
@@ -307,32 +317,31 @@ class ProgramTrials:
         else:
             converted = self.quantized(nodes, cal)
             if screened:  # a candidate of the bar that passed its screen: likely the program the speed step starts from
-                self._lower_ahead(nodes, cal, converted)
+                self._lower_ahead(nodes, cal, converted, layers)
             self.info = pte.lower_int8(converted, deployment_example(self.fam), self.path)
         return self.scored()
 
-    def _may_lower_ahead(self) -> bool:
-        """Whether the speed step's first candidate may be lowered on a pool worker ahead of the step: a local pool,
-        and a speed step that will run (this CPU is the target's, and the search budget has a second left)."""
+    def _speed_step_runs(self) -> bool:
+        """Whether a met static program goes through the speed step: this CPU is the target's, and the search
+        budget has a second left (with units to try: `faster`)."""
         from edgeq.speed import cross_target
 
-        pool, fam = self.fam.build.pool, self.fam
-        return not (pool is None or pool.workers.backend != "pool" or cross_target(fam)
-                    or fam.budgets["search"].share() < 1.0)
+        return not cross_target(self.fam) and self.fam.budgets["search"].share() >= 1.0
 
-    def _lower_ahead(self, nodes: tuple[str, ...], cal: dict, converted: nn.Module) -> None:
-        """The speed step's first candidate from the bar's program `nodes` (`speed_units`' first unit also left out
-        of int8), quantized here and sent to a pool worker to be lowered while the bar's program (`converted`) is
-        lowered here: the step takes it (`build`) if the bar keeps `nodes`; else it is never taken, nor its file
+    def _lower_ahead(self, nodes: tuple[str, ...], cal: dict, converted: nn.Module, layers: list[str] | None) -> None:
+        """The speed step's first candidate from the bar's program `nodes` (`speed_units`' first unit joined by
+        `with_unit`, as the step does), quantized here and sent to a pool worker to be lowered while the bar's
+        program (`converted`) is lowered here. `build` takes it when that program is asked for: by the step if
+        the bar keeps `nodes`, or by the bar's next step when it is the same program; else its file is never
         written. The same bytes as lowered here (edgeq.pte.lower_int8_beside). Only for a program a worker would
         lower (edgeq.pte.BESIDE_FROM_OPS, counted on `converted`: its captured program has the same ops)."""
-        if not self._ahead_ok or sum(n.op == "call_function" for n in converted.graph.nodes) < pte.BESIDE_FROM_OPS:
+        if not self._ahead_ok or layers is None \
+                or sum(n.op == "call_function" for n in converted.graph.nodes) < pte.BESIDE_FROM_OPS:
             return
-        layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
         units = speed_units(self.model, self.gates(), layers, list(nodes))
-        trial = list(nodes) + [n for n in (units[0][1] if units else []) if n not in nodes]
-        key = self._key(tuple(trial), cal)
-        if not units or not [layer for layer in layers if layer not in trial] or key in self._ahead:
+        trial = with_unit(list(nodes), units[0][1], layers) if units else None
+        key = self._key(tuple(trial), cal) if trial is not None else None
+        if trial is None or key in self._ahead:
             return
         self._ahead.clear()  # one kept to be taken: a bar's earlier candidate was not kept (its job runs to its end)
         t0 = time.perf_counter()
@@ -370,10 +379,11 @@ class ProgramTrials:
         share, t0 = (budget.share() if budget is not None else math.inf), time.perf_counter()
         try:
             cal = _calibration(self.fam, self.mode, self.screen, share)
-            self._ahead_ok = static and self._may_lower_ahead()
+            pool = self.fam.build.pool
+            self._ahead_ok = static and pool is not None and pool.workers.backend == "pool" and self._speed_step_runs()
             units = _fallback_units(self.gates(), self.model) if static else []
             layers = [n for n, m in self.model.named_modules() if _is_layer(m)]
-            found = _fallback(lambda nodes: self.build(nodes, cal, screened=static), units, self.accept,
+            found = _fallback(lambda nodes: self.build(nodes, cal, screened=static, layers=layers), units, self.accept,
                               self.fam.settings.programs.max_accuracy_drop, layers,
                               max(share - (time.perf_counter() - t0), 0.0), lambda: self._ahead_s)
         finally:
@@ -391,11 +401,9 @@ class ProgramTrials:
         still meets the contract. int8 activations between small layers cost more in conversions than they
         save; which way it goes is measured, on this CPU only when it is the target's, within the model's
         search budget."""
-        from edgeq.speed import cross_target
-
         fam, budget = self.fam, self.fam.budgets["search"]
         units = speed_units(self.model, self.gates(), layers, found["fp32_nodes_added"])
-        if not units or cross_target(fam) or budget.share() < 1.0:
+        if not units or not self._speed_step_runs():
             return {**found, "speed": {"units": [], "reason": "not timed: another target's CPU, or no search budget"
                                        if units else "nothing to leave out of int8"}}
         t0 = time.perf_counter()
@@ -437,8 +445,8 @@ def _faster(t: ProgramTrials, found: dict, cal: dict, units: list[tuple[str, lis
         load = lambda p: runtime.load(p, FMT, threads=cfg.threads)  # noqa: E731
         parent, best, nodes, tried = load(fam.path(t.v.key, FMT)), load(kept), list(found["fp32_nodes_added"]), []
         for unit, names in units:
-            trial = nodes + [n for n in names if n not in nodes]
-            if not [layer for layer in layers if layer not in trial]:
+            trial = with_unit(nodes, names, layers)
+            if trial is None:
                 continue
             s = t.build(tuple(trial), cal)  # lowered to t.path
             if not t.accept(s)[0]:
