@@ -519,8 +519,10 @@ def _lowered(program) -> tuple[bytes, dict]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    from edgeq.lowering_cache import lean
+
     try:
-        with _quiet():
+        with _quiet(), lean():
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             counted = delegation(edge.exported_program().graph_module)  # before to_executorch rewrites it
             return edge.to_executorch().buffer, counted

@@ -344,6 +344,55 @@ def test_pattern_graphs_traced_once_change_nothing(built, digits, monkeypatch):
         np.testing.assert_array_equal(out, out2)
 
 
+class Upsampled(nn.Module):
+    """Bilinear upsampling, which XNNPACK's lowering matches against its traced pattern graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16 * 16, 10)
+
+    def forward(self, x):
+        x = nn.functional.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=False)
+        return self.fc(x.flatten(1))
+
+
+def test_a_lowering_skips_only_the_patterns_and_lookups_that_cannot_change_its_program(built, tmp_path,
+                                                                                        monkeypatch):
+    """edgeq.lowering_cache: a program whose graph calls no op that XNNPACK's pattern graphs need is lowered
+    without asking for them, one with bilinear upsampling with them; both give the bytes they give without
+    `lean()`. Every pattern the installed ExecuTorch gives calls the op the skip is keyed on, and the op lookups
+    skipped within the block list the same ops."""
+    import contextlib
+
+    import torch._export.utils as export_utils
+
+    from edgeq import lowering_cache
+
+    asked: list[str] = []
+    for module_name, _, attr, provider_name, op, _ in lowering_cache._PASSES:
+        patterns = getattr(__import__(module_name, fromlist=[attr]), attr)
+        provider = getattr(patterns, provider_name)
+        graphs = list(provider())  # a dict's keys or a list: the pattern graphs
+        assert graphs and all(op in lowering_cache._ops_called(g.graph) for g in graphs), (provider_name, op)
+        monkeypatch.setattr(patterns, provider_name,
+                            lambda provider=provider, name=provider_name: asked.append(name) or provider())
+    upsampled = Upsampled().eval()
+    example = torch.zeros(1, 1, 8, 8)
+    for name, model, ex in (("mlp", built["mlp"]["model"], built["mlp"]["example"]), ("up", upsampled, example)):
+        asked.clear()
+        pte.export_fp32(model, ex, tmp_path / f"{name}-lean.pte")
+        assert asked == ([] if name == "mlp" else ["get_graphs_dict"]), (name, asked)
+        with monkeypatch.context() as m:
+            m.setattr(lowering_cache, "lean", contextlib.nullcontext)
+            pte.export_fp32(model, ex, tmp_path / f"{name}-full.pte")
+        assert (tmp_path / f"{name}-lean.pte").read_bytes() == (tmp_path / f"{name}-full.pte").read_bytes(), name
+    without = export_utils._collect_all_valid_cia_ops()
+    with lowering_cache.lean():
+        assert export_utils._collect_all_valid_cia_ops() == without
+        assert export_utils._collect_all_valid_cia_ops() == without  # the lookups skipped, the same ops
+
+
 def test_qat_folds_batch_norm_tracing_only_the_convolutions_the_model_has(built, digits, monkeypatch):
     """edgeq.pt2e_cache: QAT's batch-norm fold traces its 12 pattern pairs per kind of convolution only for
     the kinds the graph calls (here conv2d); for another kind (conv1d) it does to the graph exactly what
