@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeq import floats, int8, policy, programs, publish, runtime, signing, speed
+from edgeq import floats, int8, policy, programs, pte, publish, runtime, signing, speed
 from edgeq.clock import profile, timed
 from edgeq.context import Budget, Build, Family, FinetuneFn, Splits
 from edgeq.data import Arrays, as_arrays, batches, check_labels, check_shapes, holdout, sample, shared_samples
@@ -118,7 +118,10 @@ def _build(tmp: Path, models: dict[str, nn.Module], recipes: dict[str, Recipe], 
     """Every family's files into `tmp`, then the manifest (last: a directory without one is never
     published) and the signature over it all. The untimed trials run on one pool for the whole build."""
     workers = _workers(recipes)
-    with Pool(workers) as pool:
+    # int8 programs are lowered on the workers too (edgeq.pte.lower_int8_beside): they import lowering as they start
+    lowers = pte.available() is None and any(r.executorch and set(r.variants) & {"static", "qat"}
+                                             for r in recipes.values())
+    with Pool(workers, warm=pte.import_lowering if lowers else None) as pool:
         if any(set(r.variants) & {"static", "qat"} for r in recipes.values()):
             pool.start()  # the workers import their runtimes while the float stage runs
         b = Build(tmp, splits, decisions, Lineage(log), finetune, options.progress, pool=pool)

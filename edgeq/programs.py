@@ -8,9 +8,9 @@ split; replayed, the plan's layers are built and measured again. Every program i
 its model, judged by edgeq.policy, and timed against its fp32 program before it ships (edgeq.speed).
 A QAT program is trained before its fp32 program is lowered and, on a local pool, lowered on a worker while
 the fp32 program is lowered here and the static program's bar runs (lowering is one thread; the bar's screens
-use the rest; edgeq.pte.lower_int8_beside): the same bytes as lowered here. So is, for a program of
-edgeq.pte.BESIDE_FROM_OPS ops or more, the static program's speed step's first candidate, while the program
-its bar keeps is lowered here (`ProgramTrials._lower_ahead`). Without ExecuTorch installed every `.pte` variant
+use the rest; edgeq.pte.lower_int8_beside): the same bytes as lowered here. So is the static program's speed
+step's first candidate, while the program its bar keeps is lowered here (`ProgramTrials._lower_ahead`). The
+pool's workers import lowering while the first QAT program trains (edgeq.trials.Pool.warm_up). Without ExecuTorch installed every `.pte` variant
 is listed under `skipped` with the install command.
 """
 
@@ -44,6 +44,8 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
         return out
     missing = pte.available()
     budget = _program_bars_share(fam, variants, modes)
+    if modes and not missing and fam.build.pool is not None:  # workers import lowering while a QAT program trains
+        fam.build.pool.warm_up()
     for v in variants:
         names = [v.key] + ([f"{'' if v.key == 'fp32' else v.key + '-'}{m}" for m in modes]
                            if v.key != "unstructured" else [])
@@ -317,7 +319,7 @@ class ProgramTrials:
         else:
             converted = self.quantized(nodes, cal)
             if screened:  # a candidate of the bar that passed its screen: likely the program the speed step starts from
-                self._lower_ahead(nodes, cal, converted, layers)
+                self._lower_ahead(nodes, cal, layers)
             self.info = pte.lower_int8(converted, deployment_example(self.fam), self.path)
         return self.scored()
 
@@ -328,15 +330,13 @@ class ProgramTrials:
 
         return not cross_target(self.fam) and self.fam.budgets["search"].share() >= 1.0
 
-    def _lower_ahead(self, nodes: tuple[str, ...], cal: dict, converted: nn.Module, layers: list[str] | None) -> None:
+    def _lower_ahead(self, nodes: tuple[str, ...], cal: dict, layers: list[str] | None) -> None:
         """The speed step's first candidate from the bar's program `nodes` (`speed_units`' first unit joined by
         `with_unit`, as the step does), quantized here and sent to a pool worker to be lowered while the bar's
-        program (`converted`) is lowered here. `build` takes it when that program is asked for: by the step if
+        program is lowered here. `build` takes it when that program is asked for: by the step if
         the bar keeps `nodes`, or by the bar's next step when it is the same program; else its file is never
-        written. The same bytes as lowered here (edgeq.pte.lower_int8_beside). Only for a program a worker would
-        lower (edgeq.pte.BESIDE_FROM_OPS, counted on `converted`: its captured program has the same ops)."""
-        if not self._ahead_ok or layers is None \
-                or sum(n.op == "call_function" for n in converted.graph.nodes) < pte.BESIDE_FROM_OPS:
+        written. The same bytes as lowered here (edgeq.pte.lower_int8_beside)."""
+        if not self._ahead_ok or layers is None:
             return
         units = speed_units(self.model, self.gates(), layers, list(nodes))
         trial = with_unit(list(nodes), units[0][1], layers) if units else None

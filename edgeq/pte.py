@@ -404,19 +404,14 @@ def lower_int8(converted: torch.nn.Module, example: torch.Tensor, path: Path) ->
     return lower(capture(converted, example), path)
 
 
-# A program of fewer ops is lowered in this process: a pool worker's first lowering imports ExecuTorch (about
-# 10 s on a 2-core Xeon), more than such a program takes to lower (the MNIST models, 12 and 34 ops: 2-5 s);
-# resnet18 (144 ops) and efficientnet_b0 (728) lower in 15-45 s. Where it runs never changes its bytes.
-BESIDE_FROM_OPS = 100
-
-
 def lower_int8_beside(converted: torch.nn.Module, example: torch.Tensor, path: Path, pool=None) -> Lowering:
     """`lower_int8`, run on a worker of `pool` (an edgeq.trials.Pool) while this process works on: the
     captured program travels as `torch.export.save` bytes and the worker sends the program's bytes back
     (the same bytes: lowering is deterministic, in any process). `Lowering.result()` waits for it, writes
-    `path` and returns what `lower_int8` returns. Without a local pool (one job, or Ray), or for a program
-    of fewer than BESIDE_FROM_OPS ops, it is lowered here, now. Lowering is untimed work: edgeq.timing
-    waits for it before any timed round."""
+    `path` and returns what `lower_int8` returns. Without a local pool (one job, or Ray) it is lowered here,
+    now. Lowering is untimed work: edgeq.timing waits for it before any timed round. The build has the pool's
+    workers import lowering beforehand (`import_lowering`, edgeq.trials.Pool.warm_up), so that even a small
+    program (the MNIST ones lower in 1-2.5 s) does not wait for a worker's imports."""
     program = capture(converted, example)
     return _sent(program, path, pool) or Lowering(None, path, lower(program, path))
 
@@ -431,15 +426,14 @@ def lower_int8_ahead(converted: torch.nn.Module, example: torch.Tensor, path: Pa
 
 
 def _sent(program, path: Path, pool) -> Lowering | None:
-    """The captured program sent to a worker of `pool` to be lowered, or None (no local pool, a program of
-    fewer than BESIDE_FROM_OPS ops, or a pool whose worker died and that no job has restarted yet)."""
+    """The captured program sent to a worker of `pool` to be lowered, or None (no local pool, or a pool whose
+    worker died and that no job has restarted yet)."""
     import io
     from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
-    ops = sum(n.op == "call_function" for n in program.graph.nodes)
-    if pool is None or pool.workers.backend != "pool" or ops < BESIDE_FROM_OPS:
+    if pool is None or pool.workers.backend != "pool":
         return None
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
@@ -479,6 +473,16 @@ class Lowering:
             self.pid = done["pid"]
             self._info = {"delegation": done["delegation"], **self._info}  # as `lower` orders it
         return self._info
+
+
+def import_lowering() -> None:
+    """A pool worker's warm-up (edgeq.trials.Pool's `warm`): what lowering a program imports (ExecuTorch, XNNPACK's
+    partitioner, torchao's quantized ops), about 4.5 s, imported as the worker starts, beside the export's float
+    stage, and not when the first program sent to it waits for it."""
+    with _quiet():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
+        from executorch.exir import to_edge_transform_and_lower  # noqa: F401
+        from torchao.quantization.pt2e import quantize_pt2e  # noqa: F401
 
 
 def lowered_program(shared, item: dict) -> dict:

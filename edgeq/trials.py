@@ -185,8 +185,10 @@ class Pool:
     opened here stays open until the process ends: a new `--ray local` cluster takes 7-9 s to start.
     """
 
-    def __init__(self, workers: Workers = Workers(), *, _most: int | None = None) -> None:
+    def __init__(self, workers: Workers = Workers(), *, warm: Callable[[], object] | None = None,
+                 _most: int | None = None) -> None:
         self.workers = workers
+        self._warm, self._warmed = warm, False  # imports the workers' later jobs need (`warm_up`)
         self.size = workers.jobs or available_cores()
         if _most:  # a one-shot run needs no more processes than it has trials
             self.size = max(1, min(self.size, _most))
@@ -250,8 +252,20 @@ class Pool:
         timing.beside(future)
         return future
 
+    def warm_up(self) -> None:
+        """Each local worker calls the pool's `warm()` (imports its later jobs need) once, beside this process:
+        called where a stretch of untimed work starts, so that the first of those jobs does not wait for the
+        imports, and no timed round starts before they are done (`beside`). Nothing without local workers or
+        `warm`, or once done."""
+        if self.workers.backend != "pool" or self._warm is None or self._warmed:
+            return
+        self._warmed = True
+        for _ in range(self.size):  # idle workers take one each
+            self.beside(_warm_call, self._warm)
+
     def restart(self) -> None:
         """After a worker died under `beside`: the next job or run starts fresh processes."""
+        self._warmed = False
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -363,6 +377,14 @@ def _worker_start(threads: int, ready) -> None:
     imports included, is over."""
     set_process_threads(threads)
     ready.release()
+
+
+def _warm_call(shared, warm) -> None:
+    """A `Pool.warm_up` job: the pool's `warm()`; one that fails is left to the job that needs it to report."""
+    try:
+        warm()
+    except Exception:  # noqa: BLE001 - raised again where the job that needs it is reported
+        pass
 
 
 def _started(ready, workers: int, executor):

@@ -640,18 +640,17 @@ def test_the_speed_step_lowers_each_candidate_once_and_ships_the_one_it_keeps(di
     assert bar["fp32_nodes_added"] == (["fc1"] if bar["speed"]["units"][0]["kept"] else [])
 
 
-def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, tmp_path, monkeypatch, capfd):
+def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, tmp_path, capfd):
     """`lower_int8_beside` sends the captured program to a pool worker, which sends the program's bytes back:
     the file, written when its result is taken, is the one `lower_int8` wrote here, with the same manifest
-    information. A program of fewer than BESIDE_FROM_OPS ops is lowered here, at once. The worker writes
+    information. Without a local worker (one job) it is lowered here, at once. The worker writes
     nothing to the export's stderr (its first torchao import logged a torch deprecation line there)."""
     from edgeq.trials import Pool, Workers
 
     b = built["cnn"]
+    here = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "here.pte", Pool(Workers(jobs=1)))
+    assert (tmp_path / "here.pte").exists() and here.pid == os.getpid() and not here.pending
     with Pool(Workers(jobs=2)) as pool:
-        here = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "small.pte", pool)
-        assert (tmp_path / "small.pte").exists() and here.pid == os.getpid() and not here.pending  # 34 ops
-        monkeypatch.setattr(pte, "BESIDE_FROM_OPS", 0)
         lowering = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "beside.pte", pool)
         assert lowering.pending and not (tmp_path / "beside.pte").exists()  # written by `result`, not before
         info = lowering.result()
@@ -662,7 +661,7 @@ def test_a_program_lowered_on_a_pool_worker_is_the_program_lowered_here(built, t
     assert not re.findall(r"(?m)^[DIWEF]\d{4} .*$", capfd.readouterr().err)  # torch's log lines (glog's prefix)
 
 
-def test_a_program_whose_worker_dies_while_lowering_it_is_lowered_here(built, tmp_path, monkeypatch):
+def test_a_program_whose_worker_dies_while_lowering_it_is_lowered_here(built, tmp_path):
     """A worker killed in the middle of a lowering (the out-of-memory killer, a crash in native code): taking
     the result lowers the program in this process instead, to the same bytes, and the pool restarts. Until
     then the broken pool is sent nothing: a program lowered ahead is not sent (None), one beside is lowered here."""
@@ -671,7 +670,6 @@ def test_a_program_whose_worker_dies_while_lowering_it_is_lowered_here(built, tm
     from edgeq.trials import Pool, Workers
 
     b = built["cnn"]
-    monkeypatch.setattr(pte, "BESIDE_FROM_OPS", 0)
     with Pool(Workers(jobs=2)) as pool:
         lowering = pte.lower_int8_beside(b["converted"], b["example"], tmp_path / "beside.pte", pool)
         future = lowering._job[2]
@@ -694,7 +692,8 @@ def test_a_program_whose_worker_dies_while_lowering_it_is_lowered_here(built, tm
 
 def test_the_qat_program_lowers_on_a_worker_while_the_fp32_program_is_lowered_and_the_static_one_screened(
         digits, built, tmp_path, monkeypatch):
-    """With two jobs, the QAT program is trained and sent to a pool worker to be lowered before the fp32
+    """With two jobs, the pool's workers are sent lowering's imports, then the QAT program is trained and
+    sent to a pool worker to be lowered before the fp32
     program is lowered here and the static program's bar runs; the program it ships is, byte for byte, the one
     its quantized model lowers to here. The static program's speed step's first candidate (the stem in fp32) is
     sent to a worker just before the bar's program is lowered here, and the step times the worker's program:
@@ -705,8 +704,11 @@ def test_the_qat_program_lowers_on_a_worker_while_the_fp32_program_is_lowered_an
     from edgeq import programs
     from edgeq.recipe import Recipe
 
-    monkeypatch.setattr(pte, "BESIDE_FROM_OPS", 0)
+    from edgeq.trials import Pool
+
     real, sent, order = pte.lower_int8_beside, [], []
+    real_warm = Pool.warm_up
+    monkeypatch.setattr(Pool, "warm_up", lambda self: order.append(("warm", self._warm.__name__)) or real_warm(self))
 
     def keep(converted, example, path, pool=None):
         order.append(("qat sent", Path(path).name))
@@ -744,8 +746,8 @@ def test_the_qat_program_lowers_on_a_worker_while_the_fp32_program_is_lowered_an
                     pte_observers=("minmax", "histogram"), bias_correction=(False,), jobs=2)
     edgeq.compress({"mlp": built["mlp"]["model"]}, train=(train.x, train.y), test=(digits["x"], digits["y"]),
                    out=tmp_path / "art", recipe=recipe, progress=False, log=lambda s: None)
-    assert order[:2] == [("qat sent", "mlp-qat.pte"), ("fp32", "mlp-fp32.pte")]
-    assert ("screen", "mlp-static-pte") in order[2:]
+    assert order[:3] == [("warm", "import_lowering"), ("qat sent", "mlp-qat.pte"), ("fp32", "mlp-fp32.pte")]
+    assert ("screen", "mlp-static-pte") in order[3:]
     static = [step for step in order if step[1] == "mlp-static.pte"]
     assert static == [("ahead sent", "mlp-static.pte"), ("here", "mlp-static.pte")]  # nothing else lowered here
     plan = json.loads((tmp_path / "art" / "plan.json").read_text())["models"]["mlp"]["accuracy"]["mlp-static-pte"]

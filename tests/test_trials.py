@@ -230,6 +230,44 @@ def test_a_timed_round_waits_for_the_workers_a_pool_started():
         assert not timing._BESIDE and list(pool._executor._processes) == workers
 
 
+def warm_logged() -> None:
+    with open(os.environ["EDGEQ_TEST_WARM_LOG"], "a") as log:
+        log.write(f"{os.getpid()}\n")
+
+
+def warm_fails() -> None:
+    raise ImportError("no such runtime")
+
+
+def test_warm_up_runs_on_the_workers_before_a_timed_round_once(tmp_path, monkeypatch):
+    """`Pool.warm_up` sends the pool's `warm` to its workers, once each (as many jobs as workers), beside this
+    process: a timed round starts once they ran; a second call sends nothing, a restarted pool is warmed again;
+    a `warm` that fails leaves a working pool; without local workers nothing is sent."""
+    from edgeq import timing
+
+    log = tmp_path / "warm.log"
+    monkeypatch.setenv("EDGEQ_TEST_WARM_LOG", str(log))  # before the workers spawn: they inherit it
+    with Pool(Workers(jobs=2), warm=warm_logged) as pool:
+        pool.warm_up()
+        timing.timed_round([lambda x: None], np.zeros(1), 0.001)
+        pids = log.read_text().split()
+        assert len(pids) == 2 and {int(p) for p in pids} <= set(pool._executor._processes)
+        pool.warm_up()
+        timing.alone()
+        assert len(log.read_text().split()) == 2  # once
+        pool.restart()
+        pool.warm_up()
+        timing.alone()
+        assert len(log.read_text().split()) == 4
+    with Pool(Workers(jobs=2), warm=warm_fails) as pool:
+        pool.warm_up()
+        timing.alone()
+        assert [t.value for t in pool.run(echo, [1, 2], None, progress=False)] == [1, 2]
+    with Pool(Workers(jobs=1), warm=warm_logged) as pool:
+        pool.warm_up()
+        assert pool._executor is None and len(log.read_text().split()) == 4
+
+
 def test_a_job_beside_runs_on_a_worker_and_one_whose_worker_died_leaves_a_pool_that_restarts():
     from concurrent.futures.process import BrokenProcessPool
 
