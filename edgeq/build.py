@@ -118,10 +118,9 @@ def _build(tmp: Path, models: dict[str, nn.Module], recipes: dict[str, Recipe], 
     """Every family's files into `tmp`, then the manifest (last: a directory without one is never
     published) and the signature over it all. The untimed trials run on one pool for the whole build."""
     workers = _workers(recipes)
-    # int8 programs are lowered on the workers too (edgeq.pte.lower_int8_beside): they import lowering as they start
-    lowers = pte.available() is None and any(r.executorch and set(r.variants) & {"static", "qat"}
-                                             for r in recipes.values())
-    with Pool(workers, warm=pte.import_lowering if lowers else None) as pool:
+    # int8 programs are lowered on the workers too (edgeq.pte.lower_int8_beside): the .pte stage has them import
+    # lowering first (edgeq.programs.build)
+    with Pool(workers, warm=pte.import_lowering) as pool:
         if any(set(r.variants) & {"static", "qat"} for r in recipes.values()):
             pool.start()  # the workers import their runtimes while the float stage runs
         b = Build(tmp, splits, decisions, Lineage(log), finetune, options.progress, pool=pool)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,21 +36,23 @@ _PASSES = (
 )
 _CIA_MODULE, _CIA_NAME = "torch._export.utils", "_materialize_cpp_cia_ops"
 _graph: contextvars.ContextVar = contextvars.ContextVar("edgeq_lowered_graph", default=None)
+_LOCK = threading.RLock()  # the patches are process-wide: one block at a time patches and restores them
 
 
 @contextlib.contextmanager
 def lean() -> Iterator[None]:
     """Within the block, ExecuTorch's lowering skips the pattern tracing and the op lookups that cannot change
     the program it gives (module docstring)."""
-    patches = [*_pattern_patches(), *_cia_patches()]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+    with _LOCK:
+        patches = [*_pattern_patches(), *_cia_patches()]
+        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+        try:
+            for owner, name, value in patches:
+                setattr(owner, name, value)
+            yield
+        finally:
+            for owner, name, value in reversed(saved):
+                setattr(owner, name, value)
 
 
 def _pattern_patches() -> list[tuple[Any, str, Any]]:

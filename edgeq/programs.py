@@ -10,8 +10,8 @@ A QAT program is trained before its fp32 program is lowered and, on a local pool
 the fp32 program is lowered here and the static program's bar runs (lowering is one thread; the bar's screens
 use the rest; edgeq.pte.lower_int8_beside): the same bytes as lowered here. So is the static program's speed
 step's first candidate, while the program its bar keeps is lowered here (`ProgramTrials._lower_ahead`). The
-pool's workers import lowering while the first QAT program trains (edgeq.trials.Pool.warm_up). Without ExecuTorch installed every `.pte` variant
-is listed under `skipped` with the install command.
+pool's workers import lowering while the first QAT program trains (edgeq.trials.Pool.warm_up). Without
+ExecuTorch installed every `.pte` variant is listed under `skipped` with the install command.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
         return out
     missing = pte.available()
     budget = _program_bars_share(fam, variants, modes)
-    if modes and not missing and fam.build.pool is not None:  # workers import lowering while a QAT program trains
+    if not missing and _lowers_beside(fam, modes):  # the workers import lowering while a QAT program trains
         fam.build.pool.warm_up()
     for v in variants:
         names = [v.key] + ([f"{'' if v.key == 'fp32' else v.key + '-'}{m}" for m in modes]
@@ -71,6 +71,14 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
                         out.skip(name_of(fam.name, variant, FMT),
                                  f"its fp32 parent {name_of(fam.name, v.key, FMT)} was not shipped")
     return out
+
+
+def _lowers_beside(fam: Family, modes: list[str]) -> bool:
+    """Whether a program may be sent to a pool worker to be lowered: a QAT program, or a static program's speed
+    step's first candidate (the step runs on the target's CPU only)."""
+    from edgeq.speed import cross_target
+
+    return fam.build.pool is not None and ("qat" in modes or ("static" in modes and not cross_target(fam)))
 
 
 def _started(fam: Family, v: FloatVariant, modes: list[str]) -> ProgramTrials | None:

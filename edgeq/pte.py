@@ -476,9 +476,10 @@ class Lowering:
 
 
 def import_lowering() -> None:
-    """A pool worker's warm-up (edgeq.trials.Pool's `warm`): what lowering a program imports (ExecuTorch, XNNPACK's
-    partitioner, torchao's quantized ops), about 4.5 s, imported as the worker starts, beside the export's float
-    stage, and not when the first program sent to it waits for it."""
+    """A pool worker's warm-up (edgeq.trials.Pool's `warm`, sent by `Pool.warm_up` as the `.pte` stage starts):
+    what lowering a program imports (ExecuTorch, XNNPACK's partitioner, torchao's quantized ops; about 4.5 s and
+    220 MB), imported while the exporting process trains its first QAT program, not when the first program
+    sent to the worker waits for it."""
     with _quiet():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
         from executorch.exir import to_edge_transform_and_lower  # noqa: F401
@@ -520,13 +521,16 @@ def _about(program) -> dict:
 
 
 def _lowered(program) -> tuple[bytes, dict]:
+    import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     from edgeq.lowering_cache import lean
 
     try:
-        with _quiet(), lean():
+        # the caller's random state as it was: XNNPACK's pattern graphs draw from it where they are traced, so
+        # whether and where a program is lowered never changes what the export draws after it
+        with _quiet(), lean(), torch.random.fork_rng(devices=[]):
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             counted = delegation(edge.exported_program().graph_module)  # before to_executorch rewrites it
             return edge.to_executorch().buffer, counted

@@ -180,6 +180,8 @@ class Pool:
             calibration = pool.run(qdq_accuracy, candidates, shared)
             sensitivity = pool.run(layer_trial, layers, shared)
 
+    `warm`: a function the workers call before the jobs that need its imports (`warm_up`).
+
     Each run's `shared` reaches each worker once (a local worker reads it from a private file the
     first time it runs a trial of that run; Ray puts it in the object store once). A Ray connection
     opened here stays open until the process ends: a new `--ray local` cluster takes 7-9 s to start.
@@ -253,15 +255,23 @@ class Pool:
         return future
 
     def warm_up(self) -> None:
-        """Each local worker calls the pool's `warm()` (imports its later jobs need) once, beside this process:
-        called where a stretch of untimed work starts, so that the first of those jobs does not wait for the
-        imports, and no timed round starts before they are done (`beside`). Nothing without local workers or
-        `warm`, or once done."""
+        """The pool's `warm()` (imports its workers' later jobs need) sent as one job per worker, beside this
+        process: called where a stretch of untimed work starts, so that the first of those jobs does not wait
+        for the imports, and no timed round starts before they are done (`beside`). Idle workers take one each;
+        a busy one may leave its job to another, which then imports twice (nothing). Nothing without local
+        workers or `warm`, or once done; a pool whose worker died is started afresh first."""
         if self.workers.backend != "pool" or self._warm is None or self._warmed:
             return
+        self._fresh()
         self._warmed = True
-        for _ in range(self.size):  # idle workers take one each
+        for _ in range(self.size):
             self.beside(_warm_call, self._warm)
+
+    def _fresh(self) -> None:
+        """A pool whose worker died with no job of this process left to see it (a warm-up, a job sent beside
+        and never taken) is restarted, so that the next job or run starts fresh processes."""
+        if self._executor is not None and getattr(self._executor, "_broken", False):
+            self.restart()
 
     def restart(self) -> None:
         """After a worker died under `beside`: the next job or run starts fresh processes."""
@@ -306,6 +316,7 @@ class Pool:
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix="edgeq-pool-"))  # 0700: only this user's workers read it
             weakref.finalize(self, shutil.rmtree, self._folder, True)  # a pool never closed
+        self._fresh()
         self._runs += 1
         values = self._folder / f"run-{self._runs}.pickle"
         values.write_bytes(pickle.dumps(dict(shared), protocol=pickle.HIGHEST_PROTOCOL))
@@ -359,7 +370,7 @@ class Pool:
         """Trials whose worker died: the pool starts fresh processes; a trial that died alone (or was the
         only one in flight) is charged with the death, and past `retries` deaths it is named."""
         self._executor.shutdown(wait=True)
-        self._executor = None  # the next round starts fresh processes
+        self._executor, self._warmed = None, False  # the next round starts fresh processes
         if len(lost) == 1:
             i = lost[0]
             deaths[i] += 1

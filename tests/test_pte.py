@@ -361,13 +361,17 @@ def test_a_lowering_skips_only_the_patterns_and_lookups_that_cannot_change_its_p
                                                                                         monkeypatch):
     """edgeq.lowering_cache: a program whose graph calls no op that XNNPACK's pattern graphs need is lowered
     without asking for them, one with bilinear upsampling with them; both give the bytes they give without
-    `lean()`. Every pattern the installed ExecuTorch gives calls the op the skip is keyed on, and the op lookups
-    skipped within the block list the same ops."""
+    `lean()`. Every pattern the installed ExecuTorch gives calls the op the skip is keyed on. Within the block
+    the dispatcher's ops are looked up once while its registrations stay the same, and again when they change,
+    listing the same ops as without it. A lowering that traces the patterns leaves the caller's random state as
+    it was."""
     import contextlib
 
     import torch._export.utils as export_utils
 
     from edgeq import lowering_cache
+
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d
 
     asked: list[str] = []
     for module_name, _, attr, provider_name, op, _ in lowering_cache._PASSES:
@@ -387,10 +391,28 @@ def test_a_lowering_skips_only_the_patterns_and_lookups_that_cannot_change_its_p
             m.setattr(lowering_cache, "lean", contextlib.nullcontext)
             pte.export_fp32(model, ex, tmp_path / f"{name}-full.pte")
         assert (tmp_path / f"{name}-lean.pte").read_bytes() == (tmp_path / f"{name}-full.pte").read_bytes(), name
+    looked_up, real_lookups = [], export_utils._materialize_cpp_cia_ops
+    monkeypatch.setattr(export_utils, "_materialize_cpp_cia_ops", lambda: looked_up.append(1) or real_lookups())
     without = export_utils._collect_all_valid_cia_ops()
-    with lowering_cache.lean():
-        assert export_utils._collect_all_valid_cia_ops() == without
-        assert export_utils._collect_all_valid_cia_ops() == without  # the lookups skipped, the same ops
+    assert len(looked_up) > 1  # once per op namespace and listing, without the block
+    lib = torch.library.Library("edgeq_lean_test", "DEF")
+    try:
+        with lowering_cache.lean():
+            looked_up.clear()
+            assert export_utils._collect_all_valid_cia_ops() == without
+            assert export_utils._collect_all_valid_cia_ops() == without
+            assert len(looked_up) == 1  # the same registrations: looked up once in the block
+            lib.define("twice(Tensor x) -> Tensor")
+            lib.impl("twice", lambda x: x * 2, "CompositeImplicitAutograd")
+            added = export_utils._collect_all_valid_cia_ops()  # a registration more: looked up again
+            assert len(looked_up) == 2 and added - without == {torch.ops.edgeq_lean_test.twice.default}
+    finally:
+        lib._destroy()
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    bilinear_2d._get_bilinear_2d_graphs.cache_clear()  # traced again by the next lowering, drawing from the RNG
+    pte.export_fp32(upsampled, example, tmp_path / "up-again.pte")
+    assert torch.equal(torch.random.get_rng_state(), state)  # a lowering leaves the caller's random state as it was
 
 
 def test_qat_folds_batch_norm_tracing_only_the_convolutions_the_model_has(built, digits, monkeypatch):

@@ -235,14 +235,14 @@ def warm_logged() -> None:
         log.write(f"{os.getpid()}\n")
 
 
-def warm_fails() -> None:
-    raise ImportError("no such runtime")
+def warm_dies() -> None:
+    os._exit(3)  # a worker killed while it imports (out of memory, a crash in native code)
 
 
 def test_warm_up_runs_on_the_workers_before_a_timed_round_once(tmp_path, monkeypatch):
-    """`Pool.warm_up` sends the pool's `warm` to its workers, once each (as many jobs as workers), beside this
-    process: a timed round starts once they ran; a second call sends nothing, a restarted pool is warmed again;
-    a `warm` that fails leaves a working pool; without local workers nothing is sent."""
+    """`Pool.warm_up` sends the pool's `warm` to its workers (as many jobs as workers), beside this process: a timed round starts once they ran; a second call sends nothing, a restarted pool is warmed again;
+    a worker that dies warming up leaves a pool the next run starts afresh; without local workers nothing is
+    sent."""
     from edgeq import timing
 
     log = tmp_path / "warm.log"
@@ -259,7 +259,7 @@ def test_warm_up_runs_on_the_workers_before_a_timed_round_once(tmp_path, monkeyp
         pool.warm_up()
         timing.alone()
         assert len(log.read_text().split()) == 4
-    with Pool(Workers(jobs=2), warm=warm_fails) as pool:
+    with Pool(Workers(jobs=2), warm=warm_dies) as pool:
         pool.warm_up()
         timing.alone()
         assert [t.value for t in pool.run(echo, [1, 2], None, progress=False)] == [1, 2]
