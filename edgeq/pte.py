@@ -479,7 +479,9 @@ def import_lowering() -> None:
     """A pool worker's warm-up (edgeq.trials.Pool's `warm`, sent by `Pool.warm_up` as the `.pte` stage starts):
     what lowering a program imports (ExecuTorch, XNNPACK's partitioner, torchao's quantized ops; about 4.5 s and
     220 MB), imported while the exporting process trains its first QAT program, not when the first program
-    sent to the worker waits for it."""
+    sent to the worker waits for it. `lowered_program` calls it too: ExecuTorch's import registers the ops a saved
+    program calls, torchao's the quantized ones; quietly, as a worker's first import of torchao logs a torch
+    deprecation line to stderr."""
     with _quiet():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
         from executorch.exir import to_edge_transform_and_lower  # noqa: F401
@@ -493,10 +495,7 @@ def lowered_program(shared, item: dict) -> dict:
 
     import torch
 
-    with _quiet():  # a worker's first import of torchao logs a torch deprecation line to stderr
-        from executorch.exir import to_edge_transform_and_lower  # noqa: F401  (registers the ops a saved program calls)
-        from torchao.quantization.pt2e import quantize_pt2e  # noqa: F401  (quantized_decomposed)
-
+    import_lowering()  # the ops a saved program calls registered; nothing again on a warmed worker
     buffer, counted = _lowered(torch.export.load(io.BytesIO(item["program"])))
     return {"buffer": buffer, "delegation": counted, "pid": os.getpid()}
 
