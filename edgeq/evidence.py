@@ -18,6 +18,10 @@ the other core can slow a whole window by 1.3-2x, and the load moves from minute
   or one block, under load is never enough.
 - The default is kept as soon as the interval rules the departure out, or when `max_blocks`
   blocks have not settled it (a difference too small to tell from noise is no reason to depart).
+- No block is taken that cannot change the decision: when even the most favourable ratios the
+  blocks left could give (every ratio a departure wants, at its extreme: `favouring`) would not
+  make the rule depart at any later look, the default is kept now ("cannot depart"). The decision
+  is the one the remaining blocks would give whatever they measured; only their cost is saved.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Rule:
             "departure": "the interval over all rounds lies past the threshold, and the latest block alone agrees "
                          "on its medians (at least two blocks: the evidence survives a re-measurement)",
             "default": "kept when the interval rules the departure out, or after the last block",
+            "stop": "no further block when no ratios it and the blocks left could give would make the rule depart",
             "false_departure_bound": round(self.max_blocks * (1 - self.confidence) / 2, 4),
         }
 
@@ -121,12 +126,37 @@ def _finite(v: float) -> float | None:
 Verdict = Callable[[Evidence], "bool | None"]  # True: depart from the default; False: keep it; None: undecided
 
 
+def favouring(verdict: Verdict, high: Callable[[Hashable], bool]) -> Verdict:
+    """`verdict`, marked with the side on which each key's ratios favour a departure: `high(key)` True when
+    larger ratios can only make it depart sooner, False when smaller ones can. `decide` stops taking blocks
+    once even such ratios, at their extreme, could not make it depart. A verdict not marked is never cut short."""
+    verdict.favours_high = high  # type: ignore[attr-defined]
+    return verdict
+
+
+def can_still_depart(pooled: Evidence, verdict: Verdict, blocks: int, rule: Rule = RULE) -> bool:
+    """Whether some later look of `decide` could depart: the rounds so far, followed by blocks in which every
+    ratio is at the extreme that favours a departure (0, or infinity: `favouring`), depart at some look of
+    `rule` with a confirming block. False is a proof: a verdict monotone in the direction it is marked with
+    departs no sooner on any ratios the blocks could really give. True when the verdict is not marked."""
+    high = getattr(verdict, "favours_high", None)
+    if high is None:
+        return True
+    for more in range(1, rule.max_blocks - blocks + 1):
+        extreme = {k: [math.inf if high(k) else 0.0] * (more * rule.block_rounds) for k in pooled.ratios}
+        then = Evidence({k: v + extreme[k] for k, v in pooled.ratios.items()}, confidence=pooled.confidence)
+        latest = Evidence({k: v[: rule.block_rounds] for k, v in extreme.items()}, point=True)
+        if blocks + more >= 2 and verdict(then) and verdict(latest):
+            return True
+    return False
+
+
 @dataclass
 class Decision:
     depart: bool
     evidence: Evidence
     blocks: int
-    settled: str  # "departed" | "ruled out" | "undecided: default kept"
+    settled: str  # "departed" | "ruled out" | "cannot depart" | "undecided: default kept"
     latest: Evidence | None = None  # the last block alone: the re-measurement a departure must agree with
 
     def summary(self) -> dict:
@@ -140,7 +170,8 @@ class Decision:
 def decide(measure_block: Callable[[int], Mapping[Hashable, list[float]]], verdict: Verdict,
            rule: Rule = RULE) -> Decision:
     """Measure blocks of rounds (`measure_block(rounds)` -> ratios per key) until `verdict` departs
-    with a confirming block, rules the departure out, or `rule.max_blocks` blocks are spent."""
+    with a confirming block, rules the departure out, no later block can make it depart
+    (`can_still_depart`), or `rule.max_blocks` blocks are spent."""
     pooled = Evidence(confidence=rule.confidence)
     for blocks in range(1, rule.max_blocks + 1):
         block = measure_block(rule.block_rounds)
@@ -151,6 +182,8 @@ def decide(measure_block: Callable[[int], Mapping[Hashable, list[float]]], verdi
             return Decision(False, pooled, blocks, "ruled out", latest)
         if v and blocks >= 2 and verdict(latest):
             return Decision(True, pooled, blocks, "departed", latest)
+        if blocks < rule.max_blocks and not can_still_depart(pooled, verdict, blocks, rule):
+            return Decision(False, pooled, blocks, "cannot depart", latest)
     return Decision(False, pooled, rule.max_blocks, "undecided: default kept", latest)
 
 
@@ -163,4 +196,4 @@ def slower_verdict(keys: tuple) -> Verdict:
             return True
         return False if all(policy.not_slower(e.hi(n)) for n in keys) else None
 
-    return slower
+    return favouring(slower, lambda key: True)  # a larger ratio: a slower file

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq import policy
-from edgeq.evidence import RULE, Decision, Evidence, Rule, decide
+from edgeq.evidence import RULE, Decision, Evidence, Rule, decide, favouring
 from edgeq.onnx_quant import QDQBuilder, QDQConfig
 from edgeq.runtime import load_onnx, ort_session_options
 from edgeq.timing import WINDOW_S, alone
@@ -203,7 +203,8 @@ def layer_verdict(batches: tuple[int, ...], g: float):
         could_fix = any(e.hi(("best", b)) > 1 and e.lo(("cand_vs_best", b)) < 1 - g for b in batches)
         return None if could_every or could_fix else False
 
-    return verdict
+    # a slower int8 graph (best over the parent) makes room for a fix; a faster candidate is the gain
+    return favouring(verdict, lambda key: key[0] == "best")
 
 
 def _layer_reason(e: Evidence, batches: tuple[int, ...], g: float) -> str:
@@ -227,7 +228,7 @@ def per_tensor_verdict(batches: tuple[int, ...], g: float):
             return False
         return None
 
-    return verdict
+    return favouring(verdict, lambda key: False)  # only a faster per-tensor graph departs
 
 
 def _medians(e: Evidence, what: str, batches: tuple[int, ...]) -> dict[int, float]:
@@ -551,4 +552,8 @@ def _weight_scales(s: _Search, check: np.ndarray, n_layers: int) -> dict:
 
 
 def _unsettled(d: Decision) -> str:
-    return "" if d.settled == "ruled out" else f" (not settled in {d.blocks} blocks: the default stands)"
+    if d.settled == "ruled out":
+        return ""
+    if d.settled == "cannot depart":
+        return f" (after {d.blocks} blocks no further rounds could show a gain: the default stands)"
+    return f" (not settled in {d.blocks} blocks: the default stands)"

@@ -12,9 +12,9 @@ from edgeq.data import Arrays, batches, sample
 from edgeq.export import export_onnx
 from edgeq.onnx_quant import QDQConfig, float_outputs, quantize_onnx, relu_before_maxpool
 from edgeq.examples.mnist import CNN, Preprocessing, load_data
-from edgeq.evidence import Evidence, Rule, decide, median_interval
+from edgeq.evidence import Evidence, Rule, decide, median_interval, slower_verdict
 from edgeq.precision import (SearchConfig, compute_nodes, fp32_could_win, inspect_runtime_graph, layer_verdict,
-                             optimized_ops, search_precision)
+                             optimized_ops, per_tensor_verdict, search_precision)
 from edgeq.runtime import load_onnx
 from edgeq.recipe import Finetune
 from edgeq.train import fit
@@ -195,6 +195,41 @@ def test_one_block_under_load_never_departs_and_a_confirmed_one_does():
     assert not quiet.depart and quiet.blocks == 1
     close = decide(lambda n: {1: list(np.linspace(0.95, 1.15, n))}, slower, rule)  # straddles the limit
     assert not close.depart and close.blocks == 4 and close.settled.startswith("undecided")
+
+
+def _stream(blocks: list[dict]):
+    it = iter(blocks)
+    return lambda rounds: next(it)
+
+
+def test_no_block_is_taken_that_cannot_change_the_decision():
+    rule = Rule(confidence=0.99, block_rounds=8, max_blocks=4)
+    slower = slower_verdict((1,))
+    unmarked = lambda e: slower(e)  # noqa: E731 the same rule, never cut short
+    straddles = {1: list(np.linspace(0.95, 1.15, 8))}  # within the noise margin of its parent, give or take
+    cut = decide(_stream([straddles] * 4), slower, rule)
+    assert not cut.depart and cut.settled == "cannot depart" and cut.blocks == 3
+    # the block it did not take could not have changed it: not even one as slow as a block can be
+    assert not decide(_stream([straddles] * 3 + [{1: [1e6] * 8}]), unmarked, rule).depart
+    # where the blocks left can still show a confirmed slow-down, they are taken
+    late = [{1: list(np.linspace(0.9, 1.3, 8))}] + [{1: list(np.linspace(1.28, 1.32, 8))}] * 3
+    slow = decide(_stream(late), slower, rule)
+    assert slow.depart and slow.blocks == 3 and slow.settled == "departed"
+
+    # every rule the export times with: the decision cut short is the one all the blocks give
+    rng = np.random.default_rng(0)
+    three = [(w, b) for w in ("best", "cand", "cand_vs_best") for b in (1, 64)]
+    cases = [(slower_verdict((1, 64)), [1, 64]), (layer_verdict((1, 64), 0.03), three),
+             (per_tensor_verdict((1, 64), 0.03), three)]
+    cut_short = 0
+    for i in range(600):
+        verdict, keys = cases[i % 3]
+        centre, spread = {k: rng.uniform(0.85, 1.15) for k in keys}, rng.uniform(0.01, 0.2)
+        blocks = [{k: list(centre[k] * np.exp(rng.normal(0, spread, 8))) for k in keys} for _ in range(4)]
+        short, full = decide(_stream(blocks), verdict, rule), decide(_stream(blocks), lambda e: verdict(e), rule)
+        assert (short.depart, short.blocks <= full.blocks) == (full.depart, True)
+        cut_short += short.settled == "cannot depart"
+    assert cut_short > 100  # and the cut is no rare event: about half of these straddle their threshold
 
 
 @pytest.mark.parametrize("threads", [1, 2])
