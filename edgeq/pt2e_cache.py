@@ -10,8 +10,11 @@ is traced and hands out a copy afterwards. The programs are byte-identical with 
 
 QAT's `convert_pt2e` folds batch norm into the convolutions of four kinds (conv1d, conv2d and their
 transposes), each against 12 pattern pairs it traces: 48 traces, about 17 s, the first time in a process.
-Within the block a kind the graph has no call of is not traced: its patterns could not match, and the
-fold does to the graph what it does when none matches (`_fold_without_patterns`)."""
+`prepare_qat_pt2e` does the same twice over: XNNPACK's quantizer annotates conv-bn[-relu] against patterns
+of conv1d and conv2d, then of their transposes, and torchao fuses conv-bn for each of the four kinds.
+Within the block a kind the graph has no call of is not traced: its patterns could not match, and each
+step does to the graph what it does when none matches (`_fold_without_patterns`, `_fuse_without_patterns`,
+and an annotation that finds nothing)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ _USERS = ("torchao.quantization.pt2e.utils", "torchao.quantization.pt2e.qat_util
           "executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils")
 _NAME = "_get_aten_graph_module_for_pattern"
 _QAT_UTILS, _FOLD = "torchao.quantization.pt2e.qat_utils", "_fold_conv_bn_qat_helper"
+_FUSE = "_fuse_conv_bn_qat_helper"
+_XNNPACK_UTILS, _ANNOTATE = _USERS[2], "_do_annotate_conv_bn"
 # the convolutions the fold has patterns for, by the name of the aten op their pattern traces to; a graph
 # with a generic aten.convolution could match any of them, so it is never shortcut
 _CONVS = {"conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"}
@@ -82,6 +87,11 @@ def traced_once() -> Iterator[None]:
     qat_utils = next((m for m in modules if m.__name__ == _QAT_UTILS), None)
     if qat_utils is not None and callable(getattr(qat_utils, _FOLD, None)):
         patches.append((qat_utils, _FOLD, _fold_present_only(qat_utils)))
+    if qat_utils is not None and callable(getattr(qat_utils, _FUSE, None)):
+        patches.append((qat_utils, _FUSE, _fuse_present_only(qat_utils)))
+    xnnpack_utils = next((m for m in modules if m.__name__ == _XNNPACK_UTILS), None)
+    if xnnpack_utils is not None and callable(getattr(xnnpack_utils, _ANNOTATE, None)):
+        patches.append((xnnpack_utils, _ANNOTATE, _annotate_present_only(xnnpack_utils)))
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
     for m, name, fn in patches:
         setattr(m, name, fn)
@@ -102,19 +112,53 @@ def _ops_called(graph) -> set[str]:
     return names
 
 
+def _absent(graph, kinds: set[str]) -> bool:
+    """Whether `graph` calls none of these kinds of convolution (`_CONVS`), nor a generic one that could be any."""
+    called = _ops_called(graph)
+    return kinds <= _CONVS and not called & (kinds | _GENERIC)
+
+
 def _fold_present_only(qat_utils):
     """torchao's `_fold_conv_bn_qat_helper(m, conv_fn, example_inputs, is_cuda)`, which traces its patterns
     only for a kind of convolution the graph calls."""
     original = getattr(qat_utils, _FOLD)
 
     def fold(m, conv_fn, example_inputs, is_cuda):
-        kind = getattr(conv_fn, "__name__", None)
-        called = _ops_called(m.graph)
-        if kind in _CONVS and kind not in called and not called & _GENERIC:
+        if _absent(m.graph, {getattr(conv_fn, "__name__", None)}):
             return _fold_without_patterns(qat_utils, m)
         return original(m, conv_fn, example_inputs, is_cuda)
 
     return fold
+
+
+def _fuse_present_only(qat_utils):
+    """torchao's `_fuse_conv_bn_qat_helper(m, conv_fn, example_inputs, is_cuda)` (prepare_qat_pt2e), which traces
+    its patterns only for a kind of convolution the graph calls."""
+    original = getattr(qat_utils, _FUSE)
+
+    def fuse(m, conv_fn, example_inputs, is_cuda):
+        if _absent(m.graph, {getattr(conv_fn, "__name__", None)}):
+            return _fuse_without_patterns(qat_utils, m)
+        return original(m, conv_fn, example_inputs, is_cuda)
+
+    return fuse
+
+
+def _annotate_present_only(xnnpack_utils):
+    """XNNPACK's `_do_annotate_conv_bn`, which traces its conv-bn[-relu] patterns (conv1d and conv2d, or their
+    transposes) only when the graph calls one of those kinds. Where it calls none, no pattern could match, and
+    the graph is left as the function leaves it then: dead code out, recompiled, nothing annotated."""
+    original = getattr(xnnpack_utils, _ANNOTATE)
+
+    def annotate(gm, quantization_config, filter_fn, has_relu, is_conv_transpose=False):
+        kinds = {"conv_transpose1d", "conv_transpose2d"} if is_conv_transpose else {"conv1d", "conv2d"}
+        if _absent(gm.graph, kinds):
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+            return []
+        return original(gm, quantization_config, filter_fn, has_relu=has_relu, is_conv_transpose=is_conv_transpose)
+
+    return annotate
 
 
 def _fold_without_patterns(qat_utils, m):
@@ -131,4 +175,21 @@ def _fold_without_patterns(qat_utils, m):
     qat_utils._remove_extra_dequantize(m)
     m.graph.eliminate_dead_code()
     m.recompile()
+    return m
+
+
+def _fuse_without_patterns(qat_utils, m):
+    """What torchao's `_fuse_conv_bn_qat_helper` does to `m` when none of its patterns matches, step for step:
+    dead code out; then twice, a `replace_pattern_with_filters` that finds nothing (it recompiles and drops
+    unused submodules) and the helper's recompile; then every node's special qspecs rebuilt with no node
+    replaced. tests/test_pte.py compares it with the installed torchao's own helper on a graph where nothing
+    matches."""
+    m.graph.eliminate_dead_code()
+    m.recompile()
+    for _ in range(2):
+        m.recompile()
+        m.delete_all_unused_submodules()
+        m.recompile()
+    for n in m.graph.nodes:
+        qat_utils._update_special_qspecs_after_replacement(n, {})
     return m

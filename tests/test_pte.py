@@ -448,6 +448,66 @@ def test_qat_folds_batch_norm_tracing_only_the_convolutions_the_model_has(built,
     assert torch.equal(ours(x), theirs(x))
 
 
+def _annotations(m) -> dict:
+    """Each node's PT2E annotation as text (its qspecs name nodes by name): comparable across graph copies."""
+    out = {}
+    for n in m.graph.nodes:
+        a = n.meta.get("quantization_annotation")
+        if a is not None:
+            out[n.name] = (sorted((k.name, repr(v)) for k, v in a.input_qspec_map.items()), repr(a.output_qspec),
+                           a._annotated)
+    return out
+
+
+def test_qat_prepares_tracing_only_the_convolutions_the_model_has(built, digits, monkeypatch):
+    """edgeq.pt2e_cache: `prepare_qat_pt2e` annotates conv-bn and fuses it tracing patterns only for the kinds
+    of convolution the graph calls (here conv2d: no transposed convolution's annotation, no conv1d or transposed
+    fuse); for a kind the graph does not call, each step does to the graph exactly what the library's own does
+    when none of that kind's patterns matches: same code, modules, weights, annotations, outputs."""
+    import torch.nn.functional as F
+
+    from edgeq import pt2e_cache
+    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e import quantize_pt2e as qp
+    from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils as xq
+
+    b, fused, fuse_kinds, annotated = built["cnn"], [], [], []
+    fuse = qp._fuse_conv_bn_qat
+    monkeypatch.setattr(qp, "_fuse_conv_bn_qat", lambda m: fused.append(copy.deepcopy(m)) or fuse(m))
+    helper, annotate = qat_utils._fuse_conv_bn_qat_helper, xq._do_annotate_conv_bn
+
+    def spy_fuse(m, conv_fn, example_inputs, is_cuda):  # torchao's fuse of one kind, patterns traced
+        fuse_kinds.append(conv_fn.__name__)
+        return helper(m, conv_fn, example_inputs, is_cuda)
+
+    def spy_annotate(gm, config, filter_fn, has_relu, is_conv_transpose=False):  # XNNPACK's, patterns traced
+        annotated.append(is_conv_transpose)
+        return annotate(gm, config, filter_fn, has_relu=has_relu, is_conv_transpose=is_conv_transpose)
+
+    monkeypatch.setattr(qat_utils, "_fuse_conv_bn_qat_helper", spy_fuse)
+    monkeypatch.setattr(xq, "_do_annotate_conv_bn", spy_annotate)
+    pte.quantize(b["model"], b["example"], b["calibration"], "qat")
+    assert set(fuse_kinds) == {"conv2d"} and len(fused) == 1  # (twice on a machine with CUDA)
+    assert annotated and not any(annotated)  # conv-bn and conv-bn-relu of conv1d/conv2d; no transposed pattern
+
+    ours = pt2e_cache._fuse_without_patterns(qat_utils, copy.deepcopy(fused[0]))
+    inputs = (torch.randn(1, 1, 3), torch.randn(1, 1, 1), *(torch.randn(1) for _ in range(5)))  # x, conv w, b, bn
+    theirs = helper(copy.deepcopy(fused[0]), F.conv1d, inputs, is_cuda=False)
+    assert ours.code == theirs.code and _annotations(ours) == _annotations(theirs) and _annotations(ours)
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    state, state2 = ours.state_dict(), theirs.state_dict()
+    assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
+    x = torch.from_numpy(digits["x"][:32])
+    assert torch.equal(ours(x), theirs(x))
+
+    graph, config = pte.graph_for(b["model"], b["example"], "qat"), pte.quantization_config(True)
+    for relu in (False, True):
+        mine, lib = copy.deepcopy(graph), copy.deepcopy(graph)
+        assert pt2e_cache._annotate_present_only(xq)(mine, config, None, relu, is_conv_transpose=True) == []
+        assert annotate(lib, config, None, has_relu=relu, is_conv_transpose=True) == []
+        assert mine.code == lib.code and _annotations(mine) == _annotations(lib) == {}
+
+
 def test_qat_of_a_model_with_stochastic_depth_and_dropout_lowers(digits, tmp_path):
     """QAT captures batch norm in training mode and nothing else: torchvision's StochasticDepth (as in
     EfficientNet) traced in training mode leaves aten.bernoulli, which no ExecuTorch program can hold."""
