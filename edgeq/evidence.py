@@ -134,18 +134,21 @@ def favouring(verdict: Verdict, high: Callable[[Hashable], bool]) -> Verdict:
     return verdict
 
 
-def can_still_depart(pooled: Evidence, verdict: Verdict, blocks: int, rule: Rule = RULE) -> bool:
-    """Whether some later look of `decide` could depart: the rounds so far, followed by blocks in which every
-    ratio is at the extreme that favours a departure (0, or infinity: `favouring`), depart at some look of
-    `rule` with a confirming block. False is a proof: a verdict monotone in the direction it is marked with
-    departs no sooner on any ratios the blocks could really give. True when the verdict is not marked."""
+def can_still_depart(pooled: Evidence, verdict: Verdict, blocks: int, rule: Rule = RULE,
+                     per_block: int | None = None) -> bool:
+    """Whether some later look of `decide` could depart: the rounds so far, followed by blocks (of `per_block`
+    ratios per key, `rule.block_rounds` by default) in which every ratio is at the extreme that favours a
+    departure (0, or infinity: `favouring`), depart at some look of `rule` with a confirming block. False is a
+    proof: a verdict monotone in the direction it is marked with departs no sooner on any ratios the blocks
+    could really give. True when the verdict is not marked, or a ratio so far is NaN (no order to reason on)."""
     high = getattr(verdict, "favours_high", None)
-    if high is None:
+    if high is None or any(math.isnan(v) for values in pooled.ratios.values() for v in values):
         return True
+    n = per_block or rule.block_rounds
     for more in range(1, rule.max_blocks - blocks + 1):
-        extreme = {k: [math.inf if high(k) else 0.0] * (more * rule.block_rounds) for k in pooled.ratios}
+        extreme = {k: [math.inf if high(k) else 0.0] * (more * n) for k in pooled.ratios}
         then = Evidence({k: v + extreme[k] for k, v in pooled.ratios.items()}, confidence=pooled.confidence)
-        latest = Evidence({k: v[: rule.block_rounds] for k, v in extreme.items()}, point=True)
+        latest = Evidence({k: v[:n] for k, v in extreme.items()}, point=True)
         if blocks + more >= 2 and verdict(then) and verdict(latest):
             return True
     return False
@@ -182,7 +185,8 @@ def decide(measure_block: Callable[[int], Mapping[Hashable, list[float]]], verdi
             return Decision(False, pooled, blocks, "ruled out", latest)
         if v and blocks >= 2 and verdict(latest):
             return Decision(True, pooled, blocks, "departed", latest)
-        if blocks < rule.max_blocks and not can_still_depart(pooled, verdict, blocks, rule):
+        per_block = max([rule.block_rounds, *map(len, block.values())])  # a block may give more than it was asked
+        if blocks < rule.max_blocks and not can_still_depart(pooled, verdict, blocks, rule, per_block):
             return Decision(False, pooled, blocks, "cannot depart", latest)
     return Decision(False, pooled, rule.max_blocks, "undecided: default kept", latest)
 

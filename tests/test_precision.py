@@ -221,7 +221,7 @@ def test_no_block_is_taken_that_cannot_change_the_decision():
     three = [(w, b) for w in ("best", "cand", "cand_vs_best") for b in (1, 64)]
     cases = [(slower_verdict((1, 64)), [1, 64]), (layer_verdict((1, 64), 0.03), three),
              (per_tensor_verdict((1, 64), 0.03), three)]
-    cut_short = 0
+    cut_short = departed = 0
     for i in range(600):
         verdict, keys = cases[i % 3]
         centre, spread = {k: rng.uniform(0.85, 1.15) for k in keys}, rng.uniform(0.01, 0.2)
@@ -229,7 +229,14 @@ def test_no_block_is_taken_that_cannot_change_the_decision():
         short, full = decide(_stream(blocks), verdict, rule), decide(_stream(blocks), lambda e: verdict(e), rule)
         assert (short.depart, short.blocks <= full.blocks) == (full.depart, True)
         cut_short += short.settled == "cannot depart"
-    assert cut_short > 100  # and the cut is no rare event: about half of these straddle their threshold
+        departed += full.depart
+    assert cut_short > 100 and departed > 50  # the cut is no rare event, and neither is a departure it must keep
+    # a NaN ratio has no order to reason on: every block is taken, as without the stop
+    nan = [{1: [math.nan, *np.linspace(0.95, 1.15, 7)]}] + [straddles] * 3
+    assert decide(_stream(nan), slower, rule).blocks == decide(_stream(nan), unmarked, rule).blocks
+    # a block that gives more ratios than it was asked for: the blocks left are reckoned at that size
+    wide = [{1: list(np.linspace(0.95, 1.15, 16))}] * 2 + [{1: [2.0] * 16}] * 2
+    assert decide(_stream(wide), slower, rule).depart and decide(_stream(wide), unmarked, rule).depart
 
 
 @pytest.mark.parametrize("threads", [1, 2])
