@@ -86,9 +86,9 @@ def traced_once() -> Iterator[None]:
     patches = [(m, _NAME, cached) for m in modules]
     qat_utils = next((m for m in modules if m.__name__ == _QAT_UTILS), None)
     if qat_utils is not None and callable(getattr(qat_utils, _FOLD, None)):
-        patches.append((qat_utils, _FOLD, _fold_present_only(qat_utils)))
+        patches.append((qat_utils, _FOLD, _per_kind_present_only(qat_utils, _FOLD, _fold_without_patterns)))
     if qat_utils is not None and callable(getattr(qat_utils, _FUSE, None)):
-        patches.append((qat_utils, _FUSE, _fuse_present_only(qat_utils)))
+        patches.append((qat_utils, _FUSE, _per_kind_present_only(qat_utils, _FUSE, _fuse_without_patterns)))
     xnnpack_utils = next((m for m in modules if m.__name__ == _XNNPACK_UTILS), None)
     if xnnpack_utils is not None and callable(getattr(xnnpack_utils, _ANNOTATE, None)):
         patches.append((xnnpack_utils, _ANNOTATE, _annotate_present_only(xnnpack_utils)))
@@ -118,30 +118,17 @@ def _absent(graph, kinds: set[str]) -> bool:
     return kinds <= _CONVS and not called & (kinds | _GENERIC)
 
 
-def _fold_present_only(qat_utils):
-    """torchao's `_fold_conv_bn_qat_helper(m, conv_fn, example_inputs, is_cuda)`, which traces its patterns
-    only for a kind of convolution the graph calls."""
-    original = getattr(qat_utils, _FOLD)
+def _per_kind_present_only(qat_utils, name: str, without):
+    """torchao's `name(m, conv_fn, example_inputs, is_cuda)` (the conv-bn fold or fuse of one kind of convolution),
+    which traces its patterns only for a kind the graph calls; for another it does `without(qat_utils, m)`."""
+    original = getattr(qat_utils, name)
 
-    def fold(m, conv_fn, example_inputs, is_cuda):
+    def helper(m, conv_fn, example_inputs, is_cuda):
         if _absent(m.graph, {getattr(conv_fn, "__name__", None)}):
-            return _fold_without_patterns(qat_utils, m)
+            return without(qat_utils, m)
         return original(m, conv_fn, example_inputs, is_cuda)
 
-    return fold
-
-
-def _fuse_present_only(qat_utils):
-    """torchao's `_fuse_conv_bn_qat_helper(m, conv_fn, example_inputs, is_cuda)` (prepare_qat_pt2e), which traces
-    its patterns only for a kind of convolution the graph calls."""
-    original = getattr(qat_utils, _FUSE)
-
-    def fuse(m, conv_fn, example_inputs, is_cuda):
-        if _absent(m.graph, {getattr(conv_fn, "__name__", None)}):
-            return _fuse_without_patterns(qat_utils, m)
-        return original(m, conv_fn, example_inputs, is_cuda)
-
-    return fuse
+    return helper
 
 
 def _annotate_present_only(xnnpack_utils):
