@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from edgeq.pt2e_cache import _ops_called
+from edgeq.library_patches import ops_called, patched
 
 # pass module, pass class, its pattern module and provider, an op every pattern the provider gives calls, and
 # what the provider gives when there are no patterns
@@ -43,16 +43,8 @@ _LOCK = threading.RLock()  # the patches are process-wide: one block at a time p
 def lean() -> Iterator[None]:
     """Within the block, ExecuTorch's lowering skips the pattern tracing and the op lookups that cannot change
     the program it gives (module docstring)."""
-    with _LOCK:
-        patches = [*_pattern_patches(), *_cia_patches()]
-        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-        try:
-            for owner, name, value in patches:
-                setattr(owner, name, value)
-            yield
-        finally:
-            for owner, name, value in reversed(saved):
-                setattr(owner, name, value)
+    with _LOCK, patched([*_pattern_patches(), *_cia_patches()]):
+        yield
 
 
 def _pattern_patches() -> list[tuple[Any, str, Any]]:
@@ -88,7 +80,7 @@ def _needing(provider, op: str, empty):
 
     def patterns():
         graph = _graph.get()
-        if graph is not None and op not in _ops_called(graph):
+        if graph is not None and op not in ops_called(graph):
             return empty()
         return provider()
 

@@ -24,6 +24,8 @@ import importlib
 from collections.abc import Iterator
 from typing import Any
 
+from edgeq.library_patches import ops_called, patched
+
 # the modules that call torchao's tracer through a module attribute (looked up at call time)
 _USERS = ("torchao.quantization.pt2e.utils", "torchao.quantization.pt2e.qat_utils",
           "executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils")
@@ -92,29 +94,13 @@ def traced_once() -> Iterator[None]:
     xnnpack_utils = next((m for m in modules if m.__name__ == _XNNPACK_UTILS), None)
     if xnnpack_utils is not None and callable(getattr(xnnpack_utils, _ANNOTATE, None)):
         patches.append((xnnpack_utils, _ANNOTATE, _annotate_present_only(xnnpack_utils)))
-    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
-    for m, name, fn in patches:
-        setattr(m, name, fn)
-    try:
+    with patched(patches):
         yield
-    finally:
-        for m, name, fn in saved:
-            setattr(m, name, fn)
-
-
-def _ops_called(graph) -> set[str]:
-    """The names of the aten ops a graph calls (aten.conv2d.default -> "conv2d")."""
-    names = set()
-    for node in graph.nodes:
-        packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
-        if packet is not None:
-            names.add(getattr(packet, "__name__", "").rpartition(".")[2])
-    return names
 
 
 def _absent(graph, kinds: set[str]) -> bool:
     """Whether `graph` calls none of these kinds of convolution (`_CONVS`), nor a generic one that could be any."""
-    called = _ops_called(graph)
+    called = ops_called(graph)
     return kinds <= _CONVS and not called & (kinds | _GENERIC)
 
 

@@ -369,7 +369,7 @@ def test_a_lowering_skips_only_the_patterns_and_lookups_that_cannot_change_its_p
 
     import torch._export.utils as export_utils
 
-    from edgeq import lowering_cache
+    from edgeq import library_patches, lowering_cache
 
     from executorch.backends.xnnpack.partition.graphs import bilinear_2d
 
@@ -378,7 +378,7 @@ def test_a_lowering_skips_only_the_patterns_and_lookups_that_cannot_change_its_p
         patterns = getattr(__import__(module_name, fromlist=[attr]), attr)
         provider = getattr(patterns, provider_name)
         graphs = list(provider())  # a dict's keys or a list: the pattern graphs
-        assert graphs and all(op in lowering_cache._ops_called(g.graph) for g in graphs), (provider_name, op)
+        assert graphs and all(op in library_patches.ops_called(g.graph) for g in graphs), (provider_name, op)
         monkeypatch.setattr(patterns, provider_name,
                             lambda provider=provider, name=provider_name: asked.append(name) or provider())
     upsampled = Upsampled().eval()
