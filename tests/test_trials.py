@@ -240,9 +240,9 @@ def warm_dies() -> None:
 
 
 def test_warm_up_runs_on_the_workers_before_a_timed_round_once(tmp_path, monkeypatch):
-    """`Pool.warm_up` sends the pool's `warm` to its workers (as many jobs as workers), beside this process: a timed round starts once they ran; a second call sends nothing, a restarted pool is warmed again;
-    a worker that dies warming up leaves a pool the next run starts afresh; without local workers nothing is
-    sent."""
+    """`Pool.warm_up` sends the pool's `warm` to its workers (as many jobs as workers), beside this process: a
+    timed round starts once they ran; a second call sends nothing, a restarted pool is warmed again; a worker
+    that dies warming up leaves a pool the next run starts afresh; without local workers nothing is sent."""
     from edgeq import timing
 
     log = tmp_path / "warm.log"
