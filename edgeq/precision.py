@@ -171,12 +171,15 @@ def _agreement(ref_top1: np.ndarray, cand, images: np.ndarray) -> float:
 def three_way(parent, best, cand, inputs: dict[int, np.ndarray], cfg: SearchConfig):
     """A block of rounds: parent, current best and candidate timed in the same alternating rounds;
     per-round ratios under ('best'|'cand'|'cand_vs_best', batch)."""
-    from edgeq.timing import round_ratios, timed_rounds
+    from edgeq.timing import first_warm_up, round_ratios, timed_rounds
+
+    warmed: set = set()
 
     def block(rounds: int) -> dict:
         out: dict = {}
         for b, x in inputs.items():
-            p, bst, c = timed_rounds([parent.run, best.run, cand.run], x, rounds, cfg.window_s)
+            p, bst, c = timed_rounds([parent.run, best.run, cand.run], x, rounds, cfg.window_s,
+                                     warmup_calls=first_warm_up(warmed, b))
             out["best", b], out["cand", b] = round_ratios(bst, p), round_ratios(c, p)
             out["cand_vs_best", b] = round_ratios(c, bst)
         return out

@@ -16,7 +16,8 @@ from edgeq.lineage import Lineage, name_of
 from edgeq.manifest import Artifact
 from edgeq.precision import SearchConfig
 from edgeq.target import here
-from edgeq.timing import ort_timing_options, paired_latency, round_ratios, threads, timed_rounds
+from edgeq.timing import (WARMUP_CALLS, first_warm_up, ort_timing_options, paired_latency, round_ratios, threads,
+                          timed_rounds)
 
 
 def search_config(fam: Family) -> SearchConfig:
@@ -112,8 +113,11 @@ def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarr
         pairs = {n: [runtime.load(p, fmt, threads=cfg.threads, options=options) for p in (parent, path)]
                  for n in inputs}
 
+        warmed: set = set()
+
         def block(rounds: int) -> dict:
-            return {n: paired_latency(pairs[n][0].run, pairs[n][1].run, x, rounds, cfg.window_s)["ratios"]
+            return {n: paired_latency(pairs[n][0].run, pairs[n][1].run, x, rounds, cfg.window_s,
+                                      first_warm_up(warmed, n))["ratios"]
                     for n, x in inputs.items()}
 
         d = decide(block, slower_verdict(tuple(inputs)), cfg.rule)
@@ -240,7 +244,8 @@ def _race(runners: dict, x: np.ndarray, cfg: SearchConfig, base: str, quality: d
     ratios: dict[str, list[float]] = {n: [] for n in runners}
     timed = list(runners)  # base first
     for block in range(2):
-        rounds = timed_rounds([runners[n] for n in timed], x, cfg.rule.block_rounds, cfg.window_s)
+        rounds = timed_rounds([runners[n] for n in timed], x, cfg.rule.block_rounds, cfg.window_s,
+                              warmup_calls=0 if block else WARMUP_CALLS)
         for i, n in enumerate(timed):
             ratios[n] += round_ratios(rounds[i], rounds[0])
         candidates = _candidates(_stats(ratios, cfg.rule.confidence), base, quality)

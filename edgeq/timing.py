@@ -27,6 +27,7 @@ Fn = Callable[[np.ndarray], object]
 # 40 ms windows on the MNIST models and resnet18, at a third of the time where a call is short; where one call
 # is longer than a window, the window is that call either way.
 WINDOW_S = 0.015
+WARMUP_CALLS = 3  # untimed calls of each function before its first window at an input
 
 
 @contextlib.contextmanager
@@ -91,11 +92,21 @@ def timed_round(fns: Sequence[Fn], x: np.ndarray, window_s: float, reverse: bool
 
 
 def timed_rounds(fns: Sequence[Fn], x: np.ndarray, rounds: int = 5, window_s: float = 0.04,
-                 min_calls: int = 1, warmup_calls: int = 3) -> list[list[list[float]]]:
+                 min_calls: int = 1, warmup_calls: int = WARMUP_CALLS) -> list[list[list[float]]]:
     """Warm up (TorchScript re-optimizes on the first calls of a shape), then `rounds` alternating
     rounds back to back: per-call seconds as samples[fn][round][call]."""
     warm_up(fns, x, warmup_calls)
     return by_function([timed_round(fns, x, window_s, r % 2 == 1, min_calls) for r in range(rounds)])
+
+
+def first_warm_up(warmed: set, key) -> int:
+    """Warm-up calls for a block of a timed decision at `key` (an input): WARMUP_CALLS for its first block, none
+    for the later ones, whose functions ran in the block just before (nothing runs between a decision's
+    blocks). `warmed` holds the keys already warmed, one set per decision."""
+    if key in warmed:
+        return 0
+    warmed.add(key)
+    return WARMUP_CALLS
 
 
 def by_function(per_round: list[list[list[float]]]) -> list[list[list[float]]]:
@@ -125,9 +136,10 @@ def round_ratios(cand: list[list[float]], ref: list[list[float]]) -> list[float]
     return [float(np.median(c) / np.median(r)) for c, r in zip(cand, ref, strict=True)]
 
 
-def paired_latency(ref_fn: Fn, cand_fn: Fn, x: np.ndarray, rounds: int = 5, window_s: float = 0.04) -> dict:
+def paired_latency(ref_fn: Fn, cand_fn: Fn, x: np.ndarray, rounds: int = 5, window_s: float = 0.04,
+                   warmup_calls: int = 3) -> dict:
     """Time two functions in alternating windows: all samples of each, and the per-round ratios."""
-    ref, cand = timed_rounds([ref_fn, cand_fn], x, rounds, window_s)
+    ref, cand = timed_rounds([ref_fn, cand_fn], x, rounds, window_s, warmup_calls=warmup_calls)
     return {"ref_samples": flatten(ref), "cand_samples": flatten(cand), "ratios": round_ratios(cand, ref)}
 
 

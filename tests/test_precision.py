@@ -392,3 +392,31 @@ def test_the_exporter_the_verifier_and_the_device_checker_time_in_one_window_len
     from edgeq.verify.rows import VerifyConfig
 
     assert {SearchConfig().window_s, VerifyConfig().window_s, CheckConfig().window_s} == {timing.WINDOW_S}
+
+
+def test_a_timed_decision_warms_its_functions_up_before_its_first_block_only(cnn_onnx, test_x, monkeypatch):
+    """Nothing runs between the blocks of one decision, so its functions are warmed up once, before the first
+    block at each input: the ship rule's blocks and the speed search's alike (the ship rule's verdict here never
+    settles, so that every block is taken)."""
+    from edgeq import speed, timing
+    from edgeq.precision import three_way
+    from edgeq.speed import ship_decision
+
+    monkeypatch.setattr(speed, "slower_verdict", lambda keys: lambda evidence: None)
+    warm_ups: list[tuple[int, int, int]] = []  # (functions, input rows, calls each)
+    real = timing.warm_up
+    monkeypatch.setattr(timing, "warm_up", lambda fns, x, calls: warm_ups.append((len(fns), len(x), calls))
+                        or real(fns, x, calls))
+    inputs = {1: test_x[:1], 4: test_x[:4]}
+    cfg = SearchConfig(batches=(1, 4), threads=1, rule=Rule(block_rounds=2, max_blocks=3), window_s=0.002)
+    d = ship_decision(cnn_onnx, cnn_onnx, "onnx", inputs, cfg)
+    assert d["evidence"]["blocks"] == 3 and d["evidence"]["settled"] == "undecided: default kept"
+    assert [w for w in warm_ups if w[2]] == [(2, 1, timing.WARMUP_CALLS), (2, 4, timing.WARMUP_CALLS)]
+    assert len(warm_ups) == 6  # a block per input, three blocks
+    warm_ups.clear()
+    runners = [load_onnx(cnn_onnx, threads=1) for _ in range(3)]
+    block = three_way(*runners, inputs, cfg)
+    for _ in range(2):
+        ratios = block(2)
+        assert set(ratios) == {(k, b) for k in ("best", "cand", "cand_vs_best") for b in inputs}
+    assert [w for w in warm_ups if w[2]] == [(3, 1, timing.WARMUP_CALLS), (3, 4, timing.WARMUP_CALLS)]
