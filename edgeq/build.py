@@ -360,6 +360,7 @@ def _family(b: Build, name: str, model: nn.Module, recipe: Recipe, spec: _Spec) 
         b.lineage.extend(files)
     b.lineage.extend(int8.build(fam, [(v, shipped[v.key]) for v in parents]))
     b.lineage.extend(programs.build(fam, variants))
+    assert not fam.awaiting, "every recorded int8 file has its ship decision (edgeq.speed.settle)"
     with timed(b.timings, f"{name}.recommend_s"):
         picks = speed.recommend(fam)
     fp = fam.plan

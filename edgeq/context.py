@@ -131,6 +131,27 @@ class Build:
 
 
 @dataclass
+class Ship:
+    """A recorded int8 file's ship decision, taken later with its siblings (edgeq.speed.settle): timed against
+    its fp32 `parent` file in `fmt`; `on_gate(gate)` records the decision and has the last word, as `record`'s
+    `ship` had: None when the file is dropped (deleted and listed under skipped), else the note it ships with."""
+
+    fmt: str
+    parent: Path
+    on_gate: Callable[[dict], str | None]
+
+
+@dataclass
+class Awaiting:
+    """A file `record` added to `out` whose ship decision is still to come (`Ship`)."""
+
+    ship: Ship
+    art: Artifact
+    out: Lineage
+    path: Path
+
+
+@dataclass
 class Family:
     """One model of the build and the state its stages share."""
 
@@ -143,6 +164,7 @@ class Family:
     budgets: dict[str, Budget] = field(default_factory=dict)
     val_logits: dict[str, np.ndarray] = field(default_factory=dict)  # artifact name -> its logits on val
     cache: dict = field(default_factory=dict)  # what a stage derives once per variant and reuses (a cropped model)
+    awaiting: list[Awaiting] = field(default_factory=list)  # files recorded, their ship decisions to come (edgeq.speed)
 
     @property
     def settings(self) -> Settings:
@@ -203,13 +225,13 @@ class Family:
     def record(self, out: Lineage, v: FloatVariant, variant: str, fmt: str, *, precision: str, parent: str | None,
                quantization: dict | None, runtime_info: dict, notes: str = "",
                fidelity: Callable[[np.ndarray, np.ndarray], str | None] | None = None,
-               ship: Callable[[], str | None] | None = None) -> Artifact | None:
+               ship: Ship | None = None) -> Artifact | None:
         """Measure a written file from disk and record it in `out` (its stage's lineage), or delete it and record
         why in `out` when its outputs are not finite, it
         is not faithful to what it was built from (`fidelity(val_logits, deployed_logits)` returns why: the
         second on `deployed_inputs`, run at the deployment batch), or it breaks the
-        contract; then `ship()` (the speed rule) has the last word: None drops the file, a string is added to
-        its notes."""
+        contract; then `ship` (the speed rule) has the last word, once the stage settles the ship decisions of
+        the parent's files together (edgeq.speed.settle): it may still take the file out of `out`."""
         b, path, name = self.build, self.path(variant, fmt), name_of(self.name, variant, fmt)
         # one thread, as `edgeq verify` measures it: the same sums, the same predictions. A torch runner sets
         # torch's process-wide count as it loads: the build's own (its fine-tunes') is restored after the block
@@ -241,10 +263,6 @@ class Family:
             over = [bar["drop_points"] for bar in contract["bars"] if not bar["met"]]
             out.skip(name, why, kind, contract=contract, best_drop_points=max(over) if over else None)
             return None
-        said = ship() if ship is not None else ""
-        if said is None:  # deleted and listed under skipped by the speed rule
-            return None
-        notes = "; ".join(filter(None, (notes, said)))
         self.val_logits[name] = val_logits
         n_test = len(b.splits.test)
         art = Artifact(
@@ -254,6 +272,8 @@ class Family:
             sha256=sha256_file(path), accuracy=correct_count(test_logits, b.splits.test.y) / n_test,
             runtime=runtime_info, macs=v.shape["macs"], notes=notes,
             val_accuracy=contract["correct"] / contract["samples"], contract=contract)
+        if ship is not None:
+            self.awaiting.append(Awaiting(ship, art, out, path))
         return out.add(art)
 
 

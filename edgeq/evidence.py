@@ -175,20 +175,45 @@ def decide(measure_block: Callable[[int], Mapping[Hashable, list[float]]], verdi
     """Measure blocks of rounds (`measure_block(rounds)` -> ratios per key) until `verdict` departs
     with a confirming block, rules the departure out, no later block can make it depart
     (`can_still_depart`), or `rule.max_blocks` blocks are spent."""
-    pooled = Evidence(confidence=rule.confidence)
+    return decide_each(lambda rounds, names: {None: measure_block(rounds)}, {None: verdict}, rule)[None]
+
+
+def decide_each(measure_block: Callable[[int, list], Mapping[Hashable, Mapping[Hashable, list[float]]]],
+                verdicts: Mapping[Hashable, Verdict], rule: Rule = RULE) -> dict[Hashable, Decision]:
+    """`decide` for several decisions whose blocks are measured together (files timed against one parent in
+    the same rounds): `measure_block(rounds, names)` -> ratios per key for each name still open; each name is
+    settled by its own verdict under `rule`, exactly as `decide` settles it, and leaves the later blocks."""
+    pooled = {name: Evidence(confidence=rule.confidence) for name in verdicts}
+    settled: dict[Hashable, Decision] = {}
     for blocks in range(1, rule.max_blocks + 1):
-        block = measure_block(rule.block_rounds)
-        pooled.add(block)
-        v = verdict(pooled)
-        latest = Evidence(dict(block), point=True)
-        if v is False:
-            return Decision(False, pooled, blocks, "ruled out", latest)
-        if v and blocks >= 2 and verdict(latest):
-            return Decision(True, pooled, blocks, "departed", latest)
-        per_block = max([rule.block_rounds, *map(len, block.values())])  # a block may give more than it was asked
-        if blocks < rule.max_blocks and not can_still_depart(pooled, verdict, blocks, rule, per_block):
-            return Decision(False, pooled, blocks, "cannot depart", latest)
-    return Decision(False, pooled, rule.max_blocks, "undecided: default kept", latest)
+        open_ = [n for n in verdicts if n not in settled]
+        measured = measure_block(rule.block_rounds, open_)
+        for name in open_:
+            d = _look(pooled[name], measured[name], verdicts[name], blocks, rule)
+            if d is not None:
+                settled[name] = d
+        if len(settled) == len(verdicts):
+            break
+    return settled
+
+
+def _look(pooled: Evidence, block: Mapping[Hashable, list[float]], verdict: Verdict, blocks: int,
+          rule: Rule) -> Decision | None:
+    """The rule's look after a decision's `blocks`-th block (added to `pooled`): its Decision, or None when
+    another block is to be taken."""
+    pooled.add(block)
+    v = verdict(pooled)
+    latest = Evidence(dict(block), point=True)
+    if v is False:
+        return Decision(False, pooled, blocks, "ruled out", latest)
+    if v and blocks >= 2 and verdict(latest):
+        return Decision(True, pooled, blocks, "departed", latest)
+    if blocks == rule.max_blocks:
+        return Decision(False, pooled, blocks, "undecided: default kept", latest)
+    per_block = max([rule.block_rounds, *map(len, block.values())])  # a block may give more than it was asked
+    if not can_still_depart(pooled, verdict, blocks, rule, per_block):
+        return Decision(False, pooled, blocks, "cannot depart", latest)
+    return None
 
 
 def slower_verdict(keys: tuple) -> Verdict:

@@ -20,7 +20,7 @@ from torch import nn
 
 from edgeq import policy
 from edgeq.clock import timed
-from edgeq.context import Family
+from edgeq.context import Family, Ship
 from edgeq.data import first_samples
 from edgeq.errors import ExportError
 from edgeq.export import export_onnx, write_torchscript
@@ -30,7 +30,7 @@ from edgeq.plan import check_layers
 from edgeq.precision import Plan, compute_nodes, float_ops, inspect_runtime_graph, search_precision
 from edgeq.quantize import QuantConfig, qat_float, quantize, to_torchscript
 from edgeq.recipe import MODES
-from edgeq.speed import cross_target, search_config, shipped_note, ships, timed_at
+from edgeq.speed import cross_target, search_config, settle, shipped_note, timed_at
 
 
 @dataclass
@@ -60,6 +60,8 @@ def build(fam: Family, parents: list[tuple[FloatVariant, bool]]) -> Lineage:
                 _one(fam, parent, mode, out)
         finally:
             parent.close()
+        with timed(fam.build.timings, f"{fam.name}.export_s"):
+            settle(fam)  # the parent's files timed against it together
     return out
 
 
@@ -105,14 +107,14 @@ def torchscript_int8(fam: Family, v: FloatVariant, variant: str, mode: str, q: n
         return
     quant = {**qc.describe(), "timed_at": timed_at(fam)}
 
-    def ship() -> str | None:
-        gate = ships(fam, name, "torchscript", fam.path(v.key, "torchscript"), path)
+    def on_gate(gate: dict) -> str | None:
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
         quant["ship_rule"] = {k: gate[k] for k in ("rule", "timed_on") if k in gate} or "timed here (plan.json)"
         return shipped_note(fam, out, name, parent, path, gate)
 
     fam.record(out, v, variant, "torchscript", precision="int8", parent=parent, quantization=quant,
-               runtime_info=runtime_info("torchscript", "int8", engine=qc.engine), notes=notes, ship=ship)
+               runtime_info=runtime_info("torchscript", "int8", engine=qc.engine), notes=notes,
+               ship=Ship("torchscript", fam.path(v.key, "torchscript"), on_gate))
 
 
 def target_qdq(fam: Family) -> QDQConfig:
@@ -259,14 +261,14 @@ def onnx_int8(fam: Family, parent: Parent, variant: str, mode: str, q: nn.Module
     if not graph["clean"]:
         fam.build.log(f"  {art_name}: onnxruntime runs it with {graph}")
 
-    def ship() -> str | None:
-        gate = ships(fam, art_name, "onnx", onnx_parent, path)
+    def on_gate(gate: dict) -> str | None:
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
         quant["ship_rule"] = {k: gate[k] for k in ("rule", "timed_on") if k in gate} or "timed here (plan.json)"
         return shipped_note(fam, out, art_name, parent_name, path, gate, float_ops(quant["optimized_ops"]))
 
     art = fam.record(out, v, variant, "onnx", precision="int8", parent=parent_name, quantization=quant,
-                     runtime_info=runtime_info("onnx", "int8", activations=quant.get("activations")), ship=ship)
+                     runtime_info=runtime_info("onnx", "int8", activations=quant.get("activations")),
+                     ship=Ship("onnx", onnx_parent, on_gate))
     if art is not None:
         group_of = {n: g["group"] for g in bar.get("fp32_groups", []) for n in g["nodes"]}
         art.decisions = plan.layers + [{"node": n, "precision": "fp32", "group": group_of.get(n),

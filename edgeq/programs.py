@@ -25,11 +25,11 @@ from torch import nn
 
 from edgeq import policy, pte
 from edgeq.clock import past_budget, timed
-from edgeq.context import Family, fidelity
+from edgeq.context import Family, Ship, fidelity
 from edgeq.data import first_samples
 from edgeq.lineage import FloatVariant, Lineage, attempt, name_of
 from edgeq.metrics import score
-from edgeq.speed import shipped_note, ships, timed_at
+from edgeq.speed import settle, shipped_note, timed_at
 
 FMT = "pte"
 MAX_FALLBACK_TRIALS = 8  # int8 programs built per variant to meet the bar (each is a capture, PT2E and lowering)
@@ -70,6 +70,7 @@ def build(fam: Family, variants: list[FloatVariant]) -> Lineage:
                     else:
                         out.skip(name_of(fam.name, variant, FMT),
                                  f"its fp32 parent {name_of(fam.name, v.key, FMT)} was not shipped")
+            settle(fam)  # the variant's programs timed against its fp32 program together
     return out
 
 
@@ -497,13 +498,13 @@ def _int8(fam: Family, v: FloatVariant, variant: str, mode: str, out: Lineage,
                               "measured_on": "the validation split, the program as exported"},
              "timed_at": timed_at(fam)}
 
-    def ship() -> str | None:
-        gate = ships(fam, t.name, FMT, fam.path(v.key, FMT), t.path)
+    def on_gate(gate: dict) -> str | None:
         quant["latency_vs_parent"] = gate["latency_vs_parent"]
         return shipped_note(fam, out, t.name, t.parent, t.path, gate)
 
     fam.record(out, v, variant, FMT, precision="int8", parent=t.parent, quantization=quant,
-               runtime_info={**_info(t.info, "int8"), "delegation": t.info["delegation"]}, ship=ship)
+               runtime_info={**_info(t.info, "int8"), "delegation": t.info["delegation"]},
+               ship=Ship(FMT, fam.path(v.key, FMT), on_gate))
 
 
 def _not_met(fam: Family, t: ProgramTrials, bar: dict) -> dict:

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from edgeq import policy, runtime
-from edgeq.context import Family
-from edgeq.evidence import decide, median_interval, slower_verdict
+from edgeq.context import Awaiting, Family
+from edgeq.evidence import decide_each, median_interval, slower_verdict
 from edgeq.lineage import Lineage, name_of
 from edgeq.manifest import Artifact
 from edgeq.precision import SearchConfig
 from edgeq.target import here
-from edgeq.timing import (WARMUP_CALLS, first_warm_up, ort_timing_options, paired_latency, round_ratios, threads,
-                          timed_rounds)
+from edgeq.timing import WARMUP_CALLS, first_warm_up, ort_timing_options, round_ratios, threads, timed_rounds
 
 
 def search_config(fam: Family) -> SearchConfig:
@@ -41,28 +40,75 @@ def timing_inputs(fam: Family) -> dict[int, np.ndarray]:
     return {n: val[rng.integers(0, len(val), size=n)] for n in fam.settings.timing.batches}
 
 
-def ships(fam: Family, name: str, fmt: str, parent: Path, path: Path) -> dict:
-    """Whether an int8 file ships, and its latency over its fp32 parent: replayed from the plan, or
-    measured (paired, at the recipe's thread count and batch sizes) under edgeq.evidence's rule.
+def settle(fam: Family) -> None:
+    """The ship decisions of the files recorded since the last call (`Family.record`'s `ship`), taken together
+    per parent: each file ships, with its note, or is deleted, taken out of its stage's lineage and listed
+    under skipped (`drop_slower`). A stage calls it once a parent's files are all recorded."""
+    groups: dict[tuple[Path, str], list[Awaiting]] = {}
+    for w in fam.awaiting:
+        groups.setdefault((w.ship.parent, w.ship.fmt), []).append(w)
+    fam.awaiting.clear()
+    for (parent, fmt), waiting in groups.items():
+        _settle(fam, parent, fmt, waiting)
 
-    Shipping is the default. The file is dropped only when its parent is faster beyond the noise
-    margin at some batch size with confidence, confirmed by a second block of rounds.
+
+def _settle(fam: Family, parent: Path, fmt: str, waiting: list[Awaiting]) -> None:
+    from edgeq.errors import EdgeqError, FinetuneError
+    from edgeq.plan import PlanError
+
+    try:
+        gates = ships(fam, fmt, parent, {w.art.name: w.path for w in waiting})
+    except (FinetuneError, PlanError):  # what stops the whole export (edgeq.lineage.attempt)
+        raise
+    except EdgeqError as exc:  # a known failure of the timing: these files alone are not shipped
+        for w in waiting:
+            _take_back(fam, w)
+            w.path.unlink(missing_ok=True)
+            w.out.skip(w.art.name, str(exc))
+        return
+    for w in waiting:
+        said = w.ship.on_gate(gates[w.art.name])
+        if said is None:  # deleted and listed under skipped by the speed rule
+            _take_back(fam, w)
+        else:
+            w.art.notes = "; ".join(filter(None, (w.art.notes, said)))
+
+
+def _take_back(fam: Family, w: Awaiting) -> None:
+    w.out.artifacts.remove(w.art)
+    fam.val_logits.pop(w.art.name, None)
+
+
+def ships(fam: Family, fmt: str, parent: Path, files: dict[str, Path]) -> dict[str, dict]:
+    """Whether each int8 file of one fp32 parent ships, and its latency over the parent: replayed from the plan,
+    or measured (the files and their parent timed in the same rounds at the recipe's thread count and batch
+    sizes: `ship_race`) under edgeq.evidence's rule, each file decided on its own ratios.
+
+    Shipping is the default. A file is dropped only when its parent is faster beyond the noise margin at some
+    batch size with confidence, confirmed by a second block of rounds.
     """
     if fam.settings.timing.ship_rule == "always":
-        return {"ship": True, "latency_vs_parent": {}, "rule": "always (recipe.ship_rule): not timed"}
+        return {name: {"ship": True, "latency_vs_parent": {}, "rule": "always (recipe.ship_rule): not timed"}
+                for name in files}
     nodes = target_nodes(fam)
     if nodes is None and cross_target(fam):
-        return {"ship": True, "latency_vs_parent": {},
-                "rule": f"not timed: built for {fam.settings.timing.target.name} on {here().name}, whose timings say nothing "
-                        "about the target; check it there (python -m edgeq.device check), or export on a Ray cluster "
-                        f"with a node labelled {target_resource(fam)}"}
+        return {name: {"ship": True, "latency_vs_parent": {},
+                       "rule": f"not timed: built for {fam.settings.timing.target.name} on {here().name}, whose "
+                               "timings say nothing about the target; check it there (python -m edgeq.device "
+                               f"check), or export on a Ray cluster with a node labelled {target_resource(fam)}"}
+                for name in files}
+    measured: dict[str, dict] = {}
 
-    def measure() -> dict:
-        if nodes is not None:
-            return _ship_on(nodes, parent, path, fmt, timing_inputs(fam), search_config(fam))
-        return ship_decision(parent, path, fmt, timing_inputs(fam), search_config(fam))
+    def measure(name: str) -> dict:
+        if not measured:  # the first file the plan does not hold: every file of the parent, timed together
+            inputs, cfg = timing_inputs(fam), search_config(fam)
+            measured.update(_ship_on(nodes, parent, files, fmt, inputs, cfg) if nodes is not None
+                            else ship_race(parent, files, fmt, inputs, cfg))
+        return measured[name]
 
-    return fam.build.decisions.decide(fam.plan.ships, name, f"ship decision for {name}", measure)
+    return {name: fam.build.decisions.decide(fam.plan.ships, name, f"ship decision for {name}",
+                                             lambda name=name: measure(name))
+            for name in files}
 
 
 def target_resource(fam: Family) -> str:
@@ -83,46 +129,60 @@ def target_nodes(fam: Family):
                           retries=workers.retries)
 
 
-def _ship_on(nodes, parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict:
-    """`ship_decision` as a trial on a labelled Ray node: the two files travel as bytes; the record names
-    the node it was timed on."""
+def _ship_on(nodes, parent: Path, files: dict[str, Path], fmt: str, inputs: dict[int, np.ndarray],
+             cfg: SearchConfig) -> dict[str, dict]:
+    """`ship_race` as a trial on a labelled Ray node: the files travel as bytes; each record names the node
+    it was timed on."""
     from edgeq import trials
 
-    shared = {"parent": parent.read_bytes(), "file": path.read_bytes(), "inputs": inputs}
-    item = {"fmt": fmt, "suffixes": (parent.suffix, path.suffix), "cfg": cfg}
+    shared = {"parent": parent.read_bytes(), "files": {n: p.read_bytes() for n, p in files.items()}, "inputs": inputs}
+    item = {"fmt": fmt, "suffixes": (parent.suffix, {n: p.suffix for n, p in files.items()}), "cfg": cfg}
     t = trials.run(_ship_trial, [item], shared, nodes, progress=False)[0]
-    return {**t.value, "timed_on": {"node": t.node, "host": t.host, "resource": next(iter(nodes.resources))}}
+    where = {"node": t.node, "host": t.host, "resource": next(iter(nodes.resources))}
+    return {n: {**gate, "timed_on": where} for n, gate in t.value.items()}
 
 
-def _ship_trial(shared, item: dict) -> dict:
+def _ship_trial(shared, item: dict) -> dict[str, dict]:
     from edgeq.trials import shared_file
 
     parent = shared_file(shared["parent"], item["suffixes"][0])
-    path = shared_file(shared["file"], item["suffixes"][1])
-    return ship_decision(parent, path, item["fmt"], dict(shared["inputs"]), item["cfg"])
+    files = {n: shared_file(data, item["suffixes"][1][n]) for n, data in shared["files"].items()}
+    return ship_race(parent, files, item["fmt"], dict(shared["inputs"]), item["cfg"])
 
 
 def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict:
-    """Time a file against its parent (paired, in blocks until edgeq.evidence's rule settles it) and
-    decide whether it ships: not when it is slower beyond the noise margin with confidence
-    (edgeq.policy), confirmed by a second block."""
+    """`ship_race` for one file."""
+    return ship_race(parent, {path.name: path}, fmt, inputs, cfg)[path.name]
+
+
+def ship_race(parent: Path, files: dict[str, Path], fmt: str, inputs: dict[int, np.ndarray],
+              cfg: SearchConfig) -> dict[str, dict]:
+    """Time files against their parent, all in the same alternating rounds (a round: a window of the parent,
+    then one of each file still undecided), in blocks until edgeq.evidence's rule settles each file on its own
+    ratios to the parent: it ships unless slower beyond the noise margin with confidence (edgeq.policy),
+    confirmed by a second block. The parent's windows serve every file: k files take k + 1 windows a round,
+    not 2k."""
     with threads(cfg.threads):
         options = ort_timing_options(cfg.threads) if fmt == "onnx" else None
-        # one pair of runners per batch size, as a deployment at one batch size runs them: torch's x86
-        # int8 kernels keep their plan for the first input shape they see (edgeq.verify.latency)
-        pairs = {n: [runtime.load(p, fmt, threads=cfg.threads, options=options) for p in (parent, path)]
-                 for n in inputs}
-
+        # one set of runners per batch size, as a deployment at one batch size runs them: torch's x86 int8
+        # kernels keep their plan for the first input shape they see (edgeq.verify.latency)
+        load = lambda p: runtime.load(p, fmt, threads=cfg.threads, options=options).run  # noqa: E731
+        runs = {n: (load(parent), {name: load(p) for name, p in files.items()}) for n in inputs}
         warmed: set = set()
 
-        def block(rounds: int) -> dict:
-            return {n: paired_latency(pairs[n][0].run, pairs[n][1].run, x, rounds, cfg.window_s,
-                                      first_warm_up(warmed, n))["ratios"]
-                    for n, x in inputs.items()}
+        def block(rounds: int, names: list[str]) -> dict:
+            out: dict = {name: {} for name in names}
+            for n, x in inputs.items():
+                ref, cand = runs[n]
+                samples = timed_rounds([ref, *(cand[name] for name in names)], x, rounds, cfg.window_s,
+                                       warmup_calls=first_warm_up(warmed, n))
+                for name, s in zip(names, samples[1:], strict=True):
+                    out[name][n] = round_ratios(s, samples[0])
+            return out
 
-        d = decide(block, slower_verdict(tuple(inputs)), cfg.rule)
-    return {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
-            "evidence": d.summary()}
+        decided = decide_each(block, {name: slower_verdict(tuple(inputs)) for name in files}, cfg.rule)
+    return {name: {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
+                   "evidence": d.summary()} for name, d in decided.items()}
 
 
 def drop_slower(fam: Family, out: Lineage, name: str, parent: str, path: Path, gate: dict,

@@ -162,6 +162,45 @@ def test_a_slower_int8_file_is_deleted_and_listed(tmp_path):
     assert "1.12x at batch 256" in entry["reason"] and "m-fp32-onnx" in entry["reason"]
 
 
+def test_the_files_of_one_parent_are_settled_together_and_a_slower_one_is_taken_back(tmp_path):
+    """`Family.record` leaves a file's ship decision to its stage, which settles a parent's files together
+    (edgeq.speed.settle): the one its decision drops is deleted, taken out of the stage's lineage and the
+    validation logits, and listed under skipped; the other ships with its note and its quantization record."""
+    from edgeq.context import Awaiting, Ship
+    from edgeq.decisions import Replayed
+    from edgeq.manifest import Artifact
+    from edgeq.plan import FamilyPlan
+
+    gates = {"m-static-onnx": {"ship": True, "latency_vs_parent": {"1": 0.6, "256": 1.02}},
+             "m-qat-onnx": {"ship": False, "latency_vs_parent": {"1": 0.9, "256": 1.3}},
+             "m-static-pte": {"ship": True, "latency_vs_parent": {"1": 0.5}}}
+    fp = FamilyPlan("sha", {}, ships=gates)
+    plan = BuildPlan("edgeq", {}, {}, "sha", {"m": fp})
+    fam = Family(Build(tmp_path, None, Replayed(plan), Lineage(lambda s: None)), "m", Recipe(), None, fp)
+    stage, quant = Lineage(lambda s: None), {}
+    for name in gates:
+        path = tmp_path / f"{name}.{name.rsplit('-', 1)[1]}"
+        path.write_bytes(b"x")
+        art = stage.add(Artifact(name, path.name, name.rsplit("-", 1)[1], "int8", "m", {}, "m-fp32", {}, None, 1, 1,
+                                 1, "0", 0.9, {}, notes="built"))
+        fam.val_logits[name] = np.zeros((1, 10))
+        parent = tmp_path / f"m-fp32{path.suffix}"
+
+        def on_gate(gate, name=name, path=path):
+            quant[name] = gate["latency_vs_parent"]
+            return speed.shipped_note(fam, stage, name, "m-fp32", path, gate)
+
+        fam.awaiting.append(Awaiting(Ship(path.suffix[1:], parent, on_gate), art, stage, path))
+    speed.settle(fam)
+    assert not fam.awaiting and quant == {n: g["latency_vs_parent"] for n, g in gates.items()}
+    assert [a.name for a in stage.artifacts] == ["m-static-onnx", "m-static-pte"] == list(fam.val_logits)
+    assert not (tmp_path / "m-qat-onnx.onnx").exists() and (tmp_path / "m-static-onnx.onnx").exists()
+    [entry] = stage.skipped
+    assert entry["name"] == "m-qat-onnx" and entry["kind"] == "slower_than_parent"
+    notes = {a.name: a.notes for a in stage.artifacts}
+    assert notes["m-static-pte"] == "built" and notes["m-static-onnx"].startswith("built; not faster than its fp32")
+
+
 def test_manifest_matches_the_files(exported):
     out, manifest = exported
     assert sorted(os.listdir(out)) == sorted({f.split("/")[0] for f in manifest.listed_files()} | {"manifest.json"})

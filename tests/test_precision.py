@@ -239,6 +239,38 @@ def test_no_block_is_taken_that_cannot_change_the_decision():
     assert decide(_stream(wide), slower, rule).depart and decide(_stream(wide), unmarked, rule).depart
 
 
+def test_files_raced_against_one_parent_are_each_decided_as_alone():
+    """`decide_each` (the ship rule for the files of one parent, timed in the same rounds) gives each file the
+    decision, blocks and evidence `decide` gives it alone, and measures a file no more once it is settled."""
+    from edgeq.evidence import decide_each
+
+    rule, verdict = Rule(confidence=0.99, block_rounds=8, max_blocks=4), slower_verdict((1, 64))
+    rng = np.random.default_rng(1)
+    settled = set()
+    for _ in range(200):
+        streams = {}
+        for name in ("static", "qat", "dynamic"):
+            centre, spread = {k: rng.uniform(0.85, 1.3) for k in (1, 64)}, rng.uniform(0.01, 0.2)
+            streams[name] = [{k: list(centre[k] * np.exp(rng.normal(0, spread, 8))) for k in (1, 64)}
+                             for _ in range(4)]
+        asked: list[list[str]] = []
+
+        def block(rounds: int, names: list[str]) -> dict:
+            assert rounds == rule.block_rounds
+            asked.append(list(names))
+            return {n: streams[n][len(asked) - 1] for n in names}
+
+        together = decide_each(block, {n: verdict for n in streams}, rule)
+        for name, d in together.items():
+            alone = decide(_stream(streams[name]), verdict, rule)
+            assert (d.depart, d.blocks, d.settled) == (alone.depart, alone.blocks, alone.settled)
+            assert d.evidence.ratios == alone.evidence.ratios
+            assert [name in names for names in asked] == [i < d.blocks for i in range(len(asked))]
+            settled.add(d.settled)
+        assert len(asked) == max(d.blocks for d in together.values())
+    assert settled == {"ruled out", "departed", "cannot depart", "undecided: default kept"}
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_search_decides_every_layer_and_the_weight_scales_by_measurement(cnn_onnx, calib, ds, threads):
     check = PRE.apply(ds.train.images[:512])
@@ -420,3 +452,25 @@ def test_a_timed_decision_warms_its_functions_up_before_its_first_block_only(cnn
         ratios = block(2)
         assert set(ratios) == {(k, b) for k in ("best", "cand", "cand_vs_best") for b in inputs}
     assert [w for w in warm_ups if w[2]] == [(3, 1, timing.WARMUP_CALLS), (3, 4, timing.WARMUP_CALLS)]
+
+
+def test_the_files_of_one_parent_are_timed_in_the_same_rounds_with_one_window_of_the_parent(cnn_onnx, test_x,
+                                                                                          monkeypatch):
+    """The ship rule's race (edgeq.speed.ship_race): a round is a window of the parent and one of each file still
+    undecided, so k files take k + 1 windows, not 2k; each file's ratios are to the parent's window of its
+    round (the verdict here never settles, so that every block is taken)."""
+    from edgeq import speed
+    from edgeq.speed import ship_race
+
+    monkeypatch.setattr(speed, "slower_verdict", lambda keys: lambda evidence: None)
+    windows: list[int] = []
+    real = speed.timed_rounds
+    monkeypatch.setattr(speed, "timed_rounds", lambda fns, *a, **k: windows.append(len(fns)) or real(fns, *a, **k))
+    inputs = {1: test_x[:1], 4: test_x[:4]}
+    cfg = SearchConfig(batches=(1, 4), threads=1, rule=Rule(block_rounds=2, max_blocks=3), window_s=0.002)
+    gates = ship_race(cnn_onnx, {"a": cnn_onnx, "b": cnn_onnx}, "onnx", inputs, cfg)
+    assert windows == [3] * 6  # a call per input and block: the parent and both files
+    for gate in gates.values():
+        assert gate["ship"] and gate["evidence"]["blocks"] == 3
+        assert {k: r["rounds"] for k, r in gate["evidence"]["ratios"].items()} == {"1": 6, "4": 6}
+        assert set(gate["latency_vs_parent"]) == {"1", "4"}
