@@ -311,7 +311,7 @@ def _foreign_format(target: object, qdq: dict) -> str | None:
 def ship_contradiction(rec: dict) -> str | None:
     """Why a recorded ship decision is not what the ship rule gives on its own recorded timings, or None.
 
-    The rule (edgeq.speed.ship_decision): a file is dropped only when, at some batch, the confidence interval
+    The rule (edgeq.speed.ship_race): a file is dropped only when, at some batch, the confidence interval
     of its paired ratio over its parent lies wholly past the noise margin (edgeq.policy.slower on the low end)
     and the last block of rounds alone agrees on its medians; otherwise it ships. Recorded figures are
     rounded, so only a contradiction beyond the rounding counts.

@@ -100,7 +100,7 @@ def ships(fam: Family, fmt: str, parent: Path, files: dict[str, Path]) -> dict[s
     measured: dict[str, dict] = {}
 
     def measure(name: str) -> dict:
-        if not measured:  # the first file the plan does not hold: every file of the parent, timed together
+        if not measured:  # the first file measured: every file of the parent, timed together
             inputs, cfg = timing_inputs(fam), search_config(fam)
             measured.update(_ship_on(nodes, parent, files, fmt, inputs, cfg) if nodes is not None
                             else ship_race(parent, files, fmt, inputs, cfg))

@@ -101,8 +101,9 @@ def timed_rounds(fns: Sequence[Fn], x: np.ndarray, rounds: int = 5, window_s: fl
 
 def first_warm_up(warmed: set, key) -> int:
     """Warm-up calls for a block of a timed decision at `key` (an input): WARMUP_CALLS for its first block, none
-    for the later ones, whose functions ran in the block just before (nothing runs between a decision's
-    blocks). `warmed` holds the keys already warmed, one set per decision."""
+    for the later ones, whose functions ran at that input in the block before (between a decision's blocks
+    only its own timing runs: at its other inputs). `warmed` holds the keys already warmed, one set per
+    decision."""
     if key in warmed:
         return 0
     warmed.add(key)
@@ -136,10 +137,9 @@ def round_ratios(cand: list[list[float]], ref: list[list[float]]) -> list[float]
     return [float(np.median(c) / np.median(r)) for c, r in zip(cand, ref, strict=True)]
 
 
-def paired_latency(ref_fn: Fn, cand_fn: Fn, x: np.ndarray, rounds: int = 5, window_s: float = 0.04,
-                   warmup_calls: int = 3) -> dict:
+def paired_latency(ref_fn: Fn, cand_fn: Fn, x: np.ndarray, rounds: int = 5, window_s: float = 0.04) -> dict:
     """Time two functions in alternating windows: all samples of each, and the per-round ratios."""
-    ref, cand = timed_rounds([ref_fn, cand_fn], x, rounds, window_s, warmup_calls=warmup_calls)
+    ref, cand = timed_rounds([ref_fn, cand_fn], x, rounds, window_s)
     return {"ref_samples": flatten(ref), "cand_samples": flatten(cand), "ratios": round_ratios(cand, ref)}
 
 

@@ -166,8 +166,9 @@ def test_the_files_of_one_parent_are_settled_together_and_a_slower_one_is_taken_
     """`Family.record` leaves a file's ship decision to its stage, which settles a parent's files together
     (edgeq.speed.settle): the one its decision drops is deleted, taken out of the stage's lineage and the
     validation logits, and listed under skipped; the other ships with its note and its quantization record."""
-    from edgeq.context import Awaiting, Ship
-    from edgeq.decisions import Replayed
+    from edgeq.context import Awaiting, Ship, Splits
+    from edgeq.data import Arrays
+    from edgeq.decisions import Measured, Replayed
     from edgeq.manifest import Artifact
     from edgeq.plan import FamilyPlan
 
@@ -199,6 +200,27 @@ def test_the_files_of_one_parent_are_settled_together_and_a_slower_one_is_taken_
     assert entry["name"] == "m-qat-onnx" and entry["kind"] == "slower_than_parent"
     notes = {a.name: a.notes for a in stage.artifacts}
     assert notes["m-static-pte"] == "built" and notes["m-static-onnx"].startswith("built; not faster than its fp32")
+
+    # a parent whose files cannot be timed (its own file is not a model): its files alone are taken back and
+    # deleted, each listed with the runtime's reason; the export goes on
+    val = Arrays(np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64))
+    measured = Family(Build(tmp_path, Splits(val, val, val, {}), Measured(plan), Lineage(lambda s: None)), "m",
+                      Recipe(), None, FamilyPlan("sha", {}))
+    other = tmp_path / "other"
+    other.mkdir()
+    broken, stage = other / "broken-fp32.onnx", Lineage(lambda s: None)
+    broken.write_bytes(b"not a model")
+    for name in ("m-static-onnx", "m-qat-onnx"):
+        art = stage.add(Artifact(name, f"{name}.onnx", "onnx", "int8", "m", {}, "m-fp32", {}, None, 1, 1, 1, "0",
+                                 0.9, {}))
+        (other / art.file).write_bytes(b"x")
+        measured.val_logits[name] = np.zeros((1, 10))
+        measured.awaiting.append(Awaiting(Ship("onnx", broken, lambda gate: ""), art, stage, other / art.file))
+    speed.settle(measured)
+    assert stage.artifacts == [] and measured.val_logits == {} and measured.plan.ships == {}
+    assert [s["name"] for s in stage.skipped] == ["m-static-onnx", "m-qat-onnx"]
+    assert all("broken-fp32.onnx: not a loadable ONNX model" in s["reason"] for s in stage.skipped)
+    assert sorted(p.name for p in other.iterdir()) == ["broken-fp32.onnx"]
 
 
 def test_manifest_matches_the_files(exported):

@@ -24,7 +24,7 @@ SLOWER = 1.2  # every round: 20 % slower than the parent
 
 
 def _export_drops(ratio: float) -> bool:
-    """The exporter's ship rule (edgeq.speed.ship_decision's verdict) on blocks of recorded ratios."""
+    """The exporter's ship rule (edgeq.speed.ship_race's verdict) on blocks of recorded ratios."""
     return decide(lambda rounds: {1: [ratio] * rounds, 64: [1.0] * rounds}, slower_verdict((1, 64)), RULE).depart
 
 

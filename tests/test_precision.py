@@ -427,9 +427,9 @@ def test_the_exporter_the_verifier_and_the_device_checker_time_in_one_window_len
 
 
 def test_a_timed_decision_warms_its_functions_up_before_its_first_block_only(cnn_onnx, test_x, monkeypatch):
-    """Nothing runs between the blocks of one decision, so its functions are warmed up once, before the first
-    block at each input: the ship rule's blocks and the speed search's alike (the ship rule's verdict here never
-    settles, so that every block is taken)."""
+    """Between the blocks of one decision only its own timing runs, so its functions are warmed up once, before
+    the first block at each input: the ship rule's blocks and the speed search's alike (the ship rule's verdict
+    here never settles, so that every block is taken)."""
     from edgeq import speed, timing
     from edgeq.precision import three_way
     from edgeq.speed import ship_decision
