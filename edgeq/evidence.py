@@ -216,6 +216,35 @@ def _look(pooled: Evidence, block: Mapping[Hashable, list[float]], verdict: Verd
     return None
 
 
+def ship_race(runs: Mapping[int, tuple[Callable, Mapping[Hashable, Callable]]], inputs: Mapping[int, np.ndarray],
+              window_s: float, rule: Rule = RULE) -> dict[Hashable, dict]:
+    """The ship rule for the files of one parent, timed in the same alternating rounds: at each input `n`,
+    `runs[n]` is (the parent's function, {file: its function}), loaded for that input alone. A round is a
+    window of the parent, then one of each file still undecided: k files take k + 1 windows a round, not 2k.
+    Each file is decided on its own ratios to the parent's window of its round (`decide_each`, `slower_verdict`):
+    it ships unless slower beyond the noise margin with confidence, confirmed by a second block. Its functions
+    are warmed up before the first block at each input only. -> {file: {ship, latency_vs_parent, evidence}}.
+    The exporter (edgeq.speed) and the device plan (edgeq.device.plan) both time with it."""
+    from edgeq.timing import first_warm_up, round_ratios, timed_rounds
+
+    warmed: set = set()
+
+    def block(rounds: int, names: list) -> dict:
+        out: dict = {name: {} for name in names}
+        for n, x in inputs.items():
+            ref, files = runs[n]
+            samples = timed_rounds([ref, *(files[name] for name in names)], x, rounds, window_s,
+                                   warmup_calls=first_warm_up(warmed, n))
+            for name, s in zip(names, samples[1:], strict=True):
+                out[name][n] = round_ratios(s, samples[0])
+        return out
+
+    names = list(next(iter(runs.values()))[1])
+    decided = decide_each(block, {name: slower_verdict(tuple(inputs)) for name in names}, rule)
+    return {name: {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
+                   "evidence": d.summary()} for name, d in decided.items()}
+
+
 def slower_verdict(keys: tuple) -> Verdict:
     """The ship rule on paired ratios (file / parent) per key (a batch size): slower when some key's interval
     lies wholly past the noise margin (edgeq.policy); not slower when every key's interval is within it;

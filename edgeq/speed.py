@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq import policy, runtime
+from edgeq import evidence, policy, runtime
 from edgeq.context import Awaiting, Family
-from edgeq.evidence import decide_each, median_interval, slower_verdict
+from edgeq.evidence import median_interval
 from edgeq.lineage import Lineage, name_of
 from edgeq.manifest import Artifact
 from edgeq.precision import SearchConfig
 from edgeq.target import here
-from edgeq.timing import WARMUP_CALLS, first_warm_up, ort_timing_options, round_ratios, threads, timed_rounds
+from edgeq.timing import WARMUP_CALLS, ort_timing_options, round_ratios, threads, timed_rounds
 
 
 def search_config(fam: Family) -> SearchConfig:
@@ -150,39 +150,18 @@ def _ship_trial(shared, item: dict) -> dict[str, dict]:
     return ship_race(parent, files, item["fmt"], dict(shared["inputs"]), item["cfg"])
 
 
-def ship_decision(parent: Path, path: Path, fmt: str, inputs: dict[int, np.ndarray], cfg: SearchConfig) -> dict:
-    """`ship_race` for one file."""
-    return ship_race(parent, {path.name: path}, fmt, inputs, cfg)[path.name]
-
-
 def ship_race(parent: Path, files: dict[str, Path], fmt: str, inputs: dict[int, np.ndarray],
               cfg: SearchConfig) -> dict[str, dict]:
-    """Time files against their parent, all in the same alternating rounds (a round: a window of the parent,
-    then one of each file still undecided), in blocks until edgeq.evidence's rule settles each file on its own
-    ratios to the parent: it ships unless slower beyond the noise margin with confidence (edgeq.policy),
-    confirmed by a second block. The parent's windows serve every file: k files take k + 1 windows a round,
-    not 2k."""
+    """Time files against their parent, all in the same alternating rounds, until edgeq.evidence's rule settles
+    each on its own ratios (`edgeq.evidence.ship_race`): it ships unless slower beyond the noise margin with
+    confidence (edgeq.policy), confirmed by a second block. The parent's windows serve every file."""
     with threads(cfg.threads):
         options = ort_timing_options(cfg.threads) if fmt == "onnx" else None
         # one set of runners per batch size, as a deployment at one batch size runs them: torch's x86 int8
         # kernels keep their plan for the first input shape they see (edgeq.verify.latency)
         load = lambda p: runtime.load(p, fmt, threads=cfg.threads, options=options).run  # noqa: E731
         runs = {n: (load(parent), {name: load(p) for name, p in files.items()}) for n in inputs}
-        warmed: set = set()
-
-        def block(rounds: int, names: list[str]) -> dict:
-            out: dict = {name: {} for name in names}
-            for n, x in inputs.items():
-                ref, cand = runs[n]
-                samples = timed_rounds([ref, *(cand[name] for name in names)], x, rounds, cfg.window_s,
-                                       warmup_calls=first_warm_up(warmed, n))
-                for name, s in zip(names, samples[1:], strict=True):
-                    out[name][n] = round_ratios(s, samples[0])
-            return out
-
-        decided = decide_each(block, {name: slower_verdict(tuple(inputs)) for name in files}, cfg.rule)
-    return {name: {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
-                   "evidence": d.summary()} for name, d in decided.items()}
+        return evidence.ship_race(runs, inputs, cfg.window_s, cfg.rule)
 
 
 def drop_slower(fam: Family, out: Lineage, name: str, parent: str, path: Path, gate: dict,

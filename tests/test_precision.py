@@ -430,18 +430,18 @@ def test_a_timed_decision_warms_its_functions_up_before_its_first_block_only(cnn
     """Between the blocks of one decision only its own timing runs, so its functions are warmed up once, before
     the first block at each input: the ship rule's blocks and the speed search's alike (the ship rule's verdict
     here never settles, so that every block is taken)."""
-    from edgeq import speed, timing
+    from edgeq import evidence, timing
     from edgeq.precision import three_way
-    from edgeq.speed import ship_decision
+    from edgeq.speed import ship_race
 
-    monkeypatch.setattr(speed, "slower_verdict", lambda keys: lambda evidence: None)
+    monkeypatch.setattr(evidence, "slower_verdict", lambda keys: lambda e: None)
     warm_ups: list[tuple[int, int, int]] = []  # (functions, input rows, calls each)
     real = timing.warm_up
     monkeypatch.setattr(timing, "warm_up", lambda fns, x, calls: warm_ups.append((len(fns), len(x), calls))
                         or real(fns, x, calls))
     inputs = {1: test_x[:1], 4: test_x[:4]}
     cfg = SearchConfig(batches=(1, 4), threads=1, rule=Rule(block_rounds=2, max_blocks=3), window_s=0.002)
-    d = ship_decision(cnn_onnx, cnn_onnx, "onnx", inputs, cfg)
+    d = ship_race(cnn_onnx, {"file": cnn_onnx}, "onnx", inputs, cfg)["file"]
     assert d["evidence"]["blocks"] == 3 and d["evidence"]["settled"] == "undecided: default kept"
     assert [w for w in warm_ups if w[2]] == [(2, 1, timing.WARMUP_CALLS), (2, 4, timing.WARMUP_CALLS)]
     assert len(warm_ups) == 6  # a block per input, three blocks
@@ -454,22 +454,31 @@ def test_a_timed_decision_warms_its_functions_up_before_its_first_block_only(cnn
     assert [w for w in warm_ups if w[2]] == [(3, 1, timing.WARMUP_CALLS), (3, 4, timing.WARMUP_CALLS)]
 
 
+@pytest.mark.parametrize("side", ["export", "device plan"])
 def test_the_files_of_one_parent_are_timed_in_the_same_rounds_with_one_window_of_the_parent(cnn_onnx, test_x,
-                                                                                          monkeypatch):
-    """The ship rule's race (edgeq.speed.ship_race): a round is a window of the parent and one of each file still
-    undecided, so k files take k + 1 windows, not 2k; each file's ratios are to the parent's window of its
-    round (the verdict here never settles, so that every block is taken)."""
-    from edgeq import speed
+                                                                                          monkeypatch, side):
+    """The ship rule's race (edgeq.evidence.ship_race, as the exporter and the device plan time with it): a round
+    is a window of the parent and one of each file still undecided, so k files take k + 1 windows, not 2k; each
+    file's ratios are to the parent's window of its round (the verdict here never settles, so that every block
+    is taken)."""
+    from edgeq import evidence, timing
+    from edgeq.device import plan
     from edgeq.speed import ship_race
 
-    monkeypatch.setattr(speed, "slower_verdict", lambda keys: lambda evidence: None)
+    monkeypatch.setattr(evidence, "slower_verdict", lambda keys: lambda e: None)
     windows: list[int] = []
-    real = speed.timed_rounds
-    monkeypatch.setattr(speed, "timed_rounds", lambda fns, *a, **k: windows.append(len(fns)) or real(fns, *a, **k))
-    inputs = {1: test_x[:1], 4: test_x[:4]}
-    cfg = SearchConfig(batches=(1, 4), threads=1, rule=Rule(block_rounds=2, max_blocks=3), window_s=0.002)
-    gates = ship_race(cnn_onnx, {"a": cnn_onnx, "b": cnn_onnx}, "onnx", inputs, cfg)
+    real = timing.timed_rounds
+    monkeypatch.setattr(timing, "timed_rounds", lambda fns, *a, **k: windows.append(len(fns)) or real(fns, *a, **k))
+    inputs, rule = {1: test_x[:1], 4: test_x[:4]}, Rule(block_rounds=2, max_blocks=3)
+    files = {"a": cnn_onnx, "b": cnn_onnx}
+    if side == "export":
+        cfg = SearchConfig(batches=(1, 4), threads=1, rule=rule, window_s=0.002)
+        gates = ship_race(cnn_onnx, files, "onnx", inputs, cfg)
+    else:
+        monkeypatch.setattr(evidence, "RULE", rule)
+        gates = plan.ship_race(cnn_onnx, files, inputs, 1, 0.002)
     assert windows == [3] * 6  # a call per input and block: the parent and both files
+    assert set(gates) == set(files)
     for gate in gates.values():
         assert gate["ship"] and gate["evidence"]["blocks"] == 3
         assert {k: r["rounds"] for k, r in gate["evidence"]["ratios"].items()} == {"1": 6, "4": 6}

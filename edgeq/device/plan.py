@@ -99,25 +99,17 @@ def _where(env: dict) -> str:
     return f"the device: {c['model']} ({c['machine']}, {flags}{emulated}), {env['threads']} threads"
 
 
-def ship_decision(parent: Path, path: Path, inputs: dict[int, np.ndarray], threads: int, window_s: float) -> dict:
-    """Time an int8 file against its parent in blocks of paired rounds until edgeq.evidence's rule
-    settles it; it ships unless slower beyond the noise margin with confidence (edgeq.policy)."""
-    from edgeq import timing
+def ship_race(parent: Path, files: dict[str, Path], inputs: dict[int, np.ndarray], threads: int,
+              window_s: float) -> dict[str, dict]:
+    """Time int8 files against their parent, all in the same rounds, in blocks until edgeq.evidence's rule
+    settles each (`edgeq.evidence.ship_race`, as the exporter times them); a file ships unless slower beyond
+    the noise margin with confidence (edgeq.policy)."""
     from edgeq.device.runners import load_onnx
-    from edgeq.evidence import RULE, decide, slower_verdict
+    from edgeq.evidence import RULE, ship_race as race
 
-    pairs = {n: (load_onnx(parent, threads, None), load_onnx(path, threads, None)) for n in inputs}
-
-    def block(rounds: int) -> dict:
-        return {n: timing.round_ratios(*reversed(timing.timed_rounds(list(pairs[n]), x, rounds, window_s,
-                                                                     warmup_calls=0)))
-                for n, x in inputs.items()}
-
-    for a, b in pairs.values():  # warm up once, untimed
-        timing.warm_up([a, b], inputs[min(inputs)], 3)
-    d = decide(block, slower_verdict(tuple(inputs)), RULE)
-    return {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
-            "evidence": d.summary()}
+    runs = {n: (load_onnx(parent, threads, None), {name: load_onnx(p, threads, None) for name, p in files.items()})
+            for n in inputs}
+    return race(runs, inputs, window_s, RULE)
 
 
 def plan(directory: str | Path, out: str | Path, threads: int | None = None, budget_s: float | None = None,
@@ -206,14 +198,16 @@ def _plan_family(root: Path, manifest: dict, model: str, fam: dict, x: np.ndarra
         found = search_precision(fp32, [x], x[:2048], cfg, log=log)
         fam["precision"][key] = {**rec, "qdq": asdict(found.qdq), "layers": found.layers, "weights": found.weights,
                                  "cost": {**found.cost, "timed_on": where, "inputs": source}}
-        for name in _int8_onnx_of(fam, model, key):
-            acc = fam.get("accuracy", {}).get(name) or {}
-            extra = tuple(acc.get("fp32_nodes_added", []))
-            qdq = replace(found.qdq, exclude_nodes=tuple(dict.fromkeys(found.qdq.exclude_nodes + extra)),
-                          per_channel=acc.get("per_channel", found.qdq.per_channel))
-            with tempfile.TemporaryDirectory() as tmp:
-                path = quantize_onnx(fp32, Path(tmp) / "int8.onnx", [x[:128]], qdq)
-                gate = ship_decision(fp32, path, timing_inputs, t, cfg.window_s)
+        with tempfile.TemporaryDirectory() as tmp:  # the parent's int8 files, timed against it together
+            files = {}
+            for i, name in enumerate(_int8_onnx_of(fam, model, key)):
+                acc = fam.get("accuracy", {}).get(name) or {}
+                extra = tuple(acc.get("fp32_nodes_added", []))
+                qdq = replace(found.qdq, exclude_nodes=tuple(dict.fromkeys(found.qdq.exclude_nodes + extra)),
+                              per_channel=acc.get("per_channel", found.qdq.per_channel))
+                files[name] = quantize_onnx(fp32, Path(tmp) / f"int8-{i}.onnx", [x[:128]], qdq)
+            gates = ship_race(fp32, files, timing_inputs, t, cfg.window_s) if files else {}
+        for name, gate in gates.items():
             fam["ships"][name] = {**gate, "timed_on": where,
                                   "file_timed": "quantized here with these decisions, calibrated on " + source}
             log(f"  {name}: {'ships' if gate['ship'] else 'not shipped'} "
