@@ -111,13 +111,13 @@ def test_pte_calibration_is_measured_on_validation_and_the_best_kept(exported):
 def test_the_ship_rule_drops_only_what_the_evidence_shows_slower():
     """The rule on recorded ratios, no timing: slower beyond the margin in two agreeing blocks departs;
     within the margin, or one burst that the next block does not confirm, keeps the file."""
-    from edgeq.evidence import RULE, decide
+    from edgeq.evidence import RULE, decide, slower_verdict
 
     def blocks(*values):
         it = iter(values)
         return lambda rounds: {1: [next(it)] * rounds, 64: [1.0] * rounds}
 
-    verdict = speed.slower_verdict((1, 64))
+    verdict = slower_verdict((1, 64))  # edgeq.evidence.ship_race's
     assert decide(blocks(1.3, 1.3, 1.3, 1.3), verdict, RULE).depart  # 30 % slower at batch 1, confirmed
     assert not decide(blocks(1.02, 1.02, 1.02, 1.02), verdict, RULE).depart  # within the 5 % margin
     burst = decide(blocks(1.3, 1.0, 1.0, 1.0), verdict, RULE)
