@@ -187,13 +187,13 @@ def decide_each(measure_block: Callable[[int, list], Mapping[Hashable, Mapping[H
     settled: dict[Hashable, Decision] = {}
     for blocks in range(1, rule.max_blocks + 1):
         open_ = [n for n in verdicts if n not in settled]
+        if not open_:  # every decision settled (or none asked for): no block is timed
+            break
         measured = measure_block(rule.block_rounds, open_)
         for name in open_:
             d = _look(pooled[name], measured[name], verdicts[name], blocks, rule)
             if d is not None:
                 settled[name] = d
-        if len(settled) == len(verdicts):
-            break
     return settled
 
 
@@ -239,7 +239,7 @@ def ship_race(runs: Mapping[int, tuple[Callable, Mapping[Hashable, Callable]]], 
                 out[name][n] = round_ratios(s, samples[0])
         return out
 
-    names = list(next(iter(runs.values()))[1])
+    names = list(next(iter(runs.values()), (None, {}))[1])
     decided = decide_each(block, {name: slower_verdict(tuple(inputs)) for name in names}, rule)
     return {name: {"ship": not d.depart, "latency_vs_parent": {str(n): round(d.evidence.median(n), 3) for n in inputs},
                    "evidence": d.summary()} for name, d in decided.items()}

@@ -269,6 +269,8 @@ def test_files_raced_against_one_parent_are_each_decided_as_alone():
             settled.add(d.settled)
         assert len(asked) == max(d.blocks for d in together.values())
     assert settled == {"ruled out", "departed", "cannot depart", "undecided: default kept"}
+    # a parent with no file to decide (a device plan's parent whose int8 files were all skipped): nothing is timed
+    assert decide_each(lambda rounds, names: pytest.fail(f"a block was timed for {names}"), {}, rule) == {}
 
 
 @pytest.mark.parametrize("threads", [1, 2])

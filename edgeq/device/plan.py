@@ -206,7 +206,7 @@ def _plan_family(root: Path, manifest: dict, model: str, fam: dict, x: np.ndarra
                 qdq = replace(found.qdq, exclude_nodes=tuple(dict.fromkeys(found.qdq.exclude_nodes + extra)),
                               per_channel=acc.get("per_channel", found.qdq.per_channel))
                 files[name] = quantize_onnx(fp32, Path(tmp) / f"int8-{i}.onnx", [x[:128]], qdq)
-            gates = ship_race(fp32, files, timing_inputs, t, cfg.window_s) if files else {}
+            gates = ship_race(fp32, files, timing_inputs, t, cfg.window_s)
         for name, gate in gates.items():
             fam["ships"][name] = {**gate, "timed_on": where,
                                   "file_timed": "quantized here with these decisions, calibrated on " + source}
