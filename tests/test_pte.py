@@ -415,6 +415,63 @@ def test_a_lowering_skips_only_the_patterns_and_lookups_that_cannot_change_its_p
     assert torch.equal(torch.random.get_rng_state(), state)  # a lowering leaves the caller's random state as it was
 
 
+def test_within_a_lean_lowering_a_py_impl_for_a_dispatch_key_registers_as_torchs_does():
+    """edgeq.lowering_cache: within `lean()`, `py_impl` for a dispatch key is edgeq's (torch's without the typing
+    annotations it evaluates for each call), and torch's again after the block. It registers the kernel under the
+    key as torch's does, clears the op's dispatch cache, and refuses a key the op has a kernel for already with
+    torch's error. What is not a plain dispatch key (Python, a dispatch mode) goes to torch's own: it refuses
+    Python and takes a mode as it does outside the block."""
+    from torch._C import DispatchKey
+    from torch._ops import OperatorBase
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from edgeq import lowering_cache
+
+    class Mode(TorchDispatchMode):
+        pass
+
+    op, key = torch.ops.aten.erfinv.default, DispatchKey.AutocastXPU
+    torchs = OperatorBase.py_impl
+    assert key not in op.py_kernels and Mode not in op.python_key_table
+
+    def fn(*args, **kwargs):
+        return NotImplemented
+
+    def register(k):
+        """(what the first registration added, the error of the first or of the second), the op restored after."""
+        kernels, modes = dict(op.py_kernels), dict(op.python_key_table)
+        op._dispatch_cache[key] = "stale"
+        try:
+            op.py_impl(k)(fn)
+            added = {**{k: v for k, v in op.py_kernels.items() if kernels.get(k) is not v},
+                     **{k: v for k, v in op.python_key_table.items() if modes.get(k) is not v}}
+            cleared = key not in op._dispatch_cache
+            try:
+                op.py_impl(k)(fn)
+                return added, cleared, None
+            except (RuntimeError, AssertionError) as e:
+                return added, cleared, f"{type(e).__name__}: {e}"
+        except (RuntimeError, AssertionError) as e:
+            return None, None, f"{type(e).__name__}: {e}"
+        finally:
+            for table, saved in ((op.py_kernels, kernels), (op.python_key_table, modes)):
+                table.clear()
+                table.update(saved)
+            op._dispatch_cache.clear()
+
+    outside = [register(k) for k in (key, DispatchKey.Python, Mode)]
+    with lowering_cache.lean():
+        assert OperatorBase.py_impl is not torchs
+        inside = [register(k) for k in (key, DispatchKey.Python, Mode)]
+    assert OperatorBase.py_impl is torchs
+    assert inside == outside
+    assert outside[0] == ({key: fn}, True, f"RuntimeError: Trying to override a python impl for {key} on operator "
+                                           f"{op.name()}")
+    assert outside[1][0] is None and "DispatchKey.Python" in outside[1][2]
+    assert outside[2][0] == {Mode: fn} and "already registered" in outside[2][2]
+    assert key not in op.py_kernels and Mode not in op.python_key_table
+
+
 def test_qat_folds_batch_norm_tracing_only_the_convolutions_the_model_has(built, digits, monkeypatch):
     """edgeq.pt2e_cache: QAT's batch-norm fold traces its 12 pattern pairs per kind of convolution only for
     the kinds the graph calls (here conv2d); for another kind (conv1d) it does to the graph exactly what
