@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,14 @@ def qdq_timed(shared, cfg):
     wall, cpu = time.perf_counter(), time.process_time()
     trials.qdq_accuracy(shared, cfg)
     return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def importable():
+    """This file as an importable module (`trials`, from the script's folder on `sys.path`): a local pool's
+    workers take their trials from it, as edgeq.trials hides a script's `__main__` from them."""
+    import importlib
+
+    return importlib.import_module(Path(__file__).stem) if __name__ == "__main__" else sys.modules[__name__]
 
 
 def load() -> str:
@@ -100,8 +109,9 @@ def main() -> None:
     items = configs()
     print(f"batch: {len(items)} quantize-and-score trials (MNIST CNN, {VALIDATION} digits each)")
 
-    fig["pool_start_s"], _ = timed(lambda: trials.run(nothing, list(range(args.jobs)), None, Workers(jobs=args.jobs),
-                                                       progress=False))
+    bench = importable()
+    fig["pool_start_s"], _ = timed(lambda: trials.run(bench.nothing, list(range(args.jobs)), None,
+                                                       Workers(jobs=args.jobs), progress=False))
     print(f"pool start-up ({args.jobs} spawned workers, a no-op trial each): {fig['pool_start_s']:.2f} s")
 
     expected = [t.value for t in trials.run(trials.qdq_accuracy, items[:1], shared, Workers(jobs=1), progress=False)]
@@ -122,7 +132,7 @@ def main() -> None:
                     expected = values
                 elif values != expected:
                     raise SystemExit(f"{name}: values differ from the 1-worker run")
-        times = [t.value for t in pool.run(qdq_timed, items, shared, progress=False)]
+        times = [t.value for t in pool.run(bench.qdq_timed, items, shared, progress=False)]
     fig["core_share"] = round(sum(c for c, _ in times) / sum(w for _, w in times), 2)
     serial = statistics.median(walls["serial"])
     for name, label in (("serial", "1 worker (in this process)"), ("cold", f"{args.jobs} workers, started for the run"),
