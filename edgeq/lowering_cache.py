@@ -1,4 +1,4 @@
-"""Two fixed costs of ExecuTorch's lowering that do not depend on the program, skipped where they cannot
+"""Three fixed costs of ExecuTorch's lowering that do not depend on the program, skipped where they cannot
 change it.
 
 - XNNPACK's lowering rewrites decomposed bilinear upsampling and scaled dot-product attention back into single
@@ -19,7 +19,7 @@ change it.
   function each call defines (`Callable[_P, _T]`). Within `lean()` a `py_impl` for a dispatch key registers as
   torch's does, without them (`_registering`); any other key goes to torch's own.
 
-The programs are byte-identical with and without it (tests/test_pte.py checks both parts)."""
+The programs are byte-identical with and without it (tests/test_pte.py checks each part)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ _LOCK = threading.RLock()  # the patches are process-wide: one block at a time p
 
 @contextlib.contextmanager
 def lean() -> Iterator[None]:
-    """Within the block, ExecuTorch's lowering skips the pattern tracing and the op lookups that cannot change
-    the program it gives (module docstring)."""
+    """Within the block, ExecuTorch's lowering skips the pattern tracing, the op lookups and the typing work of
+    `py_impl` that cannot change the program it gives (module docstring)."""
     with _LOCK, patched([*_pattern_patches(), *_cia_patches(), *_py_impl_patches()]):
         yield
 
