@@ -101,6 +101,42 @@ def quantize_onnx(fp32_path: Path, path: Path, calibration: list[np.ndarray], cf
         return QDQBuilder(fp32_path, Path(work)).build(path, calibration, cfg)
 
 
+def ort_tools_without_torch() -> None:
+    """`onnxruntime.tools` imported, in a process that has not imported torch, without importing it.
+
+    `quant_pre_process` imports `onnxruntime.tools.symbolic_shape_infer`. Its package's `__init__` imports torch
+    where torch is installed (2-3 s on a 2-core machine) for one helper, `infer_input_info`, which nothing of
+    onnxruntime's quantization uses: a pool or Ray worker's first ONNX trial paid for it. Here the package is
+    imported with torch hidden from it (`sys.modules["torch"] = None` for the length of its `__init__`, which only
+    looks torch up), then given what it would have had: `have_torch` and, on first use, `infer_input_info`
+    (a module `__getattr__`, PEP 562). Nothing where torch is imported already or `onnxruntime.tools` is."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if "torch" in sys.modules or "onnxruntime.tools" in sys.modules:
+        return
+    importlib.import_module("onnxruntime")  # the parent first: only the package's own `__init__` runs hidden
+    sys.modules["torch"] = None  # type: ignore[assignment]  # find_spec("torch") -> None
+    try:
+        tools = importlib.import_module("onnxruntime.tools")
+    finally:
+        if sys.modules.get("torch", False) is None:
+            del sys.modules["torch"]
+    tools.have_torch = importlib.util.find_spec("torch")
+    if tools.have_torch is not None and not hasattr(tools, "infer_input_info"):
+        tools.__getattr__ = _infer_input_info
+
+
+def _infer_input_info(name: str):
+    """`onnxruntime.tools.infer_input_info`, imported (with torch) when first asked for."""
+    if name != "infer_input_info":
+        raise AttributeError(f"module 'onnxruntime.tools' has no attribute {name!r}")
+    from onnxruntime.tools.pytorch_export_helpers import infer_input_info
+
+    return infer_input_info
+
+
 class QDQBuilder:
     """The int8 files of one fp32 parent, each built once per setting, pre-processing and calibration shared.
 
@@ -142,6 +178,7 @@ class QDQBuilder:
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
+        ort_tools_without_torch()
         model = None
         if cfg.relu_before_pool or cfg.crop_padding:
             cropped = _cropped(self.fp32_path) if cfg.crop_padding else None

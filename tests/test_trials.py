@@ -120,6 +120,37 @@ def test_import_brings_in_no_runtime():
     assert out.stdout.strip() == "[]"
 
 
+FIRST_TRIAL = """
+import pickle, sys
+if sys.argv[2] == "torch first":
+    import torch
+from edgeq import trials
+shared, cfg = pickle.loads(open(sys.argv[1], "rb").read())
+value = trials.qdq_accuracy(shared, cfg)
+torch_after_trial = "torch" in sys.modules
+from onnxruntime.tools import infer_input_info
+from onnxruntime.tools.pytorch_export_helpers import infer_input_info as helper
+print(pickle.dumps((value, torch_after_trial, infer_input_info is helper)).hex())
+"""
+
+
+@pytest.mark.parametrize("first", ["nothing", "torch first"])
+def test_a_fresh_processs_onnx_trial_imports_no_torch_and_leaves_onnxruntime_tools_whole(first, shared, expected,
+                                                                                          tmp_path):
+    """onnxruntime.tools' `__init__` imports torch for a helper quantization does not use: a worker's first ONNX
+    trial gives the same scores without importing it, and the helper is still there for whoever asks."""
+    import pickle
+
+    data = tmp_path / "trial.pkl"
+    data.write_bytes(pickle.dumps((dict(shared), CONFIGS[0])))
+    out = subprocess.run([sys.executable, "-c", FIRST_TRIAL, str(data), first], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(Path(trials.__file__).parents[1])})
+    value, torch_after_trial, helper_there = pickle.loads(bytes.fromhex(out.stdout.strip().splitlines()[-1]))
+    assert value == expected[0]
+    assert torch_after_trial == (first == "torch first")
+    assert helper_there
+
+
 @pytest.mark.parametrize("kwargs, says", [
     ({"jobs": 0}, "jobs=0"), ({"jobs": -2}, "jobs=-2"), ({"jobs": 1.5}, "jobs=1.5"), ({"retries": -1}, "retries=-1"),
     ({"ray_address": " "}, "--ray ' '"), ({"resources": {"target:arm64": 1}}, "give a Ray address"),
