@@ -8,11 +8,12 @@ PIP    := $(BIN)/pip --disable-pip-version-check -q
 
 # The virtual environment is (re)built whenever pyproject.toml changes. pip compiles every module it installs
 # one file after the other; compileall does it on every core (`-j 0`), and, like pip, passes over the few files
-# that are not Python 3 (docs/scale.md).
+# that do not compile (torch's examples of Python 3.12 syntax; docs/scale.md).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --no-compile -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -m compileall -qq -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
+	site="$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" && test -d "$$site" \
+		&& { $(BIN)/python -m compileall -qq -j 0 "$$site" || true; }
 	$(BIN)/python -c "import edgeq, torch, onnxruntime" 
 	touch $(STAMP)
 

@@ -108,8 +108,10 @@ def ort_tools_without_torch() -> None:
     where torch is installed (2-3 s on a 2-core machine) for one helper, `infer_input_info`, which nothing of
     onnxruntime's quantization uses: a pool or Ray worker's first ONNX trial paid for it. Here the package is
     imported with torch hidden from it (`sys.modules["torch"] = None` for the length of its `__init__`, which only
-    looks torch up), then given what it would have had: `have_torch` and, on first use, `infer_input_info`
-    (a module `__getattr__`, PEP 562). Nothing where torch is imported already or `onnxruntime.tools` is."""
+    looks torch up), then given `have_torch` as it would have had it, and `infer_input_info` on first use (a module
+    `__getattr__`, PEP 562; kept as an attribute once imported, and listed by `dir()`). Nothing where torch is
+    imported already or `onnxruntime.tools` is. While hidden, an `import torch` in another thread would fail: the
+    processes that get here (pool and Ray workers) run one trial at a time, and an exporting process has torch."""
     import importlib
     import importlib.util
     import sys
@@ -117,23 +119,27 @@ def ort_tools_without_torch() -> None:
     if "torch" in sys.modules or "onnxruntime.tools" in sys.modules:
         return
     importlib.import_module("onnxruntime")  # the parent first: only the package's own `__init__` runs hidden
-    sys.modules["torch"] = None  # type: ignore[assignment]  # find_spec("torch") -> None
     try:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # find_spec("torch") -> None
         tools = importlib.import_module("onnxruntime.tools")
     finally:
         if sys.modules.get("torch", False) is None:
             del sys.modules["torch"]
     tools.have_torch = importlib.util.find_spec("torch")
-    if tools.have_torch is not None and not hasattr(tools, "infer_input_info"):
+    if tools.have_torch is not None and "infer_input_info" not in vars(tools):
         tools.__getattr__ = _infer_input_info
+        tools.__dir__ = lambda: sorted({*vars(tools), "infer_input_info"})
 
 
 def _infer_input_info(name: str):
-    """`onnxruntime.tools.infer_input_info`, imported (with torch) when first asked for."""
+    """`onnxruntime.tools.infer_input_info`, imported (with torch) when first asked for, then kept on the module."""
     if name != "infer_input_info":
         raise AttributeError(f"module 'onnxruntime.tools' has no attribute {name!r}")
+    import sys
+
     from onnxruntime.tools.pytorch_export_helpers import infer_input_info
 
+    sys.modules["onnxruntime.tools"].infer_input_info = infer_input_info
     return infer_input_info
 
 

@@ -128,15 +128,17 @@ from edgeq import trials
 shared, cfg = pickle.loads(open(sys.argv[1], "rb").read())
 value = trials.qdq_accuracy(shared, cfg)
 torch_after_trial = "torch" in sys.modules
+import onnxruntime.tools
 from onnxruntime.tools import infer_input_info
 from onnxruntime.tools.pytorch_export_helpers import infer_input_info as helper
-print(pickle.dumps((value, torch_after_trial, infer_input_info is helper)).hex())
+whole = infer_input_info is helper and onnxruntime.tools.have_torch is not None
+print(pickle.dumps((value, torch_after_trial, whole)).hex())
 """
 
 
 @pytest.mark.parametrize("first", ["nothing", "torch first"])
-def test_a_fresh_processs_onnx_trial_imports_no_torch_and_leaves_onnxruntime_tools_whole(first, shared, expected,
-                                                                                          tmp_path):
+def test_an_onnx_trial_in_a_fresh_process_imports_no_torch_and_leaves_onnxruntime_tools_whole(first, shared,
+                                                                                                expected, tmp_path):
     """onnxruntime.tools' `__init__` imports torch for a helper quantization does not use: a worker's first ONNX
     trial gives the same scores without importing it, and the helper is still there for whoever asks."""
     import pickle
