@@ -184,7 +184,6 @@ class QDQBuilder:
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        ort_tools_without_torch()
         model = None
         if cfg.relu_before_pool or cfg.crop_padding:
             cropped = _cropped(self.fp32_path) if cfg.crop_padding else None
@@ -201,6 +200,7 @@ class QDQBuilder:
                 source = self.work / f"rewritten-{len(self._prepared)}.onnx"
                 onnx.save(model, str(source))
             pre = self.work / f"pre-{len(self._prepared)}.onnx"
+            ort_tools_without_torch()  # what quant_pre_process imports, without torch: once per process
             quant_pre_process(str(source), str(pre))
             self._prepared[key] = pre
         return self._prepared[key]
