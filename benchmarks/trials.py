@@ -3,7 +3,7 @@
 Figures:
 - Ray: `ray.init(address="local", num_cpus=N, include_dashboard=False)` start time, and a warm
   task's cost (one at a time, and per trial through `edgeq.trials.run` over a batch);
-- the local pool: start-up of N spawned workers (a no-op trial each), and a one-shot run's cold cost;
+- the local pool: start-up of N workers (a no-op trial each), and a one-shot run's cold cost;
 - the share of a core a pool worker got during its trials (its CPU time over its wall time: 1.0 on
   a quiet machine);
 - a batch of real trials (`edgeq.trials.qdq_accuracy`: the MNIST CNN's fp32 ONNX file quantized by
@@ -112,7 +112,7 @@ def main() -> None:
     bench = importable()
     fig["pool_start_s"], _ = timed(lambda: trials.run(bench.nothing, list(range(args.jobs)), None,
                                                        Workers(jobs=args.jobs), progress=False))
-    print(f"pool start-up ({args.jobs} spawned workers, a no-op trial each): {fig['pool_start_s']:.2f} s")
+    print(f"pool start-up ({args.jobs} workers, a no-op trial each): {fig['pool_start_s']:.2f} s")
 
     expected = [t.value for t in trials.run(trials.qdq_accuracy, items[:1], shared, Workers(jobs=1), progress=False)]
     walls: dict[str, list[float]] = {"serial": [], "cold": [], "warm": []}

@@ -15,8 +15,10 @@ same whatever the number of workers, the backend, or the order trials finished i
 dies (a crash in native code, a kill, the out-of-memory killer) has its trial run again, up to
 `Workers.retries` times. The backend follows `Workers`:
 - `jobs=1`: in this process, one trial after the other; no pool, no pickling;
-- otherwise a pool of `jobs` processes (default: every core this process may use), started with
-  `spawn` (never `fork`: torch and onnxruntime hold threads), one intra-op thread each;
+- otherwise a pool of `jobs` processes (default: every core this process may use), one intra-op thread
+  each, forked from edgeq's own fork server (edgeq.forkserver), which imported their runtimes once; never
+  from this process (`fork`: torch and onnxruntime hold threads). `spawn` where the platform has no fork
+  server;
 - `ray_address` given: tasks on a Ray cluster (`"local"` starts one on this machine). Nothing about
   Ray is imported otherwise.
 
@@ -196,6 +198,7 @@ class Pool:
             self.size = max(1, min(self.size, _most))
         self._executor = None
         self._ready = None  # released once by each worker process at the end of its start (`_worker_start`)
+        self._forked = False  # its workers are forked from edgeq's fork server (edgeq.forkserver), not spawned
         self._folder: Path | None = None
         self._runs = 0
 
@@ -231,12 +234,20 @@ class Pool:
         process: edgeq.timing waits for it to end before a timed round."""
         if self.workers.backend == "pool" and self._executor is None:
             executor = self._start()
-            with _main_not_rerun():
+
+            def submit() -> None:
                 for _ in range(self.size):
                     executor.submit(os.getpid)
+
+            if self._forked:  # a forked worker waits for the server's imports: not this process
+                started = _started(self._ready, self.size, executor, submit)
+            else:
+                with _main_not_rerun():
+                    submit()
+                started = _started(self._ready, self.size, executor)
             from edgeq import timing
 
-            timing.beside(_started(self._ready, self.size, executor))
+            timing.beside(started)
         return self
 
     def beside(self, fn: TrialFn, item: Any):
@@ -300,15 +311,21 @@ class Pool:
         from concurrent.futures import ProcessPoolExecutor
 
         if self._executor is None:
-            context = multiprocessing.get_context("spawn")
+            self._forked = "forkserver" in multiprocessing.get_all_start_methods()
+            if self._forked:
+                from edgeq import forkserver
+
+                context = forkserver.context(forkserver.ONNX if self._warm is None else forkserver.LOWERING)
+            else:  # pragma: no cover - platforms without fd passing
+                context = multiprocessing.get_context("spawn")
             self._ready = context.Semaphore(0)
             self._executor = ProcessPoolExecutor(self.size, mp_context=context, initializer=_worker_start,
-                                                 initargs=(THREADS_PER_WORKER, self._ready))
+                                                 initargs=(THREADS_PER_WORKER, self._ready, dict(os.environ)))
         return self._executor
 
     def _local(self, fn: TrialFn, items: list, shared: Mapping[str, Any], display: _Display,
                clock: Clock) -> list[Trial | None]:
-        """Trials on the spawned processes. When a worker dies every trial in flight fails with it; those
+        """Trials on the pool's processes. When a worker dies every trial in flight fails with it; those
         run again, each alone, so that a second death is charged to the trial that caused it."""
         from concurrent.futures import FIRST_COMPLETED, Future, wait
         from concurrent.futures.process import BrokenProcessPool
@@ -383,9 +400,14 @@ class Pool:
 WORKER_START_S = 120.0  # the longest a timed round waits for a pool's workers to start (one that never does)
 
 
-def _worker_start(threads: int, ready) -> None:
-    """A pool worker's initializer: its thread counts (`set_process_threads`), then `ready` released: its start,
-    imports included, is over."""
+def _worker_start(threads: int, ready, environ: dict[str, str]) -> None:
+    """A pool worker's initializer: the environment variables of the process that started the pool (a worker forked
+    from edgeq's fork server has the server's) and the temporary folder they name, its thread counts
+    (`set_process_threads`), then `ready` released: its start, imports included, is over."""
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+        tempfile.tempdir = None  # found again from TMPDIR: the server's imports may have looked it up
     set_process_threads(threads)
     ready.release()
 
@@ -398,19 +420,27 @@ def _warm_call(shared, warm) -> None:
         pass
 
 
-def _started(ready, workers: int, executor):
+def _started(ready, workers: int, executor, submit: Callable[[], object] | None = None):
     """A future done once `workers` processes of `executor` have released `ready` (`_worker_start`), or once the
-    executor is broken (a worker died starting: the pool's next job says so), or after WORKER_START_S."""
+    executor is broken (a worker died starting: the pool's next job says so), or after WORKER_START_S. `submit`,
+    where given, starts the processes first, on the same thread; where it fails, the future is done at once and
+    the pool's next job starts them again and reports what fails."""
     import threading
     from concurrent.futures import Future
 
     future: Future = Future()
 
     def wait() -> None:
-        deadline, released = time.monotonic() + WORKER_START_S, 0
-        while released < workers and time.monotonic() < deadline and not getattr(executor, "_broken", False):
-            released += ready.acquire(timeout=0.25)
-        future.set_result(None)
+        try:
+            if submit is not None:
+                submit()
+            deadline, released = time.monotonic() + WORKER_START_S, 0
+            while released < workers and time.monotonic() < deadline and not getattr(executor, "_broken", False):
+                released += ready.acquire(timeout=0.25)
+        except Exception:  # noqa: BLE001 - reported by the pool's next job, which meets it again
+            pass
+        finally:
+            future.set_result(None)
 
     threading.Thread(target=wait, name="edgeq-pool-start", daemon=True).start()
     return future
@@ -557,7 +587,7 @@ def set_process_threads(threads: int) -> None:
     shares the cores with others: a pool worker (`threads` 1, its start), a test worker under pytest-xdist."""
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
-    if "torch" in sys.modules:  # imported already by the parent's __main__, which spawn re-imports
+    if "torch" in sys.modules:  # imported already: by the fork server (edgeq.worker_imports), or by a re-run __main__
         sys.modules["torch"].set_num_threads(threads)
     _onnxruntime_threads(threads)
 

@@ -1,5 +1,5 @@
 """edgeq.trials with real trials: an fp32 ONNX file quantized by onnxruntime and scored, in this
-process, in a spawned pool, and on a real two-node Ray cluster on loopback (tests/ray_cluster.py)."""
+process, in a process pool, and on a real two-node Ray cluster on loopback (tests/ray_cluster.py)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,12 @@ def dies_once(shared, item):
         Path(marker).write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
     return trials.qdq_accuracy(shared, cfg)
+
+
+def nap_then_score(shared, item):
+    seconds, scored = item
+    time.sleep(seconds)
+    return dies_once(shared, scored)
 
 
 def nap(shared, item):
@@ -313,6 +319,81 @@ def test_a_job_beside_runs_on_a_worker_and_one_whose_worker_died_leaves_a_pool_t
         pool.restart()
         assert [t.value for t in pool.run(echo, [1, 2], None, progress=False)] == [1, 2]
         assert pool.beside(echo, "y").result() == "y"
+
+
+def imported(shared, name: str) -> dict:
+    """A job that reports what its worker had imported before it ran (this file imports none of these at its
+    top), its parent process, and two of its environment variables."""
+    return {"modules": [m for m in ("torch", "onnx", "executorch.exir") if m in sys.modules], "parent": os.getppid(),
+            "env": os.environ.get(name), "threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def test_workers_fork_from_edgeqs_own_servers_that_imported_their_runtimes_and_take_this_processs_environment(
+        monkeypatch):
+    """Local workers are forked from a server of edgeq's own (edgeq.forkserver), which outlives a pool and forks
+    with one thread: for a pool whose workers lower programs (a `warm`, as the export's), one that imported torch,
+    onnx and ExecuTorch's lowering once; for the others, one that imported onnx and not torch. Each worker takes
+    this process's environment variables as they are when its pool starts, not the server's: a variable set after
+    the server started reaches the next pool's workers, one removed is gone from them. The process-wide
+    `forkserver` start method is left alone: no server of its own, and none of edgeq's preloads."""
+    import multiprocessing.forkserver
+
+    from edgeq import forkserver, pte
+
+    name = "EDGEQ_TEST_POOL_ENV"
+    monkeypatch.setenv(name, "before")
+    values = []
+    for change in (lambda: None, lambda: monkeypatch.setenv(name, "after the server started"),
+                   lambda: (monkeypatch.delenv(name), monkeypatch.setenv("OMP_NUM_THREADS", "7"))):
+        change()
+        with Pool(Workers(jobs=2), warm=pte.import_lowering) as pool:
+            values += [t.value for t in pool.run(imported, [name, name], None, progress=False)]
+    with Pool(Workers(jobs=2)) as pool:
+        light = [t.value for t in pool.run(imported, [name, name], None, progress=False)]
+    servers = {forkserver.server_pid(forkserver.LOWERING), forkserver.server_pid(forkserver.ONNX)}
+    assert {v["parent"] for v in values} == {forkserver.server_pid(forkserver.LOWERING)}
+    assert {v["parent"] for v in light} == {forkserver.server_pid(forkserver.ONNX)}
+    assert len(servers) == 2 and os.getpid() not in servers
+    assert all(len(os.listdir(f"/proc/{pid}/task")) == 1 for pid in servers)
+    assert all(v["modules"] == ["torch", "onnx", "executorch.exir"] for v in values)
+    assert all(v["modules"] == ["onnx"] for v in light)
+    assert [v["env"] for v in values + light] == ["before"] * 2 + ["after the server started"] * 2 + [None] * 4
+    assert {v["threads"] for v in values + light} == {"1"}  # the worker's own count, whatever this process's
+    process_wide = multiprocessing.forkserver._forkserver
+    assert process_wide._forkserver_pid is None and process_wide._preload_modules == ["__main__"]
+
+
+def test_a_fork_server_killed_mid_run_is_started_again_and_the_trials_in_flight_run_again(shared, expected):
+    """The server's exit looks to a pool like the death of its workers: their trials run again, on workers forked
+    from a new server, with the results of one process."""
+    from edgeq import forkserver
+
+    with Pool(Workers(jobs=2)) as pool:
+        assert [t.value for t in pool.run(echo, [1, 2], None, progress=False)] == [1, 2]
+        first = forkserver.server_pid(forkserver.ONNX)
+        threading.Timer(0.5, os.kill, (first, signal.SIGKILL)).start()
+        items = [(cfg, None) for cfg in CONFIGS[:2]]
+        got = pool.run(nap_then_score, [(1.5, item) for item in items], shared, progress=False)
+    assert [t.value for t in got] == expected[:2]
+    assert forkserver.server_pid(forkserver.ONNX) not in (None, first)
+
+
+def test_a_script_without_a_main_guard_runs_once_whatever_its_pool_starts(tmp_path):
+    """A user's script that starts a pool at its top level, with no `if __name__ == "__main__"` guard, is not run
+    again in the workers (forked from edgeq's server, as in a pool started ahead, `Pool.start`)."""
+    log = tmp_path / "runs.log"
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import operator, os\n"
+        "from edgeq.trials import Pool, Workers\n"
+        f"open({str(log)!r}, 'a').write(str(os.getpid()) + '\\n')\n"
+        "with Pool(Workers(jobs=2)) as pool:\n"
+        "    pool.start()\n"
+        "    print([t.value for t in pool.run(operator.getitem, ['a', 'b'], {'a': 1, 'b': 2}, progress=False)])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "[1, 2]", done.stderr
+    assert len(log.read_text().split()) == 1
 
 
 def test_shared_file_writes_bytes_once_per_content():
