@@ -20,10 +20,15 @@ What differs from `spawn`:
   worker is given (with `spawn` it is hidden while processes start: `edgeq.trials._main_not_rerun`);
 - the first worker waits for the server's imports (the server forks once they are done); a pool started
   ahead (`edgeq.trials.Pool.start`) waits for them on a thread of its own;
-- a server that exits (killed, or a crash in an import) is started again by the next worker's start, once;
-  a worker that still cannot be started raises `WorkerStartError`. A pool learns that its workers ended from
-  their server: when the server exits, the pool takes its workers for dead and stops them, and edgeq.trials
-  runs their trials again on fresh workers (tests/test_trials.py).
+- a server that has exited (killed, or a crash in an import) is replaced by the next worker's start; a worker
+  that cannot be forked by a server still running, or by its replacement, raises `WorkerStartError`. A pool
+  learns that its workers ended from their server: when the server exits, the pool takes its workers for dead
+  and stops them, and edgeq.trials runs their trials again on fresh workers (tests/test_trials.py);
+- a worker has the server's standard streams, CPU affinity and resource limits, as they were when the server
+  started (the first pool of the process), and the modules the server imported, as they were then: where the
+  calling process changes those later (an edited edgeq in a notebook, a `sys.path` entry added at run time that
+  finds another edgeq: the server imports from the interpreter's own path, in the calling process's working
+  directory and environment at its start), the workers do not see the change.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from multiprocessing import context as mp_context
 from multiprocessing import forkserver, popen_forkserver, spawn, util
+
+from edgeq.errors import TrialError
 
 # What a server imports once, for every worker it forks: for pools whose workers lower programs (torch, onnx and
 # ExecuTorch's lowering), and for the others (their trials import onnxruntime's quantization tool, not torch)
@@ -44,8 +52,8 @@ _lock = threading.Lock()
 _servers: dict[tuple[str, ...], forkserver.ForkServer] = {}
 
 
-class WorkerStartError(OSError):
-    """A pool worker could not be forked: the server exited before it answered."""
+class WorkerStartError(TrialError):
+    """A pool worker could not be forked: its server did not answer, and was not replaced by a new one."""
 
 
 def server(preload: tuple[str, ...] = LOWERING) -> forkserver.ForkServer:
@@ -84,6 +92,7 @@ class _Popen(popen_forkserver.Popen):
         preload = process_obj.preload
         for attempt in range(2):
             srv = server(preload)
+            pid = srv._forkserver_pid  # noqa: SLF001
             try:
                 self.sentinel, w = srv.connect_to_new_process(self._fds)
                 parent_w = os.dup(w)  # the child's sentinel of its parent, as popen_forkserver keeps it
@@ -93,12 +102,35 @@ class _Popen(popen_forkserver.Popen):
                 self.pid = forkserver.read_signed(self.sentinel)
                 return
             except (EOFError, OSError) as exc:
-                pid = server_pid(preload)
-                with _lock:
-                    srv._stop()  # reaped (or, alive but not answering, told to stop): the next call starts one
-                if attempt:
-                    raise WorkerStartError(f"edgeq's fork server (pid {pid}) exited before it forked a pool worker "
-                                           f"({exc}), twice; run with jobs=1 to see why") from None
+                if getattr(self, "finalizer", None) is not None:
+                    self.finalizer()  # this attempt's pipes closed
+                    self.finalizer = None
+                if attempt or not _forget_if_dead(srv, pid):
+                    raise WorkerStartError(f"edgeq's fork server (pid {pid}) did not fork a pool worker ({exc}); "
+                                           "run with jobs=1 to see why") from None
+
+
+def _forget_if_dead(srv: forkserver.ForkServer, pid: int | None, wait_s: float = 2.0) -> bool:
+    """After a failed fork: True when the server `pid` has exited (reaped here, within `wait_s`, and forgotten, so
+    that the next `ensure_running` starts another) or was replaced already; False when it is still running (it is
+    left alone: its other workers depend on it)."""
+    deadline = time.monotonic() + wait_s
+    with srv._lock:  # noqa: SLF001 - ensure_running's, so that no other thread reaps or replaces it meanwhile
+        if pid is None or srv._forkserver_pid != pid:  # noqa: SLF001
+            return True
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                break
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        os.close(srv._forkserver_alive_fd)  # noqa: SLF001 - as ensure_running forgets a dead server
+        srv._forkserver_address = srv._forkserver_alive_fd = srv._forkserver_pid = None  # noqa: SLF001
+        return True
 
 
 class _Process(mp_context.ForkServerProcess):

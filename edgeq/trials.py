@@ -430,15 +430,19 @@ def _started(ready, workers: int, executor, submit: Callable[[], object] | None 
 
     future: Future = Future()
 
-    def wait() -> None:
+    def starting() -> None:
         try:
-            if submit is not None:
-                submit()
-            deadline, released = time.monotonic() + WORKER_START_S, 0
-            while released < workers and time.monotonic() < deadline and not getattr(executor, "_broken", False):
-                released += ready.acquire(timeout=0.25)
+            submit()
         except Exception:  # noqa: BLE001 - reported by the pool's next job, which meets it again
             pass
+
+    def wait() -> None:
+        deadline, released = time.monotonic() + WORKER_START_S, 0
+        if submit is not None:  # on a thread of its own: a start that never returns ends this wait no later
+            threading.Thread(target=starting, name="edgeq-pool-fork", daemon=True).start()
+        try:
+            while released < workers and time.monotonic() < deadline and not getattr(executor, "_broken", False):
+                released += ready.acquire(timeout=0.25)
         finally:
             future.set_result(None)
 
@@ -500,12 +504,17 @@ def shared_file(data: bytes, suffix: str = "") -> Path:
 
 def scratch_dir() -> Path:
     """This process's private temp dir (`shared_file`'s files, a trial's scratch). Removed when the
-    process exits, or, for a process that could not clean up (killed, or a Ray worker, which Ray ends
-    with SIGKILL), by the next process that finds its owner gone."""
+    process exits (a pool worker too, forked or spawned), or, for a process that could not clean up
+    (killed, or a Ray worker, which Ray ends with SIGKILL), by the next process that finds its owner gone."""
     if not _SCRATCH:
         _sweep_scratch()
         _SCRATCH.append(Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")))
         atexit.register(_remove_scratch, _SCRATCH[0], os.getpid())
+        # a pool worker forked by edgeq's fork server ends without atexit (os._exit), after multiprocessing's
+        # finalizers: removed there too (the second removal of a folder does nothing)
+        from multiprocessing import util
+
+        util.Finalize(None, _remove_scratch, (_SCRATCH[0], os.getpid()), exitpriority=0)
     return _SCRATCH[0]
 
 

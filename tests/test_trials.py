@@ -84,12 +84,6 @@ def dies_once(shared, item):
     return trials.qdq_accuracy(shared, cfg)
 
 
-def nap_then_score(shared, item):
-    seconds, scored = item
-    time.sleep(seconds)
-    return dies_once(shared, scored)
-
-
 def nap(shared, item):
     time.sleep(item)
     return item
@@ -328,6 +322,7 @@ def imported(shared, name: str) -> dict:
             "env": os.environ.get(name), "threads": os.environ.get("OMP_NUM_THREADS")}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_fork_from_edgeqs_own_servers_that_imported_their_runtimes_and_take_this_processs_environment(
         monkeypatch):
     """Local workers are forked from a server of edgeq's own (edgeq.forkserver), which outlives a pool and forks
@@ -363,19 +358,88 @@ def test_workers_fork_from_edgeqs_own_servers_that_imported_their_runtimes_and_t
     assert process_wide._forkserver_pid is None and process_wide._preload_modules == ["__main__"]
 
 
-def test_a_fork_server_killed_mid_run_is_started_again_and_the_trials_in_flight_run_again(shared, expected):
-    """The server's exit looks to a pool like the death of its workers: their trials run again, on workers forked
-    from a new server, with the results of one process."""
+def held_then_scored(shared, item):
+    """Says it started (a file named with its index and pid), waits for the test's "go" file, then scores."""
+    folder, index, cfg = item
+    Path(folder, f"started-{index}-{os.getpid()}").touch()
+    deadline = time.monotonic() + 120
+    while not Path(folder, "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return trials.qdq_accuracy(shared, cfg)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_fork_server_killed_mid_run_is_started_again_and_the_trials_in_flight_run_again(shared, expected, tmp_path):
+    """The server's exit looks to a pool like the death of its workers: they are stopped, and their trials run
+    again, on workers forked from a new server, with the results of one process."""
     from edgeq import forkserver
+
+    def kill_when_both_started() -> None:
+        while len(list(tmp_path.glob("started-*"))) < 2:
+            time.sleep(0.02)
+        os.kill(forkserver.server_pid(forkserver.ONNX), signal.SIGKILL)
+        (tmp_path / "go").touch()
 
     with Pool(Workers(jobs=2)) as pool:
         assert [t.value for t in pool.run(echo, [1, 2], None, progress=False)] == [1, 2]
         first = forkserver.server_pid(forkserver.ONNX)
-        threading.Timer(0.5, os.kill, (first, signal.SIGKILL)).start()
-        items = [(cfg, None) for cfg in CONFIGS[:2]]
-        got = pool.run(nap_then_score, [(1.5, item) for item in items], shared, progress=False)
+        killer = threading.Thread(target=kill_when_both_started)
+        killer.start()
+        got = pool.run(held_then_scored, [(str(tmp_path), i, cfg) for i, cfg in enumerate(CONFIGS[:2])], shared,
+                       progress=False)
+        killer.join()
     assert [t.value for t in got] == expected[:2]
     assert forkserver.server_pid(forkserver.ONNX) not in (None, first)
+    first_workers = {int(p.name.split("-")[2]) for p in tmp_path.glob("started-*")} - {t.pid for t in got}
+    assert len(first_workers) == 2  # the two killed mid-trial, then these trials' new workers
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in first_workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in first_workers)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_its_running_server_cannot_fork_is_one_error_and_the_server_is_left_alone(monkeypatch):
+    """Where the server runs but a fork request fails (here: the request's connection refused), the pool's run
+    raises WorkerStartError (a TrialError: one line from the CLI) instead of waiting, and the server, whose other
+    workers depend on it, is neither stopped nor replaced: the next pool uses it."""
+    import multiprocessing.forkserver
+
+    from edgeq import forkserver
+
+    with Pool(Workers(jobs=2)) as pool:
+        assert [t.value for t in pool.run(echo, [1], None, progress=False)] == [1]
+    running = forkserver.server_pid(forkserver.ONNX)
+
+    def refused(self, fds):
+        raise ConnectionRefusedError("refused by the test")
+
+    monkeypatch.setattr(multiprocessing.forkserver.ForkServer, "connect_to_new_process", refused)
+    with Pool(Workers(jobs=2)) as pool, pytest.raises(forkserver.WorkerStartError, match="did not fork"):
+        pool.run(echo, [1], None, progress=False)
+    monkeypatch.undo()
+    assert forkserver.server_pid(forkserver.ONNX) == running and Path(f"/proc/{running}").exists()
+    assert issubclass(forkserver.WorkerStartError, TrialError)
+    with Pool(Workers(jobs=2)) as pool:
+        assert [t.value for t in pool.run(echo, [2], None, progress=False)] == [2]
+    assert forkserver.server_pid(forkserver.ONNX) == running
+
+
+def scratch_of(shared, item):
+    return str(trials.scratch_dir())
+
+
+def test_pool_workers_remove_their_scratch_folders_when_the_pool_closes():
+    """A worker's scratch folder (`shared_file`'s copies of models) is gone once its pool is closed, for workers
+    forked from either server (they end without running atexit)."""
+    from edgeq import pte
+
+    folders = []
+    for warm in (None, pte.import_lowering):
+        with Pool(Workers(jobs=2), warm=warm) as pool:
+            folders += [t.value for t in pool.run(scratch_of, [1, 2], None, progress=False)]
+            assert all(Path(f).is_dir() for f in folders[-2:])
+    assert folders and not any(Path(f).exists() for f in folders)
 
 
 def test_a_script_without_a_main_guard_runs_once_whatever_its_pool_starts(tmp_path):
