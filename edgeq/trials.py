@@ -423,25 +423,27 @@ def _warm_call(shared, warm) -> None:
 def _started(ready, workers: int, executor, submit: Callable[[], object] | None = None):
     """A future done once `workers` processes of `executor` have released `ready` (`_worker_start`), or once the
     executor is broken (a worker died starting: the pool's next job says so), or after WORKER_START_S. `submit`,
-    where given, starts the processes first, on the same thread; where it fails, the future is done at once and
-    the pool's next job starts them again and reports what fails."""
+    where given, starts the processes, on a thread of its own (a start that never returns ends the wait no later);
+    where it fails, the future is done at once, and the pool's next job starts them again and reports what fails."""
     import threading
     from concurrent.futures import Future
 
     future: Future = Future()
+    failed = threading.Event()
 
     def starting() -> None:
         try:
             submit()
         except Exception:  # noqa: BLE001 - reported by the pool's next job, which meets it again
-            pass
+            failed.set()
 
     def wait() -> None:
         deadline, released = time.monotonic() + WORKER_START_S, 0
-        if submit is not None:  # on a thread of its own: a start that never returns ends this wait no later
+        if submit is not None:
             threading.Thread(target=starting, name="edgeq-pool-fork", daemon=True).start()
         try:
-            while released < workers and time.monotonic() < deadline and not getattr(executor, "_broken", False):
+            while (released < workers and time.monotonic() < deadline and not failed.is_set()
+                   and not getattr(executor, "_broken", False)):
                 released += ready.acquire(timeout=0.25)
         finally:
             future.set_result(None)

@@ -417,6 +417,12 @@ def test_a_worker_its_running_server_cannot_fork_is_one_error_and_the_server_is_
     monkeypatch.setattr(multiprocessing.forkserver.ForkServer, "connect_to_new_process", refused)
     with Pool(Workers(jobs=2)) as pool, pytest.raises(forkserver.WorkerStartError, match="did not fork"):
         pool.run(echo, [1], None, progress=False)
+    from edgeq import timing
+
+    with Pool(Workers(jobs=2)) as pool:  # started ahead: the failed start ends the timed rounds' wait for it
+        pool.start()
+        (started,) = timing._BESIDE
+        started.result(timeout=60)  # done once the start failed (about 2 s), not after WORKER_START_S (120 s)
     monkeypatch.undo()
     assert forkserver.server_pid(forkserver.ONNX) == running and Path(f"/proc/{running}").exists()
     assert issubclass(forkserver.WorkerStartError, TrialError)
