@@ -409,7 +409,29 @@ def _worker_start(threads: int, ready, environ: dict[str, str]) -> None:
         os.environ.update(environ)
         tempfile.tempdir = None  # found again from TMPDIR: the server's imports may have looked it up
     set_process_threads(threads)
+    _exit_with_starter()
     ready.release()
+
+
+def _exit_with_starter() -> None:
+    """A pool worker ends when the process that started it is gone (killed: it closes nothing). Otherwise the
+    worker would wait on its queue for ever, which the other workers hold open, and a forked one would keep its
+    server alive too. multiprocessing's parent sentinel, the caller's end of the pipe that brought the worker its
+    start, is readable once that process has exited."""
+    import multiprocessing
+    import threading
+
+    starter = multiprocessing.parent_process()
+    if starter is None or starter.sentinel is None:
+        return
+
+    def watch() -> None:
+        from multiprocessing.connection import wait
+
+        wait([starter.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="edgeq-starter-watch", daemon=True).start()
 
 
 def _warm_call(shared, warm) -> None:

@@ -431,6 +431,41 @@ def test_a_worker_its_running_server_cannot_fork_is_one_error_and_the_server_is_
     assert forkserver.server_pid(forkserver.ONNX) == running
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_workers_and_their_server_end_when_the_process_that_started_them_is_killed(tmp_path):
+    """A process killed with its pool open (SIGKILL: it closes nothing) leaves no worker waiting on its queue, and
+    no fork server kept alive by them."""
+    (tmp_path / "starter_jobs.py").write_text("import os\n\ndef pid_of(shared, item):\n    return os.getpid()\n")
+    script = tmp_path / "starter.py"
+    script.write_text(
+        "import time\n"
+        "from edgeq import forkserver, pte\n"
+        "from edgeq.trials import Pool, Workers\n"
+        "from starter_jobs import pid_of\n"
+        "pool = Pool(Workers(jobs=2), warm=pte.import_lowering)\n"
+        "workers = {t.value for t in pool.run(pid_of, [1, 2, 3, 4], None, progress=False)}\n"
+        "print(forkserver.server_pid(), *workers, flush=True)\n"
+        "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(pids) >= 2  # the server, then the workers that ran the trials
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has ended
+        except (FileNotFoundError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 60
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, pids))
+
+
 def scratch_of(shared, item):
     return str(trials.scratch_dir())
 
