@@ -481,7 +481,8 @@ def import_lowering() -> None:
     220 MB), imported while the exporting process trains its first QAT program, not when the first program
     sent to the worker waits for it. `lowered_program` calls it too: ExecuTorch's import registers the ops a saved
     program calls, torchao's the quantized ones; quietly, as a worker's first import of torchao logs a torch
-    deprecation line to stderr."""
+    deprecation line to stderr. A worker forked from edgeq's fork server has them imported already (the server's
+    imports, edgeq.worker_imports): there it returns at once; a spawned worker imports them here."""
     with _quiet():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
         from executorch.exir import to_edge_transform_and_lower  # noqa: F401
